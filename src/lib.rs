@@ -1,0 +1,3 @@
+//! holdfast: an io_uring edge proxy that holds long-lived device WebSockets
+//! over mutual TLS and tunnels them to WSM hosts over multiplexed links.
+pub mod tls;

@@ -1,0 +1,231 @@
+use super::*;
+use proptest::prelude::*;
+
+const SUITES: [Suite; 3] = [Suite::Aes128Gcm, Suite::Aes256Gcm, Suite::Chacha20Poly1305];
+
+fn direction(version: Version, suite: Suite, seed: u8) -> DirectionState {
+    match version {
+        Version::Tls13 => DirectionState::from_secret(suite, vec![seed; suite.hash_len()], 0),
+        Version::Tls12 => DirectionState { secret: Vec::new(), key: vec![seed; suite.key_len()], iv: [seed ^ 0x5a; 12], seq: 0 },
+    }
+}
+
+/// Two ends of one connection: `a`'s tx is `b`'s rx and vice versa.
+fn pair(version: Version, suite: Suite) -> (RecordLayer, RecordLayer) {
+    let mk = |rx, tx| RecordState {
+        version,
+        suite,
+        rx: direction(version, suite, rx),
+        tx: direction(version, suite, tx),
+        received_close_notify: false,
+        sent_close_notify: false,
+        key_update_after: 0,
+        handshake_buf: Vec::new(),
+    };
+    (RecordLayer::new(mk(1, 2)).unwrap(), RecordLayer::new(mk(2, 1)).unwrap())
+}
+
+/// Opens every record in `wire`, returning the application data and any reply bytes.
+fn drain(rl: &mut RecordLayer, mut wire: Vec<u8>) -> Result<(Vec<u8>, Vec<u8>, bool), RecordError> {
+    let (mut data, mut reply, mut closed) = (Vec::new(), Vec::new(), false);
+    loop {
+        match rl.open(&mut wire, &mut reply)? {
+            Opened::NeedMore => break,
+            Opened::Data { consumed, start, end } => {
+                data.extend_from_slice(&wire[start..end]);
+                wire.drain(..consumed);
+            }
+            Opened::Control { consumed } => {
+                wire.drain(..consumed);
+            }
+            Opened::CloseNotify { consumed } => {
+                closed = true;
+                wire.drain(..consumed);
+            }
+        }
+    }
+    assert!(wire.is_empty(), "leftover bytes");
+    Ok((data, reply, closed))
+}
+
+#[test]
+fn roundtrip_every_suite_and_version() {
+    for version in [Version::Tls12, Version::Tls13] {
+        for suite in SUITES {
+            let (mut a, mut b) = pair(version, suite);
+            let mut wire = Vec::new();
+            a.seal(b"hello", &mut wire).unwrap();
+            let big = vec![0xabu8; 40_000];
+            a.seal(&big, &mut wire).unwrap();
+            let (data, reply, closed) = drain(&mut b, wire).unwrap();
+            assert_eq!(&data[..5], b"hello");
+            assert_eq!(&data[5..], &big[..]);
+            assert!(reply.is_empty() && !closed);
+            assert_eq!(b.state().rx.seq, 4); // "hello" + 40,000 bytes in 3 records of 16 KiB max
+        }
+    }
+}
+
+#[test]
+fn tampered_record_is_rejected() {
+    for version in [Version::Tls12, Version::Tls13] {
+        for suite in SUITES {
+            let (mut a, mut b) = pair(version, suite);
+            let mut wire = Vec::new();
+            a.seal(b"secret", &mut wire).unwrap();
+            let last = wire.len() - 1;
+            wire[last] ^= 1;
+            assert_eq!(drain(&mut b, wire).unwrap_err(), RecordError::BadRecordMac);
+        }
+    }
+}
+
+#[test]
+fn replayed_record_is_rejected() {
+    let (mut a, mut b) = pair(Version::Tls13, Suite::Aes128Gcm);
+    let mut wire = Vec::new();
+    a.seal(b"once", &mut wire).unwrap();
+    let mut twice = wire.clone();
+    twice.extend_from_slice(&wire);
+    assert_eq!(drain(&mut b, twice).unwrap_err(), RecordError::BadRecordMac);
+}
+
+#[test]
+fn truncated_record_needs_more() {
+    let (mut a, mut b) = pair(Version::Tls13, Suite::Chacha20Poly1305);
+    let mut wire = Vec::new();
+    a.seal(b"partial", &mut wire).unwrap();
+    for cut in 0..wire.len() {
+        let mut part = wire[..cut].to_vec();
+        assert_eq!(b.open(&mut part, &mut Vec::new()).unwrap(), Opened::NeedMore);
+    }
+}
+
+#[test]
+fn key_update_requested_by_peer_rotates_both_directions() {
+    for suite in SUITES {
+        let (mut a, mut b) = pair(Version::Tls13, suite);
+        let mut wire = Vec::new();
+        a.send_key_update(true, &mut wire).unwrap();
+        a.seal(b"after update", &mut wire).unwrap();
+        let (data, reply, _) = drain(&mut b, wire).unwrap();
+        assert_eq!(data, b"after update");
+        assert!(!reply.is_empty(), "b answers with its own KeyUpdate");
+        assert_eq!(b.key_updates(), (1, 1));
+        // b's reply is under its old key; what follows under the new one.
+        let mut wire = reply;
+        b.seal(b"from b", &mut wire).unwrap();
+        let (data, reply, _) = drain(&mut a, wire).unwrap();
+        assert_eq!(data, b"from b");
+        assert!(reply.is_empty(), "update_not_requested needs no answer");
+        assert_eq!(a.key_updates(), (1, 1));
+    }
+}
+
+#[test]
+fn automatic_key_update_after_n_records() {
+    let (mut a, mut b) = pair(Version::Tls13, Suite::Aes256Gcm);
+    let mut st = a.into_state();
+    st.key_update_after = 2;
+    a = RecordLayer::new(st).unwrap();
+    let mut wire = Vec::new();
+    for i in 0..5u8 {
+        a.seal(&[i], &mut wire).unwrap();
+    }
+    let (data, reply, _) = drain(&mut b, wire).unwrap();
+    assert_eq!(data, vec![0, 1, 2, 3, 4]);
+    assert_eq!(a.key_updates().0, 2);
+    assert_eq!(b.key_updates().1, 2);
+    drain(&mut a, reply).unwrap();
+}
+
+#[test]
+fn close_notify_is_reported_and_data_after_it_refused() {
+    for version in [Version::Tls12, Version::Tls13] {
+        let (mut a, mut b) = pair(version, Suite::Aes128Gcm);
+        let mut wire = Vec::new();
+        a.seal(b"bye", &mut wire).unwrap();
+        a.close_notify(&mut wire).unwrap();
+        assert_eq!(a.seal(b"more", &mut Vec::new()), Err(RecordError::AfterClose));
+        let (data, _, closed) = drain(&mut b, wire).unwrap();
+        assert_eq!(data, b"bye");
+        assert!(closed);
+    }
+}
+
+#[test]
+fn fatal_alert_from_peer_is_an_error() {
+    let (mut a, mut b) = pair(Version::Tls13, Suite::Aes128Gcm);
+    let mut wire = Vec::new();
+    a.fatal_alert(alert::DECODE_ERROR, &mut wire).unwrap();
+    assert_eq!(drain(&mut b, wire).unwrap_err(), RecordError::PeerAlert(alert::DECODE_ERROR));
+}
+
+#[test]
+fn tls12_renegotiation_is_refused_with_warning() {
+    let (mut a, mut b) = pair(Version::Tls12, Suite::Aes128Gcm);
+    let mut wire = Vec::new();
+    a.seal_record(CT_HANDSHAKE, &[HS_CLIENT_HELLO, 0, 0, 0], &mut wire).unwrap();
+    let (_, reply, _) = drain(&mut b, wire).unwrap();
+    assert!(!reply.is_empty());
+    // a sees a warning alert, which is not fatal in TLS 1.2.
+    let (data, _, closed) = drain(&mut a, reply).unwrap();
+    assert!(data.is_empty() && !closed);
+}
+
+#[test]
+fn oversize_length_is_overflow_before_waiting_for_bytes() {
+    let (_, mut b) = pair(Version::Tls13, Suite::Aes128Gcm);
+    let mut wire = vec![CT_APPDATA, 3, 3, 0xff, 0xff];
+    assert_eq!(b.open(&mut wire, &mut Vec::new()), Err(RecordError::RecordOverflow));
+}
+
+#[test]
+fn state_survives_serialization_mid_stream() {
+    let (mut a, b) = pair(Version::Tls13, Suite::Chacha20Poly1305);
+    let mut wire = Vec::new();
+    a.seal(b"one", &mut wire).unwrap();
+    let json = serde_json::to_string(b.state()).unwrap();
+    let mut b2 = RecordLayer::new(serde_json::from_str(&json).unwrap()).unwrap();
+    a.seal(b"two", &mut wire).unwrap();
+    let (data, _, _) = drain(&mut b2, wire).unwrap();
+    assert_eq!(data, b"onetwo");
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(256))]
+
+    /// Random bytes never panic and never decrypt to data nobody sealed.
+    #[test]
+    fn random_input_never_yields_data(mut input in proptest::collection::vec(any::<u8>(), 0..600), v13 in any::<bool>(), s in 0usize..3) {
+        let version = if v13 { Version::Tls13 } else { Version::Tls12 };
+        let (_, mut b) = pair(version, SUITES[s]);
+        if let Ok(Opened::Data { .. }) = b.open(&mut input, &mut Vec::new()) {
+            prop_assert!(false, "random bytes authenticated");
+        }
+    }
+
+    /// Any single bit flip in a sealed stream is caught; the data before it survives.
+    #[test]
+    fn bit_flips_are_caught(msgs in proptest::collection::vec(proptest::collection::vec(any::<u8>(), 0..300), 1..5), flip in any::<usize>(), v13 in any::<bool>(), s in 0usize..3) {
+        let version = if v13 { Version::Tls13 } else { Version::Tls12 };
+        let (mut a, mut b) = pair(version, SUITES[s]);
+        let mut wire = Vec::new();
+        let mut sent = Vec::new();
+        for m in &msgs { a.seal(m, &mut wire).unwrap(); sent.extend_from_slice(m); }
+        let clean = wire.clone();
+        let bit = flip % (wire.len() * 8);
+        wire[bit / 8] ^= 1 << (bit % 8);
+        let mut got = Vec::new();
+        let mut buf = wire;
+        loop {
+            match b.open(&mut buf, &mut Vec::new()) {
+                Ok(Opened::Data { consumed, start, end }) => { got.extend_from_slice(&buf[start..end]); buf.drain(..consumed); }
+                Ok(Opened::Control { consumed }) | Ok(Opened::CloseNotify { consumed }) => { buf.drain(..consumed); }
+                Ok(Opened::NeedMore) | Err(_) => break,
+            }
+        }
+        prop_assert!(sent.starts_with(&got), "only sealed bytes come out, in order");
+        prop_assert!(got.len() < sent.len() || clean.is_empty() || sent.is_empty() || got == sent);
+    }
+}
