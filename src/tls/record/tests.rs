@@ -213,7 +213,7 @@ proptest! {
         let mut wire = Vec::new();
         let mut sent = Vec::new();
         for m in &msgs { a.seal(m, &mut wire).unwrap(); sent.extend_from_slice(m); }
-        let clean = wire.clone();
+        prop_assume!(!wire.is_empty());
         let bit = flip % (wire.len() * 8);
         wire[bit / 8] ^= 1 << (bit % 8);
         let mut got = Vec::new();
@@ -226,6 +226,6 @@ proptest! {
             }
         }
         prop_assert!(sent.starts_with(&got), "only sealed bytes come out, in order");
-        prop_assert!(got.len() < sent.len() || clean.is_empty() || sent.is_empty() || got == sent);
+        prop_assert!(got.len() < sent.len(), "the damaged record yields nothing");
     }
 }
