@@ -1,3 +1,7 @@
 //! TLS termination: rustls does the handshake, holdfast's record layer the rest.
+pub mod blocklist;
+pub mod handshake;
 pub mod keys;
 pub mod record;
+pub mod server;
+pub mod verify;

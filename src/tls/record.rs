@@ -22,7 +22,6 @@ const GCM12_EXPLICIT: usize = 8;
 /// Largest post-handshake handshake message we buffer (KeyUpdate is 5 bytes).
 const MAX_HANDSHAKE_BUF: usize = 1 << 14;
 
-const CT_CCS: u8 = 20;
 const CT_ALERT: u8 = 21;
 const CT_HANDSHAKE: u8 = 22;
 const CT_APPDATA: u8 = 23;

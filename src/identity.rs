@@ -1,0 +1,165 @@
+//! Typed device identity: who a connection is, as a value.
+//!
+//! Owns: the connection ID and the facts taken from a validated device
+//! certificate (issuer, subject, serial, SANs, SHA-256 fingerprint, chain) plus
+//! the device's address. Passed to routing, the link protocol and logs as a
+//! value. Never validates anything itself: the TLS verifier has done that.
+
+use std::fmt;
+use std::net::SocketAddr;
+
+use serde::{Deserialize, Serialize};
+use x509_parser::extensions::GeneralName;
+
+/// A unique 128-bit connection ID, made at accept.
+#[derive(Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct ConnectionId(pub u128);
+
+impl fmt::Display for ConnectionId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{:032x}", self.0)
+    }
+}
+
+impl fmt::Debug for ConnectionId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "ConnectionId({self})")
+    }
+}
+
+/// Makes connection IDs that are unique across shards, processes and nodes:
+/// 64 random bits drawn when the generator is made, then the shard number and
+/// a per-shard counter.
+pub struct IdGenerator {
+    prefix: u64,
+    shard: u16,
+    next: u64,
+}
+
+impl IdGenerator {
+    pub fn new(shard: u16) -> Self {
+        let mut r = [0u8; 8];
+        // getrandom only fails on kernels without it; fall back to time + pid.
+        let prefix = match ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut r) {
+            Ok(()) => u64::from_be_bytes(r),
+            Err(_) => {
+                let t = std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map(|d| d.as_nanos() as u64)
+                    .unwrap_or(0);
+                t ^ ((std::process::id() as u64) << 32)
+            }
+        };
+        IdGenerator { prefix, shard, next: 0 }
+    }
+
+    pub fn next_id(&mut self) -> ConnectionId {
+        self.next += 1;
+        let low = ((self.shard as u64) << 48) | (self.next & 0xffff_ffff_ffff);
+        ConnectionId(((self.prefix as u128) << 64) | low as u128)
+    }
+}
+
+/// The validated device certificate, reduced to what WSMs and operators use.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DeviceIdentity {
+    pub subject: String,
+    pub issuer: String,
+    /// Serial number, lowercase hex without leading zero bytes.
+    pub serial: String,
+    pub sans: Vec<String>,
+    pub fingerprint: [u8; 32],
+    /// Certificate chain as presented, leaf first, DER.
+    pub chain: Vec<Vec<u8>>,
+    pub addr: String,
+}
+
+impl DeviceIdentity {
+    /// Reads identity fields from the leaf of a chain that rustls has already
+    /// validated. Returns `None` if the leaf does not parse (it did for the
+    /// verifier, so this means an internal mismatch).
+    pub fn from_chain(chain: Vec<Vec<u8>>, addr: SocketAddr) -> Option<Self> {
+        let leaf = chain.first()?;
+        let (_, cert) = x509_parser::parse_x509_certificate(leaf).ok()?;
+        let mut sans = Vec::new();
+        if let Ok(Some(ext)) = cert.subject_alternative_name() {
+            for name in &ext.value.general_names {
+                match name {
+                    GeneralName::DNSName(d) => sans.push(format!("DNS:{d}")),
+                    GeneralName::RFC822Name(e) => sans.push(format!("email:{e}")),
+                    GeneralName::URI(u) => sans.push(format!("URI:{u}")),
+                    GeneralName::IPAddress(ip) => sans.push(format!("IP:{}", ip_string(ip))),
+                    _ => {}
+                }
+            }
+        }
+        let fingerprint = sha256(leaf);
+        Some(DeviceIdentity {
+            subject: cert.subject().to_string(),
+            issuer: cert.issuer().to_string(),
+            serial: serial_hex(cert.raw_serial()),
+            sans,
+            fingerprint,
+            addr: addr.to_string(),
+            chain,
+        })
+    }
+
+    pub fn fingerprint_hex(&self) -> String {
+        hex(&self.fingerprint)
+    }
+}
+
+fn ip_string(b: &[u8]) -> String {
+    match b.len() {
+        4 => std::net::Ipv4Addr::new(b[0], b[1], b[2], b[3]).to_string(),
+        16 => {
+            let mut a = [0u8; 16];
+            a.copy_from_slice(b);
+            std::net::Ipv6Addr::from(a).to_string()
+        }
+        _ => hex(b),
+    }
+}
+
+pub fn sha256(data: &[u8]) -> [u8; 32] {
+    let d = ring::digest::digest(&ring::digest::SHA256, data);
+    let mut out = [0u8; 32];
+    out.copy_from_slice(d.as_ref());
+    out
+}
+
+pub fn hex(b: &[u8]) -> String {
+    b.iter().map(|x| format!("{x:02x}")).collect()
+}
+
+/// Serial as lowercase hex with leading zero bytes removed ("00" for zero).
+pub fn serial_hex(raw: &[u8]) -> String {
+    let trimmed: &[u8] = match raw.iter().position(|&b| b != 0) {
+        Some(i) => &raw[i..],
+        None => &[0],
+    };
+    hex(trimmed)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ids_are_distinct_and_carry_shard() {
+        let mut a = IdGenerator::new(1);
+        let mut b = IdGenerator::new(2);
+        let (x, y, z) = (a.next_id(), a.next_id(), b.next_id());
+        assert_ne!(x, y);
+        assert_ne!(x, z);
+        assert_eq!((x.0 >> 48) as u16, 1);
+        assert_eq!(x.to_string().len(), 32);
+    }
+
+    #[test]
+    fn serial_hex_trims_leading_zeros() {
+        assert_eq!(serial_hex(&[0, 0, 0x1f, 0x02]), "1f02");
+        assert_eq!(serial_hex(&[0, 0]), "00");
+    }
+}

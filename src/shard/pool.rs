@@ -1,0 +1,125 @@
+//! The shard's preallocated I/O buffer pool.
+//!
+//! Owns: a fixed number of equal buffers allocated once at shard start. A
+//! connection takes a buffer only while bytes are in flight and gives it back
+//! after; an idle connection holds none. When the pool is empty, callers wait
+//! (the shard stops reading), so memory never grows past the configured size.
+//! Never shared across threads.
+
+use std::cell::RefCell;
+use std::collections::VecDeque;
+use std::rc::Rc;
+use std::task::{Poll, Waker};
+
+/// Smallest buffer that holds one whole TLS record (5 + 2^14 + 2048).
+pub const MIN_BUFFER: usize = 5 + (1 << 14) + 2048;
+
+struct Inner {
+    free: Vec<Vec<u8>>,
+    size: usize,
+    total: usize,
+    waiters: VecDeque<Waker>,
+    exhausted_events: u64,
+}
+
+#[derive(Clone)]
+pub struct Pool(Rc<RefCell<Inner>>);
+
+/// A buffer on loan from the pool; returns itself when dropped.
+pub struct PoolBuf {
+    buf: Option<Vec<u8>>,
+    pool: Pool,
+}
+
+impl Pool {
+    pub fn new(count: usize, size: usize) -> Pool {
+        let free = (0..count).map(|_| Vec::with_capacity(size)).collect();
+        Pool(Rc::new(RefCell::new(Inner { free, size, total: count, waiters: VecDeque::new(), exhausted_events: 0 })))
+    }
+
+    pub fn size(&self) -> usize {
+        self.0.borrow().size
+    }
+
+    pub fn available(&self) -> usize {
+        self.0.borrow().free.len()
+    }
+
+    pub fn total(&self) -> usize {
+        self.0.borrow().total
+    }
+
+    pub fn exhausted_events(&self) -> u64 {
+        self.0.borrow().exhausted_events
+    }
+
+    pub fn try_take(&self) -> Option<PoolBuf> {
+        let buf = self.0.borrow_mut().free.pop()?;
+        Some(PoolBuf { buf: Some(buf), pool: self.clone() })
+    }
+
+    /// Takes a buffer, waiting for one to come back if the pool is empty.
+    pub async fn take(&self) -> PoolBuf {
+        let mut counted = false;
+        std::future::poll_fn(|cx| {
+            if let Some(b) = self.try_take() {
+                return Poll::Ready(b);
+            }
+            let mut inner = self.0.borrow_mut();
+            if !counted {
+                inner.exhausted_events += 1;
+                counted = true;
+            }
+            inner.waiters.push_back(cx.waker().clone());
+            Poll::Pending
+        })
+        .await
+    }
+}
+
+impl PoolBuf {
+    pub fn vec(&mut self) -> &mut Vec<u8> {
+        self.buf.as_mut().expect("buffer present until drop")
+    }
+
+    /// Moves the Vec out (for an owned-buffer I/O call); give it back with `restore`.
+    pub fn lend(&mut self) -> Vec<u8> {
+        self.buf.take().expect("buffer present until drop")
+    }
+
+    pub fn restore(&mut self, v: Vec<u8>) {
+        self.buf = Some(v);
+    }
+}
+
+impl Drop for PoolBuf {
+    fn drop(&mut self) {
+        if let Some(mut b) = self.buf.take() {
+            let mut inner = self.pool.0.borrow_mut();
+            b.clear();
+            if b.capacity() > inner.size * 2 {
+                b.shrink_to(inner.size);
+            }
+            inner.free.push(b);
+            if let Some(w) = inner.waiters.pop_front() {
+                w.wake();
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn take_and_return() {
+        let p = Pool::new(2, MIN_BUFFER);
+        let a = p.try_take().unwrap();
+        let _b = p.try_take().unwrap();
+        assert!(p.try_take().is_none());
+        drop(a);
+        assert_eq!(p.available(), 1);
+        assert!(p.try_take().unwrap().buf.as_ref().unwrap().capacity() >= MIN_BUFFER);
+    }
+}

@@ -1,0 +1,241 @@
+//! Sans-io driver of the server handshake: rustls up to Finished, then hand-off.
+//!
+//! Owns: feeding rustls whole records one at a time (so it never swallows the
+//! first application data), capturing the TLS 1.3 traffic secrets through the
+//! key log, and turning the finished rustls connection into a [`RecordState`]
+//! for holdfast's own record layer plus the device's certificate chain.
+//! Classifies every refusal into a [`Refusal`] for metrics. Never does I/O,
+//! never reads the clock (rustls reads it for certificate checks), never logs
+//! key material.
+
+use std::cell::RefCell;
+use std::sync::Arc;
+
+use rustls::{CertificateError, ConnectionTrafficSecrets, Error, ProtocolVersion, ServerConfig, ServerConnection};
+use zeroize::Zeroize;
+
+use super::keys::Suite;
+use super::record::{DirectionState, RecordLayer, RecordState, Version};
+
+/// Largest handshake record we accept (TLS 1.2 ciphertext limit).
+const MAX_RECORD: usize = 5 + (1 << 14) + 2048;
+
+/// Why a device was refused during the handshake.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Refusal {
+    UnknownCa,
+    Expired,
+    Blocked,
+    NoCertificate,
+    BadHandshake,
+    Timeout,
+}
+
+impl Refusal {
+    pub const ALL: [Refusal; 6] = [Refusal::UnknownCa, Refusal::Expired, Refusal::Blocked, Refusal::NoCertificate, Refusal::BadHandshake, Refusal::Timeout];
+
+    pub fn label(self) -> &'static str {
+        match self {
+            Refusal::UnknownCa => "unknown_ca",
+            Refusal::Expired => "expired",
+            Refusal::Blocked => "blocked",
+            Refusal::NoCertificate => "no_certificate",
+            Refusal::BadHandshake => "bad_handshake",
+            Refusal::Timeout => "timeout",
+        }
+    }
+
+    fn classify(e: &Error) -> Refusal {
+        match e {
+            Error::InvalidCertificate(CertificateError::UnknownIssuer) => Refusal::UnknownCa,
+            Error::InvalidCertificate(
+                CertificateError::Expired
+                | CertificateError::ExpiredContext { .. }
+                | CertificateError::NotValidYet
+                | CertificateError::NotValidYetContext { .. },
+            ) => Refusal::Expired,
+            Error::InvalidCertificate(CertificateError::Revoked) => Refusal::Blocked,
+            Error::NoCertificatesPresented => Refusal::NoCertificate,
+            _ => Refusal::BadHandshake,
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+#[error("handshake refused ({}): {detail}", reason.label())]
+pub struct HandshakeError {
+    pub reason: Refusal,
+    pub detail: String,
+}
+
+/// TLS 1.3 application traffic secrets, caught from rustls's key log.
+#[derive(Default, Zeroize)]
+#[zeroize(drop)]
+struct Captured {
+    client: Vec<u8>,
+    server: Vec<u8>,
+}
+
+thread_local! {
+    /// The slot of the connection whose records rustls is processing on this
+    /// thread right now. rustls calls the key log synchronously from
+    /// `process_new_packets`, so the slot is set just around that call.
+    static CAPTURE: RefCell<Option<Captured>> = const { RefCell::new(None) };
+}
+
+/// The rustls key log that routes traffic secrets into [`CAPTURE`].
+#[derive(Debug)]
+pub struct SecretCapture;
+
+impl rustls::KeyLog for SecretCapture {
+    fn will_log(&self, label: &str) -> bool {
+        matches!(label, "CLIENT_TRAFFIC_SECRET_0" | "SERVER_TRAFFIC_SECRET_0")
+    }
+
+    fn log(&self, label: &str, _client_random: &[u8], secret: &[u8]) {
+        CAPTURE.with(|c| {
+            if let Some(cap) = c.borrow_mut().as_mut() {
+                match label {
+                    "CLIENT_TRAFFIC_SECRET_0" => cap.client = secret.to_vec(),
+                    "SERVER_TRAFFIC_SECRET_0" => cap.server = secret.to_vec(),
+                    _ => {}
+                }
+            }
+        });
+    }
+}
+
+/// A finished handshake, ready for the record layer.
+pub struct Established {
+    pub record: RecordState,
+    /// The device's certificate chain, leaf first (validated by the verifier).
+    pub chain: Vec<Vec<u8>>,
+    /// Ciphertext received after the handshake's last record.
+    pub leftover: Vec<u8>,
+}
+
+#[derive(Debug, PartialEq, Eq)]
+pub enum Progress {
+    /// Waiting for more bytes from the device.
+    Continue,
+    /// The handshake is complete: call [`Handshake::finish`].
+    Finished,
+}
+
+pub struct Handshake {
+    conn: ServerConnection,
+    captured: Captured,
+    inbuf: Vec<u8>,
+    key_update_after: u64,
+}
+
+impl Handshake {
+    pub fn new(config: Arc<ServerConfig>, key_update_after: u64) -> Result<Self, HandshakeError> {
+        let conn = ServerConnection::new(config).map_err(|e| HandshakeError { reason: Refusal::BadHandshake, detail: e.to_string() })?;
+        Ok(Handshake { conn, captured: Captured::default(), inbuf: Vec::new(), key_update_after })
+    }
+
+    /// Feeds received bytes; bytes to send are appended to `out` (including
+    /// the alert that explains a refusal).
+    pub fn feed(&mut self, bytes: &[u8], out: &mut Vec<u8>) -> Result<Progress, HandshakeError> {
+        self.inbuf.extend_from_slice(bytes);
+        while self.conn.is_handshaking() {
+            let Some(len) = RecordLayer::record_len(&self.inbuf) else { break };
+            if len > MAX_RECORD {
+                return Err(self.fail(Refusal::BadHandshake, "oversized handshake record".into(), out));
+            }
+            if self.inbuf.len() < len {
+                break;
+            }
+            let mut rec = &self.inbuf[..len];
+            if let Err(e) = self.conn.read_tls(&mut rec) {
+                return Err(self.fail(Refusal::BadHandshake, e.to_string(), out));
+            }
+            self.inbuf.drain(..len);
+            let captured = std::mem::take(&mut self.captured);
+            CAPTURE.with(|c| *c.borrow_mut() = Some(captured));
+            let res = self.conn.process_new_packets();
+            self.captured = CAPTURE.with(|c| c.borrow_mut().take()).unwrap_or_default();
+            if let Err(e) = res {
+                let reason = Refusal::classify(&e);
+                return Err(self.fail(reason, e.to_string(), out));
+            }
+            self.drain_out(out);
+        }
+        self.drain_out(out);
+        Ok(if self.conn.is_handshaking() { Progress::Continue } else { Progress::Finished })
+    }
+
+    fn drain_out(&mut self, out: &mut Vec<u8>) {
+        while self.conn.wants_write() {
+            if self.conn.write_tls(out).is_err() {
+                break;
+            }
+        }
+    }
+
+    fn fail(&mut self, reason: Refusal, detail: String, out: &mut Vec<u8>) -> HandshakeError {
+        self.drain_out(out); // rustls queued the alert for the device
+        HandshakeError { reason, detail }
+    }
+
+    /// Turns the finished handshake into record-layer state.
+    pub fn finish(mut self) -> Result<Established, HandshakeError> {
+        let internal = |d: &str| HandshakeError { reason: Refusal::BadHandshake, detail: d.to_string() };
+        let chain: Vec<Vec<u8>> = self.conn.peer_certificates().map(|c| c.iter().map(|c| c.as_ref().to_vec()).collect()).unwrap_or_default();
+        if chain.is_empty() {
+            return Err(HandshakeError { reason: Refusal::NoCertificate, detail: "no client certificate".into() });
+        }
+        let version = match self.conn.protocol_version() {
+            Some(ProtocolVersion::TLSv1_3) => Version::Tls13,
+            Some(ProtocolVersion::TLSv1_2) => Version::Tls12,
+            _ => return Err(internal("unsupported protocol version")),
+        };
+        if self.conn.is_handshaking() {
+            return Err(internal("handshake not finished"));
+        }
+        let secrets = self.conn.dangerous_extract_secrets().map_err(|e| internal(&e.to_string()))?;
+        let (tx_seq, tx) = secrets.tx;
+        let (rx_seq, rx) = secrets.rx;
+        let (suite, tx_key, tx_iv) = split(tx).ok_or_else(|| internal("unsupported suite"))?;
+        let (_, rx_key, rx_iv) = split(rx).ok_or_else(|| internal("unsupported suite"))?;
+        let (rx_state, tx_state) = match version {
+            Version::Tls13 => {
+                let rx = DirectionState::from_secret(suite, std::mem::take(&mut self.captured.client), rx_seq);
+                let tx = DirectionState::from_secret(suite, std::mem::take(&mut self.captured.server), tx_seq);
+                // Our key schedule must agree with rustls's.
+                if rx.key != rx_key || rx.iv != rx_iv || tx.key != tx_key || tx.iv != tx_iv {
+                    return Err(internal("traffic secrets do not match extracted keys"));
+                }
+                (rx, tx)
+            }
+            Version::Tls12 => (
+                DirectionState { secret: Vec::new(), key: rx_key, iv: rx_iv, seq: rx_seq },
+                DirectionState { secret: Vec::new(), key: tx_key, iv: tx_iv, seq: tx_seq },
+            ),
+        };
+        let record = RecordState {
+            version,
+            suite,
+            rx: rx_state,
+            tx: tx_state,
+            received_close_notify: false,
+            sent_close_notify: false,
+            key_update_after: self.key_update_after,
+            handshake_buf: Vec::new(),
+        };
+        Ok(Established { record, chain, leftover: std::mem::take(&mut self.inbuf) })
+    }
+}
+
+fn split(s: ConnectionTrafficSecrets) -> Option<(Suite, Vec<u8>, [u8; 12])> {
+    let (suite, key, iv) = match &s {
+        ConnectionTrafficSecrets::Aes128Gcm { key, iv } => (Suite::Aes128Gcm, key, iv),
+        ConnectionTrafficSecrets::Aes256Gcm { key, iv } => (Suite::Aes256Gcm, key, iv),
+        ConnectionTrafficSecrets::Chacha20Poly1305 { key, iv } => (Suite::Chacha20Poly1305, key, iv),
+        _ => return None,
+    };
+    let mut ivb = [0u8; 12];
+    ivb.copy_from_slice(iv.as_ref());
+    Some((suite, key.as_ref().to_vec(), ivb))
+}

@@ -1,0 +1,98 @@
+//! Builds the rustls server configuration from the validated TLS config.
+//!
+//! Owns: loading the server chain, key, device CAs and blocklist from PEM and
+//! text files, and the rustls settings holdfast relies on (AEAD suites only,
+//! mandatory client certificates, secret extraction, the key log that feeds
+//! the record layer, a shared session ticketer). Never touches sockets.
+
+use std::sync::Arc;
+
+use rustls::crypto::CryptoProvider;
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+use rustls::ServerConfig;
+
+use super::blocklist::Blocklist;
+use super::handshake::SecretCapture;
+use super::verify::{CaGroup, DeviceVerifier};
+use crate::config::{err, ConfigError, TlsConfig};
+
+/// Everything a shard needs to run handshakes.
+#[derive(Clone)]
+pub struct TlsContext {
+    pub server: Arc<ServerConfig>,
+    pub verifier: Arc<DeviceVerifier>,
+    pub key_update_after: u64,
+}
+
+pub fn provider() -> Arc<CryptoProvider> {
+    // Every suite the ring provider offers for TLS 1.2 and 1.3 is an AEAD
+    // (AES-GCM or ChaCha20-Poly1305) with ECDHE; nothing else is enabled.
+    Arc::new(rustls::crypto::ring::default_provider())
+}
+
+pub fn load_blocklist(path: &std::path::Path) -> Result<Blocklist, ConfigError> {
+    let text = std::fs::read_to_string(path).map_err(|e| err("tls.blocklist", format!("cannot read {}: {e}", path.display())))?;
+    Blocklist::parse(&text).map_err(|e| err("tls.blocklist", e.to_string()))
+}
+
+impl TlsContext {
+    pub fn load(c: &TlsConfig) -> Result<TlsContext, Vec<ConfigError>> {
+        let provider = provider();
+        let mut errs = Vec::new();
+        let chain: Vec<CertificateDer<'static>> = match CertificateDer::pem_file_iter(&c.cert_chain) {
+            Ok(it) => it.filter_map(|r| r.map_err(|e| errs.push(err("tls.cert_chain", e.to_string()))).ok()).collect(),
+            Err(e) => {
+                errs.push(err("tls.cert_chain", format!("{}: {e}", c.cert_chain.display())));
+                Vec::new()
+            }
+        };
+        if chain.is_empty() && errs.is_empty() {
+            errs.push(err("tls.cert_chain", format!("{}: no certificate in file", c.cert_chain.display())));
+        }
+        let key = PrivateKeyDer::from_pem_file(&c.key).map_err(|e| errs.push(err("tls.key", format!("{}: {e}", c.key.display())))).ok();
+        let mut groups = Vec::new();
+        for (i, (path, ignore)) in c.client_cas.iter().enumerate() {
+            let key = format!("tls.client_ca[{i}].file");
+            let certs: Vec<_> = match CertificateDer::pem_file_iter(path) {
+                Ok(it) => it.filter_map(Result::ok).collect(),
+                Err(e) => {
+                    errs.push(err(&key, format!("{}: {e}", path.display())));
+                    continue;
+                }
+            };
+            match CaGroup::new(path.display().to_string(), certs, *ignore, provider.clone()) {
+                Ok(g) => groups.push(g),
+                Err(m) => errs.push(err(&key, m)),
+            }
+        }
+        let blocklist = match &c.blocklist {
+            Some(p) => load_blocklist(p).map_err(|e| errs.push(e)).unwrap_or_default(),
+            None => Blocklist::default(),
+        };
+        if !errs.is_empty() {
+            return Err(errs);
+        }
+        let verifier = Arc::new(DeviceVerifier::new(groups, blocklist, provider.clone()));
+        let mut versions: Vec<&'static rustls::SupportedProtocolVersion> = Vec::new();
+        if c.tls13 {
+            versions.push(&rustls::version::TLS13);
+        }
+        if c.tls12 {
+            versions.push(&rustls::version::TLS12);
+        }
+        let builder = ServerConfig::builder_with_provider(provider)
+            .with_protocol_versions(&versions)
+            .map_err(|e| vec![err("tls.versions", e.to_string())])?;
+        let key = key.ok_or_else(|| vec![err("tls.key", "missing")])?;
+        let mut server = builder
+            .with_client_cert_verifier(verifier.clone())
+            .with_single_cert(chain, key)
+            .map_err(|e| vec![err("tls.key", format!("does not match the certificate chain or is unusable: {e}"))])?;
+        server.enable_secret_extraction = true;
+        server.key_log = Arc::new(SecretCapture);
+        server.send_tls13_tickets = 1;
+        server.ticketer = rustls::crypto::ring::Ticketer::new().map_err(|e| vec![err("tls", format!("session ticketer: {e}"))])?;
+        Ok(TlsContext { server: Arc::new(server), verifier, key_update_after: c.key_update_after })
+    }
+}

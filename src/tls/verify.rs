@@ -1,0 +1,148 @@
+//! Device certificate verification for mutual TLS.
+//!
+//! Owns: the decision whether a device certificate is acceptable: it must
+//! chain to one of the configured CAs, must not be blocklisted, and must be
+//! within its validity period unless its CA is marked `ignore_validity`. For
+//! those CAs only the clock check is skipped; signatures, chain, key usage and
+//! everything else are still verified by webpki. Never counts or logs: the
+//! handshake driver classifies the error it returns.
+
+use std::sync::{Arc, RwLock};
+use std::time::Duration;
+
+use rustls::client::danger::HandshakeSignatureValid;
+use rustls::crypto::{verify_tls12_signature, verify_tls13_signature, CryptoProvider};
+use rustls::pki_types::{CertificateDer, UnixTime};
+use rustls::server::danger::{ClientCertVerified, ClientCertVerifier};
+use rustls::server::WebPkiClientVerifier;
+use rustls::{CertificateError, DigitallySignedStruct, DistinguishedName, Error, RootCertStore, SignatureScheme};
+
+use super::blocklist::Blocklist;
+
+/// One configured issuing CA (or bundle of CAs from one file).
+pub struct CaGroup {
+    pub name: String,
+    pub ignore_validity: bool,
+    verifier: Arc<dyn ClientCertVerifier>,
+}
+
+impl std::fmt::Debug for CaGroup {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "CaGroup({}, ignore_validity={})", self.name, self.ignore_validity)
+    }
+}
+
+impl CaGroup {
+    pub fn new(name: String, roots: Vec<CertificateDer<'static>>, ignore_validity: bool, provider: Arc<CryptoProvider>) -> Result<Self, String> {
+        let mut store = RootCertStore::empty();
+        for c in roots {
+            store.add(c).map_err(|e| format!("{name}: not a usable CA certificate: {e}"))?;
+        }
+        if store.is_empty() {
+            return Err(format!("{name}: no CA certificate found"));
+        }
+        let verifier = WebPkiClientVerifier::builder_with_provider(Arc::new(store), provider)
+            .build()
+            .map_err(|e| format!("{name}: {e}"))?;
+        Ok(CaGroup { name, ignore_validity, verifier })
+    }
+}
+
+#[derive(Debug)]
+pub struct DeviceVerifier {
+    groups: Vec<CaGroup>,
+    hints: Vec<DistinguishedName>,
+    blocklist: RwLock<Arc<Blocklist>>,
+    provider: Arc<CryptoProvider>,
+}
+
+/// A moment inside the leaf's validity period, used as "now" for CAs whose
+/// certificates are accepted regardless of the clock.
+fn time_inside_validity(der: &[u8], now: UnixTime) -> UnixTime {
+    let Ok((_, cert)) = x509_parser::parse_x509_certificate(der) else {
+        return now;
+    };
+    let v = cert.validity();
+    let (nb, na) = (v.not_before.timestamp(), v.not_after.timestamp());
+    let now_s = now.as_secs() as i64;
+    if nb <= now_s && now_s <= na {
+        return now;
+    }
+    let mid = nb + (na - nb) / 2;
+    UnixTime::since_unix_epoch(Duration::from_secs(mid.max(0) as u64))
+}
+
+fn is_validity_error(e: &Error) -> bool {
+    matches!(
+        e,
+        Error::InvalidCertificate(
+            CertificateError::Expired
+                | CertificateError::ExpiredContext { .. }
+                | CertificateError::NotValidYet
+                | CertificateError::NotValidYetContext { .. }
+        )
+    )
+}
+
+impl DeviceVerifier {
+    pub fn new(groups: Vec<CaGroup>, blocklist: Blocklist, provider: Arc<CryptoProvider>) -> Self {
+        let hints = groups.iter().flat_map(|g| g.verifier.root_hint_subjects().to_vec()).collect();
+        DeviceVerifier { groups, hints, blocklist: RwLock::new(Arc::new(blocklist)), provider }
+    }
+
+    /// Replaces the blocklist; handshakes from now on use the new one.
+    pub fn set_blocklist(&self, bl: Blocklist) {
+        if let Ok(mut g) = self.blocklist.write() {
+            *g = Arc::new(bl);
+        }
+    }
+
+    pub fn blocklist(&self) -> Arc<Blocklist> {
+        match self.blocklist.read() {
+            Ok(g) => g.clone(),
+            Err(p) => p.into_inner().clone(),
+        }
+    }
+}
+
+impl ClientCertVerifier for DeviceVerifier {
+    fn root_hint_subjects(&self) -> &[DistinguishedName] {
+        &self.hints
+    }
+
+    fn verify_client_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        now: UnixTime,
+    ) -> Result<ClientCertVerified, Error> {
+        if self.blocklist().blocks(end_entity.as_ref()) {
+            return Err(Error::InvalidCertificate(CertificateError::Revoked));
+        }
+        // Prefer the most specific failure: "expired" (chain matched a CA)
+        // over "unknown issuer" (no CA matched).
+        let mut best = Error::InvalidCertificate(CertificateError::UnknownIssuer);
+        for g in &self.groups {
+            let at = if g.ignore_validity { time_inside_validity(end_entity.as_ref(), now) } else { now };
+            match g.verifier.verify_client_cert(end_entity, intermediates, at) {
+                Ok(v) => return Ok(v),
+                Err(e) if is_validity_error(&e) => best = e,
+                Err(e) if !matches!(e, Error::InvalidCertificate(CertificateError::UnknownIssuer)) && !is_validity_error(&best) => best = e,
+                Err(_) => {}
+            }
+        }
+        Err(best)
+    }
+
+    fn verify_tls12_signature(&self, message: &[u8], cert: &CertificateDer<'_>, dss: &DigitallySignedStruct) -> Result<HandshakeSignatureValid, Error> {
+        verify_tls12_signature(message, cert, dss, &self.provider.signature_verification_algorithms)
+    }
+
+    fn verify_tls13_signature(&self, message: &[u8], cert: &CertificateDer<'_>, dss: &DigitallySignedStruct) -> Result<HandshakeSignatureValid, Error> {
+        verify_tls13_signature(message, cert, dss, &self.provider.signature_verification_algorithms)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.provider.signature_verification_algorithms.supported_schemes()
+    }
+}

@@ -1,0 +1,135 @@
+use super::*;
+use proptest::prelude::*;
+
+const M: Option<[u8; 4]> = Some([1, 2, 3, 4]);
+
+fn decode_all(bytes: &[u8], max: usize) -> Result<Vec<Event>, WsError> {
+    let mut d = Decoder::new(max, true);
+    let mut ev = Vec::new();
+    d.feed(bytes, &mut ev)?;
+    Ok(ev)
+}
+
+#[test]
+fn rfc6455_masked_hello() {
+    // RFC 6455 5.7: a single-frame masked text message "Hello".
+    let wire = [0x81, 0x85, 0x37, 0xfa, 0x21, 0x3d, 0x7f, 0x9f, 0x4d, 0x51, 0x58];
+    assert_eq!(decode_all(&wire, 100).unwrap(), vec![Event::Message { text: true, data: b"Hello".to_vec() }]);
+}
+
+#[test]
+fn fragmented_message_with_interleaved_ping() {
+    // RFC 6455 5.7 fragments, masked, with a ping between them.
+    let mut w = Vec::new();
+    w.extend_from_slice(&[0x01, 0x83, 0, 0, 0, 0]);
+    w.extend_from_slice(b"Hel");
+    encode(&mut w, op::PING, b"p", M);
+    w.extend_from_slice(&[0x80, 0x82, 0, 0, 0, 0]);
+    w.extend_from_slice(b"lo");
+    let ev = decode_all(&w, 100).unwrap();
+    assert_eq!(ev, vec![Event::Ping(b"p".to_vec()), Event::Message { text: true, data: b"Hello".to_vec() }]);
+}
+
+#[test]
+fn byte_at_a_time_equals_whole() {
+    let mut w = Vec::new();
+    encode(&mut w, op::BINARY, &vec![9u8; 70_000], M);
+    encode(&mut w, op::TEXT, "héllo".as_bytes(), M);
+    encode_close(&mut w, 1000, "bye", M);
+    let whole = decode_all(&w, 1 << 20).unwrap();
+    let mut d = Decoder::new(1 << 20, true);
+    let mut ev = Vec::new();
+    for b in &w {
+        d.feed(std::slice::from_ref(b), &mut ev).unwrap();
+    }
+    assert_eq!(ev, whole);
+    assert_eq!(whole.len(), 3);
+    assert_eq!(whole[2], Event::Close { code: Some(1000), reason: "bye".into() });
+}
+
+#[test]
+fn limits_and_violations_map_to_close_codes() {
+    let mut big = Vec::new();
+    encode(&mut big, op::BINARY, &[0; 200], M);
+    assert_eq!(decode_all(&big, 100).unwrap_err().code, close::TOO_BIG);
+
+    let mut frag = vec![0x02, 0x80 | 60, 0, 0, 0, 0];
+    frag.extend_from_slice(&[0; 60]);
+    frag.extend_from_slice(&[0x80, 0x80 | 60, 0, 0, 0, 0]);
+    frag.extend_from_slice(&[0; 60]);
+    assert_eq!(decode_all(&frag, 100).unwrap_err().code, close::TOO_BIG, "limit applies to the reassembled message");
+
+    let mut bad_utf8 = Vec::new();
+    encode(&mut bad_utf8, op::TEXT, &[0xff, 0xfe], M);
+    assert_eq!(decode_all(&bad_utf8, 100).unwrap_err().code, close::INVALID_DATA);
+
+    let mut unmasked = Vec::new();
+    encode(&mut unmasked, op::TEXT, b"x", None);
+    assert_eq!(decode_all(&unmasked, 100).unwrap_err().code, close::PROTOCOL_ERROR);
+
+    let rsv = [0xc1, 0x80, 0, 0, 0, 0];
+    assert_eq!(decode_all(&rsv, 100).unwrap_err().code, close::PROTOCOL_ERROR);
+    let cont = [0x80, 0x80, 0, 0, 0, 0];
+    assert_eq!(decode_all(&cont, 100).unwrap_err().code, close::PROTOCOL_ERROR);
+    let long_ping = [0x89, 0x80 | 126, 0, 200, 0, 0, 0, 0];
+    assert_eq!(decode_all(&long_ping, 1000).unwrap_err().code, close::PROTOCOL_ERROR);
+    let mut bad_close = Vec::new();
+    encode(&mut bad_close, op::CLOSE, &[0x03, 0xed], M); // 1005 may not be sent
+    assert_eq!(decode_all(&bad_close, 100).unwrap_err().code, close::PROTOCOL_ERROR);
+}
+
+#[test]
+fn server_frames_roundtrip_unmasked() {
+    let mut w = Vec::new();
+    encode(&mut w, op::TEXT, b"hi", None);
+    let mut d = Decoder::new(100, false);
+    let mut ev = Vec::new();
+    d.feed(&w, &mut ev).unwrap();
+    assert_eq!(ev, vec![Event::Message { text: true, data: b"hi".to_vec() }]);
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(512))]
+
+    #[test]
+    fn random_input_never_panics(input in proptest::collection::vec(any::<u8>(), 0..400), split in any::<usize>()) {
+        let mut d = Decoder::new(256, true);
+        let mut ev = Vec::new();
+        let at = if input.is_empty() { 0 } else { split % input.len() };
+        if d.feed(&input[..at], &mut ev).is_ok() {
+            let _ = d.feed(&input[at..], &mut ev);
+        }
+    }
+
+    /// Any sequence of messages, cut anywhere, decodes to exactly those messages.
+    #[test]
+    fn messages_survive_any_split(msgs in proptest::collection::vec((any::<bool>(), proptest::collection::vec(any::<u8>(), 0..300)), 1..6), cuts in proptest::collection::vec(any::<usize>(), 0..8)) {
+        let mut wire = Vec::new();
+        let mut want = Vec::new();
+        for (text, data) in &msgs {
+            let data = if *text { String::from_utf8_lossy(data).into_owned().into_bytes() } else { data.clone() };
+            encode(&mut wire, if *text { op::TEXT } else { op::BINARY }, &data, Some([7, 1, 9, 3]));
+            want.push(Event::Message { text: *text, data });
+        }
+        let mut points: Vec<usize> = cuts.iter().map(|c| c % (wire.len() + 1)).collect();
+        points.sort();
+        let mut d = Decoder::new(4096, true);
+        let mut ev = Vec::new();
+        let mut last = 0;
+        for p in points.into_iter().chain([wire.len()]) {
+            d.feed(&wire[last..p], &mut ev).unwrap();
+            last = p;
+        }
+        prop_assert_eq!(ev, want);
+    }
+
+    /// Truncated input yields only the messages that were wholly sent.
+    #[test]
+    fn truncation_yields_no_partial_message(data in proptest::collection::vec(any::<u8>(), 1..300), cut in any::<usize>()) {
+        let mut wire = Vec::new();
+        encode(&mut wire, op::BINARY, &data, M);
+        let cut = cut % wire.len();
+        let ev = decode_all(&wire[..cut], 4096).unwrap();
+        prop_assert!(ev.is_empty());
+    }
+}

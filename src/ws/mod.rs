@@ -1,0 +1,3 @@
+//! WebSocket at the edge: the HTTP upgrade and the frame codec.
+pub mod frame;
+pub mod upgrade;
