@@ -1,0 +1,2 @@
+//! The WSM link protocol (see `docs/link-protocol.md`).
+pub mod codec;
