@@ -1,0 +1,245 @@
+//! A small device client: mutual TLS with a client certificate, the
+//! WebSocket upgrade, then masked frames. Used by `holdfast device`, the
+//! quickstart and the tests. Blocking I/O; never used inside holdfast itself.
+
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use base64::Engine;
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
+use rustls::{ClientConfig, ClientConnection, RootCertStore, StreamOwned};
+
+use crate::ws::frame::{self, op, Decoder, Event};
+use crate::ws::upgrade;
+
+#[derive(Debug, Clone)]
+pub struct DeviceOptions {
+    pub addr: SocketAddr,
+    pub server_name: String,
+    /// PEM file with the CA that signed holdfast's server certificate.
+    pub server_ca: PathBuf,
+    pub cert: PathBuf,
+    pub key: PathBuf,
+    pub path: String,
+    pub subprotocols: Vec<String>,
+    /// "1.2", "1.3" or None for either.
+    pub version: Option<String>,
+    /// Restrict to one suite by rustls name, e.g. "TLS13_AES_256_GCM_SHA384".
+    pub suite: Option<String>,
+    pub timeout: Duration,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum DeviceError {
+    #[error("{0}")]
+    Setup(String),
+    #[error("io: {0}")]
+    Io(#[from] std::io::Error),
+    #[error("server answered HTTP {0}")]
+    Http(u16),
+    #[error("bad handshake response: {0}")]
+    BadResponse(String),
+    #[error("websocket: {0}")]
+    Ws(String),
+}
+
+pub struct Device {
+    tls: StreamOwned<ClientConnection, TcpStream>,
+    dec: Decoder,
+    events: std::collections::VecDeque<Event>,
+    pub subprotocol: Option<String>,
+    mask_seed: u32,
+}
+
+fn client_config(o: &DeviceOptions) -> Result<ClientConfig, DeviceError> {
+    let setup = |m: String| DeviceError::Setup(m);
+    let mut provider = rustls::crypto::ring::default_provider();
+    if let Some(name) = &o.suite {
+        provider.cipher_suites.retain(|s| format!("{:?}", s.suite()) == *name);
+        if provider.cipher_suites.is_empty() {
+            return Err(setup(format!("unknown suite {name}")));
+        }
+    }
+    let versions: Vec<&'static rustls::SupportedProtocolVersion> = match o.version.as_deref() {
+        Some("1.2") => vec![&rustls::version::TLS12],
+        Some("1.3") => vec![&rustls::version::TLS13],
+        _ => vec![&rustls::version::TLS13, &rustls::version::TLS12],
+    };
+    let mut roots = RootCertStore::empty();
+    for c in CertificateDer::pem_file_iter(&o.server_ca).map_err(|e| setup(format!("{}: {e}", o.server_ca.display())))? {
+        roots.add(c.map_err(|e| setup(e.to_string()))?).map_err(|e| setup(e.to_string()))?;
+    }
+    let chain: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(&o.cert)
+        .map_err(|e| setup(format!("{}: {e}", o.cert.display())))?
+        .collect::<Result<_, _>>()
+        .map_err(|e| setup(e.to_string()))?;
+    let key = PrivateKeyDer::from_pem_file(&o.key).map_err(|e| setup(format!("{}: {e}", o.key.display())))?;
+    ClientConfig::builder_with_provider(Arc::new(provider))
+        .with_protocol_versions(&versions)
+        .map_err(|e| setup(e.to_string()))?
+        .with_root_certificates(roots)
+        .with_client_auth_cert(chain, key)
+        .map_err(|e| setup(e.to_string()))
+}
+
+impl Device {
+    /// Connects, completes mutual TLS and the WebSocket upgrade.
+    pub fn connect(o: &DeviceOptions) -> Result<Device, DeviceError> {
+        let config = Arc::new(client_config(o)?);
+        let name = ServerName::try_from(o.server_name.clone()).map_err(|e| DeviceError::Setup(e.to_string()))?;
+        let conn = ClientConnection::new(config, name).map_err(|e| DeviceError::Setup(e.to_string()))?;
+        let tcp = TcpStream::connect_timeout(&o.addr, o.timeout)?;
+        tcp.set_read_timeout(Some(o.timeout))?;
+        tcp.set_nodelay(true)?;
+        let mut tls = StreamOwned::new(conn, tcp);
+        let mut key = [0u8; 20];
+        ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut key).map_err(|_| DeviceError::Setup("no randomness".into()))?;
+        let seed = u32::from_be_bytes([key[16], key[17], key[18], key[19]]);
+        let key = &key[..16];
+        let key = base64::engine::general_purpose::STANDARD.encode(key);
+        let mut req = format!("GET {} HTTP/1.1\r\nHost: {}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\nUser-Agent: holdfast-device\r\n", o.path, o.server_name);
+        if !o.subprotocols.is_empty() {
+            req.push_str(&format!("Sec-WebSocket-Protocol: {}\r\n", o.subprotocols.join(", ")));
+        }
+        req.push_str("\r\n");
+        tls.write_all(req.as_bytes())?;
+        let (status, headers, rest) = read_http_response(&mut tls)?;
+        if status != 101 {
+            return Err(DeviceError::Http(status));
+        }
+        let accept = headers.iter().find(|(k, _)| k == "sec-websocket-accept").map(|(_, v)| v.as_str());
+        if accept != Some(upgrade::accept_key(&key).as_str()) {
+            return Err(DeviceError::BadResponse("wrong Sec-WebSocket-Accept".into()));
+        }
+        let subprotocol = headers.iter().find(|(k, _)| k == "sec-websocket-protocol").map(|(_, v)| v.clone());
+        let mut d = Device { tls, dec: Decoder::new(64 << 20, false), events: Default::default(), subprotocol, mask_seed: seed | 1 };
+        if !rest.is_empty() {
+            let mut ev = Vec::new();
+            d.dec.feed(&rest, &mut ev).map_err(|e| DeviceError::Ws(e.to_string()))?;
+            d.events.extend(ev);
+        }
+        Ok(d)
+    }
+
+    /// The negotiated TLS version and suite, e.g. ("TLSv1_3", "TLS13_AES_128_GCM_SHA256").
+    pub fn tls_info(&self) -> (String, String) {
+        let c = &self.tls.conn;
+        (format!("{:?}", c.protocol_version()), c.negotiated_cipher_suite().map(|s| format!("{:?}", s.suite())).unwrap_or_default())
+    }
+
+    fn mask(&mut self) -> [u8; 4] {
+        self.mask_seed ^= self.mask_seed << 13;
+        self.mask_seed ^= self.mask_seed >> 17;
+        self.mask_seed ^= self.mask_seed << 5;
+        self.mask_seed.to_be_bytes()
+    }
+
+    pub fn send_frame(&mut self, opcode: u8, payload: &[u8]) -> Result<(), DeviceError> {
+        let mut f = Vec::new();
+        let m = self.mask();
+        frame::encode(&mut f, opcode, payload, Some(m));
+        self.tls.write_all(&f)?;
+        Ok(())
+    }
+
+    pub fn send_text(&mut self, s: &str) -> Result<(), DeviceError> {
+        self.send_frame(op::TEXT, s.as_bytes())
+    }
+
+    pub fn send_binary(&mut self, b: &[u8]) -> Result<(), DeviceError> {
+        self.send_frame(op::BINARY, b)
+    }
+
+    /// Writes raw bytes inside TLS (for tests of malformed frames).
+    pub fn send_raw(&mut self, b: &[u8]) -> Result<(), DeviceError> {
+        self.tls.write_all(b)?;
+        Ok(())
+    }
+
+    pub fn close(&mut self, code: u16) -> Result<(), DeviceError> {
+        let mut f = Vec::new();
+        let m = self.mask();
+        frame::encode_close(&mut f, code, "", Some(m));
+        self.tls.write_all(&f)?;
+        Ok(())
+    }
+
+    /// Starts a TLS 1.3 KeyUpdate from the device side.
+    pub fn key_update(&mut self) -> Result<(), DeviceError> {
+        self.tls.conn.refresh_traffic_keys().map_err(|e| DeviceError::Setup(e.to_string()))?;
+        self.tls.flush()?;
+        Ok(())
+    }
+
+    /// Next event from the server (messages, pings, close).
+    pub fn recv(&mut self) -> Result<Event, DeviceError> {
+        loop {
+            if let Some(e) = self.events.pop_front() {
+                return Ok(e);
+            }
+            let mut buf = [0u8; 16384];
+            let n = self.tls.read(&mut buf)?;
+            if n == 0 {
+                return Err(DeviceError::Io(std::io::ErrorKind::UnexpectedEof.into()));
+            }
+            let mut ev = Vec::new();
+            self.dec.feed(&buf[..n], &mut ev).map_err(|e| DeviceError::Ws(e.to_string()))?;
+            self.events.extend(ev);
+        }
+    }
+
+    /// Next data message, answering pings on the way.
+    pub fn recv_message(&mut self) -> Result<(bool, Vec<u8>), DeviceError> {
+        loop {
+            match self.recv()? {
+                Event::Message { text, data } => return Ok((text, data)),
+                Event::Ping(p) => self.send_frame(op::PONG, &p)?,
+                Event::Pong(_) => {}
+                Event::Close { code, reason } => return Err(DeviceError::Ws(format!("closed by server: {code:?} {reason}"))),
+            }
+        }
+    }
+
+    pub fn recv_text(&mut self) -> Result<String, DeviceError> {
+        let (_, d) = self.recv_message()?;
+        String::from_utf8(d).map_err(|e| DeviceError::Ws(e.to_string()))
+    }
+
+    /// Waits for the server's close frame and returns its code.
+    pub fn recv_close(&mut self) -> Result<Option<u16>, DeviceError> {
+        loop {
+            match self.recv()? {
+                Event::Close { code, .. } => return Ok(code),
+                _ => continue,
+            }
+        }
+    }
+}
+
+/// Reads an HTTP response head through TLS; returns status, headers
+/// (lowercase names) and any bytes after the head.
+fn read_http_response<S: Read>(s: &mut S) -> Result<(u16, Vec<(String, String)>, Vec<u8>), DeviceError> {
+    let mut buf = Vec::new();
+    let mut chunk = [0u8; 4096];
+    loop {
+        let n = s.read(&mut chunk)?;
+        if n == 0 {
+            return Err(DeviceError::BadResponse("connection closed before a response".into()));
+        }
+        buf.extend_from_slice(&chunk[..n]);
+        let mut headers = [httparse::EMPTY_HEADER; 32];
+        let mut resp = httparse::Response::new(&mut headers);
+        match resp.parse(&buf) {
+            Ok(httparse::Status::Complete(used)) => {
+                let hs = resp.headers.iter().map(|h| (h.name.to_ascii_lowercase(), String::from_utf8_lossy(h.value).into_owned())).collect();
+                return Ok((resp.code.unwrap_or(0), hs, buf[used..].to_vec()));
+            }
+            Ok(httparse::Status::Partial) if buf.len() < 16384 => continue,
+            _ => return Err(DeviceError::BadResponse("malformed HTTP response".into())),
+        }
+    }
+}

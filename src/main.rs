@@ -1,0 +1,254 @@
+//! The `holdfast` command: run the proxy, check a config, start the
+//! quickstart, or act as a device.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::Duration;
+
+use clap::{Parser, Subcommand};
+use holdfast::config::Config;
+use holdfast::device::{Device, DeviceOptions};
+
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
+#[derive(Parser)]
+#[command(name = "holdfast", version, about = "io_uring edge proxy that holds device WebSockets over mutual TLS")]
+struct Cli {
+    /// Log level: error, warn, info, debug, trace.
+    #[arg(long, global = true, default_value = "info", env = "HOLDFAST_LOG")]
+    log: String,
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Run the proxy with a config file.
+    Run {
+        #[arg(long, short)]
+        config: PathBuf,
+    },
+    /// Validate a config file (and the files it names) and explain every error.
+    CheckConfig { file: PathBuf },
+    /// Make a dev PKI and config, start the reference WSM and the proxy on loopback.
+    Quickstart {
+        /// Where to write certificates and the example config.
+        #[arg(long, default_value = "holdfast-dev")]
+        dir: PathBuf,
+        #[arg(long, default_value_t = 8443)]
+        port: u16,
+        #[arg(long, default_value_t = 9000)]
+        wsm_port: u16,
+        #[arg(long, default_value_t = 9100)]
+        metrics_port: u16,
+        /// Exit after the self-check instead of serving.
+        #[arg(long)]
+        check_only: bool,
+    },
+    /// Connect as a device, send messages and print the replies.
+    Device {
+        #[arg(long, default_value = "127.0.0.1:8443")]
+        addr: SocketAddr,
+        #[arg(long, default_value = "localhost")]
+        server_name: String,
+        /// CA that signed holdfast's server certificate.
+        #[arg(long)]
+        ca: PathBuf,
+        #[arg(long)]
+        cert: PathBuf,
+        #[arg(long)]
+        key: PathBuf,
+        #[arg(long, default_value = "/")]
+        path: String,
+        /// "1.2" or "1.3" (default: either).
+        #[arg(long)]
+        tls_version: Option<String>,
+        /// Text message to send (repeatable); each reply is printed.
+        #[arg(long)]
+        send: Vec<String>,
+        /// Start a TLS 1.3 KeyUpdate before sending.
+        #[arg(long)]
+        key_update: bool,
+    },
+}
+
+fn init_log(level: &str) {
+    let level = level.parse().unwrap_or(tracing::Level::INFO);
+    let _ = tracing_subscriber::fmt().with_max_level(level).with_writer(std::io::stderr).with_target(false).try_init();
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_log(&cli.log);
+    match cli.cmd {
+        Cmd::Run { config } => run(config),
+        Cmd::CheckConfig { file } => check_config(file),
+        Cmd::Quickstart { dir, port, wsm_port, metrics_port, check_only } => quickstart(dir, port, wsm_port, metrics_port, check_only),
+        Cmd::Device { addr, server_name, ca, cert, key, path, tls_version, send, key_update } => {
+            let o = DeviceOptions { addr, server_name, server_ca: ca, cert, key, path, subprotocols: vec![], version: tls_version, suite: None, timeout: Duration::from_secs(10) };
+            device(&o, &send, key_update)
+        }
+    }
+}
+
+fn print_errors(what: &str, errs: &[String]) -> ExitCode {
+    eprintln!("{what}: {} error(s)", errs.len());
+    for e in errs {
+        eprintln!("  error: {e}");
+    }
+    ExitCode::from(2)
+}
+
+fn load(path: &PathBuf) -> Result<Config, ExitCode> {
+    Config::load(path).map_err(|es| print_errors(&path.display().to_string(), &es.iter().map(|e| e.to_string()).collect::<Vec<_>>()))
+}
+
+fn serve_until_signal(cfg: Config, wait: impl FnOnce() -> Option<nix::sys::signal::Signal>) -> ExitCode {
+    let shards = cfg.shard_cpus.len();
+    let running = match holdfast::proxy::start(cfg) {
+        Ok(r) => r,
+        Err(es) => return print_errors("holdfast could not start", &es),
+    };
+    let metrics = running.metrics_addr.map(|a| a.to_string()).unwrap_or_else(|| "off".into());
+    println!("holdfast ready on {} shards={shards} metrics={metrics}", running.listen);
+    let sig = wait();
+    tracing::info!(signal = ?sig, "shutting down");
+    running.shutdown();
+    ExitCode::SUCCESS
+}
+
+fn run(config: PathBuf) -> ExitCode {
+    let wait = holdfast::proxy::block_signals();
+    match load(&config) {
+        Ok(cfg) => serve_until_signal(cfg, wait),
+        Err(code) => code,
+    }
+}
+
+fn check_config(file: PathBuf) -> ExitCode {
+    let cfg = match load(&file) {
+        Ok(c) => c,
+        Err(code) => return code,
+    };
+    match holdfast::tls::server::TlsContext::load(&cfg.tls) {
+        Ok(tls) => {
+            println!("{}: ok", file.display());
+            println!("  listen {} with {} shard(s) on CPUs {:?}", cfg.listen, cfg.shard_cpus.len(), cfg.shard_cpus);
+            println!("  {} device CA file(s), {} blocklist entr(y/ies)", cfg.tls.client_cas.len(), tls.verifier.blocklist().len());
+            println!("  WSM hosts {:?}, {} link(s) per shard each", cfg.upstream.wsm, cfg.upstream.links_per_shard);
+            ExitCode::SUCCESS
+        }
+        Err(es) => print_errors(&file.display().to_string(), &es.iter().map(|e| e.to_string()).collect::<Vec<_>>()),
+    }
+}
+
+fn device(o: &DeviceOptions, send: &[String], key_update: bool) -> ExitCode {
+    let mut d = match Device::connect(o) {
+        Ok(d) => d,
+        Err(e) => {
+            eprintln!("device: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let (v, s) = d.tls_info();
+    eprintln!("device: connected ({v}, {s}); WebSocket open");
+    if key_update {
+        if let Err(e) = d.key_update() {
+            eprintln!("device: key update: {e}");
+            return ExitCode::FAILURE;
+        }
+    }
+    for m in send {
+        let r = d.send_text(m).and_then(|_| d.recv_text());
+        match r {
+            Ok(reply) => println!("{reply}"),
+            Err(e) => {
+                eprintln!("device: {e}");
+                return ExitCode::FAILURE;
+            }
+        }
+    }
+    let _ = d.close(1000);
+    let _ = d.recv_close();
+    ExitCode::SUCCESS
+}
+
+fn quickstart(dir: PathBuf, port: u16, wsm_port: u16, metrics_port: u16, check_only: bool) -> ExitCode {
+    let wait = holdfast::proxy::block_signals();
+    if let Err(e) = holdfast::pki::generate(&dir) {
+        eprintln!("quickstart: cannot write the dev PKI to {}: {e}", dir.display());
+        return ExitCode::FAILURE;
+    }
+    let wsm_addr: SocketAddr = ([127, 0, 0, 1], wsm_port).into();
+    let server = match holdfast::wsm::Server::bind(wsm_addr, Arc::new(holdfast::wsm::echo::Echo::default()), "quickstart-wsm".into()) {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!("quickstart: reference WSM cannot listen on {wsm_addr}: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    std::thread::spawn(move || server.serve());
+    let listen = format!("127.0.0.1:{port}");
+    let text = holdfast::pki::example_config(&listen, &wsm_addr.to_string(), "2", &format!("127.0.0.1:{metrics_port}"));
+    let cfg_path = dir.join("holdfast.toml");
+    if let Err(e) = std::fs::write(&cfg_path, text) {
+        eprintln!("quickstart: {e}");
+        return ExitCode::FAILURE;
+    }
+    let cfg = match load(&cfg_path) {
+        Ok(c) => c,
+        Err(code) => return code,
+    };
+    let running = match holdfast::proxy::start(cfg) {
+        Ok(r) => r,
+        Err(es) => return print_errors("holdfast could not start", &es),
+    };
+    let d = dir.display();
+    let dev = |name: &str| format!("holdfast device --addr {listen} --ca {d}/server-ca.pem --cert {d}/devices/{name}.pem --key {d}/devices/{name}.key");
+    // Self-check: one device round trip through the proxy and the WSM.
+    let o = DeviceOptions {
+        addr: running.listen,
+        server_name: "localhost".into(),
+        server_ca: dir.join("server-ca.pem"),
+        cert: dir.join("devices/oven-1.pem"),
+        key: dir.join("devices/oven-1.key"),
+        path: "/".into(),
+        subprotocols: vec![],
+        version: None,
+        suite: None,
+        timeout: Duration::from_secs(10),
+    };
+    let check = Device::connect(&o).and_then(|mut dv| {
+        dv.send_text("hello from oven-1")?;
+        let echo = dv.recv_text()?;
+        let _ = dv.close(1000);
+        Ok(echo)
+    });
+    match check {
+        Ok(echo) => println!("self-check: device oven-1 sent \"hello from oven-1\", echo came back: \"{echo}\""),
+        Err(e) => {
+            eprintln!("self-check failed: {e}");
+            running.shutdown();
+            return ExitCode::FAILURE;
+        }
+    }
+    println!(
+        "\nholdfast quickstart is running:\n  proxy        {listen} (mutual TLS, 2 shards)\n  reference WSM {wsm_addr}\n  metrics      http://127.0.0.1:{metrics_port}/metrics\n  config       {}\n\nConnect as a device (from this directory; use `cargo run --release --` for `holdfast` in a checkout):\n  {} --send whoami --send hello\n  {} --send whoami     # expired cert, CA with ignore_validity: accepted\n  {} --send hi         # expired cert, strict CA: refused\n  {} --send hi         # blocklisted: refused\n  {} --send hi         # unknown CA: refused\n\nStop with Ctrl-C.",
+        cfg_path.display(),
+        dev("oven-1"),
+        dev("thermostat-2019"),
+        dev("hood-expired"),
+        dev("fridge-blocked"),
+        dev("rogue-1"),
+    );
+    if check_only {
+        running.shutdown();
+        return ExitCode::SUCCESS;
+    }
+    let _ = wait();
+    running.shutdown();
+    ExitCode::SUCCESS
+}

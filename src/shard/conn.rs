@@ -1,0 +1,537 @@
+//! One device connection on a shard, from accept to close.
+//!
+//! Owns: moving bytes between the device socket and the sans-io machines
+//! (handshake, record layer, upgrade parser, frame decoder) and the stream on
+//! a WSM link, with the per-stage timeouts. Reads only after the socket is
+//! readable, with a buffer lent by the shard pool for just that long, so an
+//! idle connection holds no I/O buffer. Never parses bytes itself.
+
+use std::net::SocketAddr;
+use std::rc::Rc;
+use std::time::{Duration, Instant};
+
+use monoio::buf::IoBufMut;
+use monoio::io::{AsyncReadRent, AsyncWriteRent, AsyncWriteRentExt};
+use monoio::net::TcpStream;
+
+use super::link::{notified, Link, OpenResult, StreamRef};
+use super::pool::PoolBuf;
+use super::ShardCtx;
+use crate::identity::{ConnectionId, DeviceIdentity};
+use crate::link::codec::{CloseReason, Open};
+use crate::metrics::ShardMetrics;
+use crate::tls::handshake::{Handshake, Progress, Refusal};
+use crate::tls::record::{Opened, RecordError, RecordLayer};
+use crate::ws::frame::{self, close, op, Event, WsError};
+use crate::ws::upgrade::{self, UpgradeRequest};
+
+/// How a connection ended, for logs (fields are read through Debug).
+#[derive(Debug)]
+#[allow(dead_code)]
+enum End {
+    Io(std::io::Error),
+    Eof,
+    Refused(Refusal, String),
+    Record(RecordError),
+    BadUpgrade(u16, &'static str),
+    Ws(WsError),
+    DeviceClosed,
+    NoWsm,
+    WsmRefused(u16),
+    WsmTimeout,
+    WsmClosed,
+    LinkLost,
+    Idle,
+}
+
+impl From<std::io::Error> for End {
+    fn from(e: std::io::Error) -> Self {
+        End::Io(e)
+    }
+}
+
+struct Device {
+    shard: Rc<ShardCtx>,
+    tcp: TcpStream,
+    addr: SocketAddr,
+    id: ConnectionId,
+    /// Received bytes not yet processed; present only while bytes are pending.
+    rx: Option<PoolBuf>,
+    /// Close code from the device's close frame (1006 until one arrives).
+    device_close_code: u16,
+}
+
+pub async fn serve(shard: Rc<ShardCtx>, tcp: TcpStream, addr: SocketAddr) {
+    let m = shard.metrics.clone();
+    ShardMetrics::inc(&m.connections_accepted_total);
+    ShardMetrics::inc(&m.connections_active);
+    let _ = tcp.set_nodelay(true);
+    let id = shard.ids.borrow_mut().next_id();
+    let key = shard.conns.borrow_mut().insert(id);
+    let mut dev = Device { shard, tcp, addr, id, rx: None, device_close_code: 1006 };
+    let end = dev.run().await;
+    match &end {
+        End::Refused(r, detail) => tracing::info!(device = %dev.addr, conn = %dev.id, reason = r.label(), %detail, "handshake refused"),
+        End::Eof | End::DeviceClosed => tracing::debug!(device = %dev.addr, conn = %dev.id, "device closed"),
+        other => tracing::debug!(device = %dev.addr, conn = %dev.id, end = ?other, "connection ended"),
+    }
+    dev.rx = None;
+    dev.linger().await;
+    dev.shard.conns.borrow_mut().remove(key);
+    ShardMetrics::dec(&m.connections_active);
+}
+
+impl Device {
+    /// Waits for the socket to be readable, then reads into a pool buffer.
+    async fn read_more(&mut self) -> Result<usize, End> {
+        self.tcp.readable(false).await?;
+        self.read_now().await
+    }
+
+    /// Reads what the socket has into the rx buffer (taking one from the pool).
+    async fn read_now(&mut self) -> Result<usize, End> {
+        if self.rx.is_none() {
+            let pool = &self.shard.pool;
+            let buf = match pool.try_take() {
+                Some(b) => b,
+                None => {
+                    ShardMetrics::inc(&self.shard.metrics.pool_exhausted_total);
+                    pool.take().await
+                }
+            };
+            self.rx = Some(buf);
+        }
+        let Some(rx) = self.rx.as_mut() else { return Ok(0) };
+        let mut v = rx.lend();
+        let (len, cap) = (v.len(), v.capacity());
+        if len == cap {
+            rx.restore(v);
+            return Err(End::Record(RecordError::RecordOverflow));
+        }
+        let (res, slice) = self.tcp.read(v.slice_mut(len..cap)).await;
+        v = slice.into_inner();
+        rx.restore(v);
+        let n = res?;
+        if n == 0 {
+            return Err(End::Eof);
+        }
+        Ok(n)
+    }
+
+    /// Gives the rx buffer back to the pool if everything in it was used.
+    fn release_if_empty(&mut self) {
+        if self.rx.as_mut().is_some_and(|b| b.vec().is_empty()) {
+            self.rx = None;
+        }
+    }
+
+    async fn write(&mut self, data: Vec<u8>) -> Result<Vec<u8>, End> {
+        if data.is_empty() {
+            return Ok(data);
+        }
+        let (res, data) = self.tcp.write_all(data).await;
+        res?;
+        Ok(data)
+    }
+
+    /// Decrypts every whole record in rx, passing plaintext to `sink`. Reply
+    /// bytes (KeyUpdate answers) are appended to `out`. Returns true on
+    /// close_notify.
+    fn open_records(&mut self, rl: &mut RecordLayer, out: &mut Vec<u8>, sink: &mut dyn FnMut(&[u8]) -> Result<(), End>) -> Result<bool, End> {
+        let Some(rx) = self.rx.as_mut() else { return Ok(false) };
+        let buf = rx.vec();
+        let mut off = 0;
+        let mut closed = false;
+        let res = loop {
+            match rl.open(&mut buf[off..], out) {
+                Ok(Opened::NeedMore) => break Ok(()),
+                Ok(Opened::Data { consumed, start, end }) => {
+                    let r = sink(&buf[off + start..off + end]);
+                    off += consumed;
+                    if let Err(e) = r {
+                        break Err(e);
+                    }
+                }
+                Ok(Opened::Control { consumed }) => off += consumed,
+                Ok(Opened::CloseNotify { consumed }) => {
+                    off += consumed;
+                    closed = true;
+                    break Ok(());
+                }
+                Err(e) => break Err(End::Record(e)),
+            }
+        };
+        buf.drain(..off);
+        self.release_if_empty();
+        res.map(|()| closed)
+    }
+
+    async fn run(&mut self) -> End {
+        let timeout = self.shard.cfg.tls.handshake_timeout;
+        let est = match monoio::time::timeout(timeout, self.handshake()).await {
+            Ok(Ok(est)) => est,
+            Ok(Err(End::Refused(r, d))) => {
+                self.shard.metrics.refusal(r);
+                return End::Refused(r, d);
+            }
+            Ok(Err(e)) => return e,
+            Err(_) => {
+                self.shard.metrics.refusal(Refusal::Timeout);
+                return End::Refused(Refusal::Timeout, format!("no handshake within {timeout:?}"));
+            }
+        };
+        ShardMetrics::inc(&self.shard.metrics.handshakes_completed_total);
+        let crate::tls::handshake::Established { record, chain, leftover } = *est;
+        let mut rl = match RecordLayer::new(record) {
+            Ok(rl) => rl,
+            Err(e) => return End::Record(e),
+        };
+        if !leftover.is_empty() {
+            let mut b = self.shard.pool.take().await;
+            b.vec().extend_from_slice(&leftover);
+            self.rx = Some(b);
+        }
+        let Some(identity) = DeviceIdentity::from_chain(chain, self.addr) else {
+            return End::Refused(Refusal::BadHandshake, "device certificate does not parse".into());
+        };
+        let end = self.after_handshake(&mut rl, identity).await;
+        // Record what the record layer did, then say goodbye at the TLS level.
+        let (sent, received) = rl.key_updates();
+        let m = &self.shard.metrics;
+        m.key_updates_sent_total.fetch_add(sent, std::sync::atomic::Ordering::Relaxed);
+        m.key_updates_received_total.fetch_add(received, std::sync::atomic::Ordering::Relaxed);
+        let mut out = Vec::new();
+        match &end {
+            End::Record(e) => {
+                ShardMetrics::inc(&m.tls_record_errors_total);
+                if let Some(a) = e.alert() {
+                    let _ = rl.fatal_alert(a, &mut out);
+                }
+            }
+            End::Io(_) | End::Eof => {}
+            _ => {
+                let _ = rl.close_notify(&mut out);
+            }
+        }
+        if !out.is_empty() {
+            let _ = self.write(out).await;
+        }
+        end
+    }
+
+    async fn handshake(&mut self) -> Result<Box<crate::tls::handshake::Established>, End> {
+        let tls = &self.shard.tls;
+        let mut hs = Handshake::new(tls.server.clone(), tls.key_update_after).map_err(|e| End::Refused(e.reason, e.detail))?;
+        loop {
+            self.read_more().await?;
+            let mut out = Vec::new();
+            let progress = {
+                let rx = self.rx.as_mut().map(|b| b.vec());
+                let input: &[u8] = rx.as_deref().map(|v| v.as_slice()).unwrap_or(&[]);
+                let p = hs.feed(input, &mut out);
+                if let Some(b) = self.rx.as_mut() {
+                    b.vec().clear();
+                }
+                p
+            };
+            self.release_if_empty();
+            match progress {
+                Ok(p) => {
+                    self.write(out).await?;
+                    if p == Progress::Finished {
+                        return hs.finish().map(Box::new).map_err(|e| End::Refused(e.reason, e.detail));
+                    }
+                }
+                Err(e) => {
+                    let _ = self.write(out).await; // the alert
+                    return Err(End::Refused(e.reason, e.detail));
+                }
+            }
+        }
+    }
+
+    /// Seals `plain` and writes it to the device.
+    async fn send(&mut self, rl: &mut RecordLayer, plain: &[u8]) -> Result<(), End> {
+        let mut out = Vec::with_capacity(RecordLayer::sealed_len(plain.len()));
+        rl.seal(plain, &mut out).map_err(End::Record)?;
+        self.write(out).await?;
+        Ok(())
+    }
+
+    async fn read_upgrade(&mut self, rl: &mut RecordLayer) -> Result<(UpgradeRequest, Vec<u8>), End> {
+        let ws = &self.shard.cfg.ws;
+        let (max, forward) = (ws.max_request_bytes, ws.forward_headers.clone());
+        let mut req: Vec<u8> = Vec::new();
+        let mut replies = Vec::new();
+        loop {
+            let closed = self.open_records(rl, &mut replies, &mut |p| {
+                req.extend_from_slice(p);
+                Ok(())
+            })?;
+            if !replies.is_empty() {
+                let r = std::mem::take(&mut replies);
+                self.write(r).await?;
+            }
+            match upgrade::parse(&req, max, &forward) {
+                Ok(Some((r, used))) => return Ok((r, req.split_off(used))),
+                Ok(None) if closed => return Err(End::DeviceClosed),
+                Ok(None) => {}
+                Err(e) => return Err(End::BadUpgrade(e.status, e.reason)),
+            }
+            self.read_more().await?;
+        }
+    }
+
+    fn pick_link(&self) -> Option<Rc<Link>> {
+        self.shard.links.iter().filter(|l| l.usable()).min_by_key(|l| l.load()).cloned()
+    }
+
+    async fn after_handshake(&mut self, rl: &mut RecordLayer, identity: DeviceIdentity) -> End {
+        let m = self.shard.metrics.clone();
+        let upgrade_timeout = self.shard.cfg.ws.upgrade_timeout;
+        let (request, early) = match monoio::time::timeout(upgrade_timeout, self.read_upgrade(rl)).await {
+            Ok(Ok(r)) => r,
+            Ok(Err(End::BadUpgrade(status, reason))) => {
+                ShardMetrics::inc(&m.upgrades_rejected_total);
+                let _ = self.send(rl, &upgrade::response_error(status, reason)).await;
+                return End::BadUpgrade(status, reason);
+            }
+            Ok(Err(e)) => return e,
+            Err(_) => {
+                ShardMetrics::inc(&m.upgrades_rejected_total);
+                let _ = self.send(rl, &upgrade::response_error(408, "no upgrade request in time")).await;
+                return End::BadUpgrade(408, "upgrade timeout");
+            }
+        };
+        let Some(link) = self.pick_link() else {
+            ShardMetrics::inc(&m.wsm_unavailable_total);
+            let _ = self.send(rl, &upgrade::response_error(503, "no WSM reachable")).await;
+            return End::NoWsm;
+        };
+        let key = request.key.clone();
+        let open = Open { resumed: false, connection_id: self.id, device: identity, request };
+        let Some(stream) = link.open_stream(open) else {
+            ShardMetrics::inc(&m.wsm_unavailable_total);
+            let _ = self.send(rl, &upgrade::response_error(503, "no WSM reachable")).await;
+            return End::NoWsm;
+        };
+        let sid = stream.borrow().stream_id;
+        let wait_open = async {
+            loop {
+                {
+                    let s = stream.borrow();
+                    if let Some(r) = &s.opened {
+                        return Some(r.clone());
+                    }
+                    if s.link_lost || s.wsm_close.is_some() {
+                        return None;
+                    }
+                }
+                notified(&stream).await;
+            }
+        };
+        let subprotocol = match monoio::time::timeout(self.shard.cfg.upstream.open_timeout, wait_open).await {
+            Ok(Some(OpenResult::Accepted(sub))) => sub,
+            Ok(Some(OpenResult::Refused(status, reason))) => {
+                ShardMetrics::inc(&m.wsm_refused_total);
+                let status = if (400..600).contains(&status) { status } else { 403 };
+                let _ = self.send(rl, &upgrade::response_error(status, &reason)).await;
+                return End::WsmRefused(status);
+            }
+            Ok(None) => {
+                ShardMetrics::inc(&m.wsm_unavailable_total);
+                let _ = self.send(rl, &upgrade::response_error(503, "WSM went away")).await;
+                return End::LinkLost;
+            }
+            Err(_) => {
+                ShardMetrics::inc(&m.wsm_open_timeouts_total);
+                link.close_stream(sid, CloseReason::Error, close::INTERNAL, "open timeout");
+                let _ = self.send(rl, &upgrade::response_error(504, "WSM did not answer")).await;
+                return End::WsmTimeout;
+            }
+        };
+        if let Err(e) = self.send(rl, &upgrade::response_101(&key, subprotocol.as_deref())).await {
+            link.close_stream(sid, CloseReason::DeviceGone, 1006, "write failed");
+            return e;
+        }
+        ShardMetrics::inc(&m.upgrades_completed_total);
+        let end = self.stream_loop(rl, &link, &stream, early).await;
+        // Tell the WSM, unless it was the WSM that ended the stream.
+        let (code, text): (u16, String) = match &end {
+            End::WsmClosed | End::LinkLost => return end,
+            End::DeviceClosed => (self.device_close_code, String::new()),
+            End::Ws(e) => (e.code, e.reason.to_string()),
+            End::Idle => (close::GOING_AWAY, "idle timeout".into()),
+            _ => (1006, String::new()),
+        };
+        link.close_stream(sid, CloseReason::DeviceGone, code, &text);
+        end
+    }
+
+    async fn send_close(&mut self, rl: &mut RecordLayer, code: u16, reason: &str) {
+        let mut f = Vec::new();
+        frame::encode_close(&mut f, code, reason, None);
+        let _ = self.send(rl, &f).await;
+    }
+
+    async fn stream_loop(&mut self, rl: &mut RecordLayer, link: &Rc<Link>, stream: &StreamRef, early: Vec<u8>) -> End {
+        let ws = self.shard.cfg.ws.clone();
+        let m = self.shard.metrics.clone();
+        let sid = stream.borrow().stream_id;
+        let mut dec = frame::Decoder::new(ws.max_message_bytes, true);
+        let mut events = Vec::new();
+        let mut pending_err = dec.feed(&early, &mut events).err();
+        let mut last_rx = Instant::now();
+        let mut last_ping = Instant::now();
+        let mut replies = Vec::new();
+        loop {
+            // 1. What the device sent.
+            let mut plain = Vec::new();
+            for ev in events.drain(..) {
+                match ev {
+                    Event::Message { text, data } => {
+                        link.send_message(&mut stream.borrow_mut(), !text, &data);
+                        ShardMetrics::inc(&m.messages_from_devices_total);
+                    }
+                    Event::Ping(p) => frame::encode(&mut plain, op::PONG, &p, None),
+                    Event::Pong(_) => {}
+                    Event::Close { code, reason } => {
+                        self.device_close_code = code.unwrap_or(1005);
+                        match code {
+                            Some(c) => frame::encode_close(&mut plain, c, "", None),
+                            None => frame::encode(&mut plain, op::CLOSE, &[], None),
+                        }
+                        let _ = self.send(rl, &plain).await;
+                        tracing::debug!(conn = %self.id, code = ?code, %reason, "device closed the WebSocket");
+                        return End::DeviceClosed;
+                    }
+                }
+            }
+            if let Some(e) = pending_err.take() {
+                m.ws_error(e.code);
+                if !plain.is_empty() {
+                    let _ = self.send(rl, &plain).await;
+                }
+                self.send_close(rl, e.code, e.reason).await;
+                return End::Ws(e);
+            }
+            if !replies.is_empty() {
+                if let Err(e) = self.write(std::mem::take(&mut replies)).await {
+                    return e;
+                }
+            }
+            if !plain.is_empty() {
+                if let Err(e) = self.send(rl, &plain).await {
+                    return e;
+                }
+            }
+
+            // 2. What the WSM sent.
+            let (msgs, wsm_close, lost) = {
+                let mut s = stream.borrow_mut();
+                (std::mem::take(&mut s.inbox), s.wsm_close.take(), s.link_lost)
+            };
+            if !msgs.is_empty() {
+                let mut out = Vec::new();
+                let mut bytes = 0;
+                for (binary, data) in &msgs {
+                    frame::encode(&mut out, if *binary { op::BINARY } else { op::TEXT }, data, None);
+                    bytes += data.len();
+                }
+                if let Err(e) = self.send(rl, &out).await {
+                    return e;
+                }
+                m.messages_to_devices_total.fetch_add(msgs.len() as u64, std::sync::atomic::Ordering::Relaxed);
+                link.return_credit(sid, bytes);
+            }
+            if let Some((code, text)) = wsm_close {
+                let code = if frame_code_ok(code) { code } else { close::NORMAL };
+                self.send_close(rl, code, &text).await;
+                return End::WsmClosed;
+            }
+            if lost {
+                self.send_close(rl, close::TRY_AGAIN, "upstream link lost").await;
+                return End::LinkLost;
+            }
+
+            // 3. Wait for the device, the link or a timer.
+            let can_read = link.can_send(&stream.borrow());
+            let far = Instant::now() + Duration::from_secs(3600);
+            let idle_at = ws.idle_timeout.map_or(far, |t| last_rx + t);
+            let ping_at = ws.ping_interval.map_or(far, |p| last_rx.max(last_ping) + p);
+            let deadline = idle_at.min(ping_at);
+            enum Wake {
+                Readable(std::io::Result<()>),
+                Notified,
+                Timer,
+            }
+            let wake = monoio::select! {
+                r = self.tcp.readable(false), if can_read => Wake::Readable(r),
+                _ = notified(stream) => Wake::Notified,
+                _ = monoio::time::sleep_until(deadline.into()) => Wake::Timer,
+            };
+            match wake {
+                Wake::Notified => {}
+                Wake::Readable(r) => {
+                    if let Err(e) = r {
+                        return End::Io(e);
+                    }
+                    if let Err(e) = self.read_now().await {
+                        return e;
+                    }
+                    last_rx = Instant::now();
+                    let closed = self.open_records(rl, &mut replies, &mut |p| {
+                        if pending_err.is_none() {
+                            pending_err = dec.feed(p, &mut events).err();
+                        }
+                        Ok(())
+                    });
+                    match closed {
+                        Ok(true) => return End::Eof,
+                        Ok(false) => {}
+                        Err(e) => return e,
+                    }
+                }
+                Wake::Timer => {
+                    let now = Instant::now();
+                    if now >= idle_at {
+                        ShardMetrics::inc(&m.idle_timeouts_total);
+                        self.send_close(rl, close::GOING_AWAY, "idle timeout").await;
+                        return End::Idle;
+                    }
+                    if now >= ping_at {
+                        let mut f = Vec::new();
+                        frame::encode(&mut f, op::PING, b"", None);
+                        if let Err(e) = self.send(rl, &f).await {
+                            return e;
+                        }
+                        last_ping = now;
+                    }
+                }
+            }
+        }
+    }
+
+    /// Half-closes, then drains what the device still sends for a moment, so
+    /// the kernel does not reset the connection over our last bytes.
+    async fn linger(&mut self) {
+        let _ = self.tcp.shutdown().await;
+        let deadline = Instant::now() + Duration::from_secs(1);
+        let mut buf = vec![0u8; 4096];
+        let mut total = 0;
+        while total < 1 << 20 {
+            match monoio::time::timeout_at(deadline.into(), self.tcp.read(buf)).await {
+                Ok((Ok(n), b)) if n > 0 => {
+                    buf = b;
+                    total += n;
+                }
+                _ => break,
+            }
+        }
+    }
+}
+
+/// Close codes a server may put on the wire.
+fn frame_code_ok(c: u16) -> bool {
+    matches!(c, 1000..=1003 | 1007..=1014 | 3000..=4999)
+}

@@ -1,0 +1,420 @@
+//! One persistent, multiplexed link from a shard to a WSM host.
+//!
+//! Owns: connecting (and reconnecting with backoff), the HELLO exchange, the
+//! link's outgoing byte queue and writer task, dispatching incoming frames to
+//! device streams, and both levels of flow-control credit. Never touches a
+//! device socket: it talks to device tasks only through [`StreamShared`].
+
+use std::cell::RefCell;
+use std::collections::{HashMap, VecDeque};
+use std::net::ToSocketAddrs;
+use std::rc::Rc;
+use std::sync::Arc;
+use std::task::{Poll, Waker};
+use std::time::Duration;
+
+use monoio::buf::IoBufMut;
+use monoio::io::{AsyncReadRent, AsyncWriteRentExt, Splitable};
+use monoio::net::TcpStream;
+
+use crate::config::Config;
+use crate::link::codec::{self, CloseReason, Frame, Hello, Open};
+use crate::metrics::ShardMetrics;
+
+/// Credit holdfast grants a WSM for the whole link.
+pub const LINK_WINDOW: u32 = 16 << 20;
+
+/// How a stream's open ended.
+#[derive(Debug, Clone)]
+pub enum OpenResult {
+    Accepted(Option<String>),
+    Refused(u16, String),
+}
+
+/// State shared between a device task and the link carrying its stream.
+#[derive(Default)]
+pub struct StreamShared {
+    pub stream_id: u32,
+    pub opened: Option<OpenResult>,
+    /// Messages from the WSM waiting to be written to the device.
+    pub inbox: VecDeque<(bool, Vec<u8>)>,
+    /// Credit to send device messages on this stream.
+    pub send_credit: i64,
+    /// The WSM closed the stream: close the device with this code and text.
+    pub wsm_close: Option<(u16, String)>,
+    /// The link carrying this stream failed.
+    pub link_lost: bool,
+    notified: bool,
+    waker: Option<Waker>,
+}
+
+pub type StreamRef = Rc<RefCell<StreamShared>>;
+
+impl StreamShared {
+    pub fn wake(&mut self) {
+        self.notified = true;
+        if let Some(w) = self.waker.take() {
+            w.wake();
+        }
+    }
+}
+
+/// Waits until the stream is woken by its link.
+pub async fn notified(s: &StreamRef) {
+    std::future::poll_fn(|cx| {
+        let mut st = s.borrow_mut();
+        if st.notified {
+            st.notified = false;
+            Poll::Ready(())
+        } else {
+            st.waker = Some(cx.waker().clone());
+            Poll::Pending
+        }
+    })
+    .await
+}
+
+#[derive(Default)]
+struct LinkState {
+    up: bool,
+    goaway: bool,
+    /// Incremented on every (re)connect; the writer of an old connection stops.
+    generation: u64,
+    out: Vec<u8>,
+    spare: Vec<u8>,
+    writer: Option<Waker>,
+    next_stream: u32,
+    streams: HashMap<u32, StreamRef>,
+    peer_stream_window: i64,
+    peer_max_frame: u32,
+    /// Credit to send messages on the whole link.
+    link_credit: i64,
+}
+
+pub struct Link {
+    pub host: String,
+    pub index: u32,
+    st: RefCell<LinkState>,
+}
+
+impl Link {
+    pub fn new(host: String, index: u32) -> Rc<Link> {
+        Rc::new(Link { host, index, st: RefCell::new(LinkState::default()) })
+    }
+
+    /// Up, past HELLO, and not told to go away.
+    pub fn usable(&self) -> bool {
+        let s = self.st.borrow();
+        s.up && !s.goaway
+    }
+
+    pub fn is_up(&self) -> bool {
+        self.st.borrow().up
+    }
+
+    pub fn load(&self) -> usize {
+        self.st.borrow().streams.len()
+    }
+
+    fn push(&self, st: &mut LinkState, f: &Frame) {
+        f.encode(&mut st.out);
+        if let Some(w) = st.writer.take() {
+            w.wake();
+        }
+    }
+
+    /// Opens a stream for a device; `None` if the link is not usable.
+    pub fn open_stream(&self, open: Open) -> Option<StreamRef> {
+        let mut st = self.st.borrow_mut();
+        if !st.up || st.goaway || st.next_stream == u32::MAX {
+            return None;
+        }
+        st.next_stream += 1;
+        let id = st.next_stream;
+        let shared = Rc::new(RefCell::new(StreamShared { stream_id: id, send_credit: st.peer_stream_window, ..Default::default() }));
+        st.streams.insert(id, shared.clone());
+        self.push(&mut st, &Frame::Open { stream: id, open: Box::new(open) });
+        Some(shared)
+    }
+
+    /// Whether the device side of this stream may send now (both credits > 0).
+    pub fn can_send(&self, s: &StreamShared) -> bool {
+        let st = self.st.borrow();
+        st.up && s.send_credit > 0 && st.link_credit > 0
+    }
+
+    /// Queues a device message to the WSM and spends credit for it.
+    pub fn send_message(&self, s: &mut StreamShared, binary: bool, data: &[u8]) {
+        let mut st = self.st.borrow_mut();
+        if !st.up || !st.streams.contains_key(&s.stream_id) {
+            return;
+        }
+        codec::message_header(&mut st.out, s.stream_id, binary, data.len());
+        st.out.extend_from_slice(data);
+        s.send_credit -= data.len() as i64;
+        st.link_credit -= data.len() as i64;
+        if let Some(w) = st.writer.take() {
+            w.wake();
+        }
+    }
+
+    /// Returns credit for `n` bytes the device has been sent (or that were dropped).
+    pub fn return_credit(&self, stream: u32, n: usize) {
+        if n == 0 {
+            return;
+        }
+        let mut st = self.st.borrow_mut();
+        if !st.up {
+            return;
+        }
+        let bytes = n.min(u32::MAX as usize) as u32;
+        if st.streams.contains_key(&stream) {
+            self.push(&mut st, &Frame::Credit { stream, bytes });
+        }
+        self.push(&mut st, &Frame::Credit { stream: 0, bytes });
+    }
+
+    /// Ends a stream from holdfast's side.
+    pub fn close_stream(&self, stream: u32, reason: CloseReason, code: u16, text: &str) {
+        let mut st = self.st.borrow_mut();
+        if st.streams.remove(&stream).is_some() && st.up {
+            self.push(&mut st, &Frame::Close { stream, reason, code, text: text.to_string() });
+        }
+    }
+
+    /// Forgets a stream whose close came from the WSM (nothing to send).
+    pub fn forget_stream(&self, stream: u32) {
+        self.st.borrow_mut().streams.remove(&stream);
+    }
+
+    fn on_frame(&self, f: Frame) -> Result<(), String> {
+        let mut st = self.st.borrow_mut();
+        match f {
+            Frame::Hello(_) => return Err("second HELLO".into()),
+            Frame::Accept { stream, subprotocol } => {
+                if let Some(s) = st.streams.get(&stream) {
+                    let mut s = s.borrow_mut();
+                    s.opened = Some(OpenResult::Accepted(subprotocol));
+                    s.wake();
+                }
+            }
+            Frame::Refuse { stream, status, reason } => {
+                if let Some(s) = st.streams.remove(&stream) {
+                    let mut s = s.borrow_mut();
+                    s.opened = Some(OpenResult::Refused(status, reason));
+                    s.wake();
+                }
+            }
+            Frame::Message { stream, binary, data } => {
+                let n = data.len();
+                match st.streams.get(&stream) {
+                    Some(s) => {
+                        let mut s = s.borrow_mut();
+                        s.inbox.push_back((binary, data));
+                        s.wake();
+                    }
+                    // A race with CLOSE: the bytes still count at link level.
+                    None => self.push(&mut st, &Frame::Credit { stream: 0, bytes: n as u32 }),
+                }
+            }
+            Frame::Close { stream, code, text, .. } => {
+                if let Some(s) = st.streams.remove(&stream) {
+                    let mut s = s.borrow_mut();
+                    s.wsm_close = Some((code, text));
+                    s.wake();
+                }
+            }
+            Frame::Credit { stream: 0, bytes } => {
+                let was_blocked = st.link_credit <= 0;
+                st.link_credit += bytes as i64;
+                if was_blocked && st.link_credit > 0 {
+                    for s in st.streams.values() {
+                        s.borrow_mut().wake();
+                    }
+                }
+            }
+            Frame::Credit { stream, bytes } => {
+                if let Some(s) = st.streams.get(&stream) {
+                    let mut s = s.borrow_mut();
+                    let was_blocked = s.send_credit <= 0;
+                    s.send_credit += bytes as i64;
+                    if was_blocked && s.send_credit > 0 {
+                        s.wake();
+                    }
+                }
+            }
+            Frame::Ping(v) => self.push(&mut st, &Frame::Pong(v)),
+            Frame::Pong(_) => {}
+            Frame::GoAway { code, text } => {
+                tracing::info!(host = %self.host, code, text = %text, "WSM sent goaway; no new streams on this link");
+                st.goaway = true;
+            }
+            Frame::Open { .. } => return Err("OPEN from WSM".into()),
+        }
+        Ok(())
+    }
+
+    /// Marks the link down and tells every stream on it.
+    fn fail(&self, metrics: &ShardMetrics) {
+        let mut st = self.st.borrow_mut();
+        if st.up {
+            ShardMetrics::dec(&metrics.links_up);
+        }
+        st.up = false;
+        st.generation += 1;
+        st.out.clear();
+        if let Some(w) = st.writer.take() {
+            w.wake();
+        }
+        for (_, s) in st.streams.drain() {
+            let mut s = s.borrow_mut();
+            s.link_lost = true;
+            s.wake();
+        }
+    }
+}
+
+/// Keeps one link connected for the life of the shard.
+pub async fn run_link(link: Rc<Link>, cfg: Arc<Config>, shard: u16, metrics: Arc<ShardMetrics>, first_attempt: Rc<RefCell<usize>>) {
+    let mut backoff = Duration::from_millis(100);
+    let mut first = true;
+    loop {
+        let res = connect_and_serve(&link, &cfg, shard, &metrics, &mut first, &first_attempt).await;
+        if first {
+            first = false;
+            *first_attempt.borrow_mut() += 1;
+        }
+        match res {
+            Ok(()) => backoff = Duration::from_millis(100),
+            Err(e) => {
+                ShardMetrics::inc(&metrics.link_failures_total);
+                tracing::warn!(host = %link.host, link = link.index, shard, error = %e, "WSM link down");
+            }
+        }
+        let jitter = monoio::utils::thread_rng_n(backoff.as_millis() as u32 / 2 + 1) as u64;
+        monoio::time::sleep(backoff + Duration::from_millis(jitter)).await;
+        backoff = (backoff * 2).min(Duration::from_secs(5));
+    }
+}
+
+async fn connect_and_serve(link: &Rc<Link>, cfg: &Config, shard: u16, metrics: &Arc<ShardMetrics>, first: &mut bool, first_attempt: &Rc<RefCell<usize>>) -> Result<(), String> {
+    let addr = link.host.to_socket_addrs().map_err(|e| format!("resolve: {e}"))?.next().ok_or("resolve: no address")?;
+    let tcp = monoio::time::timeout(cfg.upstream.connect_timeout, TcpStream::connect(addr))
+        .await
+        .map_err(|_| "connect timeout".to_string())?
+        .map_err(|e| format!("connect: {e}"))?;
+    let _ = tcp.set_nodelay(true);
+    let (mut rd, wr) = tcp.into_split();
+    let hello = Frame::Hello(Hello {
+        version: codec::VERSION,
+        role: 0,
+        node: cfg.upstream.node.clone(),
+        shard,
+        stream_window: cfg.upstream.stream_window,
+        link_window: LINK_WINDOW,
+        max_frame: codec::DEFAULT_MAX_FRAME,
+    });
+    let generation = {
+        let mut st = link.st.borrow_mut();
+        st.out.clear();
+        hello.encode(&mut st.out);
+        st.generation
+    };
+    let writer = monoio::spawn(write_loop(link.clone(), wr, generation, cfg.upstream.ping_interval));
+    let res = read_loop(link, &mut rd, shard, metrics, first, first_attempt).await;
+    // Stop the writer of this connection before the next attempt.
+    link.fail(metrics);
+    writer.await;
+    res
+}
+
+async fn read_loop<R: AsyncReadRent>(link: &Rc<Link>, rd: &mut R, shard: u16, metrics: &Arc<ShardMetrics>, first: &mut bool, first_attempt: &Rc<RefCell<usize>>) -> Result<(), String> {
+    let mut buf: Vec<u8> = Vec::with_capacity(64 * 1024);
+    let mut hello_seen = false;
+    loop {
+        if buf.len() == buf.capacity() {
+            buf.reserve(buf.capacity());
+        }
+        let (len, cap) = (buf.len(), buf.capacity());
+        let (res, slice) = rd.read(buf.slice_mut(len..cap)).await;
+        buf = slice.into_inner();
+        let n = res.map_err(|e| format!("read: {e}"))?;
+        if n == 0 {
+            return Err("WSM closed the link".into());
+        }
+        let mut off = 0;
+        while let Some((frame, used)) = Frame::decode(&buf[off..], codec::DEFAULT_MAX_FRAME).map_err(|e| format!("protocol: {e}"))? {
+            off += used;
+            if hello_seen {
+                link.on_frame(frame)?;
+                continue;
+            }
+            let Frame::Hello(h) = frame else { return Err("first frame is not HELLO".into()) };
+            if h.version != codec::VERSION || h.role != 1 {
+                return Err(format!("WSM speaks version {} role {}", h.version, h.role));
+            }
+            hello_seen = true;
+            {
+                let mut st = link.st.borrow_mut();
+                st.up = true;
+                st.goaway = false;
+                st.next_stream = 0;
+                st.peer_stream_window = h.stream_window as i64;
+                st.link_credit = h.link_window as i64;
+                st.peer_max_frame = h.max_frame;
+            }
+            ShardMetrics::inc(&metrics.links_up);
+            ShardMetrics::inc(&metrics.link_connects_total);
+            if *first {
+                *first = false;
+                *first_attempt.borrow_mut() += 1;
+            }
+            tracing::info!(host = %link.host, link = link.index, shard, node = %h.node, "WSM link up");
+        }
+        buf.drain(..off);
+    }
+}
+
+/// Takes the queued bytes of this connection generation, waiting for some.
+async fn take_out(link: &Link, generation: u64) -> Option<Vec<u8>> {
+    std::future::poll_fn(|cx| {
+        let mut st = link.st.borrow_mut();
+        if st.generation != generation {
+            return Poll::Ready(None);
+        }
+        if !st.out.is_empty() {
+            let spare = std::mem::take(&mut st.spare);
+            return Poll::Ready(Some(std::mem::replace(&mut st.out, spare)));
+        }
+        st.writer = Some(cx.waker().clone());
+        Poll::Pending
+    })
+    .await
+}
+
+async fn write_loop<W: monoio::io::AsyncWriteRent>(link: Rc<Link>, mut wr: W, generation: u64, ping: Duration) {
+    let mut pings = 0u64;
+    loop {
+        let data = monoio::select! {
+            d = take_out(&link, generation) => d,
+            _ = monoio::time::sleep(ping) => {
+                let mut st = link.st.borrow_mut();
+                if st.generation == generation && st.up {
+                    pings += 1;
+                    link.push(&mut st, &Frame::Ping(pings));
+                }
+                continue;
+            }
+        };
+        let Some(data) = data else { return };
+        let (res, mut data) = wr.write_all(data).await;
+        if res.is_err() {
+            return; // the reader sees the broken socket and fails the link
+        }
+        data.clear();
+        let mut st = link.st.borrow_mut();
+        if st.spare.capacity() < data.capacity() && data.capacity() <= 1 << 20 {
+            st.spare = data;
+        }
+    }
+}

@@ -1,0 +1,157 @@
+//! A shard: one thread pinned to one CPU running its own io_uring event loop.
+//!
+//! Owns: the shard's SO_REUSEPORT listener, its slab of connections, its
+//! preallocated buffer pool, its links to every WSM host, and the control
+//! channel other threads use to reach it. Shards share nothing mutable;
+//! counters are the shard's own atomics, read by the metrics exporter.
+
+pub mod conn;
+pub mod link;
+pub mod pool;
+
+use std::cell::RefCell;
+use std::net::SocketAddr;
+use std::rc::Rc;
+use std::sync::Arc;
+use std::time::Duration;
+
+use crossbeam_channel::{Receiver, Sender};
+use slab::Slab;
+
+use crate::config::Config;
+use crate::identity::{ConnectionId, IdGenerator};
+use crate::metrics::ShardMetrics;
+use crate::tls::server::TlsContext;
+use link::Link;
+use pool::Pool;
+
+/// Everything one shard's tasks share (single-threaded).
+pub struct ShardCtx {
+    pub index: u16,
+    pub cfg: Arc<Config>,
+    pub tls: TlsContext,
+    pub pool: Pool,
+    pub ids: RefCell<IdGenerator>,
+    pub links: Vec<Rc<Link>>,
+    /// Connections held by this shard.
+    pub conns: RefCell<Slab<ConnectionId>>,
+    pub metrics: Arc<ShardMetrics>,
+}
+
+/// Messages from the control thread to a shard.
+#[derive(Debug)]
+pub enum Control {
+    /// Stop accepting and end the shard's event loop.
+    Shutdown,
+}
+
+pub struct ShardHandle {
+    pub thread: std::thread::JoinHandle<()>,
+    pub ctl: Sender<Control>,
+    pub metrics: Arc<ShardMetrics>,
+}
+
+/// Binds one shard's listening socket with SO_REUSEPORT.
+pub fn bind_listener(addr: SocketAddr, backlog: u32) -> std::io::Result<std::net::TcpListener> {
+    use socket2::{Domain, Protocol, Socket, Type};
+    let s = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
+    s.set_reuse_address(true)?;
+    s.set_reuse_port(true)?;
+    s.set_nonblocking(true)?;
+    s.bind(&addr.into())?;
+    s.listen(backlog.min(i32::MAX as u32) as i32)?;
+    Ok(s.into())
+}
+
+/// Starts a shard thread; it reports on `ready` once its links have made
+/// their first attempt and it is accepting.
+pub fn start(index: u16, cpu: usize, cfg: Arc<Config>, tls: TlsContext, listener: std::net::TcpListener, ready: Sender<Result<u16, String>>) -> std::io::Result<ShardHandle> {
+    let metrics = Arc::new(ShardMetrics::default());
+    let (ctl, ctl_rx) = crossbeam_channel::unbounded();
+    let m = metrics.clone();
+    let thread = std::thread::Builder::new().name(format!("holdfast-shard-{index}")).spawn(move || {
+        if let Err(e) = monoio::utils::bind_to_cpu_set([cpu]) {
+            tracing::warn!(shard = index, cpu, error = ?e, "could not pin shard to CPU");
+        }
+        let rt = monoio::RuntimeBuilder::<monoio::IoUringDriver>::new().with_entries(4096).enable_timer().build();
+        let mut rt = match rt {
+            Ok(rt) => rt,
+            Err(e) => {
+                let _ = ready.send(Err(format!("shard {index}: io_uring runtime: {e}")));
+                return;
+            }
+        };
+        rt.block_on(run(index, cfg, tls, listener, m, ctl_rx, ready));
+    })?;
+    Ok(ShardHandle { thread, ctl, metrics })
+}
+
+async fn run(index: u16, cfg: Arc<Config>, tls: TlsContext, listener: std::net::TcpListener, metrics: Arc<ShardMetrics>, ctl: Receiver<Control>, ready: Sender<Result<u16, String>>) {
+    let mut links = Vec::new();
+    for host in &cfg.upstream.wsm {
+        for i in 0..cfg.upstream.links_per_shard {
+            links.push(Link::new(host.clone(), i));
+        }
+    }
+    let ctx = Rc::new(ShardCtx {
+        index,
+        pool: Pool::new(cfg.buffers.per_shard, cfg.buffers.size),
+        ids: RefCell::new(IdGenerator::new(index)),
+        links: links.clone(),
+        conns: RefCell::new(Slab::with_capacity(1024)),
+        metrics: metrics.clone(),
+        cfg: cfg.clone(),
+        tls,
+    });
+    let attempted = Rc::new(RefCell::new(0usize));
+    for l in &links {
+        monoio::spawn(link::run_link(l.clone(), cfg.clone(), index, metrics.clone(), attempted.clone()));
+    }
+    // Give links one attempt before accepting, so early devices find a WSM.
+    let wait = cfg.upstream.connect_timeout + Duration::from_millis(200);
+    let start = std::time::Instant::now();
+    while *attempted.borrow() < links.len() && start.elapsed() < wait {
+        monoio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let listener = match monoio::net::TcpListener::from_std(listener) {
+        Ok(l) => l,
+        Err(e) => {
+            let _ = ready.send(Err(format!("shard {index}: listener: {e}")));
+            return;
+        }
+    };
+    let _ = ready.send(Ok(index));
+    let stop = Rc::new(std::cell::Cell::new(false));
+    let s2 = stop.clone();
+    monoio::spawn(async move {
+        loop {
+            match ctl.try_recv() {
+                Ok(Control::Shutdown) | Err(crossbeam_channel::TryRecvError::Disconnected) => {
+                    s2.set(true);
+                    return;
+                }
+                Err(crossbeam_channel::TryRecvError::Empty) => monoio::time::sleep(Duration::from_millis(50)).await,
+            }
+        }
+    });
+    loop {
+        let accepted = monoio::select! {
+            a = listener.accept() => Some(a),
+            _ = monoio::time::sleep(Duration::from_millis(100)) => None,
+        };
+        if stop.get() {
+            tracing::info!(shard = index, connections = ctx.conns.borrow().len(), "shard stopping");
+            return;
+        }
+        match accepted {
+            None => {}
+            Some(Ok((tcp, addr))) => {
+                monoio::spawn(conn::serve(ctx.clone(), tcp, addr));
+            }
+            Some(Err(e)) => {
+                tracing::warn!(shard = index, error = %e, "accept failed");
+                monoio::time::sleep(Duration::from_millis(10)).await;
+            }
+        }
+    }
+}

@@ -1,0 +1,269 @@
+//! A server-side library of the WSM link protocol, and the reference WSM.
+//!
+//! Owns: accepting links from holdfast, the HELLO exchange, per-stream and
+//! per-link credit on the WSM side (it never sends past its credit and returns
+//! credit for every message it has processed), and calling an [`App`] for
+//! opens, messages and closes. Rust WSM teams can build on it: implement
+//! [`App`] and call [`Server::serve`]. Uses blocking I/O, one thread per link
+//! (a WSM has few links, each carrying many streams). Never sees device TLS.
+
+pub mod echo;
+
+use std::collections::{HashMap, VecDeque};
+use std::io::{BufWriter, Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::sync::Arc;
+
+use crate::link::codec::{self, CloseReason, Frame, Hello, Open};
+
+/// Credit the WSM grants holdfast per stream and per link.
+pub const STREAM_WINDOW: u32 = 256 * 1024;
+pub const LINK_WINDOW: u32 = 16 << 20;
+
+/// What the app decides about a new stream.
+pub enum Decision {
+    Accept { subprotocol: Option<String> },
+    Refuse { status: u16, reason: String },
+}
+
+/// One stream as the app sees it.
+#[derive(Debug, Clone)]
+pub struct StreamInfo {
+    pub stream: u32,
+    pub open: Open,
+    /// The holdfast node and shard the link comes from.
+    pub node: String,
+    pub shard: u16,
+}
+
+/// What the app wants sent on a stream.
+#[derive(Default)]
+pub struct Replies {
+    pub(crate) msgs: Vec<(bool, Vec<u8>)>,
+    pub(crate) close: Option<(u16, String)>,
+}
+
+impl Replies {
+    pub fn text(&mut self, s: impl Into<String>) {
+        self.msgs.push((false, s.into().into_bytes()));
+    }
+    pub fn binary(&mut self, b: Vec<u8>) {
+        self.msgs.push((true, b));
+    }
+    /// Closes the device's WebSocket with this code after the messages.
+    pub fn close(&mut self, code: u16, text: impl Into<String>) {
+        self.close = Some((code, text.into()));
+    }
+}
+
+pub trait App: Send + Sync + 'static {
+    fn open(&self, info: &StreamInfo) -> Decision;
+    fn message(&self, info: &StreamInfo, binary: bool, data: &[u8], out: &mut Replies);
+    fn closed(&self, _info: &StreamInfo, _reason: CloseReason, _code: u16) {}
+}
+
+pub struct Server {
+    listener: TcpListener,
+    app: Arc<dyn App>,
+    node: String,
+}
+
+impl Server {
+    pub fn bind(addr: SocketAddr, app: Arc<dyn App>, node: String) -> std::io::Result<Server> {
+        Ok(Server { listener: TcpListener::bind(addr)?, app, node })
+    }
+
+    pub fn local_addr(&self) -> std::io::Result<SocketAddr> {
+        self.listener.local_addr()
+    }
+
+    /// Accepts links forever, one thread each.
+    pub fn serve(self) -> std::io::Result<()> {
+        for s in self.listener.incoming() {
+            let s = match s {
+                Ok(s) => s,
+                Err(e) => {
+                    tracing::warn!(error = %e, "accept failed");
+                    continue;
+                }
+            };
+            let (app, node) = (self.app.clone(), self.node.clone());
+            std::thread::spawn(move || {
+                let peer = s.peer_addr().ok();
+                match serve_link(s, app, node) {
+                    Ok(()) => tracing::info!(?peer, "link closed"),
+                    Err(e) => tracing::warn!(?peer, error = %e, "link ended"),
+                }
+            });
+        }
+        Ok(())
+    }
+}
+
+struct StreamState {
+    info: StreamInfo,
+    credit: i64,
+    pending: VecDeque<(bool, Vec<u8>)>,
+    close_after: Option<(u16, String)>,
+}
+
+struct LinkConn {
+    out: BufWriter<TcpStream>,
+    streams: HashMap<u32, StreamState>,
+    link_credit: i64,
+    peer: Option<Hello>,
+}
+
+impl LinkConn {
+    fn send(&mut self, f: &Frame) -> std::io::Result<()> {
+        let mut b = Vec::new();
+        f.encode(&mut b);
+        self.out.write_all(&b)
+    }
+
+    /// Sends what credit allows for one stream; closes it when asked and drained.
+    fn flush_stream(&mut self, id: u32, app: &dyn App) -> std::io::Result<()> {
+        let mut frames = Vec::new();
+        let mut done = None;
+        if let Some(s) = self.streams.get_mut(&id) {
+            while s.credit > 0 && self.link_credit > 0 {
+                let Some((binary, data)) = s.pending.pop_front() else { break };
+                s.credit -= data.len() as i64;
+                self.link_credit -= data.len() as i64;
+                frames.push(Frame::Message { stream: id, binary, data });
+            }
+            if s.pending.is_empty() {
+                if let Some((code, text)) = s.close_after.take() {
+                    frames.push(Frame::Close { stream: id, reason: CloseReason::WsmClosed, code, text });
+                    done = Some(code);
+                }
+            }
+        }
+        for f in &frames {
+            self.send(f)?;
+        }
+        if let Some(code) = done {
+            if let Some(s) = self.streams.remove(&id) {
+                app.closed(&s.info, CloseReason::WsmClosed, code);
+            }
+        }
+        Ok(())
+    }
+
+    fn handle(&mut self, f: Frame, app: &dyn App) -> std::io::Result<()> {
+        let bad = |m: &str| std::io::Error::new(std::io::ErrorKind::InvalidData, m.to_string());
+        let Some(peer) = self.peer.clone() else {
+            return Err(bad("frame before HELLO"));
+        };
+        match f {
+            Frame::Open { stream, open } => {
+                let info = StreamInfo { stream, open: *open, node: peer.node.clone(), shard: peer.shard };
+                match app.open(&info) {
+                    Decision::Accept { subprotocol } => {
+                        self.send(&Frame::Accept { stream, subprotocol })?;
+                        self.streams.insert(stream, StreamState { info, credit: peer.stream_window as i64, pending: VecDeque::new(), close_after: None });
+                    }
+                    Decision::Refuse { status, reason } => self.send(&Frame::Refuse { stream, status, reason })?,
+                }
+            }
+            Frame::Message { stream, binary, data } => {
+                let n = data.len() as u32;
+                if let Some(s) = self.streams.get_mut(&stream) {
+                    let mut r = Replies::default();
+                    app.message(&s.info, binary, &data, &mut r);
+                    s.pending.extend(r.msgs);
+                    if r.close.is_some() {
+                        s.close_after = r.close;
+                    }
+                    self.send(&Frame::Credit { stream, bytes: n })?;
+                    self.flush_stream(stream, app)?;
+                }
+                self.send(&Frame::Credit { stream: 0, bytes: n })?;
+            }
+            Frame::Close { stream, reason, code, .. } => {
+                if let Some(s) = self.streams.remove(&stream) {
+                    app.closed(&s.info, reason, code);
+                }
+            }
+            Frame::Credit { stream: 0, bytes } => {
+                self.link_credit += bytes as i64;
+                let ids: Vec<u32> = self.streams.keys().copied().collect();
+                for id in ids {
+                    self.flush_stream(id, app)?;
+                }
+            }
+            Frame::Credit { stream, bytes } => {
+                if let Some(s) = self.streams.get_mut(&stream) {
+                    s.credit += bytes as i64;
+                }
+                self.flush_stream(stream, app)?;
+            }
+            Frame::Ping(v) => self.send(&Frame::Pong(v))?,
+            Frame::Pong(_) | Frame::GoAway { .. } => {}
+            Frame::Hello(_) | Frame::Accept { .. } | Frame::Refuse { .. } => return Err(bad("unexpected frame from holdfast")),
+        }
+        Ok(())
+    }
+}
+
+fn serve_link(s: TcpStream, app: Arc<dyn App>, node: String) -> std::io::Result<()> {
+    s.set_nodelay(true)?;
+    let mut rd = s.try_clone()?;
+    let mut link = LinkConn { out: BufWriter::with_capacity(64 * 1024, s), streams: HashMap::new(), link_credit: 0, peer: None };
+    let mut buf = vec![0u8; 64 * 1024];
+    let mut have = 0;
+    let result = loop {
+        if have == buf.len() {
+            buf.resize(buf.len() * 2, 0);
+        }
+        let n = match rd.read(&mut buf[have..]) {
+            Ok(0) => break Ok(()),
+            Ok(n) => n,
+            Err(e) => break Err(e),
+        };
+        have += n;
+        let mut off = 0;
+        let step = loop {
+            match Frame::decode(&buf[off..have], codec::DEFAULT_MAX_FRAME) {
+                Ok(Some((f, used))) => {
+                    off += used;
+                    if link.peer.is_none() {
+                        let Frame::Hello(h) = f else {
+                            break Err(std::io::Error::new(std::io::ErrorKind::InvalidData, "first frame is not HELLO"));
+                        };
+                        if h.version != codec::VERSION {
+                            let _ = link.send(&Frame::GoAway { code: 1, text: format!("version {} not supported", h.version) });
+                            let _ = link.out.flush();
+                            break Err(std::io::Error::new(std::io::ErrorKind::InvalidData, "unsupported version"));
+                        }
+                        link.link_credit = h.link_window as i64;
+                        tracing::info!(node = %h.node, shard = h.shard, "holdfast link up");
+                        link.peer = Some(h);
+                        let hello = Frame::Hello(Hello { version: codec::VERSION, role: 1, node: node.clone(), shard: 0, stream_window: STREAM_WINDOW, link_window: LINK_WINDOW, max_frame: codec::DEFAULT_MAX_FRAME });
+                        if let Err(e) = link.send(&hello) {
+                            break Err(e);
+                        }
+                        continue;
+                    }
+                    if let Err(e) = link.handle(f, app.as_ref()) {
+                        break Err(e);
+                    }
+                }
+                Ok(None) => break Ok(()),
+                Err(e) => {
+                    let _ = link.send(&Frame::GoAway { code: 2, text: e.to_string() });
+                    let _ = link.out.flush();
+                    break Err(std::io::Error::new(std::io::ErrorKind::InvalidData, e.to_string()));
+                }
+            }
+        };
+        step?;
+        buf.copy_within(off..have, 0);
+        have -= off;
+        link.out.flush()?;
+    };
+    for (_, s) in link.streams.drain() {
+        app.closed(&s.info, CloseReason::Error, 1006);
+    }
+    result
+}
