@@ -96,6 +96,11 @@ pub struct TlsFile {
     /// Protocol versions offered: any of "1.2", "1.3".
     #[serde(default = "default_versions")]
     pub versions: Vec<String>,
+    /// Cipher suites offered, by IANA name (e.g. "TLS13_AES_128_GCM_SHA256",
+    /// "TLS_ECDHE_ECDSA_WITH_CHACHA20_POLY1305_SHA256"). Default: all AEAD
+    /// suites of the enabled versions.
+    #[serde(default)]
+    pub cipher_suites: Vec<String>,
 }
 
 fn default_handshake_timeout() -> u64 {
@@ -237,6 +242,8 @@ pub struct TlsConfig {
     pub key_update_after: u64,
     pub tls12: bool,
     pub tls13: bool,
+    /// Empty = all supported suites.
+    pub cipher_suites: Vec<String>,
 }
 
 #[derive(Debug, Clone)]
@@ -375,7 +382,14 @@ impl Config {
             key_update_after: t.key_update_after_records,
             tls12,
             tls13,
+            cipher_suites: t.cipher_suites.clone(),
         };
+        let known: Vec<String> = crate::tls::server::provider().cipher_suites.iter().map(|s| format!("{:?}", s.suite())).collect();
+        for (i, name) in t.cipher_suites.iter().enumerate() {
+            if !known.contains(name) {
+                errs.push(err(&format!("tls.cipher_suites[{i}]"), format!("unknown suite '{name}'; known: {}", known.join(", "))));
+            }
+        }
 
         let w = &f.websocket;
         if w.max_request_bytes < 256 || w.max_request_bytes > 1 << 20 {

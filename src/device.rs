@@ -86,16 +86,31 @@ fn client_config(o: &DeviceOptions) -> Result<ClientConfig, DeviceError> {
         .map_err(|e| setup(e.to_string()))
 }
 
+/// A mutual-TLS stream to holdfast with the handshake done, before any
+/// WebSocket bytes (tests use it to send malformed requests).
+pub fn tls_stream(o: &DeviceOptions) -> Result<StreamOwned<ClientConnection, TcpStream>, DeviceError> {
+    let config = Arc::new(client_config(o)?);
+    let name = ServerName::try_from(o.server_name.clone()).map_err(|e| DeviceError::Setup(e.to_string()))?;
+    let conn = ClientConnection::new(config, name).map_err(|e| DeviceError::Setup(e.to_string()))?;
+    let tcp = TcpStream::connect_timeout(&o.addr, o.timeout)?;
+    tcp.set_read_timeout(Some(o.timeout))?;
+    tcp.set_nodelay(true)?;
+    let mut tls = StreamOwned::new(conn, tcp);
+    while tls.conn.is_handshaking() {
+        tls.conn.complete_io(&mut tls.sock)?;
+    }
+    Ok(tls)
+}
+
+/// Reads an HTTP response head from a stream (public for tests).
+pub fn read_response<S: Read>(s: &mut S) -> Result<(u16, Vec<(String, String)>, Vec<u8>), DeviceError> {
+    read_http_response(s)
+}
+
 impl Device {
     /// Connects, completes mutual TLS and the WebSocket upgrade.
     pub fn connect(o: &DeviceOptions) -> Result<Device, DeviceError> {
-        let config = Arc::new(client_config(o)?);
-        let name = ServerName::try_from(o.server_name.clone()).map_err(|e| DeviceError::Setup(e.to_string()))?;
-        let conn = ClientConnection::new(config, name).map_err(|e| DeviceError::Setup(e.to_string()))?;
-        let tcp = TcpStream::connect_timeout(&o.addr, o.timeout)?;
-        tcp.set_read_timeout(Some(o.timeout))?;
-        tcp.set_nodelay(true)?;
-        let mut tls = StreamOwned::new(conn, tcp);
+        let mut tls = tls_stream(o)?;
         let mut key = [0u8; 20];
         ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut key).map_err(|_| DeviceError::Setup("no randomness".into()))?;
         let seed = u32::from_be_bytes([key[16], key[17], key[18], key[19]]);

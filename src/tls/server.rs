@@ -38,8 +38,12 @@ pub fn load_blocklist(path: &std::path::Path) -> Result<Blocklist, ConfigError> 
 
 impl TlsContext {
     pub fn load(c: &TlsConfig) -> Result<TlsContext, Vec<ConfigError>> {
-        let provider = provider();
         let mut errs = Vec::new();
+        let mut p = rustls::crypto::ring::default_provider();
+        if !c.cipher_suites.is_empty() {
+            p.cipher_suites.retain(|s| c.cipher_suites.contains(&format!("{:?}", s.suite())));
+        }
+        let provider = Arc::new(p);
         let chain: Vec<CertificateDer<'static>> = match CertificateDer::pem_file_iter(&c.cert_chain) {
             Ok(it) => it.filter_map(|r| r.map_err(|e| errs.push(err("tls.cert_chain", e.to_string()))).ok()).collect(),
             Err(e) => {

@@ -1,0 +1,187 @@
+//! Test harness: starts the real `holdfast` and `holdfast-wsm` binaries on
+//! loopback (port 0), with a dev PKI made for each test, and stops them on drop.
+#![allow(dead_code)]
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use holdfast::device::DeviceOptions;
+
+pub struct Pki {
+    pub dir: tempfile::TempDir,
+}
+
+impl Pki {
+    pub fn new() -> Pki {
+        let dir = tempfile::tempdir().unwrap();
+        holdfast::pki::generate(dir.path()).unwrap();
+        Pki { dir }
+    }
+
+    pub fn path(&self) -> &Path {
+        self.dir.path()
+    }
+}
+
+/// A child process killed (SIGTERM, then SIGKILL) when dropped.
+pub struct Proc {
+    pub child: Child,
+    pub addr: SocketAddr,
+    pub metrics: Option<SocketAddr>,
+    pub stderr_log: PathBuf,
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let pid = nix::unistd::Pid::from_raw(self.child.id() as i32);
+        let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM);
+        for _ in 0..50 {
+            if let Ok(Some(_)) = self.child.try_wait() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Spawns a binary and waits for its first stdout line that starts with
+/// `prefix`; returns the process and that line.
+fn spawn_until(mut cmd: Command, prefix: &str, log: PathBuf) -> (Child, String) {
+    let errf = std::fs::File::create(&log).unwrap();
+    let mut child = cmd.stdout(Stdio::piped()).stderr(errf).stdin(Stdio::null()).spawn().unwrap();
+    let out = child.stdout.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let mut r = BufReader::new(out);
+        let mut line = String::new();
+        while r.read_line(&mut line).unwrap_or(0) > 0 {
+            let _ = tx.send(line.clone());
+            line.clear();
+        }
+    });
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        let left = deadline.saturating_duration_since(std::time::Instant::now());
+        match rx.recv_timeout(left) {
+            Ok(l) if l.starts_with(prefix) => return (child, l.trim().to_string()),
+            Ok(_) => continue,
+            Err(_) => {
+                let _ = child.kill();
+                panic!("process did not print '{prefix}'; stderr: {}", std::fs::read_to_string(&log).unwrap_or_default());
+            }
+        }
+    }
+}
+
+pub fn start_wsm(tmp: &Path, name: &str) -> Proc {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_holdfast-wsm"));
+    cmd.args(["--listen", "127.0.0.1:0", "--node", name]);
+    let (child, line) = spawn_until(cmd, "holdfast-wsm listening on ", tmp.join(format!("{name}.log")));
+    let addr = line.rsplit(' ').next().unwrap().parse().unwrap();
+    Proc { child, addr, metrics: None, stderr_log: tmp.join(format!("{name}.log")) }
+}
+
+/// Writes a config for the dev PKI and starts `holdfast run`. `extra` is
+/// TOML appended to the sections by name (e.g. websocket keys).
+pub fn start_proxy(pki: &Pki, wsm: &[SocketAddr], shards: usize, tls_extra: &str, ws_extra: &str) -> Proc {
+    let wsm: Vec<String> = wsm.iter().map(|a| format!("\"{a}\"")).collect();
+    let cfg = format!(
+        r#"
+[listen]
+addr = "127.0.0.1:0"
+shards = {shards}
+
+[tls]
+cert_chain = "server-chain.pem"
+key = "server.key"
+blocklist = "blocklist.txt"
+handshake_timeout_ms = 3000
+{tls_extra}
+
+[[tls.client_ca]]
+file = "fleet-2019.pem"
+ignore_validity = true
+
+[[tls.client_ca]]
+file = "fleet-2024.pem"
+
+[websocket]
+{ws_extra}
+
+[upstream]
+wsm = [{}]
+links_per_shard = 1
+connect_timeout_ms = 500
+
+[buffers]
+per_shard = 64
+
+[metrics]
+addr = "127.0.0.1:0"
+"#,
+        wsm.join(", ")
+    );
+    static N: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+    let id = N.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let path = pki.path().join(format!("holdfast-{}-{id}.toml", std::process::id()));
+    std::fs::write(&path, cfg).unwrap();
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_holdfast"));
+    cmd.args(["run", "--config"]).arg(&path).env("HOLDFAST_LOG", "debug");
+    let log = pki.path().join(format!("holdfast-{id}.log"));
+    let (child, line) = spawn_until(cmd, "holdfast ready on ", log.clone());
+    // "holdfast ready on ADDR shards=N metrics=ADDR"
+    let parts: Vec<&str> = line.split_whitespace().collect();
+    let addr = parts[3].parse().unwrap();
+    let metrics = parts[5].strip_prefix("metrics=").and_then(|m| m.parse().ok());
+    Proc { child, addr, metrics, stderr_log: log }
+}
+
+pub fn opts(pki: &Pki, proxy: &Proc, device: &str) -> DeviceOptions {
+    DeviceOptions {
+        addr: proxy.addr,
+        server_name: "localhost".into(),
+        server_ca: pki.path().join("server-ca.pem"),
+        cert: pki.path().join(format!("devices/{device}.pem")),
+        key: pki.path().join(format!("devices/{device}.key")),
+        path: "/".into(),
+        subprotocols: vec![],
+        version: None,
+        suite: None,
+        timeout: Duration::from_secs(10),
+    }
+}
+
+/// Reads the proxy's Prometheus text.
+pub fn metrics(proxy: &Proc) -> String {
+    let mut s = TcpStream::connect(proxy.metrics.expect("metrics enabled")).unwrap();
+    s.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n").unwrap();
+    let mut out = String::new();
+    s.read_to_string(&mut out).unwrap();
+    out
+}
+
+/// Sum of a metric over all its series whose labels contain `label` (may be "").
+pub fn metric(proxy: &Proc, name: &str, label: &str) -> u64 {
+    metrics(proxy)
+        .lines()
+        .filter(|l| l.starts_with(&format!("{name}{{")) && l.contains(label))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
+        .sum()
+}
+
+/// Polls until `f` is true or panics after `secs`.
+pub fn eventually(secs: u64, what: &str, mut f: impl FnMut() -> bool) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(secs);
+    while std::time::Instant::now() < deadline {
+        if f() {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    panic!("timed out waiting for {what}");
+}
