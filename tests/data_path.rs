@@ -272,3 +272,24 @@ fn bad_input_from_one_device_does_not_touch_another() {
     assert!(metric(&proxy, "holdfast_tls_record_errors_total", "") >= 1);
     assert!(metric(&proxy, "holdfast_handshake_refused_total", "reason=\"bad_handshake\"") >= 1);
 }
+
+#[test]
+fn idle_connections_hold_no_io_buffer() {
+    let pki = Pki::new();
+    let wsm = start_wsm(pki.path(), "wsm");
+    let proxy = start_proxy(&pki, &[wsm.addr], 2, "", "");
+    let mut held = Vec::new();
+    for i in 0..20 {
+        let mut d = Device::connect(&opts(&pki, &proxy, "oven-1")).unwrap();
+        d.send_text(&format!("warm {i}")).unwrap();
+        d.recv_text().unwrap();
+        held.push(d);
+    }
+    eventually(5, "all buffers back in the pools", || metric(&proxy, "holdfast_buffers_in_use", "") == 0);
+    assert_eq!(metric(&proxy, "holdfast_connections_active", ""), 20);
+    // And they still work.
+    for d in held.iter_mut() {
+        d.send_text("after idle").unwrap();
+        assert_eq!(d.recv_text().unwrap(), "after idle");
+    }
+}

@@ -92,13 +92,8 @@ impl Device {
     async fn read_now(&mut self) -> Result<usize, End> {
         if self.rx.is_none() {
             let pool = &self.shard.pool;
-            let buf = match pool.try_take() {
-                Some(b) => b,
-                None => {
-                    ShardMetrics::inc(&self.shard.metrics.pool_exhausted_total);
-                    pool.take().await
-                }
-            };
+            // Waits (and is counted) when the pool is empty: backpressure.
+            let buf = pool.take().await;
             self.rx = Some(buf);
         }
         let Some(rx) = self.rx.as_mut() else { return Ok(0) };

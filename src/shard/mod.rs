@@ -95,7 +95,7 @@ async fn run(index: u16, cfg: Arc<Config>, tls: TlsContext, listener: std::net::
     }
     let ctx = Rc::new(ShardCtx {
         index,
-        pool: Pool::new(cfg.buffers.per_shard, cfg.buffers.size),
+        pool: Pool::new(cfg.buffers.per_shard, cfg.buffers.size, metrics.clone()),
         ids: RefCell::new(IdGenerator::new(index)),
         links: links.clone(),
         conns: RefCell::new(Slab::with_capacity(1024)),

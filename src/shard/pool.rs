@@ -9,7 +9,10 @@
 use std::cell::RefCell;
 use std::collections::VecDeque;
 use std::rc::Rc;
+use std::sync::Arc;
 use std::task::{Poll, Waker};
+
+use crate::metrics::ShardMetrics;
 
 /// Smallest buffer that holds one whole TLS record (5 + 2^14 + 2048).
 pub const MIN_BUFFER: usize = 5 + (1 << 14) + 2048;
@@ -20,6 +23,7 @@ struct Inner {
     total: usize,
     waiters: VecDeque<Waker>,
     exhausted_events: u64,
+    metrics: Arc<ShardMetrics>,
 }
 
 #[derive(Clone)]
@@ -32,9 +36,9 @@ pub struct PoolBuf {
 }
 
 impl Pool {
-    pub fn new(count: usize, size: usize) -> Pool {
+    pub fn new(count: usize, size: usize, metrics: Arc<ShardMetrics>) -> Pool {
         let free = (0..count).map(|_| Vec::with_capacity(size)).collect();
-        Pool(Rc::new(RefCell::new(Inner { free, size, total: count, waiters: VecDeque::new(), exhausted_events: 0 })))
+        Pool(Rc::new(RefCell::new(Inner { free, size, total: count, waiters: VecDeque::new(), exhausted_events: 0, metrics })))
     }
 
     pub fn size(&self) -> usize {
@@ -54,7 +58,10 @@ impl Pool {
     }
 
     pub fn try_take(&self) -> Option<PoolBuf> {
-        let buf = self.0.borrow_mut().free.pop()?;
+        let mut inner = self.0.borrow_mut();
+        let buf = inner.free.pop()?;
+        ShardMetrics::inc(&inner.metrics.buffers_in_use);
+        drop(inner);
         Some(PoolBuf { buf: Some(buf), pool: self.clone() })
     }
 
@@ -68,6 +75,7 @@ impl Pool {
             let mut inner = self.0.borrow_mut();
             if !counted {
                 inner.exhausted_events += 1;
+                ShardMetrics::inc(&inner.metrics.pool_exhausted_total);
                 counted = true;
             }
             inner.waiters.push_back(cx.waker().clone());
@@ -101,6 +109,7 @@ impl Drop for PoolBuf {
                 b.shrink_to(inner.size);
             }
             inner.free.push(b);
+            ShardMetrics::dec(&inner.metrics.buffers_in_use);
             if let Some(w) = inner.waiters.pop_front() {
                 w.wake();
             }
@@ -114,12 +123,15 @@ mod tests {
 
     #[test]
     fn take_and_return() {
-        let p = Pool::new(2, MIN_BUFFER);
+        let m = Arc::new(ShardMetrics::default());
+        let p = Pool::new(2, MIN_BUFFER, m.clone());
         let a = p.try_take().unwrap();
         let _b = p.try_take().unwrap();
         assert!(p.try_take().is_none());
+        assert_eq!(m.buffers_in_use.load(std::sync::atomic::Ordering::Relaxed), 2);
         drop(a);
         assert_eq!(p.available(), 1);
+        assert_eq!(m.buffers_in_use.load(std::sync::atomic::Ordering::Relaxed), 1);
         assert!(p.try_take().unwrap().buf.as_ref().unwrap().capacity() >= MIN_BUFFER);
     }
 }
