@@ -13,7 +13,7 @@ use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
 use rustls::{ClientConfig, ClientConnection, RootCertStore, StreamOwned};
 
-use crate::ws::frame::{self, op, Decoder, Event};
+use crate::ws::frame::{self, Decoder, Event, op};
 use crate::ws::upgrade;
 
 #[derive(Debug, Clone)]
@@ -59,7 +59,9 @@ fn client_config(o: &DeviceOptions) -> Result<ClientConfig, DeviceError> {
     let setup = |m: String| DeviceError::Setup(m);
     let mut provider = rustls::crypto::ring::default_provider();
     if let Some(name) = &o.suite {
-        provider.cipher_suites.retain(|s| format!("{:?}", s.suite()) == *name);
+        provider
+            .cipher_suites
+            .retain(|s| format!("{:?}", s.suite()) == *name);
         if provider.cipher_suites.is_empty() {
             return Err(setup(format!("unknown suite {name}")));
         }
@@ -70,14 +72,19 @@ fn client_config(o: &DeviceOptions) -> Result<ClientConfig, DeviceError> {
         _ => vec![&rustls::version::TLS13, &rustls::version::TLS12],
     };
     let mut roots = RootCertStore::empty();
-    for c in CertificateDer::pem_file_iter(&o.server_ca).map_err(|e| setup(format!("{}: {e}", o.server_ca.display())))? {
-        roots.add(c.map_err(|e| setup(e.to_string()))?).map_err(|e| setup(e.to_string()))?;
+    for c in CertificateDer::pem_file_iter(&o.server_ca)
+        .map_err(|e| setup(format!("{}: {e}", o.server_ca.display())))?
+    {
+        roots
+            .add(c.map_err(|e| setup(e.to_string()))?)
+            .map_err(|e| setup(e.to_string()))?;
     }
     let chain: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(&o.cert)
         .map_err(|e| setup(format!("{}: {e}", o.cert.display())))?
         .collect::<Result<_, _>>()
         .map_err(|e| setup(e.to_string()))?;
-    let key = PrivateKeyDer::from_pem_file(&o.key).map_err(|e| setup(format!("{}: {e}", o.key.display())))?;
+    let key = PrivateKeyDer::from_pem_file(&o.key)
+        .map_err(|e| setup(format!("{}: {e}", o.key.display())))?;
     ClientConfig::builder_with_provider(Arc::new(provider))
         .with_protocol_versions(&versions)
         .map_err(|e| setup(e.to_string()))?
@@ -88,10 +95,14 @@ fn client_config(o: &DeviceOptions) -> Result<ClientConfig, DeviceError> {
 
 /// A mutual-TLS stream to holdfast with the handshake done, before any
 /// WebSocket bytes (tests use it to send malformed requests).
-pub fn tls_stream(o: &DeviceOptions) -> Result<StreamOwned<ClientConnection, TcpStream>, DeviceError> {
+pub fn tls_stream(
+    o: &DeviceOptions,
+) -> Result<StreamOwned<ClientConnection, TcpStream>, DeviceError> {
     let config = Arc::new(client_config(o)?);
-    let name = ServerName::try_from(o.server_name.clone()).map_err(|e| DeviceError::Setup(e.to_string()))?;
-    let conn = ClientConnection::new(config, name).map_err(|e| DeviceError::Setup(e.to_string()))?;
+    let name = ServerName::try_from(o.server_name.clone())
+        .map_err(|e| DeviceError::Setup(e.to_string()))?;
+    let conn =
+        ClientConnection::new(config, name).map_err(|e| DeviceError::Setup(e.to_string()))?;
     let tcp = TcpStream::connect_timeout(&o.addr, o.timeout)?;
     tcp.set_read_timeout(Some(o.timeout))?;
     tcp.set_nodelay(true)?;
@@ -103,7 +114,9 @@ pub fn tls_stream(o: &DeviceOptions) -> Result<StreamOwned<ClientConnection, Tcp
 }
 
 /// Reads an HTTP response head from a stream (public for tests).
-pub fn read_response<S: Read>(s: &mut S) -> Result<(u16, Vec<(String, String)>, Vec<u8>), DeviceError> {
+pub fn read_response<S: Read>(
+    s: &mut S,
+) -> Result<(u16, Vec<(String, String)>, Vec<u8>), DeviceError> {
     read_http_response(s)
 }
 
@@ -112,13 +125,20 @@ impl Device {
     pub fn connect(o: &DeviceOptions) -> Result<Device, DeviceError> {
         let mut tls = tls_stream(o)?;
         let mut key = [0u8; 20];
-        ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut key).map_err(|_| DeviceError::Setup("no randomness".into()))?;
+        ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut key)
+            .map_err(|_| DeviceError::Setup("no randomness".into()))?;
         let seed = u32::from_be_bytes([key[16], key[17], key[18], key[19]]);
         let key = &key[..16];
         let key = base64::engine::general_purpose::STANDARD.encode(key);
-        let mut req = format!("GET {} HTTP/1.1\r\nHost: {}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\nUser-Agent: holdfast-device\r\n", o.path, o.server_name);
+        let mut req = format!(
+            "GET {} HTTP/1.1\r\nHost: {}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\nUser-Agent: holdfast-device\r\n",
+            o.path, o.server_name
+        );
         if !o.subprotocols.is_empty() {
-            req.push_str(&format!("Sec-WebSocket-Protocol: {}\r\n", o.subprotocols.join(", ")));
+            req.push_str(&format!(
+                "Sec-WebSocket-Protocol: {}\r\n",
+                o.subprotocols.join(", ")
+            ));
         }
         req.push_str("\r\n");
         tls.write_all(req.as_bytes())?;
@@ -126,15 +146,31 @@ impl Device {
         if status != 101 {
             return Err(DeviceError::Http(status));
         }
-        let accept = headers.iter().find(|(k, _)| k == "sec-websocket-accept").map(|(_, v)| v.as_str());
+        let accept = headers
+            .iter()
+            .find(|(k, _)| k == "sec-websocket-accept")
+            .map(|(_, v)| v.as_str());
         if accept != Some(upgrade::accept_key(&key).as_str()) {
-            return Err(DeviceError::BadResponse("wrong Sec-WebSocket-Accept".into()));
+            return Err(DeviceError::BadResponse(
+                "wrong Sec-WebSocket-Accept".into(),
+            ));
         }
-        let subprotocol = headers.iter().find(|(k, _)| k == "sec-websocket-protocol").map(|(_, v)| v.clone());
-        let mut d = Device { tls, dec: Decoder::new(64 << 20, false), events: Default::default(), subprotocol, mask_seed: seed | 1 };
+        let subprotocol = headers
+            .iter()
+            .find(|(k, _)| k == "sec-websocket-protocol")
+            .map(|(_, v)| v.clone());
+        let mut d = Device {
+            tls,
+            dec: Decoder::new(64 << 20, false),
+            events: Default::default(),
+            subprotocol,
+            mask_seed: seed | 1,
+        };
         if !rest.is_empty() {
             let mut ev = Vec::new();
-            d.dec.feed(&rest, &mut ev).map_err(|e| DeviceError::Ws(e.to_string()))?;
+            d.dec
+                .feed(&rest, &mut ev)
+                .map_err(|e| DeviceError::Ws(e.to_string()))?;
             d.events.extend(ev);
         }
         Ok(d)
@@ -143,7 +179,12 @@ impl Device {
     /// The negotiated TLS version and suite, e.g. ("TLSv1_3", "TLS13_AES_128_GCM_SHA256").
     pub fn tls_info(&self) -> (String, String) {
         let c = &self.tls.conn;
-        (format!("{:?}", c.protocol_version()), c.negotiated_cipher_suite().map(|s| format!("{:?}", s.suite())).unwrap_or_default())
+        (
+            format!("{:?}", c.protocol_version()),
+            c.negotiated_cipher_suite()
+                .map(|s| format!("{:?}", s.suite()))
+                .unwrap_or_default(),
+        )
     }
 
     fn mask(&mut self) -> [u8; 4] {
@@ -185,7 +226,10 @@ impl Device {
 
     /// Starts a TLS 1.3 KeyUpdate from the device side.
     pub fn key_update(&mut self) -> Result<(), DeviceError> {
-        self.tls.conn.refresh_traffic_keys().map_err(|e| DeviceError::Setup(e.to_string()))?;
+        self.tls
+            .conn
+            .refresh_traffic_keys()
+            .map_err(|e| DeviceError::Setup(e.to_string()))?;
         self.tls.flush()?;
         Ok(())
     }
@@ -202,7 +246,9 @@ impl Device {
                 return Err(DeviceError::Io(std::io::ErrorKind::UnexpectedEof.into()));
             }
             let mut ev = Vec::new();
-            self.dec.feed(&buf[..n], &mut ev).map_err(|e| DeviceError::Ws(e.to_string()))?;
+            self.dec
+                .feed(&buf[..n], &mut ev)
+                .map_err(|e| DeviceError::Ws(e.to_string()))?;
             self.events.extend(ev);
         }
     }
@@ -214,7 +260,11 @@ impl Device {
                 Event::Message { text, data } => return Ok((text, data)),
                 Event::Ping(p) => self.send_frame(op::PONG, &p)?,
                 Event::Pong(_) => {}
-                Event::Close { code, reason } => return Err(DeviceError::Ws(format!("closed by server: {code:?} {reason}"))),
+                Event::Close { code, reason } => {
+                    return Err(DeviceError::Ws(format!(
+                        "closed by server: {code:?} {reason}"
+                    )));
+                }
             }
         }
     }
@@ -237,20 +287,33 @@ impl Device {
 
 /// Reads an HTTP response head through TLS; returns status, headers
 /// (lowercase names) and any bytes after the head.
-fn read_http_response<S: Read>(s: &mut S) -> Result<(u16, Vec<(String, String)>, Vec<u8>), DeviceError> {
+fn read_http_response<S: Read>(
+    s: &mut S,
+) -> Result<(u16, Vec<(String, String)>, Vec<u8>), DeviceError> {
     let mut buf = Vec::new();
     let mut chunk = [0u8; 4096];
     loop {
         let n = s.read(&mut chunk)?;
         if n == 0 {
-            return Err(DeviceError::BadResponse("connection closed before a response".into()));
+            return Err(DeviceError::BadResponse(
+                "connection closed before a response".into(),
+            ));
         }
         buf.extend_from_slice(&chunk[..n]);
         let mut headers = [httparse::EMPTY_HEADER; 32];
         let mut resp = httparse::Response::new(&mut headers);
         match resp.parse(&buf) {
             Ok(httparse::Status::Complete(used)) => {
-                let hs = resp.headers.iter().map(|h| (h.name.to_ascii_lowercase(), String::from_utf8_lossy(h.value).into_owned())).collect();
+                let hs = resp
+                    .headers
+                    .iter()
+                    .map(|h| {
+                        (
+                            h.name.to_ascii_lowercase(),
+                            String::from_utf8_lossy(h.value).into_owned(),
+                        )
+                    })
+                    .collect();
                 return Ok((resp.code.unwrap_or(0), hs, buf[used..].to_vec()));
             }
             Ok(httparse::Status::Partial) if buf.len() < 16384 => continue,

@@ -40,7 +40,8 @@ impl IdGenerator {
     pub fn new(shard: u16) -> Self {
         let mut r = [0u8; 8];
         // getrandom only fails on kernels without it; fall back to time + pid.
-        let prefix = match ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut r) {
+        let prefix = match ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut r)
+        {
             Ok(()) => u64::from_be_bytes(r),
             Err(_) => {
                 let t = std::time::SystemTime::now()
@@ -50,7 +51,11 @@ impl IdGenerator {
                 t ^ ((std::process::id() as u64) << 32)
             }
         };
-        IdGenerator { prefix, shard, next: 0 }
+        IdGenerator {
+            prefix,
+            shard,
+            next: 0,
+        }
     }
 
     pub fn next_id(&mut self) -> ConnectionId {

@@ -15,7 +15,11 @@ use holdfast::device::{Device, DeviceOptions};
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 #[derive(Parser)]
-#[command(name = "holdfast", version, about = "io_uring edge proxy that holds device WebSockets over mutual TLS")]
+#[command(
+    name = "holdfast",
+    version,
+    about = "io_uring edge proxy that holds device WebSockets over mutual TLS"
+)]
 struct Cli {
     /// Log level: error, warn, info, debug, trace.
     #[arg(long, global = true, default_value = "info", env = "HOLDFAST_LOG")]
@@ -77,7 +81,12 @@ enum Cmd {
 
 fn init_log(level: &str) {
     let level = level.parse().unwrap_or(tracing::Level::INFO);
-    let _ = tracing_subscriber::fmt().with_max_level(level).with_writer(std::io::stderr).with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr())).with_target(false).try_init();
+    let _ = tracing_subscriber::fmt()
+        .with_max_level(level)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .with_target(false)
+        .try_init();
 }
 
 fn main() -> ExitCode {
@@ -86,9 +95,36 @@ fn main() -> ExitCode {
     match cli.cmd {
         Cmd::Run { config } => run(config),
         Cmd::CheckConfig { file } => check_config(file),
-        Cmd::Quickstart { dir, port, wsm_port, metrics_port, check_only } => quickstart(dir, port, wsm_port, metrics_port, check_only),
-        Cmd::Device { addr, server_name, ca, cert, key, path, tls_version, send, key_update } => {
-            let o = DeviceOptions { addr, server_name, server_ca: ca, cert, key, path, subprotocols: vec![], version: tls_version, suite: None, timeout: Duration::from_secs(10) };
+        Cmd::Quickstart {
+            dir,
+            port,
+            wsm_port,
+            metrics_port,
+            check_only,
+        } => quickstart(dir, port, wsm_port, metrics_port, check_only),
+        Cmd::Device {
+            addr,
+            server_name,
+            ca,
+            cert,
+            key,
+            path,
+            tls_version,
+            send,
+            key_update,
+        } => {
+            let o = DeviceOptions {
+                addr,
+                server_name,
+                server_ca: ca,
+                cert,
+                key,
+                path,
+                subprotocols: vec![],
+                version: tls_version,
+                suite: None,
+                timeout: Duration::from_secs(10),
+            };
             device(&o, &send, key_update)
         }
     }
@@ -103,17 +139,31 @@ fn print_errors(what: &str, errs: &[String]) -> ExitCode {
 }
 
 fn load(path: &PathBuf) -> Result<Config, ExitCode> {
-    Config::load(path).map_err(|es| print_errors(&path.display().to_string(), &es.iter().map(|e| e.to_string()).collect::<Vec<_>>()))
+    Config::load(path).map_err(|es| {
+        print_errors(
+            &path.display().to_string(),
+            &es.iter().map(|e| e.to_string()).collect::<Vec<_>>(),
+        )
+    })
 }
 
-fn serve_until_signal(cfg: Config, wait: impl FnOnce() -> Option<nix::sys::signal::Signal>) -> ExitCode {
+fn serve_until_signal(
+    cfg: Config,
+    wait: impl FnOnce() -> Option<nix::sys::signal::Signal>,
+) -> ExitCode {
     let shards = cfg.shard_cpus.len();
     let running = match holdfast::proxy::start(cfg) {
         Ok(r) => r,
         Err(es) => return print_errors("holdfast could not start", &es),
     };
-    let metrics = running.metrics_addr.map(|a| a.to_string()).unwrap_or_else(|| "off".into());
-    println!("holdfast ready on {} shards={shards} metrics={metrics}", running.listen);
+    let metrics = running
+        .metrics_addr
+        .map(|a| a.to_string())
+        .unwrap_or_else(|| "off".into());
+    println!(
+        "holdfast ready on {} shards={shards} metrics={metrics}",
+        running.listen
+    );
     let sig = wait();
     tracing::info!(signal = ?sig, "shutting down");
     running.shutdown();
@@ -136,12 +186,27 @@ fn check_config(file: PathBuf) -> ExitCode {
     match holdfast::tls::server::TlsContext::load(&cfg.tls) {
         Ok(tls) => {
             println!("{}: ok", file.display());
-            println!("  listen {} with {} shard(s) on CPUs {:?}", cfg.listen, cfg.shard_cpus.len(), cfg.shard_cpus);
-            println!("  {} device CA file(s), {} blocklist entr(y/ies)", cfg.tls.client_cas.len(), tls.verifier.blocklist().len());
-            println!("  WSM hosts {:?}, {} link(s) per shard each", cfg.upstream.wsm, cfg.upstream.links_per_shard);
+            println!(
+                "  listen {} with {} shard(s) on CPUs {:?}",
+                cfg.listen,
+                cfg.shard_cpus.len(),
+                cfg.shard_cpus
+            );
+            println!(
+                "  {} device CA file(s), {} blocklist entr(y/ies)",
+                cfg.tls.client_cas.len(),
+                tls.verifier.blocklist().len()
+            );
+            println!(
+                "  WSM hosts {:?}, {} link(s) per shard each",
+                cfg.upstream.wsm, cfg.upstream.links_per_shard
+            );
             ExitCode::SUCCESS
         }
-        Err(es) => print_errors(&file.display().to_string(), &es.iter().map(|e| e.to_string()).collect::<Vec<_>>()),
+        Err(es) => print_errors(
+            &file.display().to_string(),
+            &es.iter().map(|e| e.to_string()).collect::<Vec<_>>(),
+        ),
     }
 }
 
@@ -176,14 +241,27 @@ fn device(o: &DeviceOptions, send: &[String], key_update: bool) -> ExitCode {
     ExitCode::SUCCESS
 }
 
-fn quickstart(dir: PathBuf, port: u16, wsm_port: u16, metrics_port: u16, check_only: bool) -> ExitCode {
+fn quickstart(
+    dir: PathBuf,
+    port: u16,
+    wsm_port: u16,
+    metrics_port: u16,
+    check_only: bool,
+) -> ExitCode {
     let wait = holdfast::proxy::block_signals();
     if let Err(e) = holdfast::pki::generate(&dir) {
-        eprintln!("quickstart: cannot write the dev PKI to {}: {e}", dir.display());
+        eprintln!(
+            "quickstart: cannot write the dev PKI to {}: {e}",
+            dir.display()
+        );
         return ExitCode::FAILURE;
     }
     let wsm_addr: SocketAddr = ([127, 0, 0, 1], wsm_port).into();
-    let server = match holdfast::wsm::Server::bind(wsm_addr, Arc::new(holdfast::wsm::echo::Echo::default()), "quickstart-wsm".into()) {
+    let server = match holdfast::wsm::Server::bind(
+        wsm_addr,
+        Arc::new(holdfast::wsm::echo::Echo::default()),
+        "quickstart-wsm".into(),
+    ) {
         Ok(s) => s,
         Err(e) => {
             eprintln!("quickstart: reference WSM cannot listen on {wsm_addr}: {e}");
@@ -192,7 +270,12 @@ fn quickstart(dir: PathBuf, port: u16, wsm_port: u16, metrics_port: u16, check_o
     };
     std::thread::spawn(move || server.serve());
     let listen = format!("127.0.0.1:{port}");
-    let text = holdfast::pki::example_config(&listen, &wsm_addr.to_string(), "2", &format!("127.0.0.1:{metrics_port}"));
+    let text = holdfast::pki::example_config(
+        &listen,
+        &wsm_addr.to_string(),
+        "2",
+        &format!("127.0.0.1:{metrics_port}"),
+    );
     let cfg_path = dir.join("holdfast.toml");
     if let Err(e) = std::fs::write(&cfg_path, text) {
         eprintln!("quickstart: {e}");
@@ -207,7 +290,11 @@ fn quickstart(dir: PathBuf, port: u16, wsm_port: u16, metrics_port: u16, check_o
         Err(es) => return print_errors("holdfast could not start", &es),
     };
     let d = dir.display();
-    let dev = |name: &str| format!("holdfast device --addr {listen} --ca {d}/server-ca.pem --cert {d}/devices/{name}.pem --key {d}/devices/{name}.key");
+    let dev = |name: &str| {
+        format!(
+            "holdfast device --addr {listen} --ca {d}/server-ca.pem --cert {d}/devices/{name}.pem --key {d}/devices/{name}.key"
+        )
+    };
     // Self-check: one device round trip through the proxy and the WSM.
     let o = DeviceOptions {
         addr: running.listen,
@@ -228,7 +315,9 @@ fn quickstart(dir: PathBuf, port: u16, wsm_port: u16, metrics_port: u16, check_o
         Ok(echo)
     });
     match check {
-        Ok(echo) => println!("self-check: device oven-1 sent \"hello from oven-1\", echo came back: \"{echo}\""),
+        Ok(echo) => println!(
+            "self-check: device oven-1 sent \"hello from oven-1\", echo came back: \"{echo}\""
+        ),
         Err(e) => {
             eprintln!("self-check failed: {e}");
             running.shutdown();

@@ -7,8 +7,8 @@
 
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener};
-use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 
 use crate::tls::handshake::Refusal;
 
@@ -134,7 +134,13 @@ mod tests {
         b.refusal(Refusal::Blocked);
         let text = render(&[a, b]);
         assert!(text.contains("holdfast_connections_accepted_total{shard=\"0\"} 1\n"));
-        assert!(text.contains("holdfast_handshake_refused_total{shard=\"1\",reason=\"blocked\"} 1\n"));
-        assert_eq!(text.matches("# TYPE holdfast_connections_accepted_total counter").count(), 1);
+        assert!(
+            text.contains("holdfast_handshake_refused_total{shard=\"1\",reason=\"blocked\"} 1\n")
+        );
+        assert_eq!(
+            text.matches("# TYPE holdfast_connections_accepted_total counter")
+                .count(),
+            1
+        );
     }
 }

@@ -21,12 +21,17 @@ pub struct Running {
 }
 
 pub fn start(cfg: Config) -> Result<Running, Vec<String>> {
-    let tls = TlsContext::load(&cfg.tls).map_err(|es| es.iter().map(|e| e.to_string()).collect::<Vec<_>>())?;
+    let tls = TlsContext::load(&cfg.tls)
+        .map_err(|es| es.iter().map(|e| e.to_string()).collect::<Vec<_>>())?;
     let cfg = Arc::new(cfg);
     let mut addr = cfg.listen;
     let mut listeners = Vec::new();
     for i in 0..cfg.shard_cpus.len() {
-        let l = shard::bind_listener(addr, cfg.backlog).map_err(|e| vec![format!("listen.addr: cannot listen on {addr} (shard {i}): {e}")])?;
+        let l = shard::bind_listener(addr, cfg.backlog).map_err(|e| {
+            vec![format!(
+                "listen.addr: cannot listen on {addr} (shard {i}): {e}"
+            )]
+        })?;
         if addr.port() == 0 {
             addr = l.local_addr().map_err(|e| vec![e.to_string()])?;
         }
@@ -35,7 +40,15 @@ pub fn start(cfg: Config) -> Result<Running, Vec<String>> {
     let (ready_tx, ready_rx) = crossbeam_channel::unbounded();
     let mut shards = Vec::new();
     for (i, (l, cpu)) in listeners.into_iter().zip(cfg.shard_cpus.iter()).enumerate() {
-        let h = shard::start(i as u16, *cpu, cfg.clone(), tls.clone(), l, ready_tx.clone()).map_err(|e| vec![format!("shard {i}: {e}")])?;
+        let h = shard::start(
+            i as u16,
+            *cpu,
+            cfg.clone(),
+            tls.clone(),
+            l,
+            ready_tx.clone(),
+        )
+        .map_err(|e| vec![format!("shard {i}: {e}")])?;
         shards.push(h);
     }
     let wait = cfg.upstream.connect_timeout + Duration::from_secs(5);
@@ -53,7 +66,11 @@ pub fn start(cfg: Config) -> Result<Running, Vec<String>> {
         }
         None => None,
     };
-    Ok(Running { listen: addr, metrics_addr, shards })
+    Ok(Running {
+        listen: addr,
+        metrics_addr,
+        shards,
+    })
 }
 
 impl Running {

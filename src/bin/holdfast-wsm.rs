@@ -10,7 +10,11 @@ use clap::Parser;
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 #[derive(Parser)]
-#[command(name = "holdfast-wsm", version, about = "Reference WSM for holdfast: echo and whoami")]
+#[command(
+    name = "holdfast-wsm",
+    version,
+    about = "Reference WSM for holdfast: echo and whoami"
+)]
 struct Cli {
     #[arg(long, default_value = "127.0.0.1:9000")]
     listen: SocketAddr,
@@ -24,8 +28,17 @@ struct Cli {
 fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
     let level = cli.log.parse().unwrap_or(tracing::Level::INFO);
-    let _ = tracing_subscriber::fmt().with_max_level(level).with_writer(std::io::stderr).with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr())).with_target(false).try_init();
-    let server = match holdfast::wsm::Server::bind(cli.listen, Arc::new(holdfast::wsm::echo::Echo::default()), cli.node) {
+    let _ = tracing_subscriber::fmt()
+        .with_max_level(level)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .with_target(false)
+        .try_init();
+    let server = match holdfast::wsm::Server::bind(
+        cli.listen,
+        Arc::new(holdfast::wsm::echo::Echo::default()),
+        cli.node,
+    ) {
         Ok(s) => s,
         Err(e) => {
             eprintln!("holdfast-wsm: cannot listen on {}: {e}", cli.listen);

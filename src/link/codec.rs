@@ -82,16 +82,41 @@ pub struct Open {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Frame {
     Hello(Hello),
-    Open { stream: u32, open: Box<Open> },
-    Accept { stream: u32, subprotocol: Option<String> },
-    Refuse { stream: u32, status: u16, reason: String },
-    Message { stream: u32, binary: bool, data: Vec<u8> },
-    Close { stream: u32, reason: CloseReason, code: u16, text: String },
+    Open {
+        stream: u32,
+        open: Box<Open>,
+    },
+    Accept {
+        stream: u32,
+        subprotocol: Option<String>,
+    },
+    Refuse {
+        stream: u32,
+        status: u16,
+        reason: String,
+    },
+    Message {
+        stream: u32,
+        binary: bool,
+        data: Vec<u8>,
+    },
+    Close {
+        stream: u32,
+        reason: CloseReason,
+        code: u16,
+        text: String,
+    },
     /// `stream == 0` grants link-level credit.
-    Credit { stream: u32, bytes: u32 },
+    Credit {
+        stream: u32,
+        bytes: u32,
+    },
     Ping(u64),
     Pong(u64),
-    GoAway { code: u8, text: String },
+    GoAway {
+        code: u8,
+        text: String,
+    },
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -152,7 +177,11 @@ impl<'a> Reader<'a> {
         (0..n).map(|_| self.str()).collect()
     }
     fn end(&self) -> Result<(), LinkError> {
-        if self.b.is_empty() { Ok(()) } else { Err(LinkError::Malformed(self.what)) }
+        if self.b.is_empty() {
+            Ok(())
+        } else {
+            Err(LinkError::Malformed(self.what))
+        }
     }
 }
 
@@ -214,7 +243,12 @@ impl Frame {
                 finish(out, at);
             }
             Frame::Open { stream, open } => {
-                let at = begin(out, ty::OPEN, if open.resumed { FLAG_RESUMED } else { 0 }, *stream);
+                let at = begin(
+                    out,
+                    ty::OPEN,
+                    if open.resumed { FLAG_RESUMED } else { 0 },
+                    *stream,
+                );
                 out.extend_from_slice(&open.connection_id.0.to_be_bytes());
                 let d = &open.device;
                 put_str(out, &d.addr);
@@ -238,22 +272,38 @@ impl Frame {
                 put_strs(out, r.subprotocols.iter().map(String::as_str));
                 finish(out, at);
             }
-            Frame::Accept { stream, subprotocol } => {
+            Frame::Accept {
+                stream,
+                subprotocol,
+            } => {
                 let at = begin(out, ty::ACCEPT, 0, *stream);
                 put_str(out, subprotocol.as_deref().unwrap_or(""));
                 finish(out, at);
             }
-            Frame::Refuse { stream, status, reason } => {
+            Frame::Refuse {
+                stream,
+                status,
+                reason,
+            } => {
                 let at = begin(out, ty::REFUSE, 0, *stream);
                 out.extend_from_slice(&status.to_be_bytes());
                 put_str(out, reason);
                 finish(out, at);
             }
-            Frame::Message { stream, binary, data } => {
+            Frame::Message {
+                stream,
+                binary,
+                data,
+            } => {
                 message_header(out, *stream, *binary, data.len());
                 out.extend_from_slice(data);
             }
-            Frame::Close { stream, reason, code, text } => {
+            Frame::Close {
+                stream,
+                reason,
+                code,
+                text,
+            } => {
                 let at = begin(out, ty::CLOSE, 0, *stream);
                 out.push(*reason as u8);
                 out.extend_from_slice(&code.to_be_bytes());
@@ -266,7 +316,11 @@ impl Frame {
                 finish(out, at);
             }
             Frame::Ping(v) | Frame::Pong(v) => {
-                let t = if matches!(self, Frame::Ping(_)) { ty::PING } else { ty::PONG };
+                let t = if matches!(self, Frame::Ping(_)) {
+                    ty::PING
+                } else {
+                    ty::PONG
+                };
                 let at = begin(out, t, 0, 0);
                 out.extend_from_slice(&v.to_be_bytes());
                 finish(out, at);
@@ -300,12 +354,18 @@ impl Frame {
         let (t, flags) = (buf[4], buf[5]);
         let stream = u32::from_be_bytes([buf[6], buf[7], buf[8], buf[9]]);
         let payload = &buf[HEADER_LEN..total];
-        Ok(Some((Self::decode_payload(t, flags, stream, payload)?, total)))
+        Ok(Some((
+            Self::decode_payload(t, flags, stream, payload)?,
+            total,
+        )))
     }
 
     fn decode_payload(t: u8, flags: u8, stream: u32, p: &[u8]) -> Result<Frame, LinkError> {
         let link_level = matches!(t, ty::HELLO | ty::PING | ty::PONG | ty::GOAWAY);
-        let stream_level = matches!(t, ty::OPEN | ty::ACCEPT | ty::REFUSE | ty::MESSAGE | ty::CLOSE);
+        let stream_level = matches!(
+            t,
+            ty::OPEN | ty::ACCEPT | ty::REFUSE | ty::MESSAGE | ty::CLOSE
+        );
         if (link_level && stream != 0) || (stream_level && stream == 0) {
             return Err(LinkError::BadStream(stream));
         }
@@ -332,7 +392,15 @@ impl Frame {
         }
         let mut r = Reader { b: p, what: name };
         let f = match t {
-            ty::HELLO => Frame::Hello(Hello { version: r.u16()?, role: r.u8()?, node: r.str()?, shard: r.u16()?, stream_window: r.u32()?, link_window: r.u32()?, max_frame: r.u32()? }),
+            ty::HELLO => Frame::Hello(Hello {
+                version: r.u16()?,
+                role: r.u8()?,
+                node: r.str()?,
+                shard: r.u16()?,
+                stream_window: r.u32()?,
+                link_window: r.u32()?,
+                max_frame: r.u32()?,
+            }),
             ty::OPEN => {
                 let mut id = [0u8; 16];
                 id.copy_from_slice(r.take(16)?);
@@ -348,35 +416,73 @@ impl Frame {
                 let path = r.str()?;
                 let query = r.str()?;
                 let n = r.u16()?;
-                let headers = (0..n).map(|_| Ok((r.str()?, r.str()?))).collect::<Result<_, LinkError>>()?;
+                let headers = (0..n)
+                    .map(|_| Ok((r.str()?, r.str()?)))
+                    .collect::<Result<_, LinkError>>()?;
                 let subprotocols = r.strs()?;
                 Frame::Open {
                     stream,
                     open: Box::new(Open {
                         resumed: flags & FLAG_RESUMED != 0,
                         connection_id: ConnectionId(u128::from_be_bytes(id)),
-                        device: DeviceIdentity { subject, issuer, serial, sans, fingerprint, chain, addr },
-                        request: UpgradeRequest { path, query, headers, subprotocols, key: String::new() },
+                        device: DeviceIdentity {
+                            subject,
+                            issuer,
+                            serial,
+                            sans,
+                            fingerprint,
+                            chain,
+                            addr,
+                        },
+                        request: UpgradeRequest {
+                            path,
+                            query,
+                            headers,
+                            subprotocols,
+                            key: String::new(),
+                        },
                     }),
                 }
             }
             ty::ACCEPT => {
                 let s = r.str()?;
-                Frame::Accept { stream, subprotocol: (!s.is_empty()).then_some(s) }
+                Frame::Accept {
+                    stream,
+                    subprotocol: (!s.is_empty()).then_some(s),
+                }
             }
-            ty::REFUSE => Frame::Refuse { stream, status: r.u16()?, reason: r.str()? },
+            ty::REFUSE => Frame::Refuse {
+                stream,
+                status: r.u16()?,
+                reason: r.str()?,
+            },
             ty::MESSAGE => {
                 let data = r.take(p.len())?.to_vec();
-                Frame::Message { stream, binary: flags & FLAG_BINARY != 0, data }
+                Frame::Message {
+                    stream,
+                    binary: flags & FLAG_BINARY != 0,
+                    data,
+                }
             }
             ty::CLOSE => {
                 let reason = CloseReason::from_u8(r.u8()?).ok_or(LinkError::Malformed("CLOSE"))?;
-                Frame::Close { stream, reason, code: r.u16()?, text: r.str()? }
+                Frame::Close {
+                    stream,
+                    reason,
+                    code: r.u16()?,
+                    text: r.str()?,
+                }
             }
-            ty::CREDIT => Frame::Credit { stream, bytes: r.u32()? },
+            ty::CREDIT => Frame::Credit {
+                stream,
+                bytes: r.u32()?,
+            },
             ty::PING => Frame::Ping(r.u64()?),
             ty::PONG => Frame::Pong(r.u64()?),
-            _ => Frame::GoAway { code: r.u8()?, text: r.str()? },
+            _ => Frame::GoAway {
+                code: r.u8()?,
+                text: r.str()?,
+            },
         };
         r.end()?;
         Ok(f)

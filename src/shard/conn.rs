@@ -14,15 +14,15 @@ use monoio::buf::IoBufMut;
 use monoio::io::{AsyncReadRent, AsyncWriteRent, AsyncWriteRentExt};
 use monoio::net::TcpStream;
 
-use super::link::{notified, Link, OpenResult, StreamRef};
-use super::pool::PoolBuf;
 use super::ShardCtx;
+use super::link::{Link, OpenResult, StreamRef, notified};
+use super::pool::PoolBuf;
 use crate::identity::{ConnectionId, DeviceIdentity};
 use crate::link::codec::{CloseReason, Open};
 use crate::metrics::ShardMetrics;
 use crate::tls::handshake::{Handshake, Progress, Refusal};
 use crate::tls::record::{Opened, RecordError, RecordLayer};
-use crate::ws::frame::{self, close, op, Event, WsError};
+use crate::ws::frame::{self, Event, WsError, close, op};
 use crate::ws::upgrade::{self, UpgradeRequest};
 
 /// How a connection ended, for logs (fields are read through Debug).
@@ -68,12 +68,25 @@ pub async fn serve(shard: Rc<ShardCtx>, tcp: TcpStream, addr: SocketAddr) {
     let _ = tcp.set_nodelay(true);
     let id = shard.ids.borrow_mut().next_id();
     let key = shard.conns.borrow_mut().insert(id);
-    let mut dev = Device { shard, tcp, addr, id, rx: None, device_close_code: 1006 };
+    let mut dev = Device {
+        shard,
+        tcp,
+        addr,
+        id,
+        rx: None,
+        device_close_code: 1006,
+    };
     let end = dev.run().await;
     match &end {
-        End::Refused(r, detail) => tracing::info!(device = %dev.addr, conn = %dev.id, reason = r.label(), %detail, "handshake refused"),
-        End::Eof | End::DeviceClosed => tracing::debug!(device = %dev.addr, conn = %dev.id, "device closed"),
-        other => tracing::debug!(device = %dev.addr, conn = %dev.id, end = ?other, "connection ended"),
+        End::Refused(r, detail) => {
+            tracing::info!(device = %dev.addr, conn = %dev.id, reason = r.label(), %detail, "handshake refused")
+        }
+        End::Eof | End::DeviceClosed => {
+            tracing::debug!(device = %dev.addr, conn = %dev.id, "device closed")
+        }
+        other => {
+            tracing::debug!(device = %dev.addr, conn = %dev.id, end = ?other, "connection ended")
+        }
     }
     dev.rx = None;
     dev.linger().await;
@@ -96,7 +109,9 @@ impl Device {
             let buf = pool.take().await;
             self.rx = Some(buf);
         }
-        let Some(rx) = self.rx.as_mut() else { return Ok(0) };
+        let Some(rx) = self.rx.as_mut() else {
+            return Ok(0);
+        };
         let mut v = rx.lend();
         let (len, cap) = (v.len(), v.capacity());
         if len == cap {
@@ -132,15 +147,26 @@ impl Device {
     /// Decrypts every whole record in rx, passing plaintext to `sink`. Reply
     /// bytes (KeyUpdate answers) are appended to `out`. Returns true on
     /// close_notify.
-    fn open_records(&mut self, rl: &mut RecordLayer, out: &mut Vec<u8>, sink: &mut dyn FnMut(&[u8]) -> Result<(), End>) -> Result<bool, End> {
-        let Some(rx) = self.rx.as_mut() else { return Ok(false) };
+    fn open_records(
+        &mut self,
+        rl: &mut RecordLayer,
+        out: &mut Vec<u8>,
+        sink: &mut dyn FnMut(&[u8]) -> Result<(), End>,
+    ) -> Result<bool, End> {
+        let Some(rx) = self.rx.as_mut() else {
+            return Ok(false);
+        };
         let buf = rx.vec();
         let mut off = 0;
         let mut closed = false;
         let res = loop {
             match rl.open(&mut buf[off..], out) {
                 Ok(Opened::NeedMore) => break Ok(()),
-                Ok(Opened::Data { consumed, start, end }) => {
+                Ok(Opened::Data {
+                    consumed,
+                    start,
+                    end,
+                }) => {
                     let r = sink(&buf[off + start..off + end]);
                     off += consumed;
                     if let Err(e) = r {
@@ -176,7 +202,11 @@ impl Device {
             }
         };
         ShardMetrics::inc(&self.shard.metrics.handshakes_completed_total);
-        let crate::tls::handshake::Established { record, chain, leftover } = *est;
+        let crate::tls::handshake::Established {
+            record,
+            chain,
+            leftover,
+        } = *est;
         let mut rl = match RecordLayer::new(record) {
             Ok(rl) => rl,
             Err(e) => return End::Record(e),
@@ -187,14 +217,19 @@ impl Device {
             self.rx = Some(b);
         }
         let Some(identity) = DeviceIdentity::from_chain(chain, self.addr) else {
-            return End::Refused(Refusal::BadHandshake, "device certificate does not parse".into());
+            return End::Refused(
+                Refusal::BadHandshake,
+                "device certificate does not parse".into(),
+            );
         };
         let end = self.after_handshake(&mut rl, identity).await;
         // Record what the record layer did, then say goodbye at the TLS level.
         let (sent, received) = rl.key_updates();
         let m = &self.shard.metrics;
-        m.key_updates_sent_total.fetch_add(sent, std::sync::atomic::Ordering::Relaxed);
-        m.key_updates_received_total.fetch_add(received, std::sync::atomic::Ordering::Relaxed);
+        m.key_updates_sent_total
+            .fetch_add(sent, std::sync::atomic::Ordering::Relaxed);
+        m.key_updates_received_total
+            .fetch_add(received, std::sync::atomic::Ordering::Relaxed);
         let mut out = Vec::new();
         match &end {
             End::Record(e) => {
@@ -216,7 +251,8 @@ impl Device {
 
     async fn handshake(&mut self) -> Result<Box<crate::tls::handshake::Established>, End> {
         let tls = &self.shard.tls;
-        let mut hs = Handshake::new(tls.server.clone(), tls.key_update_after).map_err(|e| End::Refused(e.reason, e.detail))?;
+        let mut hs = Handshake::new(tls.server.clone(), tls.key_update_after)
+            .map_err(|e| End::Refused(e.reason, e.detail))?;
         loop {
             self.read_more().await?;
             let mut out = Vec::new();
@@ -234,7 +270,10 @@ impl Device {
                 Ok(p) => {
                     self.write(out).await?;
                     if p == Progress::Finished {
-                        return hs.finish().map(Box::new).map_err(|e| End::Refused(e.reason, e.detail));
+                        return hs
+                            .finish()
+                            .map(Box::new)
+                            .map_err(|e| End::Refused(e.reason, e.detail));
                     }
                 }
                 Err(e) => {
@@ -253,7 +292,10 @@ impl Device {
         Ok(())
     }
 
-    async fn read_upgrade(&mut self, rl: &mut RecordLayer) -> Result<(UpgradeRequest, Vec<u8>), End> {
+    async fn read_upgrade(
+        &mut self,
+        rl: &mut RecordLayer,
+    ) -> Result<(UpgradeRequest, Vec<u8>), End> {
         let ws = &self.shard.cfg.ws;
         let (max, forward) = (ws.max_request_bytes, ws.forward_headers.clone());
         let mut req: Vec<u8> = Vec::new();
@@ -278,36 +320,58 @@ impl Device {
     }
 
     fn pick_link(&self) -> Option<Rc<Link>> {
-        self.shard.links.iter().filter(|l| l.usable()).min_by_key(|l| l.load()).cloned()
+        self.shard
+            .links
+            .iter()
+            .filter(|l| l.usable())
+            .min_by_key(|l| l.load())
+            .cloned()
     }
 
     async fn after_handshake(&mut self, rl: &mut RecordLayer, identity: DeviceIdentity) -> End {
         let m = self.shard.metrics.clone();
         let upgrade_timeout = self.shard.cfg.ws.upgrade_timeout;
-        let (request, early) = match monoio::time::timeout(upgrade_timeout, self.read_upgrade(rl)).await {
-            Ok(Ok(r)) => r,
-            Ok(Err(End::BadUpgrade(status, reason))) => {
-                ShardMetrics::inc(&m.upgrades_rejected_total);
-                let _ = self.send(rl, &upgrade::response_error(status, reason)).await;
-                return End::BadUpgrade(status, reason);
-            }
-            Ok(Err(e)) => return e,
-            Err(_) => {
-                ShardMetrics::inc(&m.upgrades_rejected_total);
-                let _ = self.send(rl, &upgrade::response_error(408, "no upgrade request in time")).await;
-                return End::BadUpgrade(408, "upgrade timeout");
-            }
-        };
+        let (request, early) =
+            match monoio::time::timeout(upgrade_timeout, self.read_upgrade(rl)).await {
+                Ok(Ok(r)) => r,
+                Ok(Err(End::BadUpgrade(status, reason))) => {
+                    ShardMetrics::inc(&m.upgrades_rejected_total);
+                    let _ = self
+                        .send(rl, &upgrade::response_error(status, reason))
+                        .await;
+                    return End::BadUpgrade(status, reason);
+                }
+                Ok(Err(e)) => return e,
+                Err(_) => {
+                    ShardMetrics::inc(&m.upgrades_rejected_total);
+                    let _ = self
+                        .send(
+                            rl,
+                            &upgrade::response_error(408, "no upgrade request in time"),
+                        )
+                        .await;
+                    return End::BadUpgrade(408, "upgrade timeout");
+                }
+            };
         let Some(link) = self.pick_link() else {
             ShardMetrics::inc(&m.wsm_unavailable_total);
-            let _ = self.send(rl, &upgrade::response_error(503, "no WSM reachable")).await;
+            let _ = self
+                .send(rl, &upgrade::response_error(503, "no WSM reachable"))
+                .await;
             return End::NoWsm;
         };
         let key = request.key.clone();
-        let open = Open { resumed: false, connection_id: self.id, device: identity, request };
+        let open = Open {
+            resumed: false,
+            connection_id: self.id,
+            device: identity,
+            request,
+        };
         let Some(stream) = link.open_stream(open) else {
             ShardMetrics::inc(&m.wsm_unavailable_total);
-            let _ = self.send(rl, &upgrade::response_error(503, "no WSM reachable")).await;
+            let _ = self
+                .send(rl, &upgrade::response_error(503, "no WSM reachable"))
+                .await;
             return End::NoWsm;
         };
         let sid = stream.borrow().stream_id;
@@ -325,27 +389,41 @@ impl Device {
                 notified(&stream).await;
             }
         };
-        let subprotocol = match monoio::time::timeout(self.shard.cfg.upstream.open_timeout, wait_open).await {
-            Ok(Some(OpenResult::Accepted(sub))) => sub,
-            Ok(Some(OpenResult::Refused(status, reason))) => {
-                ShardMetrics::inc(&m.wsm_refused_total);
-                let status = if (400..600).contains(&status) { status } else { 403 };
-                let _ = self.send(rl, &upgrade::response_error(status, &reason)).await;
-                return End::WsmRefused(status);
-            }
-            Ok(None) => {
-                ShardMetrics::inc(&m.wsm_unavailable_total);
-                let _ = self.send(rl, &upgrade::response_error(503, "WSM went away")).await;
-                return End::LinkLost;
-            }
-            Err(_) => {
-                ShardMetrics::inc(&m.wsm_open_timeouts_total);
-                link.close_stream(sid, CloseReason::Error, close::INTERNAL, "open timeout");
-                let _ = self.send(rl, &upgrade::response_error(504, "WSM did not answer")).await;
-                return End::WsmTimeout;
-            }
-        };
-        if let Err(e) = self.send(rl, &upgrade::response_101(&key, subprotocol.as_deref())).await {
+        let subprotocol =
+            match monoio::time::timeout(self.shard.cfg.upstream.open_timeout, wait_open).await {
+                Ok(Some(OpenResult::Accepted(sub))) => sub,
+                Ok(Some(OpenResult::Refused(status, reason))) => {
+                    ShardMetrics::inc(&m.wsm_refused_total);
+                    let status = if (400..600).contains(&status) {
+                        status
+                    } else {
+                        403
+                    };
+                    let _ = self
+                        .send(rl, &upgrade::response_error(status, &reason))
+                        .await;
+                    return End::WsmRefused(status);
+                }
+                Ok(None) => {
+                    ShardMetrics::inc(&m.wsm_unavailable_total);
+                    let _ = self
+                        .send(rl, &upgrade::response_error(503, "WSM went away"))
+                        .await;
+                    return End::LinkLost;
+                }
+                Err(_) => {
+                    ShardMetrics::inc(&m.wsm_open_timeouts_total);
+                    link.close_stream(sid, CloseReason::Error, close::INTERNAL, "open timeout");
+                    let _ = self
+                        .send(rl, &upgrade::response_error(504, "WSM did not answer"))
+                        .await;
+                    return End::WsmTimeout;
+                }
+            };
+        if let Err(e) = self
+            .send(rl, &upgrade::response_101(&key, subprotocol.as_deref()))
+            .await
+        {
             link.close_stream(sid, CloseReason::DeviceGone, 1006, "write failed");
             return e;
         }
@@ -369,7 +447,13 @@ impl Device {
         let _ = self.send(rl, &f).await;
     }
 
-    async fn stream_loop(&mut self, rl: &mut RecordLayer, link: &Rc<Link>, stream: &StreamRef, early: Vec<u8>) -> End {
+    async fn stream_loop(
+        &mut self,
+        rl: &mut RecordLayer,
+        link: &Rc<Link>,
+        stream: &StreamRef,
+        early: Vec<u8>,
+    ) -> End {
         let ws = self.shard.cfg.ws.clone();
         let m = self.shard.metrics.clone();
         let sid = stream.borrow().stream_id;
@@ -424,28 +508,43 @@ impl Device {
             // 2. What the WSM sent.
             let (msgs, wsm_close, lost) = {
                 let mut s = stream.borrow_mut();
-                (std::mem::take(&mut s.inbox), s.wsm_close.take(), s.link_lost)
+                (
+                    std::mem::take(&mut s.inbox),
+                    s.wsm_close.take(),
+                    s.link_lost,
+                )
             };
             if !msgs.is_empty() {
                 let mut out = Vec::new();
                 let mut bytes = 0;
                 for (binary, data) in &msgs {
-                    frame::encode(&mut out, if *binary { op::BINARY } else { op::TEXT }, data, None);
+                    frame::encode(
+                        &mut out,
+                        if *binary { op::BINARY } else { op::TEXT },
+                        data,
+                        None,
+                    );
                     bytes += data.len();
                 }
                 if let Err(e) = self.send(rl, &out).await {
                     return e;
                 }
-                m.messages_to_devices_total.fetch_add(msgs.len() as u64, std::sync::atomic::Ordering::Relaxed);
+                m.messages_to_devices_total
+                    .fetch_add(msgs.len() as u64, std::sync::atomic::Ordering::Relaxed);
                 link.return_credit(sid, bytes);
             }
             if let Some((code, text)) = wsm_close {
-                let code = if frame_code_ok(code) { code } else { close::NORMAL };
+                let code = if frame_code_ok(code) {
+                    code
+                } else {
+                    close::NORMAL
+                };
                 self.send_close(rl, code, &text).await;
                 return End::WsmClosed;
             }
             if lost {
-                self.send_close(rl, close::TRY_AGAIN, "upstream link lost").await;
+                self.send_close(rl, close::TRY_AGAIN, "upstream link lost")
+                    .await;
                 return End::LinkLost;
             }
 

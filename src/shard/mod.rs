@@ -65,28 +65,52 @@ pub fn bind_listener(addr: SocketAddr, backlog: u32) -> std::io::Result<std::net
 
 /// Starts a shard thread; it reports on `ready` once its links have made
 /// their first attempt and it is accepting.
-pub fn start(index: u16, cpu: usize, cfg: Arc<Config>, tls: TlsContext, listener: std::net::TcpListener, ready: Sender<Result<u16, String>>) -> std::io::Result<ShardHandle> {
+pub fn start(
+    index: u16,
+    cpu: usize,
+    cfg: Arc<Config>,
+    tls: TlsContext,
+    listener: std::net::TcpListener,
+    ready: Sender<Result<u16, String>>,
+) -> std::io::Result<ShardHandle> {
     let metrics = Arc::new(ShardMetrics::default());
     let (ctl, ctl_rx) = crossbeam_channel::unbounded();
     let m = metrics.clone();
-    let thread = std::thread::Builder::new().name(format!("holdfast-shard-{index}")).spawn(move || {
-        if let Err(e) = monoio::utils::bind_to_cpu_set([cpu]) {
-            tracing::warn!(shard = index, cpu, error = ?e, "could not pin shard to CPU");
-        }
-        let rt = monoio::RuntimeBuilder::<monoio::IoUringDriver>::new().with_entries(4096).enable_timer().build();
-        let mut rt = match rt {
-            Ok(rt) => rt,
-            Err(e) => {
-                let _ = ready.send(Err(format!("shard {index}: io_uring runtime: {e}")));
-                return;
+    let thread = std::thread::Builder::new()
+        .name(format!("holdfast-shard-{index}"))
+        .spawn(move || {
+            if let Err(e) = monoio::utils::bind_to_cpu_set([cpu]) {
+                tracing::warn!(shard = index, cpu, error = ?e, "could not pin shard to CPU");
             }
-        };
-        rt.block_on(run(index, cfg, tls, listener, m, ctl_rx, ready));
-    })?;
-    Ok(ShardHandle { thread, ctl, metrics })
+            let rt = monoio::RuntimeBuilder::<monoio::IoUringDriver>::new()
+                .with_entries(4096)
+                .enable_timer()
+                .build();
+            let mut rt = match rt {
+                Ok(rt) => rt,
+                Err(e) => {
+                    let _ = ready.send(Err(format!("shard {index}: io_uring runtime: {e}")));
+                    return;
+                }
+            };
+            rt.block_on(run(index, cfg, tls, listener, m, ctl_rx, ready));
+        })?;
+    Ok(ShardHandle {
+        thread,
+        ctl,
+        metrics,
+    })
 }
 
-async fn run(index: u16, cfg: Arc<Config>, tls: TlsContext, listener: std::net::TcpListener, metrics: Arc<ShardMetrics>, ctl: Receiver<Control>, ready: Sender<Result<u16, String>>) {
+async fn run(
+    index: u16,
+    cfg: Arc<Config>,
+    tls: TlsContext,
+    listener: std::net::TcpListener,
+    metrics: Arc<ShardMetrics>,
+    ctl: Receiver<Control>,
+    ready: Sender<Result<u16, String>>,
+) {
     let mut links = Vec::new();
     for host in &cfg.upstream.wsm {
         for i in 0..cfg.upstream.links_per_shard {
@@ -105,7 +129,13 @@ async fn run(index: u16, cfg: Arc<Config>, tls: TlsContext, listener: std::net::
     });
     let attempted = Rc::new(RefCell::new(0usize));
     for l in &links {
-        monoio::spawn(link::run_link(l.clone(), cfg.clone(), index, metrics.clone(), attempted.clone()));
+        monoio::spawn(link::run_link(
+            l.clone(),
+            cfg.clone(),
+            index,
+            metrics.clone(),
+            attempted.clone(),
+        ));
     }
     // Give links one attempt before accepting, so early devices find a WSM.
     let wait = cfg.upstream.connect_timeout + Duration::from_millis(200);
@@ -121,35 +151,33 @@ async fn run(index: u16, cfg: Arc<Config>, tls: TlsContext, listener: std::net::
         }
     };
     let _ = ready.send(Ok(index));
-    let stop = Rc::new(std::cell::Cell::new(false));
-    let s2 = stop.clone();
-    monoio::spawn(async move {
-        loop {
-            match ctl.try_recv() {
-                Ok(Control::Shutdown) | Err(crossbeam_channel::TryRecvError::Disconnected) => {
-                    s2.set(true);
-                    return;
-                }
-                Err(crossbeam_channel::TryRecvError::Empty) => monoio::time::sleep(Duration::from_millis(50)).await,
+    // The accept loop never cancels an accept (a connection completing as the
+    // accept is cancelled could be lost); shutdown ends the whole runtime.
+    monoio::spawn(accept_loop(ctx.clone(), listener));
+    loop {
+        match ctl.try_recv() {
+            Ok(Control::Shutdown) | Err(crossbeam_channel::TryRecvError::Disconnected) => break,
+            Err(crossbeam_channel::TryRecvError::Empty) => {
+                monoio::time::sleep(Duration::from_millis(50)).await
             }
         }
-    });
+    }
+    tracing::info!(
+        shard = index,
+        connections = ctx.conns.borrow().len(),
+        "shard stopping"
+    );
+}
+
+async fn accept_loop(ctx: Rc<ShardCtx>, listener: monoio::net::TcpListener) {
     loop {
-        let accepted = monoio::select! {
-            a = listener.accept() => Some(a),
-            _ = monoio::time::sleep(Duration::from_millis(100)) => None,
-        };
-        if stop.get() {
-            tracing::info!(shard = index, connections = ctx.conns.borrow().len(), "shard stopping");
-            return;
-        }
-        match accepted {
-            None => {}
-            Some(Ok((tcp, addr))) => {
+        match listener.accept().await {
+            Ok((tcp, addr)) => {
                 monoio::spawn(conn::serve(ctx.clone(), tcp, addr));
             }
-            Some(Err(e)) => {
-                tracing::warn!(shard = index, error = %e, "accept failed");
+            Err(e) => {
+                // EMFILE and friends: back off briefly instead of spinning.
+                tracing::warn!(shard = ctx.index, error = %e, "accept failed");
                 monoio::time::sleep(Duration::from_millis(10)).await;
             }
         }

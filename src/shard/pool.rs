@@ -38,7 +38,14 @@ pub struct PoolBuf {
 impl Pool {
     pub fn new(count: usize, size: usize, metrics: Arc<ShardMetrics>) -> Pool {
         let free = (0..count).map(|_| Vec::with_capacity(size)).collect();
-        Pool(Rc::new(RefCell::new(Inner { free, size, total: count, waiters: VecDeque::new(), exhausted_events: 0, metrics })))
+        Pool(Rc::new(RefCell::new(Inner {
+            free,
+            size,
+            total: count,
+            waiters: VecDeque::new(),
+            exhausted_events: 0,
+            metrics,
+        })))
     }
 
     pub fn size(&self) -> usize {
@@ -62,7 +69,10 @@ impl Pool {
         let buf = inner.free.pop()?;
         ShardMetrics::inc(&inner.metrics.buffers_in_use);
         drop(inner);
-        Some(PoolBuf { buf: Some(buf), pool: self.clone() })
+        Some(PoolBuf {
+            buf: Some(buf),
+            pool: self.clone(),
+        })
     }
 
     /// Takes a buffer, waiting for one to come back if the pool is empty.
@@ -128,10 +138,16 @@ mod tests {
         let a = p.try_take().unwrap();
         let _b = p.try_take().unwrap();
         assert!(p.try_take().is_none());
-        assert_eq!(m.buffers_in_use.load(std::sync::atomic::Ordering::Relaxed), 2);
+        assert_eq!(
+            m.buffers_in_use.load(std::sync::atomic::Ordering::Relaxed),
+            2
+        );
         drop(a);
         assert_eq!(p.available(), 1);
-        assert_eq!(m.buffers_in_use.load(std::sync::atomic::Ordering::Relaxed), 1);
+        assert_eq!(
+            m.buffers_in_use.load(std::sync::atomic::Ordering::Relaxed),
+            1
+        );
         assert!(p.try_take().unwrap().buf.as_ref().unwrap().capacity() >= MIN_BUFFER);
     }
 }

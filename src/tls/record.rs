@@ -13,7 +13,7 @@ use ring::aead::{self, Aad, LessSafeKey, Nonce, UnboundKey};
 use serde::{Deserialize, Serialize};
 use zeroize::Zeroize;
 
-use super::keys::{derive_key_iv, next_secret, Suite};
+use super::keys::{Suite, derive_key_iv, next_secret};
 
 pub const HEADER_LEN: usize = 5;
 const MAX_PLAINTEXT: usize = 1 << 14;
@@ -125,7 +125,12 @@ impl DirectionState {
     /// A TLS 1.3 direction from its traffic secret.
     pub fn from_secret(suite: Suite, secret: Vec<u8>, seq: u64) -> Self {
         let (key, iv) = derive_key_iv(suite, &secret);
-        DirectionState { secret, key, iv, seq }
+        DirectionState {
+            secret,
+            key,
+            iv,
+            seq,
+        }
     }
 
     fn rotate(&mut self, suite: Suite) {
@@ -164,7 +169,11 @@ pub enum Opened {
     /// Not a whole record yet; read more.
     NeedMore,
     /// Application data, decrypted in place at `input[start..end]`.
-    Data { consumed: usize, start: usize, end: usize },
+    Data {
+        consumed: usize,
+        start: usize,
+        end: usize,
+    },
     /// A record handled inside the layer (KeyUpdate, warning alert, empty record).
     Control { consumed: usize },
     /// The peer sent close_notify; holdfast should answer with its own and close.
@@ -195,7 +204,9 @@ impl RecordLayer {
             && (state.rx.secret.len() != state.suite.hash_len()
                 || state.tx.secret.len() != state.suite.hash_len())
         {
-            return Err(RecordError::Internal("TLS 1.3 state without traffic secrets"));
+            return Err(RecordError::Internal(
+                "TLS 1.3 state without traffic secrets",
+            ));
         }
         Ok(RecordLayer {
             rx_key: make_key(state.suite, &state.rx.key)?,
@@ -275,7 +286,11 @@ impl RecordLayer {
         self.state.rx.seq += 1;
         match inner_type {
             CT_APPDATA if start == end => Ok(Opened::Control { consumed: total }),
-            CT_APPDATA => Ok(Opened::Data { consumed: total, start, end }),
+            CT_APPDATA => Ok(Opened::Data {
+                consumed: total,
+                start,
+                end,
+            }),
             CT_ALERT => self.on_alert(&input[start..end], total),
             CT_HANDSHAKE => {
                 self.on_handshake(&input[start..end], out)?;
@@ -336,7 +351,11 @@ impl RecordLayer {
         let aad = aad12(self.state.rx.seq, ctype, plain_len);
         let start = HEADER_LEN + explicit;
         self.rx_key
-            .open_in_place(Nonce::assume_unique_for_key(nonce), Aad::from(aad), &mut rec[start..])
+            .open_in_place(
+                Nonce::assume_unique_for_key(nonce),
+                Aad::from(aad),
+                &mut rec[start..],
+            )
             .map_err(|_| RecordError::BadRecordMac)?;
         Ok((ctype, start, start + plain_len))
     }
@@ -351,8 +370,8 @@ impl RecordLayer {
             return Ok(Opened::CloseNotify { consumed });
         }
         // TLS 1.2 warnings (and 1.3 user_canceled) are informational.
-        let warning = level == 1
-            && (self.state.version == Version::Tls12 || desc == alert::USER_CANCELED);
+        let warning =
+            level == 1 && (self.state.version == Version::Tls12 || desc == alert::USER_CANCELED);
         if warning {
             Ok(Opened::Control { consumed })
         } else {
@@ -379,7 +398,12 @@ impl RecordLayer {
         }
     }
 
-    fn on_handshake_message(&mut self, typ: u8, body: &[u8], out: &mut Vec<u8>) -> Result<(), RecordError> {
+    fn on_handshake_message(
+        &mut self,
+        typ: u8,
+        body: &[u8],
+        out: &mut Vec<u8>,
+    ) -> Result<(), RecordError> {
         match (self.state.version, typ) {
             (Version::Tls13, HS_KEY_UPDATE) => {
                 let request = match body {
@@ -411,7 +435,11 @@ impl RecordLayer {
 
     /// Starts a TLS 1.3 KeyUpdate from holdfast's side; with `request_peer`
     /// the peer must update its sending key too. No-op for TLS 1.2.
-    pub fn send_key_update(&mut self, request_peer: bool, out: &mut Vec<u8>) -> Result<(), RecordError> {
+    pub fn send_key_update(
+        &mut self,
+        request_peer: bool,
+        out: &mut Vec<u8>,
+    ) -> Result<(), RecordError> {
         if self.state.version != Version::Tls13 {
             return Ok(());
         }
@@ -468,7 +496,12 @@ impl RecordLayer {
         len + records * (HEADER_LEN + 1 + GCM12_EXPLICIT + TAG_LEN) + 64
     }
 
-    fn seal_record(&mut self, ctype: u8, data: &[u8], out: &mut Vec<u8>) -> Result<(), RecordError> {
+    fn seal_record(
+        &mut self,
+        ctype: u8,
+        data: &[u8],
+        out: &mut Vec<u8>,
+    ) -> Result<(), RecordError> {
         if self.state.tx.seq == u64::MAX {
             return Err(RecordError::SeqExhausted);
         }
@@ -483,7 +516,11 @@ impl RecordLayer {
                 out.push(ctype);
                 let tag = self
                     .tx_key
-                    .seal_in_place_separate_tag(Nonce::assume_unique_for_key(nonce), Aad::from(header), &mut out[start..])
+                    .seal_in_place_separate_tag(
+                        Nonce::assume_unique_for_key(nonce),
+                        Aad::from(header),
+                        &mut out[start..],
+                    )
                     .map_err(|_| RecordError::Internal("seal failed"))?;
                 out.extend_from_slice(tag.as_ref());
             }
@@ -500,7 +537,11 @@ impl RecordLayer {
                 let aad = aad12(self.state.tx.seq, ctype, data.len());
                 let tag = self
                     .tx_key
-                    .seal_in_place_separate_tag(Nonce::assume_unique_for_key(nonce), Aad::from(aad), &mut out[start..])
+                    .seal_in_place_separate_tag(
+                        Nonce::assume_unique_for_key(nonce),
+                        Aad::from(aad),
+                        &mut out[start..],
+                    )
                     .map_err(|_| RecordError::Internal("seal failed"))?;
                 out.extend_from_slice(tag.as_ref());
             }

@@ -70,7 +70,11 @@ pub struct Server {
 
 impl Server {
     pub fn bind(addr: SocketAddr, app: Arc<dyn App>, node: String) -> std::io::Result<Server> {
-        Ok(Server { listener: TcpListener::bind(addr)?, app, node })
+        Ok(Server {
+            listener: TcpListener::bind(addr)?,
+            app,
+            node,
+        })
     }
 
     pub fn local_addr(&self) -> std::io::Result<SocketAddr> {
@@ -127,14 +131,25 @@ impl LinkConn {
         let mut done = None;
         if let Some(s) = self.streams.get_mut(&id) {
             while s.credit > 0 && self.link_credit > 0 {
-                let Some((binary, data)) = s.pending.pop_front() else { break };
+                let Some((binary, data)) = s.pending.pop_front() else {
+                    break;
+                };
                 s.credit -= data.len() as i64;
                 self.link_credit -= data.len() as i64;
-                frames.push(Frame::Message { stream: id, binary, data });
+                frames.push(Frame::Message {
+                    stream: id,
+                    binary,
+                    data,
+                });
             }
             if s.pending.is_empty() {
                 if let Some((code, text)) = s.close_after.take() {
-                    frames.push(Frame::Close { stream: id, reason: CloseReason::WsmClosed, code, text });
+                    frames.push(Frame::Close {
+                        stream: id,
+                        reason: CloseReason::WsmClosed,
+                        code,
+                        text,
+                    });
                     done = Some(code);
                 }
             }
@@ -157,16 +172,40 @@ impl LinkConn {
         };
         match f {
             Frame::Open { stream, open } => {
-                let info = StreamInfo { stream, open: *open, node: peer.node.clone(), shard: peer.shard };
+                let info = StreamInfo {
+                    stream,
+                    open: *open,
+                    node: peer.node.clone(),
+                    shard: peer.shard,
+                };
                 match app.open(&info) {
                     Decision::Accept { subprotocol } => {
-                        self.send(&Frame::Accept { stream, subprotocol })?;
-                        self.streams.insert(stream, StreamState { info, credit: peer.stream_window as i64, pending: VecDeque::new(), close_after: None });
+                        self.send(&Frame::Accept {
+                            stream,
+                            subprotocol,
+                        })?;
+                        self.streams.insert(
+                            stream,
+                            StreamState {
+                                info,
+                                credit: peer.stream_window as i64,
+                                pending: VecDeque::new(),
+                                close_after: None,
+                            },
+                        );
                     }
-                    Decision::Refuse { status, reason } => self.send(&Frame::Refuse { stream, status, reason })?,
+                    Decision::Refuse { status, reason } => self.send(&Frame::Refuse {
+                        stream,
+                        status,
+                        reason,
+                    })?,
                 }
             }
-            Frame::Message { stream, binary, data } => {
+            Frame::Message {
+                stream,
+                binary,
+                data,
+            } => {
                 let n = data.len() as u32;
                 if let Some(s) = self.streams.get_mut(&stream) {
                     let mut r = Replies::default();
@@ -178,9 +217,17 @@ impl LinkConn {
                     self.send(&Frame::Credit { stream, bytes: n })?;
                     self.flush_stream(stream, app)?;
                 }
-                self.send(&Frame::Credit { stream: 0, bytes: n })?;
+                self.send(&Frame::Credit {
+                    stream: 0,
+                    bytes: n,
+                })?;
             }
-            Frame::Close { stream, reason, code, .. } => {
+            Frame::Close {
+                stream,
+                reason,
+                code,
+                ..
+            } => {
                 if let Some(s) = self.streams.remove(&stream) {
                     app.closed(&s.info, reason, code);
                 }
@@ -200,7 +247,9 @@ impl LinkConn {
             }
             Frame::Ping(v) => self.send(&Frame::Pong(v))?,
             Frame::Pong(_) | Frame::GoAway { .. } => {}
-            Frame::Hello(_) | Frame::Accept { .. } | Frame::Refuse { .. } => return Err(bad("unexpected frame from holdfast")),
+            Frame::Hello(_) | Frame::Accept { .. } | Frame::Refuse { .. } => {
+                return Err(bad("unexpected frame from holdfast"));
+            }
         }
         Ok(())
     }
@@ -209,7 +258,12 @@ impl LinkConn {
 fn serve_link(s: TcpStream, app: Arc<dyn App>, node: String) -> std::io::Result<()> {
     s.set_nodelay(true)?;
     let mut rd = s.try_clone()?;
-    let mut link = LinkConn { out: BufWriter::with_capacity(64 * 1024, s), streams: HashMap::new(), link_credit: 0, peer: None };
+    let mut link = LinkConn {
+        out: BufWriter::with_capacity(64 * 1024, s),
+        streams: HashMap::new(),
+        link_credit: 0,
+        peer: None,
+    };
     let mut buf = vec![0u8; 64 * 1024];
     let mut have = 0;
     let result = loop {
@@ -229,17 +283,34 @@ fn serve_link(s: TcpStream, app: Arc<dyn App>, node: String) -> std::io::Result<
                     off += used;
                     if link.peer.is_none() {
                         let Frame::Hello(h) = f else {
-                            break Err(std::io::Error::new(std::io::ErrorKind::InvalidData, "first frame is not HELLO"));
+                            break Err(std::io::Error::new(
+                                std::io::ErrorKind::InvalidData,
+                                "first frame is not HELLO",
+                            ));
                         };
                         if h.version != codec::VERSION {
-                            let _ = link.send(&Frame::GoAway { code: 1, text: format!("version {} not supported", h.version) });
+                            let _ = link.send(&Frame::GoAway {
+                                code: 1,
+                                text: format!("version {} not supported", h.version),
+                            });
                             let _ = link.out.flush();
-                            break Err(std::io::Error::new(std::io::ErrorKind::InvalidData, "unsupported version"));
+                            break Err(std::io::Error::new(
+                                std::io::ErrorKind::InvalidData,
+                                "unsupported version",
+                            ));
                         }
                         link.link_credit = h.link_window as i64;
                         tracing::info!(node = %h.node, shard = h.shard, "holdfast link up");
                         link.peer = Some(h);
-                        let hello = Frame::Hello(Hello { version: codec::VERSION, role: 1, node: node.clone(), shard: 0, stream_window: STREAM_WINDOW, link_window: LINK_WINDOW, max_frame: codec::DEFAULT_MAX_FRAME });
+                        let hello = Frame::Hello(Hello {
+                            version: codec::VERSION,
+                            role: 1,
+                            node: node.clone(),
+                            shard: 0,
+                            stream_window: STREAM_WINDOW,
+                            link_window: LINK_WINDOW,
+                            max_frame: codec::DEFAULT_MAX_FRAME,
+                        });
                         if let Err(e) = link.send(&hello) {
                             break Err(e);
                         }
@@ -251,9 +322,15 @@ fn serve_link(s: TcpStream, app: Arc<dyn App>, node: String) -> std::io::Result<
                 }
                 Ok(None) => break Ok(()),
                 Err(e) => {
-                    let _ = link.send(&Frame::GoAway { code: 2, text: e.to_string() });
+                    let _ = link.send(&Frame::GoAway {
+                        code: 2,
+                        text: e.to_string(),
+                    });
                     let _ = link.out.flush();
-                    break Err(std::io::Error::new(std::io::ErrorKind::InvalidData, e.to_string()));
+                    break Err(std::io::Error::new(
+                        std::io::ErrorKind::InvalidData,
+                        e.to_string(),
+                    ));
                 }
             }
         };
