@@ -138,7 +138,7 @@ fn print_errors(what: &str, errs: &[String]) -> ExitCode {
     ExitCode::from(2)
 }
 
-fn load(path: &PathBuf) -> Result<Config, ExitCode> {
+fn load(path: &std::path::Path) -> Result<Config, ExitCode> {
     Config::load(path).map_err(|es| {
         print_errors(
             &path.display().to_string(),
@@ -220,11 +220,9 @@ fn device(o: &DeviceOptions, send: &[String], key_update: bool) -> ExitCode {
     };
     let (v, s) = d.tls_info();
     eprintln!("device: connected ({v}, {s}); WebSocket open");
-    if key_update {
-        if let Err(e) = d.key_update() {
-            eprintln!("device: key update: {e}");
-            return ExitCode::FAILURE;
-        }
+    if key_update && let Err(e) = d.key_update() {
+        eprintln!("device: key update: {e}");
+        return ExitCode::FAILURE;
     }
     for m in send {
         let r = d.send_text(m).and_then(|_| d.recv_text());

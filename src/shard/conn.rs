@@ -494,15 +494,15 @@ impl Device {
                 self.send_close(rl, e.code, e.reason).await;
                 return End::Ws(e);
             }
-            if !replies.is_empty() {
-                if let Err(e) = self.write(std::mem::take(&mut replies)).await {
-                    return e;
-                }
+            if !replies.is_empty()
+                && let Err(e) = self.write(std::mem::take(&mut replies)).await
+            {
+                return e;
             }
-            if !plain.is_empty() {
-                if let Err(e) = self.send(rl, &plain).await {
-                    return e;
-                }
+            if !plain.is_empty()
+                && let Err(e) = self.send(rl, &plain).await
+            {
+                return e;
             }
 
             // 2. What the WSM sent.

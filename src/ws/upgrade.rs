@@ -113,7 +113,7 @@ pub fn parse(
             }
             _ => {}
         }
-        if forward.iter().any(|f| *f == name) {
+        if forward.contains(&name) {
             out.headers.push((name, value.to_string()));
         }
     }

@@ -142,25 +142,25 @@ impl LinkConn {
                     data,
                 });
             }
-            if s.pending.is_empty() {
-                if let Some((code, text)) = s.close_after.take() {
-                    frames.push(Frame::Close {
-                        stream: id,
-                        reason: CloseReason::WsmClosed,
-                        code,
-                        text,
-                    });
-                    done = Some(code);
-                }
+            if s.pending.is_empty()
+                && let Some((code, text)) = s.close_after.take()
+            {
+                frames.push(Frame::Close {
+                    stream: id,
+                    reason: CloseReason::WsmClosed,
+                    code,
+                    text,
+                });
+                done = Some(code);
             }
         }
         for f in &frames {
             self.send(f)?;
         }
-        if let Some(code) = done {
-            if let Some(s) = self.streams.remove(&id) {
-                app.closed(&s.info, CloseReason::WsmClosed, code);
-            }
+        if let Some(code) = done
+            && let Some(s) = self.streams.remove(&id)
+        {
+            app.closed(&s.info, CloseReason::WsmClosed, code);
         }
         Ok(())
     }
