@@ -113,13 +113,6 @@ pub fn tls_stream(
     Ok(tls)
 }
 
-/// Reads an HTTP response head from a stream (public for tests).
-pub fn read_response<S: Read>(
-    s: &mut S,
-) -> Result<(u16, Vec<(String, String)>, Vec<u8>), DeviceError> {
-    read_http_response(s)
-}
-
 impl Device {
     /// Connects, completes mutual TLS and the WebSocket upgrade.
     pub fn connect(o: &DeviceOptions) -> Result<Device, DeviceError> {
@@ -142,23 +135,17 @@ impl Device {
         }
         req.push_str("\r\n");
         tls.write_all(req.as_bytes())?;
-        let (status, headers, rest) = read_http_response(&mut tls)?;
-        if status != 101 {
-            return Err(DeviceError::Http(status));
+        let resp = read_response(&mut tls)?;
+        if resp.status != 101 {
+            return Err(DeviceError::Http(resp.status));
         }
-        let accept = headers
-            .iter()
-            .find(|(k, _)| k == "sec-websocket-accept")
-            .map(|(_, v)| v.as_str());
-        if accept != Some(upgrade::accept_key(&key).as_str()) {
+        if resp.header("sec-websocket-accept") != Some(upgrade::accept_key(&key).as_str()) {
             return Err(DeviceError::BadResponse(
                 "wrong Sec-WebSocket-Accept".into(),
             ));
         }
-        let subprotocol = headers
-            .iter()
-            .find(|(k, _)| k == "sec-websocket-protocol")
-            .map(|(_, v)| v.clone());
+        let subprotocol = resp.header("sec-websocket-protocol").map(str::to_string);
+        let rest = resp.rest;
         let mut d = Device {
             tls,
             dec: Decoder::new(64 << 20, false),
@@ -285,11 +272,25 @@ impl Device {
     }
 }
 
-/// Reads an HTTP response head through TLS; returns status, headers
-/// (lowercase names) and any bytes after the head.
-fn read_http_response<S: Read>(
-    s: &mut S,
-) -> Result<(u16, Vec<(String, String)>, Vec<u8>), DeviceError> {
+/// An HTTP response head, and the bytes that followed it.
+pub struct HttpResponse {
+    pub status: u16,
+    /// Lowercase names.
+    pub headers: Vec<(String, String)>,
+    pub rest: Vec<u8>,
+}
+
+impl HttpResponse {
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers
+            .iter()
+            .find(|(k, _)| k == name)
+            .map(|(_, v)| v.as_str())
+    }
+}
+
+/// Reads an HTTP response head from a stream (through TLS).
+pub fn read_response<S: Read>(s: &mut S) -> Result<HttpResponse, DeviceError> {
     let mut buf = Vec::new();
     let mut chunk = [0u8; 4096];
     loop {
@@ -304,7 +305,7 @@ fn read_http_response<S: Read>(
         let mut resp = httparse::Response::new(&mut headers);
         match resp.parse(&buf) {
             Ok(httparse::Status::Complete(used)) => {
-                let hs = resp
+                let headers = resp
                     .headers
                     .iter()
                     .map(|h| {
@@ -314,7 +315,11 @@ fn read_http_response<S: Read>(
                         )
                     })
                     .collect();
-                return Ok((resp.code.unwrap_or(0), hs, buf[used..].to_vec()));
+                return Ok(HttpResponse {
+                    status: resp.code.unwrap_or(0),
+                    headers,
+                    rest: buf[used..].to_vec(),
+                });
             }
             Ok(httparse::Status::Partial) if buf.len() < 16384 => continue,
             _ => return Err(DeviceError::BadResponse("malformed HTTP response".into())),
