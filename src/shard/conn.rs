@@ -285,10 +285,20 @@ impl Device {
     }
 
     /// Seals `plain` and writes it to the device.
+    /// Seals `plain` into a pool buffer and writes it; the buffer goes back
+    /// to the pool when the write completes.
     async fn send(&mut self, rl: &mut RecordLayer, plain: &[u8]) -> Result<(), End> {
-        let mut out = Vec::with_capacity(RecordLayer::sealed_len(plain.len()));
-        rl.seal(plain, &mut out).map_err(End::Record)?;
-        self.write(out).await?;
+        let mut buf = self.shard.pool.take().await;
+        let mut out = buf.lend();
+        out.reserve(RecordLayer::sealed_len(plain.len()));
+        let sealed = rl.seal(plain, &mut out).map_err(End::Record);
+        if let Err(e) = sealed {
+            buf.restore(out);
+            return Err(e);
+        }
+        let (res, out) = self.tcp.write_all(out).await;
+        buf.restore(out);
+        res?;
         Ok(())
     }
 

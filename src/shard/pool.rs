@@ -97,12 +97,14 @@ impl Pool {
 
 impl PoolBuf {
     pub fn vec(&mut self) -> &mut Vec<u8> {
-        self.buf.as_mut().expect("buffer present until drop")
+        let size = self.pool.size();
+        self.buf.get_or_insert_with(|| Vec::with_capacity(size))
     }
 
     /// Moves the Vec out (for an owned-buffer I/O call); give it back with `restore`.
     pub fn lend(&mut self) -> Vec<u8> {
-        self.buf.take().expect("buffer present until drop")
+        let size = self.pool.size();
+        self.buf.take().unwrap_or_else(|| Vec::with_capacity(size))
     }
 
     pub fn restore(&mut self, v: Vec<u8>) {
@@ -112,17 +114,21 @@ impl PoolBuf {
 
 impl Drop for PoolBuf {
     fn drop(&mut self) {
-        if let Some(mut b) = self.buf.take() {
-            let mut inner = self.pool.0.borrow_mut();
-            b.clear();
-            if b.capacity() > inner.size * 2 {
-                b.shrink_to(inner.size);
-            }
-            inner.free.push(b);
-            ShardMetrics::dec(&inner.metrics.buffers_in_use);
-            if let Some(w) = inner.waiters.pop_front() {
-                w.wake();
-            }
+        let mut inner = self.pool.0.borrow_mut();
+        // A buffer lent to an I/O call that never gave it back is replaced, so
+        // the pool keeps its size.
+        let mut b = self
+            .buf
+            .take()
+            .unwrap_or_else(|| Vec::with_capacity(inner.size));
+        b.clear();
+        if b.capacity() > inner.size * 2 {
+            b.shrink_to(inner.size);
+        }
+        inner.free.push(b);
+        ShardMetrics::dec(&inner.metrics.buffers_in_use);
+        if let Some(w) = inner.waiters.pop_front() {
+            w.wake();
         }
     }
 }
@@ -149,5 +155,14 @@ mod tests {
             1
         );
         assert!(p.try_take().unwrap().buf.as_ref().unwrap().capacity() >= MIN_BUFFER);
+        // A buffer lent out and lost (a failed I/O call) is replaced.
+        let mut c = p.try_take().unwrap();
+        drop(c.lend());
+        drop(c);
+        assert_eq!(p.available(), 1, "one back, `_b` still lent");
+        assert_eq!(
+            m.buffers_in_use.load(std::sync::atomic::Ordering::Relaxed),
+            1
+        );
     }
 }
