@@ -304,3 +304,6 @@ fn split(s: ConnectionTrafficSecrets) -> Option<(Suite, Vec<u8>, [u8; 12])> {
     ivb.copy_from_slice(iv.as_ref());
     Some((suite, key.as_ref().to_vec(), ivb))
 }
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,227 @@
+//! The handshake driver and record layer against a real rustls client, in
+//! memory: no sockets, bytes moved by hand.
+
+use std::io::{Read, Write};
+use std::sync::Arc;
+
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+use rustls::{ClientConfig, ClientConnection, RootCertStore};
+
+use super::*;
+use crate::config::TlsConfig;
+use crate::tls::record::{Opened, RecordLayer};
+use crate::tls::server::TlsContext;
+
+fn setup(dir: &std::path::Path) -> TlsContext {
+    crate::pki::generate(dir).unwrap();
+    let c = TlsConfig {
+        cert_chain: dir.join("server-chain.pem"),
+        key: dir.join("server.key"),
+        blocklist: Some(dir.join("blocklist.txt")),
+        client_cas: vec![
+            (dir.join("fleet-2019.pem"), true),
+            (dir.join("fleet-2024.pem"), false),
+        ],
+        handshake_timeout: std::time::Duration::from_secs(1),
+        key_update_after: 0,
+        tls12: true,
+        tls13: true,
+        cipher_suites: vec![],
+    };
+    TlsContext::load(&c).unwrap()
+}
+
+fn client(dir: &std::path::Path, device: &str, suite: &str) -> ClientConnection {
+    let mut provider = rustls::crypto::ring::default_provider();
+    provider
+        .cipher_suites
+        .retain(|s| format!("{:?}", s.suite()) == suite);
+    let version: &'static rustls::SupportedProtocolVersion = if suite.starts_with("TLS13") {
+        &rustls::version::TLS13
+    } else {
+        &rustls::version::TLS12
+    };
+    let mut roots = RootCertStore::empty();
+    roots
+        .add(CertificateDer::from_pem_file(dir.join("server-ca.pem")).unwrap())
+        .unwrap();
+    let chain =
+        vec![CertificateDer::from_pem_file(dir.join(format!("devices/{device}.pem"))).unwrap()];
+    let key = PrivateKeyDer::from_pem_file(dir.join(format!("devices/{device}.key"))).unwrap();
+    let cfg = ClientConfig::builder_with_provider(Arc::new(provider))
+        .with_protocol_versions(&[version])
+        .unwrap()
+        .with_root_certificates(roots)
+        .with_client_auth_cert(chain, key)
+        .unwrap();
+    ClientConnection::new(Arc::new(cfg), "localhost".try_into().unwrap()).unwrap()
+}
+
+/// Runs the handshake; returns the established state or the refusal.
+fn handshake(ctx: &TlsContext, c: &mut ClientConnection) -> Result<Established, HandshakeError> {
+    let mut hs = Handshake::new(ctx.server.clone(), ctx.key_update_after)?;
+    for _ in 0..20 {
+        let mut to_server = Vec::new();
+        while c.wants_write() {
+            c.write_tls(&mut to_server).unwrap();
+        }
+        let mut to_client = Vec::new();
+        let p = hs.feed(&to_server, &mut to_client);
+        if !to_client.is_empty() {
+            c.read_tls(&mut &to_client[..]).unwrap();
+            let _ = c.process_new_packets();
+        }
+        if p? == Progress::Finished {
+            return hs.finish();
+        }
+    }
+    panic!("handshake did not finish");
+}
+
+/// Opens every record in `wire` with the server layer; returns plaintext and replies.
+fn server_open(rl: &mut RecordLayer, mut wire: Vec<u8>) -> (Vec<u8>, Vec<u8>) {
+    let (mut data, mut reply) = (Vec::new(), Vec::new());
+    loop {
+        match rl.open(&mut wire, &mut reply).unwrap() {
+            Opened::NeedMore => break,
+            Opened::Data {
+                consumed,
+                start,
+                end,
+            } => {
+                data.extend_from_slice(&wire[start..end]);
+                wire.drain(..consumed);
+            }
+            Opened::Control { consumed } | Opened::CloseNotify { consumed } => {
+                wire.drain(..consumed);
+            }
+        }
+    }
+    (data, reply)
+}
+
+fn client_read(c: &mut ClientConnection, wire: &[u8]) -> Vec<u8> {
+    let mut rd = wire;
+    while !rd.is_empty() {
+        c.read_tls(&mut rd).unwrap();
+        c.process_new_packets().unwrap();
+    }
+    let mut out = Vec::new();
+    let _ = c.reader().read_to_end(&mut out);
+    out
+}
+
+const SUITES: [&str; 6] = [
+    "TLS13_AES_128_GCM_SHA256",
+    "TLS13_AES_256_GCM_SHA384",
+    "TLS13_CHACHA20_POLY1305_SHA256",
+    "TLS_ECDHE_ECDSA_WITH_AES_128_GCM_SHA256",
+    "TLS_ECDHE_ECDSA_WITH_AES_256_GCM_SHA384",
+    "TLS_ECDHE_ECDSA_WITH_CHACHA20_POLY1305_SHA256",
+];
+
+#[test]
+fn record_layer_takes_over_from_rustls_for_every_suite() {
+    let dir = tempfile::tempdir().unwrap();
+    let ctx = setup(dir.path());
+    for suite in SUITES {
+        let mut c = client(dir.path(), "oven-1", suite);
+        let est = handshake(&ctx, &mut c).unwrap_or_else(|e| panic!("{suite}: {e}"));
+        assert_eq!(est.chain.len(), 1);
+        let mut rl = RecordLayer::new(est.record).unwrap();
+        let mut leftover = est.leftover;
+        // Client -> holdfast, including bytes that arrived with the last handshake record.
+        c.writer().write_all(b"GET / HTTP/1.1\r\n\r\n").unwrap();
+        while c.wants_write() {
+            c.write_tls(&mut leftover).unwrap();
+        }
+        let (data, reply) = server_open(&mut rl, leftover);
+        assert_eq!(data, b"GET / HTTP/1.1\r\n\r\n", "{suite}");
+        assert!(reply.is_empty());
+        // holdfast -> client.
+        let mut out = Vec::new();
+        rl.seal(b"HTTP/1.1 101 Switching Protocols\r\n\r\n", &mut out)
+            .unwrap();
+        assert_eq!(
+            client_read(&mut c, &out),
+            b"HTTP/1.1 101 Switching Protocols\r\n\r\n",
+            "{suite}"
+        );
+        if suite.starts_with("TLS13") {
+            // KeyUpdate from the client: holdfast answers and both keep talking.
+            c.refresh_traffic_keys().unwrap();
+            c.writer().write_all(b"after client update").unwrap();
+            let mut wire = Vec::new();
+            while c.wants_write() {
+                c.write_tls(&mut wire).unwrap();
+            }
+            let (data, reply) = server_open(&mut rl, wire);
+            assert_eq!(data, b"after client update");
+            let mut out = reply;
+            // And from holdfast.
+            rl.send_key_update(true, &mut out).unwrap();
+            rl.seal(b"after holdfast update", &mut out).unwrap();
+            assert_eq!(client_read(&mut c, &out), b"after holdfast update");
+            let mut wire = Vec::new();
+            c.writer().write_all(b"still in step").unwrap();
+            while c.wants_write() {
+                c.write_tls(&mut wire).unwrap();
+            }
+            assert_eq!(server_open(&mut rl, wire).0, b"still in step");
+            assert_eq!(rl.key_updates(), (2, 2));
+        }
+        // close_notify reaches the client.
+        let mut out = Vec::new();
+        rl.close_notify(&mut out).unwrap();
+        let mut rd = &out[..];
+        c.read_tls(&mut rd).unwrap();
+        assert!(c.process_new_packets().unwrap().peer_has_closed());
+    }
+}
+
+#[test]
+fn refusals_are_classified() {
+    let dir = tempfile::tempdir().unwrap();
+    let ctx = setup(dir.path());
+    for (device, reason) in [
+        ("rogue-1", Refusal::UnknownCa),
+        ("hood-expired", Refusal::Expired),
+        ("fridge-blocked", Refusal::Blocked),
+    ] {
+        let mut c = client(dir.path(), device, "TLS13_AES_128_GCM_SHA256");
+        match handshake(&ctx, &mut c) {
+            Err(e) => assert_eq!(e.reason, reason, "{device}: {e}"),
+            Ok(_) => panic!("{device} accepted"),
+        }
+    }
+    let mut c = client(
+        dir.path(),
+        "thermostat-2019",
+        "TLS_ECDHE_ECDSA_WITH_AES_128_GCM_SHA256",
+    );
+    assert!(
+        handshake(&ctx, &mut c).is_ok(),
+        "expired under an ignore_validity CA"
+    );
+}
+
+#[test]
+fn garbage_is_a_bad_handshake() {
+    let dir = tempfile::tempdir().unwrap();
+    let ctx = setup(dir.path());
+    let mut hs = Handshake::new(ctx.server.clone(), 0).unwrap();
+    let mut out = Vec::new();
+    let e = hs
+        .feed(&[0x16, 3, 1, 0, 4, 1, 0, 0, 0], &mut out)
+        .err()
+        .unwrap();
+    assert_eq!(e.reason, Refusal::BadHandshake);
+    let mut hs = Handshake::new(ctx.server.clone(), 0).unwrap();
+    let e = hs.feed(&[0x16, 3, 1, 0xff, 0xff], &mut out).err().unwrap();
+    assert_eq!(
+        e.reason,
+        Refusal::BadHandshake,
+        "oversized record refused before it arrives"
+    );
+}
