@@ -79,19 +79,9 @@ enum Cmd {
     },
 }
 
-fn init_log(level: &str) {
-    let level = level.parse().unwrap_or(tracing::Level::INFO);
-    let _ = tracing_subscriber::fmt()
-        .with_max_level(level)
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .with_target(false)
-        .try_init();
-}
-
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    init_log(&cli.log);
+    holdfast::init_log(&cli.log);
     match cli.cmd {
         Cmd::Run { config } => run(config),
         Cmd::CheckConfig { file } => check_config(file),

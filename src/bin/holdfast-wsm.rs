@@ -27,13 +27,7 @@ struct Cli {
 
 fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
-    let level = cli.log.parse().unwrap_or(tracing::Level::INFO);
-    let _ = tracing_subscriber::fmt()
-        .with_max_level(level)
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .with_target(false)
-        .try_init();
+    holdfast::init_log(&cli.log);
     let server = match holdfast::wsm::Server::bind(
         cli.listen,
         Arc::new(holdfast::wsm::echo::Echo::default()),
