@@ -17,18 +17,19 @@ use monoio::net::TcpStream;
 use super::ShardCtx;
 use super::link::{Link, OpenResult, StreamRef, notified};
 use super::pool::PoolBuf;
+use super::tunnel::{self, Tunnel};
 use crate::identity::{ConnectionId, DeviceIdentity};
 use crate::link::codec::{CloseReason, Open};
 use crate::metrics::ShardMetrics;
-use crate::tls::handshake::{Handshake, Progress, Refusal};
+use crate::tls::handshake::{Established, Handshake, Progress, Refusal};
 use crate::tls::record::{Opened, RecordError, RecordLayer};
-use crate::ws::frame::{self, Event, WsError, close, op};
+use crate::ws::frame::{self, WsError, close};
 use crate::ws::upgrade::{self, UpgradeRequest};
 
 /// How a connection ended, for logs (fields are read through Debug).
 #[derive(Debug)]
 #[allow(dead_code)]
-enum End {
+pub(super) enum End {
     Io(std::io::Error),
     Eof,
     Refused(Refusal, String),
@@ -50,21 +51,20 @@ impl From<std::io::Error> for End {
     }
 }
 
-struct Device {
-    shard: Rc<ShardCtx>,
-    tcp: TcpStream,
+pub(super) struct Device {
+    pub(super) shard: Rc<ShardCtx>,
+    pub(super) tcp: TcpStream,
     addr: SocketAddr,
-    id: ConnectionId,
+    pub(super) id: ConnectionId,
     /// Received bytes not yet processed; present only while bytes are pending.
     rx: Option<PoolBuf>,
     /// Close code from the device's close frame (1006 until one arrives).
-    device_close_code: u16,
+    pub(super) device_close_code: u16,
 }
 
 pub async fn serve(shard: Rc<ShardCtx>, tcp: TcpStream, addr: SocketAddr) {
-    let m = shard.metrics.clone();
-    ShardMetrics::inc(&m.connections_accepted_total);
-    ShardMetrics::inc(&m.connections_active);
+    ShardMetrics::inc(&shard.metrics.connections_accepted_total);
+    ShardMetrics::inc(&shard.metrics.connections_active);
     let _ = tcp.set_nodelay(true);
     let id = shard.ids.borrow_mut().next_id();
     let key = shard.conns.borrow_mut().insert(id);
@@ -76,7 +76,16 @@ pub async fn serve(shard: Rc<ShardCtx>, tcp: TcpStream, addr: SocketAddr) {
         rx: None,
         device_close_code: 1006,
     };
-    let end = dev.run().await;
+    // Set-up and close-down are boxed: their state (rustls included) is freed
+    // when they end, and does not size the future an idle connection keeps.
+    let end = match Box::pin(dev.establish()).await {
+        Ok(mut t) => {
+            let end = tunnel::run(&mut dev, &mut t).await;
+            Box::pin(dev.finish(&end, &mut t.rl)).await;
+            end
+        }
+        Err(end) => end,
+    };
     match &end {
         End::Refused(r, detail) => {
             tracing::info!(device = %dev.addr, conn = %dev.id, reason = r.label(), %detail, "handshake refused")
@@ -89,9 +98,9 @@ pub async fn serve(shard: Rc<ShardCtx>, tcp: TcpStream, addr: SocketAddr) {
         }
     }
     dev.rx = None;
-    dev.linger().await;
+    Box::pin(dev.linger()).await;
     dev.shard.conns.borrow_mut().remove(key);
-    ShardMetrics::dec(&m.connections_active);
+    ShardMetrics::dec(&dev.shard.metrics.connections_active);
 }
 
 impl Device {
@@ -102,7 +111,7 @@ impl Device {
     }
 
     /// Reads what the socket has into the rx buffer (taking one from the pool).
-    async fn read_now(&mut self) -> Result<usize, End> {
+    pub(super) async fn read_now(&mut self) -> Result<usize, End> {
         if self.rx.is_none() {
             let pool = &self.shard.pool;
             // Waits (and is counted) when the pool is empty: backpressure.
@@ -135,7 +144,7 @@ impl Device {
         }
     }
 
-    async fn write(&mut self, data: Vec<u8>) -> Result<Vec<u8>, End> {
+    pub(super) async fn write(&mut self, data: Vec<u8>) -> Result<Vec<u8>, End> {
         if data.is_empty() {
             return Ok(data);
         }
@@ -147,7 +156,7 @@ impl Device {
     /// Decrypts every whole record in rx, passing plaintext to `sink`. Reply
     /// bytes (KeyUpdate answers) are appended to `out`. Returns true on
     /// close_notify.
-    fn open_records(
+    pub(super) fn open_records(
         &mut self,
         rl: &mut RecordLayer,
         out: &mut Vec<u8>,
@@ -187,43 +196,168 @@ impl Device {
         res.map(|()| closed)
     }
 
-    async fn run(&mut self) -> End {
+    /// Handshake, upgrade and stream open, each under its timeout. On
+    /// failure the device has been told (alert, HTTP status) and the TLS
+    /// session closed.
+    async fn establish(&mut self) -> Result<Box<Tunnel>, End> {
+        let m = self.shard.metrics.clone();
         let timeout = self.shard.cfg.tls.handshake_timeout;
         let est = match monoio::time::timeout(timeout, self.handshake()).await {
             Ok(Ok(est)) => est,
             Ok(Err(End::Refused(r, d))) => {
-                self.shard.metrics.refusal(r);
-                return End::Refused(r, d);
+                m.refusal(r);
+                return Err(End::Refused(r, d));
             }
-            Ok(Err(e)) => return e,
+            Ok(Err(e)) => return Err(e),
             Err(_) => {
-                self.shard.metrics.refusal(Refusal::Timeout);
-                return End::Refused(Refusal::Timeout, format!("no handshake within {timeout:?}"));
+                m.refusal(Refusal::Timeout);
+                return Err(End::Refused(
+                    Refusal::Timeout,
+                    format!("no handshake within {timeout:?}"),
+                ));
             }
         };
-        ShardMetrics::inc(&self.shard.metrics.handshakes_completed_total);
-        let crate::tls::handshake::Established {
+        ShardMetrics::inc(&m.handshakes_completed_total);
+        let Established {
             record,
             chain,
             leftover,
         } = *est;
         let mut rl = match RecordLayer::new(record) {
             Ok(rl) => rl,
-            Err(e) => return End::Record(e),
+            Err(e) => return Err(End::Record(e)),
         };
         if !leftover.is_empty() {
             let mut b = self.shard.pool.take().await;
             b.vec().extend_from_slice(&leftover);
             self.rx = Some(b);
         }
-        let Some(identity) = DeviceIdentity::from_chain(chain, self.addr) else {
-            return End::Refused(
+        let opened = match DeviceIdentity::from_chain(chain, self.addr) {
+            Some(identity) => self.open_tunnel(&mut rl, identity).await,
+            None => Err(End::Refused(
                 Refusal::BadHandshake,
                 "device certificate does not parse".into(),
-            );
+            )),
         };
-        let end = self.after_handshake(&mut rl, identity).await;
-        // Record what the record layer did, then say goodbye at the TLS level.
+        match opened {
+            Ok((link, stream, early)) => {
+                let mut t = Tunnel::new(rl, link, stream, self.shard.cfg.ws.max_message_bytes);
+                t.feed(&early);
+                Ok(t)
+            }
+            Err(end) => {
+                self.finish(&end, &mut rl).await;
+                Err(end)
+            }
+        }
+    }
+
+    /// Reads the upgrade, opens a stream on a WSM link, answers 101.
+    async fn open_tunnel(
+        &mut self,
+        rl: &mut RecordLayer,
+        identity: DeviceIdentity,
+    ) -> Result<(Rc<Link>, StreamRef, Vec<u8>), End> {
+        let m = self.shard.metrics.clone();
+        let upgrade_timeout = self.shard.cfg.ws.upgrade_timeout;
+        let (request, early) =
+            match monoio::time::timeout(upgrade_timeout, self.read_upgrade(rl)).await {
+                Ok(Ok(r)) => r,
+                Ok(Err(End::BadUpgrade(status, reason))) => {
+                    ShardMetrics::inc(&m.upgrades_rejected_total);
+                    let _ = self
+                        .send(rl, &upgrade::response_error(status, reason))
+                        .await;
+                    return Err(End::BadUpgrade(status, reason));
+                }
+                Ok(Err(e)) => return Err(e),
+                Err(_) => {
+                    ShardMetrics::inc(&m.upgrades_rejected_total);
+                    let _ = self
+                        .send(
+                            rl,
+                            &upgrade::response_error(408, "no upgrade request in time"),
+                        )
+                        .await;
+                    return Err(End::BadUpgrade(408, "upgrade timeout"));
+                }
+            };
+        let key = request.key.clone();
+        let open = Open {
+            resumed: false,
+            connection_id: self.id,
+            device: identity,
+            request,
+        };
+        let Some((link, stream)) = self
+            .pick_link()
+            .and_then(|l| l.open_stream(open).map(|s| (l, s)))
+        else {
+            ShardMetrics::inc(&m.wsm_unavailable_total);
+            let _ = self
+                .send(rl, &upgrade::response_error(503, "no WSM reachable"))
+                .await;
+            return Err(End::NoWsm);
+        };
+        let sid = stream.borrow().stream_id;
+        let wait_open = async {
+            loop {
+                {
+                    let s = stream.borrow();
+                    if let Some(r) = &s.opened {
+                        return Some(r.clone());
+                    }
+                    if s.link_lost || s.wsm_close.is_some() {
+                        return None;
+                    }
+                }
+                notified(&stream).await;
+            }
+        };
+        let subprotocol =
+            match monoio::time::timeout(self.shard.cfg.upstream.open_timeout, wait_open).await {
+                Ok(Some(OpenResult::Accepted(sub))) => sub,
+                Ok(Some(OpenResult::Refused(status, reason))) => {
+                    ShardMetrics::inc(&m.wsm_refused_total);
+                    let status = if (400..600).contains(&status) {
+                        status
+                    } else {
+                        403
+                    };
+                    let _ = self
+                        .send(rl, &upgrade::response_error(status, &reason))
+                        .await;
+                    return Err(End::WsmRefused(status));
+                }
+                Ok(None) => {
+                    ShardMetrics::inc(&m.wsm_unavailable_total);
+                    let _ = self
+                        .send(rl, &upgrade::response_error(503, "WSM went away"))
+                        .await;
+                    return Err(End::LinkLost);
+                }
+                Err(_) => {
+                    ShardMetrics::inc(&m.wsm_open_timeouts_total);
+                    link.close_stream(sid, CloseReason::Error, close::INTERNAL, "open timeout");
+                    let _ = self
+                        .send(rl, &upgrade::response_error(504, "WSM did not answer"))
+                        .await;
+                    return Err(End::WsmTimeout);
+                }
+            };
+        if let Err(e) = self
+            .send(rl, &upgrade::response_101(&key, subprotocol.as_deref()))
+            .await
+        {
+            link.close_stream(sid, CloseReason::DeviceGone, 1006, "write failed");
+            return Err(e);
+        }
+        ShardMetrics::inc(&m.upgrades_completed_total);
+        Ok((link, stream, early))
+    }
+
+    /// Counts what the record layer did and says goodbye at the TLS level.
+    async fn finish(&mut self, end: &End, rl: &mut RecordLayer) {
         let (sent, received) = rl.key_updates();
         let m = &self.shard.metrics;
         m.key_updates_sent_total
@@ -231,7 +365,7 @@ impl Device {
         m.key_updates_received_total
             .fetch_add(received, std::sync::atomic::Ordering::Relaxed);
         let mut out = Vec::new();
-        match &end {
+        match end {
             End::Record(e) => {
                 ShardMetrics::inc(&m.tls_record_errors_total);
                 if let Some(a) = e.alert() {
@@ -243,13 +377,10 @@ impl Device {
                 let _ = rl.close_notify(&mut out);
             }
         }
-        if !out.is_empty() {
-            let _ = self.write(out).await;
-        }
-        end
+        let _ = self.write(out).await;
     }
 
-    async fn handshake(&mut self) -> Result<Box<crate::tls::handshake::Established>, End> {
+    async fn handshake(&mut self) -> Result<Box<Established>, End> {
         let tls = &self.shard.tls;
         let mut hs = Handshake::new(tls.server.clone(), tls.key_update_after)
             .map_err(|e| End::Refused(e.reason, e.detail))?;
@@ -287,7 +418,7 @@ impl Device {
     /// Seals `plain` and writes it to the device.
     /// Seals `plain` into a pool buffer and writes it; the buffer goes back
     /// to the pool when the write completes.
-    async fn send(&mut self, rl: &mut RecordLayer, plain: &[u8]) -> Result<(), End> {
+    pub(super) async fn send(&mut self, rl: &mut RecordLayer, plain: &[u8]) -> Result<(), End> {
         let mut buf = self.shard.pool.take().await;
         let mut out = buf.lend();
         out.reserve(RecordLayer::sealed_len(plain.len()));
@@ -338,282 +469,10 @@ impl Device {
             .cloned()
     }
 
-    async fn after_handshake(&mut self, rl: &mut RecordLayer, identity: DeviceIdentity) -> End {
-        let m = self.shard.metrics.clone();
-        let upgrade_timeout = self.shard.cfg.ws.upgrade_timeout;
-        let (request, early) =
-            match monoio::time::timeout(upgrade_timeout, self.read_upgrade(rl)).await {
-                Ok(Ok(r)) => r,
-                Ok(Err(End::BadUpgrade(status, reason))) => {
-                    ShardMetrics::inc(&m.upgrades_rejected_total);
-                    let _ = self
-                        .send(rl, &upgrade::response_error(status, reason))
-                        .await;
-                    return End::BadUpgrade(status, reason);
-                }
-                Ok(Err(e)) => return e,
-                Err(_) => {
-                    ShardMetrics::inc(&m.upgrades_rejected_total);
-                    let _ = self
-                        .send(
-                            rl,
-                            &upgrade::response_error(408, "no upgrade request in time"),
-                        )
-                        .await;
-                    return End::BadUpgrade(408, "upgrade timeout");
-                }
-            };
-        let Some(link) = self.pick_link() else {
-            ShardMetrics::inc(&m.wsm_unavailable_total);
-            let _ = self
-                .send(rl, &upgrade::response_error(503, "no WSM reachable"))
-                .await;
-            return End::NoWsm;
-        };
-        let key = request.key.clone();
-        let open = Open {
-            resumed: false,
-            connection_id: self.id,
-            device: identity,
-            request,
-        };
-        let Some(stream) = link.open_stream(open) else {
-            ShardMetrics::inc(&m.wsm_unavailable_total);
-            let _ = self
-                .send(rl, &upgrade::response_error(503, "no WSM reachable"))
-                .await;
-            return End::NoWsm;
-        };
-        let sid = stream.borrow().stream_id;
-        let wait_open = async {
-            loop {
-                {
-                    let s = stream.borrow();
-                    if let Some(r) = &s.opened {
-                        return Some(r.clone());
-                    }
-                    if s.link_lost || s.wsm_close.is_some() {
-                        return None;
-                    }
-                }
-                notified(&stream).await;
-            }
-        };
-        let subprotocol =
-            match monoio::time::timeout(self.shard.cfg.upstream.open_timeout, wait_open).await {
-                Ok(Some(OpenResult::Accepted(sub))) => sub,
-                Ok(Some(OpenResult::Refused(status, reason))) => {
-                    ShardMetrics::inc(&m.wsm_refused_total);
-                    let status = if (400..600).contains(&status) {
-                        status
-                    } else {
-                        403
-                    };
-                    let _ = self
-                        .send(rl, &upgrade::response_error(status, &reason))
-                        .await;
-                    return End::WsmRefused(status);
-                }
-                Ok(None) => {
-                    ShardMetrics::inc(&m.wsm_unavailable_total);
-                    let _ = self
-                        .send(rl, &upgrade::response_error(503, "WSM went away"))
-                        .await;
-                    return End::LinkLost;
-                }
-                Err(_) => {
-                    ShardMetrics::inc(&m.wsm_open_timeouts_total);
-                    link.close_stream(sid, CloseReason::Error, close::INTERNAL, "open timeout");
-                    let _ = self
-                        .send(rl, &upgrade::response_error(504, "WSM did not answer"))
-                        .await;
-                    return End::WsmTimeout;
-                }
-            };
-        if let Err(e) = self
-            .send(rl, &upgrade::response_101(&key, subprotocol.as_deref()))
-            .await
-        {
-            link.close_stream(sid, CloseReason::DeviceGone, 1006, "write failed");
-            return e;
-        }
-        ShardMetrics::inc(&m.upgrades_completed_total);
-        let end = self.stream_loop(rl, &link, &stream, early).await;
-        // Tell the WSM, unless it was the WSM that ended the stream.
-        let (code, text): (u16, String) = match &end {
-            End::WsmClosed | End::LinkLost => return end,
-            End::DeviceClosed => (self.device_close_code, String::new()),
-            End::Ws(e) => (e.code, e.reason.to_string()),
-            End::Idle => (close::GOING_AWAY, "idle timeout".into()),
-            _ => (1006, String::new()),
-        };
-        link.close_stream(sid, CloseReason::DeviceGone, code, &text);
-        end
-    }
-
-    async fn send_close(&mut self, rl: &mut RecordLayer, code: u16, reason: &str) {
+    pub(super) async fn send_close(&mut self, rl: &mut RecordLayer, code: u16, reason: &str) {
         let mut f = Vec::new();
         frame::encode_close(&mut f, code, reason, None);
         let _ = self.send(rl, &f).await;
-    }
-
-    async fn stream_loop(
-        &mut self,
-        rl: &mut RecordLayer,
-        link: &Rc<Link>,
-        stream: &StreamRef,
-        early: Vec<u8>,
-    ) -> End {
-        let ws = self.shard.cfg.ws.clone();
-        let m = self.shard.metrics.clone();
-        let sid = stream.borrow().stream_id;
-        let mut dec = frame::Decoder::new(ws.max_message_bytes, true);
-        let mut events = Vec::new();
-        let mut pending_err = dec.feed(&early, &mut events).err();
-        let mut last_rx = Instant::now();
-        let mut last_ping = Instant::now();
-        let mut replies = Vec::new();
-        loop {
-            // 1. What the device sent.
-            let mut plain = Vec::new();
-            for ev in events.drain(..) {
-                match ev {
-                    Event::Message { text, data } => {
-                        link.send_message(&mut stream.borrow_mut(), !text, &data);
-                        ShardMetrics::inc(&m.messages_from_devices_total);
-                    }
-                    Event::Ping(p) => frame::encode(&mut plain, op::PONG, &p, None),
-                    Event::Pong(_) => {}
-                    Event::Close { code, reason } => {
-                        self.device_close_code = code.unwrap_or(1005);
-                        match code {
-                            Some(c) => frame::encode_close(&mut plain, c, "", None),
-                            None => frame::encode(&mut plain, op::CLOSE, &[], None),
-                        }
-                        let _ = self.send(rl, &plain).await;
-                        tracing::debug!(conn = %self.id, code = ?code, %reason, "device closed the WebSocket");
-                        return End::DeviceClosed;
-                    }
-                }
-            }
-            if let Some(e) = pending_err.take() {
-                m.ws_error(e.code);
-                if !plain.is_empty() {
-                    let _ = self.send(rl, &plain).await;
-                }
-                self.send_close(rl, e.code, e.reason).await;
-                return End::Ws(e);
-            }
-            if !replies.is_empty()
-                && let Err(e) = self.write(std::mem::take(&mut replies)).await
-            {
-                return e;
-            }
-            if !plain.is_empty()
-                && let Err(e) = self.send(rl, &plain).await
-            {
-                return e;
-            }
-
-            // 2. What the WSM sent.
-            let (msgs, wsm_close, lost) = {
-                let mut s = stream.borrow_mut();
-                (
-                    std::mem::take(&mut s.inbox),
-                    s.wsm_close.take(),
-                    s.link_lost,
-                )
-            };
-            if !msgs.is_empty() {
-                let mut out = Vec::new();
-                let mut bytes = 0;
-                for (binary, data) in &msgs {
-                    frame::encode(
-                        &mut out,
-                        if *binary { op::BINARY } else { op::TEXT },
-                        data,
-                        None,
-                    );
-                    bytes += data.len();
-                }
-                if let Err(e) = self.send(rl, &out).await {
-                    return e;
-                }
-                m.messages_to_devices_total
-                    .fetch_add(msgs.len() as u64, std::sync::atomic::Ordering::Relaxed);
-                link.return_credit(sid, bytes);
-            }
-            if let Some((code, text)) = wsm_close {
-                let code = if frame_code_ok(code) {
-                    code
-                } else {
-                    close::NORMAL
-                };
-                self.send_close(rl, code, &text).await;
-                return End::WsmClosed;
-            }
-            if lost {
-                self.send_close(rl, close::TRY_AGAIN, "upstream link lost")
-                    .await;
-                return End::LinkLost;
-            }
-
-            // 3. Wait for the device, the link or a timer.
-            let can_read = link.can_send(&stream.borrow());
-            let far = Instant::now() + Duration::from_secs(3600);
-            let idle_at = ws.idle_timeout.map_or(far, |t| last_rx + t);
-            let ping_at = ws.ping_interval.map_or(far, |p| last_rx.max(last_ping) + p);
-            let deadline = idle_at.min(ping_at);
-            enum Wake {
-                Readable(std::io::Result<()>),
-                Notified,
-                Timer,
-            }
-            let wake = monoio::select! {
-                r = self.tcp.readable(false), if can_read => Wake::Readable(r),
-                _ = notified(stream) => Wake::Notified,
-                _ = monoio::time::sleep_until(deadline.into()) => Wake::Timer,
-            };
-            match wake {
-                Wake::Notified => {}
-                Wake::Readable(r) => {
-                    if let Err(e) = r {
-                        return End::Io(e);
-                    }
-                    if let Err(e) = self.read_now().await {
-                        return e;
-                    }
-                    last_rx = Instant::now();
-                    let closed = self.open_records(rl, &mut replies, &mut |p| {
-                        if pending_err.is_none() {
-                            pending_err = dec.feed(p, &mut events).err();
-                        }
-                        Ok(())
-                    });
-                    match closed {
-                        Ok(true) => return End::Eof,
-                        Ok(false) => {}
-                        Err(e) => return e,
-                    }
-                }
-                Wake::Timer => {
-                    let now = Instant::now();
-                    if now >= idle_at {
-                        ShardMetrics::inc(&m.idle_timeouts_total);
-                        self.send_close(rl, close::GOING_AWAY, "idle timeout").await;
-                        return End::Idle;
-                    }
-                    if now >= ping_at {
-                        let mut f = Vec::new();
-                        frame::encode(&mut f, op::PING, b"", None);
-                        if let Err(e) = self.send(rl, &f).await {
-                            return e;
-                        }
-                        last_ping = now;
-                    }
-                }
-            }
-        }
     }
 
     /// Half-closes, then drains what the device still sends for a moment, so
@@ -633,9 +492,4 @@ impl Device {
             }
         }
     }
-}
-
-/// Close codes a server may put on the wire.
-fn frame_code_ok(c: u16) -> bool {
-    matches!(c, 1000..=1003 | 1007..=1014 | 3000..=4999)
 }

@@ -44,6 +44,8 @@ pub struct StreamShared {
     pub wsm_close: Option<(u16, String)>,
     /// The link carrying this stream failed.
     pub link_lost: bool,
+    /// Deadline registered with the shard's timers, if any.
+    pub timer_at: Option<std::time::Instant>,
     notified: bool,
     waker: Option<Waker>,
 }

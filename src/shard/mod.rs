@@ -8,6 +8,8 @@
 pub mod conn;
 pub mod link;
 pub mod pool;
+pub mod timers;
+mod tunnel;
 
 use std::cell::RefCell;
 use std::net::SocketAddr;
@@ -35,6 +37,8 @@ pub struct ShardCtx {
     pub links: Vec<Rc<Link>>,
     /// Connections held by this shard.
     pub conns: RefCell<Slab<ConnectionId>>,
+    /// Idle and ping deadlines of this shard's tunnels.
+    pub timers: Rc<timers::Timers>,
     pub metrics: Arc<ShardMetrics>,
 }
 
@@ -123,10 +127,12 @@ async fn run(
         ids: RefCell::new(IdGenerator::new(index)),
         links: links.clone(),
         conns: RefCell::new(Slab::with_capacity(1024)),
+        timers: Rc::new(timers::Timers::default()),
         metrics: metrics.clone(),
         cfg: cfg.clone(),
         tls,
     });
+    monoio::spawn(timers::tick(ctx.timers.clone()));
     let attempted = Rc::new(RefCell::new(0usize));
     for l in &links {
         monoio::spawn(link::run_link(

@@ -180,11 +180,18 @@ pub enum Opened {
     CloseNotify { consumed: usize },
 }
 
-/// The live record layer: [`RecordState`] plus expanded AEAD keys.
+/// Expanded AEAD keys (AES key schedule, GHASH table): about 1.1 KB, so
+/// they are built on first use and dropped by [`RecordLayer::cool`] while the
+/// connection is idle; the raw keys in [`RecordState`] are all that is kept.
+struct Keys {
+    rx: LessSafeKey,
+    tx: LessSafeKey,
+}
+
+/// The live record layer: [`RecordState`] plus, while active, expanded keys.
 pub struct RecordLayer {
     state: RecordState,
-    rx_key: LessSafeKey,
-    tx_key: LessSafeKey,
+    keys: Option<Box<Keys>>,
     /// Counters since the last key change (not needed across an upgrade: a
     /// fresh count only delays the next automatic KeyUpdate).
     tx_records_this_key: u64,
@@ -208,9 +215,12 @@ impl RecordLayer {
                 "TLS 1.3 state without traffic secrets",
             ));
         }
+        let keys = Some(Box::new(Keys {
+            rx: make_key(state.suite, &state.rx.key)?,
+            tx: make_key(state.suite, &state.tx.key)?,
+        }));
         Ok(RecordLayer {
-            rx_key: make_key(state.suite, &state.rx.key)?,
-            tx_key: make_key(state.suite, &state.tx.key)?,
+            keys,
             state,
             tx_records_this_key: 0,
             key_updates_sent: 0,
@@ -220,6 +230,22 @@ impl RecordLayer {
 
     pub fn state(&self) -> &RecordState {
         &self.state
+    }
+
+    /// Drops the expanded keys; the next record rebuilds them from the state.
+    pub fn cool(&mut self) {
+        self.keys = None;
+    }
+
+    fn keys(&mut self) -> Result<&Keys, RecordError> {
+        if self.keys.is_none() {
+            let s = &self.state;
+            self.keys = Some(Box::new(Keys {
+                rx: make_key(s.suite, &s.rx.key)?,
+                tx: make_key(s.suite, &s.tx.key)?,
+            }));
+        }
+        self.keys.as_deref().ok_or(RecordError::Internal("keys"))
     }
 
     pub fn into_state(self) -> RecordState {
@@ -311,7 +337,8 @@ impl RecordLayer {
         header.copy_from_slice(&rec[..HEADER_LEN]);
         let nonce = Nonce::assume_unique_for_key(self.state.rx.nonce());
         let plain = self
-            .rx_key
+            .keys()?
+            .rx
             .open_in_place(nonce, Aad::from(header), &mut rec[HEADER_LEN..])
             .map_err(|_| RecordError::BadRecordMac)?;
         // Strip zero padding; the last non-zero byte is the real content type.
@@ -350,7 +377,8 @@ impl RecordLayer {
         };
         let aad = aad12(self.state.rx.seq, ctype, plain_len);
         let start = HEADER_LEN + explicit;
-        self.rx_key
+        self.keys()?
+            .rx
             .open_in_place(
                 Nonce::assume_unique_for_key(nonce),
                 Aad::from(aad),
@@ -418,7 +446,7 @@ impl RecordLayer {
                 }
                 let suite = self.state.suite;
                 self.state.rx.rotate(suite);
-                self.rx_key = make_key(suite, &self.state.rx.key)?;
+                self.keys = None;
                 self.key_updates_received += 1;
                 if request {
                     self.send_key_update(false, out)?;
@@ -447,7 +475,7 @@ impl RecordLayer {
         self.seal_record(CT_HANDSHAKE, &msg, out)?;
         let suite = self.state.suite;
         self.state.tx.rotate(suite);
-        self.tx_key = make_key(suite, &self.state.tx.key)?;
+        self.keys = None;
         self.tx_records_this_key = 0;
         self.key_updates_sent += 1;
         Ok(())
@@ -515,7 +543,8 @@ impl RecordLayer {
                 out.extend_from_slice(data);
                 out.push(ctype);
                 let tag = self
-                    .tx_key
+                    .keys()?
+                    .tx
                     .seal_in_place_separate_tag(
                         Nonce::assume_unique_for_key(nonce),
                         Aad::from(header),
@@ -536,7 +565,8 @@ impl RecordLayer {
                 out.extend_from_slice(data);
                 let aad = aad12(self.state.tx.seq, ctype, data.len());
                 let tag = self
-                    .tx_key
+                    .keys()?
+                    .tx
                     .seal_in_place_separate_tag(
                         Nonce::assume_unique_for_key(nonce),
                         Aad::from(aad),

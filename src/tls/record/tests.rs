@@ -206,6 +206,20 @@ fn oversize_length_is_overflow_before_waiting_for_bytes() {
 }
 
 #[test]
+fn cooled_layer_rebuilds_its_keys() {
+    for version in [Version::Tls12, Version::Tls13] {
+        let (mut a, mut b) = pair(version, Suite::Aes128Gcm);
+        let mut wire = Vec::new();
+        a.seal(b"one", &mut wire).unwrap();
+        a.cool();
+        b.cool();
+        a.seal(b"two", &mut wire).unwrap();
+        let (data, _, _) = drain(&mut b, wire).unwrap();
+        assert_eq!(data, b"onetwo");
+    }
+}
+
+#[test]
 fn state_survives_serialization_mid_stream() {
     let (mut a, b) = pair(Version::Tls13, Suite::Chacha20Poly1305);
     let mut wire = Vec::new();

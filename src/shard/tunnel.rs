@@ -1,0 +1,269 @@
+//! The established phase of a device connection: the WebSocket tunnel.
+//!
+//! Owns: the state an established connection keeps ([`Tunnel`]: record-layer
+//! state, frame decoder, its stream on a WSM link, timers) and the loop that
+//! moves messages both ways. The loop alternates a *burst*, boxed so that its
+//! futures are freed when it ends, with a small *wait* for the socket, the
+//! link or a timer; before waiting the record layer drops its expanded keys.
+//! So an idle connection keeps only [`Tunnel`], the wait, and no I/O buffer.
+//! Never parses bytes itself and never blocks on one device for another.
+
+use std::rc::Rc;
+use std::time::Instant;
+
+use super::conn::{Device, End};
+use super::link::{Link, StreamRef, notified};
+use crate::link::codec::CloseReason;
+use crate::metrics::ShardMetrics;
+use crate::tls::record::RecordLayer;
+use crate::ws::frame::{self, Decoder, Event, WsError, close, op};
+
+pub(super) struct Tunnel {
+    pub rl: RecordLayer,
+    link: Rc<Link>,
+    stream: StreamRef,
+    sid: u32,
+    dec: Decoder,
+    /// Decoded device events waiting for the next burst.
+    events: Vec<Event>,
+    /// Record-layer replies (KeyUpdate answers) waiting to be written.
+    replies: Vec<u8>,
+    /// A WebSocket error found while decoding; acted on after the events before it.
+    pending_err: Option<WsError>,
+    last_rx: Instant,
+    last_ping: Instant,
+}
+
+enum Wake {
+    Readable(std::io::Result<()>),
+    /// The link or the shard's timers woke the stream.
+    Notified,
+}
+
+impl Tunnel {
+    pub fn new(
+        rl: RecordLayer,
+        link: Rc<Link>,
+        stream: StreamRef,
+        max_message: usize,
+    ) -> Box<Tunnel> {
+        let sid = stream.borrow().stream_id;
+        let now = Instant::now();
+        Box::new(Tunnel {
+            rl,
+            link,
+            stream,
+            sid,
+            dec: Decoder::new(max_message, true),
+            events: Vec::new(),
+            replies: Vec::new(),
+            pending_err: None,
+            last_rx: now,
+            last_ping: now,
+        })
+    }
+
+    /// Decodes plaintext that arrived with the upgrade request.
+    pub fn feed(&mut self, plain: &[u8]) {
+        if self.pending_err.is_none() {
+            self.pending_err = self.dec.feed(plain, &mut self.events).err();
+        }
+    }
+}
+
+/// Runs the tunnel until either side ends it; tells the WSM unless the WSM
+/// (or the link) ended it.
+pub(super) async fn run(dev: &mut Device, t: &mut Tunnel) -> End {
+    let end = run_loop(dev, t).await;
+    let (code, text): (u16, String) = match &end {
+        End::WsmClosed | End::LinkLost => return end,
+        End::DeviceClosed => (dev.device_close_code, String::new()),
+        End::Ws(e) => (e.code, e.reason.to_string()),
+        End::Idle => (close::GOING_AWAY, "idle timeout".into()),
+        _ => (1006, String::new()),
+    };
+    t.link
+        .close_stream(t.sid, CloseReason::DeviceGone, code, &text);
+    end
+}
+
+async fn run_loop(dev: &mut Device, t: &mut Tunnel) -> End {
+    loop {
+        if let Some(end) = Box::pin(burst(dev, t)).await {
+            return end;
+        }
+        t.rl.cool();
+        match wait(dev, t).await {
+            Wake::Notified => {}
+            Wake::Readable(Err(e)) => return End::Io(e),
+            Wake::Readable(Ok(())) => {
+                if let Some(end) = Box::pin(read(dev, t)).await {
+                    return end;
+                }
+            }
+        }
+    }
+}
+
+/// Waits for the device socket (only while the stream may send), or a wake
+/// from the link or the shard's timers (armed here for the next idle or ping
+/// deadline).
+async fn wait(dev: &Device, t: &Tunnel) -> Wake {
+    let ws = &dev.shard.cfg.ws;
+    let can_read = t.link.can_send(&t.stream.borrow());
+    let idle_at = ws.idle_timeout.map(|d| t.last_rx + d);
+    let ping_at = ws.ping_interval.map(|p| t.last_rx.max(t.last_ping) + p);
+    if let Some(at) = idle_at.into_iter().chain(ping_at).min() {
+        dev.shard.timers.arm(&t.stream, at);
+    }
+    monoio::select! {
+        r = dev.tcp.readable(false), if can_read => Wake::Readable(r),
+        _ = notified(&t.stream) => Wake::Notified,
+    }
+}
+
+/// Reads what the device sent and decodes it into events.
+async fn read(dev: &mut Device, t: &mut Tunnel) -> Option<End> {
+    if let Err(e) = dev.read_now().await {
+        return Some(e);
+    }
+    t.last_rx = Instant::now();
+    let Tunnel {
+        rl,
+        replies,
+        dec,
+        events,
+        pending_err,
+        ..
+    } = t;
+    // Plaintext is decoded in place, straight from the pool buffer.
+    let closed = dev.open_records(rl, replies, &mut |p| {
+        if pending_err.is_none() {
+            *pending_err = dec.feed(p, events).err();
+        }
+        Ok(())
+    });
+    match closed {
+        Ok(true) => Some(End::Eof),
+        Ok(false) => None,
+        Err(e) => Some(e),
+    }
+}
+
+/// One round of work: device events to the WSM, WSM messages to the device,
+/// closes and timers. `Some` ends the tunnel.
+async fn burst(dev: &mut Device, t: &mut Tunnel) -> Option<End> {
+    let m = dev.shard.metrics.clone();
+    let ws = dev.shard.cfg.ws.clone();
+
+    // 1. What the device sent.
+    let mut plain = Vec::new();
+    for ev in std::mem::take(&mut t.events) {
+        match ev {
+            Event::Message { text, data } => {
+                t.link
+                    .send_message(&mut t.stream.borrow_mut(), !text, &data);
+                ShardMetrics::inc(&m.messages_from_devices_total);
+            }
+            Event::Ping(p) => frame::encode(&mut plain, op::PONG, &p, None),
+            Event::Pong(_) => {}
+            Event::Close { code, reason } => {
+                dev.device_close_code = code.unwrap_or(1005);
+                match code {
+                    Some(c) => frame::encode_close(&mut plain, c, "", None),
+                    None => frame::encode(&mut plain, op::CLOSE, &[], None),
+                }
+                let _ = dev.send(&mut t.rl, &plain).await;
+                tracing::debug!(conn = %dev.id, code = ?code, %reason, "device closed the WebSocket");
+                return Some(End::DeviceClosed);
+            }
+        }
+    }
+    if let Some(e) = t.pending_err.take() {
+        m.ws_error(e.code);
+        if !plain.is_empty() {
+            let _ = dev.send(&mut t.rl, &plain).await;
+        }
+        dev.send_close(&mut t.rl, e.code, e.reason).await;
+        return Some(End::Ws(e));
+    }
+    if !t.replies.is_empty() {
+        if let Err(e) = dev.write(std::mem::take(&mut t.replies)).await {
+            return Some(e);
+        }
+    }
+    if !plain.is_empty() {
+        if let Err(e) = dev.send(&mut t.rl, &plain).await {
+            return Some(e);
+        }
+    }
+
+    // 2. What the WSM sent.
+    let (msgs, wsm_close, lost) = {
+        let mut s = t.stream.borrow_mut();
+        (
+            std::mem::take(&mut s.inbox),
+            s.wsm_close.take(),
+            s.link_lost,
+        )
+    };
+    if !msgs.is_empty() {
+        let mut out = Vec::new();
+        let mut bytes = 0;
+        for (binary, data) in &msgs {
+            frame::encode(
+                &mut out,
+                if *binary { op::BINARY } else { op::TEXT },
+                data,
+                None,
+            );
+            bytes += data.len();
+        }
+        if let Err(e) = dev.send(&mut t.rl, &out).await {
+            return Some(e);
+        }
+        m.messages_to_devices_total
+            .fetch_add(msgs.len() as u64, std::sync::atomic::Ordering::Relaxed);
+        t.link.return_credit(t.sid, bytes);
+    }
+    if let Some((code, text)) = wsm_close {
+        let code = if frame_code_ok(code) {
+            code
+        } else {
+            close::NORMAL
+        };
+        dev.send_close(&mut t.rl, code, &text).await;
+        return Some(End::WsmClosed);
+    }
+    if lost {
+        dev.send_close(&mut t.rl, close::TRY_AGAIN, "upstream link lost")
+            .await;
+        return Some(End::LinkLost);
+    }
+
+    // 3. Timers.
+    let now = Instant::now();
+    if ws.idle_timeout.is_some_and(|d| now >= t.last_rx + d) {
+        ShardMetrics::inc(&m.idle_timeouts_total);
+        dev.send_close(&mut t.rl, close::GOING_AWAY, "idle timeout")
+            .await;
+        return Some(End::Idle);
+    }
+    if ws
+        .ping_interval
+        .is_some_and(|p| now >= t.last_rx.max(t.last_ping) + p)
+    {
+        let mut f = Vec::new();
+        frame::encode(&mut f, op::PING, b"", None);
+        if let Err(e) = dev.send(&mut t.rl, &f).await {
+            return Some(e);
+        }
+        t.last_ping = now;
+    }
+    None
+}
+
+/// Close codes a server may put on the wire.
+fn frame_code_ok(c: u16) -> bool {
+    matches!(c, 1000..=1003 | 1007..=1014 | 3000..=4999)
+}
