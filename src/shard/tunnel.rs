@@ -187,15 +187,15 @@ async fn burst(dev: &mut Device, t: &mut Tunnel) -> Option<End> {
         dev.send_close(&mut t.rl, e.code, e.reason).await;
         return Some(End::Ws(e));
     }
-    if !t.replies.is_empty() {
-        if let Err(e) = dev.write(std::mem::take(&mut t.replies)).await {
-            return Some(e);
-        }
+    if !t.replies.is_empty()
+        && let Err(e) = dev.write(std::mem::take(&mut t.replies)).await
+    {
+        return Some(e);
     }
-    if !plain.is_empty() {
-        if let Err(e) = dev.send(&mut t.rl, &plain).await {
-            return Some(e);
-        }
+    if !plain.is_empty()
+        && let Err(e) = dev.send(&mut t.rl, &plain).await
+    {
+        return Some(e);
     }
 
     // 2. What the WSM sent.
