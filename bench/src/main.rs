@@ -1,0 +1,63 @@
+//! `hf-bench`: the benchmark suite. `run` a scenario against holdfast and the
+//! peers; `report` writes bench/RESULTS.md tables and charts; `swarm` and
+//! `echo` are the processes `run` starts.
+
+mod client;
+mod echo;
+mod peers;
+mod render;
+mod report;
+mod run;
+mod swarm;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(
+    name = "hf-bench",
+    about = "holdfast vs HAProxy and nginx on the same mTLS WebSocket job"
+)]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Run one scenario against each proxy; writes bench/results/*.json.
+    Run(run::RunArgs),
+    /// Render bench/results/*.json into tables and charts (prints Markdown).
+    Report {
+        #[arg(long, default_value = "bench/results")]
+        results: PathBuf,
+    },
+    /// One swarm process of devices (started by `run`).
+    Swarm(swarm::SwarmArgs),
+    /// Plain WebSocket echo upstream for the peers (started by `run`).
+    Echo {
+        #[arg(long, default_value = "127.0.0.1:0")]
+        listen: std::net::SocketAddr,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let res = match cli.cmd {
+        Cmd::Run(a) => run::run(a),
+        Cmd::Report { results } => render::load(&results)
+            .and_then(|rs| render::render(&rs, &results))
+            .map(|md| print!("{md}")),
+        Cmd::Swarm(a) => swarm::run(a),
+        Cmd::Echo { listen } => echo::run(listen),
+    };
+    match res {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("hf-bench: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}

@@ -1,0 +1,646 @@
+//! Runs one scenario against each proxy with the same client and the same
+//! core budget, and writes one JSON result per proxy.
+//!
+//! On this 2-core machine the proxy (all its threads or workers) is pinned to
+//! `--proxy-cpus` and everything else (swarm processes, the echo upstream or
+//! reference WSM) to `--client-cpus`.
+
+use std::io::{BufRead, BufReader, Write};
+use std::net::SocketAddr;
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, ChildStdin, Command, Stdio};
+use std::sync::mpsc::{Receiver, channel};
+use std::time::{Duration, Instant};
+
+use serde::{Deserialize, Serialize};
+
+use crate::peers::{self, Proxy};
+use crate::report::{SwarmReport, SwarmTotal};
+
+#[derive(Debug, Clone, clap::Args, Serialize, Deserialize)]
+pub struct RunArgs {
+    /// idle | handshake | message | storm
+    #[arg(long)]
+    pub scenario: String,
+    #[arg(long, value_delimiter = ',', default_value = "holdfast,haproxy,nginx")]
+    pub proxies: Vec<String>,
+    /// Devices (idle, message, storm) or concurrent handshakers (handshake).
+    #[arg(long, default_value_t = 2000)]
+    pub conns: usize,
+    /// Swarm processes (each gets its own 127.0.0.x source addresses).
+    #[arg(long, default_value_t = 2)]
+    pub procs: usize,
+    #[arg(long, default_value = "1.3")]
+    pub tls: String,
+    #[arg(long)]
+    pub resume: bool,
+    /// Connections per second while connecting (0 = all at once).
+    #[arg(long, default_value_t = 2000)]
+    pub rate: u32,
+    #[arg(long, default_value_t = 64)]
+    pub msg_size: usize,
+    /// Messages per second per device (message scenario; 0 = closed loop).
+    #[arg(long, default_value_t = 1.0)]
+    pub msg_rate: f64,
+    #[arg(long, default_value_t = 10.0)]
+    pub duration: f64,
+    #[arg(long, default_value = "0")]
+    pub proxy_cpus: String,
+    #[arg(long, default_value = "1")]
+    pub client_cpus: String,
+    /// Where result JSON files go.
+    #[arg(long, default_value = "bench/results")]
+    pub out: PathBuf,
+    /// A label added to the result file name (e.g. "tls12", "64b").
+    #[arg(long, default_value = "")]
+    pub label: String,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Machine {
+    pub nproc: usize,
+    pub kernel: String,
+    pub cpu: String,
+    pub fd_limit: u64,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ScenarioResult {
+    pub proxy: String,
+    pub scenario: String,
+    pub label: String,
+    pub date: String,
+    pub command: String,
+    pub machine: Machine,
+    pub args: RunArgs,
+    pub devices_ready: u64,
+    pub swarm: SwarmTotal,
+    pub proxy_rss_base_kib: u64,
+    pub proxy_rss_loaded_kib: u64,
+    pub proxy_rss_peak_kib: u64,
+    /// Proxy CPU seconds during the measured phase.
+    pub proxy_cpu_secs: f64,
+    pub sock_mem_base_bytes: u64,
+    pub sock_mem_loaded_bytes: u64,
+    /// Time until all devices were back (storm), seconds.
+    pub storm_secs: Option<f64>,
+    /// holdfast only: its metrics text after the run.
+    pub holdfast_metrics: Option<String>,
+}
+
+pub fn machine() -> Machine {
+    let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease")
+        .unwrap_or_default()
+        .trim()
+        .to_string();
+    let cpu = std::fs::read_to_string("/proc/cpuinfo")
+        .unwrap_or_default()
+        .lines()
+        .find(|l| l.starts_with("model name"))
+        .and_then(|l| l.split(':').nth(1))
+        .unwrap_or("")
+        .trim()
+        .to_string();
+    let mut lim: libc::rlimit = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit only writes the struct we pass.
+    unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) };
+    Machine {
+        nproc: std::thread::available_parallelism()
+            .map(|n| n.get())
+            .unwrap_or(1),
+        kernel,
+        cpu,
+        fd_limit: lim.rlim_cur,
+    }
+}
+
+pub fn parse_cpus(s: &str) -> Vec<usize> {
+    holdfast::config::parse_cpu_list(s).unwrap_or_else(|_| vec![0])
+}
+
+/// A command pinned to some CPUs.
+fn pinned(program: &Path, cpus: &[usize]) -> Command {
+    let mut c = Command::new(program);
+    let cpus = cpus.to_vec();
+    // SAFETY: sched_setaffinity on the child between fork and exec touches
+    // only the child; it allocates nothing.
+    unsafe {
+        c.pre_exec(move || {
+            let mut set: libc::cpu_set_t = std::mem::zeroed();
+            for &cpu in &cpus {
+                libc::CPU_SET(cpu, &mut set);
+            }
+            libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set);
+            Ok(())
+        });
+    }
+    c
+}
+
+struct Proc(Child);
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        // SAFETY: sending SIGTERM to our own child.
+        unsafe { libc::kill(self.0.id() as i32, libc::SIGTERM) };
+        let deadline = Instant::now() + Duration::from_secs(3);
+        while Instant::now() < deadline {
+            if let Ok(Some(_)) = self.0.try_wait() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn lines_of(child: &mut Child, tag: usize, tx: std::sync::mpsc::Sender<(usize, String)>) {
+    if let Some(out) = child.stdout.take() {
+        std::thread::spawn(move || {
+            for l in BufReader::new(out).lines().map_while(Result::ok) {
+                if tx.send((tag, l)).is_err() {
+                    return;
+                }
+            }
+        });
+    }
+}
+
+fn first_line_with(
+    rx: &Receiver<(usize, String)>,
+    prefix: &str,
+    secs: u64,
+) -> Result<String, String> {
+    let deadline = Instant::now() + Duration::from_secs(secs);
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        match rx.recv_timeout(left) {
+            Ok((_, l)) if l.starts_with(prefix) => return Ok(l),
+            Ok(_) => {}
+            Err(_) => return Err(format!("no '{prefix}' line in {secs} s")),
+        }
+    }
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .unwrap_or(18443)
+}
+
+/// The pid and all descendants (nginx workers).
+fn family(pid: u32) -> Vec<u32> {
+    let mut out = vec![pid];
+    if let Ok(rd) = std::fs::read_dir("/proc") {
+        for e in rd.flatten() {
+            let Ok(p) = e.file_name().to_string_lossy().parse::<u32>() else {
+                continue;
+            };
+            let stat = std::fs::read_to_string(format!("/proc/{p}/stat")).unwrap_or_default();
+            let ppid = stat
+                .rsplit(')')
+                .next()
+                .and_then(|r| r.split_whitespace().nth(1))
+                .and_then(|x| x.parse::<u32>().ok());
+            if ppid == Some(pid) {
+                out.push(p);
+            }
+        }
+    }
+    out
+}
+
+pub fn rss_kib(pids: &[u32]) -> u64 {
+    pids.iter()
+        .filter_map(|p| {
+            let s = std::fs::read_to_string(format!("/proc/{p}/status")).ok()?;
+            s.lines()
+                .find(|l| l.starts_with("VmRSS:"))?
+                .split_whitespace()
+                .nth(1)?
+                .parse::<u64>()
+                .ok()
+        })
+        .sum()
+}
+
+pub fn cpu_secs(pids: &[u32]) -> f64 {
+    // SAFETY: sysconf has no preconditions.
+    let tick = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
+    pids.iter()
+        .filter_map(|p| {
+            let stat = std::fs::read_to_string(format!("/proc/{p}/stat")).ok()?;
+            let f: Vec<&str> = stat.rsplit(')').next()?.split_whitespace().collect();
+            // After the comm field: state is [0], utime [11], stime [12].
+            Some((f.get(11)?.parse::<f64>().ok()? + f.get(12)?.parse::<f64>().ok()?) / tick)
+        })
+        .sum()
+}
+
+/// Kernel TCP memory in bytes, from /proc/net/sockstat ("TCP: ... mem N" in pages).
+pub fn sock_mem_bytes() -> u64 {
+    let s = std::fs::read_to_string("/proc/net/sockstat").unwrap_or_default();
+    parse_sockstat_mem(&s) * 4096
+}
+
+pub fn parse_sockstat_mem(s: &str) -> u64 {
+    s.lines()
+        .find(|l| l.starts_with("TCP:"))
+        .and_then(|l| {
+            let w: Vec<&str> = l.split_whitespace().collect();
+            w.iter()
+                .position(|x| *x == "mem")
+                .and_then(|i| w.get(i + 1)?.parse().ok())
+        })
+        .unwrap_or(0)
+}
+
+/// Installs a peer from Debian's packages if its binary is missing.
+pub fn ensure_installed(p: Proxy) -> Result<PathBuf, String> {
+    let bin = PathBuf::from(format!("/usr/sbin/{}", p.name()));
+    if bin.exists() {
+        return Ok(bin);
+    }
+    let Some(pkg) = p.package() else {
+        return Err("no package".into());
+    };
+    eprintln!("installing {pkg} from Debian's packages");
+    let _ = Command::new("apt-get").args(["update", "-qq"]).status();
+    let st = Command::new("apt-get")
+        .args(["install", "-y", "-qq", pkg])
+        .env("DEBIAN_FRONTEND", "noninteractive")
+        .status()
+        .map_err(|e| e.to_string())?;
+    // The package starts a system service on its default port; stop it.
+    let _ = Command::new("sh")
+        .arg("-c")
+        .arg(format!(
+            "service {} stop >/dev/null 2>&1; pkill -x {} || true",
+            p.name(),
+            p.name()
+        ))
+        .status();
+    if st.success() && bin.exists() {
+        Ok(bin)
+    } else {
+        Err(format!("could not install {pkg}"))
+    }
+}
+
+/// Writes the PEM bundles peers want next to the dev PKI.
+fn prepare_pki(dir: &Path) -> Result<(), String> {
+    holdfast::pki::generate(dir)?;
+    let read = |n: &str| std::fs::read_to_string(dir.join(n)).map_err(|e| e.to_string());
+    std::fs::write(
+        dir.join("device-cas.pem"),
+        read("fleet-2024.pem")? + &read("fleet-2019.pem")?,
+    )
+    .map_err(|e| e.to_string())?;
+    std::fs::write(
+        dir.join("haproxy-server.pem"),
+        read("server-chain.pem")? + &read("server.key")?,
+    )
+    .map_err(|e| e.to_string())?;
+    Ok(())
+}
+
+fn sibling(name: &str) -> PathBuf {
+    let me = std::env::current_exe().unwrap_or_default();
+    me.parent()
+        .map(|d| d.join(name))
+        .unwrap_or_else(|| PathBuf::from(name))
+}
+
+fn wait_port(port: u16, secs: u64) -> Result<(), String> {
+    let deadline = Instant::now() + Duration::from_secs(secs);
+    while Instant::now() < deadline {
+        if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
+            return Ok(());
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    Err(format!("nothing listens on port {port}"))
+}
+
+pub fn run(args: RunArgs) -> Result<(), String> {
+    let work = std::env::temp_dir().join(format!("hf-bench-{}", std::process::id()));
+    let pki = work.join("pki");
+    prepare_pki(&pki)?;
+    std::fs::create_dir_all(&args.out).map_err(|e| e.to_string())?;
+    for name in &args.proxies {
+        let proxy = Proxy::parse(name).ok_or(format!("unknown proxy {name}"))?;
+        let r = run_one(proxy, &args, &pki, &work.join(name))?;
+        let label = if args.label.is_empty() {
+            String::new()
+        } else {
+            format!("-{}", args.label)
+        };
+        let path = args
+            .out
+            .join(format!("{}{label}-{}.json", args.scenario, proxy.name()));
+        std::fs::write(
+            &path,
+            serde_json::to_string_pretty(&r).map_err(|e| e.to_string())?,
+        )
+        .map_err(|e| e.to_string())?;
+        eprintln!("{}", crate::render::one_line(&r));
+    }
+    let _ = std::fs::remove_dir_all(&work);
+    Ok(())
+}
+
+fn run_one(proxy: Proxy, a: &RunArgs, pki: &Path, work: &Path) -> Result<ScenarioResult, String> {
+    std::fs::create_dir_all(work).map_err(|e| e.to_string())?;
+    let m = machine();
+    let (pcpus, ccpus) = (parse_cpus(&a.proxy_cpus), parse_cpus(&a.client_cpus));
+    let (tx, rx) = channel();
+    // Upstream: the reference WSM behind holdfast, a plain echo behind peers.
+    let mut up = match proxy {
+        Proxy::Holdfast => {
+            let mut c = pinned(&sibling("holdfast-wsm"), &ccpus);
+            c.args(["--listen", "127.0.0.1:0", "--log", "warn"]);
+            c
+        }
+        _ => {
+            let mut c = pinned(&std::env::current_exe().map_err(|e| e.to_string())?, &ccpus);
+            c.args(["echo", "--listen", "127.0.0.1:0"]);
+            c
+        }
+    };
+    let mut up = up
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .map_err(|e| format!("upstream: {e}"))?;
+    lines_of(&mut up, usize::MAX, tx.clone());
+    let up = Proc(up);
+    let line = first_line_with(&rx, "", 10)?;
+    let up_addr: SocketAddr = line
+        .rsplit(' ')
+        .next()
+        .and_then(|x| x.parse().ok())
+        .ok_or(format!("upstream said {line}"))?;
+    let port = free_port();
+    let maxconn = peers::peer_maxconn(m.fd_limit);
+    let threads = pcpus.len();
+    let mut metrics_port = None;
+    let mut cmd = match proxy {
+        Proxy::Holdfast => {
+            let mp = free_port();
+            metrics_port = Some(mp);
+            let cfg = work.join("holdfast.toml");
+            let cpus = a.proxy_cpus.clone();
+            std::fs::write(
+                &cfg,
+                peers::holdfast_config(pki, port, &up_addr.to_string(), threads, &cpus, mp),
+            )
+            .map_err(|e| e.to_string())?;
+            let mut c = pinned(&sibling("holdfast"), &pcpus);
+            c.args(["run", "--log", "warn", "--config"]).arg(&cfg);
+            c
+        }
+        Proxy::Haproxy => {
+            let bin = ensure_installed(proxy)?;
+            let cfg = work.join("haproxy.cfg");
+            std::fs::write(
+                &cfg,
+                peers::haproxy_config(pki, port, &up_addr.to_string(), threads, maxconn),
+            )
+            .map_err(|e| e.to_string())?;
+            let mut c = pinned(&bin, &pcpus);
+            c.args(["-db", "-f"]).arg(&cfg);
+            c
+        }
+        Proxy::Nginx => {
+            let bin = ensure_installed(proxy)?;
+            let cfg = work.join("nginx.conf");
+            std::fs::write(
+                &cfg,
+                peers::nginx_config(pki, work, port, &up_addr.to_string(), threads, maxconn),
+            )
+            .map_err(|e| e.to_string())?;
+            let mut c = pinned(&bin, &pcpus);
+            c.arg("-p").arg(work).arg("-c").arg(&cfg);
+            c
+        }
+    };
+    let log = std::fs::File::create(work.join("proxy.log")).map_err(|e| e.to_string())?;
+    let child = cmd
+        .stdout(Stdio::null())
+        .stderr(log)
+        .spawn()
+        .map_err(|e| format!("{}: {e}", proxy.name()))?;
+    let proxy_pid = child.id();
+    let _proxy = Proc(child);
+    wait_port(port, 15).map_err(|e| {
+        format!(
+            "{}: {e}; log: {}",
+            proxy.name(),
+            std::fs::read_to_string(work.join("proxy.log")).unwrap_or_default()
+        )
+    })?;
+    std::thread::sleep(Duration::from_millis(500));
+    let pids = || family(proxy_pid);
+    let rss_base = rss_kib(&pids());
+    let sock_base = sock_mem_bytes();
+
+    // The swarm: `procs` processes, each with two source addresses of its own.
+    let per = a.conns.div_ceil(a.procs.max(1));
+    let mut swarm: Vec<(Proc, ChildStdin)> = Vec::new();
+    for i in 0..a.procs.max(1) {
+        let n = per.min(a.conns.saturating_sub(i * per));
+        if n == 0 {
+            break;
+        }
+        let srcs = format!(
+            "127.0.{}.{},127.0.{}.{}",
+            1 + i / 100,
+            2 + 2 * (i % 100),
+            1 + i / 100,
+            3 + 2 * (i % 100)
+        );
+        let mut c = pinned(&std::env::current_exe().map_err(|e| e.to_string())?, &ccpus);
+        c.arg("swarm")
+            .args([
+                "--target",
+                &format!("127.0.0.1:{port}"),
+                "--mode",
+                &a.scenario,
+                "--conns",
+                &n.to_string(),
+                "--src",
+                &srcs,
+            ])
+            .args([
+                "--rate",
+                &(a.rate / a.procs.max(1) as u32).to_string(),
+                "--tls",
+                &a.tls,
+                "--msg-size",
+                &a.msg_size.to_string(),
+            ])
+            .args([
+                "--msg-rate",
+                &a.msg_rate.to_string(),
+                "--duration",
+                &a.duration.to_string(),
+            ])
+            .arg("--ca")
+            .arg(pki.join("server-ca.pem"))
+            .arg("--cert")
+            .arg(pki.join("devices/oven-1.pem"))
+            .arg("--key")
+            .arg(pki.join("devices/oven-1.key"));
+        if a.resume {
+            c.arg("--resume");
+        }
+        let mut ch = c
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .map_err(|e| format!("swarm: {e}"))?;
+        lines_of(&mut ch, i, tx.clone());
+        let stdin = ch.stdin.take().ok_or("swarm stdin")?;
+        swarm.push((Proc(ch), stdin));
+    }
+    let nproc = swarm.len();
+    let connect_timeout = 60 + (a.conns as u64 / a.rate.max(1) as u64);
+    let mut ready = 0u64;
+    for _ in 0..nproc {
+        let l = first_line_with(&rx, "READY", connect_timeout)?;
+        ready += l
+            .split_whitespace()
+            .nth(1)
+            .and_then(|x| x.parse::<u64>().ok())
+            .unwrap_or(0);
+    }
+    std::thread::sleep(Duration::from_millis(1000));
+    let rss_loaded = rss_kib(&pids());
+    let sock_loaded = sock_mem_bytes();
+    let cpu0 = cpu_secs(&pids());
+    let mut peak = rss_loaded;
+    let go = |swarm: &mut Vec<(Proc, ChildStdin)>| {
+        for (_, s) in swarm.iter_mut() {
+            let _ = writeln!(s, "go");
+            let _ = s.flush();
+        }
+    };
+    go(&mut swarm);
+    let mut storm_secs = None;
+    if a.scenario == "storm" {
+        let t = Instant::now();
+        let mut back = 0;
+        let deadline = t + Duration::from_secs(connect_timeout);
+        while back < nproc && Instant::now() < deadline {
+            peak = peak.max(rss_kib(&pids()));
+            if let Ok((_, l)) = rx.recv_timeout(Duration::from_millis(50))
+                && l.starts_with("BACK")
+            {
+                back += 1;
+            }
+        }
+        storm_secs = Some(t.elapsed().as_secs_f64());
+        peak = peak.max(rss_kib(&pids()));
+        go(&mut swarm);
+    }
+    let mut reports = Vec::new();
+    let report_deadline =
+        Instant::now() + Duration::from_secs_f64(a.duration + connect_timeout as f64);
+    while reports.len() < nproc {
+        let left = report_deadline.saturating_duration_since(Instant::now());
+        peak = peak.max(rss_kib(&pids()));
+        match rx.recv_timeout(left.min(Duration::from_millis(200))) {
+            Ok((_, l)) if l.starts_with("REPORT ") => {
+                reports
+                    .push(serde_json::from_str::<SwarmReport>(&l[7..]).map_err(|e| e.to_string())?);
+            }
+            Ok(_) => {}
+            Err(_) if Instant::now() >= report_deadline => {
+                return Err("swarm did not report".into());
+            }
+            Err(_) => {}
+        }
+    }
+    let cpu1 = cpu_secs(&pids());
+    let holdfast_metrics = metrics_port.and_then(|p| {
+        use std::io::Read;
+        let mut s = std::net::TcpStream::connect(("127.0.0.1", p)).ok()?;
+        s.write_all(b"GET /metrics HTTP/1.1\r\n\r\n").ok()?;
+        let mut out = String::new();
+        s.read_to_string(&mut out).ok()?;
+        Some(out.split("\r\n\r\n").nth(1).unwrap_or("").to_string())
+    });
+    drop(swarm);
+    drop(up);
+    Ok(ScenarioResult {
+        proxy: proxy.name().into(),
+        scenario: a.scenario.clone(),
+        label: a.label.clone(),
+        date: crate::render::today(),
+        command: std::env::args().collect::<Vec<_>>().join(" "),
+        machine: m,
+        args: a.clone(),
+        devices_ready: ready,
+        swarm: SwarmTotal::of(&reports),
+        proxy_rss_base_kib: rss_base,
+        proxy_rss_loaded_kib: rss_loaded,
+        proxy_rss_peak_kib: peak,
+        proxy_cpu_secs: cpu1 - cpu0,
+        sock_mem_base_bytes: sock_base,
+        sock_mem_loaded_bytes: sock_loaded,
+        storm_secs,
+        holdfast_metrics,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    #[test]
+    fn sockstat_mem_is_parsed() {
+        let s =
+            "sockets: used 300\nTCP: inuse 12 orphan 0 tw 3 alloc 20 mem 57\nUDP: inuse 1 mem 2\n";
+        assert_eq!(parse_sockstat_mem(s), 57);
+        assert_eq!(parse_sockstat_mem("nothing"), 0);
+    }
+
+    #[test]
+    fn run_arguments_parse_with_defaults() {
+        #[derive(Parser)]
+        struct T {
+            #[command(flatten)]
+            a: RunArgs,
+        }
+        let t = T::parse_from([
+            "x",
+            "--scenario",
+            "idle",
+            "--proxies",
+            "holdfast,nginx",
+            "--conns",
+            "500",
+        ]);
+        assert_eq!(t.a.proxies, vec!["holdfast", "nginx"]);
+        assert_eq!(t.a.conns, 500);
+        assert_eq!(t.a.procs, 2);
+        assert_eq!(t.a.proxy_cpus, "0");
+        assert_eq!(parse_cpus("0-1"), vec![0, 1]);
+    }
+
+    #[test]
+    fn own_process_is_measurable() {
+        let me = std::process::id();
+        assert!(rss_kib(&[me]) > 0);
+        assert!(cpu_secs(&[me]) >= 0.0);
+        assert!(family(me).contains(&me));
+    }
+}

@@ -1,0 +1,394 @@
+//! One swarm process: many devices on one monoio thread.
+//!
+//! Modes: `idle` (connect, one echo each, hold), `handshake` (full or resumed
+//! handshakes in a loop), `message` (messages at a fixed rate, or closed loop
+//! when the rate is 0), `storm` (connect, then all drop and reconnect at
+//! once). The orchestrator talks to it over stdin/stdout: the swarm prints
+//! `READY` when its devices are connected, waits for a line on stdin to start
+//! the measured phase (or to end, for `idle`), and prints one JSON report.
+
+use std::cell::RefCell;
+use std::collections::{BTreeMap, VecDeque};
+use std::net::{IpAddr, SocketAddr};
+use std::path::PathBuf;
+use std::rc::Rc;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use hdrhistogram::Histogram;
+use holdfast::ws::frame::op;
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+
+use crate::client::{ErrorKind, WsClient};
+use crate::report::{Hist, SwarmReport};
+
+#[derive(Debug, Clone, clap::Args)]
+pub struct SwarmArgs {
+    #[arg(long)]
+    pub target: SocketAddr,
+    #[arg(long)]
+    pub ca: PathBuf,
+    #[arg(long)]
+    pub cert: PathBuf,
+    #[arg(long)]
+    pub key: PathBuf,
+    /// idle | handshake | message | storm
+    #[arg(long)]
+    pub mode: String,
+    /// Devices (idle, message, storm) or concurrent handshakers (handshake).
+    #[arg(long, default_value_t = 100)]
+    pub conns: usize,
+    /// Source addresses, comma separated (default: the kernel's choice).
+    #[arg(long, value_delimiter = ',')]
+    pub src: Vec<IpAddr>,
+    /// New connections per second while connecting (0 = all at once).
+    #[arg(long, default_value_t = 0)]
+    pub rate: u32,
+    /// "1.3" or "1.2".
+    #[arg(long, default_value = "1.3")]
+    pub tls: String,
+    /// Resume TLS sessions (tickets) on reconnects.
+    #[arg(long)]
+    pub resume: bool,
+    #[arg(long, default_value_t = 64)]
+    pub msg_size: usize,
+    /// Messages per second per device (message mode; 0 = closed loop).
+    #[arg(long, default_value_t = 1.0)]
+    pub msg_rate: f64,
+    /// Seconds of the measured phase (handshake, message).
+    #[arg(long, default_value_t = 10.0)]
+    pub duration: f64,
+}
+
+pub fn client_config(a: &SwarmArgs) -> Result<Arc<rustls::ClientConfig>, String> {
+    let versions: Vec<&'static rustls::SupportedProtocolVersion> = match a.tls.as_str() {
+        "1.2" => vec![&rustls::version::TLS12],
+        _ => vec![&rustls::version::TLS13],
+    };
+    let mut roots = rustls::RootCertStore::empty();
+    for c in CertificateDer::pem_file_iter(&a.ca).map_err(|e| e.to_string())? {
+        roots
+            .add(c.map_err(|e| e.to_string())?)
+            .map_err(|e| e.to_string())?;
+    }
+    let chain: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(&a.cert)
+        .map_err(|e| e.to_string())?
+        .collect::<Result<_, _>>()
+        .map_err(|e| e.to_string())?;
+    let key = PrivateKeyDer::from_pem_file(&a.key).map_err(|e| e.to_string())?;
+    let mut cfg = rustls::ClientConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_protocol_versions(&versions)
+    .map_err(|e| e.to_string())?
+    .with_root_certificates(roots)
+    .with_client_auth_cert(chain, key)
+    .map_err(|e| e.to_string())?;
+    if a.resume {
+        cfg.resumption = rustls::client::Resumption::in_memory_sessions(4096);
+    } else {
+        cfg.resumption = rustls::client::Resumption::disabled();
+    }
+    Ok(Arc::new(cfg))
+}
+
+struct Stats {
+    errors: BTreeMap<ErrorKind, u64>,
+    first_error: Option<String>,
+    connect: Histogram<u64>,
+    rtt: Histogram<u64>,
+    handshakes: u64,
+    resumed: u64,
+    messages: u64,
+}
+
+impl Stats {
+    fn new() -> Stats {
+        Stats {
+            errors: BTreeMap::new(),
+            first_error: None,
+            connect: Histogram::new(3).expect("histogram"),
+            rtt: Histogram::new(3).expect("histogram"),
+            handshakes: 0,
+            resumed: 0,
+            messages: 0,
+        }
+    }
+    fn error(&mut self, kind: ErrorKind, msg: String) {
+        *self.errors.entry(kind).or_default() += 1;
+        self.first_error.get_or_insert(msg);
+    }
+}
+
+type Shared = Rc<RefCell<Stats>>;
+
+/// Blocks (on a helper thread) until a line arrives on stdin.
+fn stdin_line() -> std::sync::mpsc::Receiver<String> {
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let mut l = String::new();
+        while std::io::stdin().read_line(&mut l).unwrap_or(0) > 0 {
+            let _ = tx.send(l.trim().to_string());
+            l.clear();
+        }
+        let _ = tx.send(String::new());
+    });
+    rx
+}
+
+async fn wait_line(rx: &std::sync::mpsc::Receiver<String>) -> String {
+    loop {
+        if let Ok(l) = rx.try_recv() {
+            return l;
+        }
+        monoio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+async fn connect_one(
+    cfg: Arc<rustls::ClientConfig>,
+    a: &SwarmArgs,
+    i: usize,
+    stats: &Shared,
+) -> Option<WsClient> {
+    let src = (!a.src.is_empty()).then(|| a.src[i % a.src.len()]);
+    let t0 = Instant::now();
+    match WsClient::connect(cfg, src, a.target, "/bench").await {
+        Ok(c) => {
+            let mut s = stats.borrow_mut();
+            let _ = s.connect.record(t0.elapsed().as_micros() as u64);
+            s.handshakes += 1;
+            s.resumed += c.resumed() as u64;
+            Some(c)
+        }
+        Err(f) => {
+            stats.borrow_mut().error(f.0, f.1);
+            None
+        }
+    }
+}
+
+/// Connects `a.conns` devices at `a.rate` per second (or all at once).
+async fn connect_all(
+    cfg: &Arc<rustls::ClientConfig>,
+    a: &Rc<SwarmArgs>,
+    stats: &Shared,
+) -> Vec<WsClient> {
+    let out: Rc<RefCell<Vec<WsClient>>> = Rc::new(RefCell::new(Vec::with_capacity(a.conns)));
+    let mut handles = Vec::with_capacity(a.conns);
+    let start = Instant::now();
+    for i in 0..a.conns {
+        if a.rate > 0 {
+            let due = start + Duration::from_secs_f64(i as f64 / a.rate as f64);
+            if let Some(d) = due.checked_duration_since(Instant::now()) {
+                monoio::time::sleep(d).await;
+            }
+        }
+        let (cfg, a, stats, out) = (cfg.clone(), a.clone(), stats.clone(), out.clone());
+        handles.push(monoio::spawn(async move {
+            if let Some(mut c) = connect_one(cfg, &a, i, &stats).await {
+                // One echo proves the path works end to end.
+                let ok = c.send(op::TEXT, b"hello").await.is_ok() && c.recv().await.is_ok();
+                if ok {
+                    out.borrow_mut().push(c);
+                } else {
+                    stats
+                        .borrow_mut()
+                        .error(ErrorKind::Protocol, "first echo failed".into());
+                }
+            }
+        }));
+    }
+    for h in handles {
+        h.await;
+    }
+    Rc::try_unwrap(out)
+        .map(|c| c.into_inner())
+        .unwrap_or_default()
+}
+
+fn payload(size: usize, t: Instant, base: Instant) -> Vec<u8> {
+    let mut p = vec![b'x'; size.max(8)];
+    p[..8].copy_from_slice(&(t.duration_since(base).as_nanos() as u64).to_be_bytes());
+    p
+}
+
+async fn message_device(
+    mut c: WsClient,
+    a: Rc<SwarmArgs>,
+    stats: Shared,
+    base: Instant,
+    end: Instant,
+    phase: f64,
+) -> Option<WsClient> {
+    let mut inflight: VecDeque<Instant> = VecDeque::new();
+    if a.msg_rate <= 0.0 {
+        // Closed loop: next message when the echo is back.
+        while Instant::now() < end {
+            let t = Instant::now();
+            if let Err(f) = c.send(op::BINARY, &payload(a.msg_size, t, base)).await {
+                stats.borrow_mut().error(f.0, f.1);
+                return None;
+            }
+            if let Err(f) = c.recv().await {
+                stats.borrow_mut().error(f.0, f.1);
+                return None;
+            }
+            let mut s = stats.borrow_mut();
+            let _ = s.rtt.record(t.elapsed().as_micros() as u64);
+            s.messages += 1;
+        }
+        return Some(c);
+    }
+    let period = Duration::from_secs_f64(1.0 / a.msg_rate);
+    let mut next = Instant::now() + period.mul_f64(phase);
+    while next < end {
+        if let Some(d) = next.checked_duration_since(Instant::now()) {
+            monoio::time::sleep(d).await;
+        }
+        inflight.push_back(next);
+        if let Err(f) = c.send(op::BINARY, &payload(a.msg_size, next, base)).await {
+            stats.borrow_mut().error(f.0, f.1);
+            return None;
+        }
+        // Echoes come back in order; latency is measured from the scheduled
+        // send time, so a slow proxy cannot hide queueing (no coordinated omission).
+        match c.recv().await {
+            Ok(_) => {
+                let sent = inflight.pop_front().unwrap_or(next);
+                let mut s = stats.borrow_mut();
+                let _ = s.rtt.record(sent.elapsed().as_micros() as u64);
+                s.messages += 1;
+            }
+            Err(f) => {
+                stats.borrow_mut().error(f.0, f.1);
+                return None;
+            }
+        }
+        next += period;
+    }
+    Some(c)
+}
+
+fn rusage() -> (f64, f64, u64) {
+    let mut u: libc::rusage = unsafe { std::mem::zeroed() };
+    // SAFETY: getrusage writes into the struct we pass and nothing else.
+    unsafe { libc::getrusage(libc::RUSAGE_SELF, &mut u) };
+    let secs = |t: libc::timeval| t.tv_sec as f64 + t.tv_usec as f64 / 1e6;
+    (secs(u.ru_utime), secs(u.ru_stime), u.ru_maxrss as u64)
+}
+
+pub fn run(a: SwarmArgs) -> Result<(), String> {
+    let cfg = client_config(&a)?;
+    let mut rt = monoio::RuntimeBuilder::<monoio::IoUringDriver>::new()
+        .with_entries(8192)
+        .enable_timer()
+        .build()
+        .map_err(|e| e.to_string())?;
+    let report = rt.block_on(async move {
+        let a = Rc::new(a);
+        let stats: Shared = Rc::new(RefCell::new(Stats::new()));
+        let stdin = stdin_line();
+        let t0 = Instant::now();
+        let mut elapsed = 0.0;
+        match a.mode.as_str() {
+            "idle" => {
+                let held = connect_all(&cfg, &a, &stats).await;
+                elapsed = t0.elapsed().as_secs_f64();
+                println!("READY {}", held.len());
+                wait_line(&stdin).await;
+                drop(held);
+            }
+            "storm" => {
+                let held = connect_all(&cfg, &a, &stats).await;
+                println!("READY {}", held.len());
+                wait_line(&stdin).await;
+                // Everyone drops at once, then everyone comes back at once.
+                drop(held);
+                *stats.borrow_mut() = Stats::new();
+                let t = Instant::now();
+                let a2 = Rc::new(SwarmArgs {
+                    rate: 0,
+                    ..(*a).clone()
+                });
+                let back = connect_all(&cfg, &a2, &stats).await;
+                elapsed = t.elapsed().as_secs_f64();
+                println!("BACK {}", back.len());
+                wait_line(&stdin).await;
+            }
+            "handshake" => {
+                println!("READY 0");
+                wait_line(&stdin).await;
+                let t = Instant::now();
+                let end = t + Duration::from_secs_f64(a.duration);
+                let mut hs = Vec::new();
+                for i in 0..a.conns {
+                    let (cfg, a, stats) = (cfg.clone(), a.clone(), stats.clone());
+                    hs.push(monoio::spawn(async move {
+                        let mut k = i;
+                        while Instant::now() < end {
+                            if let Some(c) = connect_one(cfg.clone(), &a, k, &stats).await {
+                                c.close().await;
+                            }
+                            k += a.conns;
+                        }
+                    }));
+                }
+                for h in hs {
+                    h.await;
+                }
+                elapsed = t.elapsed().as_secs_f64();
+            }
+            "message" => {
+                let held = connect_all(&cfg, &a, &stats).await;
+                println!("READY {}", held.len());
+                wait_line(&stdin).await;
+                stats.borrow_mut().rtt.reset();
+                let base = Instant::now();
+                let end = base + Duration::from_secs_f64(a.duration);
+                let n = held.len().max(1);
+                let mut hs = Vec::new();
+                for (i, c) in held.into_iter().enumerate() {
+                    hs.push(monoio::spawn(message_device(
+                        c,
+                        a.clone(),
+                        stats.clone(),
+                        base,
+                        end,
+                        i as f64 / n as f64,
+                    )));
+                }
+                for h in hs {
+                    let _ = h.await;
+                }
+                elapsed = base.elapsed().as_secs_f64();
+            }
+            other => stats
+                .borrow_mut()
+                .error(ErrorKind::Protocol, format!("unknown mode {other}")),
+        }
+        let (user, sys, rss) = rusage();
+        let s = stats.borrow();
+        SwarmReport {
+            mode: a.mode.clone(),
+            devices: a.conns as u64,
+            handshakes: s.handshakes,
+            resumed: s.resumed,
+            messages: s.messages,
+            errors: s.errors.clone(),
+            first_error: s.first_error.clone(),
+            elapsed_secs: elapsed,
+            connect_us: Hist::from(&s.connect),
+            rtt_us: Hist::from(&s.rtt),
+            cpu_user_secs: user,
+            cpu_sys_secs: sys,
+            max_rss_kib: rss,
+        }
+    });
+    println!(
+        "REPORT {}",
+        serde_json::to_string(&report).map_err(|e| e.to_string())?
+    );
+    Ok(())
+}
