@@ -24,6 +24,17 @@ pub fn rss_per_conn(r: &ScenarioResult) -> f64 {
         / r.devices_ready as f64
 }
 
+/// Bytes of proxy RSS per connection added after the first half: the
+/// marginal cost, free of fixed costs that grow early (allocator arenas,
+/// tables, TLS caches).
+pub fn rss_marginal(r: &ScenarioResult) -> f64 {
+    let added = r.devices_ready.saturating_sub(r.half_devices);
+    if added == 0 || r.half_devices == 0 {
+        return 0.0;
+    }
+    (r.proxy_rss_loaded_kib.saturating_sub(r.proxy_rss_half_kib) as f64 * 1024.0) / added as f64
+}
+
 pub fn sock_per_conn(r: &ScenarioResult) -> f64 {
     if r.devices_ready == 0 {
         return 0.0;
@@ -47,12 +58,13 @@ pub fn per_cpu_sec(count: u64, cpu: f64) -> f64 {
 
 pub fn one_line(r: &ScenarioResult) -> String {
     format!(
-        "{} {}: ready {} errors {} | rss/conn {:.0} B sock/conn {:.0} B | handshakes {} ({:.0}/s, {:.0}/proxy-cpu-s) | msgs {} ({:.0}/proxy-cpu-s) p50 {} us p99 {} us | proxy cpu {:.2} s client cpu {:.2} s{}",
+        "{} {}: ready {} errors {} | rss/conn {:.0} B marginal {:.0} B sock/conn {:.0} B | handshakes {} ({:.0}/s, {:.0}/proxy-cpu-s) | msgs {} ({:.0}/proxy-cpu-s) p50 {} us p99 {} us | proxy cpu {:.2} s client cpu {:.2} s{}",
         r.scenario,
         r.proxy,
         r.devices_ready,
         r.swarm.error_count(),
         rss_per_conn(r),
+        rss_marginal(r),
         sock_per_conn(r),
         r.swarm.handshakes,
         handshakes_per_sec(r),

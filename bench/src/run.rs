@@ -77,6 +77,9 @@ pub struct ScenarioResult {
     pub devices_ready: u64,
     pub swarm: SwarmTotal,
     pub proxy_rss_base_kib: u64,
+    /// Idle scenario: devices and RSS when half of them were connected.
+    pub half_devices: u64,
+    pub proxy_rss_half_kib: u64,
     pub proxy_rss_loaded_kib: u64,
     pub proxy_rss_peak_kib: u64,
     /// Proxy CPU seconds during the measured phase.
@@ -512,6 +515,22 @@ fn run_one(proxy: Proxy, a: &RunArgs, pki: &Path, work: &Path) -> Result<Scenari
     }
     let nproc = swarm.len();
     let connect_timeout = 60 + (a.conns as u64 / a.rate.max(1) as u64);
+    let go = |swarm: &mut Vec<(Proc, ChildStdin)>| {
+        for (_, s) in swarm.iter_mut() {
+            let _ = writeln!(s, "go");
+            let _ = s.flush();
+        }
+    };
+    let (mut half_devices, mut rss_half) = (0u64, 0u64);
+    if a.scenario == "idle" {
+        for _ in 0..nproc {
+            let l = first_line_with(&rx, "HALF", connect_timeout)?;
+            half_devices += l.split_whitespace().nth(1).and_then(|x| x.parse::<u64>().ok()).unwrap_or(0);
+        }
+        std::thread::sleep(Duration::from_millis(1000));
+        rss_half = rss_kib(&pids());
+        go(&mut swarm);
+    }
     let mut ready = 0u64;
     for _ in 0..nproc {
         let l = first_line_with(&rx, "READY", connect_timeout)?;
@@ -526,12 +545,6 @@ fn run_one(proxy: Proxy, a: &RunArgs, pki: &Path, work: &Path) -> Result<Scenari
     let sock_loaded = sock_mem_bytes();
     let cpu0 = cpu_secs(&pids());
     let mut peak = rss_loaded;
-    let go = |swarm: &mut Vec<(Proc, ChildStdin)>| {
-        for (_, s) in swarm.iter_mut() {
-            let _ = writeln!(s, "go");
-            let _ = s.flush();
-        }
-    };
     go(&mut swarm);
     let mut storm_secs = None;
     if a.scenario == "storm" {
@@ -590,6 +603,8 @@ fn run_one(proxy: Proxy, a: &RunArgs, pki: &Path, work: &Path) -> Result<Scenari
         devices_ready: ready,
         swarm: SwarmTotal::of(&reports),
         proxy_rss_base_kib: rss_base,
+        half_devices,
+        proxy_rss_half_kib: rss_half,
         proxy_rss_loaded_kib: rss_loaded,
         proxy_rss_peak_kib: peak,
         proxy_cpu_secs: cpu1 - cpu0,

@@ -36,8 +36,16 @@ pub struct PoolBuf {
 }
 
 impl Pool {
+    /// Allocates and touches every buffer now, so the pool's memory is a
+    /// fixed, visible cost from the start (not page faults under load).
     pub fn new(count: usize, size: usize, metrics: Arc<ShardMetrics>) -> Pool {
-        let free = (0..count).map(|_| Vec::with_capacity(size)).collect();
+        let free = (0..count)
+            .map(|_| {
+                let mut v = vec![0u8; size];
+                v.clear();
+                v
+            })
+            .collect();
         Pool(Rc::new(RefCell::new(Inner {
             free,
             size,
