@@ -159,14 +159,17 @@ pub fn render(results: &[ScenarioResult], dir: &Path) -> Result<String, String> 
         );
         match scenario.as_str() {
             "idle" => {
-                md.push_str("| proxy | devices | errors | proxy RSS growth / conn | kernel TCP mem / conn | swarm CPU s | swarm max RSS |\n|---|---|---|---|---|---|---|\n");
+                md.push_str("| proxy | devices | errors | RSS at start | RSS loaded | RSS growth / conn (average) | RSS / conn, second half (marginal) | kernel TCP mem / conn | swarm CPU s | swarm max RSS |\n|---|---|---|---|---|---|---|---|---|---|\n");
                 for r in &rs {
                     md.push_str(&format!(
-                        "| {} | {} | {} | {:.0} B | {:.0} B | {:.1} | {} MiB |\n",
+                        "| {} | {} | {} | {} MiB | {} MiB | {:.0} B | {:.0} B | {:.0} B | {:.1} | {} MiB |\n",
                         r.proxy,
                         r.devices_ready,
                         r.swarm.error_count(),
+                        r.proxy_rss_base_kib / 1024,
+                        r.proxy_rss_loaded_kib / 1024,
                         rss_per_conn(r),
+                        rss_marginal(r),
                         sock_per_conn(r),
                         r.swarm.cpu_secs,
                         r.swarm.max_rss_kib / 1024
@@ -174,17 +177,16 @@ pub fn render(results: &[ScenarioResult], dir: &Path) -> Result<String, String> 
                 }
                 if let Some(h) = hf {
                     md.push_str(&format!(
-                        "\nholdfast / best peer, RSS per connection (lower is better): {}\n",
-                        ratio_cell(ratio_lower_better(
-                            rss_per_conn(h),
-                            &peers.iter().map(|r| rss_per_conn(r)).collect::<Vec<_>>()
-                        ))
+                        "\nholdfast / best peer, RSS per connection (lower is better): average {}, marginal {}\n",
+                        ratio_cell(ratio_lower_better(rss_per_conn(h), &peers.iter().map(|r| rss_per_conn(r)).collect::<Vec<_>>())),
+                        ratio_cell(ratio_lower_better(rss_marginal(h), &peers.iter().map(|r| rss_marginal(r)).collect::<Vec<_>>()))
                     ));
                 }
-                let bars: Vec<(String, f64)> = rs
-                    .iter()
-                    .map(|r| (r.proxy.clone(), rss_per_conn(r)))
-                    .collect();
+                let mut bars: Vec<(String, f64)> = Vec::new();
+                for r in &rs {
+                    bars.push((format!("{} average", r.proxy), rss_per_conn(r)));
+                    bars.push((format!("{} marginal", r.proxy), rss_marginal(r)));
+                }
                 std::fs::write(
                     dir.join(&file),
                     bar_svg("Proxy RSS per idle mTLS WebSocket connection", "B", &bars),

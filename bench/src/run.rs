@@ -78,7 +78,9 @@ pub struct ScenarioResult {
     pub swarm: SwarmTotal,
     pub proxy_rss_base_kib: u64,
     /// Idle scenario: devices and RSS when half of them were connected.
+    #[serde(default)]
     pub half_devices: u64,
+    #[serde(default)]
     pub proxy_rss_half_kib: u64,
     pub proxy_rss_loaded_kib: u64,
     pub proxy_rss_peak_kib: u64,
@@ -525,7 +527,11 @@ fn run_one(proxy: Proxy, a: &RunArgs, pki: &Path, work: &Path) -> Result<Scenari
     if a.scenario == "idle" {
         for _ in 0..nproc {
             let l = first_line_with(&rx, "HALF", connect_timeout)?;
-            half_devices += l.split_whitespace().nth(1).and_then(|x| x.parse::<u64>().ok()).unwrap_or(0);
+            half_devices += l
+                .split_whitespace()
+                .nth(1)
+                .and_then(|x| x.parse::<u64>().ok())
+                .unwrap_or(0);
         }
         std::thread::sleep(Duration::from_millis(1000));
         rss_half = rss_kib(&pids());

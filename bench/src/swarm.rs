@@ -296,11 +296,17 @@ pub fn run(a: SwarmArgs) -> Result<(), String> {
             "idle" => {
                 // Two halves, so the runner can measure the marginal cost of
                 // a connection as well as the average.
-                let half = Rc::new(SwarmArgs { conns: a.conns / 2, ..(*a).clone() });
+                let half = Rc::new(SwarmArgs {
+                    conns: a.conns / 2,
+                    ..(*a).clone()
+                });
                 let mut held = connect_all(&cfg, &half, &stats).await;
                 println!("HALF {}", held.len());
                 wait_line(&stdin).await;
-                let rest = Rc::new(SwarmArgs { conns: a.conns - a.conns / 2, ..(*a).clone() });
+                let rest = Rc::new(SwarmArgs {
+                    conns: a.conns - a.conns / 2,
+                    ..(*a).clone()
+                });
                 held.extend(connect_all(&cfg, &rest, &stats).await);
                 elapsed = t0.elapsed().as_secs_f64();
                 println!("READY {}", held.len());
