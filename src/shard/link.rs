@@ -46,6 +46,8 @@ pub struct StreamShared {
     pub link_lost: bool,
     /// Deadline registered with the shard's timers, if any.
     pub timer_at: Option<std::time::Instant>,
+    /// Bytes delivered to the device whose stream credit is not yet returned.
+    credit_owed: u32,
     notified: bool,
     waker: Option<Waker>,
 }
@@ -91,19 +93,24 @@ struct LinkState {
     peer_max_frame: u32,
     /// Credit to send messages on the whole link.
     link_credit: i64,
+    /// Bytes delivered (or dropped) whose link credit is not yet returned.
+    link_owed: u64,
 }
 
 pub struct Link {
     pub host: String,
     pub index: u32,
+    /// Credit holdfast grants the WSM per stream (config `stream_window`).
+    stream_window: u32,
     st: RefCell<LinkState>,
 }
 
 impl Link {
-    pub fn new(host: String, index: u32) -> Rc<Link> {
+    pub fn new(host: String, index: u32, stream_window: u32) -> Rc<Link> {
         Rc::new(Link {
             host,
             index,
+            stream_window,
             st: RefCell::new(LinkState::default()),
         })
     }
@@ -174,7 +181,10 @@ impl Link {
         }
     }
 
-    /// Returns credit for `n` bytes the device has been sent (or that were dropped).
+    /// Returns credit for `n` bytes the device has been sent (or that were
+    /// dropped). Credit goes back in batches, once a quarter of a window is
+    /// owed: the WSM always keeps at least three quarters of its window, so
+    /// it never stalls, and a small message costs no extra link write.
     pub fn return_credit(&self, stream: u32, n: usize) {
         if n == 0 {
             return;
@@ -183,11 +193,33 @@ impl Link {
         if !st.up {
             return;
         }
-        let bytes = n.min(u32::MAX as usize) as u32;
-        if st.streams.contains_key(&stream) {
-            self.push(&mut st, &Frame::Credit { stream, bytes });
+        let n = n.min(u32::MAX as usize) as u32;
+        let stream_due = match st.streams.get(&stream) {
+            Some(s) => {
+                let mut s = s.borrow_mut();
+                s.credit_owed = s.credit_owed.saturating_add(n);
+                if s.credit_owed >= (self.stream_window / 4).max(1) {
+                    std::mem::take(&mut s.credit_owed)
+                } else {
+                    0
+                }
+            }
+            None => 0,
+        };
+        if stream_due > 0 {
+            self.push(
+                &mut st,
+                &Frame::Credit {
+                    stream,
+                    bytes: stream_due,
+                },
+            );
         }
-        self.push(&mut st, &Frame::Credit { stream: 0, bytes });
+        st.link_owed += n as u64;
+        if st.link_owed >= (LINK_WINDOW / 4) as u64 {
+            let bytes = std::mem::take(&mut st.link_owed).min(u32::MAX as u64) as u32;
+            self.push(&mut st, &Frame::Credit { stream: 0, bytes });
+        }
     }
 
     /// Ends a stream from holdfast's side.
@@ -438,6 +470,7 @@ async fn read_loop<R: AsyncReadRent>(
                 st.next_stream = 0;
                 st.peer_stream_window = h.stream_window as i64;
                 st.link_credit = h.link_window as i64;
+                st.link_owed = 0;
                 st.peer_max_frame = h.max_frame;
             }
             ShardMetrics::inc(&metrics.links_up);

@@ -118,7 +118,7 @@ async fn run(
     let mut links = Vec::new();
     for host in &cfg.upstream.wsm {
         for i in 0..cfg.upstream.links_per_shard {
-            links.push(Link::new(host.clone(), i));
+            links.push(Link::new(host.clone(), i, cfg.upstream.stream_window));
         }
     }
     let ctx = Rc::new(ShardCtx {

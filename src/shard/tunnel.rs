@@ -32,7 +32,14 @@ pub(super) struct Tunnel {
     pending_err: Option<WsError>,
     last_rx: Instant,
     last_ping: Instant,
+    /// Last message either way; expanded keys are dropped [`COOL_AFTER`] later.
+    last_active: Instant,
 }
+
+/// How long a tunnel keeps its expanded AEAD keys after its last message: a
+/// device that talks every few hundred milliseconds would otherwise pay the
+/// key schedule on every message; one that idles gives the memory back.
+const COOL_AFTER: std::time::Duration = std::time::Duration::from_secs(2);
 
 enum Wake {
     Readable(std::io::Result<()>),
@@ -60,6 +67,7 @@ impl Tunnel {
             pending_err: None,
             last_rx: now,
             last_ping: now,
+            last_active: now,
         })
     }
 
@@ -92,7 +100,12 @@ async fn run_loop(dev: &mut Device, t: &mut Tunnel) -> End {
         if let Some(end) = Box::pin(burst(dev, t)).await {
             return end;
         }
-        t.rl.cool();
+        let now = Instant::now();
+        if now >= t.last_active + COOL_AFTER {
+            t.rl.cool();
+        } else {
+            dev.shard.timers.arm(&t.stream, t.last_active + COOL_AFTER);
+        }
         match wait(dev, t).await {
             Wake::Notified => {}
             Wake::Readable(Err(e)) => return End::Io(e),
@@ -208,6 +221,7 @@ async fn burst(dev: &mut Device, t: &mut Tunnel) -> Option<End> {
         )
     };
     if !msgs.is_empty() {
+        t.last_active = Instant::now();
         let mut out = Vec::new();
         let mut bytes = 0;
         for (binary, data) in &msgs {
