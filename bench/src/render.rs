@@ -175,6 +175,12 @@ pub fn render(results: &[ScenarioResult], dir: &Path) -> Result<String, String> 
                         r.swarm.max_rss_kib / 1024
                     ));
                 }
+                if let Some(text) = hf.and_then(|h| h.holdfast_metrics.as_deref()) {
+                    let state = crate::run::metric_sum(text, "holdfast_tunnel_state_bytes");
+                    let active = crate::run::metric_sum(text, "holdfast_connections_active").max(1);
+                    let bufs = crate::run::metric_sum(text, "holdfast_buffers_in_use");
+                    md.push_str(&format!("\nholdfast's own accounting while loaded: {active} connections, {} B of tunnel state each (Tunnel, StreamShared, key material), {bufs} I/O buffers lent out.\n", state / active));
+                }
                 if let Some(h) = hf {
                     md.push_str(&format!(
                         "\nholdfast / best peer, RSS per connection (lower is better): average {}, marginal {}\n",

@@ -90,7 +90,7 @@ pub struct ScenarioResult {
     pub sock_mem_loaded_bytes: u64,
     /// Time until all devices were back (storm), seconds.
     pub storm_secs: Option<f64>,
-    /// holdfast only: its metrics text after the run.
+    /// holdfast only: its metrics text while the devices were connected.
     pub holdfast_metrics: Option<String>,
 }
 
@@ -190,6 +190,24 @@ fn first_line_with(
             Err(_) => return Err(format!("no '{prefix}' line in {secs} s")),
         }
     }
+}
+
+/// holdfast's Prometheus text.
+fn fetch_metrics(port: u16) -> Option<String> {
+    use std::io::Read;
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).ok()?;
+    s.write_all(b"GET /metrics HTTP/1.1\r\n\r\n").ok()?;
+    let mut out = String::new();
+    s.read_to_string(&mut out).ok()?;
+    Some(out.split("\r\n\r\n").nth(1).unwrap_or("").to_string())
+}
+
+/// Sum of one metric over its series.
+pub fn metric_sum(text: &str, name: &str) -> u64 {
+    text.lines()
+        .filter(|l| l.starts_with(&format!("{name}{{")))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
+        .sum()
 }
 
 fn free_port() -> u16 {
@@ -549,6 +567,7 @@ fn run_one(proxy: Proxy, a: &RunArgs, pki: &Path, work: &Path) -> Result<Scenari
     std::thread::sleep(Duration::from_millis(1000));
     let rss_loaded = rss_kib(&pids());
     let sock_loaded = sock_mem_bytes();
+    let holdfast_metrics = metrics_port.and_then(fetch_metrics);
     let cpu0 = cpu_secs(&pids());
     let mut peak = rss_loaded;
     go(&mut swarm);
@@ -588,14 +607,6 @@ fn run_one(proxy: Proxy, a: &RunArgs, pki: &Path, work: &Path) -> Result<Scenari
         }
     }
     let cpu1 = cpu_secs(&pids());
-    let holdfast_metrics = metrics_port.and_then(|p| {
-        use std::io::Read;
-        let mut s = std::net::TcpStream::connect(("127.0.0.1", p)).ok()?;
-        s.write_all(b"GET /metrics HTTP/1.1\r\n\r\n").ok()?;
-        let mut out = String::new();
-        s.read_to_string(&mut out).ok()?;
-        Some(out.split("\r\n\r\n").nth(1).unwrap_or("").to_string())
-    });
     drop(swarm);
     drop(up);
     Ok(ScenarioResult {
@@ -625,6 +636,12 @@ fn run_one(proxy: Proxy, a: &RunArgs, pki: &Path, work: &Path) -> Result<Scenari
 mod tests {
     use super::*;
     use clap::Parser;
+
+    #[test]
+    fn metric_sums_over_shards() {
+        let t = "# TYPE x gauge\nholdfast_tunnel_state_bytes{shard=\"0\"} 100\nholdfast_tunnel_state_bytes{shard=\"1\"} 50\nother{a=\"b\"} 7\n";
+        assert_eq!(metric_sum(t, "holdfast_tunnel_state_bytes"), 150);
+    }
 
     #[test]
     fn sockstat_mem_is_parsed() {

@@ -80,7 +80,14 @@ pub async fn serve(shard: Rc<ShardCtx>, tcp: TcpStream, addr: SocketAddr) {
     // when they end, and does not size the future an idle connection keeps.
     let end = match Box::pin(dev.establish()).await {
         Ok(mut t) => {
+            let bytes = t.state_bytes();
+            let gauge = &dev.shard.metrics.tunnel_state_bytes;
+            gauge.fetch_add(bytes, std::sync::atomic::Ordering::Relaxed);
             let end = tunnel::run(&mut dev, &mut t).await;
+            dev.shard
+                .metrics
+                .tunnel_state_bytes
+                .fetch_sub(bytes, std::sync::atomic::Ordering::Relaxed);
             Box::pin(dev.finish(&end, &mut t.rl)).await;
             end
         }

@@ -71,6 +71,19 @@ impl Tunnel {
         })
     }
 
+    /// Bytes of state this tunnel holds while idle: itself, its stream's
+    /// shared state and the record layer's key material on the heap.
+    pub fn state_bytes(&self) -> u64 {
+        let st = self.rl.state();
+        let heap = st.rx.secret.capacity()
+            + st.rx.key.capacity()
+            + st.tx.secret.capacity()
+            + st.tx.key.capacity()
+            + st.handshake_buf.capacity();
+        (std::mem::size_of::<Tunnel>() + std::mem::size_of::<super::link::StreamShared>() + heap)
+            as u64
+    }
+
     /// Decodes plaintext that arrived with the upgrade request.
     pub fn feed(&mut self, plain: &[u8]) {
         if self.pending_err.is_none() {
