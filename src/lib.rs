@@ -9,6 +9,7 @@ pub mod pki;
 pub mod proxy;
 pub mod shard;
 pub mod tls;
+pub mod upgrade;
 pub mod ws;
 pub mod wsm;
 
