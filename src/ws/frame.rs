@@ -58,6 +58,7 @@ pub enum Event {
     },
 }
 
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 struct Frame {
     fin: bool,
     opcode: u8,
@@ -67,7 +68,10 @@ struct Frame {
     pos: u64,
 }
 
-/// Streaming decoder for one direction of one connection.
+/// Streaming decoder for one direction of one connection. Its state is
+/// plain serializable data (a live upgrade moves it, partial frame and
+/// partial message included, to the new process).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct Decoder {
     max_message: usize,
     /// Server side: frames must be masked. Client side: must not be.

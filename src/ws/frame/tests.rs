@@ -139,6 +139,39 @@ fn server_frames_roundtrip_unmasked() {
     );
 }
 
+#[test]
+fn decoder_state_moves_mid_frame() {
+    let mut wire = Vec::new();
+    encode(
+        &mut wire,
+        op::TEXT,
+        "first half | second half".as_bytes(),
+        M,
+    );
+    let mut frag = Vec::new();
+    encode(&mut frag, op::BINARY, &[7u8; 300], M);
+    frag[0] &= 0x7f; // a fragmented message, cut inside its first frame below
+    wire.extend_from_slice(&frag);
+    encode(&mut wire, op::CONT, &[8u8; 10], M);
+    for cut in 1..wire.len() {
+        let mut d = Decoder::new(4096, true);
+        let mut ev = Vec::new();
+        d.feed(&wire[..cut], &mut ev).unwrap();
+        let moved: Decoder = serde_json::from_str(&serde_json::to_string(&d).unwrap()).unwrap();
+        assert_eq!(moved, d);
+        let mut d = moved;
+        d.feed(&wire[cut..], &mut ev).unwrap();
+        assert_eq!(ev.len(), 2, "cut at {cut}");
+        assert_eq!(
+            ev[1],
+            Event::Message {
+                text: false,
+                data: [vec![7u8; 300], vec![8u8; 10]].concat()
+            }
+        );
+    }
+}
+
 proptest! {
     #![proptest_config(ProptestConfig::with_cases(512))]
 
