@@ -79,11 +79,11 @@ pub async fn serve(shard: Rc<ShardCtx>, tcp: TcpStream, addr: SocketAddr) {
     // Set-up and close-down are boxed: their state (rustls included) is freed
     // when they end, and does not size the future an idle connection keeps.
     let end = match Box::pin(dev.establish()).await {
-        Ok(mut t) => {
+        Ok((mut t, early)) => {
             let bytes = t.state_bytes();
             let gauge = &dev.shard.metrics.tunnel_state_bytes;
             gauge.fetch_add(bytes, std::sync::atomic::Ordering::Relaxed);
-            let end = tunnel::run(&mut dev, &mut t).await;
+            let end = tunnel::run(&mut dev, &mut t, early).await;
             dev.shard
                 .metrics
                 .tunnel_state_bytes
@@ -206,7 +206,7 @@ impl Device {
     /// Handshake, upgrade and stream open, each under its timeout. On
     /// failure the device has been told (alert, HTTP status) and the TLS
     /// session closed.
-    async fn establish(&mut self) -> Result<Box<Tunnel>, End> {
+    async fn establish(&mut self) -> Result<(Box<Tunnel>, Vec<u8>), End> {
         let m = self.shard.metrics.clone();
         let timeout = self.shard.cfg.tls.handshake_timeout;
         let est = match monoio::time::timeout(timeout, self.handshake()).await {
@@ -247,11 +247,10 @@ impl Device {
             )),
         };
         match opened {
-            Ok((link, stream, early)) => {
-                let mut t = Tunnel::new(rl, link, stream, self.shard.cfg.ws.max_message_bytes);
-                t.feed(&early);
-                Ok(t)
-            }
+            Ok((link, stream, early)) => Ok((
+                Tunnel::new(rl, link, stream, self.shard.cfg.ws.max_message_bytes),
+                early,
+            )),
             Err(end) => {
                 self.finish(&end, &mut rl).await;
                 Err(end)

@@ -23,13 +23,9 @@ pub(super) struct Tunnel {
     link: Rc<Link>,
     stream: StreamRef,
     sid: u32,
-    dec: Decoder,
-    /// Decoded device events waiting for the next burst.
-    events: Vec<Event>,
-    /// Record-layer replies (KeyUpdate answers) waiting to be written.
-    replies: Vec<u8>,
-    /// A WebSocket error found while decoding; acted on after the events before it.
-    pending_err: Option<WsError>,
+    /// Frame decoder, present only while a frame or message is partial.
+    dec: Option<Box<Decoder>>,
+    max_message: u32,
     last_rx: Instant,
     last_ping: Instant,
     /// Last message either way; expanded keys are dropped [`COOL_AFTER`] later.
@@ -40,6 +36,17 @@ pub(super) struct Tunnel {
 /// device that talks every few hundred milliseconds would otherwise pay the
 /// key schedule on every message; one that idles gives the memory back.
 const COOL_AFTER: std::time::Duration = std::time::Duration::from_secs(2);
+
+/// What one burst works on; dropped when the burst ends.
+#[derive(Default)]
+struct Work {
+    /// Decoded device events.
+    events: Vec<Event>,
+    /// Record-layer replies (KeyUpdate answers) to write.
+    replies: Vec<u8>,
+    /// A WebSocket error found while decoding; acted on after the events before it.
+    pending_err: Option<WsError>,
+}
 
 enum Wake {
     Readable(std::io::Result<()>),
@@ -61,10 +68,8 @@ impl Tunnel {
             link,
             stream,
             sid,
-            dec: Decoder::new(max_message, true),
-            events: Vec::new(),
-            replies: Vec::new(),
-            pending_err: None,
+            dec: None,
+            max_message: max_message.min(u32::MAX as usize) as u32,
             last_rx: now,
             last_ping: now,
             last_active: now,
@@ -83,19 +88,21 @@ impl Tunnel {
         (std::mem::size_of::<Tunnel>() + std::mem::size_of::<super::link::StreamShared>() + heap)
             as u64
     }
+}
 
-    /// Decodes plaintext that arrived with the upgrade request.
-    pub fn feed(&mut self, plain: &[u8]) {
-        if self.pending_err.is_none() {
-            self.pending_err = self.dec.feed(plain, &mut self.events).err();
-        }
+/// Decodes device plaintext into `w`, creating the decoder on demand.
+fn decode(dec: &mut Option<Box<Decoder>>, max_message: u32, w: &mut Work, plain: &[u8]) {
+    if w.pending_err.is_some() {
+        return;
     }
+    let d = dec.get_or_insert_with(|| Box::new(Decoder::new(max_message as usize, true)));
+    w.pending_err = d.feed(plain, &mut w.events).err();
 }
 
 /// Runs the tunnel until either side ends it; tells the WSM unless the WSM
 /// (or the link) ended it.
-pub(super) async fn run(dev: &mut Device, t: &mut Tunnel) -> End {
-    let end = run_loop(dev, t).await;
+pub(super) async fn run(dev: &mut Device, t: &mut Tunnel, early: Vec<u8>) -> End {
+    let end = run_loop(dev, t, early).await;
     let (code, text): (u16, String) = match &end {
         End::WsmClosed | End::LinkLost => return end,
         End::DeviceClosed => (dev.device_close_code, String::new()),
@@ -108,9 +115,11 @@ pub(super) async fn run(dev: &mut Device, t: &mut Tunnel) -> End {
     end
 }
 
-async fn run_loop(dev: &mut Device, t: &mut Tunnel) -> End {
+async fn run_loop(dev: &mut Device, t: &mut Tunnel, early: Vec<u8>) -> End {
+    let mut early = Some(early);
+    let mut readable = false;
     loop {
-        if let Some(end) = Box::pin(burst(dev, t)).await {
+        if let Some(end) = Box::pin(step(dev, t, readable, early.take())).await {
             return end;
         }
         let now = Instant::now();
@@ -119,16 +128,35 @@ async fn run_loop(dev: &mut Device, t: &mut Tunnel) -> End {
         } else {
             dev.shard.timers.arm(&t.stream, t.last_active + COOL_AFTER);
         }
-        match wait(dev, t).await {
-            Wake::Notified => {}
+        readable = match wait(dev, t).await {
+            Wake::Notified => false,
             Wake::Readable(Err(e)) => return End::Io(e),
-            Wake::Readable(Ok(())) => {
-                if let Some(end) = Box::pin(read(dev, t)).await {
-                    return end;
-                }
-            }
+            Wake::Readable(Ok(())) => true,
+        };
+    }
+}
+
+/// One burst: read what the device sent (if readable), then act on it and on
+/// what the WSM sent. Everything it allocates is freed when it returns.
+async fn step(
+    dev: &mut Device,
+    t: &mut Tunnel,
+    readable: bool,
+    early: Option<Vec<u8>>,
+) -> Option<End> {
+    let mut w = Work::default();
+    if let Some(e) = early.filter(|e| !e.is_empty()) {
+        decode(&mut t.dec, t.max_message, &mut w, &e);
+    }
+    if readable {
+        if let Some(end) = read(dev, t, &mut w).await {
+            return Some(end);
         }
     }
+    if t.dec.as_ref().is_some_and(|d| !d.in_progress()) {
+        t.dec = None;
+    }
+    burst(dev, t, &mut w).await
 }
 
 /// Waits for the device socket (only while the stream may send), or a wake
@@ -149,23 +177,28 @@ async fn wait(dev: &Device, t: &Tunnel) -> Wake {
 }
 
 /// Reads what the device sent and decodes it into events.
-async fn read(dev: &mut Device, t: &mut Tunnel) -> Option<End> {
+async fn read(dev: &mut Device, t: &mut Tunnel, w: &mut Work) -> Option<End> {
     if let Err(e) = dev.read_now().await {
         return Some(e);
     }
     t.last_rx = Instant::now();
     let Tunnel {
         rl,
-        replies,
         dec,
-        events,
-        pending_err,
+        max_message,
         ..
     } = t;
+    let max = *max_message as usize;
+    let Work {
+        events,
+        replies,
+        pending_err,
+    } = w;
     // Plaintext is decoded in place, straight from the pool buffer.
     let closed = dev.open_records(rl, replies, &mut |p| {
         if pending_err.is_none() {
-            *pending_err = dec.feed(p, events).err();
+            let d = dec.get_or_insert_with(|| Box::new(Decoder::new(max, true)));
+            *pending_err = d.feed(p, events).err();
         }
         Ok(())
     });
@@ -178,13 +211,13 @@ async fn read(dev: &mut Device, t: &mut Tunnel) -> Option<End> {
 
 /// One round of work: device events to the WSM, WSM messages to the device,
 /// closes and timers. `Some` ends the tunnel.
-async fn burst(dev: &mut Device, t: &mut Tunnel) -> Option<End> {
+async fn burst(dev: &mut Device, t: &mut Tunnel, w: &mut Work) -> Option<End> {
     let m = dev.shard.metrics.clone();
     let ws = dev.shard.cfg.ws.clone();
 
     // 1. What the device sent.
     let mut plain = Vec::new();
-    for ev in std::mem::take(&mut t.events) {
+    for ev in std::mem::take(&mut w.events) {
         match ev {
             Event::Message { text, data } => {
                 t.link
@@ -205,7 +238,7 @@ async fn burst(dev: &mut Device, t: &mut Tunnel) -> Option<End> {
             }
         }
     }
-    if let Some(e) = t.pending_err.take() {
+    if let Some(e) = w.pending_err.take() {
         m.ws_error(e.code);
         if !plain.is_empty() {
             let _ = dev.send(&mut t.rl, &plain).await;
@@ -213,8 +246,8 @@ async fn burst(dev: &mut Device, t: &mut Tunnel) -> Option<End> {
         dev.send_close(&mut t.rl, e.code, e.reason).await;
         return Some(End::Ws(e));
     }
-    if !t.replies.is_empty()
-        && let Err(e) = dev.write(std::mem::take(&mut t.replies)).await
+    if !w.replies.is_empty()
+        && let Err(e) = dev.write(std::mem::take(&mut w.replies)).await
     {
         return Some(e);
     }
