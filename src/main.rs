@@ -128,44 +128,169 @@ fn print_errors(what: &str, errs: &[String]) -> ExitCode {
     ExitCode::from(2)
 }
 
-fn load(path: &std::path::Path) -> Result<Config, ExitCode> {
-    Config::load(path).map_err(|es| {
-        print_errors(
-            &path.display().to_string(),
-            &es.iter().map(|e| e.to_string()).collect::<Vec<_>>(),
-        )
-    })
+fn load_strings(path: &std::path::Path) -> Result<Config, Vec<String>> {
+    Config::load(path).map_err(|es| es.iter().map(|e| e.to_string()).collect())
 }
 
-fn serve_until_signal(
-    cfg: Config,
-    wait: impl FnOnce() -> Option<nix::sys::signal::Signal>,
-) -> ExitCode {
-    let shards = cfg.shard_cpus.len();
-    let running = match holdfast::proxy::start(cfg) {
-        Ok(r) => r,
-        Err(es) => return print_errors("holdfast could not start", &es),
-    };
+fn load(path: &std::path::Path) -> Result<Config, ExitCode> {
+    load_strings(path).map_err(|es| print_errors(&path.display().to_string(), &es))
+}
+
+type Signals = crossbeam_channel::Receiver<nix::sys::signal::Signal>;
+
+fn announce(running: &holdfast::proxy::Running, shards: usize) {
     let metrics = running
         .metrics_addr
         .map(|a| a.to_string())
         .unwrap_or_else(|| "off".into());
     println!(
-        "holdfast ready on {} shards={shards} metrics={metrics}",
-        running.listen
+        "holdfast ready on {} shards={shards} metrics={metrics} pid={}",
+        running.listen,
+        std::process::id()
     );
-    let sig = wait();
-    tracing::info!(signal = ?sig, "shutting down");
+}
+
+/// Started by a live upgrade: take the listening sockets from the old process.
+fn adopt(
+    ch: std::os::unix::net::UnixStream,
+    cfg: Config,
+) -> Result<holdfast::proxy::Running, ExitCode> {
+    use holdfast::upgrade::handoff::{self, Msg};
+    let failed = |errs: Vec<String>| {
+        let _ = handoff::send(
+            &ch,
+            &Msg::Failed {
+                error: errs.join("; "),
+            },
+            &[],
+        );
+        print_errors("holdfast (upgrade) could not start", &errs)
+    };
+    if let Err(es) = holdfast::tls::server::TlsContext::load(&cfg.tls) {
+        return Err(failed(es.iter().map(|e| e.to_string()).collect()));
+    }
+    let pid = std::process::id();
+    if handoff::send(
+        &ch,
+        &Msg::Ready {
+            pid,
+            shards: cfg.shard_cpus.len(),
+        },
+        &[],
+    )
+    .is_err()
+    {
+        return Err(ExitCode::FAILURE);
+    }
+    let fds = match handoff::recv(&ch) {
+        Ok((Msg::Listeners { count }, fds)) if count == fds.len() => fds,
+        Ok((m, _)) => return Err(failed(vec![format!("unexpected message {m:?}")])),
+        Err(e) => return Err(failed(vec![e.to_string()])),
+    };
+    match holdfast::proxy::start_with(cfg, holdfast::proxy::Listeners::Inherited(fds)) {
+        Ok(r) => {
+            let _ = handoff::send(
+                &ch,
+                &Msg::Serving {
+                    pid,
+                    listen: r.listen.to_string(),
+                },
+                &[],
+            );
+            Ok(r)
+        }
+        Err(es) => Err(failed(es)),
+    }
+}
+
+/// Serves until SIGINT/SIGTERM; SIGUSR2 hands the listeners to a new
+/// process started from `exe`, after which this one exits once the
+/// connections it still holds are gone.
+fn serve(
+    mut running: holdfast::proxy::Running,
+    config: &std::path::Path,
+    exe: &std::path::Path,
+    signals: Signals,
+) -> ExitCode {
+    use nix::sys::signal::Signal;
+    let mut handed_over = false;
+    loop {
+        match signals.recv_timeout(Duration::from_millis(500)) {
+            Ok(Signal::SIGUSR2) if handed_over => {
+                tracing::warn!("upgrade already done; this process is draining")
+            }
+            Ok(Signal::SIGUSR2) => {
+                tracing::info!(exe = %exe.display(), "upgrade requested");
+                match holdfast::upgrade::handoff::hand_over_listeners(
+                    exe,
+                    config,
+                    &running.listeners,
+                    Duration::from_secs(30),
+                ) {
+                    Ok((outcome, _child)) => {
+                        running.stop_accepting();
+                        handed_over = true;
+                        tracing::info!(
+                            new_pid = outcome.new_pid,
+                            listeners = outcome.listeners,
+                            elapsed_ms = outcome.elapsed.as_millis() as u64,
+                            connections = running.connections(),
+                            "upgrade: listeners handed over; held connections stay until they close"
+                        );
+                    }
+                    Err(e) => {
+                        tracing::error!(error = %e, "upgrade failed; this process keeps serving")
+                    }
+                }
+            }
+            Ok(sig) => {
+                tracing::info!(signal = ?sig, "shutting down");
+                break;
+            }
+            Err(crossbeam_channel::RecvTimeoutError::Timeout) => {
+                if handed_over && running.connections() == 0 {
+                    tracing::info!("upgrade: no connections left here; exiting");
+                    break;
+                }
+            }
+            Err(crossbeam_channel::RecvTimeoutError::Disconnected) => break,
+        }
+    }
     running.shutdown();
     ExitCode::SUCCESS
 }
 
 fn run(config: PathBuf) -> ExitCode {
-    let wait = holdfast::proxy::block_signals();
-    match load(&config) {
-        Ok(cfg) => serve_until_signal(cfg, wait),
-        Err(code) => code,
-    }
+    // The binary at the path this process was started from: an operator
+    // replaces the file, then signals.
+    let exe = std::env::current_exe().unwrap_or_else(|_| PathBuf::from("holdfast"));
+    let signals = holdfast::proxy::signals();
+    let channel = holdfast::upgrade::handoff::inherited_channel();
+    let cfg = match load_strings(&config) {
+        Ok(c) => c,
+        Err(es) => {
+            if let Some(ch) = &channel {
+                let msg = holdfast::upgrade::handoff::Msg::Failed {
+                    error: es.join("; "),
+                };
+                let _ = holdfast::upgrade::handoff::send(ch, &msg, &[]);
+            }
+            return print_errors(&config.display().to_string(), &es);
+        }
+    };
+    let shards = cfg.shard_cpus.len();
+    let running = match channel {
+        Some(ch) => match adopt(ch, cfg) {
+            Ok(r) => r,
+            Err(code) => return code,
+        },
+        None => match holdfast::proxy::start(cfg) {
+            Ok(r) => r,
+            Err(es) => return print_errors("holdfast could not start", &es),
+        },
+    };
+    announce(&running, shards);
+    serve(running, &config, &exe, signals)
 }
 
 fn check_config(file: PathBuf) -> ExitCode {
@@ -236,7 +361,7 @@ fn quickstart(
     metrics_port: u16,
     check_only: bool,
 ) -> ExitCode {
-    let wait = holdfast::proxy::block_signals();
+    let signals = holdfast::proxy::signals();
     if let Err(e) = holdfast::pki::generate(&dir) {
         eprintln!(
             "quickstart: cannot write the dev PKI to {}: {e}",
@@ -325,7 +450,12 @@ fn quickstart(
         running.shutdown();
         return ExitCode::SUCCESS;
     }
-    let _ = wait();
+    // Ctrl-C or SIGTERM stops it (SIGUSR2 upgrades are for `holdfast run`).
+    while let Ok(sig) = signals.recv() {
+        if sig != nix::sys::signal::Signal::SIGUSR2 {
+            break;
+        }
+    }
     running.shutdown();
     ExitCode::SUCCESS
 }

@@ -108,7 +108,18 @@ pub fn render(shards: &[Arc<ShardMetrics>]) -> String {
 
 /// Serves GET /metrics on its own thread.
 pub fn serve(addr: SocketAddr, shards: Vec<Arc<ShardMetrics>>) -> std::io::Result<SocketAddr> {
-    let listener = TcpListener::bind(addr)?;
+    // SO_REUSEPORT: during a live upgrade the new process binds the same
+    // address while the old one still serves it.
+    let sock = socket2::Socket::new(
+        socket2::Domain::for_address(addr),
+        socket2::Type::STREAM,
+        None,
+    )?;
+    sock.set_reuse_address(true)?;
+    sock.set_reuse_port(true)?;
+    sock.bind(&addr.into())?;
+    sock.listen(64)?;
+    let listener: TcpListener = sock.into();
     let local = listener.local_addr()?;
     std::thread::Builder::new().name("holdfast-metrics".into()).spawn(move || {
         for mut s in listener.incoming().flatten() {

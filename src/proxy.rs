@@ -18,28 +18,65 @@ pub struct Running {
     pub listen: SocketAddr,
     pub metrics_addr: Option<SocketAddr>,
     pub shards: Vec<ShardHandle>,
+    /// Duplicates of every listening socket, for a live upgrade to hand over.
+    pub listeners: Vec<std::os::fd::OwnedFd>,
+}
+
+/// Where the listening sockets come from.
+pub enum Listeners {
+    /// Bind one SO_REUSEPORT socket per shard.
+    Bind,
+    /// Sockets handed over by the process being upgraded (any number);
+    /// shards beyond their count bind their own in the same reuseport group.
+    Inherited(Vec<std::os::fd::OwnedFd>),
 }
 
 pub fn start(cfg: Config) -> Result<Running, Vec<String>> {
+    start_with(cfg, Listeners::Bind)
+}
+
+pub fn start_with(cfg: Config, from: Listeners) -> Result<Running, Vec<String>> {
     let tls = TlsContext::load(&cfg.tls)
         .map_err(|es| es.iter().map(|e| e.to_string()).collect::<Vec<_>>())?;
     let cfg = Arc::new(cfg);
+    let shard_count = cfg.shard_cpus.len();
     let mut addr = cfg.listen;
-    let mut listeners = Vec::new();
-    for i in 0..cfg.shard_cpus.len() {
+    let mut sockets: Vec<std::net::TcpListener> = match from {
+        Listeners::Bind => Vec::new(),
+        Listeners::Inherited(fds) => fds.into_iter().map(std::net::TcpListener::from).collect(),
+    };
+    if let Some(first) = sockets.first() {
+        addr = first.local_addr().map_err(|e| vec![e.to_string()])?;
+    }
+    while sockets.len() < shard_count {
         let l = shard::bind_listener(addr, cfg.backlog).map_err(|e| {
             vec![format!(
-                "listen.addr: cannot listen on {addr} (shard {i}): {e}"
+                "listen.addr: cannot listen on {addr} (shard {}): {e}",
+                sockets.len()
             )]
         })?;
         if addr.port() == 0 {
             addr = l.local_addr().map_err(|e| vec![e.to_string()])?;
         }
-        listeners.push(l);
+        sockets.push(l);
+    }
+    let mut dups = Vec::new();
+    for l in &sockets {
+        l.set_nonblocking(true).map_err(|e| vec![e.to_string()])?;
+        dups.push(std::os::fd::OwnedFd::from(
+            l.try_clone().map_err(|e| vec![e.to_string()])?,
+        ));
+    }
+    // Shard i takes socket i, i + shards, ...: every inherited socket is
+    // accepted from, so nothing waiting in an accept queue is lost.
+    let mut per_shard: Vec<Vec<std::net::TcpListener>> =
+        (0..shard_count).map(|_| Vec::new()).collect();
+    for (i, l) in sockets.into_iter().enumerate() {
+        per_shard[i % shard_count].push(l);
     }
     let (ready_tx, ready_rx) = crossbeam_channel::unbounded();
     let mut shards = Vec::new();
-    for (i, (l, cpu)) in listeners.into_iter().zip(cfg.shard_cpus.iter()).enumerate() {
+    for (i, (l, cpu)) in per_shard.into_iter().zip(cfg.shard_cpus.iter()).enumerate() {
         let h = shard::start(
             i as u16,
             *cpu,
@@ -70,6 +107,7 @@ pub fn start(cfg: Config) -> Result<Running, Vec<String>> {
         listen: addr,
         metrics_addr,
         shards,
+        listeners: dups,
     })
 }
 
@@ -77,6 +115,27 @@ impl Running {
     pub fn metrics_text(&self) -> String {
         let all: Vec<Arc<ShardMetrics>> = self.shards.iter().map(|s| s.metrics.clone()).collect();
         metrics::render(&all)
+    }
+
+    /// Stops accepting: a new process owns the listening sockets now. The
+    /// connections already held are still served.
+    pub fn stop_accepting(&mut self) {
+        for s in &self.shards {
+            let _ = s.ctl.send(Control::StopAccepting);
+        }
+        self.listeners.clear();
+    }
+
+    /// Connections this process still holds.
+    pub fn connections(&self) -> u64 {
+        self.shards
+            .iter()
+            .map(|s| {
+                s.metrics
+                    .connections_active
+                    .load(std::sync::atomic::Ordering::Relaxed)
+            })
+            .sum()
     }
 
     /// Stops accepting and ends every shard's loop (connections are closed).
@@ -90,13 +149,25 @@ impl Running {
     }
 }
 
-/// Blocks SIGINT and SIGTERM in this thread (and threads it starts later)
-/// and returns a function that waits for one of them.
-pub fn block_signals() -> impl FnOnce() -> Option<nix::sys::signal::Signal> {
+/// Blocks SIGINT, SIGTERM and SIGUSR2 in this thread and every thread it
+/// starts later, and forwards them from one waiting thread to the returned
+/// channel. Call it first in `main`.
+pub fn signals() -> crossbeam_channel::Receiver<nix::sys::signal::Signal> {
     use nix::sys::signal::{SigSet, Signal};
     let mut set = SigSet::empty();
     set.add(Signal::SIGINT);
     set.add(Signal::SIGTERM);
+    set.add(Signal::SIGUSR2);
     let _ = set.thread_block();
-    move || set.wait().ok()
+    let (tx, rx) = crossbeam_channel::unbounded();
+    let _ = std::thread::Builder::new()
+        .name("holdfast-signals".into())
+        .spawn(move || {
+            while let Ok(sig) = set.wait() {
+                if tx.send(sig).is_err() {
+                    return;
+                }
+            }
+        });
+    rx
 }

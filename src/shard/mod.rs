@@ -39,6 +39,8 @@ pub struct ShardCtx {
     pub conns: RefCell<Slab<ConnectionId>>,
     /// Idle and ping deadlines of this shard's tunnels.
     pub timers: Rc<timers::Timers>,
+    /// Set when a new process has taken over the listening sockets.
+    pub stop_accepting: std::cell::Cell<bool>,
     pub metrics: Arc<ShardMetrics>,
 }
 
@@ -47,6 +49,9 @@ pub struct ShardCtx {
 pub enum Control {
     /// Stop accepting and end the shard's event loop.
     Shutdown,
+    /// Stop accepting (the listeners now belong to a new process); keep
+    /// serving the connections already held.
+    StopAccepting,
 }
 
 pub struct ShardHandle {
@@ -74,7 +79,7 @@ pub fn start(
     cpu: usize,
     cfg: Arc<Config>,
     tls: TlsContext,
-    listener: std::net::TcpListener,
+    listeners: Vec<std::net::TcpListener>,
     ready: Sender<Result<u16, String>>,
 ) -> std::io::Result<ShardHandle> {
     let metrics = Arc::new(ShardMetrics::default());
@@ -97,7 +102,7 @@ pub fn start(
                     return;
                 }
             };
-            rt.block_on(run(index, cfg, tls, listener, m, ctl_rx, ready));
+            rt.block_on(run(index, cfg, tls, listeners, m, ctl_rx, ready));
         })?;
     Ok(ShardHandle {
         thread,
@@ -110,7 +115,7 @@ async fn run(
     index: u16,
     cfg: Arc<Config>,
     tls: TlsContext,
-    listener: std::net::TcpListener,
+    listeners: Vec<std::net::TcpListener>,
     metrics: Arc<ShardMetrics>,
     ctl: Receiver<Control>,
     ready: Sender<Result<u16, String>>,
@@ -128,6 +133,7 @@ async fn run(
         links: links.clone(),
         conns: RefCell::new(Slab::with_capacity(1024)),
         timers: Rc::new(timers::Timers::default()),
+        stop_accepting: std::cell::Cell::new(false),
         metrics: metrics.clone(),
         cfg: cfg.clone(),
         tls,
@@ -149,20 +155,34 @@ async fn run(
     while *attempted.borrow() < links.len() && start.elapsed() < wait {
         monoio::time::sleep(Duration::from_millis(5)).await;
     }
-    let listener = match monoio::net::TcpListener::from_std(listener) {
-        Ok(l) => l,
-        Err(e) => {
-            let _ = ready.send(Err(format!("shard {index}: listener: {e}")));
-            return;
+    let mut accepting = Vec::new();
+    for l in listeners {
+        match monoio::net::TcpListener::from_std(l) {
+            Ok(l) => accepting.push(l),
+            Err(e) => {
+                let _ = ready.send(Err(format!("shard {index}: listener: {e}")));
+                return;
+            }
         }
-    };
+    }
     let _ = ready.send(Ok(index));
-    // The accept loop never cancels an accept (a connection completing as the
-    // accept is cancelled could be lost); shutdown ends the whole runtime.
-    monoio::spawn(accept_loop(ctx.clone(), listener));
+    // The accept loops never cancel an accept: a connection completing as the
+    // accept is cancelled would be lost. They end with the runtime, or after
+    // their in-flight accept once `stop_accepting` is set (that connection is
+    // served here; the listening sockets live on in the new process).
+    for l in accepting {
+        monoio::spawn(accept_loop(ctx.clone(), l));
+    }
     loop {
         match ctl.try_recv() {
             Ok(Control::Shutdown) | Err(crossbeam_channel::TryRecvError::Disconnected) => break,
+            Ok(Control::StopAccepting) => {
+                ctx.stop_accepting.set(true);
+                tracing::info!(
+                    shard = index,
+                    "stopped accepting; the listeners belong to the new process"
+                );
+            }
             Err(crossbeam_channel::TryRecvError::Empty) => {
                 monoio::time::sleep(Duration::from_millis(50)).await
             }
@@ -176,7 +196,7 @@ async fn run(
 }
 
 async fn accept_loop(ctx: Rc<ShardCtx>, listener: monoio::net::TcpListener) {
-    loop {
+    while !ctx.stop_accepting.get() {
         match listener.accept().await {
             Ok((tcp, addr)) => {
                 monoio::spawn(conn::serve(ctx.clone(), tcp, addr));

@@ -148,10 +148,8 @@ async fn step(
     if let Some(e) = early.filter(|e| !e.is_empty()) {
         decode(&mut t.dec, t.max_message, &mut w, &e);
     }
-    if readable {
-        if let Some(end) = read(dev, t, &mut w).await {
-            return Some(end);
-        }
+    if readable && let Some(end) = read(dev, t, &mut w).await {
+        return Some(end);
     }
     if t.dec.as_ref().is_some_and(|d| !d.in_progress()) {
         t.dec = None;

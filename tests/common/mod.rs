@@ -32,6 +32,9 @@ pub struct Proc {
     pub addr: SocketAddr,
     pub metrics: Option<SocketAddr>,
     pub stderr_log: PathBuf,
+    /// Later stdout lines (from this process and any it starts).
+    pub lines: std::sync::mpsc::Receiver<String>,
+    pub config: Option<PathBuf>,
 }
 
 impl Drop for Proc {
@@ -51,7 +54,11 @@ impl Drop for Proc {
 
 /// Spawns a binary and waits for its first stdout line that starts with
 /// `prefix`; returns the process and that line.
-fn spawn_until(mut cmd: Command, prefix: &str, log: PathBuf) -> (Child, String) {
+fn spawn_until(
+    mut cmd: Command,
+    prefix: &str,
+    log: PathBuf,
+) -> (Child, String, std::sync::mpsc::Receiver<String>) {
     let errf = std::fs::File::create(&log).unwrap();
     let mut child = cmd
         .stdout(Stdio::piped())
@@ -73,7 +80,7 @@ fn spawn_until(mut cmd: Command, prefix: &str, log: PathBuf) -> (Child, String) 
     loop {
         let left = deadline.saturating_duration_since(std::time::Instant::now());
         match rx.recv_timeout(left) {
-            Ok(l) if l.starts_with(prefix) => return (child, l.trim().to_string()),
+            Ok(l) if l.starts_with(prefix) => return (child, l.trim().to_string(), rx),
             Ok(_) => continue,
             Err(_) => {
                 let _ = child.kill();
@@ -89,7 +96,7 @@ fn spawn_until(mut cmd: Command, prefix: &str, log: PathBuf) -> (Child, String) 
 pub fn start_wsm(tmp: &Path, name: &str) -> Proc {
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_holdfast-wsm"));
     cmd.args(["--listen", "127.0.0.1:0", "--node", name]);
-    let (child, line) = spawn_until(
+    let (child, line, lines) = spawn_until(
         cmd,
         "holdfast-wsm listening on ",
         tmp.join(format!("{name}.log")),
@@ -100,6 +107,8 @@ pub fn start_wsm(tmp: &Path, name: &str) -> Proc {
         addr,
         metrics: None,
         stderr_log: tmp.join(format!("{name}.log")),
+        lines,
+        config: None,
     }
 }
 
@@ -159,7 +168,7 @@ addr = "127.0.0.1:0"
         .arg(&path)
         .env("HOLDFAST_LOG", "debug");
     let log = pki.path().join(format!("holdfast-{id}.log"));
-    let (child, line) = spawn_until(cmd, "holdfast ready on ", log.clone());
+    let (child, line, lines) = spawn_until(cmd, "holdfast ready on ", log.clone());
     // "holdfast ready on ADDR shards=N metrics=ADDR"
     let parts: Vec<&str> = line.split_whitespace().collect();
     let addr = parts[3].parse().unwrap();
@@ -171,6 +180,8 @@ addr = "127.0.0.1:0"
         addr,
         metrics,
         stderr_log: log,
+        lines,
+        config: Some(path),
     }
 }
 
