@@ -214,6 +214,7 @@ fn serve(
 ) -> ExitCode {
     use nix::sys::signal::Signal;
     let mut handed_over = false;
+    let mut successor: Option<std::process::Child> = None;
     loop {
         match signals.recv_timeout(Duration::from_millis(500)) {
             Ok(Signal::SIGUSR2) if handed_over => {
@@ -227,9 +228,10 @@ fn serve(
                     &running.listeners,
                     Duration::from_secs(30),
                 ) {
-                    Ok((outcome, _child)) => {
+                    Ok((outcome, child)) => {
                         running.stop_accepting();
                         handed_over = true;
+                        successor = Some(child);
                         tracing::info!(
                             new_pid = outcome.new_pid,
                             listeners = outcome.listeners,
@@ -248,6 +250,15 @@ fn serve(
                 break;
             }
             Err(crossbeam_channel::RecvTimeoutError::Timeout) => {
+                // If the new process dies while this one still runs, take the
+                // listening sockets back: devices must always find someone.
+                if let Some(status) = successor.as_mut().and_then(|c| c.try_wait().ok().flatten()) {
+                    tracing::error!(%status, "the new process exited; accepting here again");
+                    running.resume_accepting();
+                    handed_over = false;
+                    successor = None;
+                    continue;
+                }
                 if handed_over && running.connections() == 0 {
                     tracing::info!("upgrade: no connections left here; exiting");
                     break;

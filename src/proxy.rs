@@ -123,7 +123,22 @@ impl Running {
         for s in &self.shards {
             let _ = s.ctl.send(Control::StopAccepting);
         }
-        self.listeners.clear();
+    }
+
+    /// Accepts again on the listening sockets (after a new process that had
+    /// taken them over went away), spread over the shards as at start.
+    pub fn resume_accepting(&mut self) {
+        let n = self.shards.len().max(1);
+        let mut per: Vec<Vec<std::net::TcpListener>> = (0..n).map(|_| Vec::new()).collect();
+        for (i, fd) in self.listeners.iter().enumerate() {
+            match fd.try_clone() {
+                Ok(fd) => per[i % n].push(std::net::TcpListener::from(fd)),
+                Err(e) => tracing::error!(error = %e, "cannot duplicate a listening socket"),
+            }
+        }
+        for (s, ls) in self.shards.iter().zip(per) {
+            let _ = s.ctl.send(Control::Accept(ls));
+        }
     }
 
     /// Connections this process still holds.

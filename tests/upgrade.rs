@@ -144,3 +144,31 @@ fn a_failed_upgrade_leaves_the_old_process_serving() {
     echo(&mut e, "after the second attempt");
     echo(&mut d, "held by the old one");
 }
+
+#[test]
+fn if_the_new_process_dies_the_old_one_accepts_again() {
+    let pki = Pki::new();
+    let wsm = start_wsm(pki.path(), "wsm");
+    let proxy = start_proxy(&pki, &[wsm.addr], 2, "", "");
+    let old = proxy.child.id();
+    let mut held = Device::connect(&opts(&pki, &proxy, "oven-1")).unwrap();
+    kill(Pid::from_raw(old as i32), Signal::SIGUSR2).unwrap();
+    let new = new_ready_pid(&proxy, old, 20);
+    eventually(10, "the old process to stop accepting", || {
+        std::fs::read_to_string(&proxy.stderr_log)
+            .unwrap_or_default()
+            .contains("stopped accepting")
+    });
+    kill(Pid::from_raw(new), Signal::SIGKILL).unwrap();
+    eventually(10, "the old process to accept again", || {
+        std::fs::read_to_string(&proxy.stderr_log)
+            .unwrap_or_default()
+            .contains("accepting again")
+    });
+    for i in 0..8 {
+        let mut d = Device::connect(&opts(&pki, &proxy, "oven-1")).unwrap();
+        echo(&mut d, &format!("back to the old process {i}"));
+    }
+    echo(&mut held, "held throughout");
+    assert!(alive(old as i32));
+}

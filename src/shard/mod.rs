@@ -52,6 +52,8 @@ pub enum Control {
     /// Stop accepting (the listeners now belong to a new process); keep
     /// serving the connections already held.
     StopAccepting,
+    /// Accept again on these sockets (the new process went away).
+    Accept(Vec<std::net::TcpListener>),
 }
 
 pub struct ShardHandle {
@@ -182,6 +184,20 @@ async fn run(
                     shard = index,
                     "stopped accepting; the listeners belong to the new process"
                 );
+            }
+            Ok(Control::Accept(ls)) => {
+                ctx.stop_accepting.set(false);
+                for l in ls {
+                    match monoio::net::TcpListener::from_std(l) {
+                        Ok(l) => {
+                            monoio::spawn(accept_loop(ctx.clone(), l));
+                        }
+                        Err(e) => {
+                            tracing::error!(shard = index, error = %e, "cannot accept on a listener again")
+                        }
+                    }
+                }
+                tracing::info!(shard = index, "accepting again");
             }
             Err(crossbeam_channel::TryRecvError::Empty) => {
                 monoio::time::sleep(Duration::from_millis(50)).await
