@@ -25,6 +25,8 @@ pub mod ty {
     pub const PING: u8 = 0x08;
     pub const PONG: u8 = 0x09;
     pub const GOAWAY: u8 = 0x0a;
+    pub const HANDOFF: u8 = 0x0b;
+    pub const HANDOFF_ACK: u8 = 0x0c;
 }
 
 /// Flag bits.
@@ -116,6 +118,15 @@ pub enum Frame {
     GoAway {
         code: u8,
         text: String,
+    },
+    /// holdfast -> WSM: stop sending on this stream; answer `HandoffAck`
+    /// after the last MESSAGE for it (the stream is about to move).
+    Handoff {
+        stream: u32,
+    },
+    /// WSM -> holdfast: nothing more will be sent on this stream.
+    HandoffAck {
+        stream: u32,
     },
 }
 
@@ -325,6 +336,14 @@ impl Frame {
                 out.extend_from_slice(&v.to_be_bytes());
                 finish(out, at);
             }
+            Frame::Handoff { stream } => {
+                let at = begin(out, ty::HANDOFF, 0, *stream);
+                finish(out, at);
+            }
+            Frame::HandoffAck { stream } => {
+                let at = begin(out, ty::HANDOFF_ACK, 0, *stream);
+                finish(out, at);
+            }
             Frame::GoAway { code, text } => {
                 let at = begin(out, ty::GOAWAY, 0, 0);
                 out.push(*code);
@@ -364,7 +383,13 @@ impl Frame {
         let link_level = matches!(t, ty::HELLO | ty::PING | ty::PONG | ty::GOAWAY);
         let stream_level = matches!(
             t,
-            ty::OPEN | ty::ACCEPT | ty::REFUSE | ty::MESSAGE | ty::CLOSE
+            ty::OPEN
+                | ty::ACCEPT
+                | ty::REFUSE
+                | ty::MESSAGE
+                | ty::CLOSE
+                | ty::HANDOFF
+                | ty::HANDOFF_ACK
         );
         if (link_level && stream != 0) || (stream_level && stream == 0) {
             return Err(LinkError::BadStream(stream));
@@ -380,6 +405,8 @@ impl Frame {
             ty::PING => "PING",
             ty::PONG => "PONG",
             ty::GOAWAY => "GOAWAY",
+            ty::HANDOFF => "HANDOFF",
+            ty::HANDOFF_ACK => "HANDOFF_ACK",
             other => return Err(LinkError::UnknownType(other)),
         };
         let allowed = match t {
@@ -479,6 +506,8 @@ impl Frame {
             },
             ty::PING => Frame::Ping(r.u64()?),
             ty::PONG => Frame::Pong(r.u64()?),
+            ty::HANDOFF => Frame::Handoff { stream },
+            ty::HANDOFF_ACK => Frame::HandoffAck { stream },
             _ => Frame::GoAway {
                 code: r.u8()?,
                 text: r.str()?,
@@ -491,3 +520,9 @@ impl Frame {
 
 #[cfg(test)]
 mod tests;
+
+/// Sample frames shared by tests of other modules.
+#[cfg(test)]
+pub mod tests_support {
+    pub use super::tests::sample_open;
+}

@@ -48,6 +48,8 @@ pub struct StreamShared {
     pub timer_at: Option<std::time::Instant>,
     /// Bytes delivered to the device whose stream credit is not yet returned.
     credit_owed: u32,
+    /// The WSM acknowledged a HANDOFF: nothing more will come on this stream.
+    pub handoff_acked: bool,
     notified: bool,
     waker: Option<Waker>,
 }
@@ -324,7 +326,15 @@ impl Link {
                 tracing::info!(host = %self.host, code, text = %text, "WSM sent goaway; no new streams on this link");
                 st.goaway = true;
             }
+            Frame::HandoffAck { stream } => {
+                if let Some(s) = st.streams.get(&stream) {
+                    let mut s = s.borrow_mut();
+                    s.handoff_acked = true;
+                    s.wake();
+                }
+            }
             Frame::Open { .. } => return Err("OPEN from WSM".into()),
+            Frame::Handoff { .. } => return Err("HANDOFF from WSM".into()),
         }
         Ok(())
     }

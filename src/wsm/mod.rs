@@ -13,8 +13,19 @@ use std::collections::{HashMap, VecDeque};
 use std::io::{BufWriter, Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::sync::Arc;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
 
+use crate::identity::ConnectionId;
 use crate::link::codec::{self, CloseReason, Frame, Hello, Open};
+
+/// How long messages of a handed-over stream wait for its resumed OPEN.
+const PARK_FOR: Duration = Duration::from_secs(60);
+
+/// Messages of streams that were handed over (HANDOFF) and not yet resumed,
+/// by connection ID; shared by all links, since the resumed OPEN arrives on
+/// another one.
+type Parked = Arc<Mutex<HashMap<ConnectionId, (Instant, VecDeque<(bool, Vec<u8>)>)>>>;
 
 /// Credit the WSM grants holdfast per stream and per link.
 pub const STREAM_WINDOW: u32 = 256 * 1024;
@@ -66,6 +77,7 @@ pub struct Server {
     listener: TcpListener,
     app: Arc<dyn App>,
     node: String,
+    parked: Parked,
 }
 
 impl Server {
@@ -74,6 +86,7 @@ impl Server {
             listener: TcpListener::bind(addr)?,
             app,
             node,
+            parked: Parked::default(),
         })
     }
 
@@ -91,10 +104,10 @@ impl Server {
                     continue;
                 }
             };
-            let (app, node) = (self.app.clone(), self.node.clone());
+            let (app, node, parked) = (self.app.clone(), self.node.clone(), self.parked.clone());
             std::thread::spawn(move || {
                 let peer = s.peer_addr().ok();
-                match serve_link(s, app, node) {
+                match serve_link(s, app, node, parked) {
                     Ok(()) => tracing::info!(?peer, "link closed"),
                     Err(e) => tracing::warn!(?peer, error = %e, "link ended"),
                 }
@@ -109,9 +122,12 @@ struct StreamState {
     credit: i64,
     pending: VecDeque<(bool, Vec<u8>)>,
     close_after: Option<(u16, String)>,
+    /// holdfast sent HANDOFF: send nothing more here; park instead.
+    handed: bool,
 }
 
 struct LinkConn {
+    parked: Parked,
     out: BufWriter<TcpStream>,
     streams: HashMap<u32, StreamState>,
     link_credit: i64,
@@ -130,6 +146,17 @@ impl LinkConn {
         let mut frames = Vec::new();
         let mut done = None;
         if let Some(s) = self.streams.get_mut(&id) {
+            if s.handed {
+                // Kept for the resumed stream, in order.
+                if !s.pending.is_empty() {
+                    let mut p = self.parked.lock().unwrap_or_else(|e| e.into_inner());
+                    let e = p
+                        .entry(s.info.open.connection_id)
+                        .or_insert_with(|| (Instant::now(), VecDeque::new()));
+                    e.1.extend(s.pending.drain(..));
+                }
+                return Ok(());
+            }
             while s.credit > 0 && self.link_credit > 0 {
                 let Some((binary, data)) = s.pending.pop_front() else {
                     break;
@@ -178,21 +205,33 @@ impl LinkConn {
                     node: peer.node.clone(),
                     shard: peer.shard,
                 };
+                let id = info.open.connection_id;
+                let resumed = info.open.resumed;
                 match app.open(&info) {
                     Decision::Accept { subprotocol } => {
                         self.send(&Frame::Accept {
                             stream,
                             subprotocol,
                         })?;
+                        // A resumed stream first gets what was parked for it.
+                        let pending = if resumed {
+                            let mut p = self.parked.lock().unwrap_or_else(|e| e.into_inner());
+                            p.retain(|_, (at, _)| at.elapsed() < PARK_FOR);
+                            p.remove(&id).map(|(_, q)| q).unwrap_or_default()
+                        } else {
+                            VecDeque::new()
+                        };
                         self.streams.insert(
                             stream,
                             StreamState {
                                 info,
                                 credit: peer.stream_window as i64,
-                                pending: VecDeque::new(),
+                                pending,
                                 close_after: None,
+                                handed: false,
                             },
                         );
+                        self.flush_stream(stream, app)?;
                     }
                     Decision::Refuse { status, reason } => self.send(&Frame::Refuse {
                         stream,
@@ -245,9 +284,21 @@ impl LinkConn {
                 }
                 self.flush_stream(stream, app)?;
             }
+            Frame::Handoff { stream } => {
+                // Everything sent on this stream so far precedes the ack on
+                // the link; what is still pending waits for the resumed OPEN.
+                if let Some(s) = self.streams.get_mut(&stream) {
+                    s.handed = true;
+                }
+                self.flush_stream(stream, app)?;
+                self.send(&Frame::HandoffAck { stream })?;
+            }
             Frame::Ping(v) => self.send(&Frame::Pong(v))?,
             Frame::Pong(_) | Frame::GoAway { .. } => {}
-            Frame::Hello(_) | Frame::Accept { .. } | Frame::Refuse { .. } => {
+            Frame::Hello(_)
+            | Frame::Accept { .. }
+            | Frame::Refuse { .. }
+            | Frame::HandoffAck { .. } => {
                 return Err(bad("unexpected frame from holdfast"));
             }
         }
@@ -255,10 +306,16 @@ impl LinkConn {
     }
 }
 
-fn serve_link(s: TcpStream, app: Arc<dyn App>, node: String) -> std::io::Result<()> {
+fn serve_link(
+    s: TcpStream,
+    app: Arc<dyn App>,
+    node: String,
+    parked: Parked,
+) -> std::io::Result<()> {
     s.set_nodelay(true)?;
     let mut rd = s.try_clone()?;
     let mut link = LinkConn {
+        parked,
         out: BufWriter::with_capacity(64 * 1024, s),
         streams: HashMap::new(),
         link_credit: 0,
@@ -344,3 +401,6 @@ fn serve_link(s: TcpStream, app: Arc<dyn App>, node: String) -> std::io::Result<
     }
     result
 }
+
+#[cfg(test)]
+mod tests;

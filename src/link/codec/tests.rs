@@ -65,6 +65,8 @@ fn example(name: &str) -> Frame {
             bytes: 65_536,
         },
         "ping" => Frame::Ping(1),
+        "handoff" => Frame::Handoff { stream: 5 },
+        "handoff_ack" => Frame::HandoffAck { stream: 5 },
         "goaway" => Frame::GoAway {
             code: 0,
             text: "restart".into(),
@@ -103,7 +105,7 @@ fn spec_examples_match_the_codec() {
         assert_eq!((dec, used), (frame, bytes.len()), "example {name}");
         seen += 1;
     }
-    assert!(seen >= 9, "spec has {seen} examples");
+    assert!(seen >= 11, "spec has {seen} examples");
 }
 
 #[test]
