@@ -25,10 +25,7 @@ impl std::fmt::Display for ConfigError {
 }
 
 pub fn err(key: &str, msg: impl Into<String>) -> ConfigError {
-    ConfigError {
-        key: key.to_string(),
-        msg: msg.into(),
-    }
+    ConfigError { key: key.to_string(), msg: msg.into() }
 }
 
 #[derive(Debug, Deserialize)]
@@ -151,11 +148,7 @@ impl Default for WebSocketFile {
             max_message_bytes: 1 << 20,
             idle_timeout_secs: 600,
             ping_interval_secs: 0,
-            forward_headers: vec![
-                "user-agent".into(),
-                "origin".into(),
-                "x-device-firmware".into(),
-            ],
+            forward_headers: vec!["user-agent".into(), "origin".into(), "x-device-firmware".into()],
         }
     }
 }
@@ -213,10 +206,7 @@ pub struct BuffersFile {
 
 impl Default for BuffersFile {
     fn default() -> Self {
-        BuffersFile {
-            per_shard: 1024,
-            size: 20 * 1024,
-        }
+        BuffersFile { per_shard: 1024, size: 20 * 1024 }
     }
 }
 
@@ -281,11 +271,7 @@ pub struct UpstreamConfig {
 pub fn parse_cpu_list(s: &str) -> Result<Vec<usize>, String> {
     let mut out = Vec::new();
     for part in s.split(',').map(str::trim).filter(|p| !p.is_empty()) {
-        let num = |x: &str| {
-            x.trim()
-                .parse::<usize>()
-                .map_err(|_| format!("'{x}' is not a CPU number"))
-        };
+        let num = |x: &str| x.trim().parse::<usize>().map_err(|_| format!("'{x}' is not a CPU number"));
         match part.split_once('-') {
             Some((a, b)) => {
                 let (a, b) = (num(a)?, num(b)?);
@@ -304,9 +290,7 @@ pub fn parse_cpu_list(s: &str) -> Result<Vec<usize>, String> {
 }
 
 fn online_cpus() -> Vec<usize> {
-    let n = std::thread::available_parallelism()
-        .map(|n| n.get())
-        .unwrap_or(1);
+    let n = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
     (0..n).collect()
 }
 
@@ -320,12 +304,7 @@ fn ms(key: &str, v: u64, errs: &mut Vec<ConfigError>) -> Duration {
 impl Config {
     /// Reads and validates a config file.
     pub fn load(path: &Path) -> Result<Config, Vec<ConfigError>> {
-        let text = std::fs::read_to_string(path).map_err(|e| {
-            vec![err(
-                "(file)",
-                format!("cannot read {}: {e}", path.display()),
-            )]
-        })?;
+        let text = std::fs::read_to_string(path).map_err(|e| vec![err("(file)", format!("cannot read {}: {e}", path.display()))])?;
         Self::parse(&text, path)
     }
 
@@ -335,11 +314,7 @@ impl Config {
             let msg = e.message().to_string();
             let key = match e.span() {
                 Some(span) => {
-                    let line = text.as_bytes()[..span.start.min(text.len())]
-                        .iter()
-                        .filter(|&&b| b == b'\n')
-                        .count()
-                        + 1;
+                    let line = text.as_bytes()[..span.start.min(text.len())].iter().filter(|&&b| b == b'\n').count() + 1;
                     format!("(line {line})")
                 }
                 None => "(toml)".into(),
@@ -352,19 +327,12 @@ impl Config {
     pub fn validate(f: FileConfig, path: &Path) -> Result<Config, Vec<ConfigError>> {
         let base = path.parent().map(Path::to_path_buf).unwrap_or_default();
         let resolve = |p: &str| {
-            if Path::new(p).is_absolute() {
-                PathBuf::from(p)
-            } else {
-                base.join(p)
-            }
+            if Path::new(p).is_absolute() { PathBuf::from(p) } else { base.join(p) }
         };
         let mut errs = Vec::new();
 
         let listen = f.listen.addr.parse::<SocketAddr>().unwrap_or_else(|_| {
-            errs.push(err(
-                "listen.addr",
-                format!("'{}' is not an address like 0.0.0.0:443", f.listen.addr),
-            ));
+            errs.push(err("listen.addr", format!("'{}' is not an address like 0.0.0.0:443", f.listen.addr)));
             SocketAddr::from(([0, 0, 0, 0], 0))
         });
         let cpus = match &f.listen.cpus {
@@ -377,10 +345,7 @@ impl Config {
         let shards = match &f.listen.shards {
             ShardsFile::Auto(s) if s == "auto" => cpus.len(),
             ShardsFile::Auto(s) => {
-                errs.push(err(
-                    "listen.shards",
-                    format!("'{s}': use \"auto\" or a number"),
-                ));
+                errs.push(err("listen.shards", format!("'{s}': use \"auto\" or a number")));
                 1
             }
             ShardsFile::Count(0) => {
@@ -397,20 +362,14 @@ impl Config {
 
         let t = &f.tls;
         if t.client_ca.is_empty() {
-            errs.push(err(
-                "tls.client_ca",
-                "at least one [[tls.client_ca]] is required (mutual TLS)",
-            ));
+            errs.push(err("tls.client_ca", "at least one [[tls.client_ca]] is required (mutual TLS)"));
         }
         let (mut tls12, mut tls13) = (false, false);
         for v in &t.versions {
             match v.as_str() {
                 "1.2" => tls12 = true,
                 "1.3" => tls13 = true,
-                other => errs.push(err(
-                    "tls.versions",
-                    format!("'{other}': only \"1.2\" and \"1.3\""),
-                )),
+                other => errs.push(err("tls.versions", format!("'{other}': only \"1.2\" and \"1.3\""))),
             }
         }
         if !tls12 && !tls13 {
@@ -420,64 +379,35 @@ impl Config {
             cert_chain: resolve(&t.cert_chain),
             key: resolve(&t.key),
             blocklist: t.blocklist.as_deref().map(resolve),
-            client_cas: t
-                .client_ca
-                .iter()
-                .map(|c| (resolve(&c.file), c.ignore_validity))
-                .collect(),
-            handshake_timeout: ms(
-                "tls.handshake_timeout_ms",
-                t.handshake_timeout_ms,
-                &mut errs,
-            ),
+            client_cas: t.client_ca.iter().map(|c| (resolve(&c.file), c.ignore_validity)).collect(),
+            handshake_timeout: ms("tls.handshake_timeout_ms", t.handshake_timeout_ms, &mut errs),
             key_update_after: t.key_update_after_records,
             tls12,
             tls13,
             cipher_suites: t.cipher_suites.clone(),
         };
-        let known: Vec<String> = crate::tls::server::provider()
-            .cipher_suites
-            .iter()
-            .map(|s| format!("{:?}", s.suite()))
-            .collect();
+        let known: Vec<String> = crate::tls::server::provider().cipher_suites.iter().map(|s| format!("{:?}", s.suite())).collect();
         for (i, name) in t.cipher_suites.iter().enumerate() {
             if !known.contains(name) {
-                errs.push(err(
-                    &format!("tls.cipher_suites[{i}]"),
-                    format!("unknown suite '{name}'; known: {}", known.join(", ")),
-                ));
+                errs.push(err(&format!("tls.cipher_suites[{i}]"), format!("unknown suite '{name}'; known: {}", known.join(", "))));
             }
         }
 
         let w = &f.websocket;
         if w.max_request_bytes < 256 || w.max_request_bytes > 1 << 20 {
-            errs.push(err(
-                "websocket.max_request_bytes",
-                "must be between 256 and 1048576",
-            ));
+            errs.push(err("websocket.max_request_bytes", "must be between 256 and 1048576"));
         }
         if w.max_message_bytes == 0 || w.max_message_bytes > 64 << 20 {
-            errs.push(err(
-                "websocket.max_message_bytes",
-                "must be between 1 and 67108864",
-            ));
+            errs.push(err("websocket.max_message_bytes", "must be between 1 and 67108864"));
         }
         let secs = |v: u64| (v > 0).then(|| Duration::from_secs(v));
         let ws = WsConfig {
             max_request_bytes: w.max_request_bytes,
-            upgrade_timeout: ms(
-                "websocket.upgrade_timeout_ms",
-                w.upgrade_timeout_ms,
-                &mut errs,
-            ),
+            upgrade_timeout: ms("websocket.upgrade_timeout_ms", w.upgrade_timeout_ms, &mut errs),
             max_message_bytes: w.max_message_bytes,
             idle_timeout: secs(w.idle_timeout_secs),
             ping_interval: secs(w.ping_interval_secs),
-            forward_headers: w
-                .forward_headers
-                .iter()
-                .map(|h| h.to_ascii_lowercase())
-                .collect(),
+            forward_headers: w.forward_headers.iter().map(|h| h.to_ascii_lowercase()).collect(),
         };
 
         let u = &f.upstream;
@@ -485,61 +415,40 @@ impl Config {
             errs.push(err("upstream.wsm", "at least one WSM host is required"));
         }
         for (i, h) in u.wsm.iter().enumerate() {
-            if h.rsplit_once(':')
-                .and_then(|(_, p)| p.parse::<u16>().ok())
-                .is_none()
-            {
-                errs.push(err(
-                    &format!("upstream.wsm[{i}]"),
-                    format!("'{h}' is not host:port"),
-                ));
+            if h.rsplit_once(':').and_then(|(_, p)| p.parse::<u16>().ok()).is_none() {
+                errs.push(err(&format!("upstream.wsm[{i}]"), format!("'{h}' is not host:port")));
             }
         }
         if u.links_per_shard == 0 || u.links_per_shard > 64 {
             errs.push(err("upstream.links_per_shard", "must be between 1 and 64"));
         }
         if (u.stream_window as usize) < w.max_message_bytes.min(64 * 1024) {
-            errs.push(err(
-                "upstream.stream_window",
-                "must be at least 64 KiB (or max_message_bytes if smaller)",
-            ));
+            errs.push(err("upstream.stream_window", "must be at least 64 KiB (or max_message_bytes if smaller)"));
         }
         let node = u.node.clone().unwrap_or_else(|| {
-            std::fs::read_to_string("/proc/sys/kernel/hostname")
-                .map(|h| h.trim().to_string())
-                .unwrap_or_else(|_| "holdfast".into())
+            std::fs::read_to_string("/proc/sys/kernel/hostname").map(|h| h.trim().to_string()).unwrap_or_else(|_| "holdfast".into())
         });
         let upstream = UpstreamConfig {
             wsm: u.wsm.clone(),
             links_per_shard: u.links_per_shard,
             node,
-            connect_timeout: ms(
-                "upstream.connect_timeout_ms",
-                u.connect_timeout_ms,
-                &mut errs,
-            ),
+            connect_timeout: ms("upstream.connect_timeout_ms", u.connect_timeout_ms, &mut errs),
             open_timeout: ms("upstream.open_timeout_ms", u.open_timeout_ms, &mut errs),
             stream_window: u.stream_window,
             ping_interval: ms("upstream.ping_interval_ms", u.ping_interval_ms, &mut errs),
         };
 
         if f.buffers.size < crate::shard::pool::MIN_BUFFER {
-            errs.push(err(
-                "buffers.size",
-                format!(
-                    "must be at least {} (one TLS record)",
-                    crate::shard::pool::MIN_BUFFER
-                ),
-            ));
+            errs.push(err("buffers.size", format!("must be at least {} (one TLS record)", crate::shard::pool::MIN_BUFFER)));
         }
         if f.buffers.per_shard < 16 {
             errs.push(err("buffers.per_shard", "must be at least 16"));
         }
-        let metrics = f.metrics.addr.as_deref().and_then(|a| {
-            a.parse()
-                .map_err(|_| errs.push(err("metrics.addr", format!("'{a}' is not an address"))))
-                .ok()
-        });
+        let metrics = f
+            .metrics
+            .addr
+            .as_deref()
+            .and_then(|a| a.parse().map_err(|_| errs.push(err("metrics.addr", format!("'{a}' is not an address")))).ok());
 
         if !errs.is_empty() {
             return Err(errs);
@@ -581,30 +490,18 @@ wsm = ["127.0.0.1:9000"]
     fn good_config_resolves_paths_and_shards() {
         let c = Config::parse(GOOD, Path::new("/etc/holdfast/holdfast.toml")).unwrap();
         assert_eq!(c.shard_cpus, vec![0, 1]);
-        assert_eq!(
-            c.tls.cert_chain,
-            PathBuf::from("/etc/holdfast/server-chain.pem")
-        );
+        assert_eq!(c.tls.cert_chain, PathBuf::from("/etc/holdfast/server-chain.pem"));
         assert_eq!(c.tls.key, PathBuf::from("/abs/server.key"));
-        assert_eq!(
-            c.tls.client_cas,
-            vec![(PathBuf::from("/etc/holdfast/fleet-2019.pem"), true)]
-        );
+        assert_eq!(c.tls.client_cas, vec![(PathBuf::from("/etc/holdfast/fleet-2019.pem"), true)]);
         assert!(c.tls.tls12 && c.tls.tls13);
     }
 
     #[test]
     fn every_error_is_reported_with_its_key() {
-        let bad = GOOD
-            .replace("127.0.0.1:8443", "nope")
-            .replace("shards = 2", "shards = 0")
-            .replace("[\"127.0.0.1:9000\"]", "[\"x\"]");
+        let bad = GOOD.replace("127.0.0.1:8443", "nope").replace("shards = 2", "shards = 0").replace("[\"127.0.0.1:9000\"]", "[\"x\"]");
         let errs = Config::parse(&bad, Path::new("/x.toml")).unwrap_err();
         let keys: Vec<_> = errs.iter().map(|e| e.key.as_str()).collect();
-        assert_eq!(
-            keys,
-            vec!["listen.addr", "listen.shards", "upstream.wsm[0]"]
-        );
+        assert_eq!(keys, vec!["listen.addr", "listen.shards", "upstream.wsm[0]"]);
     }
 
     #[test]

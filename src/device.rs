@@ -59,9 +59,7 @@ fn client_config(o: &DeviceOptions) -> Result<ClientConfig, DeviceError> {
     let setup = |m: String| DeviceError::Setup(m);
     let mut provider = rustls::crypto::ring::default_provider();
     if let Some(name) = &o.suite {
-        provider
-            .cipher_suites
-            .retain(|s| format!("{:?}", s.suite()) == *name);
+        provider.cipher_suites.retain(|s| format!("{:?}", s.suite()) == *name);
         if provider.cipher_suites.is_empty() {
             return Err(setup(format!("unknown suite {name}")));
         }
@@ -72,19 +70,14 @@ fn client_config(o: &DeviceOptions) -> Result<ClientConfig, DeviceError> {
         _ => vec![&rustls::version::TLS13, &rustls::version::TLS12],
     };
     let mut roots = RootCertStore::empty();
-    for c in CertificateDer::pem_file_iter(&o.server_ca)
-        .map_err(|e| setup(format!("{}: {e}", o.server_ca.display())))?
-    {
-        roots
-            .add(c.map_err(|e| setup(e.to_string()))?)
-            .map_err(|e| setup(e.to_string()))?;
+    for c in CertificateDer::pem_file_iter(&o.server_ca).map_err(|e| setup(format!("{}: {e}", o.server_ca.display())))? {
+        roots.add(c.map_err(|e| setup(e.to_string()))?).map_err(|e| setup(e.to_string()))?;
     }
     let chain: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(&o.cert)
         .map_err(|e| setup(format!("{}: {e}", o.cert.display())))?
         .collect::<Result<_, _>>()
         .map_err(|e| setup(e.to_string()))?;
-    let key = PrivateKeyDer::from_pem_file(&o.key)
-        .map_err(|e| setup(format!("{}: {e}", o.key.display())))?;
+    let key = PrivateKeyDer::from_pem_file(&o.key).map_err(|e| setup(format!("{}: {e}", o.key.display())))?;
     ClientConfig::builder_with_provider(Arc::new(provider))
         .with_protocol_versions(&versions)
         .map_err(|e| setup(e.to_string()))?
@@ -95,14 +88,10 @@ fn client_config(o: &DeviceOptions) -> Result<ClientConfig, DeviceError> {
 
 /// A mutual-TLS stream to holdfast with the handshake done, before any
 /// WebSocket bytes (tests use it to send malformed requests).
-pub fn tls_stream(
-    o: &DeviceOptions,
-) -> Result<StreamOwned<ClientConnection, TcpStream>, DeviceError> {
+pub fn tls_stream(o: &DeviceOptions) -> Result<StreamOwned<ClientConnection, TcpStream>, DeviceError> {
     let config = Arc::new(client_config(o)?);
-    let name = ServerName::try_from(o.server_name.clone())
-        .map_err(|e| DeviceError::Setup(e.to_string()))?;
-    let conn =
-        ClientConnection::new(config, name).map_err(|e| DeviceError::Setup(e.to_string()))?;
+    let name = ServerName::try_from(o.server_name.clone()).map_err(|e| DeviceError::Setup(e.to_string()))?;
+    let conn = ClientConnection::new(config, name).map_err(|e| DeviceError::Setup(e.to_string()))?;
     let tcp = TcpStream::connect_timeout(&o.addr, o.timeout)?;
     tcp.set_read_timeout(Some(o.timeout))?;
     tcp.set_nodelay(true)?;
@@ -128,10 +117,7 @@ impl Device {
             o.path, o.server_name
         );
         if !o.subprotocols.is_empty() {
-            req.push_str(&format!(
-                "Sec-WebSocket-Protocol: {}\r\n",
-                o.subprotocols.join(", ")
-            ));
+            req.push_str(&format!("Sec-WebSocket-Protocol: {}\r\n", o.subprotocols.join(", ")));
         }
         req.push_str("\r\n");
         tls.write_all(req.as_bytes())?;
@@ -140,24 +126,14 @@ impl Device {
             return Err(DeviceError::Http(resp.status));
         }
         if resp.header("sec-websocket-accept") != Some(upgrade::accept_key(&key).as_str()) {
-            return Err(DeviceError::BadResponse(
-                "wrong Sec-WebSocket-Accept".into(),
-            ));
+            return Err(DeviceError::BadResponse("wrong Sec-WebSocket-Accept".into()));
         }
         let subprotocol = resp.header("sec-websocket-protocol").map(str::to_string);
         let rest = resp.rest;
-        let mut d = Device {
-            tls,
-            dec: Decoder::new(64 << 20, false),
-            events: Default::default(),
-            subprotocol,
-            mask_seed: seed | 1,
-        };
+        let mut d = Device { tls, dec: Decoder::new(64 << 20, false), events: Default::default(), subprotocol, mask_seed: seed | 1 };
         if !rest.is_empty() {
             let mut ev = Vec::new();
-            d.dec
-                .feed(&rest, &mut ev)
-                .map_err(|e| DeviceError::Ws(e.to_string()))?;
+            d.dec.feed(&rest, &mut ev).map_err(|e| DeviceError::Ws(e.to_string()))?;
             d.events.extend(ev);
         }
         Ok(d)
@@ -166,12 +142,7 @@ impl Device {
     /// The negotiated TLS version and suite, e.g. ("TLSv1_3", "TLS13_AES_128_GCM_SHA256").
     pub fn tls_info(&self) -> (String, String) {
         let c = &self.tls.conn;
-        (
-            format!("{:?}", c.protocol_version()),
-            c.negotiated_cipher_suite()
-                .map(|s| format!("{:?}", s.suite()))
-                .unwrap_or_default(),
-        )
+        (format!("{:?}", c.protocol_version()), c.negotiated_cipher_suite().map(|s| format!("{:?}", s.suite())).unwrap_or_default())
     }
 
     fn mask(&mut self) -> [u8; 4] {
@@ -213,10 +184,7 @@ impl Device {
 
     /// Starts a TLS 1.3 KeyUpdate from the device side.
     pub fn key_update(&mut self) -> Result<(), DeviceError> {
-        self.tls
-            .conn
-            .refresh_traffic_keys()
-            .map_err(|e| DeviceError::Setup(e.to_string()))?;
+        self.tls.conn.refresh_traffic_keys().map_err(|e| DeviceError::Setup(e.to_string()))?;
         self.tls.flush()?;
         Ok(())
     }
@@ -233,9 +201,7 @@ impl Device {
                 return Err(DeviceError::Io(std::io::ErrorKind::UnexpectedEof.into()));
             }
             let mut ev = Vec::new();
-            self.dec
-                .feed(&buf[..n], &mut ev)
-                .map_err(|e| DeviceError::Ws(e.to_string()))?;
+            self.dec.feed(&buf[..n], &mut ev).map_err(|e| DeviceError::Ws(e.to_string()))?;
             self.events.extend(ev);
         }
     }
@@ -248,9 +214,7 @@ impl Device {
                 Event::Ping(p) => self.send_frame(op::PONG, &p)?,
                 Event::Pong(_) => {}
                 Event::Close { code, reason } => {
-                    return Err(DeviceError::Ws(format!(
-                        "closed by server: {code:?} {reason}"
-                    )));
+                    return Err(DeviceError::Ws(format!("closed by server: {code:?} {reason}")));
                 }
             }
         }
@@ -282,10 +246,7 @@ pub struct HttpResponse {
 
 impl HttpResponse {
     pub fn header(&self, name: &str) -> Option<&str> {
-        self.headers
-            .iter()
-            .find(|(k, _)| k == name)
-            .map(|(_, v)| v.as_str())
+        self.headers.iter().find(|(k, _)| k == name).map(|(_, v)| v.as_str())
     }
 }
 
@@ -296,30 +257,16 @@ pub fn read_response<S: Read>(s: &mut S) -> Result<HttpResponse, DeviceError> {
     loop {
         let n = s.read(&mut chunk)?;
         if n == 0 {
-            return Err(DeviceError::BadResponse(
-                "connection closed before a response".into(),
-            ));
+            return Err(DeviceError::BadResponse("connection closed before a response".into()));
         }
         buf.extend_from_slice(&chunk[..n]);
         let mut headers = [httparse::EMPTY_HEADER; 32];
         let mut resp = httparse::Response::new(&mut headers);
         match resp.parse(&buf) {
             Ok(httparse::Status::Complete(used)) => {
-                let headers = resp
-                    .headers
-                    .iter()
-                    .map(|h| {
-                        (
-                            h.name.to_ascii_lowercase(),
-                            String::from_utf8_lossy(h.value).into_owned(),
-                        )
-                    })
-                    .collect();
-                return Ok(HttpResponse {
-                    status: resp.code.unwrap_or(0),
-                    headers,
-                    rest: buf[used..].to_vec(),
-                });
+                let headers =
+                    resp.headers.iter().map(|h| (h.name.to_ascii_lowercase(), String::from_utf8_lossy(h.value).into_owned())).collect();
+                return Ok(HttpResponse { status: resp.code.unwrap_or(0), headers, rest: buf[used..].to_vec() });
             }
             Ok(httparse::Status::Partial) if buf.len() < 16384 => continue,
             _ => return Err(DeviceError::BadResponse("malformed HTTP response".into())),

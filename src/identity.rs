@@ -40,22 +40,14 @@ impl IdGenerator {
     pub fn new(shard: u16) -> Self {
         let mut r = [0u8; 8];
         // getrandom only fails on kernels without it; fall back to time + pid.
-        let prefix = match ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut r)
-        {
+        let prefix = match ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut r) {
             Ok(()) => u64::from_be_bytes(r),
             Err(_) => {
-                let t = std::time::SystemTime::now()
-                    .duration_since(std::time::UNIX_EPOCH)
-                    .map(|d| d.as_nanos() as u64)
-                    .unwrap_or(0);
+                let t = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos() as u64).unwrap_or(0);
                 t ^ ((std::process::id() as u64) << 32)
             }
         };
-        IdGenerator {
-            prefix,
-            shard,
-            next: 0,
-        }
+        IdGenerator { prefix, shard, next: 0 }
     }
 
     pub fn next_id(&mut self) -> ConnectionId {

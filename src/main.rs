@@ -15,11 +15,7 @@ use holdfast::device::{Device, DeviceOptions};
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 #[derive(Parser)]
-#[command(
-    name = "holdfast",
-    version,
-    about = "io_uring edge proxy that holds device WebSockets over mutual TLS"
-)]
+#[command(name = "holdfast", version, about = "io_uring edge proxy that holds device WebSockets over mutual TLS")]
 struct Cli {
     /// Log level: error, warn, info, debug, trace.
     #[arg(long, global = true, default_value = "info", env = "HOLDFAST_LOG")]
@@ -85,24 +81,8 @@ fn main() -> ExitCode {
     match cli.cmd {
         Cmd::Run { config } => run(config),
         Cmd::CheckConfig { file } => check_config(file),
-        Cmd::Quickstart {
-            dir,
-            port,
-            wsm_port,
-            metrics_port,
-            check_only,
-        } => quickstart(dir, port, wsm_port, metrics_port, check_only),
-        Cmd::Device {
-            addr,
-            server_name,
-            ca,
-            cert,
-            key,
-            path,
-            tls_version,
-            send,
-            key_update,
-        } => {
+        Cmd::Quickstart { dir, port, wsm_port, metrics_port, check_only } => quickstart(dir, port, wsm_port, metrics_port, check_only),
+        Cmd::Device { addr, server_name, ca, cert, key, path, tls_version, send, key_update } => {
             let o = DeviceOptions {
                 addr,
                 server_name,
@@ -139,47 +119,22 @@ fn load(path: &std::path::Path) -> Result<Config, ExitCode> {
 type Signals = crossbeam_channel::Receiver<nix::sys::signal::Signal>;
 
 fn announce(running: &holdfast::proxy::Running, shards: usize) {
-    let metrics = running
-        .metrics_addr
-        .map(|a| a.to_string())
-        .unwrap_or_else(|| "off".into());
-    println!(
-        "holdfast ready on {} shards={shards} metrics={metrics} pid={}",
-        running.listen,
-        std::process::id()
-    );
+    let metrics = running.metrics_addr.map(|a| a.to_string()).unwrap_or_else(|| "off".into());
+    println!("holdfast ready on {} shards={shards} metrics={metrics} pid={}", running.listen, std::process::id());
 }
 
 /// Started by a live upgrade: take the listening sockets from the old process.
-fn adopt(
-    ch: std::os::unix::net::UnixStream,
-    cfg: Config,
-) -> Result<holdfast::proxy::Running, ExitCode> {
+fn adopt(ch: std::os::unix::net::UnixStream, cfg: Config) -> Result<holdfast::proxy::Running, ExitCode> {
     use holdfast::upgrade::handoff::{self, Msg};
     let failed = |errs: Vec<String>| {
-        let _ = handoff::send(
-            &ch,
-            &Msg::Failed {
-                error: errs.join("; "),
-            },
-            &[],
-        );
+        let _ = handoff::send(&ch, &Msg::Failed { error: errs.join("; ") }, &[]);
         print_errors("holdfast (upgrade) could not start", &errs)
     };
     if let Err(es) = holdfast::tls::server::TlsContext::load(&cfg.tls) {
         return Err(failed(es.iter().map(|e| e.to_string()).collect()));
     }
     let pid = std::process::id();
-    if handoff::send(
-        &ch,
-        &Msg::Ready {
-            pid,
-            shards: cfg.shard_cpus.len(),
-        },
-        &[],
-    )
-    .is_err()
-    {
+    if handoff::send(&ch, &Msg::Ready { pid, shards: cfg.shard_cpus.len() }, &[]).is_err() {
         return Err(ExitCode::FAILURE);
     }
     let fds = match handoff::recv(&ch) {
@@ -189,14 +144,7 @@ fn adopt(
     };
     match holdfast::proxy::start_with(cfg, holdfast::proxy::Listeners::Inherited(fds)) {
         Ok(r) => {
-            let _ = handoff::send(
-                &ch,
-                &Msg::Serving {
-                    pid,
-                    listen: r.listen.to_string(),
-                },
-                &[],
-            );
+            let _ = handoff::send(&ch, &Msg::Serving { pid, listen: r.listen.to_string() }, &[]);
             Ok(r)
         }
         Err(es) => Err(failed(es)),
@@ -206,12 +154,7 @@ fn adopt(
 /// Serves until SIGINT/SIGTERM; SIGUSR2 hands the listeners to a new
 /// process started from `exe`, after which this one exits once the
 /// connections it still holds are gone.
-fn serve(
-    mut running: holdfast::proxy::Running,
-    config: &std::path::Path,
-    exe: &std::path::Path,
-    signals: Signals,
-) -> ExitCode {
+fn serve(mut running: holdfast::proxy::Running, config: &std::path::Path, exe: &std::path::Path, signals: Signals) -> ExitCode {
     use nix::sys::signal::Signal;
     let mut handed_over = false;
     let mut successor: Option<std::process::Child> = None;
@@ -222,12 +165,7 @@ fn serve(
             }
             Ok(Signal::SIGUSR2) => {
                 tracing::info!(exe = %exe.display(), "upgrade requested");
-                match holdfast::upgrade::handoff::hand_over_listeners(
-                    exe,
-                    config,
-                    &running.listeners,
-                    Duration::from_secs(30),
-                ) {
+                match holdfast::upgrade::handoff::hand_over_listeners(exe, config, &running.listeners, Duration::from_secs(30)) {
                     Ok((outcome, child)) => {
                         running.stop_accepting();
                         handed_over = true;
@@ -281,9 +219,7 @@ fn run(config: PathBuf) -> ExitCode {
         Ok(c) => c,
         Err(es) => {
             if let Some(ch) = &channel {
-                let msg = holdfast::upgrade::handoff::Msg::Failed {
-                    error: es.join("; "),
-                };
+                let msg = holdfast::upgrade::handoff::Msg::Failed { error: es.join("; ") };
                 let _ = holdfast::upgrade::handoff::send(ch, &msg, &[]);
             }
             return print_errors(&config.display().to_string(), &es);
@@ -312,27 +248,12 @@ fn check_config(file: PathBuf) -> ExitCode {
     match holdfast::tls::server::TlsContext::load(&cfg.tls) {
         Ok(tls) => {
             println!("{}: ok", file.display());
-            println!(
-                "  listen {} with {} shard(s) on CPUs {:?}",
-                cfg.listen,
-                cfg.shard_cpus.len(),
-                cfg.shard_cpus
-            );
-            println!(
-                "  {} device CA file(s), {} blocklist entr(y/ies)",
-                cfg.tls.client_cas.len(),
-                tls.verifier.blocklist().len()
-            );
-            println!(
-                "  WSM hosts {:?}, {} link(s) per shard each",
-                cfg.upstream.wsm, cfg.upstream.links_per_shard
-            );
+            println!("  listen {} with {} shard(s) on CPUs {:?}", cfg.listen, cfg.shard_cpus.len(), cfg.shard_cpus);
+            println!("  {} device CA file(s), {} blocklist entr(y/ies)", cfg.tls.client_cas.len(), tls.verifier.blocklist().len());
+            println!("  WSM hosts {:?}, {} link(s) per shard each", cfg.upstream.wsm, cfg.upstream.links_per_shard);
             ExitCode::SUCCESS
         }
-        Err(es) => print_errors(
-            &file.display().to_string(),
-            &es.iter().map(|e| e.to_string()).collect::<Vec<_>>(),
-        ),
+        Err(es) => print_errors(&file.display().to_string(), &es.iter().map(|e| e.to_string()).collect::<Vec<_>>()),
     }
 }
 
@@ -365,27 +286,14 @@ fn device(o: &DeviceOptions, send: &[String], key_update: bool) -> ExitCode {
     ExitCode::SUCCESS
 }
 
-fn quickstart(
-    dir: PathBuf,
-    port: u16,
-    wsm_port: u16,
-    metrics_port: u16,
-    check_only: bool,
-) -> ExitCode {
+fn quickstart(dir: PathBuf, port: u16, wsm_port: u16, metrics_port: u16, check_only: bool) -> ExitCode {
     let signals = holdfast::proxy::signals();
     if let Err(e) = holdfast::pki::generate(&dir) {
-        eprintln!(
-            "quickstart: cannot write the dev PKI to {}: {e}",
-            dir.display()
-        );
+        eprintln!("quickstart: cannot write the dev PKI to {}: {e}", dir.display());
         return ExitCode::FAILURE;
     }
     let wsm_addr: SocketAddr = ([127, 0, 0, 1], wsm_port).into();
-    let server = match holdfast::wsm::Server::bind(
-        wsm_addr,
-        Arc::new(holdfast::wsm::echo::Echo::default()),
-        "quickstart-wsm".into(),
-    ) {
+    let server = match holdfast::wsm::Server::bind(wsm_addr, Arc::new(holdfast::wsm::echo::Echo::default()), "quickstart-wsm".into()) {
         Ok(s) => s,
         Err(e) => {
             eprintln!("quickstart: reference WSM cannot listen on {wsm_addr}: {e}");
@@ -394,12 +302,7 @@ fn quickstart(
     };
     std::thread::spawn(move || server.serve());
     let listen = format!("127.0.0.1:{port}");
-    let text = holdfast::pki::example_config(
-        &listen,
-        &wsm_addr.to_string(),
-        "2",
-        &format!("127.0.0.1:{metrics_port}"),
-    );
+    let text = holdfast::pki::example_config(&listen, &wsm_addr.to_string(), "2", &format!("127.0.0.1:{metrics_port}"));
     let cfg_path = dir.join("holdfast.toml");
     if let Err(e) = std::fs::write(&cfg_path, text) {
         eprintln!("quickstart: {e}");
@@ -415,9 +318,7 @@ fn quickstart(
     };
     let d = dir.display();
     let dev = |name: &str| {
-        format!(
-            "holdfast device --addr {listen} --ca {d}/server-ca.pem --cert {d}/devices/{name}.pem --key {d}/devices/{name}.key"
-        )
+        format!("holdfast device --addr {listen} --ca {d}/server-ca.pem --cert {d}/devices/{name}.pem --key {d}/devices/{name}.key")
     };
     // Self-check: one device round trip through the proxy and the WSM.
     let o = DeviceOptions {
@@ -439,9 +340,7 @@ fn quickstart(
         Ok(echo)
     });
     match check {
-        Ok(echo) => println!(
-            "self-check: device oven-1 sent \"hello from oven-1\", echo came back: \"{echo}\""
-        ),
+        Ok(echo) => println!("self-check: device oven-1 sent \"hello from oven-1\", echo came back: \"{echo}\""),
         Err(e) => {
             eprintln!("self-check failed: {e}");
             running.shutdown();

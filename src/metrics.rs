@@ -110,11 +110,7 @@ pub fn render(shards: &[Arc<ShardMetrics>]) -> String {
 pub fn serve(addr: SocketAddr, shards: Vec<Arc<ShardMetrics>>) -> std::io::Result<SocketAddr> {
     // SO_REUSEPORT: during a live upgrade the new process binds the same
     // address while the old one still serves it.
-    let sock = socket2::Socket::new(
-        socket2::Domain::for_address(addr),
-        socket2::Type::STREAM,
-        None,
-    )?;
+    let sock = socket2::Socket::new(socket2::Domain::for_address(addr), socket2::Type::STREAM, None)?;
     sock.set_reuse_address(true)?;
     sock.set_reuse_port(true)?;
     sock.bind(&addr.into())?;
@@ -128,7 +124,11 @@ pub fn serve(addr: SocketAddr, shards: Vec<Arc<ShardMetrics>>) -> std::io::Resul
             let n = s.read(&mut req).unwrap_or(0);
             let ok = req[..n].starts_with(b"GET /metrics");
             let (status, body) = if ok { ("200 OK", render(&shards)) } else { ("404 Not Found", "not found\n".to_string()) };
-            let _ = write!(s, "HTTP/1.1 {status}\r\nContent-Type: text/plain; version=0.0.4\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}", body.len());
+            let _ = write!(
+                s,
+                "HTTP/1.1 {status}\r\nContent-Type: text/plain; version=0.0.4\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+                body.len()
+            );
         }
     })?;
     Ok(local)
@@ -146,13 +146,7 @@ mod tests {
         b.refusal(Refusal::Blocked);
         let text = render(&[a, b]);
         assert!(text.contains("holdfast_connections_accepted_total{shard=\"0\"} 1\n"));
-        assert!(
-            text.contains("holdfast_handshake_refused_total{shard=\"1\",reason=\"blocked\"} 1\n")
-        );
-        assert_eq!(
-            text.matches("# TYPE holdfast_connections_accepted_total counter")
-                .count(),
-            1
-        );
+        assert!(text.contains("holdfast_handshake_refused_total{shard=\"1\",reason=\"blocked\"} 1\n"));
+        assert_eq!(text.matches("# TYPE holdfast_connections_accepted_total counter").count(), 1);
     }
 }

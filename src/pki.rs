@@ -8,8 +8,8 @@
 use std::path::{Path, PathBuf};
 
 use rcgen::{
-    BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa,
-    Issuer, KeyPair, KeyUsagePurpose, SerialNumber,
+    BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair, KeyUsagePurpose,
+    SerialNumber,
 };
 
 pub struct Ca {
@@ -49,20 +49,12 @@ pub fn make_ca(cn: &str) -> Result<Ca, rcgen::Error> {
     let mut p = CertificateParams::new(Vec::<String>::new())?;
     p.distinguished_name = dn(cn, "holdfast dev PKI");
     p.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-    p.key_usages = vec![
-        KeyUsagePurpose::KeyCertSign,
-        KeyUsagePurpose::CrlSign,
-        KeyUsagePurpose::DigitalSignature,
-    ];
+    p.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign, KeyUsagePurpose::DigitalSignature];
     p.not_before = rcgen::date_time_ymd(2015, 1, 1);
     p.not_after = rcgen::date_time_ymd(2099, 1, 1);
     let key = KeyPair::generate()?;
     let pem = p.self_signed(&key)?.pem();
-    Ok(Ca {
-        params: p,
-        key,
-        pem,
-    })
+    Ok(Ca { params: p, key, pem })
 }
 
 /// A leaf certificate and its key, both PEM.
@@ -72,33 +64,18 @@ pub struct Leaf {
     pub der: Vec<u8>,
 }
 
-pub fn make_leaf(
-    ca: &Ca,
-    cn: &str,
-    sans: Vec<String>,
-    server: bool,
-    validity: Validity,
-    serial: u64,
-) -> Result<Leaf, rcgen::Error> {
+pub fn make_leaf(ca: &Ca, cn: &str, sans: Vec<String>, server: bool, validity: Validity, serial: u64) -> Result<Leaf, rcgen::Error> {
     let mut p = CertificateParams::new(sans)?;
     p.distinguished_name = dn(cn, if server { "holdfast" } else { "Acme Devices" });
     p.is_ca = IsCa::NoCa;
     p.key_usages = vec![KeyUsagePurpose::DigitalSignature];
-    p.extended_key_usages = vec![if server {
-        ExtendedKeyUsagePurpose::ServerAuth
-    } else {
-        ExtendedKeyUsagePurpose::ClientAuth
-    }];
+    p.extended_key_usages = vec![if server { ExtendedKeyUsagePurpose::ServerAuth } else { ExtendedKeyUsagePurpose::ClientAuth }];
     p.serial_number = Some(SerialNumber::from(serial.to_be_bytes().to_vec()));
     set_validity(&mut p, validity);
     let key = KeyPair::generate()?;
     let issuer = Issuer::from_params(&ca.params, &ca.key);
     let cert = p.signed_by(&key, &issuer)?;
-    Ok(Leaf {
-        cert_pem: cert.pem(),
-        key_pem: key.serialize_pem(),
-        der: cert.der().to_vec(),
-    })
+    Ok(Leaf { cert_pem: cert.pem(), key_pem: key.serialize_pem(), der: cert.der().to_vec() })
 }
 
 /// The files a generated dev PKI consists of.
@@ -111,10 +88,7 @@ impl DevPki {
         self.dir.join(name)
     }
     pub fn device(&self, name: &str) -> (PathBuf, PathBuf) {
-        (
-            self.dir.join(format!("devices/{name}.pem")),
-            self.dir.join(format!("devices/{name}.key")),
-        )
+        (self.dir.join(format!("devices/{name}.pem")), self.dir.join(format!("devices/{name}.key")))
     }
 }
 
@@ -135,21 +109,10 @@ pub fn generate(dir: &Path) -> Result<DevPki, String> {
     let io = |x: std::io::Error| x.to_string();
     std::fs::create_dir_all(dir.join("devices")).map_err(io)?;
     let server_ca = make_ca("holdfast dev server CA").map_err(e)?;
-    let server = make_leaf(
-        &server_ca,
-        "localhost",
-        vec!["localhost".into(), "127.0.0.1".into()],
-        true,
-        Validity::Current,
-        1,
-    )
-    .map_err(e)?;
+    let server = make_leaf(&server_ca, "localhost", vec!["localhost".into(), "127.0.0.1".into()], true, Validity::Current, 1).map_err(e)?;
     let write = |name: &str, text: &str| std::fs::write(dir.join(name), text).map_err(io);
     write("server-ca.pem", &server_ca.pem)?;
-    write(
-        "server-chain.pem",
-        &format!("{}{}", server.cert_pem, server_ca.pem),
-    )?;
+    write("server-chain.pem", &format!("{}{}", server.cert_pem, server_ca.pem))?;
     write("server.key", &server.key_pem)?;
     let cas = [
         ("fleet-2019", make_ca("Fleet 2019 CA").map_err(e)?),
@@ -159,37 +122,19 @@ pub fn generate(dir: &Path) -> Result<DevPki, String> {
     for (name, ca) in &cas {
         write(&format!("{name}.pem"), &ca.pem)?;
     }
-    let mut blocklist = String::from(
-        "# Device certificates refused at the handshake.\n# One SHA-256 fingerprint (hex) or serial:<hex> per line.\n",
-    );
+    let mut blocklist =
+        String::from("# Device certificates refused at the handshake.\n# One SHA-256 fingerprint (hex) or serial:<hex> per line.\n");
     for (i, (name, ca_name, validity, blocked)) in DEVICES.iter().enumerate() {
-        let ca = &cas
-            .iter()
-            .find(|(n, _)| n == ca_name)
-            .ok_or("unknown CA")?
-            .1;
-        let leaf = make_leaf(
-            ca,
-            name,
-            vec![format!("{name}.devices.local")],
-            false,
-            *validity,
-            0x1000 + i as u64,
-        )
-        .map_err(e)?;
+        let ca = &cas.iter().find(|(n, _)| n == ca_name).ok_or("unknown CA")?.1;
+        let leaf = make_leaf(ca, name, vec![format!("{name}.devices.local")], false, *validity, 0x1000 + i as u64).map_err(e)?;
         write(&format!("devices/{name}.pem"), &leaf.cert_pem)?;
         write(&format!("devices/{name}.key"), &leaf.key_pem)?;
         if *blocked {
-            blocklist.push_str(&format!(
-                "{}  # {name}\n",
-                crate::identity::hex(&crate::identity::sha256(&leaf.der))
-            ));
+            blocklist.push_str(&format!("{}  # {name}\n", crate::identity::hex(&crate::identity::sha256(&leaf.der))));
         }
     }
     write("blocklist.txt", &blocklist)?;
-    Ok(DevPki {
-        dir: dir.to_path_buf(),
-    })
+    Ok(DevPki { dir: dir.to_path_buf() })
 }
 
 /// A commented example config for the dev PKI.

@@ -36,8 +36,7 @@ pub fn start(cfg: Config) -> Result<Running, Vec<String>> {
 }
 
 pub fn start_with(cfg: Config, from: Listeners) -> Result<Running, Vec<String>> {
-    let tls = TlsContext::load(&cfg.tls)
-        .map_err(|es| es.iter().map(|e| e.to_string()).collect::<Vec<_>>())?;
+    let tls = TlsContext::load(&cfg.tls).map_err(|es| es.iter().map(|e| e.to_string()).collect::<Vec<_>>())?;
     let cfg = Arc::new(cfg);
     let shard_count = cfg.shard_cpus.len();
     let mut addr = cfg.listen;
@@ -49,12 +48,8 @@ pub fn start_with(cfg: Config, from: Listeners) -> Result<Running, Vec<String>> 
         addr = first.local_addr().map_err(|e| vec![e.to_string()])?;
     }
     while sockets.len() < shard_count {
-        let l = shard::bind_listener(addr, cfg.backlog).map_err(|e| {
-            vec![format!(
-                "listen.addr: cannot listen on {addr} (shard {}): {e}",
-                sockets.len()
-            )]
-        })?;
+        let l = shard::bind_listener(addr, cfg.backlog)
+            .map_err(|e| vec![format!("listen.addr: cannot listen on {addr} (shard {}): {e}", sockets.len())])?;
         if addr.port() == 0 {
             addr = l.local_addr().map_err(|e| vec![e.to_string()])?;
         }
@@ -63,29 +58,18 @@ pub fn start_with(cfg: Config, from: Listeners) -> Result<Running, Vec<String>> 
     let mut dups = Vec::new();
     for l in &sockets {
         l.set_nonblocking(true).map_err(|e| vec![e.to_string()])?;
-        dups.push(std::os::fd::OwnedFd::from(
-            l.try_clone().map_err(|e| vec![e.to_string()])?,
-        ));
+        dups.push(std::os::fd::OwnedFd::from(l.try_clone().map_err(|e| vec![e.to_string()])?));
     }
     // Shard i takes socket i, i + shards, ...: every inherited socket is
     // accepted from, so nothing waiting in an accept queue is lost.
-    let mut per_shard: Vec<Vec<std::net::TcpListener>> =
-        (0..shard_count).map(|_| Vec::new()).collect();
+    let mut per_shard: Vec<Vec<std::net::TcpListener>> = (0..shard_count).map(|_| Vec::new()).collect();
     for (i, l) in sockets.into_iter().enumerate() {
         per_shard[i % shard_count].push(l);
     }
     let (ready_tx, ready_rx) = crossbeam_channel::unbounded();
     let mut shards = Vec::new();
     for (i, (l, cpu)) in per_shard.into_iter().zip(cfg.shard_cpus.iter()).enumerate() {
-        let h = shard::start(
-            i as u16,
-            *cpu,
-            cfg.clone(),
-            tls.clone(),
-            l,
-            ready_tx.clone(),
-        )
-        .map_err(|e| vec![format!("shard {i}: {e}")])?;
+        let h = shard::start(i as u16, *cpu, cfg.clone(), tls.clone(), l, ready_tx.clone()).map_err(|e| vec![format!("shard {i}: {e}")])?;
         shards.push(h);
     }
     let wait = cfg.upstream.connect_timeout + Duration::from_secs(5);
@@ -103,12 +87,7 @@ pub fn start_with(cfg: Config, from: Listeners) -> Result<Running, Vec<String>> 
         }
         None => None,
     };
-    Ok(Running {
-        listen: addr,
-        metrics_addr,
-        shards,
-        listeners: dups,
-    })
+    Ok(Running { listen: addr, metrics_addr, shards, listeners: dups })
 }
 
 impl Running {
@@ -143,14 +122,7 @@ impl Running {
 
     /// Connections this process still holds.
     pub fn connections(&self) -> u64 {
-        self.shards
-            .iter()
-            .map(|s| {
-                s.metrics
-                    .connections_active
-                    .load(std::sync::atomic::Ordering::Relaxed)
-            })
-            .sum()
+        self.shards.iter().map(|s| s.metrics.connections_active.load(std::sync::atomic::Ordering::Relaxed)).sum()
     }
 
     /// Stops accepting and ends every shard's loop (connections are closed).
@@ -175,14 +147,12 @@ pub fn signals() -> crossbeam_channel::Receiver<nix::sys::signal::Signal> {
     set.add(Signal::SIGUSR2);
     let _ = set.thread_block();
     let (tx, rx) = crossbeam_channel::unbounded();
-    let _ = std::thread::Builder::new()
-        .name("holdfast-signals".into())
-        .spawn(move || {
-            while let Ok(sig) = set.wait() {
-                if tx.send(sig).is_err() {
-                    return;
-                }
+    let _ = std::thread::Builder::new().name("holdfast-signals".into()).spawn(move || {
+        while let Ok(sig) = set.wait() {
+            if tx.send(sig).is_err() {
+                return;
             }
-        });
+        }
+    });
     rx
 }

@@ -7,35 +7,19 @@ use std::process::Command;
 use common::Pki;
 
 fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
 }
 
 #[test]
 fn check_config_accepts_a_good_file_and_names_every_bad_key() {
     let pki = Pki::new();
-    let good =
-        holdfast::pki::example_config("127.0.0.1:8443", "127.0.0.1:9000", "2", "127.0.0.1:9100");
+    let good = holdfast::pki::example_config("127.0.0.1:8443", "127.0.0.1:9000", "2", "127.0.0.1:9100");
     let path = pki.path().join("good.toml");
     std::fs::write(&path, &good).unwrap();
-    let out = Command::new(env!("CARGO_BIN_EXE_holdfast"))
-        .arg("check-config")
-        .arg(&path)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let out = Command::new(env!("CARGO_BIN_EXE_holdfast")).arg("check-config").arg(&path).output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let text = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        text.contains("ok") && text.contains("1 blocklist"),
-        "{text}"
-    );
+    assert!(text.contains("ok") && text.contains("1 blocklist"), "{text}");
 
     let bad = good
         .replace("addr = \"127.0.0.1:8443\"", "addr = \"not-an-address\"")
@@ -43,32 +27,18 @@ fn check_config_accepts_a_good_file_and_names_every_bad_key() {
         .replace("max_message_bytes = 1048576", "max_message_bytes = 0");
     let path = pki.path().join("bad.toml");
     std::fs::write(&path, bad).unwrap();
-    let out = Command::new(env!("CARGO_BIN_EXE_holdfast"))
-        .arg("check-config")
-        .arg(&path)
-        .output()
-        .unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_holdfast")).arg("check-config").arg(&path).output().unwrap();
     assert_eq!(out.status.code(), Some(2));
     let err = String::from_utf8_lossy(&out.stderr);
-    assert!(
-        err.contains("listen.addr") && err.contains("websocket.max_message_bytes"),
-        "{err}"
-    );
+    assert!(err.contains("listen.addr") && err.contains("websocket.max_message_bytes"), "{err}");
 
     // File problems are reported once the syntax and values are right.
     let path2 = pki.path().join("bad2.toml");
     std::fs::write(&path2, good.replace("fleet-2024.pem", "missing.pem")).unwrap();
-    let out = Command::new(env!("CARGO_BIN_EXE_holdfast"))
-        .arg("check-config")
-        .arg(&path2)
-        .output()
-        .unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_holdfast")).arg("check-config").arg(&path2).output().unwrap();
     assert_eq!(out.status.code(), Some(2));
     let err = String::from_utf8_lossy(&out.stderr);
-    assert!(
-        err.contains("tls.client_ca[1].file") && err.contains("missing.pem"),
-        "{err}"
-    );
+    assert!(err.contains("tls.client_ca[1].file") && err.contains("missing.pem"), "{err}");
 }
 
 #[test]
@@ -77,34 +47,13 @@ fn quickstart_round_trips_as_a_device() {
     let out = Command::new(env!("CARGO_BIN_EXE_holdfast"))
         .current_dir(dir.path())
         .args(["quickstart", "--check-only"])
-        .args([
-            "--port",
-            &free_port().to_string(),
-            "--wsm-port",
-            &free_port().to_string(),
-            "--metrics-port",
-            &free_port().to_string(),
-        ])
+        .args(["--port", &free_port().to_string(), "--wsm-port", &free_port().to_string(), "--metrics-port", &free_port().to_string()])
         .output()
         .unwrap();
     let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "{stdout}\n{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    assert!(
-        stdout.contains("echo came back: \"hello from oven-1\""),
-        "{stdout}"
-    );
-    assert!(
-        stdout.contains("holdfast device --addr"),
-        "prints how to connect: {stdout}"
-    );
+    assert!(out.status.success(), "{stdout}\n{}", String::from_utf8_lossy(&out.stderr));
+    assert!(stdout.contains("echo came back: \"hello from oven-1\""), "{stdout}");
+    assert!(stdout.contains("holdfast device --addr"), "prints how to connect: {stdout}");
     assert!(dir.path().join("holdfast-dev/holdfast.toml").exists());
-    assert!(
-        dir.path()
-            .join("holdfast-dev/devices/thermostat-2019.pem")
-            .exists()
-    );
+    assert!(dir.path().join("holdfast-dev/devices/thermostat-2019.pem").exists());
 }

@@ -31,14 +31,7 @@ fn echo_over_every_suite_and_version() {
         let mut d = Device::connect(&o).unwrap_or_else(|e| panic!("{suite}: {e}"));
         let (v, s) = d.tls_info();
         assert_eq!(s, suite);
-        assert!(
-            v.contains(if version == "1.3" {
-                "TLSv1_3"
-            } else {
-                "TLSv1_2"
-            }),
-            "{v}"
-        );
+        assert!(v.contains(if version == "1.3" { "TLSv1_3" } else { "TLSv1_2" }), "{v}");
         d.send_text(&format!("hello over {suite}")).unwrap();
         assert_eq!(d.recv_text().unwrap(), format!("hello over {suite}"));
         // Larger than one TLS record and one WebSocket length class.
@@ -62,29 +55,13 @@ fn whoami_reports_identity_and_distinct_connection_ids() {
         let v: serde_json::Value = serde_json::from_str(&d.recv_text().unwrap()).unwrap();
         assert_eq!(v["resumed"], false);
         assert_eq!(v["device"]["subject"], "O=Acme Devices, CN=oven-1");
-        assert_eq!(
-            v["device"]["issuer"],
-            "O=holdfast dev PKI, CN=Fleet 2024 CA"
-        );
+        assert_eq!(v["device"]["issuer"], "O=holdfast dev PKI, CN=Fleet 2024 CA");
         assert_eq!(v["device"]["serial"], "1000");
-        assert_eq!(
-            v["device"]["sans"],
-            serde_json::json!(["DNS:oven-1.devices.local"])
-        );
+        assert_eq!(v["device"]["sans"], serde_json::json!(["DNS:oven-1.devices.local"]));
         let pem = std::fs::read(pki.path().join("devices/oven-1.pem")).unwrap();
-        let der = rustls::pki_types::pem::PemObject::from_pem_slice(&pem)
-            .map(|c: rustls::pki_types::CertificateDer| c.to_vec())
-            .unwrap();
-        assert_eq!(
-            v["device"]["sha256"],
-            holdfast::identity::hex(&holdfast::identity::sha256(&der))
-        );
-        assert!(
-            v["device"]["address"]
-                .as_str()
-                .unwrap()
-                .starts_with("127.0.0.1:")
-        );
+        let der = rustls::pki_types::pem::PemObject::from_pem_slice(&pem).map(|c: rustls::pki_types::CertificateDer| c.to_vec()).unwrap();
+        assert_eq!(v["device"]["sha256"], holdfast::identity::hex(&holdfast::identity::sha256(&der)));
+        assert!(v["device"]["address"].as_str().unwrap().starts_with("127.0.0.1:"));
         let id = v["connection_id"].as_str().unwrap().to_string();
         assert_eq!(id.len(), 32);
         ids.push(id);
@@ -114,34 +91,15 @@ fn certificate_policy_unknown_ca_expired_ignore_validity_blocklist() {
     d.send_text("still here").unwrap();
     assert_eq!(d.recv_text().unwrap(), "still here");
     for reason in ["unknown_ca", "expired", "blocked"] {
-        assert_eq!(
-            metric(
-                &proxy,
-                "holdfast_handshake_refused_total",
-                &format!("reason=\"{reason}\"")
-            ),
-            1,
-            "{reason}"
-        );
+        assert_eq!(metric(&proxy, "holdfast_handshake_refused_total", &format!("reason=\"{reason}\"")), 1, "{reason}");
     }
     let log = std::fs::read_to_string(&proxy.stderr_log).unwrap();
-    let refusals: Vec<&str> = log
-        .lines()
-        .filter(|l| l.contains("handshake refused"))
-        .collect();
+    let refusals: Vec<&str> = log.lines().filter(|l| l.contains("handshake refused")).collect();
     assert_eq!(refusals.len(), 3, "each refusal logged once: {refusals:?}");
     for reason in ["unknown_ca", "expired", "blocked"] {
-        assert!(
-            refusals
-                .iter()
-                .any(|l| l.contains(&format!("reason=\"{reason}\""))),
-            "{reason} in {refusals:?}"
-        );
+        assert!(refusals.iter().any(|l| l.contains(&format!("reason=\"{reason}\""))), "{reason} in {refusals:?}");
     }
-    assert!(
-        refusals.iter().all(|l| l.contains("device=127.0.0.1:")),
-        "logged with the device address"
-    );
+    assert!(refusals.iter().all(|l| l.contains("device=127.0.0.1:")), "logged with the device address");
 }
 
 #[test]
@@ -151,10 +109,7 @@ fn malformed_upgrade_gets_400_and_wrong_method_405() {
     let proxy = start_proxy(&pki, &[wsm.addr], 1, "", "");
     for (req, status) in [
         ("GARBAGE / NOPE\r\n\r\n", 400),
-        (
-            "GET / HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Version: 13\r\n\r\n",
-            400,
-        ),
+        ("GET / HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Version: 13\r\n\r\n", 400),
         ("POST / HTTP/1.1\r\nHost: x\r\n\r\n", 405),
     ] {
         let mut s = tls_stream(&opts(&pki, &proxy, "oven-1")).unwrap();
@@ -172,11 +127,7 @@ fn oversize_message_gets_1009_and_invalid_utf8_gets_1007() {
     let proxy = start_proxy(&pki, &[wsm.addr], 1, "", "max_message_bytes = 1024");
     let mut d = Device::connect(&opts(&pki, &proxy, "oven-1")).unwrap();
     d.send_binary(&[1u8; 1024]).unwrap();
-    assert_eq!(
-        d.recv_message().unwrap().1.len(),
-        1024,
-        "exactly the limit passes"
-    );
+    assert_eq!(d.recv_message().unwrap().1.len(), 1024, "exactly the limit passes");
     d.send_binary(&[1u8; 5000]).unwrap();
     assert_eq!(d.recv_close().unwrap(), Some(1009));
 
@@ -194,31 +145,18 @@ fn oversize_message_gets_1009_and_invalid_utf8_gets_1007() {
     assert_eq!(d.recv_close().unwrap(), Some(1007));
 
     let mut d = Device::connect(&opts(&pki, &proxy, "oven-1")).unwrap();
-    d.send_raw(&[0x81, 0x05, b'h', b'e', b'l', b'l', b'o'])
-        .unwrap(); // unmasked
+    d.send_raw(&[0x81, 0x05, b'h', b'e', b'l', b'l', b'o']).unwrap(); // unmasked
     assert_eq!(d.recv_close().unwrap(), Some(1002));
-    assert_eq!(
-        metric(&proxy, "holdfast_ws_error_closes_total", "code=\"1009\""),
-        2
-    );
-    assert_eq!(
-        metric(&proxy, "holdfast_ws_error_closes_total", "code=\"1007\""),
-        1
-    );
-    assert_eq!(
-        metric(&proxy, "holdfast_ws_error_closes_total", "code=\"1002\""),
-        1
-    );
+    assert_eq!(metric(&proxy, "holdfast_ws_error_closes_total", "code=\"1009\""), 2);
+    assert_eq!(metric(&proxy, "holdfast_ws_error_closes_total", "code=\"1007\""), 1);
+    assert_eq!(metric(&proxy, "holdfast_ws_error_closes_total", "code=\"1002\""), 1);
 }
 
 #[test]
 fn no_reachable_wsm_gets_503() {
     let pki = Pki::new();
     // Reserve a port, then free it: nothing listens there.
-    let dead = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap();
+    let dead = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap();
     let proxy = start_proxy(&pki, &[dead], 1, "", "");
     match Device::connect(&opts(&pki, &proxy, "oven-1")) {
         Err(DeviceError::Http(503)) => {}
@@ -246,11 +184,7 @@ fn key_update_initiated_by_device() {
     let pki = Pki::new();
     let wsm = start_wsm(pki.path(), "wsm");
     let proxy = start_proxy(&pki, &[wsm.addr], 1, "", "");
-    for suite in [
-        "TLS13_AES_128_GCM_SHA256",
-        "TLS13_AES_256_GCM_SHA384",
-        "TLS13_CHACHA20_POLY1305_SHA256",
-    ] {
+    for suite in ["TLS13_AES_128_GCM_SHA256", "TLS13_AES_256_GCM_SHA384", "TLS13_CHACHA20_POLY1305_SHA256"] {
         let mut o = opts(&pki, &proxy, "oven-1");
         o.suite = Some(suite.into());
         let mut d = Device::connect(&o).unwrap();
@@ -262,9 +196,7 @@ fn key_update_initiated_by_device() {
         }
     }
     // Each device KeyUpdate requests one back; counters land at close.
-    eventually(5, "key update counters", || {
-        metric(&proxy, "holdfast_key_updates_received_total", "") == 9
-    });
+    eventually(5, "key update counters", || metric(&proxy, "holdfast_key_updates_received_total", "") == 9);
     assert_eq!(metric(&proxy, "holdfast_key_updates_sent_total", ""), 9);
 }
 
@@ -281,9 +213,7 @@ fn key_update_initiated_by_holdfast() {
     }
     d.close(1000).unwrap();
     assert_eq!(d.recv_close().unwrap(), Some(1000));
-    eventually(5, "holdfast-initiated key updates", || {
-        metric(&proxy, "holdfast_key_updates_sent_total", "") >= 5
-    });
+    eventually(5, "holdfast-initiated key updates", || metric(&proxy, "holdfast_key_updates_sent_total", "") >= 5);
     // holdfast asks the device to update too; rustls answers.
     assert!(metric(&proxy, "holdfast_key_updates_received_total", "") >= 5);
 }
@@ -302,11 +232,7 @@ fn two_shards_both_take_connections() {
         shards.insert(v["holdfast"]["shard"].as_u64().unwrap());
         held.push(d);
     }
-    assert_eq!(
-        shards.len(),
-        2,
-        "SO_REUSEPORT spread 24 connections over both shards"
-    );
+    assert_eq!(shards.len(), 2, "SO_REUSEPORT spread 24 connections over both shards");
     assert!(metric(&proxy, "holdfast_connections_accepted_total", "shard=\"0\"") > 0);
     assert!(metric(&proxy, "holdfast_connections_accepted_total", "shard=\"1\"") > 0);
     assert_eq!(metric(&proxy, "holdfast_connections_active", ""), 24);
@@ -326,8 +252,7 @@ fn bad_input_from_one_device_does_not_touch_another() {
     check(0);
     // Garbage instead of a ClientHello.
     let mut raw = TcpStream::connect(proxy.addr).unwrap();
-    raw.write_all(&[0x16, 0x03, 0x01, 0x00, 0x05, 1, 2, 3, 4, 5])
-        .unwrap();
+    raw.write_all(&[0x16, 0x03, 0x01, 0x00, 0x05, 1, 2, 3, 4, 5]).unwrap();
     let mut sink = Vec::new();
     raw.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
     let _ = raw.read_to_end(&mut sink);
@@ -349,13 +274,7 @@ fn bad_input_from_one_device_does_not_touch_another() {
     drop(gone);
     check(3);
     assert!(metric(&proxy, "holdfast_tls_record_errors_total", "") >= 1);
-    assert!(
-        metric(
-            &proxy,
-            "holdfast_handshake_refused_total",
-            "reason=\"bad_handshake\""
-        ) >= 1
-    );
+    assert!(metric(&proxy, "holdfast_handshake_refused_total", "reason=\"bad_handshake\"") >= 1);
 }
 
 #[test]
@@ -370,9 +289,7 @@ fn idle_connections_hold_no_io_buffer() {
         d.recv_text().unwrap();
         held.push(d);
     }
-    eventually(5, "all buffers back in the pools", || {
-        metric(&proxy, "holdfast_buffers_in_use", "") == 0
-    });
+    eventually(5, "all buffers back in the pools", || metric(&proxy, "holdfast_buffers_in_use", "") == 0);
     assert_eq!(metric(&proxy, "holdfast_connections_active", ""), 20);
     // And they still work.
     for d in held.iter_mut() {
@@ -387,23 +304,12 @@ fn handshake_timeout_is_refused_and_counted() {
     let wsm = start_wsm(pki.path(), "wsm");
     let proxy = start_proxy(&pki, &[wsm.addr], 1, "handshake_timeout_ms = 300", "");
     let mut silent = TcpStream::connect(proxy.addr).unwrap();
-    silent
-        .set_read_timeout(Some(Duration::from_secs(5)))
-        .unwrap();
+    silent.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
     let start = std::time::Instant::now();
     let mut sink = Vec::new();
     let _ = silent.read_to_end(&mut sink);
-    assert!(
-        start.elapsed() < Duration::from_secs(3),
-        "closed after the timeout"
-    );
-    eventually(5, "timeout refusal", || {
-        metric(
-            &proxy,
-            "holdfast_handshake_refused_total",
-            "reason=\"timeout\"",
-        ) == 1
-    });
+    assert!(start.elapsed() < Duration::from_secs(3), "closed after the timeout");
+    eventually(5, "timeout refusal", || metric(&proxy, "holdfast_handshake_refused_total", "reason=\"timeout\"") == 1);
     // A device that does handshake is unaffected.
     let mut d = Device::connect(&opts(&pki, &proxy, "oven-1")).unwrap();
     d.send_text("ok").unwrap();
@@ -414,19 +320,10 @@ fn handshake_timeout_is_refused_and_counted() {
 fn pings_are_answered_at_the_edge_and_idle_devices_are_pinged_then_closed() {
     let pki = Pki::new();
     let wsm = start_wsm(pki.path(), "wsm");
-    let proxy = start_proxy(
-        &pki,
-        &[wsm.addr],
-        1,
-        "",
-        "idle_timeout_secs = 3\nping_interval_secs = 1",
-    );
+    let proxy = start_proxy(&pki, &[wsm.addr], 1, "", "idle_timeout_secs = 3\nping_interval_secs = 1");
     let mut d = Device::connect(&opts(&pki, &proxy, "oven-1")).unwrap();
     d.send_frame(op::PING, b"are you there").unwrap();
-    assert_eq!(
-        d.recv().unwrap(),
-        holdfast::ws::frame::Event::Pong(b"are you there".to_vec())
-    );
+    assert_eq!(d.recv().unwrap(), holdfast::ws::frame::Event::Pong(b"are you there".to_vec()));
     // Quiet device: holdfast pings it after ~1 s ...
     let start = std::time::Instant::now();
     assert_eq!(d.recv().unwrap(), holdfast::ws::frame::Event::Ping(vec![]));
@@ -436,8 +333,5 @@ fn pings_are_answered_at_the_edge_and_idle_devices_are_pinged_then_closed() {
     assert!(start.elapsed() >= Duration::from_millis(2500));
     assert_eq!(metric(&proxy, "holdfast_idle_timeouts_total", ""), 1);
     // The WSM saw no ping: only the one echo-able message type reaches it.
-    assert_eq!(
-        metric(&proxy, "holdfast_messages_from_devices_total", ""),
-        0
-    );
+    assert_eq!(metric(&proxy, "holdfast_messages_from_devices_total", ""), 0);
 }

@@ -36,23 +36,13 @@ impl App for Flood {
 
 fn rss_kib(pid: u32) -> u64 {
     let s = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
-    s.lines()
-        .find(|l| l.starts_with("VmRSS:"))
-        .and_then(|l| l.split_whitespace().nth(1)?.parse().ok())
-        .unwrap()
+    s.lines().find(|l| l.starts_with("VmRSS:")).and_then(|l| l.split_whitespace().nth(1)?.parse().ok()).unwrap()
 }
 
 #[test]
 fn slow_device_cannot_make_holdfast_buffer_what_the_wsm_sends() {
     let pki = Pki::new();
-    let server = Server::bind(
-        "127.0.0.1:0".parse().unwrap(),
-        Arc::new(Flood {
-            sent: AtomicU64::new(0),
-        }),
-        "flood".into(),
-    )
-    .unwrap();
+    let server = Server::bind("127.0.0.1:0".parse().unwrap(), Arc::new(Flood { sent: AtomicU64::new(0) }), "flood".into()).unwrap();
     let wsm: SocketAddr = server.local_addr().unwrap();
     std::thread::spawn(move || server.serve());
     let proxy = start_proxy(&pki, &[wsm], 1, "", "max_message_bytes = 65536");
@@ -63,11 +53,7 @@ fn slow_device_cannot_make_holdfast_buffer_what_the_wsm_sends() {
     // stream window (256 KiB) plus a message, whatever the kernel buffers.
     std::thread::sleep(Duration::from_secs(2));
     let during = rss_kib(proxy.child.id());
-    assert!(
-        during.saturating_sub(before) < 8 * 1024,
-        "holdfast grew {} KiB while the device did not read",
-        during - before
-    );
+    assert!(during.saturating_sub(before) < 8 * 1024, "holdfast grew {} KiB while the device did not read", during - before);
     // Now the device reads: every message arrives, whole and in order.
     for i in 0..COUNT {
         let (text, m) = d.recv_message().unwrap();
@@ -76,8 +62,5 @@ fn slow_device_cannot_make_holdfast_buffer_what_the_wsm_sends() {
         assert_eq!(u32::from_be_bytes([m[0], m[1], m[2], m[3]]), i, "order");
         assert!(m[4..].iter().all(|&b| b == (i % 251) as u8));
     }
-    assert_eq!(
-        metric(&proxy, "holdfast_messages_to_devices_total", ""),
-        COUNT as u64
-    );
+    assert_eq!(metric(&proxy, "holdfast_messages_to_devices_total", ""), COUNT as u64);
 }

@@ -33,19 +33,14 @@ fn new_ready_pid(p: &Proc, old: u32, secs: u64) -> i32 {
     let deadline = Instant::now() + Duration::from_secs(secs);
     while Instant::now() < deadline {
         if let Ok(l) = p.lines.recv_timeout(Duration::from_millis(100))
-            && let Some(pid) = l
-                .strip_prefix("holdfast ready on ")
-                .and_then(|r| r.rsplit("pid=").next())
-                .and_then(|x| x.trim().parse::<i32>().ok())
+            && let Some(pid) =
+                l.strip_prefix("holdfast ready on ").and_then(|r| r.rsplit("pid=").next()).and_then(|x| x.trim().parse::<i32>().ok())
             && pid as u32 != old
         {
             return pid;
         }
     }
-    panic!(
-        "no ready line from a new process; log: {}",
-        std::fs::read_to_string(&p.stderr_log).unwrap_or_default()
-    );
+    panic!("no ready line from a new process; log: {}", std::fs::read_to_string(&p.stderr_log).unwrap_or_default());
 }
 
 fn alive(pid: i32) -> bool {
@@ -80,9 +75,7 @@ fn sigusr2_hands_the_listeners_to_a_new_process() {
     let _guard = KillOnDrop(new);
     std::thread::sleep(Duration::from_millis(500));
     stop.store(true, std::sync::atomic::Ordering::Relaxed);
-    let connected = hammer
-        .join()
-        .expect("no connection failed during the upgrade");
+    let connected = hammer.join().expect("no connection failed during the upgrade");
     assert!(connected > 0);
 
     // The held device still works, served by the old process, which stays up for it.
@@ -124,15 +117,10 @@ fn a_failed_upgrade_leaves_the_old_process_serving() {
     std::fs::write(&config, good.replace("shards = 1", "shards = 0")).unwrap();
     kill(Pid::from_raw(old as i32), Signal::SIGUSR2).unwrap();
     eventually(10, "the failure to be logged", || {
-        std::fs::read_to_string(&proxy.stderr_log)
-            .unwrap_or_default()
-            .contains("upgrade failed")
+        std::fs::read_to_string(&proxy.stderr_log).unwrap_or_default().contains("upgrade failed")
     });
     let log = std::fs::read_to_string(&proxy.stderr_log).unwrap();
-    assert!(
-        log.contains("listen.shards"),
-        "the reason is reported: {log}"
-    );
+    assert!(log.contains("listen.shards"), "the reason is reported: {log}");
     let mut d = Device::connect(&opts(&pki, &proxy, "oven-1")).unwrap();
     echo(&mut d, "old still serves");
     // Fixed config: the next attempt works.
@@ -155,15 +143,11 @@ fn if_the_new_process_dies_the_old_one_accepts_again() {
     kill(Pid::from_raw(old as i32), Signal::SIGUSR2).unwrap();
     let new = new_ready_pid(&proxy, old, 20);
     eventually(10, "the old process to stop accepting", || {
-        std::fs::read_to_string(&proxy.stderr_log)
-            .unwrap_or_default()
-            .contains("stopped accepting")
+        std::fs::read_to_string(&proxy.stderr_log).unwrap_or_default().contains("stopped accepting")
     });
     kill(Pid::from_raw(new), Signal::SIGKILL).unwrap();
     eventually(10, "the old process to accept again", || {
-        std::fs::read_to_string(&proxy.stderr_log)
-            .unwrap_or_default()
-            .contains("accepting again")
+        std::fs::read_to_string(&proxy.stderr_log).unwrap_or_default().contains("accepting again")
     });
     for i in 0..8 {
         let mut d = Device::connect(&opts(&pki, &proxy, "oven-1")).unwrap();

@@ -16,9 +16,7 @@ use rustls::ClientConnection;
 use rustls::pki_types::ServerName;
 
 /// Why a device failed, for the error table.
-#[derive(
-    Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize, serde::Deserialize,
-)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize, serde::Deserialize)]
 pub enum ErrorKind {
     Connect,
     Tls,
@@ -45,10 +43,7 @@ pub struct WsClient {
 }
 
 /// Connects a TCP socket from `src` (port chosen by the kernel) to `dst`.
-async fn connect_from(
-    src: Option<std::net::IpAddr>,
-    dst: SocketAddr,
-) -> Result<TcpStream, Failure> {
+async fn connect_from(src: Option<std::net::IpAddr>, dst: SocketAddr) -> Result<TcpStream, Failure> {
     use socket2::{Domain, Socket, Type};
     let s = Socket::new(Domain::IPV4, Type::STREAM, None).map_err(fail(ErrorKind::Connect))?;
     if let Some(ip) = src {
@@ -57,16 +52,9 @@ async fn connect_from(
         let one: libc::c_int = 1;
         // SAFETY: setsockopt reads one int from a valid pointer.
         unsafe {
-            libc::setsockopt(
-                std::os::fd::AsRawFd::as_raw_fd(&s),
-                libc::IPPROTO_IP,
-                24,
-                &one as *const _ as *const libc::c_void,
-                4,
-            );
+            libc::setsockopt(std::os::fd::AsRawFd::as_raw_fd(&s), libc::IPPROTO_IP, 24, &one as *const _ as *const libc::c_void, 4);
         }
-        s.bind(&SocketAddr::new(ip, 0).into())
-            .map_err(fail(ErrorKind::Connect))?;
+        s.bind(&SocketAddr::new(ip, 0).into()).map_err(fail(ErrorKind::Connect))?;
     }
     s.set_nonblocking(true).map_err(fail(ErrorKind::Connect))?;
     s.set_tcp_nodelay(true).map_err(fail(ErrorKind::Connect))?;
@@ -77,9 +65,7 @@ async fn connect_from(
     }
     let std: std::net::TcpStream = s.into();
     let tcp = TcpStream::from_std(std).map_err(fail(ErrorKind::Connect))?;
-    tcp.writable(false)
-        .await
-        .map_err(fail(ErrorKind::Connect))?;
+    tcp.writable(false).await.map_err(fail(ErrorKind::Connect))?;
     let mut err: libc::c_int = 0;
     let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
     // SAFETY: getsockopt(SO_ERROR) writes one int into a valid pointer.
@@ -93,10 +79,7 @@ async fn connect_from(
         );
     }
     if err != 0 {
-        return Err(Failure(
-            ErrorKind::Connect,
-            std::io::Error::from_raw_os_error(err).to_string(),
-        ));
+        return Err(Failure(ErrorKind::Connect, std::io::Error::from_raw_os_error(err).to_string()));
     }
     Ok(tcp)
 }
@@ -129,10 +112,7 @@ impl WsClient {
         let req = format!(
             "GET {path} HTTP/1.1\r\nHost: localhost\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n\r\n"
         );
-        c.tls
-            .writer()
-            .write_all(req.as_bytes())
-            .map_err(fail(ErrorKind::Upgrade))?;
+        c.tls.writer().write_all(req.as_bytes()).map_err(fail(ErrorKind::Upgrade))?;
         c.flush().await?;
         let mut head = Vec::new();
         loop {
@@ -140,24 +120,17 @@ impl WsClient {
             match c.tls.reader().read(&mut chunk) {
                 Ok(0) => return Err(Failure(ErrorKind::Upgrade, "closed during upgrade".into())),
                 Ok(n) => head.extend_from_slice(&chunk[..n]),
-                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
-                    c.fill(ErrorKind::Upgrade).await?
-                }
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => c.fill(ErrorKind::Upgrade).await?,
                 Err(e) => return Err(Failure(ErrorKind::Upgrade, e.to_string())),
             }
             if let Some(end) = head.windows(4).position(|w| w == b"\r\n\r\n") {
                 if !head.starts_with(b"HTTP/1.1 101") {
-                    let line = String::from_utf8_lossy(
-                        &head[..head.iter().position(|&b| b == b'\r').unwrap_or(head.len())],
-                    )
-                    .into_owned();
+                    let line = String::from_utf8_lossy(&head[..head.iter().position(|&b| b == b'\r').unwrap_or(head.len())]).into_owned();
                     return Err(Failure(ErrorKind::Upgrade, line));
                 }
                 let rest = head[end + 4..].to_vec();
                 let mut ev = Vec::new();
-                c.dec
-                    .feed(&rest, &mut ev)
-                    .map_err(fail(ErrorKind::Protocol))?;
+                c.dec.feed(&rest, &mut ev).map_err(fail(ErrorKind::Protocol))?;
                 c.events.extend(ev);
                 return Ok(c);
             }
@@ -166,10 +139,7 @@ impl WsClient {
 
     /// Whether rustls resumed a session for this connection.
     pub fn resumed(&self) -> bool {
-        matches!(
-            self.tls.handshake_kind(),
-            Some(rustls::HandshakeKind::Resumed)
-        )
+        matches!(self.tls.handshake_kind(), Some(rustls::HandshakeKind::Resumed))
     }
 
     async fn flush(&mut self) -> Result<(), Failure> {
@@ -205,10 +175,7 @@ impl WsClient {
         self.mask = self.mask.rotate_left(5) ^ 0x5bd1_e995;
         let mut f = Vec::with_capacity(payload.len() + 14);
         frame::encode(&mut f, opcode, payload, Some(self.mask.to_be_bytes()));
-        self.tls
-            .writer()
-            .write_all(&f)
-            .map_err(fail(ErrorKind::Tls))?;
+        self.tls.writer().write_all(&f).map_err(fail(ErrorKind::Tls))?;
         self.flush().await
     }
 
@@ -231,9 +198,7 @@ impl WsClient {
                     Ok(0) => return Err(Failure(ErrorKind::Closed, "TLS closed".into())),
                     Ok(n) => {
                         let mut ev = Vec::new();
-                        self.dec
-                            .feed(&chunk[..n], &mut ev)
-                            .map_err(fail(ErrorKind::Protocol))?;
+                        self.dec.feed(&chunk[..n], &mut ev).map_err(fail(ErrorKind::Protocol))?;
                         self.events.extend(ev);
                     }
                     Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,

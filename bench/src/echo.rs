@@ -31,9 +31,7 @@ async fn serve(mut s: TcpStream) {
             }
             Ok(None) => continue,
             Err(e) => {
-                let _ = s
-                    .write_all(upgrade::response_error(e.status, e.reason))
-                    .await;
+                let _ = s.write_all(upgrade::response_error(e.status, e.reason)).await;
                 return;
             }
         }
@@ -48,12 +46,7 @@ async fn serve(mut s: TcpStream) {
         let mut out = Vec::new();
         for ev in events.drain(..) {
             match ev {
-                Event::Message { text, data } => frame::encode(
-                    &mut out,
-                    if text { op::TEXT } else { op::BINARY },
-                    &data,
-                    None,
-                ),
+                Event::Message { text, data } => frame::encode(&mut out, if text { op::TEXT } else { op::BINARY }, &data, None),
                 Event::Ping(p) => frame::encode(&mut out, op::PONG, &p, None),
                 Event::Pong(_) => {}
                 Event::Close { code, .. } => {
@@ -77,17 +70,11 @@ async fn serve(mut s: TcpStream) {
 }
 
 pub fn run(listen: SocketAddr) -> Result<(), String> {
-    let mut rt = monoio::RuntimeBuilder::<monoio::IoUringDriver>::new()
-        .with_entries(8192)
-        .enable_timer()
-        .build()
-        .map_err(|e| e.to_string())?;
+    let mut rt =
+        monoio::RuntimeBuilder::<monoio::IoUringDriver>::new().with_entries(8192).enable_timer().build().map_err(|e| e.to_string())?;
     rt.block_on(async move {
         let l = TcpListener::bind(listen).map_err(|e| format!("echo: bind {listen}: {e}"))?;
-        println!(
-            "echo listening on {}",
-            l.local_addr().map_err(|e| e.to_string())?
-        );
+        println!("echo listening on {}", l.local_addr().map_err(|e| e.to_string())?);
         loop {
             match l.accept().await {
                 Ok((s, _)) => {

@@ -16,10 +16,7 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 
 #[derive(Parser)]
-#[command(
-    name = "hf-bench",
-    about = "holdfast vs HAProxy and nginx on the same mTLS WebSocket job"
-)]
+#[command(name = "hf-bench", about = "holdfast vs HAProxy and nginx on the same mTLS WebSocket job")]
 struct Cli {
     #[command(subcommand)]
     cmd: Cmd,
@@ -47,9 +44,7 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let res = match cli.cmd {
         Cmd::Run(a) => run::run(a),
-        Cmd::Report { results } => render::load(&results)
-            .and_then(|rs| render::render(&rs, &results))
-            .map(|md| print!("{md}")),
+        Cmd::Report { results } => render::load(&results).and_then(|rs| render::render(&rs, &results)).map(|md| print!("{md}")),
         Cmd::Swarm(a) => swarm::run(a),
         Cmd::Echo { listen } => echo::run(listen),
     };

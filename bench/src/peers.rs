@@ -6,10 +6,8 @@
 use std::path::Path;
 
 /// TLS 1.2 suites in OpenSSL names (the ECDSA server key makes these the set).
-pub const TLS12_CIPHERS: &str =
-    "ECDHE-ECDSA-AES128-GCM-SHA256:ECDHE-ECDSA-AES256-GCM-SHA384:ECDHE-ECDSA-CHACHA20-POLY1305";
-pub const TLS13_SUITES: &str =
-    "TLS_AES_128_GCM_SHA256:TLS_AES_256_GCM_SHA384:TLS_CHACHA20_POLY1305_SHA256";
+pub const TLS12_CIPHERS: &str = "ECDHE-ECDSA-AES128-GCM-SHA256:ECDHE-ECDSA-AES256-GCM-SHA384:ECDHE-ECDSA-CHACHA20-POLY1305";
+pub const TLS13_SUITES: &str = "TLS_AES_128_GCM_SHA256:TLS_AES_256_GCM_SHA384:TLS_CHACHA20_POLY1305_SHA256";
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Proxy {
@@ -52,14 +50,7 @@ pub fn peer_maxconn(fd_limit: u64) -> u64 {
     fd_limit.saturating_sub(200) / 2
 }
 
-pub fn holdfast_config(
-    pki: &Path,
-    port: u16,
-    wsm: &str,
-    shards: usize,
-    cpus: &str,
-    metrics_port: u16,
-) -> String {
+pub fn holdfast_config(pki: &Path, port: u16, wsm: &str, shards: usize, cpus: &str, metrics_port: u16) -> String {
     format!(
         r#"[listen]
 addr = "127.0.0.1:{port}"
@@ -95,13 +86,7 @@ addr = "127.0.0.1:{metrics_port}"
     )
 }
 
-pub fn haproxy_config(
-    pki: &Path,
-    port: u16,
-    upstream: &str,
-    threads: usize,
-    maxconn: u64,
-) -> String {
+pub fn haproxy_config(pki: &Path, port: u16, upstream: &str, threads: usize, maxconn: u64) -> String {
     format!(
         r#"global
     nbthread {threads}
@@ -132,14 +117,7 @@ backend echo
     )
 }
 
-pub fn nginx_config(
-    pki: &Path,
-    work: &Path,
-    port: u16,
-    upstream: &str,
-    workers: usize,
-    maxconn: u64,
-) -> String {
+pub fn nginx_config(pki: &Path, work: &Path, port: u16, upstream: &str, workers: usize, maxconn: u64) -> String {
     format!(
         r#"worker_processes {workers};
 worker_cpu_affinity auto;
@@ -217,8 +195,7 @@ mod tests {
         assert!(n.contains("ssl_verify_client on") && n.contains("worker_processes 1;"));
         let hf = holdfast_config(pki, 8443, "127.0.0.1:9000", 1, "0", 9100);
         assert!(hf.contains("shards = 1") && hf.contains("cpus = \"0\""));
-        holdfast::config::Config::parse(&hf, Path::new("/x.toml"))
-            .expect("holdfast config validates");
+        holdfast::config::Config::parse(&hf, Path::new("/x.toml")).expect("holdfast config validates");
     }
 
     #[test]
@@ -228,9 +205,6 @@ mod tests {
     }
 
     fn proxy_names() -> Vec<&'static str> {
-        ["holdfast", "haproxy", "nginx"]
-            .iter()
-            .map(|s| Proxy::parse(s).unwrap().name())
-            .collect()
+        ["holdfast", "haproxy", "nginx"].iter().map(|s| Proxy::parse(s).unwrap().name()).collect()
     }
 }

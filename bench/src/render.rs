@@ -8,11 +8,8 @@ use crate::report::{ratio_higher_better, ratio_lower_better};
 use crate::run::ScenarioResult;
 
 pub fn today() -> String {
-    let out = std::process::Command::new("date")
-        .args(["-u", "+%Y-%m-%d %H:%M UTC"])
-        .output();
-    out.map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
-        .unwrap_or_default()
+    let out = std::process::Command::new("date").args(["-u", "+%Y-%m-%d %H:%M UTC"]).output();
+    out.map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string()).unwrap_or_default()
 }
 
 /// Bytes of proxy RSS per held connection.
@@ -20,8 +17,7 @@ pub fn rss_per_conn(r: &ScenarioResult) -> f64 {
     if r.devices_ready == 0 {
         return 0.0;
     }
-    (r.proxy_rss_loaded_kib.saturating_sub(r.proxy_rss_base_kib) as f64 * 1024.0)
-        / r.devices_ready as f64
+    (r.proxy_rss_loaded_kib.saturating_sub(r.proxy_rss_base_kib) as f64 * 1024.0) / r.devices_ready as f64
 }
 
 /// Bytes of proxy RSS per connection added after the first half: the
@@ -39,17 +35,11 @@ pub fn sock_per_conn(r: &ScenarioResult) -> f64 {
     if r.devices_ready == 0 {
         return 0.0;
     }
-    r.sock_mem_loaded_bytes
-        .saturating_sub(r.sock_mem_base_bytes) as f64
-        / r.devices_ready as f64
+    r.sock_mem_loaded_bytes.saturating_sub(r.sock_mem_base_bytes) as f64 / r.devices_ready as f64
 }
 
 pub fn handshakes_per_sec(r: &ScenarioResult) -> f64 {
-    if r.swarm.elapsed_secs <= 0.0 {
-        0.0
-    } else {
-        r.swarm.handshakes as f64 / r.swarm.elapsed_secs
-    }
+    if r.swarm.elapsed_secs <= 0.0 { 0.0 } else { r.swarm.handshakes as f64 / r.swarm.elapsed_secs }
 }
 
 pub fn per_cpu_sec(count: u64, cpu: f64) -> f64 {
@@ -75,18 +65,12 @@ pub fn one_line(r: &ScenarioResult) -> String {
         r.swarm.rtt_us.p99,
         r.proxy_cpu_secs,
         r.swarm.cpu_secs,
-        r.storm_secs
-            .map(|s| format!(
-                " | storm back in {s:.2} s, peak rss {} KiB",
-                r.proxy_rss_peak_kib
-            ))
-            .unwrap_or_default()
+        r.storm_secs.map(|s| format!(" | storm back in {s:.2} s, peak rss {} KiB", r.proxy_rss_peak_kib)).unwrap_or_default()
     )
 }
 
 fn ratio_cell(r: Option<f64>) -> String {
-    r.map(|x| format!("**{x:.2}x**"))
-        .unwrap_or_else(|| "n/a".into())
+    r.map(|x| format!("**{x:.2}x**")).unwrap_or_else(|| "n/a".into())
 }
 
 /// A horizontal bar chart, one bar per (label, value).
@@ -100,11 +84,7 @@ pub fn bar_svg(title: &str, unit: &str, bars: &[(String, f64)]) -> String {
     for (i, (label, v)) in bars.iter().enumerate() {
         let y = 40.0 + row * i as f64;
         let bw = (w - left - 120.0) * v / max;
-        let color = if label.starts_with("holdfast") {
-            "#2b7a78"
-        } else {
-            "#9aa5b1"
-        };
+        let color = if label.starts_with("holdfast") { "#2b7a78" } else { "#9aa5b1" };
         s.push_str(&format!(r#"<text x="10" y="{}">{label}</text><rect x="{left}" y="{y}" width="{bw:.1}" height="22" fill="{color}"/><text x="{:.1}" y="{}">{v:.0} {unit}</text>"#, y + 16.0, left + bw + 6.0, y + 16.0));
     }
     s.push_str("</svg>\n");
@@ -114,9 +94,7 @@ pub fn bar_svg(title: &str, unit: &str, bars: &[(String, f64)]) -> String {
 fn group(results: &[ScenarioResult]) -> BTreeMap<(String, String), Vec<&ScenarioResult>> {
     let mut g: BTreeMap<(String, String), Vec<&ScenarioResult>> = BTreeMap::new();
     for r in results {
-        g.entry((r.scenario.clone(), r.label.clone()))
-            .or_default()
-            .push(r);
+        g.entry((r.scenario.clone(), r.label.clone())).or_default().push(r);
     }
     for v in g.values_mut() {
         v.sort_by_key(|r| match r.proxy.as_str() {
@@ -132,31 +110,15 @@ fn group(results: &[ScenarioResult]) -> BTreeMap<(String, String), Vec<&Scenario
 pub fn render(results: &[ScenarioResult], dir: &Path) -> Result<String, String> {
     let mut md = String::new();
     for ((scenario, label), rs) in group(results) {
-        let title = if label.is_empty() {
-            scenario.clone()
-        } else {
-            format!("{scenario} ({label})")
-        };
+        let title = if label.is_empty() { scenario.clone() } else { format!("{scenario} ({label})") };
         let hf = rs.iter().find(|r| r.proxy == "holdfast");
         let peers: Vec<&&ScenarioResult> = rs.iter().filter(|r| r.proxy != "holdfast").collect();
         let first = rs[0];
         md.push_str(&format!(
             "\n### {title}\n\n`{}`  \n{}; {} CPUs, kernel {}, {}; fd limit {}\n\n",
-            first.command,
-            first.date,
-            first.machine.nproc,
-            first.machine.kernel,
-            first.machine.cpu,
-            first.machine.fd_limit
+            first.command, first.date, first.machine.nproc, first.machine.kernel, first.machine.cpu, first.machine.fd_limit
         ));
-        let file = format!(
-            "{scenario}{}.svg",
-            if label.is_empty() {
-                String::new()
-            } else {
-                format!("-{label}")
-            }
-        );
+        let file = format!("{scenario}{}.svg", if label.is_empty() { String::new() } else { format!("-{label}") });
         match scenario.as_str() {
             "idle" => {
                 md.push_str("| proxy | devices | errors | RSS at start | RSS loaded | RSS growth / conn (average) | RSS / conn, second half (marginal) | kernel TCP mem / conn | swarm CPU s | swarm max RSS |\n|---|---|---|---|---|---|---|---|---|---|\n");
@@ -193,11 +155,8 @@ pub fn render(results: &[ScenarioResult], dir: &Path) -> Result<String, String> 
                     bars.push((format!("{} average", r.proxy), rss_per_conn(r)));
                     bars.push((format!("{} marginal", r.proxy), rss_marginal(r)));
                 }
-                std::fs::write(
-                    dir.join(&file),
-                    bar_svg("Proxy RSS per idle mTLS WebSocket connection", "B", &bars),
-                )
-                .map_err(|e| e.to_string())?;
+                std::fs::write(dir.join(&file), bar_svg("Proxy RSS per idle mTLS WebSocket connection", "B", &bars))
+                    .map_err(|e| e.to_string())?;
             }
             "handshake" => {
                 md.push_str("| proxy | handshakes | resumed | errors | per second | proxy CPU used | per proxy CPU-second | connect p50 / p99 |\n|---|---|---|---|---|---|---|---|\n");
@@ -217,22 +176,15 @@ pub fn render(results: &[ScenarioResult], dir: &Path) -> Result<String, String> 
                 }
                 if let Some(h) = hf {
                     let v = |r: &ScenarioResult| per_cpu_sec(r.swarm.handshakes, r.proxy_cpu_secs);
-                    md.push_str(&format!("\nholdfast / best peer, handshakes per proxy CPU-second (higher is better): {}\n", ratio_cell(ratio_higher_better(v(h), &peers.iter().map(|r| v(r)).collect::<Vec<_>>()))));
+                    md.push_str(&format!(
+                        "\nholdfast / best peer, handshakes per proxy CPU-second (higher is better): {}\n",
+                        ratio_cell(ratio_higher_better(v(h), &peers.iter().map(|r| v(r)).collect::<Vec<_>>()))
+                    ));
                 }
-                let bars: Vec<(String, f64)> = rs
-                    .iter()
-                    .map(|r| {
-                        (
-                            r.proxy.clone(),
-                            per_cpu_sec(r.swarm.handshakes, r.proxy_cpu_secs),
-                        )
-                    })
-                    .collect();
-                std::fs::write(
-                    dir.join(&file),
-                    bar_svg("Full mTLS handshakes per proxy CPU-second", "/s", &bars),
-                )
-                .map_err(|e| e.to_string())?;
+                let bars: Vec<(String, f64)> =
+                    rs.iter().map(|r| (r.proxy.clone(), per_cpu_sec(r.swarm.handshakes, r.proxy_cpu_secs))).collect();
+                std::fs::write(dir.join(&file), bar_svg("Full mTLS handshakes per proxy CPU-second", "/s", &bars))
+                    .map_err(|e| e.to_string())?;
             }
             "message" => {
                 md.push_str("| proxy | devices | messages | errors | msgs/s | proxy CPU ms / 1000 msgs | msgs per proxy CPU-s | RTT p50 | p99 | p99.9 |\n|---|---|---|---|---|---|---|---|---|---|\n");
@@ -267,11 +219,7 @@ pub fn render(results: &[ScenarioResult], dir: &Path) -> Result<String, String> 
                     bars.push((format!("{} p99", r.proxy), r.swarm.rtt_us.p99 as f64));
                     bars.push((format!("{} p99.9", r.proxy), r.swarm.rtt_us.p999 as f64));
                 }
-                std::fs::write(
-                    dir.join(&file),
-                    bar_svg("Message round trip through the proxy", "us", &bars),
-                )
-                .map_err(|e| e.to_string())?;
+                std::fs::write(dir.join(&file), bar_svg("Message round trip through the proxy", "us", &bars)).map_err(|e| e.to_string())?;
             }
             "storm" => {
                 md.push_str("| proxy | devices | reconnected | errors | all back after | proxy peak RSS | reconnect p50 / p99 |\n|---|---|---|---|---|---|---|\n");
@@ -297,29 +245,15 @@ pub fn render(results: &[ScenarioResult], dir: &Path) -> Result<String, String> 
                         ratio_cell(ratio_lower_better(p(h), &peers.iter().map(|r| p(r)).collect::<Vec<_>>()))
                     ));
                 }
-                let bars: Vec<(String, f64)> = rs
-                    .iter()
-                    .map(|r| (r.proxy.clone(), r.storm_secs.unwrap_or(0.0) * 1000.0))
-                    .collect();
-                std::fs::write(
-                    dir.join(&file),
-                    bar_svg(
-                        "Reconnect storm: time until every device is back",
-                        "ms",
-                        &bars,
-                    ),
-                )
-                .map_err(|e| e.to_string())?;
+                let bars: Vec<(String, f64)> = rs.iter().map(|r| (r.proxy.clone(), r.storm_secs.unwrap_or(0.0) * 1000.0)).collect();
+                std::fs::write(dir.join(&file), bar_svg("Reconnect storm: time until every device is back", "ms", &bars))
+                    .map_err(|e| e.to_string())?;
             }
             _ => {}
         }
         for r in &rs {
             if let Some(e) = &r.swarm.first_error {
-                md.push_str(&format!(
-                    "\n{}: first error: `{}`\n",
-                    r.proxy,
-                    e.replace('`', "'")
-                ));
+                md.push_str(&format!("\n{}: first error: `{}`\n", r.proxy, e.replace('`', "'")));
             }
         }
         md.push_str(&format!("\n![{title}](results/{file})\n"));
@@ -329,17 +263,12 @@ pub fn render(results: &[ScenarioResult], dir: &Path) -> Result<String, String> 
 
 pub fn load(dir: &Path) -> Result<Vec<ScenarioResult>, String> {
     let mut out = Vec::new();
-    let mut entries: Vec<_> = std::fs::read_dir(dir)
-        .map_err(|e| format!("{}: {e}", dir.display()))?
-        .flatten()
-        .collect();
+    let mut entries: Vec<_> = std::fs::read_dir(dir).map_err(|e| format!("{}: {e}", dir.display()))?.flatten().collect();
     entries.sort_by_key(|e| e.file_name());
     for e in entries {
         if e.path().extension().is_some_and(|x| x == "json") {
             let text = std::fs::read_to_string(e.path()).map_err(|x| x.to_string())?;
-            out.push(
-                serde_json::from_str(&text).map_err(|x| format!("{}: {x}", e.path().display()))?,
-            );
+            out.push(serde_json::from_str(&text).map_err(|x| format!("{}: {x}", e.path().display()))?);
         }
     }
     Ok(out)
@@ -351,16 +280,9 @@ mod tests {
 
     #[test]
     fn svg_scales_bars_and_marks_holdfast() {
-        let s = bar_svg(
-            "t",
-            "B",
-            &[("holdfast".into(), 50.0), ("nginx".into(), 100.0)],
-        );
+        let s = bar_svg("t", "B", &[("holdfast".into(), 50.0), ("nginx".into(), 100.0)]);
         assert!(s.starts_with("<svg") && s.ends_with("</svg>\n"));
         assert!(s.contains("#2b7a78") && s.contains("#9aa5b1"));
-        assert!(
-            s.contains("width=\"185.0\"") && s.contains("width=\"370.0\""),
-            "{s}"
-        );
+        assert!(s.contains("width=\"185.0\"") && s.contains("width=\"370.0\""), "{s}");
     }
 }

@@ -37,9 +37,7 @@ impl Hist {
     }
 
     pub fn histogram(&self) -> Option<Histogram<u64>> {
-        let bytes = base64::engine::general_purpose::STANDARD
-            .decode(&self.hdr)
-            .ok()?;
+        let bytes = base64::engine::general_purpose::STANDARD.decode(&self.hdr).ok()?;
         Deserializer::new().deserialize(&mut &bytes[..]).ok()
     }
 
@@ -106,17 +104,9 @@ impl SwarmTotal {
             errors,
             first_error: reports.iter().find_map(|r| r.first_error.clone()),
             elapsed_secs: reports.iter().map(|r| r.elapsed_secs).fold(0.0, f64::max),
-            connect_us: Hist::merge(
-                &reports
-                    .iter()
-                    .map(|r| r.connect_us.clone())
-                    .collect::<Vec<_>>(),
-            ),
+            connect_us: Hist::merge(&reports.iter().map(|r| r.connect_us.clone()).collect::<Vec<_>>()),
             rtt_us: Hist::merge(&reports.iter().map(|r| r.rtt_us.clone()).collect::<Vec<_>>()),
-            cpu_secs: reports
-                .iter()
-                .map(|r| r.cpu_user_secs + r.cpu_sys_secs)
-                .sum(),
+            cpu_secs: reports.iter().map(|r| r.cpu_user_secs + r.cpu_sys_secs).sum(),
             max_rss_kib: reports.iter().map(|r| r.max_rss_kib).max().unwrap_or(0),
         }
     }
@@ -128,11 +118,7 @@ impl SwarmTotal {
 
 /// holdfast's figure over the best peer's, where lower is better (memory, latency).
 pub fn ratio_lower_better(holdfast: f64, peers: &[f64]) -> Option<f64> {
-    let best = peers
-        .iter()
-        .copied()
-        .filter(|v| *v > 0.0)
-        .fold(f64::INFINITY, f64::min);
+    let best = peers.iter().copied().filter(|v| *v > 0.0).fold(f64::INFINITY, f64::min);
     (best.is_finite() && holdfast > 0.0).then(|| holdfast / best)
 }
 
@@ -175,11 +161,7 @@ mod tests {
         let t = SwarmTotal::of(&[a, b]);
         assert_eq!(t.rtt_us.count, 100);
         assert_eq!(t.messages, 100);
-        assert!(
-            t.rtt_us.p50 >= 999 && t.rtt_us.p50 <= 1001,
-            "{}",
-            t.rtt_us.p50
-        );
+        assert!(t.rtt_us.p50 >= 999 && t.rtt_us.p50 <= 1001, "{}", t.rtt_us.p50);
         assert!(t.rtt_us.p99 >= 999);
         assert_eq!(t.errors.get(&ErrorKind::Tls), Some(&2));
         assert_eq!(t.error_count(), 2);

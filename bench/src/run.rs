@@ -95,10 +95,7 @@ pub struct ScenarioResult {
 }
 
 pub fn machine() -> Machine {
-    let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease")
-        .unwrap_or_default()
-        .trim()
-        .to_string();
+    let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default().trim().to_string();
     let cpu = std::fs::read_to_string("/proc/cpuinfo")
         .unwrap_or_default()
         .lines()
@@ -107,20 +104,10 @@ pub fn machine() -> Machine {
         .unwrap_or("")
         .trim()
         .to_string();
-    let mut lim: libc::rlimit = libc::rlimit {
-        rlim_cur: 0,
-        rlim_max: 0,
-    };
+    let mut lim: libc::rlimit = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
     // SAFETY: getrlimit only writes the struct we pass.
     unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) };
-    Machine {
-        nproc: std::thread::available_parallelism()
-            .map(|n| n.get())
-            .unwrap_or(1),
-        kernel,
-        cpu,
-        fd_limit: lim.rlim_cur,
-    }
+    Machine { nproc: std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1), kernel, cpu, fd_limit: lim.rlim_cur }
 }
 
 pub fn parse_cpus(s: &str) -> Vec<usize> {
@@ -176,11 +163,7 @@ fn lines_of(child: &mut Child, tag: usize, tx: std::sync::mpsc::Sender<(usize, S
     }
 }
 
-fn first_line_with(
-    rx: &Receiver<(usize, String)>,
-    prefix: &str,
-    secs: u64,
-) -> Result<String, String> {
+fn first_line_with(rx: &Receiver<(usize, String)>, prefix: &str, secs: u64) -> Result<String, String> {
     let deadline = Instant::now() + Duration::from_secs(secs);
     loop {
         let left = deadline.saturating_duration_since(Instant::now());
@@ -204,17 +187,11 @@ fn fetch_metrics(port: u16) -> Option<String> {
 
 /// Sum of one metric over its series.
 pub fn metric_sum(text: &str, name: &str) -> u64 {
-    text.lines()
-        .filter(|l| l.starts_with(&format!("{name}{{")))
-        .filter_map(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
-        .sum()
+    text.lines().filter(|l| l.starts_with(&format!("{name}{{"))).filter_map(|l| l.rsplit(' ').next()?.parse::<u64>().ok()).sum()
 }
 
 fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .unwrap_or(18443)
+    std::net::TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).map(|a| a.port()).unwrap_or(18443)
 }
 
 /// The pid and all descendants (nginx workers).
@@ -226,11 +203,7 @@ fn family(pid: u32) -> Vec<u32> {
                 continue;
             };
             let stat = std::fs::read_to_string(format!("/proc/{p}/stat")).unwrap_or_default();
-            let ppid = stat
-                .rsplit(')')
-                .next()
-                .and_then(|r| r.split_whitespace().nth(1))
-                .and_then(|x| x.parse::<u32>().ok());
+            let ppid = stat.rsplit(')').next().and_then(|r| r.split_whitespace().nth(1)).and_then(|x| x.parse::<u32>().ok());
             if ppid == Some(pid) {
                 out.push(p);
             }
@@ -243,12 +216,7 @@ pub fn rss_kib(pids: &[u32]) -> u64 {
     pids.iter()
         .filter_map(|p| {
             let s = std::fs::read_to_string(format!("/proc/{p}/status")).ok()?;
-            s.lines()
-                .find(|l| l.starts_with("VmRSS:"))?
-                .split_whitespace()
-                .nth(1)?
-                .parse::<u64>()
-                .ok()
+            s.lines().find(|l| l.starts_with("VmRSS:"))?.split_whitespace().nth(1)?.parse::<u64>().ok()
         })
         .sum()
 }
@@ -277,9 +245,7 @@ pub fn parse_sockstat_mem(s: &str) -> u64 {
         .find(|l| l.starts_with("TCP:"))
         .and_then(|l| {
             let w: Vec<&str> = l.split_whitespace().collect();
-            w.iter()
-                .position(|x| *x == "mem")
-                .and_then(|i| w.get(i + 1)?.parse().ok())
+            w.iter().position(|x| *x == "mem").and_then(|i| w.get(i + 1)?.parse().ok())
         })
         .unwrap_or(0)
 }
@@ -301,43 +267,22 @@ pub fn ensure_installed(p: Proxy) -> Result<PathBuf, String> {
         .status()
         .map_err(|e| e.to_string())?;
     // The package starts a system service on its default port; stop it.
-    let _ = Command::new("sh")
-        .arg("-c")
-        .arg(format!(
-            "service {} stop >/dev/null 2>&1; pkill -x {} || true",
-            p.name(),
-            p.name()
-        ))
-        .status();
-    if st.success() && bin.exists() {
-        Ok(bin)
-    } else {
-        Err(format!("could not install {pkg}"))
-    }
+    let _ = Command::new("sh").arg("-c").arg(format!("service {} stop >/dev/null 2>&1; pkill -x {} || true", p.name(), p.name())).status();
+    if st.success() && bin.exists() { Ok(bin) } else { Err(format!("could not install {pkg}")) }
 }
 
 /// Writes the PEM bundles peers want next to the dev PKI.
 fn prepare_pki(dir: &Path) -> Result<(), String> {
     holdfast::pki::generate(dir)?;
     let read = |n: &str| std::fs::read_to_string(dir.join(n)).map_err(|e| e.to_string());
-    std::fs::write(
-        dir.join("device-cas.pem"),
-        read("fleet-2024.pem")? + &read("fleet-2019.pem")?,
-    )
-    .map_err(|e| e.to_string())?;
-    std::fs::write(
-        dir.join("haproxy-server.pem"),
-        read("server-chain.pem")? + &read("server.key")?,
-    )
-    .map_err(|e| e.to_string())?;
+    std::fs::write(dir.join("device-cas.pem"), read("fleet-2024.pem")? + &read("fleet-2019.pem")?).map_err(|e| e.to_string())?;
+    std::fs::write(dir.join("haproxy-server.pem"), read("server-chain.pem")? + &read("server.key")?).map_err(|e| e.to_string())?;
     Ok(())
 }
 
 fn sibling(name: &str) -> PathBuf {
     let me = std::env::current_exe().unwrap_or_default();
-    me.parent()
-        .map(|d| d.join(name))
-        .unwrap_or_else(|| PathBuf::from(name))
+    me.parent().map(|d| d.join(name)).unwrap_or_else(|| PathBuf::from(name))
 }
 
 fn wait_port(port: u16, secs: u64) -> Result<(), String> {
@@ -359,19 +304,9 @@ pub fn run(args: RunArgs) -> Result<(), String> {
     for name in &args.proxies {
         let proxy = Proxy::parse(name).ok_or(format!("unknown proxy {name}"))?;
         let r = run_one(proxy, &args, &pki, &work.join(name))?;
-        let label = if args.label.is_empty() {
-            String::new()
-        } else {
-            format!("-{}", args.label)
-        };
-        let path = args
-            .out
-            .join(format!("{}{label}-{}.json", args.scenario, proxy.name()));
-        std::fs::write(
-            &path,
-            serde_json::to_string_pretty(&r).map_err(|e| e.to_string())?,
-        )
-        .map_err(|e| e.to_string())?;
+        let label = if args.label.is_empty() { String::new() } else { format!("-{}", args.label) };
+        let path = args.out.join(format!("{}{label}-{}.json", args.scenario, proxy.name()));
+        std::fs::write(&path, serde_json::to_string_pretty(&r).map_err(|e| e.to_string())?).map_err(|e| e.to_string())?;
         eprintln!("{}", crate::render::one_line(&r));
     }
     let _ = std::fs::remove_dir_all(&work);
@@ -396,19 +331,11 @@ fn run_one(proxy: Proxy, a: &RunArgs, pki: &Path, work: &Path) -> Result<Scenari
             c
         }
     };
-    let mut up = up
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .map_err(|e| format!("upstream: {e}"))?;
+    let mut up = up.stdout(Stdio::piped()).stderr(Stdio::null()).spawn().map_err(|e| format!("upstream: {e}"))?;
     lines_of(&mut up, usize::MAX, tx.clone());
     let up = Proc(up);
     let line = first_line_with(&rx, "", 10)?;
-    let up_addr: SocketAddr = line
-        .rsplit(' ')
-        .next()
-        .and_then(|x| x.parse().ok())
-        .ok_or(format!("upstream said {line}"))?;
+    let up_addr: SocketAddr = line.rsplit(' ').next().and_then(|x| x.parse().ok()).ok_or(format!("upstream said {line}"))?;
     let port = free_port();
     let maxconn = peers::peer_maxconn(m.fd_limit);
     let threads = pcpus.len();
@@ -419,11 +346,7 @@ fn run_one(proxy: Proxy, a: &RunArgs, pki: &Path, work: &Path) -> Result<Scenari
             metrics_port = Some(mp);
             let cfg = work.join("holdfast.toml");
             let cpus = a.proxy_cpus.clone();
-            std::fs::write(
-                &cfg,
-                peers::holdfast_config(pki, port, &up_addr.to_string(), threads, &cpus, mp),
-            )
-            .map_err(|e| e.to_string())?;
+            std::fs::write(&cfg, peers::holdfast_config(pki, port, &up_addr.to_string(), threads, &cpus, mp)).map_err(|e| e.to_string())?;
             let mut c = pinned(&sibling("holdfast"), &pcpus);
             c.args(["run", "--log", "warn", "--config"]).arg(&cfg);
             c
@@ -431,11 +354,7 @@ fn run_one(proxy: Proxy, a: &RunArgs, pki: &Path, work: &Path) -> Result<Scenari
         Proxy::Haproxy => {
             let bin = ensure_installed(proxy)?;
             let cfg = work.join("haproxy.cfg");
-            std::fs::write(
-                &cfg,
-                peers::haproxy_config(pki, port, &up_addr.to_string(), threads, maxconn),
-            )
-            .map_err(|e| e.to_string())?;
+            std::fs::write(&cfg, peers::haproxy_config(pki, port, &up_addr.to_string(), threads, maxconn)).map_err(|e| e.to_string())?;
             let mut c = pinned(&bin, &pcpus);
             c.args(["-db", "-f"]).arg(&cfg);
             c
@@ -443,31 +362,19 @@ fn run_one(proxy: Proxy, a: &RunArgs, pki: &Path, work: &Path) -> Result<Scenari
         Proxy::Nginx => {
             let bin = ensure_installed(proxy)?;
             let cfg = work.join("nginx.conf");
-            std::fs::write(
-                &cfg,
-                peers::nginx_config(pki, work, port, &up_addr.to_string(), threads, maxconn),
-            )
-            .map_err(|e| e.to_string())?;
+            std::fs::write(&cfg, peers::nginx_config(pki, work, port, &up_addr.to_string(), threads, maxconn))
+                .map_err(|e| e.to_string())?;
             let mut c = pinned(&bin, &pcpus);
             c.arg("-p").arg(work).arg("-c").arg(&cfg);
             c
         }
     };
     let log = std::fs::File::create(work.join("proxy.log")).map_err(|e| e.to_string())?;
-    let child = cmd
-        .stdout(Stdio::null())
-        .stderr(log)
-        .spawn()
-        .map_err(|e| format!("{}: {e}", proxy.name()))?;
+    let child = cmd.stdout(Stdio::null()).stderr(log).spawn().map_err(|e| format!("{}: {e}", proxy.name()))?;
     let proxy_pid = child.id();
     let _proxy = Proc(child);
-    wait_port(port, 15).map_err(|e| {
-        format!(
-            "{}: {e}; log: {}",
-            proxy.name(),
-            std::fs::read_to_string(work.join("proxy.log")).unwrap_or_default()
-        )
-    })?;
+    wait_port(port, 15)
+        .map_err(|e| format!("{}: {e}; log: {}", proxy.name(), std::fs::read_to_string(work.join("proxy.log")).unwrap_or_default()))?;
     std::thread::sleep(Duration::from_millis(500));
     let pids = || family(proxy_pid);
     let rss_base = rss_kib(&pids());
@@ -481,39 +388,12 @@ fn run_one(proxy: Proxy, a: &RunArgs, pki: &Path, work: &Path) -> Result<Scenari
         if n == 0 {
             break;
         }
-        let srcs = format!(
-            "127.0.{}.{},127.0.{}.{}",
-            1 + i / 100,
-            2 + 2 * (i % 100),
-            1 + i / 100,
-            3 + 2 * (i % 100)
-        );
+        let srcs = format!("127.0.{}.{},127.0.{}.{}", 1 + i / 100, 2 + 2 * (i % 100), 1 + i / 100, 3 + 2 * (i % 100));
         let mut c = pinned(&std::env::current_exe().map_err(|e| e.to_string())?, &ccpus);
         c.arg("swarm")
-            .args([
-                "--target",
-                &format!("127.0.0.1:{port}"),
-                "--mode",
-                &a.scenario,
-                "--conns",
-                &n.to_string(),
-                "--src",
-                &srcs,
-            ])
-            .args([
-                "--rate",
-                &(a.rate / a.procs.max(1) as u32).to_string(),
-                "--tls",
-                &a.tls,
-                "--msg-size",
-                &a.msg_size.to_string(),
-            ])
-            .args([
-                "--msg-rate",
-                &a.msg_rate.to_string(),
-                "--duration",
-                &a.duration.to_string(),
-            ])
+            .args(["--target", &format!("127.0.0.1:{port}"), "--mode", &a.scenario, "--conns", &n.to_string(), "--src", &srcs])
+            .args(["--rate", &(a.rate / a.procs.max(1) as u32).to_string(), "--tls", &a.tls, "--msg-size", &a.msg_size.to_string()])
+            .args(["--msg-rate", &a.msg_rate.to_string(), "--duration", &a.duration.to_string()])
             .arg("--ca")
             .arg(pki.join("server-ca.pem"))
             .arg("--cert")
@@ -523,12 +403,7 @@ fn run_one(proxy: Proxy, a: &RunArgs, pki: &Path, work: &Path) -> Result<Scenari
         if a.resume {
             c.arg("--resume");
         }
-        let mut ch = c
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .map_err(|e| format!("swarm: {e}"))?;
+        let mut ch = c.stdin(Stdio::piped()).stdout(Stdio::piped()).stderr(Stdio::inherit()).spawn().map_err(|e| format!("swarm: {e}"))?;
         lines_of(&mut ch, i, tx.clone());
         let stdin = ch.stdin.take().ok_or("swarm stdin")?;
         swarm.push((Proc(ch), stdin));
@@ -545,11 +420,7 @@ fn run_one(proxy: Proxy, a: &RunArgs, pki: &Path, work: &Path) -> Result<Scenari
     if a.scenario == "idle" {
         for _ in 0..nproc {
             let l = first_line_with(&rx, "HALF", connect_timeout)?;
-            half_devices += l
-                .split_whitespace()
-                .nth(1)
-                .and_then(|x| x.parse::<u64>().ok())
-                .unwrap_or(0);
+            half_devices += l.split_whitespace().nth(1).and_then(|x| x.parse::<u64>().ok()).unwrap_or(0);
         }
         std::thread::sleep(Duration::from_millis(1000));
         rss_half = rss_kib(&pids());
@@ -558,11 +429,7 @@ fn run_one(proxy: Proxy, a: &RunArgs, pki: &Path, work: &Path) -> Result<Scenari
     let mut ready = 0u64;
     for _ in 0..nproc {
         let l = first_line_with(&rx, "READY", connect_timeout)?;
-        ready += l
-            .split_whitespace()
-            .nth(1)
-            .and_then(|x| x.parse::<u64>().ok())
-            .unwrap_or(0);
+        ready += l.split_whitespace().nth(1).and_then(|x| x.parse::<u64>().ok()).unwrap_or(0);
     }
     std::thread::sleep(Duration::from_millis(1000));
     let rss_loaded = rss_kib(&pids());
@@ -589,15 +456,13 @@ fn run_one(proxy: Proxy, a: &RunArgs, pki: &Path, work: &Path) -> Result<Scenari
         go(&mut swarm);
     }
     let mut reports = Vec::new();
-    let report_deadline =
-        Instant::now() + Duration::from_secs_f64(a.duration + connect_timeout as f64);
+    let report_deadline = Instant::now() + Duration::from_secs_f64(a.duration + connect_timeout as f64);
     while reports.len() < nproc {
         let left = report_deadline.saturating_duration_since(Instant::now());
         peak = peak.max(rss_kib(&pids()));
         match rx.recv_timeout(left.min(Duration::from_millis(200))) {
             Ok((_, l)) if l.starts_with("REPORT ") => {
-                reports
-                    .push(serde_json::from_str::<SwarmReport>(&l[7..]).map_err(|e| e.to_string())?);
+                reports.push(serde_json::from_str::<SwarmReport>(&l[7..]).map_err(|e| e.to_string())?);
             }
             Ok(_) => {}
             Err(_) if Instant::now() >= report_deadline => {
@@ -639,14 +504,14 @@ mod tests {
 
     #[test]
     fn metric_sums_over_shards() {
-        let t = "# TYPE x gauge\nholdfast_tunnel_state_bytes{shard=\"0\"} 100\nholdfast_tunnel_state_bytes{shard=\"1\"} 50\nother{a=\"b\"} 7\n";
+        let t =
+            "# TYPE x gauge\nholdfast_tunnel_state_bytes{shard=\"0\"} 100\nholdfast_tunnel_state_bytes{shard=\"1\"} 50\nother{a=\"b\"} 7\n";
         assert_eq!(metric_sum(t, "holdfast_tunnel_state_bytes"), 150);
     }
 
     #[test]
     fn sockstat_mem_is_parsed() {
-        let s =
-            "sockets: used 300\nTCP: inuse 12 orphan 0 tw 3 alloc 20 mem 57\nUDP: inuse 1 mem 2\n";
+        let s = "sockets: used 300\nTCP: inuse 12 orphan 0 tw 3 alloc 20 mem 57\nUDP: inuse 1 mem 2\n";
         assert_eq!(parse_sockstat_mem(s), 57);
         assert_eq!(parse_sockstat_mem("nothing"), 0);
     }
@@ -658,15 +523,7 @@ mod tests {
             #[command(flatten)]
             a: RunArgs,
         }
-        let t = T::parse_from([
-            "x",
-            "--scenario",
-            "idle",
-            "--proxies",
-            "holdfast,nginx",
-            "--conns",
-            "500",
-        ]);
+        let t = T::parse_from(["x", "--scenario", "idle", "--proxies", "holdfast,nginx", "--conns", "500"]);
         assert_eq!(t.a.proxies, vec!["holdfast", "nginx"]);
         assert_eq!(t.a.conns, 500);
         assert_eq!(t.a.procs, 2);

@@ -68,23 +68,17 @@ pub fn client_config(a: &SwarmArgs) -> Result<Arc<rustls::ClientConfig>, String>
     };
     let mut roots = rustls::RootCertStore::empty();
     for c in CertificateDer::pem_file_iter(&a.ca).map_err(|e| e.to_string())? {
-        roots
-            .add(c.map_err(|e| e.to_string())?)
-            .map_err(|e| e.to_string())?;
+        roots.add(c.map_err(|e| e.to_string())?).map_err(|e| e.to_string())?;
     }
-    let chain: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(&a.cert)
-        .map_err(|e| e.to_string())?
-        .collect::<Result<_, _>>()
-        .map_err(|e| e.to_string())?;
+    let chain: Vec<CertificateDer<'static>> =
+        CertificateDer::pem_file_iter(&a.cert).map_err(|e| e.to_string())?.collect::<Result<_, _>>().map_err(|e| e.to_string())?;
     let key = PrivateKeyDer::from_pem_file(&a.key).map_err(|e| e.to_string())?;
-    let mut cfg = rustls::ClientConfig::builder_with_provider(Arc::new(
-        rustls::crypto::ring::default_provider(),
-    ))
-    .with_protocol_versions(&versions)
-    .map_err(|e| e.to_string())?
-    .with_root_certificates(roots)
-    .with_client_auth_cert(chain, key)
-    .map_err(|e| e.to_string())?;
+    let mut cfg = rustls::ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
+        .with_protocol_versions(&versions)
+        .map_err(|e| e.to_string())?
+        .with_root_certificates(roots)
+        .with_client_auth_cert(chain, key)
+        .map_err(|e| e.to_string())?;
     if a.resume {
         cfg.resumption = rustls::client::Resumption::in_memory_sessions(4096);
     } else {
@@ -146,12 +140,7 @@ async fn wait_line(rx: &std::sync::mpsc::Receiver<String>) -> String {
     }
 }
 
-async fn connect_one(
-    cfg: Arc<rustls::ClientConfig>,
-    a: &SwarmArgs,
-    i: usize,
-    stats: &Shared,
-) -> Option<WsClient> {
+async fn connect_one(cfg: Arc<rustls::ClientConfig>, a: &SwarmArgs, i: usize, stats: &Shared) -> Option<WsClient> {
     let src = (!a.src.is_empty()).then(|| a.src[i % a.src.len()]);
     let t0 = Instant::now();
     match WsClient::connect(cfg, src, a.target, "/bench").await {
@@ -170,11 +159,7 @@ async fn connect_one(
 }
 
 /// Connects `a.conns` devices at `a.rate` per second (or all at once).
-async fn connect_all(
-    cfg: &Arc<rustls::ClientConfig>,
-    a: &Rc<SwarmArgs>,
-    stats: &Shared,
-) -> Vec<WsClient> {
+async fn connect_all(cfg: &Arc<rustls::ClientConfig>, a: &Rc<SwarmArgs>, stats: &Shared) -> Vec<WsClient> {
     let out: Rc<RefCell<Vec<WsClient>>> = Rc::new(RefCell::new(Vec::with_capacity(a.conns)));
     let mut handles = Vec::with_capacity(a.conns);
     let start = Instant::now();
@@ -193,9 +178,7 @@ async fn connect_all(
                 if ok {
                     out.borrow_mut().push(c);
                 } else {
-                    stats
-                        .borrow_mut()
-                        .error(ErrorKind::Protocol, "first echo failed".into());
+                    stats.borrow_mut().error(ErrorKind::Protocol, "first echo failed".into());
                 }
             }
         }));
@@ -203,9 +186,7 @@ async fn connect_all(
     for h in handles {
         h.await;
     }
-    Rc::try_unwrap(out)
-        .map(|c| c.into_inner())
-        .unwrap_or_default()
+    Rc::try_unwrap(out).map(|c| c.into_inner()).unwrap_or_default()
 }
 
 fn payload(size: usize, t: Instant, base: Instant) -> Vec<u8> {
@@ -214,14 +195,7 @@ fn payload(size: usize, t: Instant, base: Instant) -> Vec<u8> {
     p
 }
 
-async fn message_device(
-    mut c: WsClient,
-    a: Rc<SwarmArgs>,
-    stats: Shared,
-    base: Instant,
-    end: Instant,
-    phase: f64,
-) -> Option<WsClient> {
+async fn message_device(mut c: WsClient, a: Rc<SwarmArgs>, stats: Shared, base: Instant, end: Instant, phase: f64) -> Option<WsClient> {
     let mut inflight: VecDeque<Instant> = VecDeque::new();
     if a.msg_rate <= 0.0 {
         // Closed loop: next message when the echo is back.
@@ -281,11 +255,8 @@ fn rusage() -> (f64, f64, u64) {
 
 pub fn run(a: SwarmArgs) -> Result<(), String> {
     let cfg = client_config(&a)?;
-    let mut rt = monoio::RuntimeBuilder::<monoio::IoUringDriver>::new()
-        .with_entries(8192)
-        .enable_timer()
-        .build()
-        .map_err(|e| e.to_string())?;
+    let mut rt =
+        monoio::RuntimeBuilder::<monoio::IoUringDriver>::new().with_entries(8192).enable_timer().build().map_err(|e| e.to_string())?;
     let report = rt.block_on(async move {
         let a = Rc::new(a);
         let stats: Shared = Rc::new(RefCell::new(Stats::new()));
@@ -296,17 +267,11 @@ pub fn run(a: SwarmArgs) -> Result<(), String> {
             "idle" => {
                 // Two halves, so the runner can measure the marginal cost of
                 // a connection as well as the average.
-                let half = Rc::new(SwarmArgs {
-                    conns: a.conns / 2,
-                    ..(*a).clone()
-                });
+                let half = Rc::new(SwarmArgs { conns: a.conns / 2, ..(*a).clone() });
                 let mut held = connect_all(&cfg, &half, &stats).await;
                 println!("HALF {}", held.len());
                 wait_line(&stdin).await;
-                let rest = Rc::new(SwarmArgs {
-                    conns: a.conns - a.conns / 2,
-                    ..(*a).clone()
-                });
+                let rest = Rc::new(SwarmArgs { conns: a.conns - a.conns / 2, ..(*a).clone() });
                 held.extend(connect_all(&cfg, &rest, &stats).await);
                 elapsed = t0.elapsed().as_secs_f64();
                 println!("READY {}", held.len());
@@ -321,10 +286,7 @@ pub fn run(a: SwarmArgs) -> Result<(), String> {
                 drop(held);
                 *stats.borrow_mut() = Stats::new();
                 let t = Instant::now();
-                let a2 = Rc::new(SwarmArgs {
-                    rate: 0,
-                    ..(*a).clone()
-                });
+                let a2 = Rc::new(SwarmArgs { rate: 0, ..(*a).clone() });
                 let back = connect_all(&cfg, &a2, &stats).await;
                 elapsed = t.elapsed().as_secs_f64();
                 println!("BACK {}", back.len());
@@ -363,23 +325,14 @@ pub fn run(a: SwarmArgs) -> Result<(), String> {
                 let n = held.len().max(1);
                 let mut hs = Vec::new();
                 for (i, c) in held.into_iter().enumerate() {
-                    hs.push(monoio::spawn(message_device(
-                        c,
-                        a.clone(),
-                        stats.clone(),
-                        base,
-                        end,
-                        i as f64 / n as f64,
-                    )));
+                    hs.push(monoio::spawn(message_device(c, a.clone(), stats.clone(), base, end, i as f64 / n as f64)));
                 }
                 for h in hs {
                     let _ = h.await;
                 }
                 elapsed = base.elapsed().as_secs_f64();
             }
-            other => stats
-                .borrow_mut()
-                .error(ErrorKind::Protocol, format!("unknown mode {other}")),
+            other => stats.borrow_mut().error(ErrorKind::Protocol, format!("unknown mode {other}")),
         }
         let (user, sys, rss) = rusage();
         let s = stats.borrow();
@@ -399,9 +352,6 @@ pub fn run(a: SwarmArgs) -> Result<(), String> {
             max_rss_kib: rss,
         }
     });
-    println!(
-        "REPORT {}",
-        serde_json::to_string(&report).map_err(|e| e.to_string())?
-    );
+    println!("REPORT {}", serde_json::to_string(&report).map_err(|e| e.to_string())?);
     Ok(())
 }

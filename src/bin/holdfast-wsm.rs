@@ -10,11 +10,7 @@ use clap::Parser;
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 #[derive(Parser)]
-#[command(
-    name = "holdfast-wsm",
-    version,
-    about = "Reference WSM for holdfast: echo and whoami"
-)]
+#[command(name = "holdfast-wsm", version, about = "Reference WSM for holdfast: echo and whoami")]
 struct Cli {
     #[arg(long, default_value = "127.0.0.1:9000")]
     listen: SocketAddr,
@@ -28,11 +24,7 @@ struct Cli {
 fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
     holdfast::init_log(&cli.log);
-    let server = match holdfast::wsm::Server::bind(
-        cli.listen,
-        Arc::new(holdfast::wsm::echo::Echo::default()),
-        cli.node,
-    ) {
+    let server = match holdfast::wsm::Server::bind(cli.listen, Arc::new(holdfast::wsm::echo::Echo::default()), cli.node) {
         Ok(s) => s,
         Err(e) => {
             eprintln!("holdfast-wsm: cannot listen on {}: {e}", cli.listen);

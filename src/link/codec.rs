@@ -188,11 +188,7 @@ impl<'a> Reader<'a> {
         (0..n).map(|_| self.str()).collect()
     }
     fn end(&self) -> Result<(), LinkError> {
-        if self.b.is_empty() {
-            Ok(())
-        } else {
-            Err(LinkError::Malformed(self.what))
-        }
+        if self.b.is_empty() { Ok(()) } else { Err(LinkError::Malformed(self.what)) }
     }
 }
 
@@ -254,12 +250,7 @@ impl Frame {
                 finish(out, at);
             }
             Frame::Open { stream, open } => {
-                let at = begin(
-                    out,
-                    ty::OPEN,
-                    if open.resumed { FLAG_RESUMED } else { 0 },
-                    *stream,
-                );
+                let at = begin(out, ty::OPEN, if open.resumed { FLAG_RESUMED } else { 0 }, *stream);
                 out.extend_from_slice(&open.connection_id.0.to_be_bytes());
                 let d = &open.device;
                 put_str(out, &d.addr);
@@ -283,38 +274,22 @@ impl Frame {
                 put_strs(out, r.subprotocols.iter().map(String::as_str));
                 finish(out, at);
             }
-            Frame::Accept {
-                stream,
-                subprotocol,
-            } => {
+            Frame::Accept { stream, subprotocol } => {
                 let at = begin(out, ty::ACCEPT, 0, *stream);
                 put_str(out, subprotocol.as_deref().unwrap_or(""));
                 finish(out, at);
             }
-            Frame::Refuse {
-                stream,
-                status,
-                reason,
-            } => {
+            Frame::Refuse { stream, status, reason } => {
                 let at = begin(out, ty::REFUSE, 0, *stream);
                 out.extend_from_slice(&status.to_be_bytes());
                 put_str(out, reason);
                 finish(out, at);
             }
-            Frame::Message {
-                stream,
-                binary,
-                data,
-            } => {
+            Frame::Message { stream, binary, data } => {
                 message_header(out, *stream, *binary, data.len());
                 out.extend_from_slice(data);
             }
-            Frame::Close {
-                stream,
-                reason,
-                code,
-                text,
-            } => {
+            Frame::Close { stream, reason, code, text } => {
                 let at = begin(out, ty::CLOSE, 0, *stream);
                 out.push(*reason as u8);
                 out.extend_from_slice(&code.to_be_bytes());
@@ -327,11 +302,7 @@ impl Frame {
                 finish(out, at);
             }
             Frame::Ping(v) | Frame::Pong(v) => {
-                let t = if matches!(self, Frame::Ping(_)) {
-                    ty::PING
-                } else {
-                    ty::PONG
-                };
+                let t = if matches!(self, Frame::Ping(_)) { ty::PING } else { ty::PONG };
                 let at = begin(out, t, 0, 0);
                 out.extend_from_slice(&v.to_be_bytes());
                 finish(out, at);
@@ -373,24 +344,12 @@ impl Frame {
         let (t, flags) = (buf[4], buf[5]);
         let stream = u32::from_be_bytes([buf[6], buf[7], buf[8], buf[9]]);
         let payload = &buf[HEADER_LEN..total];
-        Ok(Some((
-            Self::decode_payload(t, flags, stream, payload)?,
-            total,
-        )))
+        Ok(Some((Self::decode_payload(t, flags, stream, payload)?, total)))
     }
 
     fn decode_payload(t: u8, flags: u8, stream: u32, p: &[u8]) -> Result<Frame, LinkError> {
         let link_level = matches!(t, ty::HELLO | ty::PING | ty::PONG | ty::GOAWAY);
-        let stream_level = matches!(
-            t,
-            ty::OPEN
-                | ty::ACCEPT
-                | ty::REFUSE
-                | ty::MESSAGE
-                | ty::CLOSE
-                | ty::HANDOFF
-                | ty::HANDOFF_ACK
-        );
+        let stream_level = matches!(t, ty::OPEN | ty::ACCEPT | ty::REFUSE | ty::MESSAGE | ty::CLOSE | ty::HANDOFF | ty::HANDOFF_ACK);
         if (link_level && stream != 0) || (stream_level && stream == 0) {
             return Err(LinkError::BadStream(stream));
         }
@@ -443,75 +402,37 @@ impl Frame {
                 let path = r.str()?;
                 let query = r.str()?;
                 let n = r.u16()?;
-                let headers = (0..n)
-                    .map(|_| Ok((r.str()?, r.str()?)))
-                    .collect::<Result<_, LinkError>>()?;
+                let headers = (0..n).map(|_| Ok((r.str()?, r.str()?))).collect::<Result<_, LinkError>>()?;
                 let subprotocols = r.strs()?;
                 Frame::Open {
                     stream,
                     open: Box::new(Open {
                         resumed: flags & FLAG_RESUMED != 0,
                         connection_id: ConnectionId(u128::from_be_bytes(id)),
-                        device: DeviceIdentity {
-                            subject,
-                            issuer,
-                            serial,
-                            sans,
-                            fingerprint,
-                            chain,
-                            addr,
-                        },
-                        request: UpgradeRequest {
-                            path,
-                            query,
-                            headers,
-                            subprotocols,
-                            key: String::new(),
-                        },
+                        device: DeviceIdentity { subject, issuer, serial, sans, fingerprint, chain, addr },
+                        request: UpgradeRequest { path, query, headers, subprotocols, key: String::new() },
                     }),
                 }
             }
             ty::ACCEPT => {
                 let s = r.str()?;
-                Frame::Accept {
-                    stream,
-                    subprotocol: (!s.is_empty()).then_some(s),
-                }
+                Frame::Accept { stream, subprotocol: (!s.is_empty()).then_some(s) }
             }
-            ty::REFUSE => Frame::Refuse {
-                stream,
-                status: r.u16()?,
-                reason: r.str()?,
-            },
+            ty::REFUSE => Frame::Refuse { stream, status: r.u16()?, reason: r.str()? },
             ty::MESSAGE => {
                 let data = r.take(p.len())?.to_vec();
-                Frame::Message {
-                    stream,
-                    binary: flags & FLAG_BINARY != 0,
-                    data,
-                }
+                Frame::Message { stream, binary: flags & FLAG_BINARY != 0, data }
             }
             ty::CLOSE => {
                 let reason = CloseReason::from_u8(r.u8()?).ok_or(LinkError::Malformed("CLOSE"))?;
-                Frame::Close {
-                    stream,
-                    reason,
-                    code: r.u16()?,
-                    text: r.str()?,
-                }
+                Frame::Close { stream, reason, code: r.u16()?, text: r.str()? }
             }
-            ty::CREDIT => Frame::Credit {
-                stream,
-                bytes: r.u32()?,
-            },
+            ty::CREDIT => Frame::Credit { stream, bytes: r.u32()? },
             ty::PING => Frame::Ping(r.u64()?),
             ty::PONG => Frame::Pong(r.u64()?),
             ty::HANDOFF => Frame::Handoff { stream },
             ty::HANDOFF_ACK => Frame::HandoffAck { stream },
-            _ => Frame::GoAway {
-                code: r.u8()?,
-                text: r.str()?,
-            },
+            _ => Frame::GoAway { code: r.u8()?, text: r.str()? },
         };
         r.end()?;
         Ok(f)

@@ -68,14 +68,7 @@ pub async fn serve(shard: Rc<ShardCtx>, tcp: TcpStream, addr: SocketAddr) {
     let _ = tcp.set_nodelay(true);
     let id = shard.ids.borrow_mut().next_id();
     let key = shard.conns.borrow_mut().insert(id);
-    let mut dev = Device {
-        shard,
-        tcp,
-        addr,
-        id,
-        rx: None,
-        device_close_code: 1006,
-    };
+    let mut dev = Device { shard, tcp, addr, id, rx: None, device_close_code: 1006 };
     // Set-up and close-down are boxed: their state (rustls included) is freed
     // when they end, and does not size the future an idle connection keeps.
     let end = match Box::pin(dev.establish()).await {
@@ -84,10 +77,7 @@ pub async fn serve(shard: Rc<ShardCtx>, tcp: TcpStream, addr: SocketAddr) {
             let gauge = &dev.shard.metrics.tunnel_state_bytes;
             gauge.fetch_add(bytes, std::sync::atomic::Ordering::Relaxed);
             let end = tunnel::run(&mut dev, &mut t, early).await;
-            dev.shard
-                .metrics
-                .tunnel_state_bytes
-                .fetch_sub(bytes, std::sync::atomic::Ordering::Relaxed);
+            dev.shard.metrics.tunnel_state_bytes.fetch_sub(bytes, std::sync::atomic::Ordering::Relaxed);
             Box::pin(dev.finish(&end, &mut t.rl)).await;
             end
         }
@@ -178,11 +168,7 @@ impl Device {
         let res = loop {
             match rl.open(&mut buf[off..], out) {
                 Ok(Opened::NeedMore) => break Ok(()),
-                Ok(Opened::Data {
-                    consumed,
-                    start,
-                    end,
-                }) => {
+                Ok(Opened::Data { consumed, start, end }) => {
                     let r = sink(&buf[off + start..off + end]);
                     off += consumed;
                     if let Err(e) = r {
@@ -218,18 +204,11 @@ impl Device {
             Ok(Err(e)) => return Err(e),
             Err(_) => {
                 m.refusal(Refusal::Timeout);
-                return Err(End::Refused(
-                    Refusal::Timeout,
-                    format!("no handshake within {timeout:?}"),
-                ));
+                return Err(End::Refused(Refusal::Timeout, format!("no handshake within {timeout:?}")));
             }
         };
         ShardMetrics::inc(&m.handshakes_completed_total);
-        let Established {
-            record,
-            chain,
-            leftover,
-        } = *est;
+        let Established { record, chain, leftover } = *est;
         let mut rl = match RecordLayer::new(record) {
             Ok(rl) => rl,
             Err(e) => return Err(End::Record(e)),
@@ -241,16 +220,10 @@ impl Device {
         }
         let opened = match DeviceIdentity::from_chain(chain, self.addr) {
             Some(identity) => self.open_tunnel(&mut rl, identity).await,
-            None => Err(End::Refused(
-                Refusal::BadHandshake,
-                "device certificate does not parse".into(),
-            )),
+            None => Err(End::Refused(Refusal::BadHandshake, "device certificate does not parse".into())),
         };
         match opened {
-            Ok((link, stream, early)) => Ok((
-                Tunnel::new(rl, link, stream, self.shard.cfg.ws.max_message_bytes),
-                early,
-            )),
+            Ok((link, stream, early)) => Ok((Tunnel::new(rl, link, stream, self.shard.cfg.ws.max_message_bytes), early)),
             Err(end) => {
                 self.finish(&end, &mut rl).await;
                 Err(end)
@@ -259,50 +232,28 @@ impl Device {
     }
 
     /// Reads the upgrade, opens a stream on a WSM link, answers 101.
-    async fn open_tunnel(
-        &mut self,
-        rl: &mut RecordLayer,
-        identity: DeviceIdentity,
-    ) -> Result<(Rc<Link>, StreamRef, Vec<u8>), End> {
+    async fn open_tunnel(&mut self, rl: &mut RecordLayer, identity: DeviceIdentity) -> Result<(Rc<Link>, StreamRef, Vec<u8>), End> {
         let m = self.shard.metrics.clone();
         let upgrade_timeout = self.shard.cfg.ws.upgrade_timeout;
-        let (request, early) =
-            match monoio::time::timeout(upgrade_timeout, self.read_upgrade(rl)).await {
-                Ok(Ok(r)) => r,
-                Ok(Err(End::BadUpgrade(status, reason))) => {
-                    ShardMetrics::inc(&m.upgrades_rejected_total);
-                    let _ = self
-                        .send(rl, &upgrade::response_error(status, reason))
-                        .await;
-                    return Err(End::BadUpgrade(status, reason));
-                }
-                Ok(Err(e)) => return Err(e),
-                Err(_) => {
-                    ShardMetrics::inc(&m.upgrades_rejected_total);
-                    let _ = self
-                        .send(
-                            rl,
-                            &upgrade::response_error(408, "no upgrade request in time"),
-                        )
-                        .await;
-                    return Err(End::BadUpgrade(408, "upgrade timeout"));
-                }
-            };
-        let key = request.key.clone();
-        let open = Open {
-            resumed: false,
-            connection_id: self.id,
-            device: identity,
-            request,
+        let (request, early) = match monoio::time::timeout(upgrade_timeout, self.read_upgrade(rl)).await {
+            Ok(Ok(r)) => r,
+            Ok(Err(End::BadUpgrade(status, reason))) => {
+                ShardMetrics::inc(&m.upgrades_rejected_total);
+                let _ = self.send(rl, &upgrade::response_error(status, reason)).await;
+                return Err(End::BadUpgrade(status, reason));
+            }
+            Ok(Err(e)) => return Err(e),
+            Err(_) => {
+                ShardMetrics::inc(&m.upgrades_rejected_total);
+                let _ = self.send(rl, &upgrade::response_error(408, "no upgrade request in time")).await;
+                return Err(End::BadUpgrade(408, "upgrade timeout"));
+            }
         };
-        let Some((link, stream)) = self
-            .pick_link()
-            .and_then(|l| l.open_stream(open).map(|s| (l, s)))
-        else {
+        let key = request.key.clone();
+        let open = Open { resumed: false, connection_id: self.id, device: identity, request };
+        let Some((link, stream)) = self.pick_link().and_then(|l| l.open_stream(open).map(|s| (l, s))) else {
             ShardMetrics::inc(&m.wsm_unavailable_total);
-            let _ = self
-                .send(rl, &upgrade::response_error(503, "no WSM reachable"))
-                .await;
+            let _ = self.send(rl, &upgrade::response_error(503, "no WSM reachable")).await;
             return Err(End::NoWsm);
         };
         let sid = stream.borrow().stream_id;
@@ -320,41 +271,27 @@ impl Device {
                 notified(&stream).await;
             }
         };
-        let subprotocol =
-            match monoio::time::timeout(self.shard.cfg.upstream.open_timeout, wait_open).await {
-                Ok(Some(OpenResult::Accepted(sub))) => sub,
-                Ok(Some(OpenResult::Refused(status, reason))) => {
-                    ShardMetrics::inc(&m.wsm_refused_total);
-                    let status = if (400..600).contains(&status) {
-                        status
-                    } else {
-                        403
-                    };
-                    let _ = self
-                        .send(rl, &upgrade::response_error(status, &reason))
-                        .await;
-                    return Err(End::WsmRefused(status));
-                }
-                Ok(None) => {
-                    ShardMetrics::inc(&m.wsm_unavailable_total);
-                    let _ = self
-                        .send(rl, &upgrade::response_error(503, "WSM went away"))
-                        .await;
-                    return Err(End::LinkLost);
-                }
-                Err(_) => {
-                    ShardMetrics::inc(&m.wsm_open_timeouts_total);
-                    link.close_stream(sid, CloseReason::Error, close::INTERNAL, "open timeout");
-                    let _ = self
-                        .send(rl, &upgrade::response_error(504, "WSM did not answer"))
-                        .await;
-                    return Err(End::WsmTimeout);
-                }
-            };
-        if let Err(e) = self
-            .send(rl, &upgrade::response_101(&key, subprotocol.as_deref()))
-            .await
-        {
+        let subprotocol = match monoio::time::timeout(self.shard.cfg.upstream.open_timeout, wait_open).await {
+            Ok(Some(OpenResult::Accepted(sub))) => sub,
+            Ok(Some(OpenResult::Refused(status, reason))) => {
+                ShardMetrics::inc(&m.wsm_refused_total);
+                let status = if (400..600).contains(&status) { status } else { 403 };
+                let _ = self.send(rl, &upgrade::response_error(status, &reason)).await;
+                return Err(End::WsmRefused(status));
+            }
+            Ok(None) => {
+                ShardMetrics::inc(&m.wsm_unavailable_total);
+                let _ = self.send(rl, &upgrade::response_error(503, "WSM went away")).await;
+                return Err(End::LinkLost);
+            }
+            Err(_) => {
+                ShardMetrics::inc(&m.wsm_open_timeouts_total);
+                link.close_stream(sid, CloseReason::Error, close::INTERNAL, "open timeout");
+                let _ = self.send(rl, &upgrade::response_error(504, "WSM did not answer")).await;
+                return Err(End::WsmTimeout);
+            }
+        };
+        if let Err(e) = self.send(rl, &upgrade::response_101(&key, subprotocol.as_deref())).await {
             link.close_stream(sid, CloseReason::DeviceGone, 1006, "write failed");
             return Err(e);
         }
@@ -366,10 +303,8 @@ impl Device {
     async fn finish(&mut self, end: &End, rl: &mut RecordLayer) {
         let (sent, received) = rl.key_updates();
         let m = &self.shard.metrics;
-        m.key_updates_sent_total
-            .fetch_add(sent, std::sync::atomic::Ordering::Relaxed);
-        m.key_updates_received_total
-            .fetch_add(received, std::sync::atomic::Ordering::Relaxed);
+        m.key_updates_sent_total.fetch_add(sent, std::sync::atomic::Ordering::Relaxed);
+        m.key_updates_received_total.fetch_add(received, std::sync::atomic::Ordering::Relaxed);
         let mut out = Vec::new();
         match end {
             End::Record(e) => {
@@ -388,8 +323,7 @@ impl Device {
 
     async fn handshake(&mut self) -> Result<Box<Established>, End> {
         let tls = &self.shard.tls;
-        let mut hs = Handshake::new(tls.server.clone(), tls.key_update_after)
-            .map_err(|e| End::Refused(e.reason, e.detail))?;
+        let mut hs = Handshake::new(tls.server.clone(), tls.key_update_after).map_err(|e| End::Refused(e.reason, e.detail))?;
         loop {
             self.read_more().await?;
             let mut out = Vec::new();
@@ -407,10 +341,7 @@ impl Device {
                 Ok(p) => {
                     self.write(out).await?;
                     if p == Progress::Finished {
-                        return hs
-                            .finish()
-                            .map(Box::new)
-                            .map_err(|e| End::Refused(e.reason, e.detail));
+                        return hs.finish().map(Box::new).map_err(|e| End::Refused(e.reason, e.detail));
                     }
                 }
                 Err(e) => {
@@ -439,10 +370,7 @@ impl Device {
         Ok(())
     }
 
-    async fn read_upgrade(
-        &mut self,
-        rl: &mut RecordLayer,
-    ) -> Result<(UpgradeRequest, Vec<u8>), End> {
+    async fn read_upgrade(&mut self, rl: &mut RecordLayer) -> Result<(UpgradeRequest, Vec<u8>), End> {
         let ws = &self.shard.cfg.ws;
         let (max, forward) = (ws.max_request_bytes, ws.forward_headers.clone());
         let mut req: Vec<u8> = Vec::new();
@@ -467,12 +395,7 @@ impl Device {
     }
 
     fn pick_link(&self) -> Option<Rc<Link>> {
-        self.shard
-            .links
-            .iter()
-            .filter(|l| l.usable())
-            .min_by_key(|l| l.load())
-            .cloned()
+        self.shard.links.iter().filter(|l| l.usable()).min_by_key(|l| l.load()).cloned()
     }
 
     pub(super) async fn send_close(&mut self, rl: &mut RecordLayer, code: u16, reason: &str) {

@@ -109,12 +109,7 @@ pub struct Link {
 
 impl Link {
     pub fn new(host: String, index: u32, stream_window: u32) -> Rc<Link> {
-        Rc::new(Link {
-            host,
-            index,
-            stream_window,
-            st: RefCell::new(LinkState::default()),
-        })
+        Rc::new(Link { host, index, stream_window, st: RefCell::new(LinkState::default()) })
     }
 
     /// Up, past HELLO, and not told to go away.
@@ -146,19 +141,9 @@ impl Link {
         }
         st.next_stream += 1;
         let id = st.next_stream;
-        let shared = Rc::new(RefCell::new(StreamShared {
-            stream_id: id,
-            send_credit: st.peer_stream_window,
-            ..Default::default()
-        }));
+        let shared = Rc::new(RefCell::new(StreamShared { stream_id: id, send_credit: st.peer_stream_window, ..Default::default() }));
         st.streams.insert(id, shared.clone());
-        self.push(
-            &mut st,
-            &Frame::Open {
-                stream: id,
-                open: Box::new(open),
-            },
-        );
+        self.push(&mut st, &Frame::Open { stream: id, open: Box::new(open) });
         Some(shared)
     }
 
@@ -200,22 +185,12 @@ impl Link {
             Some(s) => {
                 let mut s = s.borrow_mut();
                 s.credit_owed = s.credit_owed.saturating_add(n);
-                if s.credit_owed >= (self.stream_window / 4).max(1) {
-                    std::mem::take(&mut s.credit_owed)
-                } else {
-                    0
-                }
+                if s.credit_owed >= (self.stream_window / 4).max(1) { std::mem::take(&mut s.credit_owed) } else { 0 }
             }
             None => 0,
         };
         if stream_due > 0 {
-            self.push(
-                &mut st,
-                &Frame::Credit {
-                    stream,
-                    bytes: stream_due,
-                },
-            );
+            self.push(&mut st, &Frame::Credit { stream, bytes: stream_due });
         }
         st.link_owed += n as u64;
         if st.link_owed >= (LINK_WINDOW / 4) as u64 {
@@ -228,15 +203,7 @@ impl Link {
     pub fn close_stream(&self, stream: u32, reason: CloseReason, code: u16, text: &str) {
         let mut st = self.st.borrow_mut();
         if st.streams.remove(&stream).is_some() && st.up {
-            self.push(
-                &mut st,
-                &Frame::Close {
-                    stream,
-                    reason,
-                    code,
-                    text: text.to_string(),
-                },
-            );
+            self.push(&mut st, &Frame::Close { stream, reason, code, text: text.to_string() });
         }
     }
 
@@ -249,32 +216,21 @@ impl Link {
         let mut st = self.st.borrow_mut();
         match f {
             Frame::Hello(_) => return Err("second HELLO".into()),
-            Frame::Accept {
-                stream,
-                subprotocol,
-            } => {
+            Frame::Accept { stream, subprotocol } => {
                 if let Some(s) = st.streams.get(&stream) {
                     let mut s = s.borrow_mut();
                     s.opened = Some(OpenResult::Accepted(subprotocol));
                     s.wake();
                 }
             }
-            Frame::Refuse {
-                stream,
-                status,
-                reason,
-            } => {
+            Frame::Refuse { stream, status, reason } => {
                 if let Some(s) = st.streams.remove(&stream) {
                     let mut s = s.borrow_mut();
                     s.opened = Some(OpenResult::Refused(status, reason));
                     s.wake();
                 }
             }
-            Frame::Message {
-                stream,
-                binary,
-                data,
-            } => {
+            Frame::Message { stream, binary, data } => {
                 let n = data.len();
                 match st.streams.get(&stream) {
                     Some(s) => {
@@ -283,18 +239,10 @@ impl Link {
                         s.wake();
                     }
                     // A race with CLOSE: the bytes still count at link level.
-                    None => self.push(
-                        &mut st,
-                        &Frame::Credit {
-                            stream: 0,
-                            bytes: n as u32,
-                        },
-                    ),
+                    None => self.push(&mut st, &Frame::Credit { stream: 0, bytes: n as u32 }),
                 }
             }
-            Frame::Close {
-                stream, code, text, ..
-            } => {
+            Frame::Close { stream, code, text, .. } => {
                 if let Some(s) = st.streams.remove(&stream) {
                     let mut s = s.borrow_mut();
                     s.wsm_close = Some((code, text));
@@ -360,13 +308,7 @@ impl Link {
 }
 
 /// Keeps one link connected for the life of the shard.
-pub async fn run_link(
-    link: Rc<Link>,
-    cfg: Arc<Config>,
-    shard: u16,
-    metrics: Arc<ShardMetrics>,
-    first_attempt: Rc<RefCell<usize>>,
-) {
+pub async fn run_link(link: Rc<Link>, cfg: Arc<Config>, shard: u16, metrics: Arc<ShardMetrics>, first_attempt: Rc<RefCell<usize>>) {
     let mut backoff = Duration::from_millis(100);
     let mut first = true;
     loop {
@@ -396,12 +338,7 @@ async fn connect_and_serve(
     first: &mut bool,
     first_attempt: &Rc<RefCell<usize>>,
 ) -> Result<(), String> {
-    let addr = link
-        .host
-        .to_socket_addrs()
-        .map_err(|e| format!("resolve: {e}"))?
-        .next()
-        .ok_or("resolve: no address")?;
+    let addr = link.host.to_socket_addrs().map_err(|e| format!("resolve: {e}"))?.next().ok_or("resolve: no address")?;
     let tcp = monoio::time::timeout(cfg.upstream.connect_timeout, TcpStream::connect(addr))
         .await
         .map_err(|_| "connect timeout".to_string())?
@@ -423,12 +360,7 @@ async fn connect_and_serve(
         hello.encode(&mut st.out);
         st.generation
     };
-    let writer = monoio::spawn(write_loop(
-        link.clone(),
-        wr,
-        generation,
-        cfg.upstream.ping_interval,
-    ));
+    let writer = monoio::spawn(write_loop(link.clone(), wr, generation, cfg.upstream.ping_interval));
     let res = read_loop(link, &mut rd, shard, metrics, first, first_attempt).await;
     // Stop the writer of this connection before the next attempt.
     link.fail(metrics);
@@ -458,9 +390,7 @@ async fn read_loop<R: AsyncReadRent>(
             return Err("WSM closed the link".into());
         }
         let mut off = 0;
-        while let Some((frame, used)) = Frame::decode(&buf[off..], codec::DEFAULT_MAX_FRAME)
-            .map_err(|e| format!("protocol: {e}"))?
-        {
+        while let Some((frame, used)) = Frame::decode(&buf[off..], codec::DEFAULT_MAX_FRAME).map_err(|e| format!("protocol: {e}"))? {
             off += used;
             if hello_seen {
                 link.on_frame(frame)?;
@@ -512,12 +442,7 @@ async fn take_out(link: &Link, generation: u64) -> Option<Vec<u8>> {
     .await
 }
 
-async fn write_loop<W: monoio::io::AsyncWriteRent>(
-    link: Rc<Link>,
-    mut wr: W,
-    generation: u64,
-    ping: Duration,
-) {
+async fn write_loop<W: monoio::io::AsyncWriteRent>(link: Rc<Link>, mut wr: W, generation: u64, ping: Duration) {
     let mut pings = 0u64;
     loop {
         let data = monoio::select! {

@@ -87,30 +87,21 @@ pub fn start(
     let metrics = Arc::new(ShardMetrics::default());
     let (ctl, ctl_rx) = crossbeam_channel::unbounded();
     let m = metrics.clone();
-    let thread = std::thread::Builder::new()
-        .name(format!("holdfast-shard-{index}"))
-        .spawn(move || {
-            if let Err(e) = monoio::utils::bind_to_cpu_set([cpu]) {
-                tracing::warn!(shard = index, cpu, error = ?e, "could not pin shard to CPU");
+    let thread = std::thread::Builder::new().name(format!("holdfast-shard-{index}")).spawn(move || {
+        if let Err(e) = monoio::utils::bind_to_cpu_set([cpu]) {
+            tracing::warn!(shard = index, cpu, error = ?e, "could not pin shard to CPU");
+        }
+        let rt = monoio::RuntimeBuilder::<monoio::IoUringDriver>::new().with_entries(4096).enable_timer().build();
+        let mut rt = match rt {
+            Ok(rt) => rt,
+            Err(e) => {
+                let _ = ready.send(Err(format!("shard {index}: io_uring runtime: {e}")));
+                return;
             }
-            let rt = monoio::RuntimeBuilder::<monoio::IoUringDriver>::new()
-                .with_entries(4096)
-                .enable_timer()
-                .build();
-            let mut rt = match rt {
-                Ok(rt) => rt,
-                Err(e) => {
-                    let _ = ready.send(Err(format!("shard {index}: io_uring runtime: {e}")));
-                    return;
-                }
-            };
-            rt.block_on(run(index, cfg, tls, listeners, m, ctl_rx, ready));
-        })?;
-    Ok(ShardHandle {
-        thread,
-        ctl,
-        metrics,
-    })
+        };
+        rt.block_on(run(index, cfg, tls, listeners, m, ctl_rx, ready));
+    })?;
+    Ok(ShardHandle { thread, ctl, metrics })
 }
 
 async fn run(
@@ -143,13 +134,7 @@ async fn run(
     monoio::spawn(timers::tick(ctx.timers.clone()));
     let attempted = Rc::new(RefCell::new(0usize));
     for l in &links {
-        monoio::spawn(link::run_link(
-            l.clone(),
-            cfg.clone(),
-            index,
-            metrics.clone(),
-            attempted.clone(),
-        ));
+        monoio::spawn(link::run_link(l.clone(), cfg.clone(), index, metrics.clone(), attempted.clone()));
     }
     // Give links one attempt before accepting, so early devices find a WSM.
     let wait = cfg.upstream.connect_timeout + Duration::from_millis(200);
@@ -180,10 +165,7 @@ async fn run(
             Ok(Control::Shutdown) | Err(crossbeam_channel::TryRecvError::Disconnected) => break,
             Ok(Control::StopAccepting) => {
                 ctx.stop_accepting.set(true);
-                tracing::info!(
-                    shard = index,
-                    "stopped accepting; the listeners belong to the new process"
-                );
+                tracing::info!(shard = index, "stopped accepting; the listeners belong to the new process");
             }
             Ok(Control::Accept(ls)) => {
                 ctx.stop_accepting.set(false);
@@ -199,16 +181,10 @@ async fn run(
                 }
                 tracing::info!(shard = index, "accepting again");
             }
-            Err(crossbeam_channel::TryRecvError::Empty) => {
-                monoio::time::sleep(Duration::from_millis(50)).await
-            }
+            Err(crossbeam_channel::TryRecvError::Empty) => monoio::time::sleep(Duration::from_millis(50)).await,
         }
     }
-    tracing::info!(
-        shard = index,
-        connections = ctx.conns.borrow().len(),
-        "shard stopping"
-    );
+    tracing::info!(shard = index, connections = ctx.conns.borrow().len(), "shard stopping");
 }
 
 async fn accept_loop(ctx: Rc<ShardCtx>, listener: monoio::net::TcpListener) {

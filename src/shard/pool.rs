@@ -46,14 +46,7 @@ impl Pool {
                 v
             })
             .collect();
-        Pool(Rc::new(RefCell::new(Inner {
-            free,
-            size,
-            total: count,
-            waiters: VecDeque::new(),
-            exhausted_events: 0,
-            metrics,
-        })))
+        Pool(Rc::new(RefCell::new(Inner { free, size, total: count, waiters: VecDeque::new(), exhausted_events: 0, metrics })))
     }
 
     pub fn size(&self) -> usize {
@@ -77,10 +70,7 @@ impl Pool {
         let buf = inner.free.pop()?;
         ShardMetrics::inc(&inner.metrics.buffers_in_use);
         drop(inner);
-        Some(PoolBuf {
-            buf: Some(buf),
-            pool: self.clone(),
-        })
+        Some(PoolBuf { buf: Some(buf), pool: self.clone() })
     }
 
     /// Takes a buffer, waiting for one to come back if the pool is empty.
@@ -125,10 +115,7 @@ impl Drop for PoolBuf {
         let mut inner = self.pool.0.borrow_mut();
         // A buffer lent to an I/O call that never gave it back is replaced, so
         // the pool keeps its size.
-        let mut b = self
-            .buf
-            .take()
-            .unwrap_or_else(|| Vec::with_capacity(inner.size));
+        let mut b = self.buf.take().unwrap_or_else(|| Vec::with_capacity(inner.size));
         b.clear();
         if b.capacity() > inner.size * 2 {
             b.shrink_to(inner.size);
@@ -152,25 +139,16 @@ mod tests {
         let a = p.try_take().unwrap();
         let _b = p.try_take().unwrap();
         assert!(p.try_take().is_none());
-        assert_eq!(
-            m.buffers_in_use.load(std::sync::atomic::Ordering::Relaxed),
-            2
-        );
+        assert_eq!(m.buffers_in_use.load(std::sync::atomic::Ordering::Relaxed), 2);
         drop(a);
         assert_eq!(p.available(), 1);
-        assert_eq!(
-            m.buffers_in_use.load(std::sync::atomic::Ordering::Relaxed),
-            1
-        );
+        assert_eq!(m.buffers_in_use.load(std::sync::atomic::Ordering::Relaxed), 1);
         assert!(p.try_take().unwrap().buf.as_ref().unwrap().capacity() >= MIN_BUFFER);
         // A buffer lent out and lost (a failed I/O call) is replaced.
         let mut c = p.try_take().unwrap();
         drop(c.lend());
         drop(c);
         assert_eq!(p.available(), 1, "one back, `_b` still lent");
-        assert_eq!(
-            m.buffers_in_use.load(std::sync::atomic::Ordering::Relaxed),
-            1
-        );
+        assert_eq!(m.buffers_in_use.load(std::sync::atomic::Ordering::Relaxed), 1);
     }
 }

@@ -53,10 +53,7 @@ impl Timers {
             return; // an earlier entry will wake it; it re-arms then
         }
         s.timer_at = Some(at);
-        self.heap.borrow_mut().push(Reverse(Entry {
-            at,
-            stream: Rc::downgrade(stream),
-        }));
+        self.heap.borrow_mut().push(Reverse(Entry { at, stream: Rc::downgrade(stream) }));
     }
 
     /// Wakes every stream whose deadline is `now` or earlier.
@@ -119,17 +116,9 @@ mod tests {
         assert_eq!(t.len(), 3);
         assert_eq!(t.fire(now + Duration::from_secs(6)), 1);
         assert_eq!(a.borrow().timer_at, None);
-        assert_eq!(
-            t.fire(now + Duration::from_secs(11)),
-            0,
-            "the replaced entry is stale"
-        );
+        assert_eq!(t.fire(now + Duration::from_secs(11)), 0, "the replaced entry is stale");
         drop(b);
-        assert_eq!(
-            t.fire(now + Duration::from_secs(31)),
-            0,
-            "a closed stream is skipped"
-        );
+        assert_eq!(t.fire(now + Duration::from_secs(31)), 0, "a closed stream is skipped");
         assert!(t.is_empty());
     }
 }

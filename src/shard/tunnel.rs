@@ -55,12 +55,7 @@ enum Wake {
 }
 
 impl Tunnel {
-    pub fn new(
-        rl: RecordLayer,
-        link: Rc<Link>,
-        stream: StreamRef,
-        max_message: usize,
-    ) -> Box<Tunnel> {
+    pub fn new(rl: RecordLayer, link: Rc<Link>, stream: StreamRef, max_message: usize) -> Box<Tunnel> {
         let sid = stream.borrow().stream_id;
         let now = Instant::now();
         Box::new(Tunnel {
@@ -80,13 +75,9 @@ impl Tunnel {
     /// shared state and the record layer's key material on the heap.
     pub fn state_bytes(&self) -> u64 {
         let st = self.rl.state();
-        let heap = st.rx.secret.capacity()
-            + st.rx.key.capacity()
-            + st.tx.secret.capacity()
-            + st.tx.key.capacity()
-            + st.handshake_buf.capacity();
-        (std::mem::size_of::<Tunnel>() + std::mem::size_of::<super::link::StreamShared>() + heap)
-            as u64
+        let heap =
+            st.rx.secret.capacity() + st.rx.key.capacity() + st.tx.secret.capacity() + st.tx.key.capacity() + st.handshake_buf.capacity();
+        (std::mem::size_of::<Tunnel>() + std::mem::size_of::<super::link::StreamShared>() + heap) as u64
     }
 }
 
@@ -110,8 +101,7 @@ pub(super) async fn run(dev: &mut Device, t: &mut Tunnel, early: Vec<u8>) -> End
         End::Idle => (close::GOING_AWAY, "idle timeout".into()),
         _ => (1006, String::new()),
     };
-    t.link
-        .close_stream(t.sid, CloseReason::DeviceGone, code, &text);
+    t.link.close_stream(t.sid, CloseReason::DeviceGone, code, &text);
     end
 }
 
@@ -138,12 +128,7 @@ async fn run_loop(dev: &mut Device, t: &mut Tunnel, early: Vec<u8>) -> End {
 
 /// One burst: read what the device sent (if readable), then act on it and on
 /// what the WSM sent. Everything it allocates is freed when it returns.
-async fn step(
-    dev: &mut Device,
-    t: &mut Tunnel,
-    readable: bool,
-    early: Option<Vec<u8>>,
-) -> Option<End> {
+async fn step(dev: &mut Device, t: &mut Tunnel, readable: bool, early: Option<Vec<u8>>) -> Option<End> {
     let mut w = Work::default();
     if let Some(e) = early.filter(|e| !e.is_empty()) {
         decode(&mut t.dec, t.max_message, &mut w, &e);
@@ -180,18 +165,9 @@ async fn read(dev: &mut Device, t: &mut Tunnel, w: &mut Work) -> Option<End> {
         return Some(e);
     }
     t.last_rx = Instant::now();
-    let Tunnel {
-        rl,
-        dec,
-        max_message,
-        ..
-    } = t;
+    let Tunnel { rl, dec, max_message, .. } = t;
     let max = *max_message as usize;
-    let Work {
-        events,
-        replies,
-        pending_err,
-    } = w;
+    let Work { events, replies, pending_err } = w;
     // Plaintext is decoded in place, straight from the pool buffer.
     let closed = dev.open_records(rl, replies, &mut |p| {
         if pending_err.is_none() {
@@ -218,8 +194,7 @@ async fn burst(dev: &mut Device, t: &mut Tunnel, w: &mut Work) -> Option<End> {
     for ev in std::mem::take(&mut w.events) {
         match ev {
             Event::Message { text, data } => {
-                t.link
-                    .send_message(&mut t.stream.borrow_mut(), !text, &data);
+                t.link.send_message(&mut t.stream.borrow_mut(), !text, &data);
                 ShardMetrics::inc(&m.messages_from_devices_total);
             }
             Event::Ping(p) => frame::encode(&mut plain, op::PONG, &p, None),
@@ -258,44 +233,29 @@ async fn burst(dev: &mut Device, t: &mut Tunnel, w: &mut Work) -> Option<End> {
     // 2. What the WSM sent.
     let (msgs, wsm_close, lost) = {
         let mut s = t.stream.borrow_mut();
-        (
-            std::mem::take(&mut s.inbox),
-            s.wsm_close.take(),
-            s.link_lost,
-        )
+        (std::mem::take(&mut s.inbox), s.wsm_close.take(), s.link_lost)
     };
     if !msgs.is_empty() {
         t.last_active = Instant::now();
         let mut out = Vec::new();
         let mut bytes = 0;
         for (binary, data) in &msgs {
-            frame::encode(
-                &mut out,
-                if *binary { op::BINARY } else { op::TEXT },
-                data,
-                None,
-            );
+            frame::encode(&mut out, if *binary { op::BINARY } else { op::TEXT }, data, None);
             bytes += data.len();
         }
         if let Err(e) = dev.send(&mut t.rl, &out).await {
             return Some(e);
         }
-        m.messages_to_devices_total
-            .fetch_add(msgs.len() as u64, std::sync::atomic::Ordering::Relaxed);
+        m.messages_to_devices_total.fetch_add(msgs.len() as u64, std::sync::atomic::Ordering::Relaxed);
         t.link.return_credit(t.sid, bytes);
     }
     if let Some((code, text)) = wsm_close {
-        let code = if frame_code_ok(code) {
-            code
-        } else {
-            close::NORMAL
-        };
+        let code = if frame_code_ok(code) { code } else { close::NORMAL };
         dev.send_close(&mut t.rl, code, &text).await;
         return Some(End::WsmClosed);
     }
     if lost {
-        dev.send_close(&mut t.rl, close::TRY_AGAIN, "upstream link lost")
-            .await;
+        dev.send_close(&mut t.rl, close::TRY_AGAIN, "upstream link lost").await;
         return Some(End::LinkLost);
     }
 
@@ -303,14 +263,10 @@ async fn burst(dev: &mut Device, t: &mut Tunnel, w: &mut Work) -> Option<End> {
     let now = Instant::now();
     if ws.idle_timeout.is_some_and(|d| now >= t.last_rx + d) {
         ShardMetrics::inc(&m.idle_timeouts_total);
-        dev.send_close(&mut t.rl, close::GOING_AWAY, "idle timeout")
-            .await;
+        dev.send_close(&mut t.rl, close::GOING_AWAY, "idle timeout").await;
         return Some(End::Idle);
     }
-    if ws
-        .ping_interval
-        .is_some_and(|p| now >= t.last_rx.max(t.last_ping) + p)
-    {
+    if ws.ping_interval.is_some_and(|p| now >= t.last_rx.max(t.last_ping) + p) {
         let mut f = Vec::new();
         frame::encode(&mut f, op::PING, b"", None);
         if let Err(e) = dev.send(&mut t.rl, &f).await {

@@ -32,10 +32,7 @@ fn parse_hex(s: &str) -> Option<Vec<u8>> {
     if s.is_empty() || !s.len().is_multiple_of(2) {
         return None;
     }
-    (0..s.len())
-        .step_by(2)
-        .map(|i| u8::from_str_radix(s.get(i..i + 2)?, 16).ok())
-        .collect()
+    (0..s.len()).step_by(2).map(|i| u8::from_str_radix(s.get(i..i + 2)?, 16).ok()).collect()
 }
 
 impl Blocklist {
@@ -46,10 +43,7 @@ impl Blocklist {
             if line.is_empty() {
                 continue;
             }
-            let err = |msg: &str| BlocklistError {
-                line: i + 1,
-                msg: msg.to_string(),
-            };
+            let err = |msg: &str| BlocklistError { line: i + 1, msg: msg.to_string() };
             if let Some(rest) = line.strip_prefix("serial:") {
                 let (serial, issuer) = match rest.split_once(" issuer:") {
                     Some((s, iss)) => (s.trim(), Some(iss.trim().to_string())),
@@ -63,11 +57,8 @@ impl Blocklist {
                     None => bl.serials_any_issuer.insert(serial),
                 };
             } else {
-                let bytes = parse_hex(line)
-                    .ok_or_else(|| err("not a hex SHA-256 fingerprint or serial:<hex>"))?;
-                let fp: [u8; 32] = bytes
-                    .try_into()
-                    .map_err(|_| err("a SHA-256 fingerprint has 64 hex digits"))?;
+                let bytes = parse_hex(line).ok_or_else(|| err("not a hex SHA-256 fingerprint or serial:<hex>"))?;
+                let fp: [u8; 32] = bytes.try_into().map_err(|_| err("a SHA-256 fingerprint has 64 hex digits"))?;
                 bl.fingerprints.insert(fp);
             }
         }
@@ -94,10 +85,7 @@ impl Blocklist {
             return false;
         };
         let serial = serial_hex(cert.raw_serial());
-        self.serials_any_issuer.contains(&serial)
-            || self
-                .serials_by_issuer
-                .contains(&(serial, cert.issuer().to_string()))
+        self.serials_any_issuer.contains(&serial) || self.serials_by_issuer.contains(&(serial, cert.issuer().to_string()))
     }
 }
 
@@ -108,8 +96,7 @@ mod tests {
     #[test]
     fn parses_entries_and_comments() {
         let fp = "ab".repeat(32);
-        let text =
-            format!("# comment\n{fp}  # trailing\n\nserial:00:1F\nserial:2a issuer:CN=Fleet CA\n");
+        let text = format!("# comment\n{fp}  # trailing\n\nserial:00:1F\nserial:2a issuer:CN=Fleet CA\n");
         let bl = Blocklist::parse(&text).unwrap();
         assert_eq!(bl.len(), 3);
         assert!(bl.serials_any_issuer.contains("1f"));

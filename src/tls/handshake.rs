@@ -11,10 +11,7 @@
 use std::cell::RefCell;
 use std::sync::Arc;
 
-use rustls::{
-    CertificateError, ConnectionTrafficSecrets, Error, ProtocolVersion, ServerConfig,
-    ServerConnection,
-};
+use rustls::{CertificateError, ConnectionTrafficSecrets, Error, ProtocolVersion, ServerConfig, ServerConnection};
 use zeroize::Zeroize;
 
 use super::keys::Suite;
@@ -35,14 +32,8 @@ pub enum Refusal {
 }
 
 impl Refusal {
-    pub const ALL: [Refusal; 6] = [
-        Refusal::UnknownCa,
-        Refusal::Expired,
-        Refusal::Blocked,
-        Refusal::NoCertificate,
-        Refusal::BadHandshake,
-        Refusal::Timeout,
-    ];
+    pub const ALL: [Refusal; 6] =
+        [Refusal::UnknownCa, Refusal::Expired, Refusal::Blocked, Refusal::NoCertificate, Refusal::BadHandshake, Refusal::Timeout];
 
     pub fn label(self) -> &'static str {
         match self {
@@ -141,16 +132,8 @@ pub struct Handshake {
 
 impl Handshake {
     pub fn new(config: Arc<ServerConfig>, key_update_after: u64) -> Result<Self, HandshakeError> {
-        let conn = ServerConnection::new(config).map_err(|e| HandshakeError {
-            reason: Refusal::BadHandshake,
-            detail: e.to_string(),
-        })?;
-        Ok(Handshake {
-            conn,
-            captured: Captured::default(),
-            inbuf: Vec::new(),
-            key_update_after,
-        })
+        let conn = ServerConnection::new(config).map_err(|e| HandshakeError { reason: Refusal::BadHandshake, detail: e.to_string() })?;
+        Ok(Handshake { conn, captured: Captured::default(), inbuf: Vec::new(), key_update_after })
     }
 
     /// Feeds received bytes; bytes to send are appended to `out` (including
@@ -162,11 +145,7 @@ impl Handshake {
                 break;
             };
             if len > MAX_RECORD {
-                return Err(self.fail(
-                    Refusal::BadHandshake,
-                    "oversized handshake record".into(),
-                    out,
-                ));
+                return Err(self.fail(Refusal::BadHandshake, "oversized handshake record".into(), out));
             }
             if self.inbuf.len() < len {
                 break;
@@ -187,11 +166,7 @@ impl Handshake {
             self.drain_out(out);
         }
         self.drain_out(out);
-        Ok(if self.conn.is_handshaking() {
-            Progress::Continue
-        } else {
-            Progress::Finished
-        })
+        Ok(if self.conn.is_handshaking() { Progress::Continue } else { Progress::Finished })
     }
 
     fn drain_out(&mut self, out: &mut Vec<u8>) {
@@ -209,20 +184,11 @@ impl Handshake {
 
     /// Turns the finished handshake into record-layer state.
     pub fn finish(mut self) -> Result<Established, HandshakeError> {
-        let internal = |d: &str| HandshakeError {
-            reason: Refusal::BadHandshake,
-            detail: d.to_string(),
-        };
-        let chain: Vec<Vec<u8>> = self
-            .conn
-            .peer_certificates()
-            .map(|c| c.iter().map(|c| c.as_ref().to_vec()).collect())
-            .unwrap_or_default();
+        let internal = |d: &str| HandshakeError { reason: Refusal::BadHandshake, detail: d.to_string() };
+        let chain: Vec<Vec<u8>> =
+            self.conn.peer_certificates().map(|c| c.iter().map(|c| c.as_ref().to_vec()).collect()).unwrap_or_default();
         if chain.is_empty() {
-            return Err(HandshakeError {
-                reason: Refusal::NoCertificate,
-                detail: "no client certificate".into(),
-            });
+            return Err(HandshakeError { reason: Refusal::NoCertificate, detail: "no client certificate".into() });
         }
         let version = match self.conn.protocol_version() {
             Some(ProtocolVersion::TLSv1_3) => Version::Tls13,
@@ -232,26 +198,15 @@ impl Handshake {
         if self.conn.is_handshaking() {
             return Err(internal("handshake not finished"));
         }
-        let secrets = self
-            .conn
-            .dangerous_extract_secrets()
-            .map_err(|e| internal(&e.to_string()))?;
+        let secrets = self.conn.dangerous_extract_secrets().map_err(|e| internal(&e.to_string()))?;
         let (tx_seq, tx) = secrets.tx;
         let (rx_seq, rx) = secrets.rx;
         let (suite, tx_key, tx_iv) = split(tx).ok_or_else(|| internal("unsupported suite"))?;
         let (_, rx_key, rx_iv) = split(rx).ok_or_else(|| internal("unsupported suite"))?;
         let (rx_state, tx_state) = match version {
             Version::Tls13 => {
-                let rx = DirectionState::from_secret(
-                    suite,
-                    std::mem::take(&mut self.captured.client),
-                    rx_seq,
-                );
-                let tx = DirectionState::from_secret(
-                    suite,
-                    std::mem::take(&mut self.captured.server),
-                    tx_seq,
-                );
+                let rx = DirectionState::from_secret(suite, std::mem::take(&mut self.captured.client), rx_seq);
+                let tx = DirectionState::from_secret(suite, std::mem::take(&mut self.captured.server), tx_seq);
                 // Our key schedule must agree with rustls's.
                 if rx.key != rx_key || rx.iv != rx_iv || tx.key != tx_key || tx.iv != tx_iv {
                     return Err(internal("traffic secrets do not match extracted keys"));
@@ -259,18 +214,8 @@ impl Handshake {
                 (rx, tx)
             }
             Version::Tls12 => (
-                DirectionState {
-                    secret: Vec::new(),
-                    key: rx_key,
-                    iv: rx_iv,
-                    seq: rx_seq,
-                },
-                DirectionState {
-                    secret: Vec::new(),
-                    key: tx_key,
-                    iv: tx_iv,
-                    seq: tx_seq,
-                },
+                DirectionState { secret: Vec::new(), key: rx_key, iv: rx_iv, seq: rx_seq },
+                DirectionState { secret: Vec::new(), key: tx_key, iv: tx_iv, seq: tx_seq },
             ),
         };
         let record = RecordState {
@@ -283,11 +228,7 @@ impl Handshake {
             key_update_after: self.key_update_after,
             handshake_buf: Vec::new(),
         };
-        Ok(Established {
-            record,
-            chain,
-            leftover: std::mem::take(&mut self.inbuf),
-        })
+        Ok(Established { record, chain, leftover: std::mem::take(&mut self.inbuf) })
     }
 }
 
@@ -295,9 +236,7 @@ fn split(s: ConnectionTrafficSecrets) -> Option<(Suite, Vec<u8>, [u8; 12])> {
     let (suite, key, iv) = match &s {
         ConnectionTrafficSecrets::Aes128Gcm { key, iv } => (Suite::Aes128Gcm, key, iv),
         ConnectionTrafficSecrets::Aes256Gcm { key, iv } => (Suite::Aes256Gcm, key, iv),
-        ConnectionTrafficSecrets::Chacha20Poly1305 { key, iv } => {
-            (Suite::Chacha20Poly1305, key, iv)
-        }
+        ConnectionTrafficSecrets::Chacha20Poly1305 { key, iv } => (Suite::Chacha20Poly1305, key, iv),
         _ => return None,
     };
     let mut ivb = [0u8; 12];

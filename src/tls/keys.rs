@@ -69,9 +69,7 @@ pub fn expand_label(alg: hkdf::Algorithm, secret: &[u8], label: &[u8], out: &mut
     let info: [&[u8]; 5] = [&len, &label_len, b"tls13 ", label, &ctx_len];
     // Lengths here are fixed by the suite and always within HKDF's limit
     // (255 * hash length), so expand cannot fail.
-    let okm = prk
-        .expand(&info, Len(out.len()))
-        .expect("HKDF output length within limit");
+    let okm = prk.expand(&info, Len(out.len())).expect("HKDF output length within limit");
     okm.fill(out).expect("HKDF fill length matches");
 }
 
@@ -96,10 +94,7 @@ mod tests {
     use super::*;
 
     fn hex(s: &str) -> Vec<u8> {
-        (0..s.len())
-            .step_by(2)
-            .map(|i| u8::from_str_radix(&s[i..i + 2], 16).unwrap())
-            .collect()
+        (0..s.len()).step_by(2).map(|i| u8::from_str_radix(&s[i..i + 2], 16).unwrap()).collect()
     }
 
     /// RFC 8448 section 3 (simple 1-RTT handshake): the server application

@@ -76,9 +76,7 @@ impl RecordError {
         match self {
             RecordError::BadRecordMac => Some(alert::BAD_RECORD_MAC),
             RecordError::RecordOverflow => Some(alert::RECORD_OVERFLOW),
-            RecordError::UnexpectedMessage(_) | RecordError::AfterClose => {
-                Some(alert::UNEXPECTED_MESSAGE)
-            }
+            RecordError::UnexpectedMessage(_) | RecordError::AfterClose => Some(alert::UNEXPECTED_MESSAGE),
             RecordError::Decode => Some(alert::DECODE_ERROR),
             RecordError::PeerAlert(_) => None,
             RecordError::SeqExhausted | RecordError::Internal(_) => Some(alert::INTERNAL_ERROR),
@@ -125,12 +123,7 @@ impl DirectionState {
     /// A TLS 1.3 direction from its traffic secret.
     pub fn from_secret(suite: Suite, secret: Vec<u8>, seq: u64) -> Self {
         let (key, iv) = derive_key_iv(suite, &secret);
-        DirectionState {
-            secret,
-            key,
-            iv,
-            seq,
-        }
+        DirectionState { secret, key, iv, seq }
     }
 
     fn rotate(&mut self, suite: Suite) {
@@ -169,11 +162,7 @@ pub enum Opened {
     /// Not a whole record yet; read more.
     NeedMore,
     /// Application data, decrypted in place at `input[start..end]`.
-    Data {
-        consumed: usize,
-        start: usize,
-        end: usize,
-    },
+    Data { consumed: usize, start: usize, end: usize },
     /// A record handled inside the layer (KeyUpdate, warning alert, empty record).
     Control { consumed: usize },
     /// The peer sent close_notify; holdfast should answer with its own and close.
@@ -200,32 +189,18 @@ pub struct RecordLayer {
 }
 
 fn make_key(suite: Suite, key: &[u8]) -> Result<LessSafeKey, RecordError> {
-    UnboundKey::new(suite.aead(), key)
-        .map(LessSafeKey::new)
-        .map_err(|_| RecordError::Internal("key length does not match suite"))
+    UnboundKey::new(suite.aead(), key).map(LessSafeKey::new).map_err(|_| RecordError::Internal("key length does not match suite"))
 }
 
 impl RecordLayer {
     pub fn new(state: RecordState) -> Result<Self, RecordError> {
         if state.version == Version::Tls13
-            && (state.rx.secret.len() != state.suite.hash_len()
-                || state.tx.secret.len() != state.suite.hash_len())
+            && (state.rx.secret.len() != state.suite.hash_len() || state.tx.secret.len() != state.suite.hash_len())
         {
-            return Err(RecordError::Internal(
-                "TLS 1.3 state without traffic secrets",
-            ));
+            return Err(RecordError::Internal("TLS 1.3 state without traffic secrets"));
         }
-        let keys = Some(Box::new(Keys {
-            rx: make_key(state.suite, &state.rx.key)?,
-            tx: make_key(state.suite, &state.tx.key)?,
-        }));
-        Ok(RecordLayer {
-            keys,
-            state,
-            tx_records_this_key: 0,
-            key_updates_sent: 0,
-            key_updates_received: 0,
-        })
+        let keys = Some(Box::new(Keys { rx: make_key(state.suite, &state.rx.key)?, tx: make_key(state.suite, &state.tx.key)? }));
+        Ok(RecordLayer { keys, state, tx_records_this_key: 0, key_updates_sent: 0, key_updates_received: 0 })
     }
 
     pub fn state(&self) -> &RecordState {
@@ -240,10 +215,7 @@ impl RecordLayer {
     fn keys(&mut self) -> Result<&Keys, RecordError> {
         if self.keys.is_none() {
             let s = &self.state;
-            self.keys = Some(Box::new(Keys {
-                rx: make_key(s.suite, &s.rx.key)?,
-                tx: make_key(s.suite, &s.tx.key)?,
-            }));
+            self.keys = Some(Box::new(Keys { rx: make_key(s.suite, &s.rx.key)?, tx: make_key(s.suite, &s.tx.key)? }));
         }
         self.keys.as_deref().ok_or(RecordError::Internal("keys"))
     }
@@ -312,11 +284,7 @@ impl RecordLayer {
         self.state.rx.seq += 1;
         match inner_type {
             CT_APPDATA if start == end => Ok(Opened::Control { consumed: total }),
-            CT_APPDATA => Ok(Opened::Data {
-                consumed: total,
-                start,
-                end,
-            }),
+            CT_APPDATA => Ok(Opened::Data { consumed: total, start, end }),
             CT_ALERT => self.on_alert(&input[start..end], total),
             CT_HANDSHAKE => {
                 self.on_handshake(&input[start..end], out)?;
@@ -336,11 +304,8 @@ impl RecordLayer {
         let mut header = [0u8; HEADER_LEN];
         header.copy_from_slice(&rec[..HEADER_LEN]);
         let nonce = Nonce::assume_unique_for_key(self.state.rx.nonce());
-        let plain = self
-            .keys()?
-            .rx
-            .open_in_place(nonce, Aad::from(header), &mut rec[HEADER_LEN..])
-            .map_err(|_| RecordError::BadRecordMac)?;
+        let plain =
+            self.keys()?.rx.open_in_place(nonce, Aad::from(header), &mut rec[HEADER_LEN..]).map_err(|_| RecordError::BadRecordMac)?;
         // Strip zero padding; the last non-zero byte is the real content type.
         let Some(pos) = plain.iter().rposition(|&b| b != 0) else {
             return Err(RecordError::UnexpectedMessage(0));
@@ -379,11 +344,7 @@ impl RecordLayer {
         let start = HEADER_LEN + explicit;
         self.keys()?
             .rx
-            .open_in_place(
-                Nonce::assume_unique_for_key(nonce),
-                Aad::from(aad),
-                &mut rec[start..],
-            )
+            .open_in_place(Nonce::assume_unique_for_key(nonce), Aad::from(aad), &mut rec[start..])
             .map_err(|_| RecordError::BadRecordMac)?;
         Ok((ctype, start, start + plain_len))
     }
@@ -398,13 +359,8 @@ impl RecordLayer {
             return Ok(Opened::CloseNotify { consumed });
         }
         // TLS 1.2 warnings (and 1.3 user_canceled) are informational.
-        let warning =
-            level == 1 && (self.state.version == Version::Tls12 || desc == alert::USER_CANCELED);
-        if warning {
-            Ok(Opened::Control { consumed })
-        } else {
-            Err(RecordError::PeerAlert(desc))
-        }
+        let warning = level == 1 && (self.state.version == Version::Tls12 || desc == alert::USER_CANCELED);
+        if warning { Ok(Opened::Control { consumed }) } else { Err(RecordError::PeerAlert(desc)) }
     }
 
     fn on_handshake(&mut self, body: &[u8], out: &mut Vec<u8>) -> Result<(), RecordError> {
@@ -426,12 +382,7 @@ impl RecordLayer {
         }
     }
 
-    fn on_handshake_message(
-        &mut self,
-        typ: u8,
-        body: &[u8],
-        out: &mut Vec<u8>,
-    ) -> Result<(), RecordError> {
+    fn on_handshake_message(&mut self, typ: u8, body: &[u8], out: &mut Vec<u8>) -> Result<(), RecordError> {
         match (self.state.version, typ) {
             (Version::Tls13, HS_KEY_UPDATE) => {
                 let request = match body {
@@ -463,11 +414,7 @@ impl RecordLayer {
 
     /// Starts a TLS 1.3 KeyUpdate from holdfast's side; with `request_peer`
     /// the peer must update its sending key too. No-op for TLS 1.2.
-    pub fn send_key_update(
-        &mut self,
-        request_peer: bool,
-        out: &mut Vec<u8>,
-    ) -> Result<(), RecordError> {
+    pub fn send_key_update(&mut self, request_peer: bool, out: &mut Vec<u8>) -> Result<(), RecordError> {
         if self.state.version != Version::Tls13 {
             return Ok(());
         }
@@ -524,12 +471,7 @@ impl RecordLayer {
         len + records * (HEADER_LEN + 1 + GCM12_EXPLICIT + TAG_LEN) + 64
     }
 
-    fn seal_record(
-        &mut self,
-        ctype: u8,
-        data: &[u8],
-        out: &mut Vec<u8>,
-    ) -> Result<(), RecordError> {
+    fn seal_record(&mut self, ctype: u8, data: &[u8], out: &mut Vec<u8>) -> Result<(), RecordError> {
         if self.state.tx.seq == u64::MAX {
             return Err(RecordError::SeqExhausted);
         }
@@ -545,11 +487,7 @@ impl RecordLayer {
                 let tag = self
                     .keys()?
                     .tx
-                    .seal_in_place_separate_tag(
-                        Nonce::assume_unique_for_key(nonce),
-                        Aad::from(header),
-                        &mut out[start..],
-                    )
+                    .seal_in_place_separate_tag(Nonce::assume_unique_for_key(nonce), Aad::from(header), &mut out[start..])
                     .map_err(|_| RecordError::Internal("seal failed"))?;
                 out.extend_from_slice(tag.as_ref());
             }
@@ -567,11 +505,7 @@ impl RecordLayer {
                 let tag = self
                     .keys()?
                     .tx
-                    .seal_in_place_separate_tag(
-                        Nonce::assume_unique_for_key(nonce),
-                        Aad::from(aad),
-                        &mut out[start..],
-                    )
+                    .seal_in_place_separate_tag(Nonce::assume_unique_for_key(nonce), Aad::from(aad), &mut out[start..])
                     .map_err(|_| RecordError::Internal("seal failed"))?;
                 out.extend_from_slice(tag.as_ref());
             }

@@ -32,12 +32,7 @@ pub fn provider() -> Arc<CryptoProvider> {
 }
 
 pub fn load_blocklist(path: &std::path::Path) -> Result<Blocklist, ConfigError> {
-    let text = std::fs::read_to_string(path).map_err(|e| {
-        err(
-            "tls.blocklist",
-            format!("cannot read {}: {e}", path.display()),
-        )
-    })?;
+    let text = std::fs::read_to_string(path).map_err(|e| err("tls.blocklist", format!("cannot read {}: {e}", path.display())))?;
     Blocklist::parse(&text).map_err(|e| err("tls.blocklist", e.to_string()))
 }
 
@@ -46,35 +41,20 @@ impl TlsContext {
         let mut errs = Vec::new();
         let mut p = rustls::crypto::ring::default_provider();
         if !c.cipher_suites.is_empty() {
-            p.cipher_suites
-                .retain(|s| c.cipher_suites.contains(&format!("{:?}", s.suite())));
+            p.cipher_suites.retain(|s| c.cipher_suites.contains(&format!("{:?}", s.suite())));
         }
         let provider = Arc::new(p);
-        let chain: Vec<CertificateDer<'static>> = match CertificateDer::pem_file_iter(&c.cert_chain)
-        {
-            Ok(it) => it
-                .filter_map(|r| {
-                    r.map_err(|e| errs.push(err("tls.cert_chain", e.to_string())))
-                        .ok()
-                })
-                .collect(),
+        let chain: Vec<CertificateDer<'static>> = match CertificateDer::pem_file_iter(&c.cert_chain) {
+            Ok(it) => it.filter_map(|r| r.map_err(|e| errs.push(err("tls.cert_chain", e.to_string()))).ok()).collect(),
             Err(e) => {
-                errs.push(err(
-                    "tls.cert_chain",
-                    format!("{}: {e}", c.cert_chain.display()),
-                ));
+                errs.push(err("tls.cert_chain", format!("{}: {e}", c.cert_chain.display())));
                 Vec::new()
             }
         };
         if chain.is_empty() && errs.is_empty() {
-            errs.push(err(
-                "tls.cert_chain",
-                format!("{}: no certificate in file", c.cert_chain.display()),
-            ));
+            errs.push(err("tls.cert_chain", format!("{}: no certificate in file", c.cert_chain.display())));
         }
-        let key = PrivateKeyDer::from_pem_file(&c.key)
-            .map_err(|e| errs.push(err("tls.key", format!("{}: {e}", c.key.display()))))
-            .ok();
+        let key = PrivateKeyDer::from_pem_file(&c.key).map_err(|e| errs.push(err("tls.key", format!("{}: {e}", c.key.display())))).ok();
         let mut groups = Vec::new();
         for (i, (path, ignore)) in c.client_cas.iter().enumerate() {
             let key = format!("tls.client_ca[{i}].file");
@@ -91,9 +71,7 @@ impl TlsContext {
             }
         }
         let blocklist = match &c.blocklist {
-            Some(p) => load_blocklist(p)
-                .map_err(|e| errs.push(e))
-                .unwrap_or_default(),
+            Some(p) => load_blocklist(p).map_err(|e| errs.push(e)).unwrap_or_default(),
             None => Blocklist::default(),
         };
         if !errs.is_empty() {
@@ -114,21 +92,11 @@ impl TlsContext {
         let mut server = builder
             .with_client_cert_verifier(verifier.clone())
             .with_single_cert(chain, key)
-            .map_err(|e| {
-                vec![err(
-                    "tls.key",
-                    format!("does not match the certificate chain or is unusable: {e}"),
-                )]
-            })?;
+            .map_err(|e| vec![err("tls.key", format!("does not match the certificate chain or is unusable: {e}"))])?;
         server.enable_secret_extraction = true;
         server.key_log = Arc::new(SecretCapture);
         server.send_tls13_tickets = 1;
-        server.ticketer = rustls::crypto::ring::Ticketer::new()
-            .map_err(|e| vec![err("tls", format!("session ticketer: {e}"))])?;
-        Ok(TlsContext {
-            server: Arc::new(server),
-            verifier,
-            key_update_after: c.key_update_after,
-        })
+        server.ticketer = rustls::crypto::ring::Ticketer::new().map_err(|e| vec![err("tls", format!("session ticketer: {e}"))])?;
+        Ok(TlsContext { server: Arc::new(server), verifier, key_update_after: c.key_update_after })
     }
 }

@@ -15,10 +15,7 @@ use rustls::crypto::{CryptoProvider, verify_tls12_signature, verify_tls13_signat
 use rustls::pki_types::{CertificateDer, UnixTime};
 use rustls::server::WebPkiClientVerifier;
 use rustls::server::danger::{ClientCertVerified, ClientCertVerifier};
-use rustls::{
-    CertificateError, DigitallySignedStruct, DistinguishedName, Error, RootCertStore,
-    SignatureScheme,
-};
+use rustls::{CertificateError, DigitallySignedStruct, DistinguishedName, Error, RootCertStore, SignatureScheme};
 
 use super::blocklist::Blocklist;
 
@@ -31,11 +28,7 @@ pub struct CaGroup {
 
 impl std::fmt::Debug for CaGroup {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(
-            f,
-            "CaGroup({}, ignore_validity={})",
-            self.name, self.ignore_validity
-        )
+        write!(f, "CaGroup({}, ignore_validity={})", self.name, self.ignore_validity)
     }
 }
 
@@ -48,21 +41,14 @@ impl CaGroup {
     ) -> Result<Self, String> {
         let mut store = RootCertStore::empty();
         for c in roots {
-            store
-                .add(c)
-                .map_err(|e| format!("{name}: not a usable CA certificate: {e}"))?;
+            store.add(c).map_err(|e| format!("{name}: not a usable CA certificate: {e}"))?;
         }
         if store.is_empty() {
             return Err(format!("{name}: no CA certificate found"));
         }
-        let verifier = WebPkiClientVerifier::builder_with_provider(Arc::new(store), provider)
-            .build()
-            .map_err(|e| format!("{name}: {e}"))?;
-        Ok(CaGroup {
-            name,
-            ignore_validity,
-            verifier,
-        })
+        let verifier =
+            WebPkiClientVerifier::builder_with_provider(Arc::new(store), provider).build().map_err(|e| format!("{name}: {e}"))?;
+        Ok(CaGroup { name, ignore_validity, verifier })
     }
 }
 
@@ -104,16 +90,8 @@ fn is_validity_error(e: &Error) -> bool {
 
 impl DeviceVerifier {
     pub fn new(groups: Vec<CaGroup>, blocklist: Blocklist, provider: Arc<CryptoProvider>) -> Self {
-        let hints = groups
-            .iter()
-            .flat_map(|g| g.verifier.root_hint_subjects().to_vec())
-            .collect();
-        DeviceVerifier {
-            groups,
-            hints,
-            blocklist: RwLock::new(Arc::new(blocklist)),
-            provider,
-        }
+        let hints = groups.iter().flat_map(|g| g.verifier.root_hint_subjects().to_vec()).collect();
+        DeviceVerifier { groups, hints, blocklist: RwLock::new(Arc::new(blocklist)), provider }
     }
 
     /// Replaces the blocklist; handshakes from now on use the new one.
@@ -149,22 +127,11 @@ impl ClientCertVerifier for DeviceVerifier {
         // over "unknown issuer" (no CA matched).
         let mut best = Error::InvalidCertificate(CertificateError::UnknownIssuer);
         for g in &self.groups {
-            let at = if g.ignore_validity {
-                time_inside_validity(end_entity.as_ref(), now)
-            } else {
-                now
-            };
+            let at = if g.ignore_validity { time_inside_validity(end_entity.as_ref(), now) } else { now };
             match g.verifier.verify_client_cert(end_entity, intermediates, at) {
                 Ok(v) => return Ok(v),
                 Err(e) if is_validity_error(&e) => best = e,
-                Err(e)
-                    if !matches!(
-                        e,
-                        Error::InvalidCertificate(CertificateError::UnknownIssuer)
-                    ) && !is_validity_error(&best) =>
-                {
-                    best = e
-                }
+                Err(e) if !matches!(e, Error::InvalidCertificate(CertificateError::UnknownIssuer)) && !is_validity_error(&best) => best = e,
                 Err(_) => {}
             }
         }
@@ -177,12 +144,7 @@ impl ClientCertVerifier for DeviceVerifier {
         cert: &CertificateDer<'_>,
         dss: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, Error> {
-        verify_tls12_signature(
-            message,
-            cert,
-            dss,
-            &self.provider.signature_verification_algorithms,
-        )
+        verify_tls12_signature(message, cert, dss, &self.provider.signature_verification_algorithms)
     }
 
     fn verify_tls13_signature(
@@ -191,17 +153,10 @@ impl ClientCertVerifier for DeviceVerifier {
         cert: &CertificateDer<'_>,
         dss: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, Error> {
-        verify_tls13_signature(
-            message,
-            cert,
-            dss,
-            &self.provider.signature_verification_algorithms,
-        )
+        verify_tls13_signature(message, cert, dss, &self.provider.signature_verification_algorithms)
     }
 
     fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        self.provider
-            .signature_verification_algorithms
-            .supported_schemes()
+        self.provider.signature_verification_algorithms.supported_schemes()
     }
 }

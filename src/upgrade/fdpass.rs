@@ -54,13 +54,7 @@ pub fn send(sock: &UnixStream, payload: &[u8], fds: &[RawFd]) -> Result<(), FdPa
     // The descriptors ride on the header's first byte; keep sending the
     // header until all of it is out, then the payload as plain bytes.
     let mut sent = loop {
-        match sendmsg::<()>(
-            sock.as_raw_fd(),
-            &[IoSlice::new(&header), IoSlice::new(payload)],
-            cmsgs,
-            MsgFlags::MSG_NOSIGNAL,
-            None,
-        ) {
+        match sendmsg::<()>(sock.as_raw_fd(), &[IoSlice::new(&header), IoSlice::new(payload)], cmsgs, MsgFlags::MSG_NOSIGNAL, None) {
             Ok(n) => break n,
             Err(nix::Error::EINTR) => continue,
             Err(e) => return Err(e.into()),
@@ -81,22 +75,14 @@ pub fn recv(sock: &UnixStream, max_payload: usize) -> Result<(Vec<u8>, Vec<Owned
     let mut space = nix::cmsg_space!([RawFd; MAX_FDS]);
     let (got, fds, truncated) = loop {
         let mut iov = [IoSliceMut::new(&mut header)];
-        match recvmsg::<()>(
-            sock.as_raw_fd(),
-            &mut iov,
-            Some(&mut space),
-            MsgFlags::MSG_CMSG_CLOEXEC,
-        ) {
+        match recvmsg::<()>(sock.as_raw_fd(), &mut iov, Some(&mut space), MsgFlags::MSG_CMSG_CLOEXEC) {
             Ok(msg) => {
                 let mut fds = Vec::new();
                 for c in msg.cmsgs()? {
                     if let ControlMessageOwned::ScmRights(raw) = c {
                         // SAFETY: the kernel just installed these descriptors
                         // in this process for us; nothing else owns them.
-                        fds.extend(
-                            raw.into_iter()
-                                .map(|fd| unsafe { OwnedFd::from_raw_fd(fd) }),
-                        );
+                        fds.extend(raw.into_iter().map(|fd| unsafe { OwnedFd::from_raw_fd(fd) }));
                     }
                 }
                 break (msg.bytes, fds, msg.flags.contains(MsgFlags::MSG_CTRUNC));
@@ -113,23 +99,18 @@ pub fn recv(sock: &UnixStream, max_payload: usize) -> Result<(Vec<u8>, Vec<Owned
     }
     let mut r = sock;
     if got < HEADER {
-        r.read_exact(&mut header[got..])
-            .map_err(|_| FdPassError::Closed)?;
+        r.read_exact(&mut header[got..]).map_err(|_| FdPassError::Closed)?;
     }
     let len = u32::from_be_bytes([header[0], header[1], header[2], header[3]]) as usize;
     let announced = u16::from_be_bytes([header[4], header[5]]) as usize;
     if fds.len() != announced {
-        return Err(FdPassError::FdCount {
-            announced,
-            received: fds.len(),
-        });
+        return Err(FdPassError::FdCount { announced, received: fds.len() });
     }
     if len > max_payload {
         return Err(FdPassError::TooLarge(len));
     }
     let mut payload = vec![0u8; len];
-    r.read_exact(&mut payload)
-        .map_err(|_| FdPassError::Closed)?;
+    r.read_exact(&mut payload).map_err(|_| FdPassError::Closed)?;
     Ok((payload, fds))
 }
 
@@ -196,10 +177,7 @@ mod tests {
     fn limits_are_enforced_on_both_sides() {
         let (tx, rx) = UnixStream::pair().unwrap();
         let fds = vec![tx.as_raw_fd(); MAX_FDS + 1];
-        assert!(matches!(
-            send(&tx, b"", &fds),
-            Err(FdPassError::TooManyFds(254))
-        ));
+        assert!(matches!(send(&tx, b"", &fds), Err(FdPassError::TooManyFds(254))));
         send(&tx, &[1u8; 100], &[]).unwrap();
         assert!(matches!(recv(&rx, 10), Err(FdPassError::TooLarge(100))));
     }
@@ -212,21 +190,8 @@ mod tests {
         let (_c, s) = tcp_pair();
         let header = [0, 0, 0, 0, 0, 2];
         let fds = [s.as_raw_fd()];
-        sendmsg::<()>(
-            tx.as_raw_fd(),
-            &[IoSlice::new(&header)],
-            &[ControlMessage::ScmRights(&fds)],
-            MsgFlags::empty(),
-            None,
-        )
-        .unwrap();
-        assert!(matches!(
-            recv(&rx, 10),
-            Err(FdPassError::FdCount {
-                announced: 2,
-                received: 1
-            })
-        ));
+        sendmsg::<()>(tx.as_raw_fd(), &[IoSlice::new(&header)], &[ControlMessage::ScmRights(&fds)], MsgFlags::empty(), None).unwrap();
+        assert!(matches!(recv(&rx, 10), Err(FdPassError::FdCount { announced: 2, received: 1 })));
     }
 
     #[test]

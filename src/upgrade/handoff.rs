@@ -74,20 +74,12 @@ pub struct Outcome {
 
 /// Old side: starts `exe` and hands it the listening sockets. On any error
 /// the new process is killed and the old one is unchanged.
-pub fn hand_over_listeners(
-    exe: &Path,
-    config: &Path,
-    listeners: &[OwnedFd],
-    timeout: Duration,
-) -> Result<(Outcome, Child), HandoffError> {
+pub fn hand_over_listeners(exe: &Path, config: &Path, listeners: &[OwnedFd], timeout: Duration) -> Result<(Outcome, Child), HandoffError> {
     let start = Instant::now();
     let (ours, theirs) = UnixStream::pair().map_err(|e| HandoffError::Channel(e.into()))?;
     let their_fd = theirs.as_raw_fd();
     let mut cmd = Command::new(exe);
-    cmd.arg("run")
-        .arg("--config")
-        .arg(config)
-        .env(ENV_FD, their_fd.to_string());
+    cmd.arg("run").arg("--config").arg(config).env(ENV_FD, their_fd.to_string());
     // SAFETY: between fork and exec we only clear close-on-exec on the
     // channel's descriptor (async-signal-safe fcntl).
     unsafe {
@@ -98,9 +90,7 @@ pub fn hand_over_listeners(
             Ok(())
         });
     }
-    let mut child = cmd
-        .spawn()
-        .map_err(|e| HandoffError::Spawn(exe.display().to_string(), e))?;
+    let mut child = cmd.spawn().map_err(|e| HandoffError::Spawn(exe.display().to_string(), e))?;
     drop(theirs);
     let fail = |child: &mut Child, e: HandoffError| {
         let _ = child.kill();
@@ -115,14 +105,10 @@ pub fn hand_over_listeners(
                 let status = child.wait().map(|s| s.to_string()).unwrap_or_default();
                 Err(HandoffError::NewExited(status))
             }
-            Err(HandoffError::Channel(fdpass::FdPassError::Io(e)))
-                if e.kind() == std::io::ErrorKind::WouldBlock =>
-            {
+            Err(HandoffError::Channel(fdpass::FdPassError::Io(e))) if e.kind() == std::io::ErrorKind::WouldBlock => {
                 Err(HandoffError::Timeout(timeout))
             }
-            Err(HandoffError::Channel(fdpass::FdPassError::Sys(nix::Error::EAGAIN))) => {
-                Err(HandoffError::Timeout(timeout))
-            }
+            Err(HandoffError::Channel(fdpass::FdPassError::Sys(nix::Error::EAGAIN))) => Err(HandoffError::Timeout(timeout)),
             Err(e) => Err(e),
         }
     };
@@ -140,14 +126,7 @@ pub fn hand_over_listeners(
         return Err(fail(&mut child, e));
     }
     match reply(&mut child) {
-        Ok(Msg::Serving { .. }) => Ok((
-            Outcome {
-                new_pid,
-                listeners: fds.len(),
-                elapsed: start.elapsed(),
-            },
-            child,
-        )),
+        Ok(Msg::Serving { .. }) => Ok((Outcome { new_pid, listeners: fds.len(), elapsed: start.elapsed() }, child)),
         Ok(Msg::Failed { error }) => {
             let _ = child.wait();
             Err(HandoffError::NewFailed(error))
@@ -166,10 +145,7 @@ pub fn inherited_channel() -> Option<UnixStream> {
     unsafe { std::env::remove_var(ENV_FD) };
     let ch = unsafe { <UnixStream as std::os::fd::FromRawFd>::from_raw_fd(fd) };
     // Close-on-exec again, so the next upgrade's child does not inherit it.
-    let _ = nix::fcntl::fcntl(
-        &ch,
-        nix::fcntl::FcntlArg::F_SETFD(nix::fcntl::FdFlag::FD_CLOEXEC),
-    );
+    let _ = nix::fcntl::fcntl(&ch, nix::fcntl::FcntlArg::F_SETFD(nix::fcntl::FdFlag::FD_CLOEXEC));
     Some(ch)
 }
 
@@ -194,13 +170,7 @@ mod tests {
     fn a_new_binary_that_exits_is_reported_and_nothing_changes() {
         let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         let fds = vec![OwnedFd::from(l.try_clone().unwrap())];
-        let e = hand_over_listeners(
-            Path::new("/bin/false"),
-            Path::new("/nonexistent.toml"),
-            &fds,
-            Duration::from_secs(5),
-        )
-        .unwrap_err();
+        let e = hand_over_listeners(Path::new("/bin/false"), Path::new("/nonexistent.toml"), &fds, Duration::from_secs(5)).unwrap_err();
         assert!(matches!(e, HandoffError::NewExited(_)), "{e}");
         // The old listener is untouched.
         let _c = std::net::TcpStream::connect(l.local_addr().unwrap()).unwrap();
@@ -211,17 +181,8 @@ mod tests {
     fn a_silent_new_binary_times_out_and_is_killed() {
         let fds: Vec<OwnedFd> = Vec::new();
         let start = Instant::now();
-        let e = hand_over_listeners(
-            Path::new("/bin/sleep"),
-            Path::new("30"),
-            &fds,
-            Duration::from_millis(300),
-        )
-        .unwrap_err();
-        assert!(
-            matches!(e, HandoffError::Timeout(_) | HandoffError::NewExited(_)),
-            "{e}"
-        );
+        let e = hand_over_listeners(Path::new("/bin/sleep"), Path::new("30"), &fds, Duration::from_millis(300)).unwrap_err();
+        assert!(matches!(e, HandoffError::Timeout(_) | HandoffError::NewExited(_)), "{e}");
         assert!(start.elapsed() < Duration::from_secs(5));
     }
 }

@@ -37,10 +37,7 @@ pub struct WsError {
 }
 
 const fn proto(reason: &'static str) -> WsError {
-    WsError {
-        code: close::PROTOCOL_ERROR,
-        reason,
-    }
+    WsError { code: close::PROTOCOL_ERROR, reason }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -100,16 +97,7 @@ fn valid_close_code(c: u16) -> bool {
 
 impl Decoder {
     pub fn new(max_message: usize, expect_masked: bool) -> Self {
-        Decoder {
-            max_message,
-            expect_masked,
-            hdr: [0; 14],
-            hdr_len: 0,
-            frame: None,
-            msg: None,
-            ctrl: Vec::new(),
-            closed: false,
-        }
+        Decoder { max_message, expect_masked, hdr: [0; 14], hdr_len: 0, frame: None, msg: None, ctrl: Vec::new(), closed: false }
     }
 
     /// True while a message or frame is partly received.
@@ -131,19 +119,12 @@ impl Decoder {
             }
             match self.frame.as_mut() {
                 None => {
-                    let need = if self.hdr_len < 2 {
-                        2
-                    } else {
-                        header_len(self.hdr[0], self.hdr[1])
-                    };
+                    let need = if self.hdr_len < 2 { 2 } else { header_len(self.hdr[0], self.hdr[1]) };
                     let take = (need - self.hdr_len).min(input.len());
                     self.hdr[self.hdr_len..self.hdr_len + take].copy_from_slice(&input[..take]);
                     self.hdr_len += take;
                     input = &input[take..];
-                    if self.hdr_len == need
-                        && (need > 2
-                            || self.hdr_len == 2 && header_len(self.hdr[0], self.hdr[1]) == 2)
-                    {
+                    if self.hdr_len == need && (need > 2 || self.hdr_len == 2 && header_len(self.hdr[0], self.hdr[1]) == 2) {
                         self.start_frame(events)?;
                     }
                 }
@@ -151,11 +132,7 @@ impl Decoder {
                     let n = (f.remaining.min(input.len() as u64)) as usize;
                     let (chunk, rest) = input.split_at(n);
                     input = rest;
-                    let dst = if f.opcode >= op::CLOSE {
-                        &mut self.ctrl
-                    } else {
-                        &mut self.msg.as_mut().ok_or(proto("no message"))?.1
-                    };
+                    let dst = if f.opcode >= op::CLOSE { &mut self.ctrl } else { &mut self.msg.as_mut().ok_or(proto("no message"))?.1 };
                     let start = dst.len();
                     dst.extend_from_slice(chunk);
                     if let Some(mask) = f.mask {
@@ -183,11 +160,7 @@ impl Decoder {
             return Err(proto("reserved bits set"));
         }
         if masked != self.expect_masked {
-            return Err(proto(if self.expect_masked {
-                "client frames must be masked"
-            } else {
-                "server frames must not be masked"
-            }));
+            return Err(proto(if self.expect_masked { "client frames must be masked" } else { "server frames must not be masked" }));
         }
         let (len, at) = match h[1] & 0x7f {
             126 => {
@@ -222,40 +195,21 @@ impl Decoder {
                     return Err(proto("new message before the last one finished"));
                 }
                 if len > self.max_message as u64 {
-                    return Err(WsError {
-                        code: close::TOO_BIG,
-                        reason: "message too big",
-                    });
+                    return Err(WsError { code: close::TOO_BIG, reason: "message too big" });
                 }
-                self.msg = Some((
-                    opcode == op::TEXT,
-                    Vec::with_capacity(if fin {
-                        len as usize
-                    } else {
-                        (len as usize).min(4096)
-                    }),
-                ));
+                self.msg = Some((opcode == op::TEXT, Vec::with_capacity(if fin { len as usize } else { (len as usize).min(4096) })));
             }
             op::CONT => {
                 let Some((_, m)) = &self.msg else {
                     return Err(proto("continuation without a message"));
                 };
                 if m.len() as u64 + len > self.max_message as u64 {
-                    return Err(WsError {
-                        code: close::TOO_BIG,
-                        reason: "message too big",
-                    });
+                    return Err(WsError { code: close::TOO_BIG, reason: "message too big" });
                 }
             }
             _ => return Err(proto("unknown opcode")),
         }
-        self.frame = Some(Frame {
-            fin,
-            opcode,
-            mask,
-            remaining: len,
-            pos: 0,
-        });
+        self.frame = Some(Frame { fin, opcode, mask, remaining: len, pos: 0 });
         if len == 0 {
             self.end_frame(events)?;
         }
@@ -273,24 +227,16 @@ impl Decoder {
                 let p = std::mem::take(&mut self.ctrl);
                 self.closed = true;
                 let ev = match p.len() {
-                    0 => Event::Close {
-                        code: None,
-                        reason: String::new(),
-                    },
+                    0 => Event::Close { code: None, reason: String::new() },
                     1 => return Err(proto("close payload of one byte")),
                     _ => {
                         let code = u16::from_be_bytes([p[0], p[1]]);
                         if !valid_close_code(code) {
                             return Err(proto("invalid close code"));
                         }
-                        let reason = String::from_utf8(p[2..].to_vec()).map_err(|_| WsError {
-                            code: close::INVALID_DATA,
-                            reason: "close reason is not UTF-8",
-                        })?;
-                        Event::Close {
-                            code: Some(code),
-                            reason,
-                        }
+                        let reason = String::from_utf8(p[2..].to_vec())
+                            .map_err(|_| WsError { code: close::INVALID_DATA, reason: "close reason is not UTF-8" })?;
+                        Event::Close { code: Some(code), reason }
                     }
                 };
                 events.push(ev);
@@ -298,10 +244,7 @@ impl Decoder {
             _ if f.fin => {
                 if let Some((text, data)) = self.msg.take() {
                     if text && std::str::from_utf8(&data).is_err() {
-                        return Err(WsError {
-                            code: close::INVALID_DATA,
-                            reason: "text message is not UTF-8",
-                        });
+                        return Err(WsError { code: close::INVALID_DATA, reason: "text message is not UTF-8" });
                     }
                     events.push(Event::Message { text, data });
                 }

@@ -28,10 +28,7 @@ pub struct UpgradeError {
 }
 
 const fn bad(reason: &'static str) -> UpgradeError {
-    UpgradeError {
-        status: 400,
-        reason,
-    }
+    UpgradeError { status: 400, reason }
 }
 
 const MAX_HEADERS: usize = 64;
@@ -42,41 +39,25 @@ fn header_has_token(v: &str, token: &str) -> bool {
 
 /// Parses the request at the start of `buf`. `Ok(None)` means incomplete;
 /// on success returns the request and the bytes it took.
-pub fn parse(
-    buf: &[u8],
-    max_bytes: usize,
-    forward: &[String],
-) -> Result<Option<(UpgradeRequest, usize)>, UpgradeError> {
+pub fn parse(buf: &[u8], max_bytes: usize, forward: &[String]) -> Result<Option<(UpgradeRequest, usize)>, UpgradeError> {
     let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
     let mut req = httparse::Request::new(&mut headers);
     let consumed = match req.parse(buf) {
         Ok(httparse::Status::Complete(n)) if n > max_bytes => {
-            return Err(UpgradeError {
-                status: 431,
-                reason: "request header too large",
-            });
+            return Err(UpgradeError { status: 431, reason: "request header too large" });
         }
         Ok(httparse::Status::Complete(n)) => n,
         Ok(httparse::Status::Partial) if buf.len() >= max_bytes => {
-            return Err(UpgradeError {
-                status: 431,
-                reason: "request header too large",
-            });
+            return Err(UpgradeError { status: 431, reason: "request header too large" });
         }
         Ok(httparse::Status::Partial) => return Ok(None),
         Err(httparse::Error::TooManyHeaders) => {
-            return Err(UpgradeError {
-                status: 431,
-                reason: "too many headers",
-            });
+            return Err(UpgradeError { status: 431, reason: "too many headers" });
         }
         Err(_) => return Err(bad("malformed HTTP request")),
     };
     if req.method != Some("GET") {
-        return Err(UpgradeError {
-            status: 405,
-            reason: "only GET upgrades to WebSocket",
-        });
+        return Err(UpgradeError { status: 405, reason: "only GET upgrades to WebSocket" });
     }
     if req.version != Some(1) {
         return Err(bad("HTTP/1.1 required"));
@@ -86,11 +67,7 @@ pub fn parse(
         return Err(bad("request target must be a path"));
     }
     let (path, query) = target.split_once('?').unwrap_or((target, ""));
-    let mut out = UpgradeRequest {
-        path: path.to_string(),
-        query: query.to_string(),
-        ..Default::default()
-    };
+    let mut out = UpgradeRequest { path: path.to_string(), query: query.to_string(), ..Default::default() };
     let (mut upgrade, mut connection, mut version, mut host) = (false, false, None, false);
     for h in req.headers.iter() {
         let name = h.name.to_ascii_lowercase();
@@ -104,12 +81,7 @@ pub fn parse(
             "sec-websocket-version" => version = Some(value.trim().to_string()),
             "sec-websocket-key" => out.key = value.trim().to_string(),
             "sec-websocket-protocol" => {
-                out.subprotocols.extend(
-                    value
-                        .split(',')
-                        .map(|s| s.trim().to_string())
-                        .filter(|s| !s.is_empty()),
-                );
+                out.subprotocols.extend(value.split(',').map(|s| s.trim().to_string()).filter(|s| !s.is_empty()));
             }
             _ => {}
         }
@@ -121,16 +93,10 @@ pub fn parse(
         return Err(bad("missing Host"));
     }
     if !upgrade || !connection {
-        return Err(UpgradeError {
-            status: 426,
-            reason: "WebSocket upgrade required",
-        });
+        return Err(UpgradeError { status: 426, reason: "WebSocket upgrade required" });
     }
     if version.as_deref() != Some("13") {
-        return Err(UpgradeError {
-            status: 426,
-            reason: "Sec-WebSocket-Version must be 13",
-        });
+        return Err(UpgradeError { status: 426, reason: "Sec-WebSocket-Version must be 13" });
     }
     match base64::engine::general_purpose::STANDARD.decode(&out.key) {
         Ok(k) if k.len() == 16 => {}
@@ -181,11 +147,7 @@ fn status_text(status: u16) -> &'static str {
 /// A complete error response that closes the connection.
 pub fn response_error(status: u16, reason: &str) -> Vec<u8> {
     let body = format!("{reason}\n");
-    let extra = if status == 426 {
-        "Sec-WebSocket-Version: 13\r\n"
-    } else {
-        ""
-    };
+    let extra = if status == 426 { "Sec-WebSocket-Version: 13\r\n" } else { "" };
     format!(
         "HTTP/1.1 {status} {}\r\n{extra}Content-Type: text/plain\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
         status_text(status),
@@ -202,33 +164,22 @@ mod tests {
 
     #[test]
     fn rfc6455_accept_example() {
-        assert_eq!(
-            accept_key("dGhlIHNhbXBsZSBub25jZQ=="),
-            "s3pPLMBiTxaQ9kYGzzhZRbK+xOo="
-        );
+        assert_eq!(accept_key("dGhlIHNhbXBsZSBub25jZQ=="), "s3pPLMBiTxaQ9kYGzzhZRbK+xOo=");
     }
 
     #[test]
     fn parses_valid_upgrade() {
-        let (r, n) = parse(REQ.as_bytes(), 8192, &["user-agent".into()])
-            .unwrap()
-            .unwrap();
+        let (r, n) = parse(REQ.as_bytes(), 8192, &["user-agent".into()]).unwrap().unwrap();
         assert_eq!(n, REQ.len());
         assert_eq!((r.path.as_str(), r.query.as_str()), ("/dev/ice", "x=1"));
         assert_eq!(r.subprotocols, vec!["v2.iot", "v1.iot"]);
-        assert_eq!(
-            r.headers,
-            vec![("user-agent".to_string(), "oven/1.0".to_string())]
-        );
+        assert_eq!(r.headers, vec![("user-agent".to_string(), "oven/1.0".to_string())]);
     }
 
     #[test]
     fn partial_and_oversize() {
         assert_eq!(parse(&REQ.as_bytes()[..30], 8192, &[]), Ok(None));
-        assert_eq!(
-            parse(&REQ.as_bytes()[..150], 100, &[]).unwrap_err().status,
-            431
-        );
+        assert_eq!(parse(&REQ.as_bytes()[..150], 100, &[]).unwrap_err().status, 431);
     }
 
     #[test]
@@ -240,11 +191,7 @@ mod tests {
             ("GET / HTTP/1.0\r\nHost: h\r\n\r\n", 400),
         ];
         for (req, status) in cases {
-            assert_eq!(
-                parse(req.as_bytes(), 8192, &[]).unwrap_err().status,
-                status,
-                "{req}"
-            );
+            assert_eq!(parse(req.as_bytes(), 8192, &[]).unwrap_err().status, status, "{req}");
         }
         let no_key = REQ.replace("Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n", "");
         assert_eq!(parse(no_key.as_bytes(), 8192, &[]).unwrap_err().status, 400);

@@ -42,15 +42,10 @@ impl App for Echo {
     fn open(&self, info: &StreamInfo) -> Decision {
         if let Some(s) = info.open.request.path.strip_prefix("/refuse/") {
             let status = s.parse().unwrap_or(403);
-            return Decision::Refuse {
-                status,
-                reason: "refused by reference WSM".into(),
-            };
+            return Decision::Refuse { status, reason: "refused by reference WSM".into() };
         }
         self.opened.fetch_add(1, Ordering::Relaxed);
-        Decision::Accept {
-            subprotocol: info.open.request.subprotocols.first().cloned(),
-        }
+        Decision::Accept { subprotocol: info.open.request.subprotocols.first().cloned() }
     }
 
     fn message(&self, info: &StreamInfo, binary: bool, data: &[u8], out: &mut Replies) {

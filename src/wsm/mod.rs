@@ -82,12 +82,7 @@ pub struct Server {
 
 impl Server {
     pub fn bind(addr: SocketAddr, app: Arc<dyn App>, node: String) -> std::io::Result<Server> {
-        Ok(Server {
-            listener: TcpListener::bind(addr)?,
-            app,
-            node,
-            parked: Parked::default(),
-        })
+        Ok(Server { listener: TcpListener::bind(addr)?, app, node, parked: Parked::default() })
     }
 
     pub fn local_addr(&self) -> std::io::Result<SocketAddr> {
@@ -150,9 +145,7 @@ impl LinkConn {
                 // Kept for the resumed stream, in order.
                 if !s.pending.is_empty() {
                     let mut p = self.parked.lock().unwrap_or_else(|e| e.into_inner());
-                    let e = p
-                        .entry(s.info.open.connection_id)
-                        .or_insert_with(|| (Instant::now(), VecDeque::new()));
+                    let e = p.entry(s.info.open.connection_id).or_insert_with(|| (Instant::now(), VecDeque::new()));
                     e.1.extend(s.pending.drain(..));
                 }
                 return Ok(());
@@ -163,21 +156,12 @@ impl LinkConn {
                 };
                 s.credit -= data.len() as i64;
                 self.link_credit -= data.len() as i64;
-                frames.push(Frame::Message {
-                    stream: id,
-                    binary,
-                    data,
-                });
+                frames.push(Frame::Message { stream: id, binary, data });
             }
             if s.pending.is_empty()
                 && let Some((code, text)) = s.close_after.take()
             {
-                frames.push(Frame::Close {
-                    stream: id,
-                    reason: CloseReason::WsmClosed,
-                    code,
-                    text,
-                });
+                frames.push(Frame::Close { stream: id, reason: CloseReason::WsmClosed, code, text });
                 done = Some(code);
             }
         }
@@ -199,20 +183,12 @@ impl LinkConn {
         };
         match f {
             Frame::Open { stream, open } => {
-                let info = StreamInfo {
-                    stream,
-                    open: *open,
-                    node: peer.node.clone(),
-                    shard: peer.shard,
-                };
+                let info = StreamInfo { stream, open: *open, node: peer.node.clone(), shard: peer.shard };
                 let id = info.open.connection_id;
                 let resumed = info.open.resumed;
                 match app.open(&info) {
                     Decision::Accept { subprotocol } => {
-                        self.send(&Frame::Accept {
-                            stream,
-                            subprotocol,
-                        })?;
+                        self.send(&Frame::Accept { stream, subprotocol })?;
                         // A resumed stream first gets what was parked for it.
                         let pending = if resumed {
                             let mut p = self.parked.lock().unwrap_or_else(|e| e.into_inner());
@@ -223,28 +199,14 @@ impl LinkConn {
                         };
                         self.streams.insert(
                             stream,
-                            StreamState {
-                                info,
-                                credit: peer.stream_window as i64,
-                                pending,
-                                close_after: None,
-                                handed: false,
-                            },
+                            StreamState { info, credit: peer.stream_window as i64, pending, close_after: None, handed: false },
                         );
                         self.flush_stream(stream, app)?;
                     }
-                    Decision::Refuse { status, reason } => self.send(&Frame::Refuse {
-                        stream,
-                        status,
-                        reason,
-                    })?,
+                    Decision::Refuse { status, reason } => self.send(&Frame::Refuse { stream, status, reason })?,
                 }
             }
-            Frame::Message {
-                stream,
-                binary,
-                data,
-            } => {
+            Frame::Message { stream, binary, data } => {
                 let n = data.len() as u32;
                 if let Some(s) = self.streams.get_mut(&stream) {
                     let mut r = Replies::default();
@@ -256,17 +218,9 @@ impl LinkConn {
                     self.send(&Frame::Credit { stream, bytes: n })?;
                     self.flush_stream(stream, app)?;
                 }
-                self.send(&Frame::Credit {
-                    stream: 0,
-                    bytes: n,
-                })?;
+                self.send(&Frame::Credit { stream: 0, bytes: n })?;
             }
-            Frame::Close {
-                stream,
-                reason,
-                code,
-                ..
-            } => {
+            Frame::Close { stream, reason, code, .. } => {
                 if let Some(s) = self.streams.remove(&stream) {
                     app.closed(&s.info, reason, code);
                 }
@@ -295,10 +249,7 @@ impl LinkConn {
             }
             Frame::Ping(v) => self.send(&Frame::Pong(v))?,
             Frame::Pong(_) | Frame::GoAway { .. } => {}
-            Frame::Hello(_)
-            | Frame::Accept { .. }
-            | Frame::Refuse { .. }
-            | Frame::HandoffAck { .. } => {
+            Frame::Hello(_) | Frame::Accept { .. } | Frame::Refuse { .. } | Frame::HandoffAck { .. } => {
                 return Err(bad("unexpected frame from holdfast"));
             }
         }
@@ -306,21 +257,10 @@ impl LinkConn {
     }
 }
 
-fn serve_link(
-    s: TcpStream,
-    app: Arc<dyn App>,
-    node: String,
-    parked: Parked,
-) -> std::io::Result<()> {
+fn serve_link(s: TcpStream, app: Arc<dyn App>, node: String, parked: Parked) -> std::io::Result<()> {
     s.set_nodelay(true)?;
     let mut rd = s.try_clone()?;
-    let mut link = LinkConn {
-        parked,
-        out: BufWriter::with_capacity(64 * 1024, s),
-        streams: HashMap::new(),
-        link_credit: 0,
-        peer: None,
-    };
+    let mut link = LinkConn { parked, out: BufWriter::with_capacity(64 * 1024, s), streams: HashMap::new(), link_credit: 0, peer: None };
     let mut buf = vec![0u8; 64 * 1024];
     let mut have = 0;
     let result = loop {
@@ -340,21 +280,12 @@ fn serve_link(
                     off += used;
                     if link.peer.is_none() {
                         let Frame::Hello(h) = f else {
-                            break Err(std::io::Error::new(
-                                std::io::ErrorKind::InvalidData,
-                                "first frame is not HELLO",
-                            ));
+                            break Err(std::io::Error::new(std::io::ErrorKind::InvalidData, "first frame is not HELLO"));
                         };
                         if h.version != codec::VERSION {
-                            let _ = link.send(&Frame::GoAway {
-                                code: 1,
-                                text: format!("version {} not supported", h.version),
-                            });
+                            let _ = link.send(&Frame::GoAway { code: 1, text: format!("version {} not supported", h.version) });
                             let _ = link.out.flush();
-                            break Err(std::io::Error::new(
-                                std::io::ErrorKind::InvalidData,
-                                "unsupported version",
-                            ));
+                            break Err(std::io::Error::new(std::io::ErrorKind::InvalidData, "unsupported version"));
                         }
                         link.link_credit = h.link_window as i64;
                         tracing::info!(node = %h.node, shard = h.shard, "holdfast link up");
@@ -379,15 +310,9 @@ fn serve_link(
                 }
                 Ok(None) => break Ok(()),
                 Err(e) => {
-                    let _ = link.send(&Frame::GoAway {
-                        code: 2,
-                        text: e.to_string(),
-                    });
+                    let _ = link.send(&Frame::GoAway { code: 2, text: e.to_string() });
                     let _ = link.out.flush();
-                    break Err(std::io::Error::new(
-                        std::io::ErrorKind::InvalidData,
-                        e.to_string(),
-                    ));
+                    break Err(std::io::Error::new(std::io::ErrorKind::InvalidData, e.to_string()));
                 }
             }
         };

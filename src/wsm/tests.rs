@@ -17,11 +17,7 @@ impl App for Burst {
         Decision::Accept { subprotocol: None }
     }
     fn message(&self, _: &StreamInfo, _binary: bool, data: &[u8], out: &mut Replies) {
-        let n: usize = std::str::from_utf8(data)
-            .ok()
-            .and_then(|s| s.strip_prefix("burst "))
-            .and_then(|n| n.parse().ok())
-            .unwrap_or(0);
+        let n: usize = std::str::from_utf8(data).ok().and_then(|s| s.strip_prefix("burst ")).and_then(|n| n.parse().ok()).unwrap_or(0);
         for i in 0..n {
             out.text(format!("r{i:<38}|"));
         }
@@ -87,9 +83,7 @@ fn texts(frames: &[Frame]) -> Vec<String> {
     frames
         .iter()
         .filter_map(|f| match f {
-            Frame::Message { data, .. } => {
-                Some(String::from_utf8_lossy(&data[..2]).trim().to_string())
-            }
+            Frame::Message { data, .. } => Some(String::from_utf8_lossy(&data[..2]).trim().to_string()),
             _ => None,
         })
         .collect()
@@ -97,12 +91,7 @@ fn texts(frames: &[Frame]) -> Vec<String> {
 
 #[test]
 fn handoff_moves_a_stream_with_nothing_lost_or_repeated() {
-    let server = Server::bind(
-        "127.0.0.1:0".parse().unwrap(),
-        Arc::new(Burst),
-        "wsm".into(),
-    )
-    .unwrap();
+    let server = Server::bind("127.0.0.1:0".parse().unwrap(), Arc::new(Burst), "wsm".into()).unwrap();
     let addr = server.local_addr().unwrap();
     std::thread::spawn(move || server.serve());
 
@@ -110,16 +99,9 @@ fn handoff_moves_a_stream_with_nothing_lost_or_repeated() {
     let mut old = Peer::connect(addr, 100);
     let open = sample_open(false);
     let id = open.connection_id;
-    old.send(&Frame::Open {
-        stream: 1,
-        open: Box::new(open.clone()),
-    });
+    old.send(&Frame::Open { stream: 1, open: Box::new(open.clone()) });
     assert!(matches!(old.recv(), Frame::Accept { stream: 1, .. }));
-    old.send(&Frame::Message {
-        stream: 1,
-        binary: false,
-        data: b"burst 6".to_vec(),
-    });
+    old.send(&Frame::Message { stream: 1, binary: false, data: b"burst 6".to_vec() });
     let first = old.until(|f| matches!(f, Frame::Message { .. }));
     std::thread::sleep(Duration::from_millis(100));
     old.send(&Frame::Handoff { stream: 1 });
@@ -127,21 +109,10 @@ fn handoff_moves_a_stream_with_nothing_lost_or_repeated() {
     got.extend(old.until(|f| matches!(f, Frame::HandoffAck { stream: 1 })));
     assert!(matches!(got.last(), Some(Frame::HandoffAck { stream: 1 })));
     let before = texts(&got);
-    assert!(
-        !before.is_empty() && before.len() < 6,
-        "some replies held back: {before:?}"
-    );
+    assert!(!before.is_empty() && before.len() < 6, "some replies held back: {before:?}");
     // Credit now would release more, but the stream is handed over: nothing more comes here.
-    old.send(&Frame::Credit {
-        stream: 1,
-        bytes: 10_000,
-    });
-    old.send(&Frame::Close {
-        stream: 1,
-        reason: CloseReason::HandedElsewhere,
-        code: 1000,
-        text: String::new(),
-    });
+    old.send(&Frame::Credit { stream: 1, bytes: 10_000 });
+    old.send(&Frame::Close { stream: 1, reason: CloseReason::HandedElsewhere, code: 1000, text: String::new() });
     old.send(&Frame::Ping(7));
     let after_ack = old.until(|f| matches!(f, Frame::Pong(7)));
     assert_eq!(texts(&after_ack), Vec::<String>::new());
@@ -151,10 +122,7 @@ fn handoff_moves_a_stream_with_nothing_lost_or_repeated() {
     let mut resumed = open;
     resumed.resumed = true;
     assert_eq!(resumed.connection_id, id);
-    new.send(&Frame::Open {
-        stream: 1,
-        open: Box::new(resumed),
-    });
+    new.send(&Frame::Open { stream: 1, open: Box::new(resumed) });
     let mut rest = Vec::new();
     while texts(&rest).len() + before.len() < 6 {
         rest.extend(new.until(|f| matches!(f, Frame::Message { .. })));

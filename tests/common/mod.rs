@@ -54,18 +54,9 @@ impl Drop for Proc {
 
 /// Spawns a binary and waits for its first stdout line that starts with
 /// `prefix`; returns the process and that line.
-fn spawn_until(
-    mut cmd: Command,
-    prefix: &str,
-    log: PathBuf,
-) -> (Child, String, std::sync::mpsc::Receiver<String>) {
+fn spawn_until(mut cmd: Command, prefix: &str, log: PathBuf) -> (Child, String, std::sync::mpsc::Receiver<String>) {
     let errf = std::fs::File::create(&log).unwrap();
-    let mut child = cmd
-        .stdout(Stdio::piped())
-        .stderr(errf)
-        .stdin(Stdio::null())
-        .spawn()
-        .unwrap();
+    let mut child = cmd.stdout(Stdio::piped()).stderr(errf).stdin(Stdio::null()).spawn().unwrap();
     let out = child.stdout.take().unwrap();
     let (tx, rx) = std::sync::mpsc::channel();
     std::thread::spawn(move || {
@@ -84,10 +75,7 @@ fn spawn_until(
             Ok(_) => continue,
             Err(_) => {
                 let _ = child.kill();
-                panic!(
-                    "process did not print '{prefix}'; stderr: {}",
-                    std::fs::read_to_string(&log).unwrap_or_default()
-                );
+                panic!("process did not print '{prefix}'; stderr: {}", std::fs::read_to_string(&log).unwrap_or_default());
             }
         }
     }
@@ -96,31 +84,14 @@ fn spawn_until(
 pub fn start_wsm(tmp: &Path, name: &str) -> Proc {
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_holdfast-wsm"));
     cmd.args(["--listen", "127.0.0.1:0", "--node", name]);
-    let (child, line, lines) = spawn_until(
-        cmd,
-        "holdfast-wsm listening on ",
-        tmp.join(format!("{name}.log")),
-    );
+    let (child, line, lines) = spawn_until(cmd, "holdfast-wsm listening on ", tmp.join(format!("{name}.log")));
     let addr = line.rsplit(' ').next().unwrap().parse().unwrap();
-    Proc {
-        child,
-        addr,
-        metrics: None,
-        stderr_log: tmp.join(format!("{name}.log")),
-        lines,
-        config: None,
-    }
+    Proc { child, addr, metrics: None, stderr_log: tmp.join(format!("{name}.log")), lines, config: None }
 }
 
 /// Writes a config for the dev PKI and starts `holdfast run`. `extra` is
 /// TOML appended to the sections by name (e.g. websocket keys).
-pub fn start_proxy(
-    pki: &Pki,
-    wsm: &[SocketAddr],
-    shards: usize,
-    tls_extra: &str,
-    ws_extra: &str,
-) -> Proc {
+pub fn start_proxy(pki: &Pki, wsm: &[SocketAddr], shards: usize, tls_extra: &str, ws_extra: &str) -> Proc {
     let wsm: Vec<String> = wsm.iter().map(|a| format!("\"{a}\"")).collect();
     let cfg = format!(
         r#"
@@ -159,30 +130,17 @@ addr = "127.0.0.1:0"
     );
     static N: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
     let id = N.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-    let path = pki
-        .path()
-        .join(format!("holdfast-{}-{id}.toml", std::process::id()));
+    let path = pki.path().join(format!("holdfast-{}-{id}.toml", std::process::id()));
     std::fs::write(&path, cfg).unwrap();
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_holdfast"));
-    cmd.args(["run", "--config"])
-        .arg(&path)
-        .env("HOLDFAST_LOG", "debug");
+    cmd.args(["run", "--config"]).arg(&path).env("HOLDFAST_LOG", "debug");
     let log = pki.path().join(format!("holdfast-{id}.log"));
     let (child, line, lines) = spawn_until(cmd, "holdfast ready on ", log.clone());
     // "holdfast ready on ADDR shards=N metrics=ADDR"
     let parts: Vec<&str> = line.split_whitespace().collect();
     let addr = parts[3].parse().unwrap();
-    let metrics = parts[5]
-        .strip_prefix("metrics=")
-        .and_then(|m| m.parse().ok());
-    Proc {
-        child,
-        addr,
-        metrics,
-        stderr_log: log,
-        lines,
-        config: Some(path),
-    }
+    let metrics = parts[5].strip_prefix("metrics=").and_then(|m| m.parse().ok());
+    Proc { child, addr, metrics, stderr_log: log, lines, config: Some(path) }
 }
 
 pub fn opts(pki: &Pki, proxy: &Proc, device: &str) -> DeviceOptions {
@@ -203,8 +161,7 @@ pub fn opts(pki: &Pki, proxy: &Proc, device: &str) -> DeviceOptions {
 /// Reads the proxy's Prometheus text.
 pub fn metrics(proxy: &Proc) -> String {
     let mut s = TcpStream::connect(proxy.metrics.expect("metrics enabled")).unwrap();
-    s.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n")
-        .unwrap();
+    s.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n").unwrap();
     let mut out = String::new();
     s.read_to_string(&mut out).unwrap();
     out

@@ -36,41 +36,16 @@ fn example(name: &str) -> Frame {
             link_window: 16 << 20,
             max_frame: 16 << 20,
         }),
-        "open" => Frame::Open {
-            stream: 1,
-            open: Box::new(sample_open(false)),
-        },
-        "accept" => Frame::Accept {
-            stream: 1,
-            subprotocol: Some("v1".into()),
-        },
-        "refuse" => Frame::Refuse {
-            stream: 2,
-            status: 403,
-            reason: "blocked".into(),
-        },
-        "message" => Frame::Message {
-            stream: 1,
-            binary: false,
-            data: b"hi".to_vec(),
-        },
-        "close" => Frame::Close {
-            stream: 1,
-            reason: CloseReason::DeviceGone,
-            code: 1000,
-            text: "".into(),
-        },
-        "credit" => Frame::Credit {
-            stream: 7,
-            bytes: 65_536,
-        },
+        "open" => Frame::Open { stream: 1, open: Box::new(sample_open(false)) },
+        "accept" => Frame::Accept { stream: 1, subprotocol: Some("v1".into()) },
+        "refuse" => Frame::Refuse { stream: 2, status: 403, reason: "blocked".into() },
+        "message" => Frame::Message { stream: 1, binary: false, data: b"hi".to_vec() },
+        "close" => Frame::Close { stream: 1, reason: CloseReason::DeviceGone, code: 1000, text: "".into() },
+        "credit" => Frame::Credit { stream: 7, bytes: 65_536 },
         "ping" => Frame::Ping(1),
         "handoff" => Frame::Handoff { stream: 5 },
         "handoff_ack" => Frame::HandoffAck { stream: 5 },
-        "goaway" => Frame::GoAway {
-            code: 0,
-            text: "restart".into(),
-        },
+        "goaway" => Frame::GoAway { code: 0, text: "restart".into() },
         other => panic!("no example frame named {other}"),
     }
 }
@@ -78,25 +53,14 @@ fn example(name: &str) -> Frame {
 /// Every `<!-- example: NAME -->` block in the spec encodes and decodes exactly.
 #[test]
 fn spec_examples_match_the_codec() {
-    let doc = std::fs::read_to_string(concat!(
-        env!("CARGO_MANIFEST_DIR"),
-        "/docs/link-protocol.md"
-    ))
-    .unwrap();
+    let doc = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/docs/link-protocol.md")).unwrap();
     let mut seen = 0;
     for part in doc.split("<!-- example: ").skip(1) {
         let name = &part[..part.find(" -->").unwrap()];
         let block = part.split("```").nth(1).unwrap();
-        let hex: String = block
-            .lines()
-            .skip(1)
-            .map(|l| l.split('#').next().unwrap())
-            .collect::<Vec<_>>()
-            .join(" ");
-        let bytes: Vec<u8> = hex
-            .split_whitespace()
-            .map(|h| u8::from_str_radix(h, 16).unwrap_or_else(|_| panic!("{name}: bad hex {h}")))
-            .collect();
+        let hex: String = block.lines().skip(1).map(|l| l.split('#').next().unwrap()).collect::<Vec<_>>().join(" ");
+        let bytes: Vec<u8> =
+            hex.split_whitespace().map(|h| u8::from_str_radix(h, 16).unwrap_or_else(|_| panic!("{name}: bad hex {h}"))).collect();
         let frame = example(name);
         let mut enc = Vec::new();
         frame.encode(&mut enc);
@@ -114,50 +78,25 @@ fn rejects_trailing_bytes_bad_streams_and_flags() {
     Frame::Ping(5).encode(&mut b);
     b[3] += 1;
     b.push(0);
-    assert_eq!(
-        Frame::decode(&b, DEFAULT_MAX_FRAME),
-        Err(LinkError::Malformed("PING"))
-    );
+    assert_eq!(Frame::decode(&b, DEFAULT_MAX_FRAME), Err(LinkError::Malformed("PING")));
 
     let mut b = Vec::new();
-    Frame::Message {
-        stream: 0,
-        binary: true,
-        data: vec![1],
-    }
-    .encode(&mut b);
-    assert_eq!(
-        Frame::decode(&b, DEFAULT_MAX_FRAME),
-        Err(LinkError::BadStream(0))
-    );
+    Frame::Message { stream: 0, binary: true, data: vec![1] }.encode(&mut b);
+    assert_eq!(Frame::decode(&b, DEFAULT_MAX_FRAME), Err(LinkError::BadStream(0)));
 
     let mut b = Vec::new();
-    Frame::Credit {
-        stream: 1,
-        bytes: 1,
-    }
-    .encode(&mut b);
+    Frame::Credit { stream: 1, bytes: 1 }.encode(&mut b);
     b[5] = 0x80;
     assert!(Frame::decode(&b, DEFAULT_MAX_FRAME).is_err());
 
-    assert_eq!(
-        Frame::decode(&[0, 0, 1, 0], 100),
-        Err(LinkError::TooLarge(256))
-    );
-    assert_eq!(
-        Frame::decode(&[0, 0, 0, 6, 0x7f, 0, 0, 0, 0, 0], 100),
-        Err(LinkError::UnknownType(0x7f))
-    );
+    assert_eq!(Frame::decode(&[0, 0, 1, 0], 100), Err(LinkError::TooLarge(256)));
+    assert_eq!(Frame::decode(&[0, 0, 0, 6, 0x7f, 0, 0, 0, 0, 0], 100), Err(LinkError::UnknownType(0x7f)));
 }
 
 #[test]
 fn incomplete_frames_wait() {
     let mut b = Vec::new();
-    Frame::Open {
-        stream: 3,
-        open: Box::new(sample_open(true)),
-    }
-    .encode(&mut b);
+    Frame::Open { stream: 3, open: Box::new(sample_open(true)) }.encode(&mut b);
     for cut in 0..b.len() {
         assert_eq!(Frame::decode(&b[..cut], DEFAULT_MAX_FRAME), Ok(None));
     }
@@ -169,34 +108,22 @@ fn incomplete_frames_wait() {
 fn arb_frame() -> impl Strategy<Value = Frame> {
     let s = "[a-z0-9 =/]{0,20}";
     prop_oneof![
-        (
-            1u32..9,
-            any::<bool>(),
-            proptest::collection::vec(any::<u8>(), 0..64)
-        )
-            .prop_map(|(stream, binary, data)| Frame::Message {
-                stream,
-                binary,
-                data
-            }),
+        (1u32..9, any::<bool>(), proptest::collection::vec(any::<u8>(), 0..64)).prop_map(|(stream, binary, data)| Frame::Message {
+            stream,
+            binary,
+            data
+        }),
         (0u32..9, any::<u32>()).prop_map(|(stream, bytes)| Frame::Credit { stream, bytes }),
         any::<u64>().prop_map(Frame::Ping),
         any::<u64>().prop_map(Frame::Pong),
-        (1u32..9, any::<u16>(), s).prop_map(|(stream, status, reason)| Frame::Refuse {
-            stream,
-            status,
-            reason
-        }),
+        (1u32..9, any::<u16>(), s).prop_map(|(stream, status, reason)| Frame::Refuse { stream, status, reason }),
         (1u32..9, 0u8..4, any::<u16>(), s).prop_map(|(stream, r, code, text)| Frame::Close {
             stream,
             reason: CloseReason::from_u8(r).unwrap(),
             code,
             text
         }),
-        (1u32..9, any::<bool>()).prop_map(|(stream, resumed)| Frame::Open {
-            stream,
-            open: Box::new(sample_open(resumed))
-        }),
+        (1u32..9, any::<bool>()).prop_map(|(stream, resumed)| Frame::Open { stream, open: Box::new(sample_open(resumed)) }),
         (any::<u8>(), s).prop_map(|(code, text)| Frame::GoAway { code, text }),
     ]
 }

@@ -19,10 +19,7 @@ fn setup(dir: &std::path::Path) -> TlsContext {
         cert_chain: dir.join("server-chain.pem"),
         key: dir.join("server.key"),
         blocklist: Some(dir.join("blocklist.txt")),
-        client_cas: vec![
-            (dir.join("fleet-2019.pem"), true),
-            (dir.join("fleet-2024.pem"), false),
-        ],
+        client_cas: vec![(dir.join("fleet-2019.pem"), true), (dir.join("fleet-2024.pem"), false)],
         handshake_timeout: std::time::Duration::from_secs(1),
         key_update_after: 0,
         tls12: true,
@@ -34,20 +31,12 @@ fn setup(dir: &std::path::Path) -> TlsContext {
 
 fn client(dir: &std::path::Path, device: &str, suite: &str) -> ClientConnection {
     let mut provider = rustls::crypto::ring::default_provider();
-    provider
-        .cipher_suites
-        .retain(|s| format!("{:?}", s.suite()) == suite);
-    let version: &'static rustls::SupportedProtocolVersion = if suite.starts_with("TLS13") {
-        &rustls::version::TLS13
-    } else {
-        &rustls::version::TLS12
-    };
+    provider.cipher_suites.retain(|s| format!("{:?}", s.suite()) == suite);
+    let version: &'static rustls::SupportedProtocolVersion =
+        if suite.starts_with("TLS13") { &rustls::version::TLS13 } else { &rustls::version::TLS12 };
     let mut roots = RootCertStore::empty();
-    roots
-        .add(CertificateDer::from_pem_file(dir.join("server-ca.pem")).unwrap())
-        .unwrap();
-    let chain =
-        vec![CertificateDer::from_pem_file(dir.join(format!("devices/{device}.pem"))).unwrap()];
+    roots.add(CertificateDer::from_pem_file(dir.join("server-ca.pem")).unwrap()).unwrap();
+    let chain = vec![CertificateDer::from_pem_file(dir.join(format!("devices/{device}.pem"))).unwrap()];
     let key = PrivateKeyDer::from_pem_file(dir.join(format!("devices/{device}.key"))).unwrap();
     let cfg = ClientConfig::builder_with_provider(Arc::new(provider))
         .with_protocol_versions(&[version])
@@ -85,11 +74,7 @@ fn server_open(rl: &mut RecordLayer, mut wire: Vec<u8>) -> (Vec<u8>, Vec<u8>) {
     loop {
         match rl.open(&mut wire, &mut reply).unwrap() {
             Opened::NeedMore => break,
-            Opened::Data {
-                consumed,
-                start,
-                end,
-            } => {
+            Opened::Data { consumed, start, end } => {
                 data.extend_from_slice(&wire[start..end]);
                 wire.drain(..consumed);
             }
@@ -141,13 +126,8 @@ fn record_layer_takes_over_from_rustls_for_every_suite() {
         assert!(reply.is_empty());
         // holdfast -> client.
         let mut out = Vec::new();
-        rl.seal(b"HTTP/1.1 101 Switching Protocols\r\n\r\n", &mut out)
-            .unwrap();
-        assert_eq!(
-            client_read(&mut c, &out),
-            b"HTTP/1.1 101 Switching Protocols\r\n\r\n",
-            "{suite}"
-        );
+        rl.seal(b"HTTP/1.1 101 Switching Protocols\r\n\r\n", &mut out).unwrap();
+        assert_eq!(client_read(&mut c, &out), b"HTTP/1.1 101 Switching Protocols\r\n\r\n", "{suite}");
         if suite.starts_with("TLS13") {
             // KeyUpdate from the client: holdfast answers and both keep talking.
             c.refresh_traffic_keys().unwrap();
@@ -184,26 +164,15 @@ fn record_layer_takes_over_from_rustls_for_every_suite() {
 fn refusals_are_classified() {
     let dir = tempfile::tempdir().unwrap();
     let ctx = setup(dir.path());
-    for (device, reason) in [
-        ("rogue-1", Refusal::UnknownCa),
-        ("hood-expired", Refusal::Expired),
-        ("fridge-blocked", Refusal::Blocked),
-    ] {
+    for (device, reason) in [("rogue-1", Refusal::UnknownCa), ("hood-expired", Refusal::Expired), ("fridge-blocked", Refusal::Blocked)] {
         let mut c = client(dir.path(), device, "TLS13_AES_128_GCM_SHA256");
         match handshake(&ctx, &mut c) {
             Err(e) => assert_eq!(e.reason, reason, "{device}: {e}"),
             Ok(_) => panic!("{device} accepted"),
         }
     }
-    let mut c = client(
-        dir.path(),
-        "thermostat-2019",
-        "TLS_ECDHE_ECDSA_WITH_AES_128_GCM_SHA256",
-    );
-    assert!(
-        handshake(&ctx, &mut c).is_ok(),
-        "expired under an ignore_validity CA"
-    );
+    let mut c = client(dir.path(), "thermostat-2019", "TLS_ECDHE_ECDSA_WITH_AES_128_GCM_SHA256");
+    assert!(handshake(&ctx, &mut c).is_ok(), "expired under an ignore_validity CA");
 }
 
 #[test]
@@ -212,16 +181,9 @@ fn garbage_is_a_bad_handshake() {
     let ctx = setup(dir.path());
     let mut hs = Handshake::new(ctx.server.clone(), 0).unwrap();
     let mut out = Vec::new();
-    let e = hs
-        .feed(&[0x16, 3, 1, 0, 4, 1, 0, 0, 0], &mut out)
-        .err()
-        .unwrap();
+    let e = hs.feed(&[0x16, 3, 1, 0, 4, 1, 0, 0, 0], &mut out).err().unwrap();
     assert_eq!(e.reason, Refusal::BadHandshake);
     let mut hs = Handshake::new(ctx.server.clone(), 0).unwrap();
     let e = hs.feed(&[0x16, 3, 1, 0xff, 0xff], &mut out).err().unwrap();
-    assert_eq!(
-        e.reason,
-        Refusal::BadHandshake,
-        "oversized record refused before it arrives"
-    );
+    assert_eq!(e.reason, Refusal::BadHandshake, "oversized record refused before it arrives");
 }

@@ -6,12 +6,7 @@ const SUITES: [Suite; 3] = [Suite::Aes128Gcm, Suite::Aes256Gcm, Suite::Chacha20P
 fn direction(version: Version, suite: Suite, seed: u8) -> DirectionState {
     match version {
         Version::Tls13 => DirectionState::from_secret(suite, vec![seed; suite.hash_len()], 0),
-        Version::Tls12 => DirectionState {
-            secret: Vec::new(),
-            key: vec![seed; suite.key_len()],
-            iv: [seed ^ 0x5a; 12],
-            seq: 0,
-        },
+        Version::Tls12 => DirectionState { secret: Vec::new(), key: vec![seed; suite.key_len()], iv: [seed ^ 0x5a; 12], seq: 0 },
     }
 }
 
@@ -27,10 +22,7 @@ fn pair(version: Version, suite: Suite) -> (RecordLayer, RecordLayer) {
         key_update_after: 0,
         handshake_buf: Vec::new(),
     };
-    (
-        RecordLayer::new(mk(1, 2)).unwrap(),
-        RecordLayer::new(mk(2, 1)).unwrap(),
-    )
+    (RecordLayer::new(mk(1, 2)).unwrap(), RecordLayer::new(mk(2, 1)).unwrap())
 }
 
 /// Opens every record in `wire`, returning the application data and any reply bytes.
@@ -39,11 +31,7 @@ fn drain(rl: &mut RecordLayer, mut wire: Vec<u8>) -> Result<(Vec<u8>, Vec<u8>, b
     loop {
         match rl.open(&mut wire, &mut reply)? {
             Opened::NeedMore => break,
-            Opened::Data {
-                consumed,
-                start,
-                end,
-            } => {
+            Opened::Data { consumed, start, end } => {
                 data.extend_from_slice(&wire[start..end]);
                 wire.drain(..consumed);
             }
@@ -109,10 +97,7 @@ fn truncated_record_needs_more() {
     a.seal(b"partial", &mut wire).unwrap();
     for cut in 0..wire.len() {
         let mut part = wire[..cut].to_vec();
-        assert_eq!(
-            b.open(&mut part, &mut Vec::new()).unwrap(),
-            Opened::NeedMore
-        );
+        assert_eq!(b.open(&mut part, &mut Vec::new()).unwrap(), Opened::NeedMore);
     }
 }
 
@@ -161,10 +146,7 @@ fn close_notify_is_reported_and_data_after_it_refused() {
         let mut wire = Vec::new();
         a.seal(b"bye", &mut wire).unwrap();
         a.close_notify(&mut wire).unwrap();
-        assert_eq!(
-            a.seal(b"more", &mut Vec::new()),
-            Err(RecordError::AfterClose)
-        );
+        assert_eq!(a.seal(b"more", &mut Vec::new()), Err(RecordError::AfterClose));
         let (data, _, closed) = drain(&mut b, wire).unwrap();
         assert_eq!(data, b"bye");
         assert!(closed);
@@ -176,18 +158,14 @@ fn fatal_alert_from_peer_is_an_error() {
     let (mut a, mut b) = pair(Version::Tls13, Suite::Aes128Gcm);
     let mut wire = Vec::new();
     a.fatal_alert(alert::DECODE_ERROR, &mut wire).unwrap();
-    assert_eq!(
-        drain(&mut b, wire).unwrap_err(),
-        RecordError::PeerAlert(alert::DECODE_ERROR)
-    );
+    assert_eq!(drain(&mut b, wire).unwrap_err(), RecordError::PeerAlert(alert::DECODE_ERROR));
 }
 
 #[test]
 fn tls12_renegotiation_is_refused_with_warning() {
     let (mut a, mut b) = pair(Version::Tls12, Suite::Aes128Gcm);
     let mut wire = Vec::new();
-    a.seal_record(CT_HANDSHAKE, &[HS_CLIENT_HELLO, 0, 0, 0], &mut wire)
-        .unwrap();
+    a.seal_record(CT_HANDSHAKE, &[HS_CLIENT_HELLO, 0, 0, 0], &mut wire).unwrap();
     let (_, reply, _) = drain(&mut b, wire).unwrap();
     assert!(!reply.is_empty());
     // a sees a warning alert, which is not fatal in TLS 1.2.
@@ -199,10 +177,7 @@ fn tls12_renegotiation_is_refused_with_warning() {
 fn oversize_length_is_overflow_before_waiting_for_bytes() {
     let (_, mut b) = pair(Version::Tls13, Suite::Aes128Gcm);
     let mut wire = vec![CT_APPDATA, 3, 3, 0xff, 0xff];
-    assert_eq!(
-        b.open(&mut wire, &mut Vec::new()),
-        Err(RecordError::RecordOverflow)
-    );
+    assert_eq!(b.open(&mut wire, &mut Vec::new()), Err(RecordError::RecordOverflow));
 }
 
 #[test]

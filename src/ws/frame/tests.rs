@@ -13,16 +13,8 @@ fn decode_all(bytes: &[u8], max: usize) -> Result<Vec<Event>, WsError> {
 #[test]
 fn rfc6455_masked_hello() {
     // RFC 6455 5.7: a single-frame masked text message "Hello".
-    let wire = [
-        0x81, 0x85, 0x37, 0xfa, 0x21, 0x3d, 0x7f, 0x9f, 0x4d, 0x51, 0x58,
-    ];
-    assert_eq!(
-        decode_all(&wire, 100).unwrap(),
-        vec![Event::Message {
-            text: true,
-            data: b"Hello".to_vec()
-        }]
-    );
+    let wire = [0x81, 0x85, 0x37, 0xfa, 0x21, 0x3d, 0x7f, 0x9f, 0x4d, 0x51, 0x58];
+    assert_eq!(decode_all(&wire, 100).unwrap(), vec![Event::Message { text: true, data: b"Hello".to_vec() }]);
 }
 
 #[test]
@@ -35,16 +27,7 @@ fn fragmented_message_with_interleaved_ping() {
     w.extend_from_slice(&[0x80, 0x82, 0, 0, 0, 0]);
     w.extend_from_slice(b"lo");
     let ev = decode_all(&w, 100).unwrap();
-    assert_eq!(
-        ev,
-        vec![
-            Event::Ping(b"p".to_vec()),
-            Event::Message {
-                text: true,
-                data: b"Hello".to_vec()
-            }
-        ]
-    );
+    assert_eq!(ev, vec![Event::Ping(b"p".to_vec()), Event::Message { text: true, data: b"Hello".to_vec() }]);
 }
 
 #[test]
@@ -61,13 +44,7 @@ fn byte_at_a_time_equals_whole() {
     }
     assert_eq!(ev, whole);
     assert_eq!(whole.len(), 3);
-    assert_eq!(
-        whole[2],
-        Event::Close {
-            code: Some(1000),
-            reason: "bye".into()
-        }
-    );
+    assert_eq!(whole[2], Event::Close { code: Some(1000), reason: "bye".into() });
 }
 
 #[test]
@@ -80,47 +57,25 @@ fn limits_and_violations_map_to_close_codes() {
     frag.extend_from_slice(&[0; 60]);
     frag.extend_from_slice(&[0x80, 0x80 | 60, 0, 0, 0, 0]);
     frag.extend_from_slice(&[0; 60]);
-    assert_eq!(
-        decode_all(&frag, 100).unwrap_err().code,
-        close::TOO_BIG,
-        "limit applies to the reassembled message"
-    );
+    assert_eq!(decode_all(&frag, 100).unwrap_err().code, close::TOO_BIG, "limit applies to the reassembled message");
 
     let mut bad_utf8 = Vec::new();
     encode(&mut bad_utf8, op::TEXT, &[0xff, 0xfe], M);
-    assert_eq!(
-        decode_all(&bad_utf8, 100).unwrap_err().code,
-        close::INVALID_DATA
-    );
+    assert_eq!(decode_all(&bad_utf8, 100).unwrap_err().code, close::INVALID_DATA);
 
     let mut unmasked = Vec::new();
     encode(&mut unmasked, op::TEXT, b"x", None);
-    assert_eq!(
-        decode_all(&unmasked, 100).unwrap_err().code,
-        close::PROTOCOL_ERROR
-    );
+    assert_eq!(decode_all(&unmasked, 100).unwrap_err().code, close::PROTOCOL_ERROR);
 
     let rsv = [0xc1, 0x80, 0, 0, 0, 0];
-    assert_eq!(
-        decode_all(&rsv, 100).unwrap_err().code,
-        close::PROTOCOL_ERROR
-    );
+    assert_eq!(decode_all(&rsv, 100).unwrap_err().code, close::PROTOCOL_ERROR);
     let cont = [0x80, 0x80, 0, 0, 0, 0];
-    assert_eq!(
-        decode_all(&cont, 100).unwrap_err().code,
-        close::PROTOCOL_ERROR
-    );
+    assert_eq!(decode_all(&cont, 100).unwrap_err().code, close::PROTOCOL_ERROR);
     let long_ping = [0x89, 0x80 | 126, 0, 200, 0, 0, 0, 0];
-    assert_eq!(
-        decode_all(&long_ping, 1000).unwrap_err().code,
-        close::PROTOCOL_ERROR
-    );
+    assert_eq!(decode_all(&long_ping, 1000).unwrap_err().code, close::PROTOCOL_ERROR);
     let mut bad_close = Vec::new();
     encode(&mut bad_close, op::CLOSE, &[0x03, 0xed], M); // 1005 may not be sent
-    assert_eq!(
-        decode_all(&bad_close, 100).unwrap_err().code,
-        close::PROTOCOL_ERROR
-    );
+    assert_eq!(decode_all(&bad_close, 100).unwrap_err().code, close::PROTOCOL_ERROR);
 }
 
 #[test]
@@ -130,24 +85,13 @@ fn server_frames_roundtrip_unmasked() {
     let mut d = Decoder::new(100, false);
     let mut ev = Vec::new();
     d.feed(&w, &mut ev).unwrap();
-    assert_eq!(
-        ev,
-        vec![Event::Message {
-            text: true,
-            data: b"hi".to_vec()
-        }]
-    );
+    assert_eq!(ev, vec![Event::Message { text: true, data: b"hi".to_vec() }]);
 }
 
 #[test]
 fn decoder_state_moves_mid_frame() {
     let mut wire = Vec::new();
-    encode(
-        &mut wire,
-        op::TEXT,
-        "first half | second half".as_bytes(),
-        M,
-    );
+    encode(&mut wire, op::TEXT, "first half | second half".as_bytes(), M);
     let mut frag = Vec::new();
     encode(&mut frag, op::BINARY, &[7u8; 300], M);
     frag[0] &= 0x7f; // a fragmented message, cut inside its first frame below
@@ -162,13 +106,7 @@ fn decoder_state_moves_mid_frame() {
         let mut d = moved;
         d.feed(&wire[cut..], &mut ev).unwrap();
         assert_eq!(ev.len(), 2, "cut at {cut}");
-        assert_eq!(
-            ev[1],
-            Event::Message {
-                text: false,
-                data: [vec![7u8; 300], vec![8u8; 10]].concat()
-            }
-        );
+        assert_eq!(ev[1], Event::Message { text: false, data: [vec![7u8; 300], vec![8u8; 10]].concat() });
     }
 }
 
