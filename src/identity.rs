@@ -11,9 +11,23 @@ use std::net::SocketAddr;
 use serde::{Deserialize, Serialize};
 use x509_parser::extensions::GeneralName;
 
-/// A unique 128-bit connection ID, made at accept.
-#[derive(Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+/// A unique 128-bit connection ID, made at accept. Serialized as its
+/// 32-digit hex form (JSON has no 128-bit integers).
+#[derive(Clone, Copy, PartialEq, Eq, Hash)]
 pub struct ConnectionId(pub u128);
+
+impl Serialize for ConnectionId {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&self.to_string())
+    }
+}
+
+impl<'de> Deserialize<'de> for ConnectionId {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        u128::from_str_radix(&s, 16).map(ConnectionId).map_err(serde::de::Error::custom)
+    }
+}
 
 impl fmt::Display for ConnectionId {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -152,6 +166,15 @@ mod tests {
         assert_ne!(x, z);
         assert_eq!((x.0 >> 48) as u16, 1);
         assert_eq!(x.to_string().len(), 32);
+    }
+
+    #[test]
+    fn connection_id_roundtrips_as_hex() {
+        let id = ConnectionId(0x0123_4567_89ab_cdef_0011_2233_4455_6677);
+        let j = serde_json::to_string(&id).unwrap();
+        assert_eq!(j, "\"0123456789abcdef0011223344556677\"");
+        assert_eq!(serde_json::from_str::<ConnectionId>(&j).unwrap(), id);
+        assert!(serde_json::from_str::<ConnectionId>("\"zz\"").is_err());
     }
 
     #[test]

@@ -145,6 +145,28 @@ fn adopt(ch: std::os::unix::net::UnixStream, cfg: Config) -> Result<holdfast::pr
     match holdfast::proxy::start_with(cfg, holdfast::proxy::Listeners::Inherited(fds)) {
         Ok(r) => {
             let _ = handoff::send(&ch, &Msg::Serving { pid, listen: r.listen.to_string() }, &[]);
+            // Established connections follow, in batches, until Done.
+            let adopter = r.adopter();
+            let _ = std::thread::Builder::new().name("holdfast-adopt".into()).spawn(move || {
+                let mut adopted = 0usize;
+                loop {
+                    match handoff::recv(&ch) {
+                        Ok((Msg::Conns { conns }, fds)) if conns.len() == fds.len() => {
+                            adopted += conns.len();
+                            adopter.adopt(conns.into_iter().zip(fds).collect());
+                        }
+                        Ok((Msg::Done, _)) => {
+                            tracing::info!(adopted, "upgrade: every connection taken over");
+                            return;
+                        }
+                        Ok((m, _)) => tracing::error!(msg = ?std::mem::discriminant(&m), "unexpected upgrade message"),
+                        Err(e) => {
+                            tracing::warn!(error = %e, adopted, "upgrade channel closed");
+                            return;
+                        }
+                    }
+                }
+            });
             Ok(r)
         }
         Err(es) => Err(failed(es)),
@@ -158,24 +180,30 @@ fn serve(mut running: holdfast::proxy::Running, config: &std::path::Path, exe: &
     use nix::sys::signal::Signal;
     let mut handed_over = false;
     let mut successor: Option<std::process::Child> = None;
+    let mut channel: Option<std::os::unix::net::UnixStream> = None;
+    let (sink, moved) = crossbeam_channel::unbounded();
+    let mut sent = 0u64;
     loop {
-        match signals.recv_timeout(Duration::from_millis(500)) {
+        let tick = if handed_over { Duration::from_millis(5) } else { Duration::from_millis(500) };
+        match signals.recv_timeout(tick) {
             Ok(Signal::SIGUSR2) if handed_over => {
                 tracing::warn!("upgrade already done; this process is draining")
             }
             Ok(Signal::SIGUSR2) => {
                 tracing::info!(exe = %exe.display(), "upgrade requested");
                 match holdfast::upgrade::handoff::hand_over_listeners(exe, config, &running.listeners, Duration::from_secs(30)) {
-                    Ok((outcome, child)) => {
+                    Ok((outcome, child, ch)) => {
                         running.stop_accepting();
+                        running.hand_off(sink.clone());
                         handed_over = true;
                         successor = Some(child);
+                        channel = Some(ch);
                         tracing::info!(
                             new_pid = outcome.new_pid,
                             listeners = outcome.listeners,
                             elapsed_ms = outcome.elapsed.as_millis() as u64,
                             connections = running.connections(),
-                            "upgrade: listeners handed over; held connections stay until they close"
+                            "upgrade: listeners handed over; moving connections"
                         );
                     }
                     Err(e) => {
@@ -195,10 +223,31 @@ fn serve(mut running: holdfast::proxy::Running, config: &std::path::Path, exe: &
                     running.resume_accepting();
                     handed_over = false;
                     successor = None;
+                    channel = None;
                     continue;
                 }
-                if handed_over && running.connections() == 0 {
-                    tracing::info!("upgrade: no connections left here; exiting");
+                if let (true, Some(ch)) = (handed_over, channel.as_ref()) {
+                    // Connections that reached a safe point go over in batches
+                    // of at most 253 sockets.
+                    loop {
+                        let batch: Vec<holdfast::shard::Handed> = moved.try_iter().take(holdfast::upgrade::fdpass::MAX_FDS).collect();
+                        if batch.is_empty() {
+                            break;
+                        }
+                        let n = batch.len() as u64;
+                        let (conns, fds): (Vec<_>, Vec<_>) = batch.into_iter().unzip();
+                        let raw: Vec<_> = fds.iter().map(std::os::fd::AsRawFd::as_raw_fd).collect();
+                        match holdfast::upgrade::handoff::send(ch, &holdfast::upgrade::handoff::Msg::Conns { conns }, &raw) {
+                            Ok(()) => sent += n,
+                            Err(e) => tracing::error!(error = %e, lost = n, "could not send connections to the new process"),
+                        }
+                    }
+                }
+                if handed_over && running.connections() == 0 && moved.is_empty() {
+                    if let Some(ch) = channel.as_ref() {
+                        let _ = holdfast::upgrade::handoff::send(ch, &holdfast::upgrade::handoff::Msg::Done, &[]);
+                    }
+                    tracing::info!(moved = sent, "upgrade: every connection handed over; exiting");
                     break;
                 }
             }

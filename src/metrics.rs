@@ -42,6 +42,8 @@ macro_rules! counters {
 counters! {
     connections_accepted_total: "counter", "TCP connections accepted";
     connections_active: "gauge", "device connections currently held";
+    connections_handed_over_total: "counter", "connections moved to a new process by a live upgrade";
+    connections_adopted_total: "counter", "connections taken over from the previous process by a live upgrade";
     handshakes_completed_total: "counter", "mutual TLS handshakes completed";
     upgrades_completed_total: "counter", "WebSocket upgrades answered 101";
     upgrades_rejected_total: "counter", "upgrade requests answered 4xx";

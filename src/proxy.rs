@@ -120,6 +120,19 @@ impl Running {
         }
     }
 
+    /// Live upgrade, old side: every shard moves its tunnels, sending each
+    /// snapshot and socket to `sink`.
+    pub fn hand_off(&self, sink: crossbeam_channel::Sender<shard::Handed>) {
+        for s in &self.shards {
+            let _ = s.ctl.send(Control::HandOff(sink.clone()));
+        }
+    }
+
+    /// Control senders of the shards (for a thread that adopts connections).
+    pub fn adopter(&self) -> Adopter {
+        Adopter { ctls: self.shards.iter().map(|s| s.ctl.clone()).collect() }
+    }
+
     /// Connections this process still holds.
     pub fn connections(&self) -> u64 {
         self.shards.iter().map(|s| s.metrics.connections_active.load(std::sync::atomic::Ordering::Relaxed)).sum()
@@ -155,4 +168,24 @@ pub fn signals() -> crossbeam_channel::Receiver<nix::sys::signal::Signal> {
         }
     });
     rx
+}
+
+/// Spreads moved connections over the shards from any thread.
+pub struct Adopter {
+    ctls: Vec<crossbeam_channel::Sender<Control>>,
+}
+
+impl Adopter {
+    pub fn adopt(&self, conns: Vec<shard::Handed>) {
+        let n = self.ctls.len().max(1);
+        let mut per: Vec<Vec<shard::Handed>> = (0..n).map(|_| Vec::new()).collect();
+        for (i, c) in conns.into_iter().enumerate() {
+            per[i % n].push(c);
+        }
+        for (ctl, batch) in self.ctls.iter().zip(per) {
+            if !batch.is_empty() {
+                let _ = ctl.send(Control::Adopt(batch));
+            }
+        }
+    }
 }

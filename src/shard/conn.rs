@@ -23,6 +23,7 @@ use crate::link::codec::{CloseReason, Open};
 use crate::metrics::ShardMetrics;
 use crate::tls::handshake::{Established, Handshake, Progress, Refusal};
 use crate::tls::record::{Opened, RecordError, RecordLayer};
+use crate::upgrade::snapshot::Resume;
 use crate::ws::frame::{self, WsError, close};
 use crate::ws::upgrade::{self, UpgradeRequest};
 
@@ -43,6 +44,8 @@ pub(super) enum End {
     WsmClosed,
     LinkLost,
     Idle,
+    /// The connection moved to a new process (live upgrade).
+    HandedOver,
 }
 
 impl From<std::io::Error> for End {
@@ -54,10 +57,10 @@ impl From<std::io::Error> for End {
 pub(super) struct Device {
     pub(super) shard: Rc<ShardCtx>,
     pub(super) tcp: TcpStream,
-    addr: SocketAddr,
+    pub(super) addr: SocketAddr,
     pub(super) id: ConnectionId,
     /// Received bytes not yet processed; present only while bytes are pending.
-    rx: Option<PoolBuf>,
+    pub(super) rx: Option<PoolBuf>,
     /// Close code from the device's close frame (1006 until one arrives).
     pub(super) device_close_code: u16,
 }
@@ -71,33 +74,48 @@ pub async fn serve(shard: Rc<ShardCtx>, tcp: TcpStream, addr: SocketAddr) {
     let mut dev = Device { shard, tcp, addr, id, rx: None, device_close_code: 1006 };
     // Set-up and close-down are boxed: their state (rustls included) is freed
     // when they end, and does not size the future an idle connection keeps.
-    let end = match Box::pin(dev.establish()).await {
-        Ok((mut t, early)) => {
-            let bytes = t.state_bytes();
-            let gauge = &dev.shard.metrics.tunnel_state_bytes;
-            gauge.fetch_add(bytes, std::sync::atomic::Ordering::Relaxed);
-            let end = tunnel::run(&mut dev, &mut t, early).await;
-            dev.shard.metrics.tunnel_state_bytes.fetch_sub(bytes, std::sync::atomic::Ordering::Relaxed);
-            Box::pin(dev.finish(&end, &mut t.rl)).await;
-            end
-        }
-        Err(end) => end,
-    };
-    match &end {
-        End::Refused(r, detail) => {
-            tracing::info!(device = %dev.addr, conn = %dev.id, reason = r.label(), %detail, "handshake refused")
-        }
-        End::Eof | End::DeviceClosed => {
-            tracing::debug!(device = %dev.addr, conn = %dev.id, "device closed")
-        }
-        other => {
-            tracing::debug!(device = %dev.addr, conn = %dev.id, end = ?other, "connection ended")
-        }
+    match Box::pin(dev.establish()).await {
+        Ok((t, early)) => live(dev, t, early, key).await,
+        Err(end) => dev.close(end, key).await,
     }
-    dev.rx = None;
-    Box::pin(dev.linger()).await;
-    dev.shard.conns.borrow_mut().remove(key);
-    ShardMetrics::dec(&dev.shard.metrics.connections_active);
+}
+
+/// Live upgrade, new side: takes over a connection another process held.
+pub async fn adopt(shard: Rc<ShardCtx>, snap: crate::upgrade::snapshot::ConnSnapshot, fd: std::os::fd::OwnedFd) {
+    let std_tcp = std::net::TcpStream::from(fd);
+    let _ = std_tcp.set_nonblocking(true);
+    let tcp = match TcpStream::from_std(std_tcp) {
+        Ok(t) => t,
+        Err(e) => {
+            tracing::error!(conn = %snap.id, error = %e, "cannot adopt a connection");
+            return;
+        }
+    };
+    ShardMetrics::inc(&shard.metrics.connections_adopted_total);
+    ShardMetrics::inc(&shard.metrics.connections_active);
+    let key = shard.conns.borrow_mut().insert(snap.id);
+    let addr = snap.addr.parse().unwrap_or_else(|_| SocketAddr::from(([0, 0, 0, 0], 0)));
+    let mut dev = Device { shard, tcp, addr, id: snap.id, rx: None, device_close_code: 1006 };
+    match Box::pin(dev.resume(snap)).await {
+        Ok(t) => live(dev, t, Vec::new(), key).await,
+        Err(end) => dev.close(end, key).await,
+    }
+}
+
+/// The established phase, then the close (or, for a connection handed to a
+/// new process, just letting go of it).
+async fn live(mut dev: Device, mut t: Box<Tunnel>, early: Vec<u8>, key: usize) {
+    if dev.shard.handoff.borrow().is_some() {
+        t.request_handoff(); // an upgrade began while this one was setting up
+    }
+    let bytes = t.state_bytes();
+    dev.shard.metrics.tunnel_state_bytes.fetch_add(bytes, std::sync::atomic::Ordering::Relaxed);
+    let end = tunnel::run(&mut dev, &mut t, early).await;
+    dev.shard.metrics.tunnel_state_bytes.fetch_sub(bytes, std::sync::atomic::Ordering::Relaxed);
+    if !matches!(end, End::HandedOver) {
+        Box::pin(dev.finish(&end, &mut t.rl)).await;
+    }
+    dev.close(end, key).await;
 }
 
 impl Device {
@@ -189,6 +207,60 @@ impl Device {
         res.map(|()| closed)
     }
 
+    /// Logs how the connection ended and closes it, unless it moved to a new
+    /// process: then the socket is only released here (no FIN, no linger).
+    async fn close(mut self, end: End, key: usize) {
+        match &end {
+            End::Refused(r, detail) => {
+                tracing::info!(device = %self.addr, conn = %self.id, reason = r.label(), %detail, "handshake refused")
+            }
+            End::Eof | End::DeviceClosed => tracing::debug!(device = %self.addr, conn = %self.id, "device closed"),
+            End::HandedOver => {
+                ShardMetrics::inc(&self.shard.metrics.connections_handed_over_total);
+                tracing::debug!(device = %self.addr, conn = %self.id, "handed over to the new process")
+            }
+            other => tracing::debug!(device = %self.addr, conn = %self.id, end = ?other, "connection ended"),
+        }
+        self.rx = None;
+        if !matches!(end, End::HandedOver) {
+            Box::pin(self.linger()).await;
+        }
+        self.shard.conns.borrow_mut().remove(key);
+        ShardMetrics::dec(&self.shard.metrics.connections_active);
+    }
+
+    /// Rebuilds a moved connection and re-opens its stream (resumed).
+    async fn resume(&mut self, snap: crate::upgrade::snapshot::ConnSnapshot) -> Result<Box<Tunnel>, End> {
+        let mut rl = RecordLayer::new(snap.record.clone()).map_err(End::Record)?;
+        if !snap.rx.is_empty() {
+            let mut b = self.shard.pool.take().await;
+            b.vec().extend_from_slice(&snap.rx);
+            self.rx = Some(b);
+        }
+        let Some(device) = DeviceIdentity::from_chain(snap.resume.chain.clone(), self.addr) else {
+            return Err(End::Refused(Refusal::BadHandshake, "moved certificate does not parse".into()));
+        };
+        let open = Open { resumed: true, connection_id: self.id, device, request: snap.resume.request.clone() };
+        let Some((link, stream)) = self.pick_link().and_then(|l| l.open_stream(open).map(|s| (l, s))) else {
+            self.send_close(&mut rl, close::TRY_AGAIN, "no WSM reachable").await;
+            self.finish(&End::NoWsm, &mut rl).await;
+            return Err(End::NoWsm);
+        };
+        match monoio::time::timeout(self.shard.cfg.upstream.open_timeout, wait_opened(&stream)).await {
+            Ok(Some(OpenResult::Accepted(_))) => {}
+            _ => {
+                let sid = stream.borrow().stream_id;
+                link.close_stream(sid, CloseReason::Error, close::INTERNAL, "resume refused");
+                self.send_close(&mut rl, close::TRY_AGAIN, "could not resume").await;
+                self.finish(&End::WsmTimeout, &mut rl).await;
+                return Err(End::WsmTimeout);
+            }
+        }
+        let mut t = Tunnel::new(rl, link, stream, snap.max_message as usize, Box::new(snap.resume.clone()));
+        t.restore(snap.decoder.clone(), snap.idle_ms);
+        Ok(t)
+    }
+
     /// Handshake, upgrade and stream open, each under its timeout. On
     /// failure the device has been told (alert, HTTP status) and the TLS
     /// session closed.
@@ -223,7 +295,7 @@ impl Device {
             None => Err(End::Refused(Refusal::BadHandshake, "device certificate does not parse".into())),
         };
         match opened {
-            Ok((link, stream, early)) => Ok((Tunnel::new(rl, link, stream, self.shard.cfg.ws.max_message_bytes), early)),
+            Ok((link, stream, early, resume)) => Ok((Tunnel::new(rl, link, stream, self.shard.cfg.ws.max_message_bytes, resume), early)),
             Err(end) => {
                 self.finish(&end, &mut rl).await;
                 Err(end)
@@ -232,7 +304,11 @@ impl Device {
     }
 
     /// Reads the upgrade, opens a stream on a WSM link, answers 101.
-    async fn open_tunnel(&mut self, rl: &mut RecordLayer, identity: DeviceIdentity) -> Result<(Rc<Link>, StreamRef, Vec<u8>), End> {
+    async fn open_tunnel(
+        &mut self,
+        rl: &mut RecordLayer,
+        identity: DeviceIdentity,
+    ) -> Result<(Rc<Link>, StreamRef, Vec<u8>, Box<Resume>), End> {
         let m = self.shard.metrics.clone();
         let upgrade_timeout = self.shard.cfg.ws.upgrade_timeout;
         let (request, early) = match monoio::time::timeout(upgrade_timeout, self.read_upgrade(rl)).await {
@@ -250,6 +326,11 @@ impl Device {
             }
         };
         let key = request.key.clone();
+        let mut resume = Box::new(Resume {
+            chain: identity.chain.clone(),
+            request: UpgradeRequest { key: String::new(), ..request.clone() },
+            subprotocol: None,
+        });
         let open = Open { resumed: false, connection_id: self.id, device: identity, request };
         let Some((link, stream)) = self.pick_link().and_then(|l| l.open_stream(open).map(|s| (l, s))) else {
             ShardMetrics::inc(&m.wsm_unavailable_total);
@@ -257,20 +338,7 @@ impl Device {
             return Err(End::NoWsm);
         };
         let sid = stream.borrow().stream_id;
-        let wait_open = async {
-            loop {
-                {
-                    let s = stream.borrow();
-                    if let Some(r) = &s.opened {
-                        return Some(r.clone());
-                    }
-                    if s.link_lost || s.wsm_close.is_some() {
-                        return None;
-                    }
-                }
-                notified(&stream).await;
-            }
-        };
+        let wait_open = wait_opened(&stream);
         let subprotocol = match monoio::time::timeout(self.shard.cfg.upstream.open_timeout, wait_open).await {
             Ok(Some(OpenResult::Accepted(sub))) => sub,
             Ok(Some(OpenResult::Refused(status, reason))) => {
@@ -296,7 +364,8 @@ impl Device {
             return Err(e);
         }
         ShardMetrics::inc(&m.upgrades_completed_total);
-        Ok((link, stream, early))
+        resume.subprotocol = subprotocol;
+        Ok((link, stream, early, resume))
     }
 
     /// Counts what the record layer did and says goodbye at the TLS level.
@@ -420,5 +489,21 @@ impl Device {
                 _ => break,
             }
         }
+    }
+}
+
+/// Waits for the WSM's ACCEPT or REFUSE (`None` if the link or stream went away).
+async fn wait_opened(stream: &StreamRef) -> Option<OpenResult> {
+    loop {
+        {
+            let s = stream.borrow();
+            if let Some(r) = &s.opened {
+                return Some(r.clone());
+            }
+            if s.link_lost || s.wsm_close.is_some() {
+                return None;
+            }
+        }
+        notified(stream).await;
     }
 }

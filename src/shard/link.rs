@@ -50,6 +50,8 @@ pub struct StreamShared {
     credit_owed: u32,
     /// The WSM acknowledged a HANDOFF: nothing more will come on this stream.
     pub handoff_acked: bool,
+    /// The shard asked this stream's tunnel to move to a new process.
+    pub handoff_requested: bool,
     notified: bool,
     waker: Option<Waker>,
 }
@@ -197,6 +199,27 @@ impl Link {
             let bytes = std::mem::take(&mut st.link_owed).min(u32::MAX as u64) as u32;
             self.push(&mut st, &Frame::Credit { stream: 0, bytes });
         }
+    }
+
+    /// Asks every tunnel on this link to hand itself over; returns how many.
+    pub fn request_handoff(&self) -> usize {
+        let st = self.st.borrow();
+        for s in st.streams.values() {
+            let mut s = s.borrow_mut();
+            s.handoff_requested = true;
+            s.wake();
+        }
+        st.streams.len()
+    }
+
+    /// Sends HANDOFF: the WSM stops sending on the stream and acknowledges.
+    pub fn send_handoff(&self, stream: u32) -> bool {
+        let mut st = self.st.borrow_mut();
+        if !st.up || !st.streams.contains_key(&stream) {
+            return false;
+        }
+        self.push(&mut st, &Frame::Handoff { stream });
+        true
     }
 
     /// Ends a stream from holdfast's side.

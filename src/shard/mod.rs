@@ -41,6 +41,8 @@ pub struct ShardCtx {
     pub timers: Rc<timers::Timers>,
     /// Set when a new process has taken over the listening sockets.
     pub stop_accepting: std::cell::Cell<bool>,
+    /// Set during a live upgrade: where tunnels send themselves.
+    pub handoff: RefCell<Option<Sender<Handed>>>,
     pub metrics: Arc<ShardMetrics>,
 }
 
@@ -54,7 +56,15 @@ pub enum Control {
     StopAccepting,
     /// Accept again on these sockets (the new process went away).
     Accept(Vec<std::net::TcpListener>),
+    /// Live upgrade: move every tunnel to the new process, each at its next
+    /// safe point, sending its snapshot and a duplicate of its socket here.
+    HandOff(Sender<Handed>),
+    /// Live upgrade, new side: adopt these connections.
+    Adopt(Vec<Handed>),
 }
+
+/// One connection on its way to another process.
+pub type Handed = (crate::upgrade::snapshot::ConnSnapshot, std::os::fd::OwnedFd);
 
 pub struct ShardHandle {
     pub thread: std::thread::JoinHandle<()>,
@@ -127,6 +137,7 @@ async fn run(
         conns: RefCell::new(Slab::with_capacity(1024)),
         timers: Rc::new(timers::Timers::default()),
         stop_accepting: std::cell::Cell::new(false),
+        handoff: RefCell::new(None),
         metrics: metrics.clone(),
         cfg: cfg.clone(),
         tls,
@@ -169,6 +180,7 @@ async fn run(
             }
             Ok(Control::Accept(ls)) => {
                 ctx.stop_accepting.set(false);
+                *ctx.handoff.borrow_mut() = None;
                 for l in ls {
                     match monoio::net::TcpListener::from_std(l) {
                         Ok(l) => {
@@ -181,7 +193,19 @@ async fn run(
                 }
                 tracing::info!(shard = index, "accepting again");
             }
-            Err(crossbeam_channel::TryRecvError::Empty) => monoio::time::sleep(Duration::from_millis(50)).await,
+            Ok(Control::HandOff(sink)) => {
+                ctx.stop_accepting.set(true);
+                *ctx.handoff.borrow_mut() = Some(sink);
+                let n: usize = ctx.links.iter().map(|l| l.request_handoff()).sum();
+                tracing::info!(shard = index, tunnels = n, "handing connections over");
+            }
+            Ok(Control::Adopt(conns)) => {
+                tracing::info!(shard = index, connections = conns.len(), "adopting connections");
+                for (snap, fd) in conns {
+                    monoio::spawn(conn::adopt(ctx.clone(), snap, fd));
+                }
+            }
+            Err(crossbeam_channel::TryRecvError::Empty) => monoio::time::sleep(Duration::from_millis(10)).await,
         }
     }
     tracing::info!(shard = index, connections = ctx.conns.borrow().len(), "shard stopping");

@@ -16,6 +16,7 @@ use super::link::{Link, StreamRef, notified};
 use crate::link::codec::CloseReason;
 use crate::metrics::ShardMetrics;
 use crate::tls::record::RecordLayer;
+use crate::upgrade::snapshot::Resume;
 use crate::ws::frame::{self, Decoder, Event, WsError, close, op};
 
 pub(super) struct Tunnel {
@@ -25,6 +26,8 @@ pub(super) struct Tunnel {
     sid: u32,
     /// Frame decoder, present only while a frame or message is partial.
     dec: Option<Box<Decoder>>,
+    /// What a successor process needs to re-open the stream.
+    resume: Box<Resume>,
     max_message: u32,
     last_rx: Instant,
     last_ping: Instant,
@@ -55,7 +58,7 @@ enum Wake {
 }
 
 impl Tunnel {
-    pub fn new(rl: RecordLayer, link: Rc<Link>, stream: StreamRef, max_message: usize) -> Box<Tunnel> {
+    pub fn new(rl: RecordLayer, link: Rc<Link>, stream: StreamRef, max_message: usize, resume: Box<Resume>) -> Box<Tunnel> {
         let sid = stream.borrow().stream_id;
         let now = Instant::now();
         Box::new(Tunnel {
@@ -64,11 +67,25 @@ impl Tunnel {
             stream,
             sid,
             dec: None,
+            resume,
             max_message: max_message.min(u32::MAX as usize) as u32,
             last_rx: now,
             last_ping: now,
             last_active: now,
         })
+    }
+
+    /// Marks the tunnel to move at its next safe point (an upgrade began
+    /// before it was established).
+    pub fn request_handoff(&self) {
+        self.stream.borrow_mut().handoff_requested = true;
+    }
+
+    /// Restores a partial frame and the device's last activity (adoption).
+    pub fn restore(&mut self, dec: Option<Decoder>, idle_ms: u64) {
+        self.dec = dec.map(Box::new);
+        let now = Instant::now();
+        self.last_rx = now.checked_sub(std::time::Duration::from_millis(idle_ms)).unwrap_or(now);
     }
 
     /// Bytes of state this tunnel holds while idle: itself, its stream's
@@ -95,7 +112,7 @@ fn decode(dec: &mut Option<Box<Decoder>>, max_message: u32, w: &mut Work, plain:
 pub(super) async fn run(dev: &mut Device, t: &mut Tunnel, early: Vec<u8>) -> End {
     let end = run_loop(dev, t, early).await;
     let (code, text): (u16, String) = match &end {
-        End::WsmClosed | End::LinkLost => return end,
+        End::WsmClosed | End::LinkLost | End::HandedOver => return end,
         End::DeviceClosed => (dev.device_close_code, String::new()),
         End::Ws(e) => (e.code, e.reason.to_string()),
         End::Idle => (close::GOING_AWAY, "idle timeout".into()),
@@ -109,6 +126,11 @@ async fn run_loop(dev: &mut Device, t: &mut Tunnel, early: Vec<u8>) -> End {
     let mut early = Some(early);
     let mut readable = false;
     loop {
+        if t.stream.borrow().handoff_requested {
+            if let Some(end) = Box::pin(hand_over(dev, t)).await {
+                return end;
+            }
+        }
         if let Some(end) = Box::pin(step(dev, t, readable, early.take())).await {
             return end;
         }
@@ -231,32 +253,8 @@ async fn burst(dev: &mut Device, t: &mut Tunnel, w: &mut Work) -> Option<End> {
     }
 
     // 2. What the WSM sent.
-    let (msgs, wsm_close, lost) = {
-        let mut s = t.stream.borrow_mut();
-        (std::mem::take(&mut s.inbox), s.wsm_close.take(), s.link_lost)
-    };
-    if !msgs.is_empty() {
-        t.last_active = Instant::now();
-        let mut out = Vec::new();
-        let mut bytes = 0;
-        for (binary, data) in &msgs {
-            frame::encode(&mut out, if *binary { op::BINARY } else { op::TEXT }, data, None);
-            bytes += data.len();
-        }
-        if let Err(e) = dev.send(&mut t.rl, &out).await {
-            return Some(e);
-        }
-        m.messages_to_devices_total.fetch_add(msgs.len() as u64, std::sync::atomic::Ordering::Relaxed);
-        t.link.return_credit(t.sid, bytes);
-    }
-    if let Some((code, text)) = wsm_close {
-        let code = if frame_code_ok(code) { code } else { close::NORMAL };
-        dev.send_close(&mut t.rl, code, &text).await;
-        return Some(End::WsmClosed);
-    }
-    if lost {
-        dev.send_close(&mut t.rl, close::TRY_AGAIN, "upstream link lost").await;
-        return Some(End::LinkLost);
+    if let Some(end) = deliver(dev, t).await {
+        return Some(end);
     }
 
     // 3. Timers.
@@ -275,6 +273,103 @@ async fn burst(dev: &mut Device, t: &mut Tunnel, w: &mut Work) -> Option<End> {
         t.last_ping = now;
     }
     None
+}
+
+/// Writes what the WSM sent to the device and returns credit; acts on a
+/// close from the WSM or a lost link.
+async fn deliver(dev: &mut Device, t: &mut Tunnel) -> Option<End> {
+    let (msgs, wsm_close, lost) = {
+        let mut s = t.stream.borrow_mut();
+        (std::mem::take(&mut s.inbox), s.wsm_close.take(), s.link_lost)
+    };
+    if !msgs.is_empty() {
+        t.last_active = Instant::now();
+        let mut out = Vec::new();
+        let mut bytes = 0;
+        for (binary, data) in &msgs {
+            frame::encode(&mut out, if *binary { op::BINARY } else { op::TEXT }, data, None);
+            bytes += data.len();
+        }
+        if let Err(e) = dev.send(&mut t.rl, &out).await {
+            return Some(e);
+        }
+        dev.shard.metrics.messages_to_devices_total.fetch_add(msgs.len() as u64, std::sync::atomic::Ordering::Relaxed);
+        t.link.return_credit(t.sid, bytes);
+    }
+    if let Some((code, text)) = wsm_close {
+        let code = if frame_code_ok(code) { code } else { close::NORMAL };
+        dev.send_close(&mut t.rl, code, &text).await;
+        return Some(End::WsmClosed);
+    }
+    if lost {
+        dev.send_close(&mut t.rl, close::TRY_AGAIN, "upstream link lost").await;
+        return Some(End::LinkLost);
+    }
+    None
+}
+
+/// How long a WSM has to acknowledge a HANDOFF before the tunnel moves anyway.
+const HANDOFF_ACK_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// Live upgrade: moves this tunnel to the new process at this safe point.
+/// `None` if no upgrade is under way (the request is dropped).
+async fn hand_over(dev: &mut Device, t: &mut Tunnel) -> Option<End> {
+    t.stream.borrow_mut().handoff_requested = false;
+    let sink = dev.shard.handoff.borrow().clone()?;
+    // 1. The WSM stops sending and acknowledges; what it sent before arrives
+    //    first (the link is ordered) and goes to the device now. The device
+    //    is not read meanwhile: its bytes wait in the socket, which moves.
+    if t.link.send_handoff(t.sid) {
+        let deadline = Instant::now() + HANDOFF_ACK_TIMEOUT;
+        loop {
+            if let Some(end) = deliver(dev, t).await {
+                return Some(end);
+            }
+            let done = {
+                let s = t.stream.borrow();
+                s.handoff_acked || s.link_lost
+            };
+            if done {
+                break;
+            }
+            if monoio::time::timeout_at(deadline.into(), notified(&t.stream)).await.is_err() {
+                tracing::warn!(conn = %dev.id, "WSM did not acknowledge HANDOFF in time; moving anyway");
+                break;
+            }
+        }
+        if let Some(end) = deliver(dev, t).await {
+            return Some(end);
+        }
+    }
+    // 2. Snapshot: record layer, unprocessed ciphertext, partial frame.
+    let rx = dev.rx.take().map(|mut b| b.vec().clone()).unwrap_or_default();
+    let snap = crate::upgrade::snapshot::ConnSnapshot {
+        id: dev.id,
+        addr: dev.addr.to_string(),
+        record: t.rl.state().clone(),
+        decoder: t.dec.take().map(|d| *d),
+        max_message: t.max_message,
+        rx,
+        resume: (*t.resume).clone(),
+        idle_ms: t.last_rx.elapsed().as_millis() as u64,
+    };
+    // 3. The socket: a duplicate goes to the new process; ours is closed
+    //    without a FIN (the socket stays open there).
+    use std::os::fd::AsRawFd;
+    // SAFETY: the descriptor is open and owned by `dev.tcp` for this call.
+    let fd = match unsafe { std::os::fd::BorrowedFd::borrow_raw(dev.tcp.as_raw_fd()) }.try_clone_to_owned() {
+        Ok(fd) => fd,
+        Err(e) => {
+            tracing::error!(conn = %dev.id, error = %e, "cannot duplicate the device socket; keeping the connection");
+            return None;
+        }
+    };
+    if sink.send((snap, fd)).is_err() {
+        tracing::error!(conn = %dev.id, "upgrade channel gone; keeping the connection");
+        return None;
+    }
+    t.link.close_stream(t.sid, CloseReason::HandedElsewhere, 1000, "");
+    Some(End::HandedOver)
 }
 
 /// Close codes a server may put on the wire.

@@ -21,9 +21,10 @@ use super::fdpass;
 
 /// The environment variable that carries the channel's descriptor number.
 pub const ENV_FD: &str = "HOLDFAST_UPGRADE_FD";
-const MAX_MSG: usize = 1 << 20;
+/// 253 connection snapshots with certificates and partial messages fit.
+const MAX_MSG: usize = 256 << 20;
 
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(tag = "type", rename_all = "snake_case")]
 pub enum Msg {
     /// New -> old: config and TLS material loaded; send the listeners.
@@ -34,6 +35,10 @@ pub enum Msg {
     Listeners { count: usize },
     /// New -> old: accepting on the inherited sockets.
     Serving { pid: u32, listen: String },
+    /// Old -> new: established connections, their sockets attached in order.
+    Conns { conns: Vec<super::snapshot::ConnSnapshot> },
+    /// Old -> new: every connection has been sent; the old process exits.
+    Done,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -55,13 +60,19 @@ pub enum HandoffError {
 }
 
 pub fn send(ch: &UnixStream, msg: &Msg, fds: &[std::os::fd::RawFd]) -> Result<(), HandoffError> {
-    fdpass::send(ch, &serde_json::to_vec(msg)?, fds)?;
+    let mut payload = serde_json::to_vec(msg)?;
+    let res = fdpass::send(ch, &payload, fds);
+    // Connection messages carry traffic secrets.
+    zeroize::Zeroize::zeroize(&mut payload);
+    res?;
     Ok(())
 }
 
 pub fn recv(ch: &UnixStream) -> Result<(Msg, Vec<OwnedFd>), HandoffError> {
-    let (payload, fds) = fdpass::recv(ch, MAX_MSG)?;
-    Ok((serde_json::from_slice(&payload)?, fds))
+    let (mut payload, fds) = fdpass::recv(ch, MAX_MSG)?;
+    let msg = serde_json::from_slice(&payload);
+    zeroize::Zeroize::zeroize(&mut payload);
+    Ok((msg?, fds))
 }
 
 /// What an upgrade achieved, for the operator.
@@ -74,7 +85,12 @@ pub struct Outcome {
 
 /// Old side: starts `exe` and hands it the listening sockets. On any error
 /// the new process is killed and the old one is unchanged.
-pub fn hand_over_listeners(exe: &Path, config: &Path, listeners: &[OwnedFd], timeout: Duration) -> Result<(Outcome, Child), HandoffError> {
+pub fn hand_over_listeners(
+    exe: &Path,
+    config: &Path,
+    listeners: &[OwnedFd],
+    timeout: Duration,
+) -> Result<(Outcome, Child, UnixStream), HandoffError> {
     let start = Instant::now();
     let (ours, theirs) = UnixStream::pair().map_err(|e| HandoffError::Channel(e.into()))?;
     let their_fd = theirs.as_raw_fd();
@@ -126,7 +142,10 @@ pub fn hand_over_listeners(exe: &Path, config: &Path, listeners: &[OwnedFd], tim
         return Err(fail(&mut child, e));
     }
     match reply(&mut child) {
-        Ok(Msg::Serving { .. }) => Ok((Outcome { new_pid, listeners: fds.len(), elapsed: start.elapsed() }, child)),
+        Ok(Msg::Serving { .. }) => {
+            let _ = ours.set_read_timeout(None);
+            Ok((Outcome { new_pid, listeners: fds.len(), elapsed: start.elapsed() }, child, ours))
+        }
         Ok(Msg::Failed { error }) => {
             let _ = child.wait();
             Err(HandoffError::NewFailed(error))
@@ -159,7 +178,7 @@ mod tests {
         let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         send(&a, &Msg::Listeners { count: 1 }, &[l.as_raw_fd()]).unwrap();
         let (m, fds) = recv(&b).unwrap();
-        assert_eq!(m, Msg::Listeners { count: 1 });
+        assert!(matches!(m, Msg::Listeners { count: 1 }));
         let inherited = std::net::TcpListener::from(fds.into_iter().next().unwrap());
         assert_eq!(inherited.local_addr().unwrap(), l.local_addr().unwrap());
         let j = serde_json::to_string(&Msg::Ready { pid: 7, shards: 2 }).unwrap();

@@ -8,3 +8,4 @@
 //! serving the connections it holds and exits when they are gone.
 pub mod fdpass;
 pub mod handoff;
+pub mod snapshot;
