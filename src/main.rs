@@ -243,7 +243,14 @@ fn serve(mut running: holdfast::proxy::Running, config: &std::path::Path, exe: &
                         }
                     }
                 }
-                if handed_over && running.connections() == 0 && moved.is_empty() {
+                if channel.is_none() && !moved.is_empty() {
+                    // The new process died: connections that had already let
+                    // go here are adopted back rather than lost.
+                    let back: Vec<_> = moved.try_iter().collect();
+                    tracing::warn!(connections = back.len(), "re-adopting connections the failed upgrade had released");
+                    running.adopter().adopt(back);
+                }
+                if handed_over && running.accepting() == 0 && running.connections() == 0 && moved.is_empty() {
                     if let Some(ch) = channel.as_ref() {
                         let _ = holdfast::upgrade::handoff::send(ch, &holdfast::upgrade::handoff::Msg::Done, &[]);
                     }

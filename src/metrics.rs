@@ -61,6 +61,7 @@ counters! {
     link_failures_total: "counter", "WSM link connection attempts or links that failed";
     pool_exhausted_total: "counter", "times a connection waited for an I/O buffer";
     buffers_in_use: "gauge", "I/O buffers currently lent out";
+    accept_loops: "gauge", "listening sockets this shard is accepting on";
     tunnel_state_bytes: "gauge", "bytes of per-connection state held by established tunnels (Tunnel, StreamShared, key material; not runtime or kernel)";
 }
 

@@ -133,6 +133,11 @@ impl Running {
         Adopter { ctls: self.shards.iter().map(|s| s.ctl.clone()).collect() }
     }
 
+    /// Accept loops still running (0 once every shard stopped accepting).
+    pub fn accepting(&self) -> u64 {
+        self.shards.iter().map(|s| s.metrics.accept_loops.load(std::sync::atomic::Ordering::Relaxed)).sum()
+    }
+
     /// Connections this process still holds.
     pub fn connections(&self) -> u64 {
         self.shards.iter().map(|s| s.metrics.connections_active.load(std::sync::atomic::Ordering::Relaxed)).sum()

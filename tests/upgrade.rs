@@ -47,63 +47,109 @@ fn alive(pid: i32) -> bool {
     kill(Pid::from_raw(pid), None).is_ok()
 }
 
+fn whoami(d: &mut Device) -> serde_json::Value {
+    d.send_text("whoami").unwrap();
+    serde_json::from_str(&d.recv_text().unwrap()).unwrap()
+}
+
+const SUITES: [(&str, &str); 4] = [
+    ("1.3", "TLS13_AES_128_GCM_SHA256"),
+    ("1.3", "TLS13_CHACHA20_POLY1305_SHA256"),
+    ("1.2", "TLS_ECDHE_ECDSA_WITH_AES_256_GCM_SHA384"),
+    ("1.2", "TLS_ECDHE_ECDSA_WITH_CHACHA20_POLY1305_SHA256"),
+];
+
 #[test]
-fn sigusr2_hands_the_listeners_to_a_new_process() {
+fn sigusr2_moves_established_connections_without_a_reconnect() {
     let pki = Pki::new();
     let wsm = start_wsm(pki.path(), "wsm");
     let mut proxy = start_proxy(&pki, &[wsm.addr], 2, "", "");
     let old = proxy.child.id();
-    let mut held = Device::connect(&opts(&pki, &proxy, "oven-1")).unwrap();
-    echo(&mut held, "before");
+    let log = proxy.stderr_log.clone();
+    let fail = |what: &str| -> ! { panic!("{what}; log:\n{}", std::fs::read_to_string(&log).unwrap_or_default()) };
+    // Devices over every version and a mix of suites; each keeps its one TCP
+    // connection (the client would fail on any reconnect or renegotiation).
+    let mut held: Vec<(Device, String)> = (0..12)
+        .map(|i| {
+            let mut o = opts(&pki, &proxy, "oven-1");
+            let (v, suite) = SUITES[i % SUITES.len()];
+            o.version = Some(v.into());
+            o.suite = Some(suite.into());
+            let mut d = Device::connect(&o).unwrap();
+            let id = whoami(&mut d)["connection_id"].as_str().unwrap().to_string();
+            (d, id)
+        })
+        .collect();
 
-    // Devices keep connecting while the upgrade runs: none may be refused.
+    // Devices keep connecting while the upgrade runs: none may fail.
     let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
     let (o, s2) = (opts(&pki, &proxy, "oven-1"), stop.clone());
     let hammer = std::thread::spawn(move || {
         let mut n = 0;
         while !s2.load(std::sync::atomic::Ordering::Relaxed) {
-            let mut d = Device::connect(&o).expect("a connection during the upgrade failed");
-            d.send_text("during").unwrap();
-            assert_eq!(d.recv_text().unwrap(), "during");
+            let mut d = Device::connect(&o).map_err(|e| format!("connect: {e}"))?;
+            d.send_text("during").map_err(|e| format!("send: {e}"))?;
+            let r = d.recv_text().map_err(|e| format!("recv: {e}"))?;
+            if r != "during" {
+                return Err(format!("echo {r}"));
+            }
             n += 1;
         }
-        n
+        Ok::<_, String>(n)
     });
     std::thread::sleep(Duration::from_millis(200));
     kill(Pid::from_raw(old as i32), Signal::SIGUSR2).unwrap();
     let new = new_ready_pid(&proxy, old, 20);
     let _guard = KillOnDrop(new);
-    std::thread::sleep(Duration::from_millis(500));
-    stop.store(true, std::sync::atomic::Ordering::Relaxed);
-    let connected = hammer.join().expect("no connection failed during the upgrade");
-    assert!(connected > 0);
 
-    // The held device still works, served by the old process, which stays up for it.
-    echo(&mut held, "after");
-    assert!(alive(old as i32));
-    let mut fresh = Device::connect(&opts(&pki, &proxy, "oven-1")).unwrap();
-    echo(&mut fresh, "new process");
-    held.close(1000).unwrap();
-    drop(held);
-    // With its last connection gone the old process exits 0.
-    let deadline = Instant::now() + Duration::from_secs(10);
+    // The old process moves everything and exits 0 while the devices stay connected.
+    let deadline = Instant::now() + Duration::from_secs(15);
     let status = loop {
         if let Some(st) = proxy.child.try_wait().unwrap() {
             break st;
         }
-        assert!(Instant::now() < deadline, "old process did not exit");
-        std::thread::sleep(Duration::from_millis(50));
+        if Instant::now() > deadline {
+            fail("old process did not exit");
+        }
+        std::thread::sleep(Duration::from_millis(20));
     };
     assert!(status.success(), "{status}");
-    // The new process serves on its own, and can be upgraded again.
-    echo(&mut fresh, "still here");
-    let mut later = Device::connect(&opts(&pki, &proxy, "oven-1")).unwrap();
-    echo(&mut later, "later");
+    std::thread::sleep(Duration::from_millis(300));
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    match hammer.join().unwrap() {
+        Ok(n) => assert!(n > 0),
+        Err(e) => fail(&format!("a connection during the upgrade failed: {e}")),
+    }
+    for (i, (d, id)) in held.iter_mut().enumerate() {
+        for k in 0..3 {
+            let m = format!("device {i} message {k} after the upgrade");
+            d.send_text(&m).unwrap_or_else(|e| fail(&format!("device {i}: {e}")));
+            match d.recv_text() {
+                Ok(r) => assert_eq!(r, m),
+                Err(e) => fail(&format!("device {i}: {e}")),
+            }
+        }
+        let w = whoami(d);
+        assert_eq!(w["connection_id"].as_str().unwrap(), id, "same connection ID");
+        assert_eq!(w["resumed"], true, "the WSM saw a resumed stream");
+    }
+    // A TLS 1.3 KeyUpdate after the move works both ways.
+    for (d, _) in held.iter_mut().filter(|(d, _)| d.tls_info().0.contains("TLSv1_3")) {
+        d.key_update().unwrap();
+        d.send_text("after key update").unwrap();
+        assert_eq!(d.recv_text().unwrap(), "after key update");
+    }
+    // And a second upgrade moves them again.
     kill(Pid::from_raw(new), Signal::SIGUSR2).unwrap();
     let newer = new_ready_pid(&proxy, new as u32, 20);
     let _guard2 = KillOnDrop(newer);
-    let mut last = Device::connect(&opts(&pki, &proxy, "oven-1")).unwrap();
-    echo(&mut last, "second upgrade");
+    eventually(15, "the second old process to exit", || !alive(new));
+    for (i, (d, id)) in held.iter_mut().enumerate() {
+        let w = whoami(d);
+        assert_eq!(w["connection_id"].as_str().unwrap(), id, "device {i} after the second upgrade");
+    }
+    let mut fresh = Device::connect(&opts(&pki, &proxy, "oven-1")).unwrap();
+    echo(&mut fresh, "newest process");
 }
 
 #[test]
@@ -137,9 +183,12 @@ fn a_failed_upgrade_leaves_the_old_process_serving() {
 fn if_the_new_process_dies_the_old_one_accepts_again() {
     let pki = Pki::new();
     let wsm = start_wsm(pki.path(), "wsm");
-    let proxy = start_proxy(&pki, &[wsm.addr], 2, "", "");
+    let proxy = start_proxy(&pki, &[wsm.addr], 2, "handshake_timeout_ms = 20000", "");
     let old = proxy.child.id();
-    let mut held = Device::connect(&opts(&pki, &proxy, "oven-1")).unwrap();
+    // A device stuck before its handshake cannot move yet, so the old
+    // process is still there when the new one dies.
+    let _stuck = std::net::TcpStream::connect(proxy.addr).unwrap();
+    std::thread::sleep(Duration::from_millis(100));
     kill(Pid::from_raw(old as i32), Signal::SIGUSR2).unwrap();
     let new = new_ready_pid(&proxy, old, 20);
     eventually(10, "the old process to stop accepting", || {
@@ -153,6 +202,5 @@ fn if_the_new_process_dies_the_old_one_accepts_again() {
         let mut d = Device::connect(&opts(&pki, &proxy, "oven-1")).unwrap();
         echo(&mut d, &format!("back to the old process {i}"));
     }
-    echo(&mut held, "held throughout");
     assert!(alive(old as i32));
 }

@@ -164,10 +164,8 @@ async fn run(
         }
     }
     let _ = ready.send(Ok(index));
-    // The accept loops never cancel an accept: a connection completing as the
-    // accept is cancelled would be lost. They end with the runtime, or after
-    // their in-flight accept once `stop_accepting` is set (that connection is
-    // served here; the listening sockets live on in the new process).
+    // The accept loops end within 100 ms of `stop_accepting` (they accept by
+    // readiness, so stopping never drops a connection).
     for l in accepting {
         monoio::spawn(accept_loop(ctx.clone(), l));
     }
@@ -211,17 +209,50 @@ async fn run(
     tracing::info!(shard = index, connections = ctx.conns.borrow().len(), "shard stopping");
 }
 
+/// Accepts by readiness: wait until the socket is readable (a poll owns
+/// nothing, so it can always be dropped safely), then take what is queued
+/// with non-blocking accept4. An io_uring accept, by contrast, dequeues a
+/// connection when it completes and loses it if the operation is cancelled
+/// or the process exits at that moment. Another shard or process may win
+/// the race for a connection; that is EAGAIN here, not an error.
 async fn accept_loop(ctx: Rc<ShardCtx>, listener: monoio::net::TcpListener) {
+    use std::os::fd::{AsRawFd, BorrowedFd};
+    // SAFETY: the listener outlives this loop, which owns it.
+    let fd = unsafe { BorrowedFd::borrow_raw(listener.as_raw_fd()) };
+    ShardMetrics::inc(&ctx.metrics.accept_loops);
     while !ctx.stop_accepting.get() {
-        match listener.accept().await {
-            Ok((tcp, addr)) => {
-                monoio::spawn(conn::serve(ctx.clone(), tcp, addr));
-            }
-            Err(e) => {
-                // EMFILE and friends: back off briefly instead of spinning.
-                tracing::warn!(shard = ctx.index, error = %e, "accept failed");
+        match monoio::time::timeout(Duration::from_millis(100), listener.readable(false)).await {
+            Err(_) => continue, // re-check the stop flag
+            Ok(Err(e)) => {
+                tracing::warn!(shard = ctx.index, error = %e, "listener poll failed");
                 monoio::time::sleep(Duration::from_millis(10)).await;
+                continue;
+            }
+            Ok(Ok(())) => {}
+        }
+        loop {
+            use nix::sys::socket::{SockFlag, accept4};
+            match accept4(fd, SockFlag::SOCK_NONBLOCK | SockFlag::SOCK_CLOEXEC) {
+                Ok(owned) => {
+                    let std_tcp = std::net::TcpStream::from(owned);
+                    let addr = std_tcp.peer_addr().unwrap_or_else(|_| SocketAddr::from(([0, 0, 0, 0], 0)));
+                    match monoio::net::TcpStream::from_std(std_tcp) {
+                        Ok(tcp) => {
+                            monoio::spawn(conn::serve(ctx.clone(), tcp, addr));
+                        }
+                        Err(e) => tracing::warn!(shard = ctx.index, error = %e, "cannot register an accepted socket"),
+                    }
+                }
+                Err(nix::Error::EAGAIN) => break,
+                Err(nix::Error::EINTR | nix::Error::ECONNABORTED) => continue,
+                Err(e) => {
+                    // EMFILE and friends: back off briefly instead of spinning.
+                    tracing::warn!(shard = ctx.index, error = %e, "accept failed");
+                    monoio::time::sleep(Duration::from_millis(10)).await;
+                    break;
+                }
             }
         }
     }
+    ShardMetrics::dec(&ctx.metrics.accept_loops);
 }

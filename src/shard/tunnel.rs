@@ -126,10 +126,10 @@ async fn run_loop(dev: &mut Device, t: &mut Tunnel, early: Vec<u8>) -> End {
     let mut early = Some(early);
     let mut readable = false;
     loop {
-        if t.stream.borrow().handoff_requested {
-            if let Some(end) = Box::pin(hand_over(dev, t)).await {
-                return end;
-            }
+        if t.stream.borrow().handoff_requested
+            && let Some(end) = Box::pin(hand_over(dev, t)).await
+        {
+            return end;
         }
         if let Some(end) = Box::pin(step(dev, t, readable, early.take())).await {
             return end;
