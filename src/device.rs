@@ -168,6 +168,34 @@ impl Device {
         self.send_frame(op::BINARY, b)
     }
 
+    /// Seals `plain` into TLS records but writes only the first `cut` bytes
+    /// of ciphertext; returns the rest for [`Device::send_ciphertext`]
+    /// (tests of a record split across a live upgrade).
+    pub fn send_partial_record(&mut self, plain: &[u8], cut: usize) -> Result<Vec<u8>, DeviceError> {
+        self.tls.flush()?;
+        self.tls.conn.writer().write_all(plain)?;
+        let mut ct = Vec::new();
+        while self.tls.conn.wants_write() {
+            self.tls.conn.write_tls(&mut ct)?;
+        }
+        let cut = cut.min(ct.len());
+        self.tls.sock.write_all(&ct[..cut])?;
+        Ok(ct[cut..].to_vec())
+    }
+
+    pub fn send_ciphertext(&mut self, bytes: &[u8]) -> Result<(), DeviceError> {
+        self.tls.sock.write_all(bytes)?;
+        Ok(())
+    }
+
+    /// A masked frame as bytes (to split it by hand).
+    pub fn masked_frame(&mut self, opcode: u8, payload: &[u8]) -> Vec<u8> {
+        let mut f = Vec::new();
+        let m = self.mask();
+        frame::encode(&mut f, opcode, payload, Some(m));
+        f
+    }
+
     /// Writes raw bytes inside TLS (for tests of malformed frames).
     pub fn send_raw(&mut self, b: &[u8]) -> Result<(), DeviceError> {
         self.tls.write_all(b)?;

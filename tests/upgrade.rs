@@ -204,3 +204,38 @@ fn if_the_new_process_dies_the_old_one_accepts_again() {
     }
     assert!(alive(old as i32));
 }
+
+#[test]
+fn a_partial_record_and_a_partial_frame_survive_the_handoff_and_shards_may_change() {
+    let pki = Pki::new();
+    let wsm = start_wsm(pki.path(), "wsm");
+    let mut proxy = start_proxy(&pki, &[wsm.addr], 2, "", "");
+    let old = proxy.child.id();
+    let mut d = Device::connect(&opts(&pki, &proxy, "oven-1")).unwrap();
+    echo(&mut d, "before");
+    // The first 10 bytes of a frame in a whole record (a partial frame in
+    // holdfast's decoder), then half of the record with the rest.
+    let msg = "split across two processes: ".repeat(20);
+    let frame = d.masked_frame(holdfast::ws::frame::op::TEXT, msg.as_bytes());
+    d.send_raw(&frame[..10]).unwrap();
+    let rest = d.send_partial_record(&frame[10..], 40).unwrap();
+    assert!(!rest.is_empty());
+    std::thread::sleep(Duration::from_millis(200));
+    // The new process runs one shard instead of two.
+    let config = proxy.config.clone().unwrap();
+    let text = std::fs::read_to_string(&config).unwrap();
+    std::fs::write(&config, text.replace("shards = 2", "shards = 1")).unwrap();
+    kill(Pid::from_raw(old as i32), Signal::SIGUSR2).unwrap();
+    let new = new_ready_pid(&proxy, old, 20);
+    let _guard = KillOnDrop(new);
+    eventually(15, "the old process to exit", || proxy.child.try_wait().unwrap().is_some());
+    d.send_ciphertext(&rest).unwrap();
+    assert_eq!(d.recv_text().unwrap(), msg, "the message completed in the new process");
+    echo(&mut d, "after");
+    let w: serde_json::Value = {
+        d.send_text("whoami").unwrap();
+        serde_json::from_str(&d.recv_text().unwrap()).unwrap()
+    };
+    assert_eq!(w["resumed"], true);
+    assert_eq!(w["holdfast"]["shard"], 0, "one shard now");
+}
