@@ -89,12 +89,19 @@ impl Tunnel {
     }
 
     /// Bytes of state this tunnel holds while idle: itself, its stream's
-    /// shared state and the record layer's key material on the heap.
+    /// shared state, the record layer's key material and what a resumed
+    /// OPEN needs (certificate chain, request), on the heap.
     pub fn state_bytes(&self) -> u64 {
         let st = self.rl.state();
-        let heap =
-            st.rx.secret.capacity() + st.rx.key.capacity() + st.tx.secret.capacity() + st.tx.key.capacity() + st.handshake_buf.capacity();
-        (std::mem::size_of::<Tunnel>() + std::mem::size_of::<super::link::StreamShared>() + heap) as u64
+        let keys = st.rx.secret.capacity() + st.rx.key.capacity() + st.tx.secret.capacity() + st.tx.key.capacity() + st.handshake_buf.capacity();
+        let r = &self.resume;
+        let resume = std::mem::size_of::<Resume>()
+            + r.chain.iter().map(|c| c.capacity() + 24).sum::<usize>()
+            + r.request.path.capacity()
+            + r.request.query.capacity()
+            + r.request.headers.iter().map(|(k, v)| k.capacity() + v.capacity() + 48).sum::<usize>()
+            + r.request.subprotocols.iter().map(|p| p.capacity() + 24).sum::<usize>();
+        (std::mem::size_of::<Tunnel>() + std::mem::size_of::<super::link::StreamShared>() + keys + resume) as u64
     }
 }
 
