@@ -83,7 +83,8 @@ pub async fn serve(shard: Rc<ShardCtx>, tcp: TcpStream, addr: SocketAddr) {
 /// Live upgrade, new side: takes over a connection another process held.
 pub async fn adopt(shard: Rc<ShardCtx>, snap: crate::upgrade::snapshot::ConnSnapshot, fd: std::os::fd::OwnedFd) {
     let std_tcp = std::net::TcpStream::from(fd);
-    let _ = std_tcp.set_nonblocking(true);
+    // Blocking, as accepted sockets are: io_uring waits for room or data.
+    let _ = std_tcp.set_nonblocking(false);
     let tcp = match TcpStream::from_std(std_tcp) {
         Ok(t) => t,
         Err(e) => {

@@ -232,7 +232,11 @@ async fn accept_loop(ctx: Rc<ShardCtx>, listener: monoio::net::TcpListener) {
         }
         loop {
             use nix::sys::socket::{SockFlag, accept4};
-            match accept4(fd, SockFlag::SOCK_NONBLOCK | SockFlag::SOCK_CLOEXEC) {
+            // The listener is non-blocking (EAGAIN when another acceptor won);
+            // the accepted socket is left blocking: io_uring then waits for
+            // room or data itself, where a non-blocking socket would have a
+            // full send buffer surface as EAGAIN.
+            match accept4(fd, SockFlag::SOCK_CLOEXEC) {
                 Ok(owned) => {
                     let std_tcp = std::net::TcpStream::from(owned);
                     let addr = std_tcp.peer_addr().unwrap_or_else(|_| SocketAddr::from(([0, 0, 0, 0], 0)));

@@ -93,7 +93,8 @@ impl Tunnel {
     /// OPEN needs (certificate chain, request), on the heap.
     pub fn state_bytes(&self) -> u64 {
         let st = self.rl.state();
-        let keys = st.rx.secret.capacity() + st.rx.key.capacity() + st.tx.secret.capacity() + st.tx.key.capacity() + st.handshake_buf.capacity();
+        let keys =
+            st.rx.secret.capacity() + st.rx.key.capacity() + st.tx.secret.capacity() + st.tx.key.capacity() + st.handshake_buf.capacity();
         let r = &self.resume;
         let resume = std::mem::size_of::<Resume>()
             + r.chain.iter().map(|c| c.capacity() + 24).sum::<usize>()
