@@ -123,138 +123,21 @@ fn announce(running: &holdfast::proxy::Running, shards: usize) {
     println!("holdfast ready on {} shards={shards} metrics={metrics} pid={}", running.listen, std::process::id());
 }
 
-/// Started by a live upgrade: take the listening sockets from the old process.
-fn adopt(ch: std::os::unix::net::UnixStream, cfg: Config) -> Result<holdfast::proxy::Running, ExitCode> {
-    use holdfast::upgrade::handoff::{self, Msg};
-    let failed = |errs: Vec<String>| {
-        let _ = handoff::send(&ch, &Msg::Failed { error: errs.join("; ") }, &[]);
-        print_errors("holdfast (upgrade) could not start", &errs)
-    };
-    if let Err(es) = holdfast::tls::server::TlsContext::load(&cfg.tls) {
-        return Err(failed(es.iter().map(|e| e.to_string()).collect()));
-    }
-    let pid = std::process::id();
-    if handoff::send(&ch, &Msg::Ready { pid, shards: cfg.shard_cpus.len() }, &[]).is_err() {
-        return Err(ExitCode::FAILURE);
-    }
-    let fds = match handoff::recv(&ch) {
-        Ok((Msg::Listeners { count }, fds)) if count == fds.len() => fds,
-        Ok((m, _)) => return Err(failed(vec![format!("unexpected message {m:?}")])),
-        Err(e) => return Err(failed(vec![e.to_string()])),
-    };
-    match holdfast::proxy::start_with(cfg, holdfast::proxy::Listeners::Inherited(fds)) {
-        Ok(r) => {
-            let _ = handoff::send(&ch, &Msg::Serving { pid, listen: r.listen.to_string() }, &[]);
-            // Established connections follow, in batches, until Done.
-            let adopter = r.adopter();
-            let _ = std::thread::Builder::new().name("holdfast-adopt".into()).spawn(move || {
-                let mut adopted = 0usize;
-                loop {
-                    match handoff::recv(&ch) {
-                        Ok((Msg::Conns { conns }, fds)) if conns.len() == fds.len() => {
-                            adopted += conns.len();
-                            adopter.adopt(conns.into_iter().zip(fds).collect());
-                        }
-                        Ok((Msg::Done, _)) => {
-                            tracing::info!(adopted, "upgrade: every connection taken over");
-                            return;
-                        }
-                        Ok((m, _)) => tracing::error!(msg = ?std::mem::discriminant(&m), "unexpected upgrade message"),
-                        Err(e) => {
-                            tracing::warn!(error = %e, adopted, "upgrade channel closed");
-                            return;
-                        }
-                    }
-                }
-            });
-            Ok(r)
-        }
-        Err(es) => Err(failed(es)),
-    }
-}
-
-/// Serves until SIGINT/SIGTERM; SIGUSR2 hands the listeners to a new
-/// process started from `exe`, after which this one exits once the
-/// connections it still holds are gone.
+/// Serves until SIGINT/SIGTERM; SIGUSR2 starts a live upgrade
+/// (`docs/upgrade.md`), after which this process exits once every
+/// connection has moved.
 fn serve(mut running: holdfast::proxy::Running, config: &std::path::Path, exe: &std::path::Path, signals: Signals) -> ExitCode {
     use nix::sys::signal::Signal;
-    let mut handed_over = false;
-    let mut successor: Option<std::process::Child> = None;
-    let mut channel: Option<std::os::unix::net::UnixStream> = None;
-    let (sink, moved) = crossbeam_channel::unbounded();
-    let mut sent = 0u64;
+    let mut upgrader = holdfast::upgrade::coordinator::Upgrader::new(exe.to_path_buf(), config.to_path_buf());
     loop {
-        let tick = if handed_over { Duration::from_millis(5) } else { Duration::from_millis(500) };
-        match signals.recv_timeout(tick) {
-            Ok(Signal::SIGUSR2) if handed_over => {
-                tracing::warn!("upgrade already done; this process is draining")
-            }
-            Ok(Signal::SIGUSR2) => {
-                tracing::info!(exe = %exe.display(), "upgrade requested");
-                match holdfast::upgrade::handoff::hand_over_listeners(exe, config, &running.listeners, Duration::from_secs(30)) {
-                    Ok((outcome, child, ch)) => {
-                        running.stop_accepting();
-                        running.hand_off(sink.clone());
-                        handed_over = true;
-                        successor = Some(child);
-                        channel = Some(ch);
-                        tracing::info!(
-                            new_pid = outcome.new_pid,
-                            listeners = outcome.listeners,
-                            elapsed_ms = outcome.elapsed.as_millis() as u64,
-                            connections = running.connections(),
-                            "upgrade: listeners handed over; moving connections"
-                        );
-                    }
-                    Err(e) => {
-                        tracing::error!(error = %e, "upgrade failed; this process keeps serving")
-                    }
-                }
-            }
+        match signals.recv_timeout(upgrader.interval()) {
+            Ok(Signal::SIGUSR2) => upgrader.start(&mut running),
             Ok(sig) => {
                 tracing::info!(signal = ?sig, "shutting down");
                 break;
             }
             Err(crossbeam_channel::RecvTimeoutError::Timeout) => {
-                // If the new process dies while this one still runs, take the
-                // listening sockets back: devices must always find someone.
-                if let Some(status) = successor.as_mut().and_then(|c| c.try_wait().ok().flatten()) {
-                    tracing::error!(%status, "the new process exited; accepting here again");
-                    running.resume_accepting();
-                    handed_over = false;
-                    successor = None;
-                    channel = None;
-                    continue;
-                }
-                if let (true, Some(ch)) = (handed_over, channel.as_ref()) {
-                    // Connections that reached a safe point go over in batches
-                    // of at most 253 sockets.
-                    loop {
-                        let batch: Vec<holdfast::shard::Handed> = moved.try_iter().take(holdfast::upgrade::fdpass::MAX_FDS).collect();
-                        if batch.is_empty() {
-                            break;
-                        }
-                        let n = batch.len() as u64;
-                        let (conns, fds): (Vec<_>, Vec<_>) = batch.into_iter().unzip();
-                        let raw: Vec<_> = fds.iter().map(std::os::fd::AsRawFd::as_raw_fd).collect();
-                        match holdfast::upgrade::handoff::send(ch, &holdfast::upgrade::handoff::Msg::Conns { conns }, &raw) {
-                            Ok(()) => sent += n,
-                            Err(e) => tracing::error!(error = %e, lost = n, "could not send connections to the new process"),
-                        }
-                    }
-                }
-                if channel.is_none() && !moved.is_empty() {
-                    // The new process died: connections that had already let
-                    // go here are adopted back rather than lost.
-                    let back: Vec<_> = moved.try_iter().collect();
-                    tracing::warn!(connections = back.len(), "re-adopting connections the failed upgrade had released");
-                    running.adopter().adopt(back);
-                }
-                if handed_over && running.accepting() == 0 && running.connections() == 0 && moved.is_empty() {
-                    if let Some(ch) = channel.as_ref() {
-                        let _ = holdfast::upgrade::handoff::send(ch, &holdfast::upgrade::handoff::Msg::Done, &[]);
-                    }
-                    tracing::info!(moved = sent, "upgrade: every connection handed over; exiting");
+                if upgrader.tick(&mut running) {
                     break;
                 }
             }
@@ -268,7 +151,7 @@ fn serve(mut running: holdfast::proxy::Running, config: &std::path::Path, exe: &
 fn run(config: PathBuf) -> ExitCode {
     // The binary at the path this process was started from: an operator
     // replaces the file, then signals.
-    let exe = std::env::current_exe().unwrap_or_else(|_| PathBuf::from("holdfast"));
+    let exe = holdfast::upgrade::coordinator::own_exe();
     let signals = holdfast::proxy::signals();
     let channel = holdfast::upgrade::handoff::inherited_channel();
     let cfg = match load_strings(&config) {
@@ -283,9 +166,9 @@ fn run(config: PathBuf) -> ExitCode {
     };
     let shards = cfg.shard_cpus.len();
     let running = match channel {
-        Some(ch) => match adopt(ch, cfg) {
+        Some(ch) => match holdfast::upgrade::coordinator::take_over(ch, cfg) {
             Ok(r) => r,
-            Err(code) => return code,
+            Err(es) => return print_errors("holdfast (upgrade) could not start", &es),
         },
         None => match holdfast::proxy::start(cfg) {
             Ok(r) => r,

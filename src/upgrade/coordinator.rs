@@ -1,0 +1,170 @@
+//! Both sides of a live upgrade, around a running proxy.
+//!
+//! Owns: on the old side, starting the successor on SIGUSR2, stopping
+//! accepting, collecting the tunnels' snapshots and sockets and sending them
+//! in batches of at most 253, taking everything back if the successor dies,
+//! and deciding when the old process may exit; on the new side, the start-up
+//! handshake (Ready, Listeners, Serving) and adopting connections until Done.
+//! Never touches a connection itself: shards do, over their control channels.
+
+use std::os::fd::AsRawFd;
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::process::Child;
+use std::time::Duration;
+
+use crossbeam_channel::{Receiver, Sender};
+
+use super::fdpass::MAX_FDS;
+use super::handoff::{self, Msg};
+use crate::config::Config;
+use crate::proxy::{self, Running};
+use crate::shard::Handed;
+
+/// The old side: one per running process.
+pub struct Upgrader {
+    exe: PathBuf,
+    config: PathBuf,
+    successor: Option<Child>,
+    channel: Option<UnixStream>,
+    sink: Sender<Handed>,
+    moved: Receiver<Handed>,
+    sent: u64,
+}
+
+impl Upgrader {
+    pub fn new(exe: PathBuf, config: PathBuf) -> Upgrader {
+        let (sink, moved) = crossbeam_channel::unbounded();
+        Upgrader { exe, config, successor: None, channel: None, sink, moved, sent: 0 }
+    }
+
+    /// Whether connections are being handed over (the successor is serving).
+    pub fn in_progress(&self) -> bool {
+        self.successor.is_some()
+    }
+
+    /// How often [`Upgrader::tick`] should run.
+    pub fn interval(&self) -> Duration {
+        if self.in_progress() { Duration::from_millis(5) } else { Duration::from_millis(500) }
+    }
+
+    /// SIGUSR2: start the successor and hand it the listeners, then the
+    /// connections. On failure nothing changes here.
+    pub fn start(&mut self, running: &mut Running) {
+        if self.in_progress() {
+            tracing::warn!("upgrade already under way");
+            return;
+        }
+        tracing::info!(exe = %self.exe.display(), "upgrade requested");
+        match handoff::hand_over_listeners(&self.exe, &self.config, &running.listeners, Duration::from_secs(30)) {
+            Ok((outcome, child, ch)) => {
+                running.stop_accepting();
+                running.hand_off(self.sink.clone());
+                self.successor = Some(child);
+                self.channel = Some(ch);
+                tracing::info!(
+                    new_pid = outcome.new_pid,
+                    listeners = outcome.listeners,
+                    elapsed_ms = outcome.elapsed.as_millis() as u64,
+                    connections = running.connections(),
+                    "upgrade: listeners handed over; moving connections"
+                );
+            }
+            Err(e) => tracing::error!(error = %e, "upgrade failed; this process keeps serving"),
+        }
+    }
+
+    /// Moves what is ready; returns true when this process should exit.
+    pub fn tick(&mut self, running: &mut Running) -> bool {
+        // If the successor dies, take the listening sockets back and keep
+        // every connection that had already let go here.
+        if let Some(status) = self.successor.as_mut().and_then(|c| c.try_wait().ok().flatten()) {
+            tracing::error!(%status, "the new process exited; accepting here again");
+            running.resume_accepting();
+            self.successor = None;
+            self.channel = None;
+        }
+        let Some(ch) = self.channel.as_ref() else {
+            let back: Vec<_> = self.moved.try_iter().collect();
+            if !back.is_empty() {
+                tracing::warn!(connections = back.len(), "re-adopting connections the failed upgrade had released");
+                running.adopter().adopt(back);
+            }
+            return false;
+        };
+        loop {
+            let batch: Vec<Handed> = self.moved.try_iter().take(MAX_FDS).collect();
+            if batch.is_empty() {
+                break;
+            }
+            let (conns, fds): (Vec<_>, Vec<_>) = batch.into_iter().unzip();
+            let raw: Vec<_> = fds.iter().map(|f| f.as_raw_fd()).collect();
+            let msg = Msg::Conns { conns };
+            match handoff::send(ch, &msg, &raw) {
+                Ok(()) => self.sent += fds.len() as u64,
+                Err(e) => {
+                    tracing::error!(error = %e, connections = fds.len(), "could not send connections; keeping them here");
+                    if let Msg::Conns { conns } = msg {
+                        running.adopter().adopt(conns.into_iter().zip(fds).collect());
+                    }
+                }
+            }
+        }
+        if running.accepting() == 0 && running.connections() == 0 && self.moved.is_empty() {
+            let _ = handoff::send(ch, &Msg::Done, &[]);
+            tracing::info!(moved = self.sent, "upgrade: every connection handed over; exiting");
+            return true;
+        }
+        false
+    }
+}
+
+/// The new side: started by an upgrade with `ch`, take over the listeners
+/// and then the connections. Errors are also reported to the old process.
+pub fn take_over(ch: UnixStream, cfg: Config) -> Result<Running, Vec<String>> {
+    let failed = |errs: Vec<String>| {
+        let _ = handoff::send(&ch, &Msg::Failed { error: errs.join("; ") }, &[]);
+        errs
+    };
+    if let Err(es) = crate::tls::server::TlsContext::load(&cfg.tls) {
+        return Err(failed(es.iter().map(|e| e.to_string()).collect()));
+    }
+    let pid = std::process::id();
+    handoff::send(&ch, &Msg::Ready { pid, shards: cfg.shard_cpus.len() }, &[]).map_err(|e| vec![e.to_string()])?;
+    let fds = match handoff::recv(&ch) {
+        Ok((Msg::Listeners { count }, fds)) if count == fds.len() => fds,
+        Ok((m, _)) => return Err(failed(vec![format!("unexpected message {:?}", std::mem::discriminant(&m))])),
+        Err(e) => return Err(failed(vec![e.to_string()])),
+    };
+    let running = proxy::start_with(cfg, proxy::Listeners::Inherited(fds)).map_err(failed)?;
+    let _ = handoff::send(&ch, &Msg::Serving { pid, listen: running.listen.to_string() }, &[]);
+    // Established connections follow, in batches, until Done.
+    let adopter = running.adopter();
+    let _ = std::thread::Builder::new().name("holdfast-adopt".into()).spawn(move || {
+        let mut adopted = 0usize;
+        loop {
+            match handoff::recv(&ch) {
+                Ok((Msg::Conns { conns }, fds)) if conns.len() == fds.len() => {
+                    adopted += conns.len();
+                    adopter.adopt(conns.into_iter().zip(fds).collect());
+                }
+                Ok((Msg::Done, _)) => {
+                    tracing::info!(adopted, "upgrade: every connection taken over");
+                    return;
+                }
+                Ok((m, _)) => tracing::error!(msg = ?std::mem::discriminant(&m), "unexpected upgrade message"),
+                Err(e) => {
+                    tracing::warn!(error = %e, adopted, "upgrade channel closed");
+                    return;
+                }
+            }
+        }
+    });
+    Ok(running)
+}
+
+/// The executable this process was started from (taken at start-up, before
+/// an operator replaces the file).
+pub fn own_exe() -> PathBuf {
+    std::env::current_exe().unwrap_or_else(|_| Path::new("holdfast").to_path_buf())
+}
