@@ -40,6 +40,17 @@ pub struct FileConfig {
     pub buffers: BuffersFile,
     #[serde(default)]
     pub metrics: MetricsFile,
+    #[serde(default)]
+    pub upgrade: UpgradeFile,
+}
+
+#[derive(Debug, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct UpgradeFile {
+    /// File holding the serving process's pid (written at start and by each
+    /// successor); `holdfast upgrade --pid-file` uses it. The outcome of an
+    /// upgrade is written next to it as `<pid_file>.upgrade.json`.
+    pub pid_file: Option<String>,
 }
 
 #[derive(Debug, Deserialize, Clone)]
@@ -230,6 +241,7 @@ pub struct Config {
     pub upstream: UpstreamConfig,
     pub buffers: BuffersFile,
     pub metrics: Option<SocketAddr>,
+    pub pid_file: Option<PathBuf>,
 }
 
 #[derive(Debug, Clone)]
@@ -463,6 +475,7 @@ impl Config {
             upstream,
             buffers: f.buffers,
             metrics,
+            pid_file: f.upgrade.pid_file.as_deref().map(resolve),
         })
     }
 }

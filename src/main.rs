@@ -48,6 +48,16 @@ enum Cmd {
         #[arg(long)]
         check_only: bool,
     },
+    /// Live-upgrade the running holdfast (found by its pid file) to the
+    /// binary now at its path, and print the outcome.
+    Upgrade {
+        /// The `[upgrade] pid_file` of the running instance.
+        #[arg(long)]
+        pid_file: PathBuf,
+        /// Seconds to wait for the outcome.
+        #[arg(long, default_value_t = 120)]
+        timeout: u64,
+    },
     /// Connect as a device, send messages and print the replies.
     Device {
         #[arg(long, default_value = "127.0.0.1:8443")]
@@ -81,6 +91,28 @@ fn main() -> ExitCode {
     match cli.cmd {
         Cmd::Run { config } => run(config),
         Cmd::CheckConfig { file } => check_config(file),
+        Cmd::Upgrade { pid_file, timeout } => match holdfast::upgrade::coordinator::request(&pid_file, Duration::from_secs(timeout)) {
+            Ok(r) if r.status == "ok" => {
+                println!(
+                    "upgraded: pid {} -> pid {}, {} connections moved in {} ms",
+                    r.old_pid, r.new_pid, r.connections_moved, r.elapsed_ms
+                );
+                ExitCode::SUCCESS
+            }
+            Ok(r) => {
+                eprintln!(
+                    "upgrade failed: {}; pid {} keeps serving {} connections",
+                    r.error.unwrap_or_default(),
+                    r.old_pid,
+                    r.connections_kept
+                );
+                ExitCode::FAILURE
+            }
+            Err(e) => {
+                eprintln!("upgrade: {e}");
+                ExitCode::FAILURE
+            }
+        },
         Cmd::Quickstart { dir, port, wsm_port, metrics_port, check_only } => quickstart(dir, port, wsm_port, metrics_port, check_only),
         Cmd::Device { addr, server_name, ca, cert, key, path, tls_version, send, key_update } => {
             let o = DeviceOptions {
@@ -128,7 +160,8 @@ fn announce(running: &holdfast::proxy::Running, shards: usize) {
 /// connection has moved.
 fn serve(mut running: holdfast::proxy::Running, config: &std::path::Path, exe: &std::path::Path, signals: Signals) -> ExitCode {
     use nix::sys::signal::Signal;
-    let mut upgrader = holdfast::upgrade::coordinator::Upgrader::new(exe.to_path_buf(), config.to_path_buf());
+    let pid_file = running.pid_file.clone();
+    let mut upgrader = holdfast::upgrade::coordinator::Upgrader::new(exe.to_path_buf(), config.to_path_buf(), pid_file.as_deref());
     loop {
         match signals.recv_timeout(upgrader.interval()) {
             Ok(Signal::SIGUSR2) => upgrader.start(&mut running),
@@ -176,6 +209,11 @@ fn run(config: PathBuf) -> ExitCode {
         },
     };
     announce(&running, shards);
+    if let Some(p) = &running.pid_file {
+        if let Err(e) = holdfast::upgrade::coordinator::write_pid_file(p) {
+            tracing::warn!(path = %p.display(), error = %e, "cannot write the pid file");
+        }
+    }
     serve(running, &config, &exe, signals)
 }
 

@@ -20,6 +20,7 @@ pub struct Running {
     pub shards: Vec<ShardHandle>,
     /// Duplicates of every listening socket, for a live upgrade to hand over.
     pub listeners: Vec<std::os::fd::OwnedFd>,
+    pub pid_file: Option<std::path::PathBuf>,
 }
 
 /// Where the listening sockets come from.
@@ -87,7 +88,7 @@ pub fn start_with(cfg: Config, from: Listeners) -> Result<Running, Vec<String>> 
         }
         None => None,
     };
-    Ok(Running { listen: addr, metrics_addr, shards, listeners: dups })
+    Ok(Running { listen: addr, metrics_addr, shards, listeners: dups, pid_file: cfg.pid_file.clone() })
 }
 
 impl Running {

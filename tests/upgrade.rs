@@ -239,3 +239,31 @@ fn a_partial_record_and_a_partial_frame_survive_the_handoff_and_shards_may_chang
     assert_eq!(w["resumed"], true);
     assert_eq!(w["holdfast"]["shard"], 0, "one shard now");
 }
+
+#[test]
+fn holdfast_upgrade_reports_the_outcome() {
+    let pki = Pki::new();
+    let wsm = start_wsm(pki.path(), "wsm");
+    let proxy = start_proxy(&pki, &[wsm.addr], 1, "", "[upgrade]\npid_file = \"holdfast.pid\"");
+    let pid_file = pki.path().join("holdfast.pid");
+    eventually(5, "the pid file", || std::fs::read_to_string(&pid_file).is_ok_and(|p| p.trim() == proxy.child.id().to_string()));
+    let mut d = Device::connect(&opts(&pki, &proxy, "oven-1")).unwrap();
+    echo(&mut d, "before");
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_holdfast")).args(["upgrade", "--pid-file"]).arg(&pid_file).output().unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout).to_string();
+    assert!(out.status.success(), "{stdout} {}", String::from_utf8_lossy(&out.stderr));
+    assert!(stdout.contains("1 connections moved"), "{stdout}");
+    let new: i32 = std::fs::read_to_string(&pid_file).unwrap().trim().parse().unwrap();
+    let _guard = KillOnDrop(new);
+    assert_ne!(new as u32, proxy.child.id());
+    echo(&mut d, "after");
+    // A failing upgrade is reported with its reason and a non-zero exit.
+    let config = proxy.config.clone().unwrap();
+    let text = std::fs::read_to_string(&config).unwrap();
+    std::fs::write(&config, text.replace("shards = 1", "shards = 0")).unwrap();
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_holdfast")).args(["upgrade", "--pid-file"]).arg(&pid_file).output().unwrap();
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("upgrade failed") && stderr.contains("listen.shards") && stderr.contains("keeps serving 1"), "{stderr}");
+    echo(&mut d, "still served");
+}

@@ -25,6 +25,10 @@ use crate::shard::Handed;
 pub struct Upgrader {
     exe: PathBuf,
     config: PathBuf,
+    /// Where the outcome is written for `holdfast upgrade` (if configured).
+    report: Option<PathBuf>,
+    started: Option<std::time::Instant>,
+    new_pid: u32,
     successor: Option<Child>,
     channel: Option<UnixStream>,
     sink: Sender<Handed>,
@@ -33,9 +37,21 @@ pub struct Upgrader {
 }
 
 impl Upgrader {
-    pub fn new(exe: PathBuf, config: PathBuf) -> Upgrader {
+    pub fn new(exe: PathBuf, config: PathBuf, pid_file: Option<&Path>) -> Upgrader {
         let (sink, moved) = crossbeam_channel::unbounded();
-        Upgrader { exe, config, successor: None, channel: None, sink, moved, sent: 0 }
+        let report = pid_file.map(report_path);
+        Upgrader { exe, config, report, started: None, new_pid: 0, successor: None, channel: None, sink, moved, sent: 0 }
+    }
+
+    fn write_report(&self, r: &Report) {
+        if let Some(path) = &self.report {
+            let tmp = path.with_extension("tmp");
+            let ok =
+                serde_json::to_vec_pretty(r).ok().and_then(|b| std::fs::write(&tmp, b).ok()).and_then(|_| std::fs::rename(&tmp, path).ok());
+            if ok.is_none() {
+                tracing::warn!(path = %path.display(), "cannot write the upgrade report");
+            }
+        }
     }
 
     /// Whether connections are being handed over (the successor is serving).
@@ -56,8 +72,10 @@ impl Upgrader {
             return;
         }
         tracing::info!(exe = %self.exe.display(), "upgrade requested");
+        self.started = Some(std::time::Instant::now());
         match handoff::hand_over_listeners(&self.exe, &self.config, &running.listeners, Duration::from_secs(30)) {
             Ok((outcome, child, ch)) => {
+                self.new_pid = outcome.new_pid;
                 running.stop_accepting();
                 running.hand_off(self.sink.clone());
                 self.successor = Some(child);
@@ -70,7 +88,10 @@ impl Upgrader {
                     "upgrade: listeners handed over; moving connections"
                 );
             }
-            Err(e) => tracing::error!(error = %e, "upgrade failed; this process keeps serving"),
+            Err(e) => {
+                tracing::error!(error = %e, "upgrade failed; this process keeps serving");
+                self.write_report(&Report::failed(e.to_string(), running.connections()));
+            }
         }
     }
 
@@ -80,6 +101,7 @@ impl Upgrader {
         // every connection that had already let go here.
         if let Some(status) = self.successor.as_mut().and_then(|c| c.try_wait().ok().flatten()) {
             tracing::error!(%status, "the new process exited; accepting here again");
+            self.write_report(&Report::failed(format!("the new process exited ({status}) during the handover"), running.connections()));
             running.resume_accepting();
             self.successor = None;
             self.channel = None;
@@ -112,11 +134,89 @@ impl Upgrader {
         }
         if running.accepting() == 0 && running.connections() == 0 && self.moved.is_empty() {
             let _ = handoff::send(ch, &Msg::Done, &[]);
-            tracing::info!(moved = self.sent, "upgrade: every connection handed over; exiting");
+            let elapsed_ms = self.started.map(|t| t.elapsed().as_millis() as u64).unwrap_or(0);
+            tracing::info!(moved = self.sent, elapsed_ms, "upgrade: every connection handed over; exiting");
+            self.write_report(&Report {
+                status: "ok".into(),
+                old_pid: std::process::id(),
+                new_pid: self.new_pid,
+                connections_moved: self.sent,
+                connections_kept: 0,
+                elapsed_ms,
+                error: None,
+            });
             return true;
         }
         false
     }
+}
+
+/// What an upgrade did, written for `holdfast upgrade` next to the pid file.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Report {
+    /// "ok" or "failed".
+    pub status: String,
+    pub old_pid: u32,
+    pub new_pid: u32,
+    pub connections_moved: u64,
+    /// Connections still held by the old process (after a failure).
+    pub connections_kept: u64,
+    pub elapsed_ms: u64,
+    pub error: Option<String>,
+}
+
+impl Report {
+    fn failed(error: String, kept: u64) -> Report {
+        Report {
+            status: "failed".into(),
+            old_pid: std::process::id(),
+            new_pid: 0,
+            connections_moved: 0,
+            connections_kept: kept,
+            elapsed_ms: 0,
+            error: Some(error),
+        }
+    }
+}
+
+/// `<pid_file>.upgrade.json`.
+pub fn report_path(pid_file: &Path) -> PathBuf {
+    let mut s = pid_file.as_os_str().to_owned();
+    s.push(".upgrade.json");
+    PathBuf::from(s)
+}
+
+/// Writes this process's pid (atomically).
+pub fn write_pid_file(path: &Path) -> std::io::Result<()> {
+    let tmp = path.with_extension("pid.tmp");
+    std::fs::write(&tmp, format!("{}\n", std::process::id()))?;
+    std::fs::rename(tmp, path)
+}
+
+/// `holdfast upgrade`: signals the process in `pid_file` and waits for the
+/// outcome report. Returns the report, or why there is none.
+pub fn request(pid_file: &Path, timeout: Duration) -> Result<Report, String> {
+    let text = std::fs::read_to_string(pid_file).map_err(|e| format!("{}: {e}", pid_file.display()))?;
+    let pid: i32 = text.trim().parse().map_err(|_| format!("{}: not a pid", pid_file.display()))?;
+    let report = report_path(pid_file);
+    let _ = std::fs::remove_file(&report);
+    let target = nix::unistd::Pid::from_raw(pid);
+    nix::sys::signal::kill(target, nix::sys::signal::Signal::SIGUSR2).map_err(|e| format!("cannot signal pid {pid}: {e}"))?;
+    let deadline = std::time::Instant::now() + timeout;
+    while std::time::Instant::now() < deadline {
+        if let Ok(b) = std::fs::read(&report) {
+            return serde_json::from_slice(&b).map_err(|e| format!("{}: {e}", report.display()));
+        }
+        if nix::sys::signal::kill(target, None).is_err() {
+            // Exited: give the report a moment to appear (it is written first).
+            std::thread::sleep(Duration::from_millis(100));
+            return std::fs::read(&report)
+                .map_err(|_| format!("pid {pid} exited without a report"))
+                .and_then(|b| serde_json::from_slice(&b).map_err(|e| e.to_string()));
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    Err(format!("no outcome from pid {pid} within {timeout:?}"))
 }
 
 /// The new side: started by an upgrade with `ch`, take over the listeners
