@@ -209,10 +209,10 @@ fn run(config: PathBuf) -> ExitCode {
         },
     };
     announce(&running, shards);
-    if let Some(p) = &running.pid_file {
-        if let Err(e) = holdfast::upgrade::coordinator::write_pid_file(p) {
-            tracing::warn!(path = %p.display(), error = %e, "cannot write the pid file");
-        }
+    if let Some(p) = &running.pid_file
+        && let Err(e) = holdfast::upgrade::coordinator::write_pid_file(p)
+    {
+        tracing::warn!(path = %p.display(), error = %e, "cannot write the pid file");
     }
     serve(running, &config, &exe, signals)
 }
