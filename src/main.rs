@@ -209,6 +209,7 @@ fn run(config: PathBuf) -> ExitCode {
         },
     };
     announce(&running, shards);
+    holdfast::upgrade::notify::ready(&format!("serving on {} with {shards} shards", running.listen));
     if let Some(p) = &running.pid_file
         && let Err(e) = holdfast::upgrade::coordinator::write_pid_file(p)
     {

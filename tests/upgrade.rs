@@ -267,3 +267,24 @@ fn holdfast_upgrade_reports_the_outcome() {
     assert!(stderr.contains("upgrade failed") && stderr.contains("listen.shards") && stderr.contains("keeps serving 1"), "{stderr}");
     echo(&mut d, "still served");
 }
+
+#[test]
+fn systemd_is_told_ready_and_follows_the_new_main_pid() {
+    let pki = Pki::new();
+    let wsm = start_wsm(pki.path(), "wsm");
+    let sock_path = pki.path().join("notify.sock");
+    let notify = std::os::unix::net::UnixDatagram::bind(&sock_path).unwrap();
+    notify.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+    let proxy = start_proxy_env(&pki, &[wsm.addr], 1, "", "", &[("NOTIFY_SOCKET", sock_path.to_str().unwrap())]);
+    let old = proxy.child.id();
+    let mut buf = [0u8; 512];
+    let n = notify.recv(&mut buf).unwrap();
+    let first = String::from_utf8_lossy(&buf[..n]).to_string();
+    assert!(first.contains("READY=1") && first.contains(&format!("MAINPID={old}")), "{first}");
+    kill(Pid::from_raw(old as i32), Signal::SIGUSR2).unwrap();
+    let new = new_ready_pid(&proxy, old, 20);
+    let _guard = KillOnDrop(new);
+    let n = notify.recv(&mut buf).unwrap();
+    let second = String::from_utf8_lossy(&buf[..n]).to_string();
+    assert!(second.contains("READY=1") && second.contains(&format!("MAINPID={new}")), "{second}");
+}

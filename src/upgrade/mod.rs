@@ -7,4 +7,5 @@
 pub mod coordinator;
 pub mod fdpass;
 pub mod handoff;
+pub mod notify;
 pub mod snapshot;

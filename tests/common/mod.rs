@@ -92,6 +92,11 @@ pub fn start_wsm(tmp: &Path, name: &str) -> Proc {
 /// Writes a config for the dev PKI and starts `holdfast run`. `extra` is
 /// TOML appended to the sections by name (e.g. websocket keys).
 pub fn start_proxy(pki: &Pki, wsm: &[SocketAddr], shards: usize, tls_extra: &str, ws_extra: &str) -> Proc {
+    start_proxy_env(pki, wsm, shards, tls_extra, ws_extra, &[])
+}
+
+/// As [`start_proxy`], with extra environment variables for holdfast.
+pub fn start_proxy_env(pki: &Pki, wsm: &[SocketAddr], shards: usize, tls_extra: &str, ws_extra: &str, env: &[(&str, &str)]) -> Proc {
     let wsm: Vec<String> = wsm.iter().map(|a| format!("\"{a}\"")).collect();
     let cfg = format!(
         r#"
@@ -134,6 +139,9 @@ addr = "127.0.0.1:0"
     std::fs::write(&path, cfg).unwrap();
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_holdfast"));
     cmd.args(["run", "--config"]).arg(&path).env("HOLDFAST_LOG", "debug");
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
     let log = pki.path().join(format!("holdfast-{id}.log"));
     let (child, line, lines) = spawn_until(cmd, "holdfast ready on ", log.clone());
     // "holdfast ready on ADDR shards=N metrics=ADDR"
