@@ -2,6 +2,7 @@
 //! over mutual TLS and tunnels them to WSM hosts over multiplexed links.
 pub mod config;
 pub mod device;
+pub mod device_async;
 pub mod identity;
 pub mod link;
 pub mod metrics;

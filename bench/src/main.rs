@@ -2,7 +2,6 @@
 //! peers; `report` writes bench/RESULTS.md tables and charts; `swarm` and
 //! `echo` are the processes `run` starts.
 
-mod client;
 mod echo;
 mod peers;
 mod render;

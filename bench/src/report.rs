@@ -8,7 +8,7 @@ use hdrhistogram::Histogram;
 use hdrhistogram::serialization::{Deserializer, Serializer, V2Serializer};
 use serde::{Deserialize, Serialize};
 
-use crate::client::ErrorKind;
+use holdfast::device_async::ErrorKind;
 
 /// A histogram in microseconds, serialized so processes can merge them.
 #[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]

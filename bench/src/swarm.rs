@@ -20,8 +20,8 @@ use holdfast::ws::frame::op;
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 
-use crate::client::{ErrorKind, WsClient};
 use crate::report::{Hist, SwarmReport};
+use holdfast::device_async::{ErrorKind, WsClient};
 
 #[derive(Debug, Clone, clap::Args)]
 pub struct SwarmArgs {

@@ -2,7 +2,8 @@
 //!
 //! Owns: the default app of `holdfast-wsm`. Every message is echoed back as
 //! it came; the text message `whoami` is answered with a JSON object
-//! describing the stream (connection ID, resumed flag, device identity).
+//! describing the stream (connection ID, resumed flag, device identity);
+//! `stats` with this WSM's counters (opens, resumed opens, closes by reason).
 //! Paths starting `/refuse/<status>` are refused with that status, so
 //! operators can see refusals end to end. The first offered subprotocol is
 //! accepted.
@@ -16,8 +17,27 @@ use crate::link::codec::CloseReason;
 #[derive(Default)]
 pub struct Echo {
     pub opened: AtomicU64,
+    /// Opens with the resumed flag (a stream moved here).
+    pub resumed: AtomicU64,
     pub closed: AtomicU64,
+    /// Closes that mean the device went away (never for a moved stream).
+    pub device_gone: AtomicU64,
+    pub handed_elsewhere: AtomicU64,
     pub messages: AtomicU64,
+}
+
+impl Echo {
+    pub fn stats(&self) -> serde_json::Value {
+        let g = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        serde_json::json!({
+            "opened": g(&self.opened),
+            "resumed": g(&self.resumed),
+            "closed": g(&self.closed),
+            "device_gone": g(&self.device_gone),
+            "handed_elsewhere": g(&self.handed_elsewhere),
+            "messages": g(&self.messages),
+        })
+    }
 }
 
 pub fn whoami(info: &StreamInfo) -> serde_json::Value {
@@ -45,6 +65,9 @@ impl App for Echo {
             return Decision::Refuse { status, reason: "refused by reference WSM".into() };
         }
         self.opened.fetch_add(1, Ordering::Relaxed);
+        if info.open.resumed {
+            self.resumed.fetch_add(1, Ordering::Relaxed);
+        }
         Decision::Accept { subprotocol: info.open.request.subprotocols.first().cloned() }
     }
 
@@ -52,6 +75,8 @@ impl App for Echo {
         self.messages.fetch_add(1, Ordering::Relaxed);
         if !binary && data == b"whoami" {
             out.text(whoami(info).to_string());
+        } else if !binary && data == b"stats" {
+            out.text(self.stats().to_string());
         } else if !binary && data == b"bye" {
             out.close(1000, "bye");
         } else if binary {
@@ -61,7 +86,12 @@ impl App for Echo {
         }
     }
 
-    fn closed(&self, _info: &StreamInfo, _reason: CloseReason, _code: u16) {
+    fn closed(&self, _info: &StreamInfo, reason: CloseReason, _code: u16) {
         self.closed.fetch_add(1, Ordering::Relaxed);
+        match reason {
+            CloseReason::DeviceGone => self.device_gone.fetch_add(1, Ordering::Relaxed),
+            CloseReason::HandedElsewhere => self.handed_elsewhere.fetch_add(1, Ordering::Relaxed),
+            _ => 0,
+        };
     }
 }

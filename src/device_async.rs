@@ -1,5 +1,6 @@
-//! One benchmark device: rustls driven by hand over monoio's owned-buffer
-//! I/O, so thousands of devices share one thread per swarm process.
+//! An async device client: rustls driven by hand over monoio's owned-buffer
+//! I/O, so thousands of devices share one thread (benchmark swarms and scale
+//! tests). Never used inside holdfast itself.
 //! Connects from a chosen 127.0.0.x source address (to spread over ephemeral
 //! port ranges), does mutual TLS and the WebSocket upgrade, sends masked
 //! frames and reads echoes.
@@ -8,8 +9,8 @@ use std::io::{Read, Write};
 use std::net::SocketAddr;
 use std::sync::Arc;
 
+use crate::ws::frame::{self, Decoder, Event, op};
 use base64::Engine;
-use holdfast::ws::frame::{self, Decoder, Event, op};
 use monoio::io::{AsyncReadRent, AsyncWriteRentExt};
 use monoio::net::TcpStream;
 use rustls::ClientConnection;
@@ -49,10 +50,16 @@ async fn connect_from(src: Option<std::net::IpAddr>, dst: SocketAddr) -> Result<
     if let Some(ip) = src {
         // IP_BIND_ADDRESS_NO_PORT: the kernel picks the port at connect
         // time, per destination, so each source address has the full range.
-        let one: libc::c_int = 1;
+        let one: nix::libc::c_int = 1;
         // SAFETY: setsockopt reads one int from a valid pointer.
         unsafe {
-            libc::setsockopt(std::os::fd::AsRawFd::as_raw_fd(&s), libc::IPPROTO_IP, 24, &one as *const _ as *const libc::c_void, 4);
+            nix::libc::setsockopt(
+                std::os::fd::AsRawFd::as_raw_fd(&s),
+                nix::libc::IPPROTO_IP,
+                24,
+                &one as *const _ as *const nix::libc::c_void,
+                4,
+            );
         }
         s.bind(&SocketAddr::new(ip, 0).into()).map_err(fail(ErrorKind::Connect))?;
     }
@@ -60,21 +67,21 @@ async fn connect_from(src: Option<std::net::IpAddr>, dst: SocketAddr) -> Result<
     s.set_tcp_nodelay(true).map_err(fail(ErrorKind::Connect))?;
     match s.connect(&dst.into()) {
         Ok(()) => {}
-        Err(e) if e.raw_os_error() == Some(libc::EINPROGRESS) => {}
+        Err(e) if e.raw_os_error() == Some(nix::libc::EINPROGRESS) => {}
         Err(e) => return Err(Failure(ErrorKind::Connect, e.to_string())),
     }
     let std: std::net::TcpStream = s.into();
     let tcp = TcpStream::from_std(std).map_err(fail(ErrorKind::Connect))?;
     tcp.writable(false).await.map_err(fail(ErrorKind::Connect))?;
-    let mut err: libc::c_int = 0;
-    let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
+    let mut err: nix::libc::c_int = 0;
+    let mut len = std::mem::size_of::<nix::libc::c_int>() as nix::libc::socklen_t;
     // SAFETY: getsockopt(SO_ERROR) writes one int into a valid pointer.
     unsafe {
-        libc::getsockopt(
+        nix::libc::getsockopt(
             std::os::fd::AsRawFd::as_raw_fd(&tcp),
-            libc::SOL_SOCKET,
-            libc::SO_ERROR,
-            &mut err as *mut _ as *mut libc::c_void,
+            nix::libc::SOL_SOCKET,
+            nix::libc::SO_ERROR,
+            &mut err as *mut _ as *mut nix::libc::c_void,
             &mut len,
         );
     }
