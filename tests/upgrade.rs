@@ -288,3 +288,26 @@ fn systemd_is_told_ready_and_follows_the_new_main_pid() {
     let second = String::from_utf8_lossy(&buf[..n]).to_string();
     assert!(second.contains("READY=1") && second.contains(&format!("MAINPID={new}")), "{second}");
 }
+
+#[test]
+fn a_new_binary_that_crashes_before_ready_changes_nothing() {
+    let pki = Pki::new();
+    let wsm = start_wsm(pki.path(), "wsm");
+    // A "new binary" that dies at once (SIGABRT) instead of saying Ready.
+    let crash = pki.path().join("crash.sh");
+    std::fs::write(&crash, "#!/bin/sh\nkill -ABRT $$\n").unwrap();
+    std::fs::set_permissions(&crash, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    let proxy = start_proxy_env(&pki, &[wsm.addr], 1, "", "", &[("HOLDFAST_UPGRADE_EXE", crash.to_str().unwrap())]);
+    let old = proxy.child.id();
+    let mut d = Device::connect(&opts(&pki, &proxy, "oven-1")).unwrap();
+    echo(&mut d, "before");
+    kill(Pid::from_raw(old as i32), Signal::SIGUSR2).unwrap();
+    eventually(10, "the failure to be logged", || {
+        let log = std::fs::read_to_string(&proxy.stderr_log).unwrap_or_default();
+        log.contains("upgrade failed") && log.contains("exited before it was ready")
+    });
+    echo(&mut d, "still here");
+    let mut e = Device::connect(&opts(&pki, &proxy, "oven-1")).unwrap();
+    echo(&mut e, "new connections too");
+    assert!(alive(old as i32));
+}

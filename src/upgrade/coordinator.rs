@@ -263,8 +263,12 @@ pub fn take_over(ch: UnixStream, cfg: Config) -> Result<Running, Vec<String>> {
     Ok(running)
 }
 
-/// The executable this process was started from (taken at start-up, before
-/// an operator replaces the file).
+/// The binary an upgrade starts: `HOLDFAST_UPGRADE_EXE` if set (a new
+/// version installed under another path), else the path this process was
+/// started from (taken at start-up, before an operator replaces the file).
 pub fn own_exe() -> PathBuf {
+    if let Some(p) = std::env::var_os("HOLDFAST_UPGRADE_EXE") {
+        return PathBuf::from(p);
+    }
     std::env::current_exe().unwrap_or_else(|_| Path::new("holdfast").to_path_buf())
 }
