@@ -13,5 +13,7 @@ $B run --scenario message --label 64b --conns 2000 --procs 2 --msg-size 64 --msg
 $B run --scenario message --label 1k --conns 2000 --procs 2 --msg-size 1024 --msg-rate 2 --duration 15 "$@"
 $B run --scenario message --label saturation-64b --conns 200 --procs 2 --msg-size 64 --msg-rate 0 --duration 10 "$@"
 $B run --scenario storm --conns 4000 --procs 4 --rate 2000 "$@"
+$B run --scenario upgrade --label idle-15k --proxies holdfast --conns 15000 --procs 4 --rate 2500 --msg-rate 0.2 --duration 15 "$@"
+$B run --scenario upgrade --label active-15k --proxies holdfast --conns 15000 --procs 4 --rate 2500 --msg-rate 1 --duration 15 "$@"
 $B report > bench/results/tables.md
 echo "tables: bench/results/tables.md"

@@ -81,6 +81,9 @@ per_shard = 1024
 
 [metrics]
 addr = "127.0.0.1:{metrics_port}"
+
+[upgrade]
+pid_file = "{pki}/holdfast.pid"
 "#,
         pki = pki.display()
     )

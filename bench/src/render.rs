@@ -221,6 +221,38 @@ pub fn render(results: &[ScenarioResult], dir: &Path) -> Result<String, String> 
                 }
                 std::fs::write(dir.join(&file), bar_svg("Message round trip through the proxy", "us", &bars)).map_err(|e| e.to_string())?;
             }
+            "upgrade" => {
+                md.push_str("| proxy | devices | messages | errors | bytes lost or out of order | SIGUSR2 until the old process exited | pause per device p50 / p99 / max | RTT p99 |\n|---|---|---|---|---|---|---|---|\n");
+                for r in &rs {
+                    let p = &r.swarm.pause_us;
+                    md.push_str(&format!(
+                        "| {} | {} | {} | {} | {} | {:.2} s | {:.1} / {:.1} / {:.1} ms | {:.1} ms |\n",
+                        r.proxy,
+                        r.devices_ready,
+                        r.swarm.messages,
+                        r.swarm.error_count(),
+                        r.swarm.mismatched_bytes,
+                        r.upgrade_secs.unwrap_or(0.0),
+                        p.p50 as f64 / 1000.0,
+                        p.p99 as f64 / 1000.0,
+                        p.max as f64 / 1000.0,
+                        r.swarm.rtt_us.p99 as f64 / 1000.0
+                    ));
+                }
+                let bars: Vec<(String, f64)> = rs
+                    .iter()
+                    .flat_map(|r| {
+                        let p = &r.swarm.pause_us;
+                        [
+                            (format!("{} p50", r.proxy), p.p50 as f64 / 1000.0),
+                            (format!("{} p99", r.proxy), p.p99 as f64 / 1000.0),
+                            (format!("{} max", r.proxy), p.max as f64 / 1000.0),
+                        ]
+                    })
+                    .collect();
+                std::fs::write(dir.join(&file), bar_svg("Live upgrade: longest round trip per device", "ms", &bars))
+                    .map_err(|e| e.to_string())?;
+            }
             "storm" => {
                 md.push_str("| proxy | devices | reconnected | errors | all back after | proxy peak RSS | reconnect p50 / p99 |\n|---|---|---|---|---|---|---|\n");
                 for r in &rs {

@@ -66,6 +66,12 @@ pub struct SwarmReport {
     pub elapsed_secs: f64,
     pub connect_us: Hist,
     pub rtt_us: Hist,
+    /// Per device, its longest round trip (the pause an upgrade caused).
+    #[serde(default)]
+    pub pause_us: Hist,
+    /// Bytes whose echo was not what was sent (lost, duplicated, reordered).
+    #[serde(default)]
+    pub mismatched_bytes: u64,
     pub cpu_user_secs: f64,
     pub cpu_sys_secs: f64,
     pub max_rss_kib: u64,
@@ -84,6 +90,10 @@ pub struct SwarmTotal {
     pub elapsed_secs: f64,
     pub connect_us: Hist,
     pub rtt_us: Hist,
+    #[serde(default)]
+    pub pause_us: Hist,
+    #[serde(default)]
+    pub mismatched_bytes: u64,
     pub cpu_secs: f64,
     pub max_rss_kib: u64,
 }
@@ -106,6 +116,8 @@ impl SwarmTotal {
             elapsed_secs: reports.iter().map(|r| r.elapsed_secs).fold(0.0, f64::max),
             connect_us: Hist::merge(&reports.iter().map(|r| r.connect_us.clone()).collect::<Vec<_>>()),
             rtt_us: Hist::merge(&reports.iter().map(|r| r.rtt_us.clone()).collect::<Vec<_>>()),
+            pause_us: Hist::merge(&reports.iter().map(|r| r.pause_us.clone()).collect::<Vec<_>>()),
+            mismatched_bytes: reports.iter().map(|r| r.mismatched_bytes).sum(),
             cpu_secs: reports.iter().map(|r| r.cpu_user_secs + r.cpu_sys_secs).sum(),
             max_rss_kib: reports.iter().map(|r| r.max_rss_kib).max().unwrap_or(0),
         }
@@ -148,6 +160,8 @@ mod tests {
             elapsed_secs: values.len() as f64,
             connect_us: Hist::from(&h),
             rtt_us: Hist::from(&h),
+            pause_us: Hist::from(&h),
+            mismatched_bytes: 0,
             cpu_user_secs: 1.0,
             cpu_sys_secs: 0.5,
             max_rss_kib: 100 * values.len() as u64,

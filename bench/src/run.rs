@@ -90,6 +90,9 @@ pub struct ScenarioResult {
     pub sock_mem_loaded_bytes: u64,
     /// Time until all devices were back (storm), seconds.
     pub storm_secs: Option<f64>,
+    /// Upgrade scenario: SIGUSR2 until the old process exited, seconds.
+    #[serde(default)]
+    pub upgrade_secs: Option<f64>,
     /// holdfast only: its metrics text while the devices were connected.
     pub holdfast_metrics: Option<String>,
 }
@@ -303,6 +306,10 @@ pub fn run(args: RunArgs) -> Result<(), String> {
     std::fs::create_dir_all(&args.out).map_err(|e| e.to_string())?;
     for name in &args.proxies {
         let proxy = Proxy::parse(name).ok_or(format!("unknown proxy {name}"))?;
+        if args.scenario == "upgrade" && proxy != Proxy::Holdfast {
+            eprintln!("{name}: no live upgrade of established connections; skipped");
+            continue;
+        }
         let r = run_one(proxy, &args, &pki, &work.join(name))?;
         let label = if args.label.is_empty() { String::new() } else { format!("-{}", args.label) };
         let path = args.out.join(format!("{}{label}-{}.json", args.scenario, proxy.name()));
@@ -372,7 +379,7 @@ fn run_one(proxy: Proxy, a: &RunArgs, pki: &Path, work: &Path) -> Result<Scenari
     let log = std::fs::File::create(work.join("proxy.log")).map_err(|e| e.to_string())?;
     let child = cmd.stdout(Stdio::null()).stderr(log).spawn().map_err(|e| format!("{}: {e}", proxy.name()))?;
     let proxy_pid = child.id();
-    let _proxy = Proc(child);
+    let mut proxy_proc = Proc(child);
     wait_port(port, 15)
         .map_err(|e| format!("{}: {e}; log: {}", proxy.name(), std::fs::read_to_string(work.join("proxy.log")).unwrap_or_default()))?;
     std::thread::sleep(Duration::from_millis(500));
@@ -439,6 +446,18 @@ fn run_one(proxy: Proxy, a: &RunArgs, pki: &Path, work: &Path) -> Result<Scenari
     let mut peak = rss_loaded;
     go(&mut swarm);
     let mut storm_secs = None;
+    let mut upgrade_secs = None;
+    if a.scenario == "upgrade" {
+        std::thread::sleep(Duration::from_secs_f64(a.duration / 3.0));
+        let t = Instant::now();
+        // SAFETY: signalling our own child.
+        unsafe { libc::kill(proxy_pid as i32, libc::SIGUSR2) };
+        let deadline = t + Duration::from_secs(120);
+        while proxy_proc.0.try_wait().map(|s| s.is_none()).unwrap_or(false) && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        upgrade_secs = Some(t.elapsed().as_secs_f64());
+    }
     if a.scenario == "storm" {
         let t = Instant::now();
         let mut back = 0;
@@ -473,6 +492,14 @@ fn run_one(proxy: Proxy, a: &RunArgs, pki: &Path, work: &Path) -> Result<Scenari
     }
     let cpu1 = cpu_secs(&pids());
     drop(swarm);
+    if a.scenario == "upgrade" {
+        // The new process is not our child: stop it through its pid file.
+        if let Some(pid) = std::fs::read_to_string(pki.join("holdfast.pid")).ok().and_then(|p| p.trim().parse::<i32>().ok()) {
+            // SAFETY: plain kill(2) of the benchmark's own proxy.
+            unsafe { libc::kill(pid, libc::SIGTERM) };
+        }
+    }
+    drop(proxy_proc);
     drop(up);
     Ok(ScenarioResult {
         proxy: proxy.name().into(),
@@ -493,6 +520,7 @@ fn run_one(proxy: Proxy, a: &RunArgs, pki: &Path, work: &Path) -> Result<Scenari
         sock_mem_base_bytes: sock_base,
         sock_mem_loaded_bytes: sock_loaded,
         storm_secs,
+        upgrade_secs,
         holdfast_metrics,
     })
 }

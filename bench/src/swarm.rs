@@ -95,6 +95,9 @@ struct Stats {
     handshakes: u64,
     resumed: u64,
     messages: u64,
+    /// Per device, its longest round trip (upgrade scenario: the pause).
+    pause: Histogram<u64>,
+    mismatched_bytes: u64,
 }
 
 impl Stats {
@@ -104,6 +107,8 @@ impl Stats {
             first_error: None,
             connect: Histogram::new(3).expect("histogram"),
             rtt: Histogram::new(3).expect("histogram"),
+            pause: Histogram::new(3).expect("histogram"),
+            mismatched_bytes: 0,
             handshakes: 0,
             resumed: 0,
             messages: 0,
@@ -217,23 +222,35 @@ async fn message_device(mut c: WsClient, a: Rc<SwarmArgs>, stats: Shared, base: 
     }
     let period = Duration::from_secs_f64(1.0 / a.msg_rate);
     let mut next = Instant::now() + period.mul_f64(phase);
+    // The longest round trip this device saw: its pause during an upgrade.
+    let mut longest = 0u64;
     while next < end {
         if let Some(d) = next.checked_duration_since(Instant::now()) {
             monoio::time::sleep(d).await;
         }
         inflight.push_back(next);
-        if let Err(f) = c.send(op::BINARY, &payload(a.msg_size, next, base)).await {
+        let sent_payload = payload(a.msg_size, next, base);
+        if let Err(f) = c.send(op::BINARY, &sent_payload).await {
             stats.borrow_mut().error(f.0, f.1);
             return None;
         }
         // Echoes come back in order; latency is measured from the scheduled
         // send time, so a slow proxy cannot hide queueing (no coordinated omission).
         match c.recv().await {
-            Ok(_) => {
+            Ok(echo) if echo == sent_payload => {
                 let sent = inflight.pop_front().unwrap_or(next);
+                let rtt = sent.elapsed().as_micros() as u64;
+                longest = longest.max(rtt);
                 let mut s = stats.borrow_mut();
-                let _ = s.rtt.record(sent.elapsed().as_micros() as u64);
+                let _ = s.rtt.record(rtt);
                 s.messages += 1;
+            }
+            Ok(_) => {
+                // Lost, duplicated or reordered: the echo is not what was sent.
+                let mut s = stats.borrow_mut();
+                s.mismatched_bytes += sent_payload.len() as u64;
+                s.error(ErrorKind::Protocol, "echo differs from the message sent".into());
+                return None;
             }
             Err(f) => {
                 stats.borrow_mut().error(f.0, f.1);
@@ -242,6 +259,7 @@ async fn message_device(mut c: WsClient, a: Rc<SwarmArgs>, stats: Shared, base: 
         }
         next += period;
     }
+    let _ = stats.borrow_mut().pause.record(longest);
     Some(c)
 }
 
@@ -315,7 +333,7 @@ pub fn run(a: SwarmArgs) -> Result<(), String> {
                 }
                 elapsed = t.elapsed().as_secs_f64();
             }
-            "message" => {
+            "message" | "upgrade" => {
                 let held = connect_all(&cfg, &a, &stats).await;
                 println!("READY {}", held.len());
                 wait_line(&stdin).await;
@@ -347,6 +365,8 @@ pub fn run(a: SwarmArgs) -> Result<(), String> {
             elapsed_secs: elapsed,
             connect_us: Hist::from(&s.connect),
             rtt_us: Hist::from(&s.rtt),
+            pause_us: Hist::from(&s.pause),
+            mismatched_bytes: s.mismatched_bytes,
             cpu_user_secs: user,
             cpu_sys_secs: sys,
             max_rss_kib: rss,

@@ -22,6 +22,11 @@ use crate::link::codec::{self, CloseReason, Frame, Hello, Open};
 /// How long messages of a handed-over stream wait for its resumed OPEN.
 const PARK_FOR: Duration = Duration::from_secs(60);
 
+thread_local! {
+    /// When this link thread last dropped expired parked messages.
+    static PURGED: std::cell::Cell<Instant> = std::cell::Cell::new(Instant::now());
+}
+
 /// Messages of streams that were handed over (HANDOFF) and not yet resumed,
 /// by connection ID; shared by all links, since the resumed OPEN arrives on
 /// another one.
@@ -192,7 +197,13 @@ impl LinkConn {
                         // A resumed stream first gets what was parked for it.
                         let pending = if resumed {
                             let mut p = self.parked.lock().unwrap_or_else(|e| e.into_inner());
-                            p.retain(|_, (at, _)| at.elapsed() < PARK_FOR);
+                            // Expired entries are dropped at most once a
+                            // second: a scan per resumed OPEN would be
+                            // quadratic when thousands resume at once.
+                            if PURGED.with(|t| t.get().elapsed() > Duration::from_secs(1)) {
+                                p.retain(|_, (at, _)| at.elapsed() < PARK_FOR);
+                                PURGED.with(|t| t.set(Instant::now()));
+                            }
                             p.remove(&id).map(|(_, q)| q).unwrap_or_default()
                         } else {
                             VecDeque::new()
