@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Every scenario at the default scale (about 10 minutes on 2 cores), then the
+# Every scenario at the default scale (about 13 minutes on 2 cores), then the
 # tables and charts. Usage: bench/run-default.sh [extra hf-bench run flags]
 set -euo pipefail
 cd "$(dirname "$0")/.."
