@@ -12,17 +12,6 @@ use holdfast::device::Device;
 use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
 
-/// Kills a process we did not spawn directly (the new holdfast) at the end.
-struct KillOnDrop(i32);
-
-impl Drop for KillOnDrop {
-    fn drop(&mut self) {
-        let _ = kill(Pid::from_raw(self.0), Signal::SIGTERM);
-        std::thread::sleep(Duration::from_millis(200));
-        let _ = kill(Pid::from_raw(self.0), Signal::SIGKILL);
-    }
-}
-
 fn echo(d: &mut Device, m: &str) {
     d.send_text(m).unwrap();
     assert_eq!(d.recv_text().unwrap(), m);

@@ -42,13 +42,6 @@ fn client_config(pki: &Pki, suite: &str) -> Arc<rustls::ClientConfig> {
     Arc::new(cfg)
 }
 
-struct Kill(i32);
-impl Drop for Kill {
-    fn drop(&mut self) {
-        let _ = kill(Pid::from_raw(self.0), Signal::SIGKILL);
-    }
-}
-
 #[test]
 fn two_thousand_devices_keep_their_connections_through_sigusr2() {
     let pki = Pki::new();
@@ -155,7 +148,7 @@ fn two_thousand_devices_keep_their_connections_through_sigusr2() {
         })
     });
     let new = *new_pid.lock().unwrap();
-    let _guard = Kill(new);
+    let _guard = KillOnDrop(new);
     let log = || {
         std::fs::read_to_string(&proxy.stderr_log)
             .unwrap_or_default()
