@@ -55,7 +55,10 @@ pub struct Device {
     mask_seed: u32,
 }
 
-fn client_config(o: &DeviceOptions) -> Result<ClientConfig, DeviceError> {
+/// The rustls client configuration of a device: its certificate and key,
+/// the CA of holdfast's server certificate, and the version and suite asked
+/// for (also used by the async client's swarms and tests).
+pub fn client_config(o: &DeviceOptions) -> Result<ClientConfig, DeviceError> {
     let setup = |m: String| DeviceError::Setup(m);
     let mut provider = rustls::crypto::ring::default_provider();
     if let Some(name) = &o.suite {

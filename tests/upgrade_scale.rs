@@ -18,29 +18,8 @@ use holdfast::device_async::WsClient;
 use holdfast::ws::frame::op;
 use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
-use rustls::pki_types::pem::PemObject;
-use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 
 const DEVICES: usize = 2000;
-
-fn client_config(pki: &Pki, suite: &str) -> Arc<rustls::ClientConfig> {
-    let mut provider = rustls::crypto::ring::default_provider();
-    provider.cipher_suites.retain(|s| format!("{:?}", s.suite()) == suite);
-    let version: &'static rustls::SupportedProtocolVersion =
-        if suite.starts_with("TLS13") { &rustls::version::TLS13 } else { &rustls::version::TLS12 };
-    let mut roots = rustls::RootCertStore::empty();
-    roots.add(CertificateDer::from_pem_file(pki.path().join("server-ca.pem")).unwrap()).unwrap();
-    let chain = vec![CertificateDer::from_pem_file(pki.path().join("devices/oven-1.pem")).unwrap()];
-    let key = PrivateKeyDer::from_pem_file(pki.path().join("devices/oven-1.key")).unwrap();
-    let mut cfg = rustls::ClientConfig::builder_with_provider(Arc::new(provider))
-        .with_protocol_versions(&[version])
-        .unwrap()
-        .with_root_certificates(roots)
-        .with_client_auth_cert(chain, key)
-        .unwrap();
-    cfg.resumption = rustls::client::Resumption::disabled();
-    Arc::new(cfg)
-}
 
 #[test]
 fn two_thousand_devices_keep_their_connections_through_sigusr2() {
@@ -56,7 +35,13 @@ fn two_thousand_devices_keep_their_connections_through_sigusr2() {
         "TLS_ECDHE_ECDSA_WITH_CHACHA20_POLY1305_SHA256",
     ]
     .iter()
-    .map(|s| client_config(&pki, s))
+    .map(|s| {
+        let mut o = opts(&pki, &proxy, "oven-1");
+        o.suite = Some(s.to_string());
+        let mut cfg = holdfast::device::client_config(&o).unwrap();
+        cfg.resumption = rustls::client::Resumption::disabled();
+        Arc::new(cfg)
+    })
     .collect();
     let connected = Arc::new(AtomicUsize::new(0));
     let stop = Arc::new(AtomicBool::new(false));

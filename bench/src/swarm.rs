@@ -17,8 +17,6 @@ use std::time::{Duration, Instant};
 
 use hdrhistogram::Histogram;
 use holdfast::ws::frame::op;
-use rustls::pki_types::pem::PemObject;
-use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 
 use crate::report::{Hist, SwarmReport};
 use holdfast::device_async::{ErrorKind, WsClient};
@@ -62,28 +60,20 @@ pub struct SwarmArgs {
 }
 
 pub fn client_config(a: &SwarmArgs) -> Result<Arc<rustls::ClientConfig>, String> {
-    let versions: Vec<&'static rustls::SupportedProtocolVersion> = match a.tls.as_str() {
-        "1.2" => vec![&rustls::version::TLS12],
-        _ => vec![&rustls::version::TLS13],
+    let o = holdfast::device::DeviceOptions {
+        addr: a.target,
+        server_name: "localhost".into(),
+        server_ca: a.ca.clone(),
+        cert: a.cert.clone(),
+        key: a.key.clone(),
+        path: "/".into(),
+        subprotocols: Vec::new(),
+        version: Some(if a.tls == "1.2" { "1.2".into() } else { "1.3".into() }),
+        suite: None,
+        timeout: Duration::from_secs(10),
     };
-    let mut roots = rustls::RootCertStore::empty();
-    for c in CertificateDer::pem_file_iter(&a.ca).map_err(|e| e.to_string())? {
-        roots.add(c.map_err(|e| e.to_string())?).map_err(|e| e.to_string())?;
-    }
-    let chain: Vec<CertificateDer<'static>> =
-        CertificateDer::pem_file_iter(&a.cert).map_err(|e| e.to_string())?.collect::<Result<_, _>>().map_err(|e| e.to_string())?;
-    let key = PrivateKeyDer::from_pem_file(&a.key).map_err(|e| e.to_string())?;
-    let mut cfg = rustls::ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
-        .with_protocol_versions(&versions)
-        .map_err(|e| e.to_string())?
-        .with_root_certificates(roots)
-        .with_client_auth_cert(chain, key)
-        .map_err(|e| e.to_string())?;
-    if a.resume {
-        cfg.resumption = rustls::client::Resumption::in_memory_sessions(4096);
-    } else {
-        cfg.resumption = rustls::client::Resumption::disabled();
-    }
+    let mut cfg = holdfast::device::client_config(&o).map_err(|e| e.to_string())?;
+    cfg.resumption = if a.resume { rustls::client::Resumption::in_memory_sessions(4096) } else { rustls::client::Resumption::disabled() };
     Ok(Arc::new(cfg))
 }
 
