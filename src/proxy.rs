@@ -63,10 +63,7 @@ pub fn start_with(cfg: Config, from: Listeners) -> Result<Running, Vec<String>> 
     }
     // Shard i takes socket i, i + shards, ...: every inherited socket is
     // accepted from, so nothing waiting in an accept queue is lost.
-    let mut per_shard: Vec<Vec<std::net::TcpListener>> = (0..shard_count).map(|_| Vec::new()).collect();
-    for (i, l) in sockets.into_iter().enumerate() {
-        per_shard[i % shard_count].push(l);
-    }
+    let per_shard = round_robin(sockets, shard_count);
     let (ready_tx, ready_rx) = crossbeam_channel::unbounded();
     let mut shards = Vec::new();
     for (i, (l, cpu)) in per_shard.into_iter().zip(cfg.shard_cpus.iter()).enumerate() {
@@ -108,15 +105,14 @@ impl Running {
     /// Accepts again on the listening sockets (after a new process that had
     /// taken them over went away), spread over the shards as at start.
     pub fn resume_accepting(&mut self) {
-        let n = self.shards.len().max(1);
-        let mut per: Vec<Vec<std::net::TcpListener>> = (0..n).map(|_| Vec::new()).collect();
-        for (i, fd) in self.listeners.iter().enumerate() {
-            match fd.try_clone() {
-                Ok(fd) => per[i % n].push(std::net::TcpListener::from(fd)),
-                Err(e) => tracing::error!(error = %e, "cannot duplicate a listening socket"),
+        let sockets = self.listeners.iter().filter_map(|fd| match fd.try_clone() {
+            Ok(fd) => Some(std::net::TcpListener::from(fd)),
+            Err(e) => {
+                tracing::error!(error = %e, "cannot duplicate a listening socket");
+                None
             }
-        }
-        for (s, ls) in self.shards.iter().zip(per) {
+        });
+        for (s, ls) in self.shards.iter().zip(round_robin(sockets, self.shards.len())) {
             let _ = s.ctl.send(Control::Accept(ls));
         }
     }
@@ -183,15 +179,29 @@ pub struct Adopter {
 
 impl Adopter {
     pub fn adopt(&self, conns: Vec<shard::Handed>) {
-        let n = self.ctls.len().max(1);
-        let mut per: Vec<Vec<shard::Handed>> = (0..n).map(|_| Vec::new()).collect();
-        for (i, c) in conns.into_iter().enumerate() {
-            per[i % n].push(c);
-        }
-        for (ctl, batch) in self.ctls.iter().zip(per) {
+        for (ctl, batch) in self.ctls.iter().zip(round_robin(conns, self.ctls.len())) {
             if !batch.is_empty() {
                 let _ = ctl.send(Control::Adopt(batch));
             }
         }
+    }
+}
+
+/// Deals `items` over `n` buckets: item i goes to bucket i mod n.
+fn round_robin<T>(items: impl IntoIterator<Item = T>, n: usize) -> Vec<Vec<T>> {
+    let n = n.max(1);
+    let mut out: Vec<Vec<T>> = (0..n).map(|_| Vec::new()).collect();
+    for (i, item) in items.into_iter().enumerate() {
+        out[i % n].push(item);
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn round_robin_deals_in_turn() {
+        assert_eq!(super::round_robin(0..5, 2), vec![vec![0, 2, 4], vec![1, 3]]);
+        assert_eq!(super::round_robin(0..2, 0), vec![vec![0, 1]]);
     }
 }
