@@ -106,13 +106,14 @@ impl Tunnel {
     }
 }
 
-/// Decodes device plaintext into `w`, creating the decoder on demand.
-fn decode(dec: &mut Option<Box<Decoder>>, max_message: u32, w: &mut Work, plain: &[u8]) {
-    if w.pending_err.is_some() {
+/// Decodes device plaintext into events, creating the decoder on demand;
+/// after an error nothing more is decoded.
+fn decode(dec: &mut Option<Box<Decoder>>, max_message: u32, events: &mut Vec<Event>, pending_err: &mut Option<WsError>, plain: &[u8]) {
+    if pending_err.is_some() {
         return;
     }
     let d = dec.get_or_insert_with(|| Box::new(Decoder::new(max_message as usize, true)));
-    w.pending_err = d.feed(plain, &mut w.events).err();
+    *pending_err = d.feed(plain, events).err();
 }
 
 /// Runs the tunnel until either side ends it; tells the WSM unless the WSM
@@ -161,7 +162,7 @@ async fn run_loop(dev: &mut Device, t: &mut Tunnel, early: Vec<u8>) -> End {
 async fn step(dev: &mut Device, t: &mut Tunnel, readable: bool, early: Option<Vec<u8>>) -> Option<End> {
     let mut w = Work::default();
     if let Some(e) = early.filter(|e| !e.is_empty()) {
-        decode(&mut t.dec, t.max_message, &mut w, &e);
+        decode(&mut t.dec, t.max_message, &mut w.events, &mut w.pending_err, &e);
     }
     if readable && let Some(end) = read(dev, t, &mut w).await {
         return Some(end);
@@ -196,14 +197,10 @@ async fn read(dev: &mut Device, t: &mut Tunnel, w: &mut Work) -> Option<End> {
     }
     t.last_rx = Instant::now();
     let Tunnel { rl, dec, max_message, .. } = t;
-    let max = *max_message as usize;
     let Work { events, replies, pending_err } = w;
     // Plaintext is decoded in place, straight from the pool buffer.
     let closed = dev.open_records(rl, replies, &mut |p| {
-        if pending_err.is_none() {
-            let d = dec.get_or_insert_with(|| Box::new(Decoder::new(max, true)));
-            *pending_err = d.feed(p, events).err();
-        }
+        decode(dec, *max_message, events, pending_err, p);
         Ok(())
     });
     match closed {
