@@ -44,13 +44,23 @@ pub struct FileConfig {
     pub upgrade: UpgradeFile,
 }
 
-#[derive(Debug, Deserialize, Default)]
-#[serde(deny_unknown_fields)]
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
 pub struct UpgradeFile {
     /// File holding the serving process's pid (written at start and by each
     /// successor); `holdfast upgrade --pid-file` uses it. The outcome of an
     /// upgrade is written next to it as `<pid_file>.upgrade.json`.
     pub pid_file: Option<String>,
+    /// Tunnels each shard moves at once during a live upgrade. A device is
+    /// not read while its tunnel moves, so this bounds every device's pause
+    /// (about this many divided by the move rate) without slowing the whole.
+    pub moving_per_shard: u32,
+}
+
+impl Default for UpgradeFile {
+    fn default() -> Self {
+        UpgradeFile { pid_file: None, moving_per_shard: 256 }
+    }
 }
 
 #[derive(Debug, Deserialize, Clone)]
@@ -242,6 +252,8 @@ pub struct Config {
     pub buffers: BuffersFile,
     pub metrics: Option<SocketAddr>,
     pub pid_file: Option<PathBuf>,
+    /// `upgrade.moving_per_shard`.
+    pub upgrade_moving_per_shard: usize,
 }
 
 #[derive(Debug, Clone)]
@@ -462,6 +474,10 @@ impl Config {
             .as_deref()
             .and_then(|a| a.parse().map_err(|_| errs.push(err("metrics.addr", format!("'{a}' is not an address")))).ok());
 
+        if !(1..=65_536).contains(&f.upgrade.moving_per_shard) {
+            errs.push(err("upgrade.moving_per_shard", "must be between 1 and 65536"));
+        }
+
         if !errs.is_empty() {
             return Err(errs);
         }
@@ -476,6 +492,7 @@ impl Config {
             buffers: f.buffers,
             metrics,
             pid_file: f.upgrade.pid_file.as_deref().map(resolve),
+            upgrade_moving_per_shard: f.upgrade.moving_per_shard as usize,
         })
     }
 }
@@ -515,6 +532,16 @@ wsm = ["127.0.0.1:9000"]
         let errs = Config::parse(&bad, Path::new("/x.toml")).unwrap_err();
         let keys: Vec<_> = errs.iter().map(|e| e.key.as_str()).collect();
         assert_eq!(keys, vec!["listen.addr", "listen.shards", "upstream.wsm[0]"]);
+    }
+
+    #[test]
+    fn upgrade_pacing_defaults_and_is_checked() {
+        assert_eq!(Config::parse(GOOD, Path::new("/x.toml")).unwrap().upgrade_moving_per_shard, 256);
+        let set = format!("{GOOD}\n[upgrade]\nmoving_per_shard = 64\n");
+        assert_eq!(Config::parse(&set, Path::new("/x.toml")).unwrap().upgrade_moving_per_shard, 64);
+        let bad = format!("{GOOD}\n[upgrade]\nmoving_per_shard = 0\n");
+        let errs = Config::parse(&bad, Path::new("/x.toml")).unwrap_err();
+        assert_eq!(errs[0].key, "upgrade.moving_per_shard");
     }
 
     #[test]

@@ -12,18 +12,22 @@ use serde::{Deserialize, Serialize};
 use x509_parser::extensions::GeneralName;
 
 /// A unique 128-bit connection ID, made at accept. Serialized as its
-/// 32-digit hex form (JSON has no 128-bit integers).
+/// 32-digit hex form in human-readable formats (JSON has no 128-bit
+/// integers), as a plain u128 in binary ones.
 #[derive(Clone, Copy, PartialEq, Eq, Hash)]
 pub struct ConnectionId(pub u128);
 
 impl Serialize for ConnectionId {
     fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        s.serialize_str(&self.to_string())
+        if s.is_human_readable() { s.serialize_str(&self.to_string()) } else { s.serialize_u128(self.0) }
     }
 }
 
 impl<'de> Deserialize<'de> for ConnectionId {
     fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        if !d.is_human_readable() {
+            return u128::deserialize(d).map(ConnectionId);
+        }
         let s = String::deserialize(d)?;
         u128::from_str_radix(&s, 16).map(ConnectionId).map_err(serde::de::Error::custom)
     }
@@ -175,6 +179,9 @@ mod tests {
         assert_eq!(j, "\"0123456789abcdef0011223344556677\"");
         assert_eq!(serde_json::from_str::<ConnectionId>(&j).unwrap(), id);
         assert!(serde_json::from_str::<ConnectionId>("\"zz\"").is_err());
+        let b = postcard::to_allocvec(&id).unwrap();
+        assert!(b.len() <= 19, "a varint u128, not 32 hex digits");
+        assert_eq!(postcard::from_bytes::<ConnectionId>(&b).unwrap(), id);
     }
 
     #[test]

@@ -135,6 +135,11 @@ impl Running {
         self.shards.iter().map(|s| s.metrics.accept_loops.load(std::sync::atomic::Ordering::Relaxed)).sum()
     }
 
+    /// Connections handed to a new process so far (all shards, ever).
+    pub fn handed_over(&self) -> u64 {
+        self.shards.iter().map(|s| s.metrics.connections_handed_over_total.load(std::sync::atomic::Ordering::Relaxed)).sum()
+    }
+
     /// Connections this process still holds.
     pub fn connections(&self) -> u64 {
         self.shards.iter().map(|s| s.metrics.connections_active.load(std::sync::atomic::Ordering::Relaxed)).sum()
@@ -173,8 +178,9 @@ pub fn signals() -> crossbeam_channel::Receiver<nix::sys::signal::Signal> {
 }
 
 /// Spreads moved connections over the shards from any thread.
+#[derive(Clone)]
 pub struct Adopter {
-    ctls: Vec<crossbeam_channel::Sender<Control>>,
+    ctls: Vec<shard::ControlTx>,
 }
 
 impl Adopter {

@@ -55,6 +55,9 @@ pub struct RunArgs {
     /// A label added to the result file name (e.g. "tls12", "64b").
     #[arg(long, default_value = "")]
     pub label: String,
+    /// holdfast's log level; its log is kept as `<out>/<scenario>[-label]-holdfast.log`.
+    #[arg(long, default_value = "warn")]
+    pub proxy_log: String,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -313,6 +316,9 @@ pub fn run(args: RunArgs) -> Result<(), String> {
         let r = run_one(proxy, &args, &pki, &work.join(name))?;
         let label = if args.label.is_empty() { String::new() } else { format!("-{}", args.label) };
         let path = args.out.join(format!("{}{label}-{}.json", args.scenario, proxy.name()));
+        if proxy == Proxy::Holdfast && args.proxy_log != "warn" {
+            let _ = std::fs::copy(work.join(name).join("proxy.log"), args.out.join(format!("{}{label}-holdfast.log", args.scenario)));
+        }
         std::fs::write(&path, serde_json::to_string_pretty(&r).map_err(|e| e.to_string())?).map_err(|e| e.to_string())?;
         eprintln!("{}", crate::render::one_line(&r));
     }
@@ -355,7 +361,7 @@ fn run_one(proxy: Proxy, a: &RunArgs, pki: &Path, work: &Path) -> Result<Scenari
             let cpus = a.proxy_cpus.clone();
             std::fs::write(&cfg, peers::holdfast_config(pki, port, &up_addr.to_string(), threads, &cpus, mp)).map_err(|e| e.to_string())?;
             let mut c = pinned(&sibling("holdfast"), &pcpus);
-            c.args(["run", "--log", "warn", "--config"]).arg(&cfg);
+            c.args(["run", "--log", &a.proxy_log, "--config"]).arg(&cfg);
             c
         }
         Proxy::Haproxy => {

@@ -201,15 +201,10 @@ impl Link {
         }
     }
 
-    /// Asks every tunnel on this link to hand itself over; returns how many.
-    pub fn request_handoff(&self) -> usize {
-        let st = self.st.borrow();
-        for s in st.streams.values() {
-            let mut s = s.borrow_mut();
-            s.handoff_requested = true;
-            s.wake();
-        }
-        st.streams.len()
+    /// Every stream on this link, weakly (a live upgrade asks their tunnels
+    /// to move a few at a time).
+    pub fn stream_refs(&self) -> Vec<std::rc::Weak<RefCell<StreamShared>>> {
+        self.st.borrow().streams.values().map(Rc::downgrade).collect()
     }
 
     /// Sends HANDOFF: the WSM stops sending on the stream and acknowledges.

@@ -6,7 +6,9 @@
 //! counters are the shard's own atomics, read by the metrics exporter.
 
 pub mod conn;
+pub mod control;
 pub mod link;
+mod pace;
 pub mod pool;
 pub mod timers;
 mod tunnel;
@@ -17,13 +19,14 @@ use std::rc::Rc;
 use std::sync::Arc;
 use std::time::Duration;
 
-use crossbeam_channel::{Receiver, Sender};
+use crossbeam_channel::Sender;
 use slab::Slab;
 
 use crate::config::Config;
 use crate::identity::{ConnectionId, IdGenerator};
 use crate::metrics::ShardMetrics;
 use crate::tls::server::TlsContext;
+pub use control::{Control, ControlTx};
 use link::Link;
 use pool::Pool;
 
@@ -46,29 +49,12 @@ pub struct ShardCtx {
     pub metrics: Arc<ShardMetrics>,
 }
 
-/// Messages from the control thread to a shard.
-#[derive(Debug)]
-pub enum Control {
-    /// Stop accepting and end the shard's event loop.
-    Shutdown,
-    /// Stop accepting (the listeners now belong to a new process); keep
-    /// serving the connections already held.
-    StopAccepting,
-    /// Accept again on these sockets (the new process went away).
-    Accept(Vec<std::net::TcpListener>),
-    /// Live upgrade: move every tunnel to the new process, each at its next
-    /// safe point, sending its snapshot and a duplicate of its socket here.
-    HandOff(Sender<Handed>),
-    /// Live upgrade, new side: adopt these connections.
-    Adopt(Vec<Handed>),
-}
-
 /// One connection on its way to another process.
 pub type Handed = (crate::upgrade::snapshot::ConnSnapshot, std::os::fd::OwnedFd);
 
 pub struct ShardHandle {
     pub thread: std::thread::JoinHandle<()>,
-    pub ctl: Sender<Control>,
+    pub ctl: ControlTx,
     pub metrics: Arc<ShardMetrics>,
 }
 
@@ -95,7 +81,7 @@ pub fn start(
     ready: Sender<Result<u16, String>>,
 ) -> std::io::Result<ShardHandle> {
     let metrics = Arc::new(ShardMetrics::default());
-    let (ctl, ctl_rx) = crossbeam_channel::unbounded();
+    let (ctl, ctl_rx) = control::channel()?;
     let m = metrics.clone();
     let thread = std::thread::Builder::new().name(format!("holdfast-shard-{index}")).spawn(move || {
         if let Err(e) = monoio::utils::bind_to_cpu_set([cpu]) {
@@ -109,7 +95,14 @@ pub fn start(
                 return;
             }
         };
-        rt.block_on(run(index, cfg, tls, listeners, m, ctl_rx, ready));
+        rt.block_on(async move {
+            match ctl_rx.into_waiter() {
+                Ok(ctl) => run(index, cfg, tls, listeners, m, ctl, ready).await,
+                Err(e) => {
+                    let _ = ready.send(Err(format!("shard {index}: control channel: {e}")));
+                }
+            }
+        });
     })?;
     Ok(ShardHandle { thread, ctl, metrics })
 }
@@ -120,7 +113,7 @@ async fn run(
     tls: TlsContext,
     listeners: Vec<std::net::TcpListener>,
     metrics: Arc<ShardMetrics>,
-    ctl: Receiver<Control>,
+    ctl: control::ControlWaiter,
     ready: Sender<Result<u16, String>>,
 ) {
     let mut links = Vec::new();
@@ -170,13 +163,13 @@ async fn run(
         monoio::spawn(accept_loop(ctx.clone(), l));
     }
     loop {
-        match ctl.try_recv() {
-            Ok(Control::Shutdown) | Err(crossbeam_channel::TryRecvError::Disconnected) => break,
-            Ok(Control::StopAccepting) => {
+        match ctl.recv().await {
+            Some(Control::Shutdown) | None => break,
+            Some(Control::StopAccepting) => {
                 ctx.stop_accepting.set(true);
                 tracing::info!(shard = index, "stopped accepting; the listeners belong to the new process");
             }
-            Ok(Control::Accept(ls)) => {
+            Some(Control::Accept(ls)) => {
                 ctx.stop_accepting.set(false);
                 *ctx.handoff.borrow_mut() = None;
                 for l in ls {
@@ -191,19 +184,17 @@ async fn run(
                 }
                 tracing::info!(shard = index, "accepting again");
             }
-            Ok(Control::HandOff(sink)) => {
+            Some(Control::HandOff(sink)) => {
                 ctx.stop_accepting.set(true);
                 *ctx.handoff.borrow_mut() = Some(sink);
-                let n: usize = ctx.links.iter().map(|l| l.request_handoff()).sum();
-                tracing::info!(shard = index, tunnels = n, "handing connections over");
+                monoio::spawn(pace::hand_over_all(ctx.clone()));
             }
-            Ok(Control::Adopt(conns)) => {
+            Some(Control::Adopt(conns)) => {
                 tracing::info!(shard = index, connections = conns.len(), "adopting connections");
                 for (snap, fd) in conns {
                     monoio::spawn(conn::adopt(ctx.clone(), snap, fd));
                 }
             }
-            Err(crossbeam_channel::TryRecvError::Empty) => monoio::time::sleep(Duration::from_millis(10)).await,
         }
     }
     tracing::info!(shard = index, connections = ctx.conns.borrow().len(), "shard stopping");

@@ -11,9 +11,11 @@ use std::os::fd::AsRawFd;
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::process::Child;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
-use crossbeam_channel::{Receiver, Sender};
+use crossbeam_channel::Receiver;
 
 use super::fdpass::MAX_FDS;
 use super::handoff::{self, Msg};
@@ -31,16 +33,25 @@ pub struct Upgrader {
     new_pid: u32,
     successor: Option<Child>,
     channel: Option<UnixStream>,
-    sink: Sender<Handed>,
-    moved: Receiver<Handed>,
-    sent: u64,
+    sender: Option<Arc<Sent>>,
+    /// Shards' handed-over counters when this upgrade began.
+    handed_before: u64,
+}
+
+/// What the sender thread has done with the connections shards released.
+#[derive(Default)]
+struct Sent {
+    /// Sent to the new process, or taken back after a failed send.
+    settled: AtomicU64,
+    sent: AtomicU64,
+    /// Set when the new process is gone: take everything back instead.
+    broken: AtomicBool,
 }
 
 impl Upgrader {
     pub fn new(exe: PathBuf, config: PathBuf, pid_file: Option<&Path>) -> Upgrader {
-        let (sink, moved) = crossbeam_channel::unbounded();
         let report = pid_file.map(report_path);
-        Upgrader { exe, config, report, started: None, new_pid: 0, successor: None, channel: None, sink, moved, sent: 0 }
+        Upgrader { exe, config, report, started: None, new_pid: 0, successor: None, channel: None, sender: None, handed_before: 0 }
     }
 
     fn write_report(&self, r: &Report) {
@@ -73,74 +84,93 @@ impl Upgrader {
         }
         tracing::info!(exe = %self.exe.display(), "upgrade requested");
         self.started = Some(std::time::Instant::now());
-        match handoff::hand_over_listeners(&self.exe, &self.config, &running.listeners, Duration::from_secs(30)) {
-            Ok((outcome, child, ch)) => {
-                self.new_pid = outcome.new_pid;
-                running.stop_accepting();
-                running.hand_off(self.sink.clone());
-                self.successor = Some(child);
-                self.channel = Some(ch);
-                tracing::info!(
-                    new_pid = outcome.new_pid,
-                    listeners = outcome.listeners,
-                    elapsed_ms = outcome.elapsed.as_millis() as u64,
-                    connections = running.connections(),
-                    "upgrade: listeners handed over; moving connections"
-                );
-            }
+        let outcome = handoff::hand_over_listeners(&self.exe, &self.config, &running.listeners, Duration::from_secs(30));
+        let (outcome, child, ch) = match outcome {
+            Ok(o) => o,
             Err(e) => {
                 tracing::error!(error = %e, "upgrade failed; this process keeps serving");
                 self.write_report(&Report::failed(e.to_string(), running.connections()));
+                return;
             }
+        };
+        let writer = match ch.try_clone() {
+            Ok(w) => w,
+            Err(e) => {
+                // The successor serves the listeners already; it owns no
+                // connection yet. Take the listeners back and stop it.
+                tracing::error!(error = %e, "cannot share the upgrade channel; calling the upgrade off");
+                let mut child = child;
+                let _ = child.kill();
+                let _ = child.wait();
+                self.write_report(&Report::failed(e.to_string(), running.connections()));
+                return;
+            }
+        };
+        self.new_pid = outcome.new_pid;
+        self.handed_before = running.handed_over();
+        running.stop_accepting();
+        // A fresh channel per attempt: its sender thread ends once every
+        // shard has let go of the sink (upgrade done or called off).
+        let (sink, moved) = crossbeam_channel::unbounded();
+        let sent = Arc::new(Sent::default());
+        let adopter = running.adopter();
+        let s = sent.clone();
+        let spawned = std::thread::Builder::new().name("holdfast-upgrade".into()).spawn(move || send_batches(writer, moved, s, adopter));
+        if let Err(e) = spawned {
+            tracing::error!(error = %e, "cannot start the upgrade sender; calling the upgrade off");
+            let mut child = child;
+            let _ = child.kill();
+            let _ = child.wait();
+            running.resume_accepting();
+            self.write_report(&Report::failed(e.to_string(), running.connections()));
+            return;
         }
+        running.hand_off(sink);
+        self.sender = Some(sent);
+        self.successor = Some(child);
+        self.channel = Some(ch);
+        tracing::info!(
+            new_pid = outcome.new_pid,
+            listeners = outcome.listeners,
+            elapsed_ms = outcome.elapsed.as_millis() as u64,
+            connections = running.connections(),
+            "upgrade: listeners handed over; moving connections"
+        );
     }
 
-    /// Moves what is ready; returns true when this process should exit.
+    /// Watches the successor and the hand-over; returns true when this
+    /// process should exit (everything has moved).
     pub fn tick(&mut self, running: &mut Running) -> bool {
         // If the successor dies, take the listening sockets back and keep
-        // every connection that had already let go here.
+        // every connection that had not moved yet; the sender thread gives
+        // back what it still holds.
         if let Some(status) = self.successor.as_mut().and_then(|c| c.try_wait().ok().flatten()) {
             tracing::error!(%status, "the new process exited; accepting here again");
             self.write_report(&Report::failed(format!("the new process exited ({status}) during the handover"), running.connections()));
+            if let Some(s) = self.sender.take() {
+                s.broken.store(true, Ordering::SeqCst);
+            }
             running.resume_accepting();
             self.successor = None;
             self.channel = None;
+            return false;
         }
-        let Some(ch) = self.channel.as_ref() else {
-            let back: Vec<_> = self.moved.try_iter().collect();
-            if !back.is_empty() {
-                tracing::warn!(connections = back.len(), "re-adopting connections the failed upgrade had released");
-                running.adopter().adopt(back);
-            }
+        let (Some(ch), Some(sent)) = (self.channel.as_ref(), self.sender.as_ref()) else {
             return false;
         };
-        loop {
-            let batch: Vec<Handed> = self.moved.try_iter().take(MAX_FDS).collect();
-            if batch.is_empty() {
-                break;
-            }
-            let (conns, fds): (Vec<_>, Vec<_>) = batch.into_iter().unzip();
-            let raw: Vec<_> = fds.iter().map(|f| f.as_raw_fd()).collect();
-            let msg = Msg::Conns { conns };
-            match handoff::send(ch, &msg, &raw) {
-                Ok(()) => self.sent += fds.len() as u64,
-                Err(e) => {
-                    tracing::error!(error = %e, connections = fds.len(), "could not send connections; keeping them here");
-                    if let Msg::Conns { conns } = msg {
-                        running.adopter().adopt(conns.into_iter().zip(fds).collect());
-                    }
-                }
-            }
-        }
-        if running.accepting() == 0 && running.connections() == 0 && self.moved.is_empty() {
+        // Done when every shard has stopped accepting and let go of every
+        // connection, and the sender has sent each one it was given.
+        let released = running.handed_over().saturating_sub(self.handed_before);
+        if running.accepting() == 0 && running.connections() == 0 && sent.settled.load(Ordering::SeqCst) >= released {
+            let moved = sent.sent.load(Ordering::SeqCst);
             let _ = handoff::send(ch, &Msg::Done, &[]);
             let elapsed_ms = self.started.map(|t| t.elapsed().as_millis() as u64).unwrap_or(0);
-            tracing::info!(moved = self.sent, elapsed_ms, "upgrade: every connection handed over; exiting");
+            tracing::info!(moved, elapsed_ms, "upgrade: every connection handed over; exiting");
             self.write_report(&Report {
                 status: "ok".into(),
                 old_pid: std::process::id(),
                 new_pid: self.new_pid,
-                connections_moved: self.sent,
+                connections_moved: moved,
                 connections_kept: 0,
                 elapsed_ms,
                 error: None,
@@ -148,6 +178,40 @@ impl Upgrader {
             return true;
         }
         false
+    }
+}
+
+/// The old side's sender thread: sends connections as shards release them,
+/// up to 253 per message, with no batching delay. If a send fails (the new
+/// process is gone) it gives that batch, and everything after it, back to
+/// this process's shards.
+fn send_batches(ch: UnixStream, moved: Receiver<Handed>, sent: Arc<Sent>, adopter: proxy::Adopter) {
+    while let Ok(first) = moved.recv() {
+        let mut batch = vec![first];
+        batch.extend(moved.try_iter().take(MAX_FDS - 1));
+        let n = batch.len() as u64;
+        if sent.broken.load(Ordering::SeqCst) {
+            tracing::warn!(connections = n, "re-adopting connections the failed upgrade had released");
+            adopter.adopt(batch);
+            sent.settled.fetch_add(n, Ordering::SeqCst);
+            continue;
+        }
+        let (conns, fds): (Vec<_>, Vec<_>) = batch.into_iter().unzip();
+        let raw: Vec<_> = fds.iter().map(|f| f.as_raw_fd()).collect();
+        let msg = Msg::Conns { conns };
+        match handoff::send(&ch, &msg, &raw) {
+            Ok(()) => {
+                sent.sent.fetch_add(n, Ordering::SeqCst);
+            }
+            Err(e) => {
+                tracing::error!(error = %e, connections = n, "could not send connections; keeping them here");
+                sent.broken.store(true, Ordering::SeqCst);
+                if let Msg::Conns { conns } = msg {
+                    adopter.adopt(conns.into_iter().zip(fds).collect());
+                }
+            }
+        }
+        sent.settled.fetch_add(n, Ordering::SeqCst);
     }
 }
 
@@ -230,7 +294,8 @@ pub fn take_over(ch: UnixStream, cfg: Config) -> Result<Running, Vec<String>> {
         return Err(failed(es.iter().map(|e| e.to_string()).collect()));
     }
     let pid = std::process::id();
-    handoff::send(&ch, &Msg::Ready { pid, shards: cfg.shard_cpus.len() }, &[]).map_err(|e| vec![e.to_string()])?;
+    handoff::send(&ch, &Msg::Ready { pid, shards: cfg.shard_cpus.len(), snapshot_format: handoff::SNAPSHOT_FORMAT }, &[])
+        .map_err(|e| vec![e.to_string()])?;
     let fds = match handoff::recv(&ch) {
         Ok((Msg::Listeners { count }, fds)) if count == fds.len() => fds,
         Ok((m, _)) => return Err(failed(vec![format!("unexpected message {:?}", std::mem::discriminant(&m))])),

@@ -1,8 +1,11 @@
 //! Messages of the live upgrade's private channel, and both sides of the
 //! listener handoff.
 //!
-//! Owns: the message set (JSON payloads carried by [`super::fdpass`]) and
-//! the sequence: the old process starts the new binary with one end of a
+//! Owns: the message set and its encoding (carried by [`super::fdpass`]):
+//! control messages are JSON; connection batches, the bulk of an upgrade,
+//! are `C` followed by postcard, a compact binary serde format, tagged with
+//! [`SNAPSHOT_FORMAT`] so that two binaries that would not understand each
+//! other's snapshots refuse to upgrade instead of guessing. The sequence: the old process starts the new binary with one end of a
 //! socketpair; the new one validates its config and TLS material and says
 //! `Ready` (or `Failed`, and the old one carries on untouched); the old one
 //! sends its listening sockets; the new one starts its shards on them and
@@ -23,12 +26,24 @@ use super::fdpass;
 pub const ENV_FD: &str = "HOLDFAST_UPGRADE_FD";
 /// 253 connection snapshots with certificates and partial messages fit.
 const MAX_MSG: usize = 256 << 20;
+/// The layout of [`super::snapshot::ConnSnapshot`] in a `Conns` batch.
+/// Bump it whenever a snapshot type changes shape: an old process refuses
+/// a successor that reports another number (stop and start instead).
+pub const SNAPSHOT_FORMAT: u32 = 1;
+/// First payload byte of a binary `Conns` batch (JSON starts with `{`).
+const CONNS_TAG: u8 = b'C';
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(tag = "type", rename_all = "snake_case")]
 pub enum Msg {
     /// New -> old: config and TLS material loaded; send the listeners.
-    Ready { pid: u32, shards: usize },
+    Ready {
+        pid: u32,
+        shards: usize,
+        /// [`SNAPSHOT_FORMAT`] of the new binary (0 if it predates the field).
+        #[serde(default)]
+        snapshot_format: u32,
+    },
     /// New -> old: start-up failed; the old process keeps serving.
     Failed { error: String },
     /// Old -> new, with the listening sockets attached.
@@ -57,10 +72,36 @@ pub enum HandoffError {
     Spawn(String, std::io::Error),
     #[error("bad message: {0}")]
     Decode(#[from] serde_json::Error),
+    #[error("bad connection batch: {0}")]
+    Snapshot(String),
+    #[error("the new binary speaks snapshot format {theirs}, this one {ours}: stop and start it instead of upgrading")]
+    Incompatible { ours: u32, theirs: u32 },
+}
+
+fn encode(msg: &Msg) -> Result<Vec<u8>, HandoffError> {
+    match msg {
+        Msg::Conns { conns } => {
+            // Sized up front so that growing does not leave copies of
+            // secrets behind in freed memory (the result is zeroed after use).
+            let mut out = Vec::with_capacity(1 + conns.len() * 4096);
+            out.push(CONNS_TAG);
+            postcard::to_extend(conns, out).map_err(|e| HandoffError::Snapshot(e.to_string()))
+        }
+        other => Ok(serde_json::to_vec(other)?),
+    }
+}
+
+fn decode(payload: &[u8]) -> Result<Msg, HandoffError> {
+    match payload.split_first() {
+        Some((&CONNS_TAG, rest)) => {
+            postcard::from_bytes(rest).map(|conns| Msg::Conns { conns }).map_err(|e| HandoffError::Snapshot(e.to_string()))
+        }
+        _ => Ok(serde_json::from_slice(payload)?),
+    }
 }
 
 pub fn send(ch: &UnixStream, msg: &Msg, fds: &[std::os::fd::RawFd]) -> Result<(), HandoffError> {
-    let mut payload = serde_json::to_vec(msg)?;
+    let mut payload = encode(msg)?;
     let res = fdpass::send(ch, &payload, fds);
     // Connection messages carry traffic secrets.
     zeroize::Zeroize::zeroize(&mut payload);
@@ -70,7 +111,7 @@ pub fn send(ch: &UnixStream, msg: &Msg, fds: &[std::os::fd::RawFd]) -> Result<()
 
 pub fn recv(ch: &UnixStream) -> Result<(Msg, Vec<OwnedFd>), HandoffError> {
     let (mut payload, fds) = fdpass::recv(ch, MAX_MSG)?;
-    let msg = serde_json::from_slice(&payload);
+    let msg = decode(&payload);
     zeroize::Zeroize::zeroize(&mut payload);
     Ok((msg?, fds))
 }
@@ -129,6 +170,9 @@ pub fn hand_over_listeners(
         }
     };
     let new_pid = match reply(&mut child) {
+        Ok(Msg::Ready { snapshot_format, .. }) if snapshot_format != SNAPSHOT_FORMAT => {
+            return Err(fail(&mut child, HandoffError::Incompatible { ours: SNAPSHOT_FORMAT, theirs: snapshot_format }));
+        }
         Ok(Msg::Ready { pid, .. }) => pid,
         Ok(Msg::Failed { error }) => {
             let _ = child.wait();
@@ -181,8 +225,70 @@ mod tests {
         assert!(matches!(m, Msg::Listeners { count: 1 }));
         let inherited = std::net::TcpListener::from(fds.into_iter().next().unwrap());
         assert_eq!(inherited.local_addr().unwrap(), l.local_addr().unwrap());
-        let j = serde_json::to_string(&Msg::Ready { pid: 7, shards: 2 }).unwrap();
-        assert_eq!(j, r#"{"type":"ready","pid":7,"shards":2}"#);
+        let j = serde_json::to_string(&Msg::Ready { pid: 7, shards: 2, snapshot_format: 1 }).unwrap();
+        assert_eq!(j, r#"{"type":"ready","pid":7,"shards":2,"snapshot_format":1}"#);
+        let old: Msg = serde_json::from_str(r#"{"type":"ready","pid":7,"shards":2}"#).unwrap();
+        assert!(matches!(old, Msg::Ready { snapshot_format: 0, .. }));
+    }
+
+    fn snapshot(id: u128) -> crate::upgrade::snapshot::ConnSnapshot {
+        use crate::tls::record::{DirectionState, RecordState, Version};
+        let dir = |seq| DirectionState { secret: vec![7; 32], key: vec![9; 16], iv: [3; 12], seq };
+        let mut decoder = crate::ws::frame::Decoder::new(1 << 20, true);
+        let mut events = Vec::new();
+        // A masked text frame header announcing 5 bytes, and 2 of them.
+        decoder.feed(&[0x81, 0x85, 1, 2, 3, 4, b'h' ^ 1, b'e' ^ 2], &mut events).unwrap();
+        assert!(events.is_empty() && decoder.in_progress());
+        crate::upgrade::snapshot::ConnSnapshot {
+            id: crate::identity::ConnectionId(id),
+            addr: "127.0.0.1:40000".into(),
+            record: RecordState {
+                version: Version::Tls13,
+                suite: crate::tls::keys::Suite::Aes128Gcm,
+                rx: dir(5),
+                tx: dir(u64::MAX - 1),
+                received_close_notify: false,
+                sent_close_notify: false,
+                key_update_after: 1000,
+                handshake_buf: vec![4, 0],
+            },
+            decoder: Some(decoder),
+            max_message: 1 << 20,
+            rx: vec![0x17, 0x03, 0x03, 0x00],
+            resume: crate::upgrade::snapshot::Resume {
+                chain: vec![vec![0x30; 700], vec![0x30; 800]],
+                request: crate::ws::upgrade::UpgradeRequest { path: "/d".into(), ..Default::default() },
+                subprotocol: Some("v1".into()),
+            },
+            idle_ms: 1234,
+        }
+    }
+
+    #[test]
+    fn connection_batches_are_binary_and_roundtrip_with_their_sockets() {
+        let (a, b) = UnixStream::pair().unwrap();
+        let socks: Vec<_> = (0..3).map(|_| std::net::UdpSocket::bind("127.0.0.1:0").unwrap()).collect();
+        let conns: Vec<_> = (0..3).map(|i| snapshot(u128::MAX - i)).collect();
+        let payload = encode(&Msg::Conns { conns: conns.clone() }).unwrap();
+        assert_eq!(payload[0], b'C');
+        // The certificates (1,500 bytes each) plus a few hundred bytes of state.
+        assert!(payload.len() < 3 * (1500 + 300), "compact: {} bytes for three", payload.len());
+        let raw: Vec<_> = socks.iter().map(|s| s.as_raw_fd()).collect();
+        send(&a, &Msg::Conns { conns: conns.clone() }, &raw).unwrap();
+        let (m, fds) = recv(&b).unwrap();
+        let Msg::Conns { conns: got } = m else { panic!("not a batch") };
+        assert_eq!(fds.len(), 3);
+        for (g, c) in got.iter().zip(&conns) {
+            assert_eq!(g.id, c.id);
+            assert_eq!(g.record.tx.seq, c.record.tx.seq);
+            assert_eq!(g.record.rx.secret, c.record.rx.secret);
+            assert_eq!(g.decoder, c.decoder);
+            assert_eq!(g.rx, c.rx);
+            assert_eq!(g.resume, c.resume);
+            assert_eq!(g.idle_ms, 1234);
+        }
+        // A damaged batch is an error, not a panic or a partial adoption.
+        assert!(matches!(decode(&payload[..payload.len() / 2]), Err(HandoffError::Snapshot(_))));
     }
 
     #[test]
