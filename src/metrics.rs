@@ -44,6 +44,8 @@ counters! {
     connections_active: "gauge", "device connections currently held";
     connections_handed_over_total: "counter", "connections moved to a new process by a live upgrade";
     connections_adopted_total: "counter", "connections taken over from the previous process by a live upgrade";
+    connections_resumed_total: "counter", "adopted connections serving again (stream re-opened on a WSM)";
+    connections_resume_failed_total: "counter", "adopted connections that could not re-open a stream (closed with 1013)";
     handshakes_completed_total: "counter", "mutual TLS handshakes completed";
     upgrades_completed_total: "counter", "WebSocket upgrades answered 101";
     upgrades_rejected_total: "counter", "upgrade requests answered 4xx";

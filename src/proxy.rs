@@ -21,6 +21,8 @@ pub struct Running {
     /// Duplicates of every listening socket, for a live upgrade to hand over.
     pub listeners: Vec<std::os::fd::OwnedFd>,
     pub pid_file: Option<std::path::PathBuf>,
+    /// Connections a live upgrade keeps in flight at once (all shards).
+    pub upgrade_window: u64,
 }
 
 /// Where the listening sockets come from.
@@ -85,7 +87,8 @@ pub fn start_with(cfg: Config, from: Listeners) -> Result<Running, Vec<String>> 
         }
         None => None,
     };
-    Ok(Running { listen: addr, metrics_addr, shards, listeners: dups, pid_file: cfg.pid_file.clone() })
+    let upgrade_window = (shards.len() * cfg.upgrade_moving_per_shard) as u64;
+    Ok(Running { listen: addr, metrics_addr, shards, listeners: dups, pid_file: cfg.pid_file.clone(), upgrade_window })
 }
 
 impl Running {
@@ -119,9 +122,9 @@ impl Running {
 
     /// Live upgrade, old side: every shard moves its tunnels, sending each
     /// snapshot and socket to `sink`.
-    pub fn hand_off(&self, sink: crossbeam_channel::Sender<shard::Handed>) {
+    pub fn hand_off(&self, sink: crossbeam_channel::Sender<shard::Handed>, flight: Arc<shard::pace::Flight>) {
         for s in &self.shards {
-            let _ = s.ctl.send(Control::HandOff(sink.clone()));
+            let _ = s.ctl.send(Control::HandOff(sink.clone(), flight.clone()));
         }
     }
 
@@ -138,6 +141,15 @@ impl Running {
     /// Connections handed to a new process so far (all shards, ever).
     pub fn handed_over(&self) -> u64 {
         self.shards.iter().map(|s| s.metrics.connections_handed_over_total.load(std::sync::atomic::Ordering::Relaxed)).sum()
+    }
+
+    /// Adopted connections that are serving again or have failed to.
+    pub fn adoptions_settled(&self) -> u64 {
+        use std::sync::atomic::Ordering::Relaxed;
+        self.shards
+            .iter()
+            .map(|s| s.metrics.connections_resumed_total.load(Relaxed) + s.metrics.connections_resume_failed_total.load(Relaxed))
+            .sum()
     }
 
     /// Connections this process still holds.

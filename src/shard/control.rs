@@ -30,7 +30,7 @@ pub enum Control {
     /// Live upgrade: move every tunnel to the new process, a paced number at
     /// a time, each at its next safe point, sending its snapshot and a
     /// duplicate of its socket here.
-    HandOff(Sender<Handed>),
+    HandOff(Sender<Handed>, std::sync::Arc<super::pace::Flight>),
     /// Live upgrade, new side: adopt these connections.
     Adopt(Vec<Handed>),
 }

@@ -8,7 +8,7 @@
 pub mod conn;
 pub mod control;
 pub mod link;
-mod pace;
+pub mod pace;
 pub mod pool;
 pub mod timers;
 mod tunnel;
@@ -44,8 +44,9 @@ pub struct ShardCtx {
     pub timers: Rc<timers::Timers>,
     /// Set when a new process has taken over the listening sockets.
     pub stop_accepting: std::cell::Cell<bool>,
-    /// Set during a live upgrade: where tunnels send themselves.
-    pub handoff: RefCell<Option<Sender<Handed>>>,
+    /// Set during a live upgrade: where tunnels send themselves, and the
+    /// count of connections between here and serving in the new process.
+    pub handoff: RefCell<Option<(Sender<Handed>, Arc<pace::Flight>)>>,
     pub metrics: Arc<ShardMetrics>,
 }
 
@@ -184,10 +185,10 @@ async fn run(
                 }
                 tracing::info!(shard = index, "accepting again");
             }
-            Some(Control::HandOff(sink)) => {
+            Some(Control::HandOff(sink, flight)) => {
                 ctx.stop_accepting.set(true);
-                *ctx.handoff.borrow_mut() = Some(sink);
-                monoio::spawn(pace::hand_over_all(ctx.clone()));
+                *ctx.handoff.borrow_mut() = Some((sink, flight.clone()));
+                monoio::spawn(pace::hand_over_all(ctx.clone(), flight));
             }
             Some(Control::Adopt(conns)) => {
                 tracing::info!(shard = index, connections = conns.len(), "adopting connections");

@@ -320,7 +320,7 @@ const HANDOFF_ACK_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(
 /// `None` if no upgrade is under way (the request is dropped).
 async fn hand_over(dev: &mut Device, t: &mut Tunnel) -> Option<End> {
     t.stream.borrow_mut().handoff_requested = false;
-    let sink = dev.shard.handoff.borrow().clone()?;
+    let (sink, flight) = dev.shard.handoff.borrow().clone()?;
     // 1. The WSM stops sending and acknowledges; what it sent before arrives
     //    first (the link is ordered) and goes to the device now. The device
     //    is not read meanwhile: its bytes wait in the socket, which moves.
@@ -373,6 +373,7 @@ async fn hand_over(dev: &mut Device, t: &mut Tunnel) -> Option<End> {
         tracing::error!(conn = %dev.id, "upgrade channel gone; keeping the connection");
         return None;
     }
+    flight.released.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     t.link.close_stream(t.sid, CloseReason::HandedElsewhere, 1000, "");
     Some(End::HandedOver)
 }

@@ -125,7 +125,18 @@ impl Upgrader {
             self.write_report(&Report::failed(e.to_string(), running.connections()));
             return;
         }
-        running.hand_off(sink);
+        let flight = Arc::new(crate::shard::pace::Flight::new(running.upgrade_window));
+        // The new process reports how many it has adopted; the shards hold
+        // back while too many are between the two processes.
+        let (reader, f) = (ch.try_clone(), flight.clone());
+        let heard = reader.map_err(|e| e.to_string()).and_then(|r| {
+            std::thread::Builder::new().name("holdfast-upgrade-acks".into()).spawn(move || hear_progress(r, f)).map_err(|e| e.to_string())
+        });
+        if let Err(e) = heard {
+            tracing::warn!(error = %e, "cannot follow the new process's progress; the hand-over is paced per shard only");
+            flight.adopted.store(u64::MAX / 2, Ordering::Relaxed);
+        }
+        running.hand_off(sink, flight);
         self.sender = Some(sent);
         self.successor = Some(child);
         self.channel = Some(ch);
@@ -178,6 +189,18 @@ impl Upgrader {
             return true;
         }
         false
+    }
+}
+
+/// The old side's progress reader: records how many connections the new
+/// process has adopted. Ends when the channel closes.
+fn hear_progress(ch: UnixStream, flight: Arc<crate::shard::pace::Flight>) {
+    loop {
+        match handoff::recv(&ch) {
+            Ok((Msg::Adopted { total }, _)) => flight.adopted.store(total, Ordering::Relaxed),
+            Ok((m, _)) => tracing::warn!(msg = ?std::mem::discriminant(&m), "unexpected message from the new process"),
+            Err(_) => return,
+        }
     }
 }
 
@@ -303,10 +326,21 @@ pub fn take_over(ch: UnixStream, cfg: Config) -> Result<Running, Vec<String>> {
     };
     let running = proxy::start_with(cfg, proxy::Listeners::Inherited(fds)).map_err(failed)?;
     let _ = handoff::send(&ch, &Msg::Serving { pid, listen: running.listen.to_string() }, &[]);
+    // Progress goes back so the old process can pace itself.
+    let finished = Arc::new(AtomicBool::new(false));
+    match ch.try_clone() {
+        Ok(w) => {
+            let shards: Vec<_> = running.shards.iter().map(|s| s.metrics.clone()).collect();
+            let f = finished.clone();
+            let _ = std::thread::Builder::new().name("holdfast-adopt-acks".into()).spawn(move || report_progress(w, shards, f));
+        }
+        Err(e) => tracing::warn!(error = %e, "cannot report adoption progress to the old process"),
+    }
     // Established connections follow, in batches, until Done.
     let adopter = running.adopter();
     let _ = std::thread::Builder::new().name("holdfast-adopt".into()).spawn(move || {
         let mut adopted = 0usize;
+        let _finish = SetOnDrop(finished);
         loop {
             match handoff::recv(&ch) {
                 Ok((Msg::Conns { conns }, fds)) if conns.len() == fds.len() => {
@@ -326,6 +360,35 @@ pub fn take_over(ch: UnixStream, cfg: Config) -> Result<Running, Vec<String>> {
         }
     });
     Ok(running)
+}
+
+/// Sets the flag when dropped (a thread's end, however it ends).
+struct SetOnDrop(Arc<AtomicBool>);
+
+impl Drop for SetOnDrop {
+    fn drop(&mut self) {
+        self.0.store(true, Ordering::SeqCst);
+    }
+}
+
+/// New side: tells the old process, every millisecond while it changes,
+/// how many adopted connections serve again (or failed to). Ends once
+/// adoption has finished or the old process is gone.
+fn report_progress(ch: UnixStream, shards: Vec<Arc<crate::metrics::ShardMetrics>>, finished: Arc<AtomicBool>) {
+    let mut told = 0;
+    while !finished.load(Ordering::SeqCst) {
+        let total: u64 = shards
+            .iter()
+            .map(|m| m.connections_resumed_total.load(Ordering::Relaxed) + m.connections_resume_failed_total.load(Ordering::Relaxed))
+            .sum();
+        if total != told {
+            if handoff::send(&ch, &Msg::Adopted { total }, &[]).is_err() {
+                return;
+            }
+            told = total;
+        }
+        std::thread::sleep(Duration::from_millis(1));
+    }
 }
 
 /// The binary an upgrade starts: `HOLDFAST_UPGRADE_EXE` if set (a new

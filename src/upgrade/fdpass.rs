@@ -71,6 +71,14 @@ pub fn send(sock: &UnixStream, payload: &[u8], fds: &[RawFd]) -> Result<(), FdPa
 
 /// Receives one message: its payload and exactly the descriptors it announced.
 pub fn recv(sock: &UnixStream, max_payload: usize) -> Result<(Vec<u8>, Vec<OwnedFd>), FdPassError> {
+    let mut payload = Vec::new();
+    let fds = recv_into(sock, max_payload, &mut payload)?;
+    Ok((payload, fds))
+}
+
+/// [`recv`] into a buffer the caller reuses (its contents are replaced), so
+/// a stream of large messages does not map fresh memory for each one.
+pub fn recv_into(sock: &UnixStream, max_payload: usize, payload: &mut Vec<u8>) -> Result<Vec<OwnedFd>, FdPassError> {
     let mut header = [0u8; HEADER];
     let mut space = nix::cmsg_space!([RawFd; MAX_FDS]);
     let (got, fds, truncated) = loop {
@@ -109,9 +117,10 @@ pub fn recv(sock: &UnixStream, max_payload: usize) -> Result<(Vec<u8>, Vec<Owned
     if len > max_payload {
         return Err(FdPassError::TooLarge(len));
     }
-    let mut payload = vec![0u8; len];
-    r.read_exact(&mut payload).map_err(|_| FdPassError::Closed)?;
-    Ok((payload, fds))
+    payload.clear();
+    payload.resize(len, 0);
+    r.read_exact(payload).map_err(|_| FdPassError::Closed)?;
+    Ok(fds)
 }
 
 /// Whether the peer of a unix socket runs as this process's user

@@ -26,10 +26,11 @@ use super::fdpass;
 pub const ENV_FD: &str = "HOLDFAST_UPGRADE_FD";
 /// 253 connection snapshots with certificates and partial messages fit.
 const MAX_MSG: usize = 256 << 20;
-/// The layout of [`super::snapshot::ConnSnapshot`] in a `Conns` batch.
-/// Bump it whenever a snapshot type changes shape: an old process refuses
-/// a successor that reports another number (stop and start instead).
-pub const SNAPSHOT_FORMAT: u32 = 1;
+/// The layout of [`super::snapshot::ConnSnapshot`] in a `Conns` batch and
+/// the messages after `Serving`. Bump it whenever either changes: an old
+/// process refuses a successor that reports another number (stop and start
+/// instead). 2: `Adopted` progress reports.
+pub const SNAPSHOT_FORMAT: u32 = 2;
 /// First payload byte of a binary `Conns` batch (JSON starts with `{`).
 const CONNS_TAG: u8 = b'C';
 
@@ -54,6 +55,9 @@ pub enum Msg {
     Conns { conns: Vec<super::snapshot::ConnSnapshot> },
     /// Old -> new: every connection has been sent; the old process exits.
     Done,
+    /// New -> old: connections adopted so far that serve again (or failed
+    /// to); the old process paces its releases by it.
+    Adopted { total: u64 },
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -78,17 +82,39 @@ pub enum HandoffError {
     Incompatible { ours: u32, theirs: u32 },
 }
 
-fn encode(msg: &Msg) -> Result<Vec<u8>, HandoffError> {
+/// Encodes `msg` into `out` (cleared first).
+fn encode_into(msg: &Msg, mut out: Vec<u8>) -> (Vec<u8>, Result<(), HandoffError>) {
+    out.clear();
     match msg {
         Msg::Conns { conns } => {
-            // Sized up front so that growing does not leave copies of
-            // secrets behind in freed memory (the result is zeroed after use).
-            let mut out = Vec::with_capacity(1 + conns.len() * 4096);
+            // Room up front, so that growing does not leave copies of secrets
+            // behind in freed memory (the buffer is zeroed after use).
+            out.reserve(1 + conns.len() * 4096);
             out.push(CONNS_TAG);
-            postcard::to_extend(conns, out).map_err(|e| HandoffError::Snapshot(e.to_string()))
+            let empty = Vec::new();
+            match postcard::to_extend(conns, out) {
+                Ok(v) => (v, Ok(())),
+                Err(e) => (empty, Err(HandoffError::Snapshot(e.to_string()))),
+            }
         }
-        other => Ok(serde_json::to_vec(other)?),
+        other => {
+            let r = serde_json::to_writer(&mut out, other).map_err(HandoffError::from);
+            (out, r)
+        }
     }
+}
+
+#[cfg(test)]
+fn encode(msg: &Msg) -> Result<Vec<u8>, HandoffError> {
+    let (v, r) = encode_into(msg, Vec::new());
+    r.map(|()| v)
+}
+
+thread_local! {
+    /// Each thread's message buffer, reused so that a stream of large batches
+    /// does not map (and the kernel zero) fresh memory for every one. It is
+    /// zeroed after every use: it held traffic secrets.
+    static BUF: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
 }
 
 fn decode(payload: &[u8]) -> Result<Msg, HandoffError> {
@@ -101,19 +127,22 @@ fn decode(payload: &[u8]) -> Result<Msg, HandoffError> {
 }
 
 pub fn send(ch: &UnixStream, msg: &Msg, fds: &[std::os::fd::RawFd]) -> Result<(), HandoffError> {
-    let mut payload = encode(msg)?;
-    let res = fdpass::send(ch, &payload, fds);
+    let buf = BUF.with(|b| std::mem::take(&mut *b.borrow_mut()));
+    let (mut payload, encoded) = encode_into(msg, buf);
+    let res = encoded.and_then(|()| fdpass::send(ch, &payload, fds).map_err(HandoffError::from));
     // Connection messages carry traffic secrets.
     zeroize::Zeroize::zeroize(&mut payload);
-    res?;
-    Ok(())
+    BUF.with(|b| *b.borrow_mut() = payload);
+    res
 }
 
 pub fn recv(ch: &UnixStream) -> Result<(Msg, Vec<OwnedFd>), HandoffError> {
-    let (mut payload, fds) = fdpass::recv(ch, MAX_MSG)?;
-    let msg = decode(&payload);
+    let mut payload = BUF.with(|b| std::mem::take(&mut *b.borrow_mut()));
+    let got = fdpass::recv_into(ch, MAX_MSG, &mut payload);
+    let res = got.map_err(HandoffError::from).and_then(|fds| decode(&payload).map(|m| (m, fds)));
     zeroize::Zeroize::zeroize(&mut payload);
-    Ok((msg?, fds))
+    BUF.with(|b| *b.borrow_mut() = payload);
+    res
 }
 
 /// What an upgrade achieved, for the operator.
