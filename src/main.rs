@@ -86,6 +86,7 @@ enum Cmd {
 }
 
 fn main() -> ExitCode {
+    holdfast::no_huge_pages();
     let cli = Cli::parse();
     holdfast::init_log(&cli.log);
     match cli.cmd {
