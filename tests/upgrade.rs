@@ -14,7 +14,7 @@ use nix::unistd::Pid;
 
 fn echo(d: &mut Device, m: &str) {
     d.send_text(m).unwrap();
-    assert_eq!(d.recv_text().unwrap(), m);
+    assert_eq!(d.recv_text().unwrap_or_else(|e| panic!("{m}: {e}")), m);
 }
 
 /// Waits for a "holdfast ready" line from a process other than `old`.

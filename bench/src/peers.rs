@@ -50,7 +50,7 @@ pub fn peer_maxconn(fd_limit: u64) -> u64 {
     fd_limit.saturating_sub(200) / 2
 }
 
-pub fn holdfast_config(pki: &Path, port: u16, wsm: &str, shards: usize, cpus: &str, metrics_port: u16) -> String {
+pub fn holdfast_config(pki: &Path, port: u16, wsm: &str, shards: usize, cpus: &str, metrics_port: u16, moving_per_shard: u32) -> String {
     format!(
         r#"[listen]
 addr = "127.0.0.1:{port}"
@@ -84,6 +84,7 @@ addr = "127.0.0.1:{metrics_port}"
 
 [upgrade]
 pid_file = "{pki}/holdfast.pid"
+moving_per_shard = {moving_per_shard}
 "#,
         pki = pki.display()
     )
@@ -196,7 +197,7 @@ mod tests {
         }
         assert!(h.contains("verify required") && h.contains("nbthread 1"));
         assert!(n.contains("ssl_verify_client on") && n.contains("worker_processes 1;"));
-        let hf = holdfast_config(pki, 8443, "127.0.0.1:9000", 1, "0", 9100);
+        let hf = holdfast_config(pki, 8443, "127.0.0.1:9000", 1, "0", 9100, 256);
         assert!(hf.contains("shards = 1") && hf.contains("cpus = \"0\""));
         holdfast::config::Config::parse(&hf, Path::new("/x.toml")).expect("holdfast config validates");
     }

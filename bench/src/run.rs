@@ -55,6 +55,13 @@ pub struct RunArgs {
     /// A label added to the result file name (e.g. "tls12", "64b").
     #[arg(long, default_value = "")]
     pub label: String,
+    /// Upgrade scenario without the SIGUSR2: the same load's own pauses, to
+    /// compare the upgrade's with.
+    #[arg(long)]
+    pub no_signal: bool,
+    /// holdfast's `upgrade.moving_per_shard` (tunnels moving at once per shard).
+    #[arg(long, default_value_t = 256)]
+    pub moving_per_shard: u32,
     /// holdfast's log level; its log is kept as `<out>/<scenario>[-label]-holdfast.log`.
     #[arg(long, default_value = "warn")]
     pub proxy_log: String,
@@ -359,7 +366,8 @@ fn run_one(proxy: Proxy, a: &RunArgs, pki: &Path, work: &Path) -> Result<Scenari
             metrics_port = Some(mp);
             let cfg = work.join("holdfast.toml");
             let cpus = a.proxy_cpus.clone();
-            std::fs::write(&cfg, peers::holdfast_config(pki, port, &up_addr.to_string(), threads, &cpus, mp)).map_err(|e| e.to_string())?;
+            std::fs::write(&cfg, peers::holdfast_config(pki, port, &up_addr.to_string(), threads, &cpus, mp, a.moving_per_shard))
+                .map_err(|e| e.to_string())?;
             let mut c = pinned(&sibling("holdfast"), &pcpus);
             c.args(["run", "--log", &a.proxy_log, "--config"]).arg(&cfg);
             c
@@ -453,7 +461,7 @@ fn run_one(proxy: Proxy, a: &RunArgs, pki: &Path, work: &Path) -> Result<Scenari
     go(&mut swarm);
     let mut storm_secs = None;
     let mut upgrade_secs = None;
-    if a.scenario == "upgrade" {
+    if a.scenario == "upgrade" && !a.no_signal {
         std::thread::sleep(Duration::from_secs_f64(a.duration / 3.0));
         let t = Instant::now();
         // SAFETY: signalling our own child.

@@ -56,7 +56,11 @@ impl From<std::io::Error> for End {
 
 pub(super) struct Device {
     pub(super) shard: Rc<ShardCtx>,
-    pub(super) tcp: TcpStream,
+    /// The socket, shared so that a wait for readability can own its share
+    /// and outlive a burst of writes (see [`Device::readable`]). Not split
+    /// with monoio's `into_split`: its write half shuts the socket down when
+    /// dropped, which would end a connection handed to a new process.
+    tcp: Socket,
     pub(super) addr: SocketAddr,
     pub(super) id: ConnectionId,
     /// Received bytes not yet processed; present only while bytes are pending.
@@ -65,13 +69,27 @@ pub(super) struct Device {
     pub(super) device_close_code: u16,
 }
 
+/// A device socket shared between its task and that task's readiness wait.
+struct Socket(Rc<std::cell::UnsafeCell<TcpStream>>);
+
+impl Socket {
+    /// The socket for a read, a write or a shutdown.
+    fn io(&mut self) -> &mut TcpStream {
+        // SAFETY: monoio marks TcpStream `Split`: one read, one write and
+        // readiness waits may be in flight on it at once. The task runs one
+        // of its own reads or writes at a time (`&mut self`); the only other
+        // holder is a readiness wait (`Device::readable`).
+        unsafe { &mut *self.0.get() }
+    }
+}
+
 pub async fn serve(shard: Rc<ShardCtx>, tcp: TcpStream, addr: SocketAddr) {
     ShardMetrics::inc(&shard.metrics.connections_accepted_total);
     ShardMetrics::inc(&shard.metrics.connections_active);
     let _ = tcp.set_nodelay(true);
     let id = shard.ids.borrow_mut().next_id();
     let key = shard.conns.borrow_mut().insert(id);
-    let mut dev = Device { shard, tcp, addr, id, rx: None, device_close_code: 1006 };
+    let mut dev = Device::new(shard, tcp, addr, id);
     // Set-up and close-down are boxed: their state (rustls included) is freed
     // when they end, and does not size the future an idle connection keeps.
     match Box::pin(dev.establish()).await {
@@ -96,7 +114,7 @@ pub async fn adopt(shard: Rc<ShardCtx>, snap: crate::upgrade::snapshot::ConnSnap
     ShardMetrics::inc(&shard.metrics.connections_active);
     let key = shard.conns.borrow_mut().insert(snap.id);
     let addr = snap.addr.parse().unwrap_or_else(|_| SocketAddr::from(([0, 0, 0, 0], 0)));
-    let mut dev = Device { shard, tcp, addr, id: snap.id, rx: None, device_close_code: 1006 };
+    let mut dev = Device::new(shard, tcp, addr, snap.id);
     match Box::pin(dev.resume(snap)).await {
         Ok(t) => {
             ShardMetrics::inc(&dev.shard.metrics.connections_resumed_total);
@@ -126,9 +144,30 @@ async fn live(mut dev: Device, mut t: Box<Tunnel>, early: Vec<u8>, key: usize) {
 }
 
 impl Device {
+    fn new(shard: Rc<ShardCtx>, tcp: TcpStream, addr: SocketAddr, id: ConnectionId) -> Device {
+        Device { shard, tcp: Socket(Rc::new(std::cell::UnsafeCell::new(tcp))), addr, id, rx: None, device_close_code: 1006 }
+    }
+
+    /// Waits for the socket to be readable. The future owns its share of the
+    /// socket, so a tunnel keeps one armed across wakeups from its link
+    /// instead of dropping it: dropping an io_uring poll cancels it, and the
+    /// kernel finds the poll to cancel by walking a hash chain that grows
+    /// with the connections on the ring (256 buckets at most).
+    pub(super) fn readable(&self) -> impl std::future::Future<Output = std::io::Result<()>> + 'static {
+        let socket = self.tcp.0.clone();
+        // SAFETY: monoio marks TcpStream `Split`: a readiness wait may run
+        // beside reads and writes on the same socket; the Rc keeps it alive.
+        async move { unsafe { &*socket.get() }.readable(false).await }
+    }
+
+    pub(super) fn raw_fd(&self) -> std::os::fd::RawFd {
+        // SAFETY: a shared borrow for a plain getter (see `readable`).
+        std::os::fd::AsRawFd::as_raw_fd(unsafe { &*self.tcp.0.get() })
+    }
+
     /// Waits for the socket to be readable, then reads into a pool buffer.
     async fn read_more(&mut self) -> Result<usize, End> {
-        self.tcp.readable(false).await?;
+        self.readable().await?;
         self.read_now().await
     }
 
@@ -149,7 +188,7 @@ impl Device {
             rx.restore(v);
             return Err(End::Record(RecordError::RecordOverflow));
         }
-        let (res, slice) = self.tcp.read(v.slice_mut(len..cap)).await;
+        let (res, slice) = self.tcp.io().read(v.slice_mut(len..cap)).await;
         v = slice.into_inner();
         rx.restore(v);
         let n = res?;
@@ -170,7 +209,7 @@ impl Device {
         if data.is_empty() {
             return Ok(data);
         }
-        let (res, data) = self.tcp.write_all(data).await;
+        let (res, data) = self.tcp.io().write_all(data).await;
         res?;
         Ok(data)
     }
@@ -440,7 +479,7 @@ impl Device {
             buf.restore(out);
             return Err(e);
         }
-        let (res, out) = self.tcp.write_all(out).await;
+        let (res, out) = self.tcp.io().write_all(out).await;
         buf.restore(out);
         res?;
         Ok(())
@@ -483,12 +522,12 @@ impl Device {
     /// Half-closes, then drains what the device still sends for a moment, so
     /// the kernel does not reset the connection over our last bytes.
     async fn linger(&mut self) {
-        let _ = self.tcp.shutdown().await;
+        let _ = self.tcp.io().shutdown().await;
         let deadline = Instant::now() + Duration::from_secs(1);
         let mut buf = vec![0u8; 4096];
         let mut total = 0;
         while total < 1 << 20 {
-            match monoio::time::timeout_at(deadline.into(), self.tcp.read(buf)).await {
+            match monoio::time::timeout_at(deadline.into(), self.tcp.io().read(buf)).await {
                 Ok((Ok(n), b)) if n > 0 => {
                     buf = b;
                     total += n;

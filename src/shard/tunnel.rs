@@ -131,9 +131,13 @@ pub(super) async fn run(dev: &mut Device, t: &mut Tunnel, early: Vec<u8>) -> End
     end
 }
 
+/// A wait for the device socket that stays armed across wakeups.
+type Readable = std::pin::Pin<Box<dyn std::future::Future<Output = std::io::Result<()>>>>;
+
 async fn run_loop(dev: &mut Device, t: &mut Tunnel, early: Vec<u8>) -> End {
     let mut early = Some(early);
     let mut readable = false;
+    let mut poll: Option<Readable> = None;
     loop {
         if t.stream.borrow().handoff_requested
             && let Some(end) = Box::pin(hand_over(dev, t)).await
@@ -149,7 +153,7 @@ async fn run_loop(dev: &mut Device, t: &mut Tunnel, early: Vec<u8>) -> End {
         } else {
             dev.shard.timers.arm(&t.stream, t.last_active + COOL_AFTER);
         }
-        readable = match wait(dev, t).await {
+        readable = match wait(dev, t, &mut poll).await {
             Wake::Notified => false,
             Wake::Readable(Err(e)) => return End::Io(e),
             Wake::Readable(Ok(())) => true,
@@ -175,8 +179,9 @@ async fn step(dev: &mut Device, t: &mut Tunnel, readable: bool, early: Option<Ve
 
 /// Waits for the device socket (only while the stream may send), or a wake
 /// from the link or the shard's timers (armed here for the next idle or ping
-/// deadline).
-async fn wait(dev: &Device, t: &Tunnel) -> Wake {
+/// deadline). The socket wait in `poll` survives a wake from the link: it
+/// is only made again after it has fired.
+async fn wait(dev: &Device, t: &Tunnel, poll: &mut Option<Readable>) -> Wake {
     let ws = &dev.shard.cfg.ws;
     let can_read = t.link.can_send(&t.stream.borrow());
     let idle_at = ws.idle_timeout.map(|d| t.last_rx + d);
@@ -184,10 +189,19 @@ async fn wait(dev: &Device, t: &Tunnel) -> Wake {
     if let Some(at) = idle_at.into_iter().chain(ping_at).min() {
         dev.shard.timers.arm(&t.stream, at);
     }
-    monoio::select! {
-        r = dev.tcp.readable(false), if can_read => Wake::Readable(r),
-        _ = notified(&t.stream) => Wake::Notified,
+    if !can_read {
+        notified(&t.stream).await;
+        return Wake::Notified;
     }
+    let armed = poll.get_or_insert_with(|| Box::pin(dev.readable()));
+    let wake = monoio::select! {
+        r = armed => Wake::Readable(r),
+        _ = notified(&t.stream) => Wake::Notified,
+    };
+    if matches!(wake, Wake::Readable(_)) {
+        *poll = None;
+    }
+    wake
 }
 
 /// Reads what the device sent and decodes it into events.
@@ -360,9 +374,8 @@ async fn hand_over(dev: &mut Device, t: &mut Tunnel) -> Option<End> {
     };
     // 3. The socket: a duplicate goes to the new process; ours is closed
     //    without a FIN (the socket stays open there).
-    use std::os::fd::AsRawFd;
     // SAFETY: the descriptor is open and owned by `dev.tcp` for this call.
-    let fd = match unsafe { std::os::fd::BorrowedFd::borrow_raw(dev.tcp.as_raw_fd()) }.try_clone_to_owned() {
+    let fd = match unsafe { std::os::fd::BorrowedFd::borrow_raw(dev.raw_fd()) }.try_clone_to_owned() {
         Ok(fd) => fd,
         Err(e) => {
             tracing::error!(conn = %dev.id, error = %e, "cannot duplicate the device socket; keeping the connection");
