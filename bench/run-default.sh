@@ -15,5 +15,8 @@ $B run --scenario message --label saturation-64b --conns 200 --procs 2 --msg-siz
 $B run --scenario storm --conns 4000 --procs 4 --rate 2000 "$@"
 $B run --scenario upgrade --label idle-15k --proxies holdfast --conns 15000 --procs 4 --rate 2500 --msg-rate 0.2 --duration 15 "$@"
 $B run --scenario upgrade --label active-15k --proxies holdfast --conns 15000 --procs 4 --rate 2500 --msg-rate 1 --duration 15 "$@"
+# The same loads without the upgrade: the pauses devices see anyway.
+$B run --scenario upgrade --label idle-15k-nosignal --proxies holdfast --conns 15000 --procs 4 --rate 2500 --msg-rate 0.2 --duration 15 --no-signal "$@"
+$B run --scenario upgrade --label active-15k-nosignal --proxies holdfast --conns 15000 --procs 4 --rate 2500 --msg-rate 1 --duration 15 --no-signal "$@"
 $B report > bench/results/tables.md
 echo "tables: bench/results/tables.md"

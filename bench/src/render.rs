@@ -226,13 +226,13 @@ pub fn render(results: &[ScenarioResult], dir: &Path) -> Result<String, String> 
                 for r in &rs {
                     let p = &r.swarm.pause_us;
                     md.push_str(&format!(
-                        "| {} | {} | {} | {} | {} | {:.2} s | {:.1} / {:.1} / {:.1} ms | {:.1} ms |\n",
+                        "| {} | {} | {} | {} | {} | {} | {:.1} / {:.1} / {:.1} ms | {:.1} ms |\n",
                         r.proxy,
                         r.devices_ready,
                         r.swarm.messages,
                         r.swarm.error_count(),
                         r.swarm.mismatched_bytes,
-                        r.upgrade_secs.unwrap_or(0.0),
+                        r.upgrade_secs.map(|s| format!("{s:.2} s")).unwrap_or_else(|| "no upgrade (baseline)".into()),
                         p.p50 as f64 / 1000.0,
                         p.p99 as f64 / 1000.0,
                         p.max as f64 / 1000.0,

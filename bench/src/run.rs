@@ -58,13 +58,24 @@ pub struct RunArgs {
     /// Upgrade scenario without the SIGUSR2: the same load's own pauses, to
     /// compare the upgrade's with.
     #[arg(long)]
+    #[serde(default)]
     pub no_signal: bool,
     /// holdfast's `upgrade.moving_per_shard` (tunnels moving at once per shard).
     #[arg(long, default_value_t = 256)]
+    #[serde(default = "default_moving")]
     pub moving_per_shard: u32,
     /// holdfast's log level; its log is kept as `<out>/<scenario>[-label]-holdfast.log`.
     #[arg(long, default_value = "warn")]
+    #[serde(default = "default_log")]
     pub proxy_log: String,
+}
+
+fn default_moving() -> u32 {
+    256
+}
+
+fn default_log() -> String {
+    "warn".into()
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
