@@ -92,7 +92,12 @@ pub fn client_config(o: &DeviceOptions) -> Result<ClientConfig, DeviceError> {
 /// A mutual-TLS stream to holdfast with the handshake done, before any
 /// WebSocket bytes (tests use it to send malformed requests).
 pub fn tls_stream(o: &DeviceOptions) -> Result<StreamOwned<ClientConnection, TcpStream>, DeviceError> {
-    let config = Arc::new(client_config(o)?);
+    tls_stream_with(o, Arc::new(client_config(o)?))
+}
+
+/// As [`tls_stream`] with a given client configuration (one shared by
+/// several connections keeps their session tickets, so they can resume).
+pub fn tls_stream_with(o: &DeviceOptions, config: Arc<ClientConfig>) -> Result<StreamOwned<ClientConnection, TcpStream>, DeviceError> {
     let name = ServerName::try_from(o.server_name.clone()).map_err(|e| DeviceError::Setup(e.to_string()))?;
     let conn = ClientConnection::new(config, name).map_err(|e| DeviceError::Setup(e.to_string()))?;
     let tcp = TcpStream::connect_timeout(&o.addr, o.timeout)?;
@@ -108,7 +113,12 @@ pub fn tls_stream(o: &DeviceOptions) -> Result<StreamOwned<ClientConnection, Tcp
 impl Device {
     /// Connects, completes mutual TLS and the WebSocket upgrade.
     pub fn connect(o: &DeviceOptions) -> Result<Device, DeviceError> {
-        let mut tls = tls_stream(o)?;
+        Device::connect_with(o, Arc::new(client_config(o)?))
+    }
+
+    /// As [`Device::connect`] with a shared client configuration.
+    pub fn connect_with(o: &DeviceOptions, config: Arc<ClientConfig>) -> Result<Device, DeviceError> {
+        let mut tls = tls_stream_with(o, config)?;
         let mut key = [0u8; 20];
         ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut key)
             .map_err(|_| DeviceError::Setup("no randomness".into()))?;
@@ -140,6 +150,11 @@ impl Device {
             d.events.extend(ev);
         }
         Ok(d)
+    }
+
+    /// Whether the TLS handshake resumed an earlier session.
+    pub fn resumed(&self) -> bool {
+        self.tls.conn.handshake_kind() == Some(rustls::HandshakeKind::Resumed)
     }
 
     /// The negotiated TLS version and suite, e.g. ("TLSv1_3", "TLS13_AES_128_GCM_SHA256").

@@ -13,6 +13,7 @@ use crate::config::Config;
 use crate::metrics::{self, ShardMetrics};
 use crate::shard::{self, Control, ShardHandle};
 use crate::tls::server::TlsContext;
+use crate::tls::tickets::Ticketer;
 
 pub struct Running {
     pub listen: SocketAddr,
@@ -23,6 +24,8 @@ pub struct Running {
     pub pid_file: Option<std::path::PathBuf>,
     /// Connections a live upgrade keeps in flight at once (all shards).
     pub upgrade_window: u64,
+    /// Session-ticket keys, for a live upgrade's successor.
+    pub tickets: Arc<Ticketer>,
 }
 
 /// Where the listening sockets come from.
@@ -35,11 +38,14 @@ pub enum Listeners {
 }
 
 pub fn start(cfg: Config) -> Result<Running, Vec<String>> {
-    start_with(cfg, Listeners::Bind)
+    start_with(cfg, Listeners::Bind, None)
 }
 
-pub fn start_with(cfg: Config, from: Listeners) -> Result<Running, Vec<String>> {
-    let tls = TlsContext::load(&cfg.tls).map_err(|es| es.iter().map(|e| e.to_string()).collect::<Vec<_>>())?;
+/// Starts the proxy on `from`; `tickets` are a predecessor's session-ticket
+/// keys (a live upgrade), else fresh ones are made.
+pub fn start_with(cfg: Config, from: Listeners, tickets: Option<Arc<Ticketer>>) -> Result<Running, Vec<String>> {
+    let tls = TlsContext::load_with(&cfg.tls, tickets).map_err(|es| es.iter().map(|e| e.to_string()).collect::<Vec<_>>())?;
+    let ticketer = tls.tickets.clone();
     let cfg = Arc::new(cfg);
     let shard_count = cfg.shard_cpus.len();
     let mut addr = cfg.listen;
@@ -88,7 +94,7 @@ pub fn start_with(cfg: Config, from: Listeners) -> Result<Running, Vec<String>> 
         None => None,
     };
     let upgrade_window = (shards.len() * cfg.upgrade_moving_per_shard) as u64;
-    Ok(Running { listen: addr, metrics_addr, shards, listeners: dups, pid_file: cfg.pid_file.clone(), upgrade_window })
+    Ok(Running { listen: addr, metrics_addr, shards, listeners: dups, pid_file: cfg.pid_file.clone(), upgrade_window, tickets: ticketer })
 }
 
 impl Running {

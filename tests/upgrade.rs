@@ -142,6 +142,40 @@ fn sigusr2_moves_established_connections_without_a_reconnect() {
 }
 
 #[test]
+fn session_tickets_from_the_old_process_resume_in_the_new_one() {
+    let pki = Pki::new();
+    let wsm = start_wsm(pki.path(), "wsm");
+    let mut proxy = start_proxy(&pki, &[wsm.addr], 1, "", "");
+    let old = proxy.child.id();
+    let mut devices = Vec::new();
+    for version in ["1.3", "1.2"] {
+        let mut o = opts(&pki, &proxy, "oven-1");
+        o.version = Some(version.into());
+        let cfg = std::sync::Arc::new(holdfast::device::client_config(&o).unwrap());
+        let mut first = Device::connect_with(&o, cfg.clone()).unwrap();
+        assert!(!first.resumed(), "TLS {version}: a first connection is a full handshake");
+        echo(&mut first, "a ticket arrives with this");
+        // The old process resumes its own tickets (and issues fresh ones).
+        let mut again = Device::connect_with(&o, cfg.clone()).unwrap();
+        assert!(again.resumed(), "TLS {version}: resumed against the old process");
+        echo(&mut again, "resumed");
+        devices.push((version, o, cfg, first));
+    }
+    kill(Pid::from_raw(old as i32), Signal::SIGUSR2).unwrap();
+    let new = new_ready_pid(&proxy, old, 20);
+    let _guard = KillOnDrop(new);
+    eventually(15, "the old process to exit", || proxy.child.try_wait().unwrap().is_some());
+    for (version, o, cfg, first) in &mut devices {
+        // The moved connection carries on, and a reconnect resumes with a
+        // ticket the old process issued.
+        echo(first, "moved");
+        let mut d = Device::connect_with(o, cfg.clone()).unwrap();
+        assert!(d.resumed(), "TLS {version}: the new process resumed a ticket of the old one");
+        echo(&mut d, "resumed after the upgrade");
+    }
+}
+
+#[test]
 fn a_failed_upgrade_leaves_the_old_process_serving() {
     let pki = Pki::new();
     let wsm = start_wsm(pki.path(), "wsm");

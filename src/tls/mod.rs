@@ -4,4 +4,5 @@ pub mod handshake;
 pub mod keys;
 pub mod record;
 pub mod server;
+pub mod tickets;
 pub mod verify;

@@ -14,6 +14,7 @@ use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 
 use super::blocklist::Blocklist;
 use super::handshake::SecretCapture;
+use super::tickets::Ticketer;
 use super::verify::{CaGroup, DeviceVerifier};
 use crate::config::{ConfigError, TlsConfig, err};
 
@@ -23,6 +24,8 @@ pub struct TlsContext {
     pub server: Arc<ServerConfig>,
     pub verifier: Arc<DeviceVerifier>,
     pub key_update_after: u64,
+    /// Session-ticket keys (shared by the shards, handed to a successor).
+    pub tickets: Arc<Ticketer>,
 }
 
 pub fn provider() -> Arc<CryptoProvider> {
@@ -38,6 +41,12 @@ pub fn load_blocklist(path: &std::path::Path) -> Result<Blocklist, ConfigError> 
 
 impl TlsContext {
     pub fn load(c: &TlsConfig) -> Result<TlsContext, Vec<ConfigError>> {
+        TlsContext::load_with(c, None)
+    }
+
+    /// As [`TlsContext::load`], sealing session tickets with `tickets`
+    /// (a predecessor's keys) instead of fresh ones.
+    pub fn load_with(c: &TlsConfig, tickets: Option<Arc<Ticketer>>) -> Result<TlsContext, Vec<ConfigError>> {
         let mut errs = Vec::new();
         let mut p = rustls::crypto::ring::default_provider();
         if !c.cipher_suites.is_empty() {
@@ -96,7 +105,11 @@ impl TlsContext {
         server.enable_secret_extraction = true;
         server.key_log = Arc::new(SecretCapture);
         server.send_tls13_tickets = 1;
-        server.ticketer = rustls::crypto::ring::Ticketer::new().map_err(|e| vec![err("tls", format!("session ticketer: {e}"))])?;
-        Ok(TlsContext { server: Arc::new(server), verifier, key_update_after: c.key_update_after })
+        let tickets = match tickets {
+            Some(t) => t,
+            None => Ticketer::generate().map_err(|e| vec![err("tls", format!("session ticketer: {e}"))])?,
+        };
+        server.ticketer = tickets.clone();
+        Ok(TlsContext { server: Arc::new(server), verifier, key_update_after: c.key_update_after, tickets })
     }
 }

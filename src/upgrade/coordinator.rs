@@ -84,7 +84,8 @@ impl Upgrader {
         }
         tracing::info!(exe = %self.exe.display(), "upgrade requested");
         self.started = Some(std::time::Instant::now());
-        let outcome = handoff::hand_over_listeners(&self.exe, &self.config, &running.listeners, Duration::from_secs(30));
+        let outcome =
+            handoff::hand_over_listeners(&self.exe, &self.config, &running.listeners, running.tickets.export(), Duration::from_secs(30));
         let (outcome, child, ch) = match outcome {
             Ok(o) => o,
             Err(e) => {
@@ -319,12 +320,22 @@ pub fn take_over(ch: UnixStream, cfg: Config) -> Result<Running, Vec<String>> {
     let pid = std::process::id();
     handoff::send(&ch, &Msg::Ready { pid, shards: cfg.shard_cpus.len(), snapshot_format: handoff::SNAPSHOT_FORMAT }, &[])
         .map_err(|e| vec![e.to_string()])?;
-    let fds = match handoff::recv(&ch) {
-        Ok((Msg::Listeners { count }, fds)) if count == fds.len() => fds,
+    let (fds, tickets) = match handoff::recv(&ch) {
+        Ok((Msg::Listeners { count, ticket_keys }, fds)) if count == fds.len() => {
+            // The predecessor's ticket keys: its devices' tickets resume here.
+            let tickets = match crate::tls::tickets::Ticketer::import(&ticket_keys) {
+                Ok(t) => Some(t),
+                Err(e) => {
+                    tracing::warn!(error = %e, "no session-ticket keys from the old process; its tickets will not resume here");
+                    None
+                }
+            };
+            (fds, tickets)
+        }
         Ok((m, _)) => return Err(failed(vec![format!("unexpected message {:?}", std::mem::discriminant(&m))])),
         Err(e) => return Err(failed(vec![e.to_string()])),
     };
-    let running = proxy::start_with(cfg, proxy::Listeners::Inherited(fds)).map_err(failed)?;
+    let running = proxy::start_with(cfg, proxy::Listeners::Inherited(fds), tickets).map_err(failed)?;
     let _ = handoff::send(&ch, &Msg::Serving { pid, listen: running.listen.to_string() }, &[]);
     // Progress goes back so the old process can pace itself.
     let finished = Arc::new(AtomicBool::new(false));

@@ -29,8 +29,8 @@ const MAX_MSG: usize = 256 << 20;
 /// The layout of [`super::snapshot::ConnSnapshot`] in a `Conns` batch and
 /// the messages after `Serving`. Bump it whenever either changes: an old
 /// process refuses a successor that reports another number (stop and start
-/// instead). 2: `Adopted` progress reports.
-pub const SNAPSHOT_FORMAT: u32 = 2;
+/// instead). 2: `Adopted` progress reports. 3: session-ticket keys.
+pub const SNAPSHOT_FORMAT: u32 = 3;
 /// First payload byte of a binary `Conns` batch (JSON starts with `{`).
 const CONNS_TAG: u8 = b'C';
 
@@ -47,8 +47,13 @@ pub enum Msg {
     },
     /// New -> old: start-up failed; the old process keeps serving.
     Failed { error: String },
-    /// Old -> new, with the listening sockets attached.
-    Listeners { count: usize },
+    /// Old -> new, with the listening sockets attached, and the session-
+    /// ticket keys so that the old process's tickets resume in the new one.
+    Listeners {
+        count: usize,
+        #[serde(default)]
+        ticket_keys: Vec<crate::tls::tickets::ExportedKey>,
+    },
     /// New -> old: accepting on the inherited sockets.
     Serving { pid: u32, listen: String },
     /// Old -> new: established connections, their sockets attached in order.
@@ -159,6 +164,7 @@ pub fn hand_over_listeners(
     exe: &Path,
     config: &Path,
     listeners: &[OwnedFd],
+    ticket_keys: Vec<crate::tls::tickets::ExportedKey>,
     timeout: Duration,
 ) -> Result<(Outcome, Child, UnixStream), HandoffError> {
     let start = Instant::now();
@@ -211,7 +217,7 @@ pub fn hand_over_listeners(
         Err(e) => return Err(fail(&mut child, e)),
     };
     let fds: Vec<_> = listeners.iter().map(|l| l.as_raw_fd()).collect();
-    if let Err(e) = send(&ours, &Msg::Listeners { count: fds.len() }, &fds) {
+    if let Err(e) = send(&ours, &Msg::Listeners { count: fds.len(), ticket_keys }, &fds) {
         return Err(fail(&mut child, e));
     }
     match reply(&mut child) {
@@ -249,9 +255,9 @@ mod tests {
     fn messages_roundtrip_with_descriptors() {
         let (a, b) = UnixStream::pair().unwrap();
         let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        send(&a, &Msg::Listeners { count: 1 }, &[l.as_raw_fd()]).unwrap();
+        send(&a, &Msg::Listeners { count: 1, ticket_keys: Vec::new() }, &[l.as_raw_fd()]).unwrap();
         let (m, fds) = recv(&b).unwrap();
-        assert!(matches!(m, Msg::Listeners { count: 1 }));
+        assert!(matches!(m, Msg::Listeners { count: 1, .. }));
         let inherited = std::net::TcpListener::from(fds.into_iter().next().unwrap());
         assert_eq!(inherited.local_addr().unwrap(), l.local_addr().unwrap());
         let j = serde_json::to_string(&Msg::Ready { pid: 7, shards: 2, snapshot_format: 1 }).unwrap();
@@ -324,7 +330,8 @@ mod tests {
     fn a_new_binary_that_exits_is_reported_and_nothing_changes() {
         let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         let fds = vec![OwnedFd::from(l.try_clone().unwrap())];
-        let e = hand_over_listeners(Path::new("/bin/false"), Path::new("/nonexistent.toml"), &fds, Duration::from_secs(5)).unwrap_err();
+        let e = hand_over_listeners(Path::new("/bin/false"), Path::new("/nonexistent.toml"), &fds, Vec::new(), Duration::from_secs(5))
+            .unwrap_err();
         assert!(matches!(e, HandoffError::NewExited(_)), "{e}");
         // The old listener is untouched.
         let _c = std::net::TcpStream::connect(l.local_addr().unwrap()).unwrap();
@@ -335,7 +342,7 @@ mod tests {
     fn a_silent_new_binary_times_out_and_is_killed() {
         let fds: Vec<OwnedFd> = Vec::new();
         let start = Instant::now();
-        let e = hand_over_listeners(Path::new("/bin/sleep"), Path::new("30"), &fds, Duration::from_millis(300)).unwrap_err();
+        let e = hand_over_listeners(Path::new("/bin/sleep"), Path::new("30"), &fds, Vec::new(), Duration::from_millis(300)).unwrap_err();
         assert!(matches!(e, HandoffError::Timeout(_) | HandoffError::NewExited(_)), "{e}");
         assert!(start.elapsed() < Duration::from_secs(5));
     }
