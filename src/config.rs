@@ -197,6 +197,48 @@ pub struct UpstreamFile {
     /// Milliseconds between link pings.
     #[serde(default = "default_ping")]
     pub ping_interval_ms: u64,
+    /// A link that has received nothing (not even a pong) for this many
+    /// milliseconds is dead: its streams resume on other links.
+    #[serde(default = "default_liveness")]
+    pub liveness_timeout_ms: u64,
+    /// Milliseconds a stream whose WSM went away may wait for another one;
+    /// then its device is closed with 1013 (try again later).
+    #[serde(default = "default_resume_timeout")]
+    pub resume_timeout_ms: u64,
+    /// Those 1013 closes are spread at random over this many milliseconds
+    /// after `resume_timeout_ms`, never all at once.
+    #[serde(default = "default_close_spread")]
+    pub close_spread_ms: u64,
+    /// Streams each shard re-opens on other WSMs per second (after a WSM
+    /// died or sent goaway), so the WSMs that take them are not stormed.
+    #[serde(default = "default_resume_rate")]
+    pub resume_per_sec: u32,
+    /// Bytes of device messages held for a stream with no WSM; beyond it
+    /// holdfast stops reading the device (TCP backpressure), drops nothing.
+    #[serde(default = "default_held_conn")]
+    pub held_bytes_per_connection: u32,
+    /// The same bound for all of one shard's streams together.
+    #[serde(default = "default_held_shard")]
+    pub held_bytes_per_shard: u64,
+}
+
+fn default_liveness() -> u64 {
+    15_000
+}
+fn default_resume_timeout() -> u64 {
+    30_000
+}
+fn default_close_spread() -> u64 {
+    10_000
+}
+fn default_resume_rate() -> u32 {
+    2_000
+}
+fn default_held_conn() -> u32 {
+    64 * 1024
+}
+fn default_held_shard() -> u64 {
+    64 << 20
 }
 
 fn one() -> u32 {
@@ -289,6 +331,12 @@ pub struct UpstreamConfig {
     pub open_timeout: Duration,
     pub stream_window: u32,
     pub ping_interval: Duration,
+    pub liveness_timeout: Duration,
+    pub resume_timeout: Duration,
+    pub close_spread: Duration,
+    pub resume_per_sec: u32,
+    pub held_bytes_per_connection: usize,
+    pub held_bytes_per_shard: u64,
 }
 
 /// Parses "0-3,6,8-9" into a list of CPU numbers.
@@ -460,7 +508,28 @@ impl Config {
             open_timeout: ms("upstream.open_timeout_ms", u.open_timeout_ms, &mut errs),
             stream_window: u.stream_window,
             ping_interval: ms("upstream.ping_interval_ms", u.ping_interval_ms, &mut errs),
+            liveness_timeout: ms("upstream.liveness_timeout_ms", u.liveness_timeout_ms, &mut errs),
+            resume_timeout: ms("upstream.resume_timeout_ms", u.resume_timeout_ms, &mut errs),
+            close_spread: Duration::from_millis(u.close_spread_ms),
+            resume_per_sec: u.resume_per_sec,
+            held_bytes_per_connection: u.held_bytes_per_connection as usize,
+            held_bytes_per_shard: u.held_bytes_per_shard,
         };
+        if upstream.liveness_timeout <= upstream.ping_interval {
+            errs.push(err(
+                "upstream.liveness_timeout_ms",
+                "must be longer than upstream.ping_interval_ms (a healthy idle link answers pings)",
+            ));
+        }
+        if u.resume_per_sec == 0 {
+            errs.push(err("upstream.resume_per_sec", "must be at least 1"));
+        }
+        if u.held_bytes_per_connection < 1024 {
+            errs.push(err("upstream.held_bytes_per_connection", "must be at least 1024"));
+        }
+        if u.held_bytes_per_shard < u.held_bytes_per_connection as u64 {
+            errs.push(err("upstream.held_bytes_per_shard", "must be at least upstream.held_bytes_per_connection"));
+        }
 
         if f.buffers.size < crate::shard::pool::MIN_BUFFER {
             errs.push(err("buffers.size", format!("must be at least {} (one TLS record)", crate::shard::pool::MIN_BUFFER)));

@@ -60,6 +60,13 @@ counters! {
     idle_timeouts_total: "counter", "connections closed for inactivity";
     links_up: "gauge", "WSM links currently up";
     link_connects_total: "counter", "WSM link connections established";
+    link_liveness_failures_total: "counter", "WSM links failed because nothing arrived within the liveness timeout";
+    streams_detached_total: "counter", "streams whose WSM went away (link lost or goaway), to be resumed elsewhere";
+    streams_moved_total: "counter", "streams moved off a WSM that sent goaway (HANDOFF, ack, close)";
+    streams_resumed_total: "counter", "detached streams re-opened on another WSM with their held messages sent";
+    streams_resume_failed_total: "counter", "detached streams no WSM took within resume_timeout (device closed with 1013)";
+    messages_resent_total: "counter", "device messages sent again after their WSM died before acknowledging them";
+    held_bytes: "gauge", "bytes of device messages held for streams without a WSM";
     link_failures_total: "counter", "WSM link connection attempts or links that failed";
     pool_exhausted_total: "counter", "times a connection waited for an I/O buffer";
     buffers_in_use: "gauge", "I/O buffers currently lent out";

@@ -1,5 +1,8 @@
 //! `holdfast-wsm`: the reference WSM. Echoes every message; answers the
-//! text `whoami` with the stream's identity as JSON.
+//! text `whoami` with the stream's identity as JSON. SIGTERM (or SIGINT)
+//! drains it: GOAWAY on every link, so holdfast moves its streams to other
+//! WSMs, and exit 0 once none is left (or after `--drain-timeout`). A second
+//! signal exits at once.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -19,11 +22,19 @@ struct Cli {
     node: String,
     #[arg(long, default_value = "info", env = "HOLDFAST_LOG")]
     log: String,
+    /// Seconds a drain may take before the process exits regardless.
+    #[arg(long, default_value_t = 60)]
+    drain_timeout: u64,
 }
 
 fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
     holdfast::init_log(&cli.log);
+    // Blocked in every thread; one thread waits for them below.
+    let mut signals = nix::sys::signal::SigSet::empty();
+    signals.add(nix::sys::signal::Signal::SIGTERM);
+    signals.add(nix::sys::signal::Signal::SIGINT);
+    let _ = signals.thread_block();
     let server = match holdfast::wsm::Server::bind(cli.listen, Arc::new(holdfast::wsm::echo::Echo::default()), cli.node) {
         Ok(s) => s,
         Err(e) => {
@@ -35,11 +46,35 @@ fn main() -> std::process::ExitCode {
         Ok(a) => println!("holdfast-wsm listening on {a}"),
         Err(e) => eprintln!("holdfast-wsm: {e}"),
     }
-    match server.serve() {
-        Ok(()) => std::process::ExitCode::SUCCESS,
-        Err(e) => {
+    let drain = server.drain_handle();
+    std::thread::spawn(move || {
+        if let Err(e) = server.serve() {
             eprintln!("holdfast-wsm: {e}");
-            std::process::ExitCode::FAILURE
+            std::process::exit(1);
         }
+    });
+    let Ok(sig) = signals.wait() else {
+        return std::process::ExitCode::FAILURE;
+    };
+    tracing::info!(signal = ?sig, streams = drain.streams(), "draining: asking holdfast to move every stream elsewhere");
+    drain.start();
+    // A second signal ends the drain at once.
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let _ = signals.wait();
+        let _ = tx.send(());
+    });
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(cli.drain_timeout);
+    // Give every link a moment to send its GOAWAY before counting down.
+    std::thread::sleep(std::time::Duration::from_millis(200));
+    while drain.streams() > 0 && std::time::Instant::now() < deadline && rx.try_recv().is_err() {
+        std::thread::sleep(std::time::Duration::from_millis(50));
     }
+    let left = drain.streams();
+    if left > 0 {
+        tracing::warn!(streams = left, "drain ended with streams still open");
+    } else {
+        tracing::info!("drained: no stream left");
+    }
+    std::process::ExitCode::SUCCESS
 }

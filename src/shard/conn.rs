@@ -276,7 +276,7 @@ impl Device {
     }
 
     /// Rebuilds a moved connection and re-opens its stream (resumed).
-    async fn resume(&mut self, snap: crate::upgrade::snapshot::ConnSnapshot) -> Result<Box<Tunnel>, End> {
+    async fn resume(&mut self, mut snap: crate::upgrade::snapshot::ConnSnapshot) -> Result<Box<Tunnel>, End> {
         let mut rl = RecordLayer::new(snap.record.clone()).map_err(End::Record)?;
         if !snap.rx.is_empty() {
             let mut b = self.shard.pool.take().await;
@@ -304,6 +304,7 @@ impl Device {
         }
         let mut t = Tunnel::new(rl, link, stream, snap.max_message as usize, Box::new(snap.resume.clone()));
         t.restore(snap.decoder.clone(), snap.idle_ms);
+        super::reattach::adopt_held(self, &mut t, std::mem::take(&mut snap.held));
         Ok(t)
     }
 

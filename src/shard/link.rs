@@ -52,6 +52,14 @@ pub struct StreamShared {
     pub handoff_acked: bool,
     /// The shard asked this stream's tunnel to move to a new process.
     pub handoff_requested: bool,
+    /// The WSM sent goaway: the tunnel should move its stream to another WSM.
+    pub move_requested: bool,
+    /// Device messages sent on this stream whose credit has not come back:
+    /// the WSM may not have processed them. If the link dies they are sent
+    /// again, first, on the stream that replaces this one.
+    pub unacked: VecDeque<(bool, Vec<u8>)>,
+    /// Credit returned beyond the whole messages taken off `unacked`.
+    acked_carry: u64,
     notified: bool,
     waker: Option<Waker>,
 }
@@ -59,6 +67,23 @@ pub struct StreamShared {
 pub type StreamRef = Rc<RefCell<StreamShared>>;
 
 impl StreamShared {
+    /// The WSM returned `bytes` of credit: that much of what was sent has
+    /// been processed (or discarded), oldest first.
+    fn ack(&mut self, bytes: u32) {
+        self.acked_carry += bytes as u64;
+        while let Some((_, m)) = self.unacked.front() {
+            if m.len() as u64 > self.acked_carry {
+                break;
+            }
+            self.acked_carry -= m.len() as u64;
+            self.unacked.pop_front();
+        }
+        if self.unacked.is_empty() {
+            self.acked_carry = 0;
+            self.unacked.shrink_to(0);
+        }
+    }
+
     pub fn wake(&mut self) {
         self.notified = true;
         if let Some(w) = self.waker.take() {
@@ -114,6 +139,17 @@ impl Link {
         Rc::new(Link { host, index, stream_window, st: RefCell::new(LinkState::default()) })
     }
 
+    /// Counts the link's connections (a new one after every reconnect).
+    pub fn generation(&self) -> u64 {
+        self.st.borrow().generation
+    }
+
+    /// Whether the WSM sent goaway on this link's current connection.
+    pub fn going_away(&self) -> bool {
+        let s = self.st.borrow();
+        s.up && s.goaway
+    }
+
     /// Up, past HELLO, and not told to go away.
     pub fn usable(&self) -> bool {
         let s = self.st.borrow();
@@ -163,6 +199,7 @@ impl Link {
         }
         codec::message_header(&mut st.out, s.stream_id, binary, data.len());
         st.out.extend_from_slice(data);
+        s.unacked.push_back((binary, data.to_vec()));
         s.send_credit -= data.len() as i64;
         st.link_credit -= data.len() as i64;
         if let Some(w) = st.writer.take() {
@@ -281,6 +318,7 @@ impl Link {
                     let mut s = s.borrow_mut();
                     let was_blocked = s.send_credit <= 0;
                     s.send_credit += bytes as i64;
+                    s.ack(bytes);
                     if was_blocked && s.send_credit > 0 {
                         s.wake();
                     }
@@ -379,7 +417,7 @@ async fn connect_and_serve(
         st.generation
     };
     let writer = monoio::spawn(write_loop(link.clone(), wr, generation, cfg.upstream.ping_interval));
-    let res = read_loop(link, &mut rd, shard, metrics, first, first_attempt).await;
+    let res = read_loop(link, &mut rd, shard, metrics, first, first_attempt, cfg.upstream.liveness_timeout).await;
     // Stop the writer of this connection before the next attempt.
     link.fail(metrics);
     writer.await;
@@ -393,6 +431,7 @@ async fn read_loop<R: AsyncReadRent>(
     metrics: &Arc<ShardMetrics>,
     first: &mut bool,
     first_attempt: &Rc<RefCell<usize>>,
+    liveness: Duration,
 ) -> Result<(), String> {
     let mut buf: Vec<u8> = Vec::with_capacity(64 * 1024);
     let mut hello_seen = false;
@@ -401,7 +440,12 @@ async fn read_loop<R: AsyncReadRent>(
             buf.reserve(buf.capacity());
         }
         let (len, cap) = (buf.len(), buf.capacity());
-        let (res, slice) = rd.read(buf.slice_mut(len..cap)).await;
+        // A healthy WSM answers the writer's pings, so silence this long
+        // means a dead peer (or a partitioned one): fail the link.
+        let Ok((res, slice)) = monoio::time::timeout(liveness, rd.read(buf.slice_mut(len..cap))).await else {
+            ShardMetrics::inc(&metrics.link_liveness_failures_total);
+            return Err(format!("nothing from the WSM for {} ms", liveness.as_millis()));
+        };
         buf = slice.into_inner();
         let n = res.map_err(|e| format!("read: {e}"))?;
         if n == 0 {

@@ -10,6 +10,7 @@ pub mod control;
 pub mod link;
 pub mod pace;
 pub mod pool;
+mod reattach;
 pub mod timers;
 mod tunnel;
 
@@ -42,6 +43,10 @@ pub struct ShardCtx {
     pub conns: RefCell<Slab<ConnectionId>>,
     /// Idle and ping deadlines of this shard's tunnels.
     pub timers: Rc<timers::Timers>,
+    /// Bytes of device messages held by tunnels without a WSM.
+    pub held_bytes: std::cell::Cell<u64>,
+    /// Paces re-opening streams on other WSMs.
+    pub resumes: reattach::Pacer,
     /// Set when a new process has taken over the listening sockets.
     pub stop_accepting: std::cell::Cell<bool>,
     /// Set during a live upgrade: where tunnels send themselves, and the
@@ -131,12 +136,15 @@ async fn run(
         conns: RefCell::new(Slab::with_capacity(1024)),
         timers: Rc::new(timers::Timers::default()),
         stop_accepting: std::cell::Cell::new(false),
+        held_bytes: std::cell::Cell::new(0),
+        resumes: reattach::Pacer::new(cfg.upstream.resume_per_sec),
         handoff: RefCell::new(None),
         metrics: metrics.clone(),
         cfg: cfg.clone(),
         tls,
     });
     monoio::spawn(timers::tick(ctx.timers.clone()));
+    monoio::spawn(reattach::watch_goaway(ctx.clone()));
     let attempted = Rc::new(RefCell::new(0usize));
     for l in &links {
         monoio::spawn(link::run_link(l.clone(), cfg.clone(), index, metrics.clone(), attempted.clone()));

@@ -13,6 +13,7 @@ use std::time::Instant;
 
 use super::conn::{Device, End};
 use super::link::{Link, StreamRef, notified};
+use super::reattach;
 use crate::link::codec::CloseReason;
 use crate::metrics::ShardMetrics;
 use crate::tls::record::RecordLayer;
@@ -21,13 +22,15 @@ use crate::ws::frame::{self, Decoder, Event, WsError, close, op};
 
 pub(super) struct Tunnel {
     pub rl: RecordLayer,
-    link: Rc<Link>,
-    stream: StreamRef,
-    sid: u32,
+    pub(super) link: Rc<Link>,
+    pub(super) stream: StreamRef,
+    pub(super) sid: u32,
+    /// Present while the stream has no working WSM (`reattach`).
+    pub(super) held: Option<Box<reattach::Held>>,
     /// Frame decoder, present only while a frame or message is partial.
     dec: Option<Box<Decoder>>,
-    /// What a successor process needs to re-open the stream.
-    resume: Box<Resume>,
+    /// What a successor process (or another WSM) needs to re-open the stream.
+    pub(super) resume: Box<Resume>,
     max_message: u32,
     last_rx: Instant,
     last_ping: Instant,
@@ -66,6 +69,7 @@ impl Tunnel {
             link,
             stream,
             sid,
+            held: None,
             dec: None,
             resume,
             max_message: max_message.min(u32::MAX as usize) as u32,
@@ -120,6 +124,13 @@ fn decode(dec: &mut Option<Box<Decoder>>, max_message: u32, events: &mut Vec<Eve
 /// (or the link) ended it.
 pub(super) async fn run(dev: &mut Device, t: &mut Tunnel, early: Vec<u8>) -> End {
     let end = run_loop(dev, t, early).await;
+    // A tunnel waiting for a WSM has no stream to close (its old stream ID
+    // may already name another device's stream on a reconnected link).
+    let has_stream = t.held.as_ref().is_none_or(|h| h.has_stream());
+    reattach::release(dev, t);
+    if !has_stream {
+        return end;
+    }
     let (code, text): (u16, String) = match &end {
         End::WsmClosed | End::LinkLost | End::HandedOver => return end,
         End::DeviceClosed => (dev.device_close_code, String::new()),
@@ -141,6 +152,11 @@ async fn run_loop(dev: &mut Device, t: &mut Tunnel, early: Vec<u8>) -> End {
     loop {
         if t.stream.borrow().handoff_requested
             && let Some(end) = Box::pin(hand_over(dev, t)).await
+        {
+            return end;
+        }
+        if t.stream.borrow().move_requested
+            && let Some(end) = Box::pin(reattach::move_by_plan(dev, t)).await
         {
             return end;
         }
@@ -183,7 +199,13 @@ async fn step(dev: &mut Device, t: &mut Tunnel, readable: bool, early: Option<Ve
 /// is only made again after it has fired.
 async fn wait(dev: &Device, t: &Tunnel, poll: &mut Option<Readable>) -> Wake {
     let ws = &dev.shard.cfg.ws;
-    let can_read = t.link.can_send(&t.stream.borrow());
+    let can_read = match &t.held {
+        Some(h) if !h.accepted() => reattach::can_read(dev, h),
+        _ => t.link.can_send(&t.stream.borrow()),
+    };
+    if let Some(h) = &t.held {
+        dev.shard.timers.arm(&t.stream, reattach::next_wake(dev, h));
+    }
     let idle_at = ws.idle_timeout.map(|d| t.last_rx + d);
     let ping_at = ws.ping_interval.map(|p| t.last_rx.max(t.last_ping) + p);
     if let Some(at) = idle_at.into_iter().chain(ping_at).min() {
@@ -235,7 +257,10 @@ async fn burst(dev: &mut Device, t: &mut Tunnel, w: &mut Work) -> Option<End> {
     for ev in std::mem::take(&mut w.events) {
         match ev {
             Event::Message { text, data } => {
-                t.link.send_message(&mut t.stream.borrow_mut(), !text, &data);
+                match t.held.as_mut() {
+                    Some(h) => reattach::hold(dev, h, !text, data),
+                    None => t.link.send_message(&mut t.stream.borrow_mut(), !text, &data),
+                }
                 ShardMetrics::inc(&m.messages_from_devices_total);
             }
             Event::Ping(p) => frame::encode(&mut plain, op::PONG, &p, None),
@@ -273,6 +298,12 @@ async fn burst(dev: &mut Device, t: &mut Tunnel, w: &mut Work) -> Option<End> {
 
     // 2. What the WSM sent.
     if let Some(end) = deliver(dev, t).await {
+        return Some(end);
+    }
+    // 2b. No WSM: find another one, or send what was held.
+    if t.held.is_some()
+        && let Some(end) = reattach::step(dev, t).await
+    {
         return Some(end);
     }
 
@@ -316,15 +347,42 @@ async fn deliver(dev: &mut Device, t: &mut Tunnel) -> Option<End> {
         t.link.return_credit(t.sid, bytes);
     }
     if let Some((code, text)) = wsm_close {
-        let code = if frame_code_ok(code) { code } else { close::NORMAL };
+        let code = if frame::valid_close_code(code) { code } else { close::NORMAL };
         dev.send_close(&mut t.rl, code, &text).await;
         return Some(End::WsmClosed);
     }
-    if lost {
-        dev.send_close(&mut t.rl, close::TRY_AGAIN, "upstream link lost").await;
-        return Some(End::LinkLost);
+    if lost && t.held.as_ref().is_none_or(|h| h.has_stream()) {
+        // The WSM is gone; the device stays. Its stream resumes elsewhere.
+        reattach::detach(dev, t, false);
     }
     None
+}
+
+/// Sends HANDOFF and delivers what the WSM sent until its HANDOFF_ACK (or
+/// [`HANDOFF_ACK_TIMEOUT`]): afterwards the WSM sends nothing more on the
+/// stream and has processed everything sent on it.
+pub(super) async fn quiesce(dev: &mut Device, t: &mut Tunnel) -> Option<End> {
+    if !t.link.send_handoff(t.sid) {
+        return None;
+    }
+    let deadline = Instant::now() + HANDOFF_ACK_TIMEOUT;
+    loop {
+        if let Some(end) = deliver(dev, t).await {
+            return Some(end);
+        }
+        let done = {
+            let s = t.stream.borrow();
+            s.handoff_acked || s.link_lost
+        };
+        if done {
+            break;
+        }
+        if monoio::time::timeout_at(deadline.into(), notified(&t.stream)).await.is_err() {
+            tracing::warn!(conn = %dev.id, "WSM did not acknowledge HANDOFF in time; moving anyway");
+            break;
+        }
+    }
+    deliver(dev, t).await
 }
 
 /// How long a WSM has to acknowledge a HANDOFF before the tunnel moves anyway.
@@ -338,28 +396,16 @@ async fn hand_over(dev: &mut Device, t: &mut Tunnel) -> Option<End> {
     // 1. The WSM stops sending and acknowledges; what it sent before arrives
     //    first (the link is ordered) and goes to the device now. The device
     //    is not read meanwhile: its bytes wait in the socket, which moves.
-    if t.link.send_handoff(t.sid) {
-        let deadline = Instant::now() + HANDOFF_ACK_TIMEOUT;
-        loop {
-            if let Some(end) = deliver(dev, t).await {
-                return Some(end);
-            }
-            let done = {
-                let s = t.stream.borrow();
-                s.handoff_acked || s.link_lost
-            };
-            if done {
-                break;
-            }
-            if monoio::time::timeout_at(deadline.into(), notified(&t.stream)).await.is_err() {
-                tracing::warn!(conn = %dev.id, "WSM did not acknowledge HANDOFF in time; moving anyway");
-                break;
-            }
-        }
-        if let Some(end) = deliver(dev, t).await {
-            return Some(end);
-        }
+    //    A tunnel without an accepted stream has nothing to quiesce.
+    if t.held.as_ref().is_none_or(|h| h.accepted())
+        && let Some(end) = quiesce(dev, t).await
+    {
+        return Some(end);
     }
+    // Opening: `take_for_handover` closes the unaccepted stream; waiting:
+    // there is none.
+    let accepted_stream = t.held.as_ref().is_none_or(|h| h.accepted());
+    let held = reattach::take_for_handover(dev, t);
     // 2. Snapshot: record layer, unprocessed ciphertext, partial frame.
     let rx = dev.rx.take().map(|mut b| b.vec().clone()).unwrap_or_default();
     let snap = crate::upgrade::snapshot::ConnSnapshot {
@@ -371,6 +417,7 @@ async fn hand_over(dev: &mut Device, t: &mut Tunnel) -> Option<End> {
         rx,
         resume: (*t.resume).clone(),
         idle_ms: t.last_rx.elapsed().as_millis() as u64,
+        held,
     };
     // 3. The socket: a duplicate goes to the new process; ours is closed
     //    without a FIN (the socket stays open there).
@@ -387,11 +434,8 @@ async fn hand_over(dev: &mut Device, t: &mut Tunnel) -> Option<End> {
         return None;
     }
     flight.released.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-    t.link.close_stream(t.sid, CloseReason::HandedElsewhere, 1000, "");
+    if accepted_stream {
+        t.link.close_stream(t.sid, CloseReason::HandedElsewhere, 1000, "");
+    }
     Some(End::HandedOver)
-}
-
-/// Close codes a server may put on the wire.
-fn frame_code_ok(c: u16) -> bool {
-    matches!(c, 1000..=1003 | 1007..=1014 | 3000..=4999)
 }

@@ -30,7 +30,8 @@ const MAX_MSG: usize = 256 << 20;
 /// the messages after `Serving`. Bump it whenever either changes: an old
 /// process refuses a successor that reports another number (stop and start
 /// instead). 2: `Adopted` progress reports. 3: session-ticket keys.
-pub const SNAPSHOT_FORMAT: u32 = 3;
+/// 4: held messages of a tunnel without a WSM.
+pub const SNAPSHOT_FORMAT: u32 = 4;
 /// First payload byte of a binary `Conns` batch (JSON starts with `{`).
 const CONNS_TAG: u8 = b'C';
 
@@ -296,6 +297,7 @@ mod tests {
                 subprotocol: Some("v1".into()),
             },
             idle_ms: 1234,
+            held: vec![(false, b"held".to_vec())],
         }
     }
 

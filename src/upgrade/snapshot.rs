@@ -36,6 +36,9 @@ pub struct ConnSnapshot {
     pub resume: Resume,
     /// Milliseconds since the device last sent anything.
     pub idle_ms: u64,
+    /// Device messages held while the stream had no WSM, oldest first: the
+    /// new process sends them before anything else.
+    pub held: Vec<(bool, Vec<u8>)>,
 }
 
 impl Drop for ConnSnapshot {

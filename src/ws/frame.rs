@@ -91,8 +91,11 @@ fn header_len(b0: u8, b1: u8) -> usize {
     } + if b1 & 0x80 != 0 { 4 } else { 0 }
 }
 
-fn valid_close_code(c: u16) -> bool {
-    matches!(c, 1000..=1003 | 1007..=1011 | 3000..=4999)
+/// Close codes an endpoint may put on the wire: RFC 6455's, the three IANA
+/// registered since (1012 service restart, 1013 try again later, 1014 bad
+/// gateway), and the ranges for libraries and applications.
+pub fn valid_close_code(c: u16) -> bool {
+    matches!(c, 1000..=1003 | 1007..=1014 | 3000..=4999)
 }
 
 impl Decoder {

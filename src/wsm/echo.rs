@@ -55,6 +55,7 @@ pub fn whoami(info: &StreamInfo) -> serde_json::Value {
         },
         "path": info.open.request.path,
         "holdfast": { "node": info.node, "shard": info.shard },
+        "wsm": info.wsm,
     })
 }
 

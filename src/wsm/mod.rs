@@ -5,7 +5,10 @@
 //! credit for every message it has processed), and calling an [`App`] for
 //! opens, messages and closes. Rust WSM teams can build on it: implement
 //! [`App`] and call [`Server::serve`]. Uses blocking I/O, one thread per link
-//! (a WSM has few links, each carrying many streams). Never sees device TLS.
+//! (a WSM has few links, each carrying many streams). A planned stop is a
+//! drain ([`Drain`]): GOAWAY on every link, so holdfast moves the streams to
+//! other WSMs, then the process may exit once no stream is left. Never sees
+//! device TLS.
 
 pub mod echo;
 
@@ -14,6 +17,7 @@ use std::io::{BufWriter, Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::sync::Arc;
 use std::sync::Mutex;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use crate::identity::ConnectionId;
@@ -50,6 +54,8 @@ pub struct StreamInfo {
     /// The holdfast node and shard the link comes from.
     pub node: String,
     pub shard: u16,
+    /// This WSM's own node name.
+    pub wsm: String,
 }
 
 /// What the app wants sent on a stream.
@@ -83,11 +89,45 @@ pub struct Server {
     app: Arc<dyn App>,
     node: String,
     parked: Parked,
+    shared: Arc<Shared>,
+}
+
+/// What every link thread of one server shares.
+#[derive(Default)]
+struct Shared {
+    draining: AtomicBool,
+    /// Streams open on all links.
+    streams: AtomicUsize,
+}
+
+/// How often an idle link thread looks at the drain flag.
+const DRAIN_CHECK: Duration = Duration::from_millis(100);
+
+/// A handle to drain a running server from another thread.
+#[derive(Clone)]
+pub struct Drain(Arc<Shared>);
+
+impl Drain {
+    /// Sends GOAWAY on every link (within [`DRAIN_CHECK`]), and on every link
+    /// that connects from now on: holdfast opens no stream here any more and
+    /// moves the open ones elsewhere.
+    pub fn start(&self) {
+        self.0.draining.store(true, Ordering::SeqCst);
+    }
+
+    /// Streams still open on this server.
+    pub fn streams(&self) -> usize {
+        self.0.streams.load(Ordering::SeqCst)
+    }
 }
 
 impl Server {
     pub fn bind(addr: SocketAddr, app: Arc<dyn App>, node: String) -> std::io::Result<Server> {
-        Ok(Server { listener: TcpListener::bind(addr)?, app, node, parked: Parked::default() })
+        Ok(Server { listener: TcpListener::bind(addr)?, app, node, parked: Parked::default(), shared: Arc::default() })
+    }
+
+    pub fn drain_handle(&self) -> Drain {
+        Drain(self.shared.clone())
     }
 
     pub fn local_addr(&self) -> std::io::Result<SocketAddr> {
@@ -104,10 +144,10 @@ impl Server {
                     continue;
                 }
             };
-            let (app, node, parked) = (self.app.clone(), self.node.clone(), self.parked.clone());
+            let (app, node, parked, shared) = (self.app.clone(), self.node.clone(), self.parked.clone(), self.shared.clone());
             std::thread::spawn(move || {
                 let peer = s.peer_addr().ok();
-                match serve_link(s, app, node, parked) {
+                match serve_link(s, app, node, parked, shared) {
                     Ok(()) => tracing::info!(?peer, "link closed"),
                     Err(e) => tracing::warn!(?peer, error = %e, "link ended"),
                 }
@@ -127,6 +167,8 @@ struct StreamState {
 }
 
 struct LinkConn {
+    /// This WSM's node name.
+    node: String,
     parked: Parked,
     out: BufWriter<TcpStream>,
     streams: HashMap<u32, StreamState>,
@@ -188,7 +230,7 @@ impl LinkConn {
         };
         match f {
             Frame::Open { stream, open } => {
-                let info = StreamInfo { stream, open: *open, node: peer.node.clone(), shard: peer.shard };
+                let info = StreamInfo { stream, open: *open, node: peer.node.clone(), shard: peer.shard, wsm: self.node.clone() };
                 let id = info.open.connection_id;
                 let resumed = info.open.resumed;
                 match app.open(&info) {
@@ -268,10 +310,20 @@ impl LinkConn {
     }
 }
 
-fn serve_link(s: TcpStream, app: Arc<dyn App>, node: String, parked: Parked) -> std::io::Result<()> {
+fn serve_link(s: TcpStream, app: Arc<dyn App>, node: String, parked: Parked, shared: Arc<Shared>) -> std::io::Result<()> {
     s.set_nodelay(true)?;
     let mut rd = s.try_clone()?;
-    let mut link = LinkConn { parked, out: BufWriter::with_capacity(64 * 1024, s), streams: HashMap::new(), link_credit: 0, peer: None };
+    rd.set_read_timeout(Some(DRAIN_CHECK))?;
+    let mut counted = 0usize;
+    let mut goaway_sent = false;
+    let mut link = LinkConn {
+        node: node.clone(),
+        parked,
+        out: BufWriter::with_capacity(64 * 1024, s),
+        streams: HashMap::new(),
+        link_credit: 0,
+        peer: None,
+    };
     let mut buf = vec![0u8; 64 * 1024];
     let mut have = 0;
     let result = loop {
@@ -281,6 +333,7 @@ fn serve_link(s: TcpStream, app: Arc<dyn App>, node: String, parked: Parked) -> 
         let n = match rd.read(&mut buf[have..]) {
             Ok(0) => break Ok(()),
             Ok(n) => n,
+            Err(e) if matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut) => 0,
             Err(e) => break Err(e),
         };
         have += n;
@@ -330,8 +383,22 @@ fn serve_link(s: TcpStream, app: Arc<dyn App>, node: String, parked: Parked) -> 
         step?;
         buf.copy_within(off..have, 0);
         have -= off;
+        if link.peer.is_some() && !goaway_sent && shared.draining.load(Ordering::SeqCst) {
+            link.send(&Frame::GoAway { code: 0, text: "draining".into() })?;
+            goaway_sent = true;
+            tracing::info!("draining: goaway sent");
+        }
         link.out.flush()?;
+        // Keep the server-wide count of open streams current.
+        let now = link.streams.len();
+        if now > counted {
+            shared.streams.fetch_add(now - counted, Ordering::SeqCst);
+        } else {
+            shared.streams.fetch_sub(counted - now, Ordering::SeqCst);
+        }
+        counted = now;
     };
+    shared.streams.fetch_sub(counted, Ordering::SeqCst);
     for (_, s) in link.streams.drain() {
         app.closed(&s.info, CloseReason::Error, 1006);
     }

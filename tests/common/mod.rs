@@ -97,6 +97,19 @@ pub fn start_proxy(pki: &Pki, wsm: &[SocketAddr], shards: usize, tls_extra: &str
 
 /// As [`start_proxy`], with extra environment variables for holdfast.
 pub fn start_proxy_env(pki: &Pki, wsm: &[SocketAddr], shards: usize, tls_extra: &str, ws_extra: &str, env: &[(&str, &str)]) -> Proc {
+    start_proxy_full(pki, wsm, shards, tls_extra, ws_extra, "", env)
+}
+
+/// As [`start_proxy_env`], with extra `[upstream]` keys too.
+pub fn start_proxy_full(
+    pki: &Pki,
+    wsm: &[SocketAddr],
+    shards: usize,
+    tls_extra: &str,
+    ws_extra: &str,
+    upstream_extra: &str,
+    env: &[(&str, &str)],
+) -> Proc {
     let wsm: Vec<String> = wsm.iter().map(|a| format!("\"{a}\"")).collect();
     let cfg = format!(
         r#"
@@ -124,6 +137,7 @@ file = "fleet-2024.pem"
 wsm = [{}]
 links_per_shard = 1
 connect_timeout_ms = 500
+{upstream_extra}
 
 [buffers]
 per_shard = 64

@@ -1,0 +1,187 @@
+//! WSM failover: when a WSM dies, stops answering, or drains with goaway,
+//! its streams resume on another WSM with the same connection ID and the
+//! device never notices; when no WSM is left, devices get 1013, spread out.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::*;
+use holdfast::device::Device;
+use nix::sys::signal::{Signal, kill};
+use nix::unistd::Pid;
+
+const FAST: &str = "ping_interval_ms = 200\nliveness_timeout_ms = 1000\nresume_timeout_ms = 5000\nclose_spread_ms = 1000";
+
+fn whoami(d: &mut Device) -> serde_json::Value {
+    d.send_text("whoami").unwrap();
+    serde_json::from_str(&d.recv_text().unwrap()).unwrap()
+}
+
+fn echo(d: &mut Device, m: &str) -> Result<(), String> {
+    d.send_text(m).map_err(|e| format!("send {m}: {e}"))?;
+    match d.recv_text() {
+        Ok(r) if r == m => Ok(()),
+        Ok(r) => Err(format!("sent {m}, got {r}")),
+        Err(e) => Err(format!("{m}: {e}")),
+    }
+}
+
+/// Devices spread over two WSMs, with the node and connection ID each is on.
+fn connect_devices(pki: &Pki, proxy: &Proc, n: usize) -> Vec<(Device, String, String)> {
+    (0..n)
+        .map(|_| {
+            let mut d = Device::connect(&opts(pki, proxy, "oven-1")).unwrap();
+            let w = whoami(&mut d);
+            let (node, id) = (w["wsm"].as_str().unwrap().to_string(), w["connection_id"].as_str().unwrap().to_string());
+            (d, node, id)
+        })
+        .collect()
+}
+
+fn metric_sum(proxy: &Proc, name: &str) -> u64 {
+    metric(proxy, name, "")
+}
+
+fn check_all_moved_to(devices: &mut [(Device, String, String)], survivor: &str, log: &std::path::Path) {
+    for (i, (d, node, id)) in devices.iter_mut().enumerate() {
+        for k in 0..3 {
+            if let Err(e) = echo(d, &format!("device {i} after {k}")) {
+                panic!("device {i} (was on {node}): {e}; log:\n{}", std::fs::read_to_string(log).unwrap_or_default());
+            }
+        }
+        let w = whoami(d);
+        assert_eq!(w["connection_id"].as_str().unwrap(), id, "device {i} keeps its connection ID");
+        assert_eq!(w["wsm"].as_str().unwrap(), survivor, "device {i} is served by the survivor");
+        if node != survivor {
+            assert_eq!(w["resumed"], true, "device {i}: the survivor saw a resumed stream");
+        }
+    }
+}
+
+#[test]
+fn a_killed_wsm_s_streams_resume_on_the_other_with_no_device_disconnect() {
+    let pki = Pki::new();
+    let mut a = start_wsm(pki.path(), "wsm-a");
+    let b = start_wsm(pki.path(), "wsm-b");
+    let proxy = start_proxy_full(&pki, &[a.addr, b.addr], 1, "", "", FAST, &[]);
+    let mut devices = connect_devices(&pki, &proxy, 30);
+    let on_a = devices.iter().filter(|(_, n, _)| n == "wsm-a").count();
+    assert!(on_a > 5 && on_a < 25, "streams spread over both WSMs: {on_a} of 30 on wsm-a");
+    // Messages in flight when the WSM dies: sent, not yet answered.
+    for (i, (d, _, _)) in devices.iter_mut().enumerate() {
+        d.send_text(&format!("in flight {i}")).unwrap();
+    }
+    a.child.kill().unwrap(); // SIGKILL
+    let _ = a.child.wait();
+    // Every message sent before the kill is answered once, by one WSM or the
+    // other: the dead one's unacknowledged ones are sent again.
+    for (i, (d, node, _)) in devices.iter_mut().enumerate() {
+        match d.recv_text() {
+            Ok(r) => assert_eq!(r, format!("in flight {i}")),
+            Err(e) => panic!("device {i} on {node}: {e}; log:\n{}", std::fs::read_to_string(&proxy.stderr_log).unwrap_or_default()),
+        }
+    }
+    check_all_moved_to(&mut devices, "wsm-b", &proxy.stderr_log);
+    assert!(metric_sum(&proxy, "holdfast_streams_detached_total") >= on_a as u64);
+    assert!(metric_sum(&proxy, "holdfast_streams_resumed_total") >= on_a as u64);
+    assert_eq!(metric_sum(&proxy, "holdfast_streams_resume_failed_total"), 0);
+    drop(b);
+}
+
+#[test]
+fn a_wsm_that_stops_answering_is_found_by_liveness_and_left() {
+    let pki = Pki::new();
+    let a = start_wsm(pki.path(), "wsm-a");
+    let b = start_wsm(pki.path(), "wsm-b");
+    let proxy = start_proxy_full(&pki, &[a.addr, b.addr], 1, "", "", FAST, &[]);
+    let mut devices = connect_devices(&pki, &proxy, 20);
+    let a_pid = Pid::from_raw(a.child.id() as i32);
+    // Frozen, not dead: its sockets stay open and silent.
+    kill(a_pid, Signal::SIGSTOP).unwrap();
+    let start = Instant::now();
+    check_all_moved_to(&mut devices, "wsm-b", &proxy.stderr_log);
+    assert!(start.elapsed() < Duration::from_secs(8), "found within the liveness timeout: {:?}", start.elapsed());
+    assert!(metric_sum(&proxy, "holdfast_link_liveness_failures_total") >= 1);
+    kill(a_pid, Signal::SIGCONT).unwrap();
+    drop(b);
+}
+
+#[test]
+fn with_every_wsm_gone_devices_get_1013_spread_over_the_window() {
+    let pki = Pki::new();
+    let mut a = start_wsm(pki.path(), "wsm-a");
+    let extra = "ping_interval_ms = 200\nliveness_timeout_ms = 1000\nresume_timeout_ms = 1000\nclose_spread_ms = 1500";
+    let proxy = start_proxy_full(&pki, &[a.addr], 1, "", "", extra, &[]);
+    let mut devices = connect_devices(&pki, &proxy, 16);
+    a.child.kill().unwrap();
+    let _ = a.child.wait();
+    let killed = Instant::now();
+    // Devices keep sending meanwhile: held, not dropped, not a disconnect.
+    for (d, _, _) in devices.iter_mut() {
+        d.send_text("held while no WSM is up").unwrap();
+    }
+    // One reader per device, so each close is timed when it arrives.
+    let readers: Vec<_> = devices
+        .into_iter()
+        .enumerate()
+        .map(|(i, (mut d, _, _))| {
+            std::thread::spawn(move || match d.recv_close() {
+                Ok(code) => {
+                    assert_eq!(code, Some(1013), "device {i}");
+                    killed.elapsed()
+                }
+                Err(e) => panic!("device {i}: {e}"),
+            })
+        })
+        .collect();
+    let mut closed_after: Vec<Duration> = readers.into_iter().map(|r| r.join().unwrap()).collect();
+    closed_after.sort();
+    let (first, last) = (closed_after[0], closed_after[closed_after.len() - 1]);
+    assert!(first >= Duration::from_millis(900), "not before resume_timeout: {first:?}");
+    assert!(last - first >= Duration::from_millis(300), "spread out, not all at once: {closed_after:?}");
+    assert!(last < Duration::from_secs(5), "{closed_after:?}");
+    assert_eq!(metric_sum(&proxy, "holdfast_streams_resume_failed_total"), 16);
+    assert_eq!(metric_sum(&proxy, "holdfast_held_bytes"), 0, "held messages were released");
+}
+
+#[test]
+fn goaway_moves_every_stream_and_the_draining_wsm_exits() {
+    let pki = Pki::new();
+    let mut a = start_wsm(pki.path(), "wsm-a");
+    let b = start_wsm(pki.path(), "wsm-b");
+    let proxy = start_proxy_full(&pki, &[a.addr, b.addr], 1, "", "", FAST, &[]);
+    let mut devices = connect_devices(&pki, &proxy, 30);
+    let on_a = devices.iter().filter(|(_, n, _)| n == "wsm-a").count();
+    assert!(on_a > 0);
+    // Messages in flight when the drain starts, and during it.
+    for (i, (d, _, _)) in devices.iter_mut().enumerate() {
+        d.send_text(&format!("before {i}")).unwrap();
+    }
+    kill(Pid::from_raw(a.child.id() as i32), Signal::SIGTERM).unwrap();
+    for (i, (d, _, _)) in devices.iter_mut().enumerate() {
+        d.send_text(&format!("during {i}")).unwrap();
+    }
+    for (i, (d, node, _)) in devices.iter_mut().enumerate() {
+        for m in [format!("before {i}"), format!("during {i}")] {
+            match d.recv_text() {
+                Ok(r) => assert_eq!(r, m, "device {i} on {node}: nothing lost, repeated or reordered"),
+                Err(e) => panic!("device {i} on {node}: {e}"),
+            }
+        }
+    }
+    // The draining WSM exits by itself, cleanly, once its streams are gone.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let status = loop {
+        if let Some(st) = a.child.try_wait().unwrap() {
+            break st;
+        }
+        assert!(Instant::now() < deadline, "the draining WSM did not exit");
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    assert!(status.success(), "{status}");
+    check_all_moved_to(&mut devices, "wsm-b", &proxy.stderr_log);
+    assert!(metric_sum(&proxy, "holdfast_streams_moved_total") >= on_a as u64);
+    assert_eq!(metric_sum(&proxy, "holdfast_messages_resent_total"), 0, "a planned move sends nothing twice");
+    drop(b);
+}
