@@ -185,3 +185,63 @@ fn goaway_moves_every_stream_and_the_draining_wsm_exits() {
     assert_eq!(metric_sum(&proxy, "holdfast_messages_resent_total"), 0, "a planned move sends nothing twice");
     drop(b);
 }
+
+fn redis_get(url: &str, key: &str) -> Option<String> {
+    let mut c = redis::Client::open(url).unwrap().get_connection().unwrap();
+    redis::cmd("GET").arg(key).query(&mut c).unwrap()
+}
+
+#[test]
+fn with_redis_the_survivor_finds_the_session_the_dead_wsm_stored() {
+    let pki = Pki::new();
+    let redis = start_redis(pki.path());
+    let mut a = start_wsm_args(pki.path(), "wsm-a", &["--store", &redis.url]);
+    let b = start_wsm_args(pki.path(), "wsm-b", &["--store", &redis.url]);
+    let proxy = start_proxy_full(&pki, &[a.addr, b.addr], 1, "", "", FAST, &[]);
+    let mut devices = connect_devices(&pki, &proxy, 12);
+    for (i, (d, _, _)) in devices.iter_mut().enumerate() {
+        for k in 0..3 {
+            echo(d, &format!("device {i} message {k}")).unwrap();
+        }
+    }
+    a.child.kill().unwrap();
+    let _ = a.child.wait();
+    for (i, (d, node, id)) in devices.iter_mut().enumerate() {
+        let w = whoami(d);
+        assert_eq!(w["wsm"], "wsm-b");
+        assert_eq!(w["connection_id"].as_str().unwrap(), id);
+        // whoami, three messages, this whoami: counted across both instances.
+        assert_eq!(w["session"]["messages"], 5, "device {i}: {w}");
+        assert_eq!(w["session"]["first_wsm"].as_str().unwrap(), node, "device {i}: the session the first instance stored");
+        let p = redis_get(&redis.url, &format!("holdfast:presence:{id}")).expect("present");
+        assert!(p.contains("wsm-b"), "presence names the instance that holds it now: {p}");
+    }
+    drop(b);
+}
+
+#[test]
+fn presence_lapses_by_itself_when_holdfast_is_killed() {
+    let pki = Pki::new();
+    let redis = start_redis(pki.path());
+    let args = ["--store", redis.url.as_str(), "--presence-interval-ms", "200", "--presence-ttl-ms", "700"];
+    let _a = start_wsm_args(pki.path(), "wsm-a", &args);
+    let mut proxy = start_proxy_full(&pki, &[_a.addr], 1, "", "", FAST, &[]);
+    let mut devices = connect_devices(&pki, &proxy, 8);
+    let keys: Vec<String> = devices.iter().map(|(_, _, id)| format!("holdfast:presence:{id}")).collect();
+    // Kept present by the heartbeat well past one time to live.
+    std::thread::sleep(Duration::from_millis(1500));
+    for k in &keys {
+        assert!(redis_get(&redis.url, k).is_some(), "{k} present while connected");
+    }
+    // A device that leaves cleanly is gone at once.
+    let (mut leaver, _, leaver_id) = devices.pop().unwrap();
+    leaver.close(1000).unwrap();
+    let leaver_key = format!("holdfast:presence:{leaver_id}");
+    eventually(3, "the leaving device to be absent", || redis_get(&redis.url, &leaver_key).is_none());
+    // Killed holdfast: no one says goodbye; the keys expire on their own.
+    proxy.child.kill().unwrap();
+    let _ = proxy.child.wait();
+    let killed = Instant::now();
+    eventually(5, "presence to lapse", || keys[..keys.len() - 1].iter().all(|k| redis_get(&redis.url, k).is_none()));
+    assert!(killed.elapsed() < Duration::from_millis(700 + 200 + 1000), "within the TTL and one interval: {:?}", killed.elapsed());
+}

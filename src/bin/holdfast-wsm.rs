@@ -25,6 +25,17 @@ struct Cli {
     /// Seconds a drain may take before the process exits regardless.
     #[arg(long, default_value_t = 60)]
     drain_timeout: u64,
+    /// Where sessions and presence live: `memory` (this instance only) or a
+    /// Redis URL (`redis://127.0.0.1:6379`), shared by every instance.
+    #[arg(long, default_value = "memory")]
+    store: String,
+    /// Milliseconds between presence refreshes of the devices held here.
+    #[arg(long, default_value_t = 1000)]
+    presence_interval_ms: u64,
+    /// Milliseconds a presence key lives without a refresh (longer than the
+    /// interval, so a hiccup does not make devices flicker offline).
+    #[arg(long, default_value_t = 3000)]
+    presence_ttl_ms: u64,
 }
 
 fn main() -> std::process::ExitCode {
@@ -35,7 +46,25 @@ fn main() -> std::process::ExitCode {
     signals.add(nix::sys::signal::Signal::SIGTERM);
     signals.add(nix::sys::signal::Signal::SIGINT);
     let _ = signals.thread_block();
-    let server = match holdfast::wsm::Server::bind(cli.listen, Arc::new(holdfast::wsm::echo::Echo::default()), cli.node) {
+    if cli.presence_ttl_ms <= cli.presence_interval_ms {
+        eprintln!("holdfast-wsm: --presence-ttl-ms must be longer than --presence-interval-ms");
+        return std::process::ExitCode::from(2);
+    }
+    let store: Arc<dyn holdfast::wsm::state::Store> = if cli.store == "memory" {
+        Arc::new(holdfast::wsm::state::Memory::default())
+    } else {
+        match holdfast::wsm::state::Redis::connect(&cli.store) {
+            Ok(r) => r,
+            Err(e) => {
+                eprintln!("holdfast-wsm: store: {e}");
+                return std::process::ExitCode::from(2);
+            }
+        }
+    };
+    let ttl = std::time::Duration::from_millis(cli.presence_ttl_ms);
+    let app = Arc::new(holdfast::wsm::echo::Echo::with_store(store.clone(), ttl));
+    holdfast::wsm::state::heartbeat(store, app.held.clone(), std::time::Duration::from_millis(cli.presence_interval_ms), ttl);
+    let server = match holdfast::wsm::Server::bind(cli.listen, app, cli.node) {
         Ok(s) => s,
         Err(e) => {
             eprintln!("holdfast-wsm: cannot listen on {}: {e}", cli.listen);

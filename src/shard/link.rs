@@ -195,6 +195,11 @@ impl Link {
     pub fn send_message(&self, s: &mut StreamShared, binary: bool, data: &[u8]) {
         let mut st = self.st.borrow_mut();
         if !st.up || !st.streams.contains_key(&s.stream_id) {
+            // The link died before the tunnel noticed: keep the message to
+            // send again on the stream that replaces this one.
+            if s.link_lost {
+                s.unacked.push_back((binary, data.to_vec()));
+            }
             return;
         }
         codec::message_header(&mut st.out, s.stream_id, binary, data.len());

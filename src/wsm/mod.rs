@@ -11,6 +11,7 @@
 //! device TLS.
 
 pub mod echo;
+pub mod state;
 
 use std::collections::{HashMap, VecDeque};
 use std::io::{BufWriter, Read, Write};
@@ -268,8 +269,11 @@ impl LinkConn {
                     if r.close.is_some() {
                         s.close_after = r.close;
                     }
-                    self.send(&Frame::Credit { stream, bytes: n })?;
+                    // The reply goes out before the credit that says "processed":
+                    // a WSM that dies between the two leaves holdfast to send the
+                    // message again, not a reply that never comes.
                     self.flush_stream(stream, app)?;
+                    self.send(&Frame::Credit { stream, bytes: n })?;
                 }
                 self.send(&Frame::Credit { stream: 0, bytes: n })?;
             }

@@ -89,6 +89,46 @@ pub fn start_wsm(tmp: &Path, name: &str) -> Proc {
     Proc { child, addr, metrics: None, stderr_log: tmp.join(format!("{name}.log")), lines, config: None }
 }
 
+/// Starts the reference WSM with extra arguments (e.g. `--store`).
+pub fn start_wsm_args(tmp: &Path, name: &str, args: &[&str]) -> Proc {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_holdfast-wsm"));
+    cmd.args(["--listen", "127.0.0.1:0", "--node", name]).args(args);
+    let (child, line, lines) = spawn_until(cmd, "holdfast-wsm listening on ", tmp.join(format!("{name}.log")));
+    let addr = line.rsplit(' ').next().unwrap().parse().unwrap();
+    Proc { child, addr, metrics: None, stderr_log: tmp.join(format!("{name}.log")), lines, config: None }
+}
+
+/// A Redis server of the test's own (Debian's `redis-server`), on a free
+/// port, nothing saved to disk; stopped when dropped.
+pub struct RedisServer {
+    pub child: Child,
+    pub url: String,
+}
+
+impl Drop for RedisServer {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+pub fn start_redis(tmp: &Path) -> RedisServer {
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let log = std::fs::File::create(tmp.join(format!("redis-{port}.log"))).unwrap();
+    let child = Command::new("redis-server")
+        .args(["--port", &port.to_string(), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no", "--dir"])
+        .arg(tmp)
+        .stdout(log)
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("redis-server (Debian package redis-server; .ci/run installs it)");
+    let url = format!("redis://127.0.0.1:{port}/");
+    let r = RedisServer { child, url };
+    let client = redis::Client::open(r.url.as_str()).unwrap();
+    eventually(10, "redis to answer", || client.get_connection().and_then(|mut c| redis::cmd("PING").query::<String>(&mut c)).is_ok());
+    r
+}
+
 /// Writes a config for the dev PKI and starts `holdfast run`. `extra` is
 /// TOML appended to the sections by name (e.g. websocket keys).
 pub fn start_proxy(pki: &Pki, wsm: &[SocketAddr], shards: usize, tls_extra: &str, ws_extra: &str) -> Proc {

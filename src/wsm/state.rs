@@ -1,0 +1,203 @@
+//! Where the reference WSM keeps per-connection session state and device
+//! presence: in memory (the default, one instance) or in Redis (shared by
+//! every WSM instance, so a stream resumed on another instance finds its
+//! session, and presence outlives any one server).
+//!
+//! Owns: the [`Store`] trait and its two implementations, the key layout
+//! (`holdfast:session:<connection id>` holds a JSON [`Session`];
+//! `holdfast:presence:<connection id>` says which WSM and holdfast node hold
+//! the device, with an expiry), and the presence heartbeat: every
+//! `interval` each instance re-sets the presence keys of the streams it
+//! holds, with a time to live longer than the interval, so a device whose
+//! servers crash (no one left to say "gone") falls out of presence by
+//! itself, and a hiccup shorter than the TTL makes no one flicker offline.
+//! Never decides what a message means: the app does.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use serde::{Deserialize, Serialize};
+
+use crate::identity::ConnectionId;
+
+/// What the reference app remembers of a connection across streams.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Session {
+    /// Messages the device has sent, over every stream of this connection.
+    pub messages: u64,
+    /// The WSM instance that opened the connection's first stream.
+    pub first_wsm: String,
+}
+
+/// Who holds a present device.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Presence {
+    pub wsm: String,
+    pub holdfast: String,
+}
+
+pub trait Store: Send + Sync {
+    fn load(&self, id: ConnectionId) -> Option<Session>;
+    fn save(&self, id: ConnectionId, s: &Session);
+    /// Forgets a connection whose device has gone (its session and presence).
+    fn forget(&self, id: ConnectionId);
+    /// Marks these devices present for `ttl`.
+    fn refresh(&self, present: &[(ConnectionId, Presence)], ttl: Duration);
+    /// Whether a device is present now (for tests and tools).
+    fn present(&self, id: ConnectionId) -> Option<Presence>;
+}
+
+/// Keys of one connection.
+pub fn session_key(id: ConnectionId) -> String {
+    format!("holdfast:session:{id}")
+}
+
+pub fn presence_key(id: ConnectionId) -> String {
+    format!("holdfast:presence:{id}")
+}
+
+/// Sessions live this long after their last write (a connection that
+/// resumes later than this starts afresh).
+pub const SESSION_TTL: Duration = Duration::from_secs(24 * 3600);
+
+/// One instance's memory; what a single WSM needs, and the quickstart's.
+#[derive(Default)]
+pub struct Memory {
+    sessions: Mutex<HashMap<ConnectionId, Session>>,
+    presence: Mutex<HashMap<ConnectionId, (Presence, Instant)>>,
+}
+
+impl Store for Memory {
+    fn load(&self, id: ConnectionId) -> Option<Session> {
+        self.sessions.lock().unwrap_or_else(|e| e.into_inner()).get(&id).cloned()
+    }
+    fn save(&self, id: ConnectionId, s: &Session) {
+        self.sessions.lock().unwrap_or_else(|e| e.into_inner()).insert(id, s.clone());
+    }
+    fn forget(&self, id: ConnectionId) {
+        self.sessions.lock().unwrap_or_else(|e| e.into_inner()).remove(&id);
+        self.presence.lock().unwrap_or_else(|e| e.into_inner()).remove(&id);
+    }
+    fn refresh(&self, present: &[(ConnectionId, Presence)], ttl: Duration) {
+        let until = Instant::now() + ttl;
+        let mut p = self.presence.lock().unwrap_or_else(|e| e.into_inner());
+        p.retain(|_, (_, t)| *t > Instant::now());
+        for (id, who) in present {
+            p.insert(*id, (who.clone(), until));
+        }
+    }
+    fn present(&self, id: ConnectionId) -> Option<Presence> {
+        let p = self.presence.lock().unwrap_or_else(|e| e.into_inner());
+        p.get(&id).filter(|(_, t)| *t > Instant::now()).map(|(w, _)| w.clone())
+    }
+}
+
+/// Redis, shared by every WSM instance. One connection, reopened after an
+/// error; a failed write is logged and counted, never fatal to a stream
+/// (the app carries on from what it has in memory).
+pub struct Redis {
+    client: redis::Client,
+    conn: Mutex<Option<redis::Connection>>,
+    pub errors: std::sync::atomic::AtomicU64,
+}
+
+impl Redis {
+    /// Connects to `url` (`redis://host:port/db`); fails if Redis does not
+    /// answer, so a misconfigured WSM stops at start, not at the first device.
+    pub fn connect(url: &str) -> Result<Arc<Redis>, String> {
+        let client = redis::Client::open(url).map_err(|e| format!("{url}: {e}"))?;
+        let mut conn = client.get_connection_with_timeout(Duration::from_secs(2)).map_err(|e| format!("{url}: {e}"))?;
+        redis::cmd("PING").query::<String>(&mut conn).map_err(|e| format!("{url}: {e}"))?;
+        Ok(Arc::new(Redis { client, conn: Mutex::new(Some(conn)), errors: Default::default() }))
+    }
+
+    fn with<T>(&self, what: &str, f: impl FnOnce(&mut redis::Connection) -> redis::RedisResult<T>) -> Option<T> {
+        let mut guard = self.conn.lock().unwrap_or_else(|e| e.into_inner());
+        if guard.is_none() {
+            *guard = self.client.get_connection_with_timeout(Duration::from_secs(2)).ok();
+        }
+        let conn = guard.as_mut()?;
+        match f(conn) {
+            Ok(v) => Some(v),
+            Err(e) => {
+                self.errors.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                tracing::warn!(error = %e, what, "redis");
+                *guard = None;
+                None
+            }
+        }
+    }
+}
+
+impl Store for Redis {
+    fn load(&self, id: ConnectionId) -> Option<Session> {
+        let v: Option<String> = self.with("load", |c| redis::cmd("GET").arg(session_key(id)).query(c))?;
+        serde_json::from_str(&v?).ok()
+    }
+    fn save(&self, id: ConnectionId, s: &Session) {
+        let Ok(json) = serde_json::to_string(s) else { return };
+        self.with("save", |c| {
+            redis::cmd("SET").arg(session_key(id)).arg(json).arg("PX").arg(SESSION_TTL.as_millis() as u64).query::<()>(c)
+        });
+    }
+    fn forget(&self, id: ConnectionId) {
+        self.with("forget", |c| redis::cmd("DEL").arg(session_key(id)).arg(presence_key(id)).query::<()>(c));
+    }
+    fn refresh(&self, present: &[(ConnectionId, Presence)], ttl: Duration) {
+        for chunk in present.chunks(1000) {
+            let mut p = redis::pipe();
+            for (id, who) in chunk {
+                let Ok(json) = serde_json::to_string(who) else { continue };
+                p.cmd("SET").arg(presence_key(*id)).arg(json).arg("PX").arg(ttl.as_millis() as u64).ignore();
+            }
+            self.with("presence", |c| p.query::<()>(c));
+        }
+    }
+    fn present(&self, id: ConnectionId) -> Option<Presence> {
+        let v: Option<String> = self.with("present", |c| redis::cmd("GET").arg(presence_key(id)).query(c))?;
+        serde_json::from_str(&v?).ok()
+    }
+}
+
+/// Re-sets the presence of every device in `held` every `interval`, with a
+/// time to live of `ttl`, until the process ends.
+pub fn heartbeat(store: Arc<dyn Store>, held: Arc<Mutex<HashMap<ConnectionId, Presence>>>, interval: Duration, ttl: Duration) {
+    let _ = std::thread::Builder::new().name("wsm-presence".into()).spawn(move || {
+        loop {
+            let now: Vec<(ConnectionId, Presence)> =
+                held.lock().unwrap_or_else(|e| e.into_inner()).iter().map(|(k, v)| (*k, v.clone())).collect();
+            store.refresh(&now, ttl);
+            std::thread::sleep(interval);
+        }
+    });
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn memory_sessions_and_expiring_presence() {
+        let m = Memory::default();
+        let id = ConnectionId(7);
+        assert!(m.load(id).is_none());
+        let s = Session { messages: 3, first_wsm: "a".into() };
+        m.save(id, &s);
+        assert_eq!(m.load(id), Some(s));
+        let who = Presence { wsm: "a".into(), holdfast: "edge-1".into() };
+        m.refresh(&[(id, who.clone())], Duration::from_millis(50));
+        assert_eq!(m.present(id), Some(who));
+        std::thread::sleep(Duration::from_millis(80));
+        assert!(m.present(id).is_none(), "expires when nobody refreshes it");
+        m.forget(id);
+        assert!(m.load(id).is_none());
+    }
+
+    #[test]
+    fn keys_are_documented_names() {
+        let id = ConnectionId(0xab);
+        assert_eq!(session_key(id), "holdfast:session:000000000000000000000000000000ab");
+        assert_eq!(presence_key(id), "holdfast:presence:000000000000000000000000000000ab");
+    }
+}
