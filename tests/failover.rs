@@ -111,16 +111,26 @@ fn a_wsm_that_stops_answering_is_found_by_liveness_and_left() {
 fn with_every_wsm_gone_devices_get_1013_spread_over_the_window() {
     let pki = Pki::new();
     let mut a = start_wsm(pki.path(), "wsm-a");
-    let extra = "ping_interval_ms = 200\nliveness_timeout_ms = 1000\nresume_timeout_ms = 1000\nclose_spread_ms = 1500";
+    let extra = "ping_interval_ms = 200\nliveness_timeout_ms = 1000\nresume_timeout_ms = 1000\nclose_spread_ms = 1500\n\
+                 held_bytes_per_connection = 4096";
     let proxy = start_proxy_full(&pki, &[a.addr], 1, "", "", extra, &[]);
     let mut devices = connect_devices(&pki, &proxy, 16);
     a.child.kill().unwrap();
     let _ = a.child.wait();
     let killed = Instant::now();
-    // Devices keep sending meanwhile: held, not dropped, not a disconnect.
+    // Devices keep sending meanwhile: held, not dropped, not a disconnect;
+    // one sends far more than its bound, and is paused by backpressure.
     for (d, _, _) in devices.iter_mut() {
         d.send_text("held while no WSM is up").unwrap();
     }
+    let kib = "x".repeat(1024);
+    for _ in 0..40 {
+        devices[0].0.send_text(&kib).unwrap();
+    }
+    std::thread::sleep(Duration::from_millis(300));
+    let held = metric_sum(&proxy, "holdfast_held_bytes");
+    assert!(held > 4096, "the flooding device's messages are held: {held}");
+    assert!(held <= 16 * (4096 + 1024), "within the per-connection bound (plus one message each): {held}");
     // One reader per device, so each close is timed when it arrives.
     let readers: Vec<_> = devices
         .into_iter()

@@ -111,13 +111,12 @@ fn swarm(pki: &Pki, proxy: &Proc, operator: impl FnOnce() + Send) -> Outcome {
             for t in tasks {
                 t.await;
             }
-            let out = Outcome {
+            Outcome {
                 errors: errors.borrow().clone(),
                 answered: answered.borrow().clone(),
                 duplicates: *dups.borrow(),
                 max_gap: *gap.borrow(),
-            };
-            out
+            }
         })
     })
 }
