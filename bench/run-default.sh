@@ -18,5 +18,8 @@ $B run --scenario upgrade --label active-15k --proxies holdfast --conns 15000 --
 # The same loads without the upgrade: the pauses devices see anyway.
 $B run --scenario upgrade --label idle-15k-nosignal --proxies holdfast --conns 15000 --procs 4 --rate 2500 --msg-rate 0.2 --duration 15 --no-signal "$@"
 $B run --scenario upgrade --label active-15k-nosignal --proxies holdfast --conns 15000 --procs 4 --rate 2500 --msg-rate 1 --duration 15 --no-signal "$@"
+# WSM failover: 10,000 streams on a WSM that is killed resume on another.
+$B run --scenario failover --label 10k --proxies holdfast --conns 10000 --procs 4 --rate 2500 --msg-rate 1 --duration 20 "$@"
+$B run --scenario failover --label 10k-fast --proxies holdfast --conns 10000 --procs 4 --rate 2500 --msg-rate 1 --duration 20 --resume-per-sec 50000 "$@"
 $B report > bench/results/tables.md
 echo "tables: bench/results/tables.md"

@@ -50,7 +50,18 @@ pub fn peer_maxconn(fd_limit: u64) -> u64 {
     fd_limit.saturating_sub(200) / 2
 }
 
-pub fn holdfast_config(pki: &Path, port: u16, wsm: &str, shards: usize, cpus: &str, metrics_port: u16, moving_per_shard: u32) -> String {
+#[allow(clippy::too_many_arguments)]
+pub fn holdfast_config(
+    pki: &Path,
+    port: u16,
+    wsm: &[String],
+    shards: usize,
+    cpus: &str,
+    metrics_port: u16,
+    moving_per_shard: u32,
+    resume_per_sec: u32,
+) -> String {
+    let wsm = wsm.iter().map(|w| format!("\"{w}\"")).collect::<Vec<_>>().join(", ");
     format!(
         r#"[listen]
 addr = "127.0.0.1:{port}"
@@ -73,8 +84,9 @@ ignore_validity = true
 idle_timeout_secs = 3600
 
 [upstream]
-wsm = ["{wsm}"]
+wsm = [{wsm}]
 links_per_shard = 1
+resume_per_sec = {resume_per_sec}
 
 [buffers]
 per_shard = 1024
@@ -197,7 +209,7 @@ mod tests {
         }
         assert!(h.contains("verify required") && h.contains("nbthread 1"));
         assert!(n.contains("ssl_verify_client on") && n.contains("worker_processes 1;"));
-        let hf = holdfast_config(pki, 8443, "127.0.0.1:9000", 1, "0", 9100, 256);
+        let hf = holdfast_config(pki, 8443, &["127.0.0.1:9000".into(), "127.0.0.1:9001".into()], 1, "0", 9100, 256, 2000);
         assert!(hf.contains("shards = 1") && hf.contains("cpus = \"0\""));
         holdfast::config::Config::parse(&hf, Path::new("/x.toml")).expect("holdfast config validates");
     }

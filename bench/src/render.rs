@@ -66,6 +66,13 @@ pub fn one_line(r: &ScenarioResult) -> String {
         r.proxy_cpu_secs,
         r.swarm.cpu_secs,
         r.storm_secs.map(|s| format!(" | storm back in {s:.2} s, peak rss {} KiB", r.proxy_rss_peak_kib)).unwrap_or_default()
+            + &r.failover_secs
+                .map(|s| format!(
+                    " | failover: {} streams resumed in {s:.2} s, pause p99 {} ms",
+                    r.failover_streams.unwrap_or(0),
+                    r.swarm.pause_us.p99 / 1000
+                ))
+                .unwrap_or_default()
     )
 }
 
@@ -251,6 +258,38 @@ pub fn render(results: &[ScenarioResult], dir: &Path) -> Result<String, String> 
                     })
                     .collect();
                 std::fs::write(dir.join(&file), bar_svg("Live upgrade: longest round trip per device", "ms", &bars))
+                    .map_err(|e| e.to_string())?;
+            }
+            "failover" => {
+                md.push_str("| proxy | devices | messages | errors | bytes lost or out of order | streams resumed | WSM killed until all resumed | pause per device p50 / p99 / max |\n|---|---|---|---|---|---|---|---|\n");
+                for r in &rs {
+                    let p = &r.swarm.pause_us;
+                    md.push_str(&format!(
+                        "| {} | {} | {} | {} | {} | {} | {} | {:.1} / {:.1} / {:.1} ms |\n",
+                        r.proxy,
+                        r.devices_ready,
+                        r.swarm.messages,
+                        r.swarm.error_count(),
+                        r.swarm.mismatched_bytes,
+                        r.failover_streams.unwrap_or(0),
+                        r.failover_secs.map(|s| format!("{s:.2} s")).unwrap_or_else(|| "-".into()),
+                        p.p50 as f64 / 1000.0,
+                        p.p99 as f64 / 1000.0,
+                        p.max as f64 / 1000.0,
+                    ));
+                }
+                let bars: Vec<(String, f64)> = rs
+                    .iter()
+                    .flat_map(|r| {
+                        let p = &r.swarm.pause_us;
+                        [
+                            (format!("{} p50", r.proxy), p.p50 as f64 / 1000.0),
+                            (format!("{} p99", r.proxy), p.p99 as f64 / 1000.0),
+                            (format!("{} max", r.proxy), p.max as f64 / 1000.0),
+                        ]
+                    })
+                    .collect();
+                std::fs::write(dir.join(&file), bar_svg("WSM failover: longest round trip per device", "ms", &bars))
                     .map_err(|e| e.to_string())?;
             }
             "storm" => {

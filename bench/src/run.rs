@@ -60,6 +60,10 @@ pub struct RunArgs {
     #[arg(long)]
     #[serde(default)]
     pub no_signal: bool,
+    /// holdfast's `upstream.resume_per_sec` (streams re-opened per second per shard).
+    #[arg(long, default_value_t = 2000)]
+    #[serde(default = "default_resume_rate")]
+    pub resume_per_sec: u32,
     /// holdfast's `upgrade.moving_per_shard` (tunnels moving at once per shard).
     #[arg(long, default_value_t = 256)]
     #[serde(default = "default_moving")]
@@ -72,6 +76,10 @@ pub struct RunArgs {
 
 fn default_moving() -> u32 {
     256
+}
+
+fn default_resume_rate() -> u32 {
+    2000
 }
 
 fn default_log() -> String {
@@ -114,6 +122,12 @@ pub struct ScenarioResult {
     /// Upgrade scenario: SIGUSR2 until the old process exited, seconds.
     #[serde(default)]
     pub upgrade_secs: Option<f64>,
+    /// Failover scenario: from killing one WSM until every one of its
+    /// streams was resumed on the other, seconds; and how many resumed.
+    #[serde(default)]
+    pub failover_secs: Option<f64>,
+    #[serde(default)]
+    pub failover_streams: Option<u64>,
     /// holdfast only: its metrics text while the devices were connected.
     pub holdfast_metrics: Option<String>,
 }
@@ -327,8 +341,8 @@ pub fn run(args: RunArgs) -> Result<(), String> {
     std::fs::create_dir_all(&args.out).map_err(|e| e.to_string())?;
     for name in &args.proxies {
         let proxy = Proxy::parse(name).ok_or(format!("unknown proxy {name}"))?;
-        if args.scenario == "upgrade" && proxy != Proxy::Holdfast {
-            eprintln!("{name}: no live upgrade of established connections; skipped");
+        if (args.scenario == "upgrade" || args.scenario == "failover") && proxy != Proxy::Holdfast {
+            eprintln!("{name}: no live upgrade or WSM failover of established connections; skipped");
             continue;
         }
         let r = run_one(proxy, &args, &pki, &work.join(name))?;
@@ -367,6 +381,14 @@ fn run_one(proxy: Proxy, a: &RunArgs, pki: &Path, work: &Path) -> Result<Scenari
     let up = Proc(up);
     let line = first_line_with(&rx, "", 10)?;
     let up_addr: SocketAddr = line.rsplit(' ').next().and_then(|x| x.parse().ok()).ok_or(format!("upstream said {line}"))?;
+    // Failover: a second WSM instance, started once every device is on the
+    // first, so that all of the first one's streams move when it dies.
+    let mut wsms = vec![up_addr.to_string()];
+    let second_addr = format!("127.0.0.1:{}", free_port());
+    if a.scenario == "failover" {
+        wsms.push(second_addr.clone());
+    }
+    let mut second = None;
     let port = free_port();
     let maxconn = peers::peer_maxconn(m.fd_limit);
     let threads = pcpus.len();
@@ -377,7 +399,7 @@ fn run_one(proxy: Proxy, a: &RunArgs, pki: &Path, work: &Path) -> Result<Scenari
             metrics_port = Some(mp);
             let cfg = work.join("holdfast.toml");
             let cpus = a.proxy_cpus.clone();
-            std::fs::write(&cfg, peers::holdfast_config(pki, port, &up_addr.to_string(), threads, &cpus, mp, a.moving_per_shard))
+            std::fs::write(&cfg, peers::holdfast_config(pki, port, &wsms, threads, &cpus, mp, a.moving_per_shard, a.resume_per_sec))
                 .map_err(|e| e.to_string())?;
             let mut c = pinned(&sibling("holdfast"), &pcpus);
             c.args(["run", "--log", &a.proxy_log, "--config"]).arg(&cfg);
@@ -413,6 +435,7 @@ fn run_one(proxy: Proxy, a: &RunArgs, pki: &Path, work: &Path) -> Result<Scenari
     let sock_base = sock_mem_bytes();
 
     // The swarm: `procs` processes, each with two source addresses of its own.
+    let swarm_mode = if a.scenario == "failover" { "upgrade" } else { a.scenario.as_str() };
     let per = a.conns.div_ceil(a.procs.max(1));
     let mut swarm: Vec<(Proc, ChildStdin)> = Vec::new();
     for i in 0..a.procs.max(1) {
@@ -423,7 +446,7 @@ fn run_one(proxy: Proxy, a: &RunArgs, pki: &Path, work: &Path) -> Result<Scenari
         let srcs = format!("127.0.{}.{},127.0.{}.{}", 1 + i / 100, 2 + 2 * (i % 100), 1 + i / 100, 3 + 2 * (i % 100));
         let mut c = pinned(&std::env::current_exe().map_err(|e| e.to_string())?, &ccpus);
         c.arg("swarm")
-            .args(["--target", &format!("127.0.0.1:{port}"), "--mode", &a.scenario, "--conns", &n.to_string(), "--src", &srcs])
+            .args(["--target", &format!("127.0.0.1:{port}"), "--mode", swarm_mode, "--conns", &n.to_string(), "--src", &srcs])
             .args(["--rate", &(a.rate / a.procs.max(1) as u32).to_string(), "--tls", &a.tls, "--msg-size", &a.msg_size.to_string()])
             .args(["--msg-rate", &a.msg_rate.to_string(), "--duration", &a.duration.to_string()])
             .arg("--ca")
@@ -472,6 +495,45 @@ fn run_one(proxy: Proxy, a: &RunArgs, pki: &Path, work: &Path) -> Result<Scenari
     go(&mut swarm);
     let mut storm_secs = None;
     let mut upgrade_secs = None;
+    let (mut failover_secs, mut failover_streams) = (None, None);
+    let mut up = Some(up);
+    if a.scenario == "failover" {
+        let mp = metrics_port.ok_or("failover needs holdfast's metrics")?;
+        let count = |name: &str| fetch_metrics(mp).map(|t| metric_sum(&t, name)).unwrap_or(0);
+        let mut c = pinned(&sibling("holdfast-wsm"), &ccpus);
+        c.args(["--listen", &second_addr, "--log", "warn", "--node", "wsm-b"]);
+        second = Some(Proc(c.stdout(Stdio::null()).stderr(Stdio::null()).spawn().map_err(|e| format!("second WSM: {e}"))?));
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while count("holdfast_links_up") < 2 * threads as u64 {
+            if Instant::now() > deadline {
+                return Err("failover: the second WSM's links did not come up".into());
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        std::thread::sleep(Duration::from_secs_f64(a.duration / 3.0));
+        let (before_detached, before_resumed) = (count("holdfast_streams_detached_total"), count("holdfast_streams_resumed_total"));
+        let t = Instant::now();
+        // SIGKILL: the first WSM dies without a word.
+        if let Some(mut p) = up.take() {
+            let _ = p.0.kill();
+            let _ = p.0.wait();
+        }
+        let deadline = t + Duration::from_secs(120);
+        loop {
+            let detached = count("holdfast_streams_detached_total") - before_detached;
+            let resumed = count("holdfast_streams_resumed_total") - before_resumed;
+            let failed = count("holdfast_streams_resume_failed_total");
+            if detached > 0 && resumed + failed >= detached {
+                failover_secs = Some(t.elapsed().as_secs_f64());
+                failover_streams = Some(resumed);
+                break;
+            }
+            if Instant::now() > deadline {
+                return Err(format!("failover: {resumed} of {detached} streams resumed in 120 s"));
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
     if a.scenario == "upgrade" && !a.no_signal {
         std::thread::sleep(Duration::from_secs_f64(a.duration / 3.0));
         let t = Instant::now();
@@ -526,6 +588,7 @@ fn run_one(proxy: Proxy, a: &RunArgs, pki: &Path, work: &Path) -> Result<Scenari
     }
     drop(proxy_proc);
     drop(up);
+    drop(second);
     Ok(ScenarioResult {
         proxy: proxy.name().into(),
         scenario: a.scenario.clone(),
@@ -546,6 +609,8 @@ fn run_one(proxy: Proxy, a: &RunArgs, pki: &Path, work: &Path) -> Result<Scenari
         sock_mem_loaded_bytes: sock_loaded,
         storm_secs,
         upgrade_secs,
+        failover_secs,
+        failover_streams,
         holdfast_metrics,
     })
 }
