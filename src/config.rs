@@ -197,6 +197,10 @@ pub struct UpstreamFile {
     /// Milliseconds between link pings.
     #[serde(default = "default_ping")]
     pub ping_interval_ms: u64,
+    /// Milliseconds between re-resolving `wsm` entries given by name; the
+    /// pool follows DNS (0: resolve once, at start).
+    #[serde(default = "default_dns_refresh")]
+    pub dns_refresh_ms: u64,
     /// A link that has received nothing (not even a pong) for this many
     /// milliseconds is dead: its streams resume on other links.
     #[serde(default = "default_liveness")]
@@ -222,6 +226,9 @@ pub struct UpstreamFile {
     pub held_bytes_per_shard: u64,
 }
 
+fn default_dns_refresh() -> u64 {
+    10_000
+}
 fn default_liveness() -> u64 {
     15_000
 }
@@ -331,6 +338,8 @@ pub struct UpstreamConfig {
     pub open_timeout: Duration,
     pub stream_window: u32,
     pub ping_interval: Duration,
+    /// Zero: resolve once.
+    pub dns_refresh: Duration,
     pub liveness_timeout: Duration,
     pub resume_timeout: Duration,
     pub close_spread: Duration,
@@ -508,6 +517,7 @@ impl Config {
             open_timeout: ms("upstream.open_timeout_ms", u.open_timeout_ms, &mut errs),
             stream_window: u.stream_window,
             ping_interval: ms("upstream.ping_interval_ms", u.ping_interval_ms, &mut errs),
+            dns_refresh: Duration::from_millis(u.dns_refresh_ms),
             liveness_timeout: ms("upstream.liveness_timeout_ms", u.liveness_timeout_ms, &mut errs),
             resume_timeout: ms("upstream.resume_timeout_ms", u.resume_timeout_ms, &mut errs),
             close_spread: Duration::from_millis(u.close_spread_ms),

@@ -8,6 +8,7 @@ pub mod link;
 pub mod metrics;
 pub mod pki;
 pub mod proxy;
+pub mod resolve;
 pub mod shard;
 pub mod tls;
 pub mod upgrade;

@@ -72,10 +72,17 @@ pub fn start_with(cfg: Config, from: Listeners, tickets: Option<Arc<Ticketer>>) 
     // Shard i takes socket i, i + shards, ...: every inherited socket is
     // accepted from, so nothing waiting in an accept queue is lost.
     let per_shard = round_robin(sockets, shard_count);
+    // The WSM pool: every entry resolved now, and again every
+    // `dns_refresh_ms` (shards follow the changes).
+    let wsms = crate::resolve::resolve_all(&cfg.upstream.wsm, &[]);
+    if wsms.is_empty() {
+        tracing::warn!("no WSM address resolves yet; devices get 503 until one does");
+    }
     let (ready_tx, ready_rx) = crossbeam_channel::unbounded();
     let mut shards = Vec::new();
     for (i, (l, cpu)) in per_shard.into_iter().zip(cfg.shard_cpus.iter()).enumerate() {
-        let h = shard::start(i as u16, *cpu, cfg.clone(), tls.clone(), l, ready_tx.clone()).map_err(|e| vec![format!("shard {i}: {e}")])?;
+        let h = shard::start(i as u16, *cpu, cfg.clone(), tls.clone(), l, ready_tx.clone(), wsms.clone())
+            .map_err(|e| vec![format!("shard {i}: {e}")])?;
         shards.push(h);
     }
     let wait = cfg.upstream.connect_timeout + Duration::from_secs(5);
@@ -85,6 +92,14 @@ pub fn start_with(cfg: Config, from: Listeners, tickets: Option<Arc<Ticketer>>) 
             Ok(Err(e)) => return Err(vec![e]),
             Err(_) => return Err(vec!["a shard did not start in time".into()]),
         }
+    }
+    if !cfg.upstream.dns_refresh.is_zero() {
+        let ctls: Vec<_> = shards.iter().map(|s| s.ctl.clone()).collect();
+        crate::resolve::refresh(cfg.upstream.wsm.clone(), wsms, cfg.upstream.dns_refresh, move |now| {
+            for c in &ctls {
+                let _ = c.send(Control::WsmSet(now.clone()));
+            }
+        });
     }
     let metrics_addr = match cfg.metrics {
         Some(a) => {

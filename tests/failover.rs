@@ -255,3 +255,41 @@ fn presence_lapses_by_itself_when_holdfast_is_killed() {
     eventually(5, "presence to lapse", || keys[..keys.len() - 1].iter().all(|k| redis_get(&redis.url, k).is_none()));
     assert!(killed.elapsed() < Duration::from_millis(700 + 200 + 1000), "within the TTL and one interval: {:?}", killed.elapsed());
 }
+
+#[test]
+fn the_wsm_pool_follows_dns_and_a_departed_address_gives_its_streams_away() {
+    let pki = Pki::new();
+    // Two WSMs on one port at two loopback addresses, behind one name.
+    let port = std::net::TcpListener::bind("127.0.0.2:0").unwrap().local_addr().unwrap().port();
+    let (la, lb) = (format!("127.0.0.2:{port}"), format!("127.0.0.3:{port}"));
+    let a = start_wsm_args(pki.path(), "wsm-a", &["--listen", &la]);
+    let b = start_wsm_args(pki.path(), "wsm-b", &["--listen", &lb]);
+    let hosts = pki.path().join("hosts");
+    std::fs::write(&hosts, "127.0.0.2 wsm.pool\n").unwrap();
+    let upstream = format!("{FAST}\ndns_refresh_ms = 200");
+    let wsm: std::net::SocketAddr = la.parse().unwrap();
+    // `wsm` only sizes the list; the config names the pool instead.
+    let proxy = {
+        let p = start_proxy_full(&pki, &[wsm], 1, "", "", &upstream, &[("HOLDFAST_HOSTS", hosts.to_str().unwrap())]);
+        let cfg =
+            std::fs::read_to_string(p.config.as_ref().unwrap()).unwrap().replace(&format!("\"{la}\""), &format!("\"wsm.pool:{port}\""));
+        drop(p);
+        let path = pki.path().join("pool.toml");
+        std::fs::write(&path, cfg).unwrap();
+        start_holdfast_config(&pki, &path, &[("HOLDFAST_HOSTS", hosts.to_str().unwrap())])
+    };
+    let mut devices = connect_devices(&pki, &proxy, 10);
+    assert!(devices.iter().all(|(_, n, _)| n == "wsm-a"), "one address in the pool");
+    // The pool grows: links to the new address come up, new streams use it.
+    std::fs::write(&hosts, "127.0.0.2 wsm.pool\n127.0.0.3 wsm.pool\n").unwrap();
+    eventually(10, "links to the second WSM", || metric(&proxy, "holdfast_links_up", "") == 2);
+    let more = connect_devices(&pki, &proxy, 10);
+    assert!(more.iter().any(|(_, n, _)| n == "wsm-b"), "new streams reach the new WSM");
+    // The pool shrinks: the departed address's streams move, by plan.
+    std::fs::write(&hosts, "127.0.0.3 wsm.pool\n").unwrap();
+    eventually(10, "streams to move off the departed address", || metric_sum(&proxy, "holdfast_streams_moved_total") >= 10);
+    check_all_moved_to(&mut devices, "wsm-b", &proxy.stderr_log);
+    eventually(10, "the departed WSM's link to close", || metric(&proxy, "holdfast_links_up", "") == 1);
+    assert_eq!(metric_sum(&proxy, "holdfast_messages_resent_total"), 0, "moved by plan: nothing sent twice");
+    drop((a, b));
+}

@@ -511,7 +511,7 @@ impl Device {
     }
 
     fn pick_link(&self) -> Option<Rc<Link>> {
-        self.shard.links.iter().filter(|l| l.usable()).min_by_key(|l| l.load()).cloned()
+        self.shard.pick_link()
     }
 
     pub(super) async fn send_close(&mut self, rl: &mut RecordLayer, code: u16, reason: &str) {

@@ -33,6 +33,8 @@ pub enum Control {
     HandOff(Sender<Handed>, std::sync::Arc<super::pace::Flight>),
     /// Live upgrade, new side: adopt these connections.
     Adopt(Vec<Handed>),
+    /// The WSM pool is now these addresses (DNS changed).
+    WsmSet(Vec<crate::resolve::Wsm>),
 }
 
 /// The sending half; cheap to clone, usable from any thread.

@@ -7,7 +7,6 @@
 
 use std::cell::RefCell;
 use std::collections::{HashMap, VecDeque};
-use std::net::ToSocketAddrs;
 use std::rc::Rc;
 use std::sync::Arc;
 use std::task::{Poll, Waker};
@@ -127,16 +126,50 @@ struct LinkState {
 }
 
 pub struct Link {
+    /// The configured entry this link's WSM came from and its address.
     pub host: String,
+    pub addr: std::net::SocketAddr,
     pub index: u32,
+    /// The address left the WSM pool: move the streams off, then close.
+    retired: std::cell::Cell<bool>,
     /// Credit holdfast grants the WSM per stream (config `stream_window`).
     stream_window: u32,
     st: RefCell<LinkState>,
 }
 
 impl Link {
-    pub fn new(host: String, index: u32, stream_window: u32) -> Rc<Link> {
-        Rc::new(Link { host, index, stream_window, st: RefCell::new(LinkState::default()) })
+    pub fn new(host: String, addr: std::net::SocketAddr, index: u32, stream_window: u32) -> Rc<Link> {
+        Rc::new(Link { host, addr, index, retired: std::cell::Cell::new(false), stream_window, st: RefCell::new(LinkState::default()) })
+    }
+
+    /// Takes the link out of the pool: no new streams, its streams move to
+    /// other WSMs (as for a goaway), and once none is left it closes for good.
+    pub fn retire(&self) {
+        self.retired.set(true);
+    }
+
+    pub fn retired(&self) -> bool {
+        self.retired.get()
+    }
+
+    /// Closes a retired link's connection once its streams are gone (the
+    /// writer ends; dropping its half shuts the socket down, and the WSM
+    /// closes its side). Returns true when the link can be forgotten.
+    pub fn close_if_done(&self) -> bool {
+        if !self.retired.get() {
+            return false;
+        }
+        let mut st = self.st.borrow_mut();
+        if !st.streams.is_empty() {
+            return false;
+        }
+        if st.up {
+            st.generation += 1;
+            if let Some(w) = st.writer.take() {
+                w.wake();
+            }
+        }
+        true
     }
 
     /// Counts the link's connections (a new one after every reconnect).
@@ -147,13 +180,13 @@ impl Link {
     /// Whether the WSM sent goaway on this link's current connection.
     pub fn going_away(&self) -> bool {
         let s = self.st.borrow();
-        s.up && s.goaway
+        s.up && (s.goaway || self.retired.get())
     }
 
     /// Up, past HELLO, and not told to go away.
     pub fn usable(&self) -> bool {
         let s = self.st.borrow();
-        s.up && !s.goaway
+        s.up && !s.goaway && !self.retired.get()
     }
 
     pub fn is_up(&self) -> bool {
@@ -372,7 +405,7 @@ impl Link {
 pub async fn run_link(link: Rc<Link>, cfg: Arc<Config>, shard: u16, metrics: Arc<ShardMetrics>, first_attempt: Rc<RefCell<usize>>) {
     let mut backoff = Duration::from_millis(100);
     let mut first = true;
-    loop {
+    while !link.retired() {
         let res = connect_and_serve(&link, &cfg, shard, &metrics, &mut first, &first_attempt).await;
         if first {
             first = false;
@@ -380,9 +413,10 @@ pub async fn run_link(link: Rc<Link>, cfg: Arc<Config>, shard: u16, metrics: Arc
         }
         match res {
             Ok(()) => backoff = Duration::from_millis(100),
+            Err(_) if link.retired() => break,
             Err(e) => {
                 ShardMetrics::inc(&metrics.link_failures_total);
-                tracing::warn!(host = %link.host, link = link.index, shard, error = %e, "WSM link down");
+                tracing::warn!(host = %link.host, addr = %link.addr, link = link.index, shard, error = %e, "WSM link down");
             }
         }
         let jitter = monoio::utils::thread_rng_n(backoff.as_millis() as u32 / 2 + 1) as u64;
@@ -399,7 +433,7 @@ async fn connect_and_serve(
     first: &mut bool,
     first_attempt: &Rc<RefCell<usize>>,
 ) -> Result<(), String> {
-    let addr = link.host.to_socket_addrs().map_err(|e| format!("resolve: {e}"))?.next().ok_or("resolve: no address")?;
+    let addr = link.addr;
     let tcp = monoio::time::timeout(cfg.upstream.connect_timeout, TcpStream::connect(addr))
         .await
         .map_err(|_| "connect timeout".to_string())?

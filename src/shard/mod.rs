@@ -38,7 +38,10 @@ pub struct ShardCtx {
     pub tls: TlsContext,
     pub pool: Pool,
     pub ids: RefCell<IdGenerator>,
-    pub links: Vec<Rc<Link>>,
+    /// Links to every WSM in the pool (it changes as DNS does).
+    pub links: RefCell<Vec<Rc<Link>>>,
+    /// Counts link tasks' first attempts (start-up waits for them).
+    attempted: Rc<RefCell<usize>>,
     /// Connections held by this shard.
     pub conns: RefCell<Slab<ConnectionId>>,
     /// Idle and ping deadlines of this shard's tunnels.
@@ -85,6 +88,7 @@ pub fn start(
     tls: TlsContext,
     listeners: Vec<std::net::TcpListener>,
     ready: Sender<Result<u16, String>>,
+    wsms: Vec<crate::resolve::Wsm>,
 ) -> std::io::Result<ShardHandle> {
     let metrics = Arc::new(ShardMetrics::default());
     let (ctl, ctl_rx) = control::channel()?;
@@ -103,7 +107,7 @@ pub fn start(
         };
         rt.block_on(async move {
             match ctl_rx.into_waiter() {
-                Ok(ctl) => run(index, cfg, tls, listeners, m, ctl, ready).await,
+                Ok(ctl) => run(index, cfg, tls, m, ctl, Sockets { listeners, wsms }, ready).await,
                 Err(e) => {
                     let _ = ready.send(Err(format!("shard {index}: control channel: {e}")));
                 }
@@ -113,26 +117,28 @@ pub fn start(
     Ok(ShardHandle { thread, ctl, metrics })
 }
 
+/// Where a shard's connections come from and go to, at start.
+struct Sockets {
+    listeners: Vec<std::net::TcpListener>,
+    wsms: Vec<crate::resolve::Wsm>,
+}
+
 async fn run(
     index: u16,
     cfg: Arc<Config>,
     tls: TlsContext,
-    listeners: Vec<std::net::TcpListener>,
     metrics: Arc<ShardMetrics>,
     ctl: control::ControlWaiter,
+    Sockets { listeners, wsms }: Sockets,
     ready: Sender<Result<u16, String>>,
 ) {
-    let mut links = Vec::new();
-    for host in &cfg.upstream.wsm {
-        for i in 0..cfg.upstream.links_per_shard {
-            links.push(Link::new(host.clone(), i, cfg.upstream.stream_window));
-        }
-    }
+    let attempted = Rc::new(RefCell::new(0usize));
     let ctx = Rc::new(ShardCtx {
         index,
         pool: Pool::new(cfg.buffers.per_shard, cfg.buffers.size, metrics.clone()),
         ids: RefCell::new(IdGenerator::new(index)),
-        links: links.clone(),
+        links: RefCell::new(Vec::new()),
+        attempted: attempted.clone(),
         conns: RefCell::new(Slab::with_capacity(1024)),
         timers: Rc::new(timers::Timers::default()),
         stop_accepting: std::cell::Cell::new(false),
@@ -145,14 +151,12 @@ async fn run(
     });
     monoio::spawn(timers::tick(ctx.timers.clone()));
     monoio::spawn(reattach::watch_goaway(ctx.clone()));
-    let attempted = Rc::new(RefCell::new(0usize));
-    for l in &links {
-        monoio::spawn(link::run_link(l.clone(), cfg.clone(), index, metrics.clone(), attempted.clone()));
-    }
+    set_wsms(&ctx, wsms);
+    let n_links = ctx.links.borrow().len();
     // Give links one attempt before accepting, so early devices find a WSM.
     let wait = cfg.upstream.connect_timeout + Duration::from_millis(200);
     let start = std::time::Instant::now();
-    while *attempted.borrow() < links.len() && start.elapsed() < wait {
+    while *attempted.borrow() < n_links && start.elapsed() < wait {
         monoio::time::sleep(Duration::from_millis(5)).await;
     }
     let mut accepting = Vec::new();
@@ -198,6 +202,7 @@ async fn run(
                 *ctx.handoff.borrow_mut() = Some((sink, flight.clone()));
                 monoio::spawn(pace::hand_over_all(ctx.clone(), flight));
             }
+            Some(Control::WsmSet(wsms)) => set_wsms(&ctx, wsms),
             Some(Control::Adopt(conns)) => {
                 tracing::info!(shard = index, connections = conns.len(), "adopting connections");
                 for (snap, fd) in conns {
@@ -207,6 +212,36 @@ async fn run(
         }
     }
     tracing::info!(shard = index, connections = ctx.conns.borrow().len(), "shard stopping");
+}
+
+impl ShardCtx {
+    /// The least-loaded link that may take a new stream.
+    pub fn pick_link(&self) -> Option<Rc<Link>> {
+        self.links.borrow().iter().filter(|l| l.usable()).min_by_key(|l| l.load()).cloned()
+    }
+}
+
+/// Makes the shard's links match the WSM pool: links to new addresses,
+/// retirement (streams moved off, then closed) for addresses that left.
+fn set_wsms(ctx: &Rc<ShardCtx>, wsms: Vec<crate::resolve::Wsm>) {
+    let cfg = &ctx.cfg;
+    let mut links = ctx.links.borrow_mut();
+    for l in links.iter() {
+        if !l.retired() && !wsms.iter().any(|(_, a)| *a == l.addr) {
+            tracing::info!(shard = ctx.index, host = %l.host, addr = %l.addr, "WSM left the pool: moving its streams, then closing");
+            l.retire();
+        }
+    }
+    for (host, addr) in wsms {
+        if links.iter().any(|l| l.addr == addr && !l.retired()) {
+            continue;
+        }
+        for i in 0..cfg.upstream.links_per_shard {
+            let l = Link::new(host.clone(), addr, i, cfg.upstream.stream_window);
+            monoio::spawn(link::run_link(l.clone(), cfg.clone(), ctx.index, ctx.metrics.clone(), ctx.attempted.clone()));
+            links.push(l);
+        }
+    }
 }
 
 /// Accepts by readiness: wait until the socket is readable (a poll owns

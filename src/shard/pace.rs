@@ -136,7 +136,7 @@ impl Window {
 /// at a time, until all have been asked and have moved, or the upgrade is
 /// called off (the new process went away).
 pub async fn hand_over_all(ctx: Rc<ShardCtx>, flight: std::sync::Arc<Flight>) {
-    let streams: Vec<Stream> = ctx.links.iter().flat_map(|l| l.stream_refs()).collect();
+    let streams: Vec<Stream> = ctx.links.borrow().iter().flat_map(|l| l.stream_refs()).collect();
     let total = streams.len();
     let started = Instant::now();
     let mut w = Window::new(streams, ctx.cfg.upgrade_moving_per_shard);

@@ -213,7 +213,7 @@ pub async fn step(dev: &mut Device, t: &mut Tunnel) -> Option<End> {
     if !h.planned && !dev.shard.resumes.try_take(now) {
         return None;
     }
-    let link = dev.shard.links.iter().filter(|l| l.usable()).min_by_key(|l| l.load()).cloned()?;
+    let link = dev.shard.pick_link()?;
     let Some(device) = DeviceIdentity::from_chain(t.resume.chain.clone(), dev.addr) else {
         dev.send_close(&mut t.rl, close::INTERNAL, "identity lost").await;
         return Some(End::NoWsm);
@@ -246,20 +246,24 @@ pub async fn move_by_plan(dev: &mut Device, t: &mut Tunnel) -> Option<End> {
     step(dev, t).await
 }
 
-/// Runs on each shard: when a link's WSM sends goaway, asks that link's
-/// tunnels to move, at the shard's re-open rate.
+/// Runs on each shard: when a link's WSM sends goaway (or its address left
+/// the pool), asks that link's tunnels to move, at the shard's re-open rate;
+/// closes and forgets retired links once their streams are gone.
 pub async fn watch_goaway(ctx: Rc<ShardCtx>) {
-    let mut moving: Vec<(usize, u64)> = Vec::new();
+    // Links being emptied, by identity and connection generation.
+    let mut moving: Vec<(*const super::link::Link, u64)> = Vec::new();
     loop {
         monoio::time::sleep(Duration::from_millis(20)).await;
-        for (i, link) in ctx.links.iter().enumerate() {
-            let generation = link.generation();
-            if link.going_away() && !moving.contains(&(i, generation)) {
-                moving.push((i, generation));
+        let links: Vec<_> = ctx.links.borrow().clone();
+        for link in &links {
+            let key = (Rc::as_ptr(link), link.generation());
+            if link.going_away() && !moving.contains(&key) {
+                moving.push(key);
                 monoio::spawn(move_streams(ctx.clone(), link.clone()));
             }
         }
-        moving.retain(|(i, g)| ctx.links[*i].generation() == *g);
+        moving.retain(|(p, g)| links.iter().any(|l| Rc::as_ptr(l) == *p && l.generation() == *g));
+        ctx.links.borrow_mut().retain(|l| !l.close_if_done());
     }
 }
 

@@ -92,7 +92,10 @@ pub fn start_wsm(tmp: &Path, name: &str) -> Proc {
 /// Starts the reference WSM with extra arguments (e.g. `--store`).
 pub fn start_wsm_args(tmp: &Path, name: &str, args: &[&str]) -> Proc {
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_holdfast-wsm"));
-    cmd.args(["--listen", "127.0.0.1:0", "--node", name]).args(args);
+    if !args.contains(&"--listen") {
+        cmd.args(["--listen", "127.0.0.1:0"]);
+    }
+    cmd.args(["--node", name]).args(args);
     let (child, line, lines) = spawn_until(cmd, "holdfast-wsm listening on ", tmp.join(format!("{name}.log")));
     let addr = line.rsplit(' ').next().unwrap().parse().unwrap();
     Proc { child, addr, metrics: None, stderr_log: tmp.join(format!("{name}.log")), lines, config: None }
@@ -191,12 +194,20 @@ addr = "127.0.0.1:0"
     let id = N.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     let path = pki.path().join(format!("holdfast-{}-{id}.toml", std::process::id()));
     std::fs::write(&path, cfg).unwrap();
+    start_holdfast_config(pki, &path, env)
+}
+
+/// Starts `holdfast run` on a config file already written.
+pub fn start_holdfast_config(pki: &Pki, path: &Path, env: &[(&str, &str)]) -> Proc {
+    static N: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+    let id = N.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let path = path.to_path_buf();
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_holdfast"));
     cmd.args(["run", "--config"]).arg(&path).env("HOLDFAST_LOG", "debug");
     for (k, v) in env {
         cmd.env(k, v);
     }
-    let log = pki.path().join(format!("holdfast-{id}.log"));
+    let log = pki.path().join(format!("holdfast-run-{id}.log"));
     let (child, line, lines) = spawn_until(cmd, "holdfast ready on ", log.clone());
     // "holdfast ready on ADDR shards=N metrics=ADDR"
     let parts: Vec<&str> = line.split_whitespace().collect();
