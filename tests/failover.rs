@@ -293,3 +293,20 @@ fn the_wsm_pool_follows_dns_and_a_departed_address_gives_its_streams_away() {
     assert_eq!(metric_sum(&proxy, "holdfast_messages_resent_total"), 0, "moved by plan: nothing sent twice");
     drop((a, b));
 }
+
+#[test]
+fn a_lone_draining_wsm_keeps_its_streams_while_no_other_can_take_them() {
+    let pki = Pki::new();
+    let a = start_wsm_args(pki.path(), "wsm-a", &["--drain-timeout", "30"]);
+    let proxy = start_proxy_full(&pki, &[a.addr], 1, "", "", FAST, &[]);
+    let mut devices = connect_devices(&pki, &proxy, 5);
+    kill(Pid::from_raw(a.child.id() as i32), Signal::SIGTERM).unwrap();
+    std::thread::sleep(Duration::from_millis(600));
+    // Nowhere to move them: they stay on the draining WSM and keep working.
+    for (i, (d, _, _)) in devices.iter_mut().enumerate() {
+        echo(d, &format!("still here {i}")).unwrap();
+        assert_eq!(whoami(d)["wsm"], "wsm-a");
+    }
+    assert_eq!(metric_sum(&proxy, "holdfast_streams_moved_total"), 0);
+    assert_eq!(metric_sum(&proxy, "holdfast_streams_detached_total"), 0);
+}

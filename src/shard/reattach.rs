@@ -232,7 +232,9 @@ pub async fn step(dev: &mut Device, t: &mut Tunnel) -> Option<End> {
 /// stream closes as "handed elsewhere", and the tunnel re-opens elsewhere.
 pub async fn move_by_plan(dev: &mut Device, t: &mut Tunnel) -> Option<End> {
     t.stream.borrow_mut().move_requested = false;
-    if t.held.is_some() || !t.link.going_away() {
+    // Stay put unless another WSM can take the stream now: a lone WSM that
+    // drains keeps its streams until it really goes.
+    if t.held.is_some() || !t.link.going_away() || dev.shard.pick_link().is_none() {
         return None;
     }
     if let Some(end) = super::tunnel::quiesce(dev, t).await {
@@ -271,8 +273,18 @@ async fn move_streams(ctx: Rc<ShardCtx>, link: Rc<super::link::Link>) {
     let streams = link.stream_refs();
     tracing::info!(shard = ctx.index, host = %link.host, streams = streams.len(), "WSM going away: moving its streams");
     for w in streams {
-        while !ctx.resumes.try_take(Instant::now()) {
-            monoio::time::sleep(Duration::from_millis(1)).await;
+        loop {
+            if !link.going_away() {
+                return;
+            }
+            if ctx.pick_link().is_none() {
+                // Nowhere to go yet: wait for another WSM.
+                monoio::time::sleep(Duration::from_millis(100)).await;
+            } else if ctx.resumes.try_take(Instant::now()) {
+                break;
+            } else {
+                monoio::time::sleep(Duration::from_millis(1)).await;
+            }
         }
         if !link.going_away() {
             return; // the link went down (streams resume as lost) or came back
