@@ -283,28 +283,21 @@ impl Device {
             b.vec().extend_from_slice(&snap.rx);
             self.rx = Some(b);
         }
-        let Some(device) = DeviceIdentity::from_chain(snap.resume.chain.clone(), self.addr) else {
+        if DeviceIdentity::from_chain(snap.resume.chain.clone(), self.addr).is_none() {
             return Err(End::Refused(Refusal::BadHandshake, "moved certificate does not parse".into()));
-        };
-        let open = Open { resumed: true, connection_id: self.id, device, request: snap.resume.request.clone() };
-        let Some((link, stream)) = self.pick_link().and_then(|l| l.open_stream(open).map(|s| (l, s))) else {
-            self.send_close(&mut rl, close::TRY_AGAIN, "no WSM reachable").await;
+        }
+        // The tunnel starts without a stream and re-opens one itself (as after
+        // a WSM loss), reading the device meanwhile; any link stands in until
+        // then. With no WSM at all the device is told to come back later.
+        let Some(placeholder) = self.shard.links.borrow().first().cloned() else {
+            self.send_close(&mut rl, close::TRY_AGAIN, "no WSM configured").await;
             self.finish(&End::NoWsm, &mut rl).await;
             return Err(End::NoWsm);
         };
-        match monoio::time::timeout(self.shard.cfg.upstream.open_timeout, wait_opened(&stream)).await {
-            Ok(Some(OpenResult::Accepted(_))) => {}
-            _ => {
-                let sid = stream.borrow().stream_id;
-                link.close_stream(sid, CloseReason::Error, close::INTERNAL, "resume refused");
-                self.send_close(&mut rl, close::TRY_AGAIN, "could not resume").await;
-                self.finish(&End::WsmTimeout, &mut rl).await;
-                return Err(End::WsmTimeout);
-            }
-        }
-        let mut t = Tunnel::new(rl, link, stream, snap.max_message as usize, Box::new(snap.resume.clone()));
+        let none = Rc::new(std::cell::RefCell::new(super::link::StreamShared::default()));
+        let mut t = Tunnel::new(rl, placeholder, none, snap.max_message as usize, Box::new(snap.resume.clone()));
         t.restore(snap.decoder.clone(), snap.idle_ms);
-        super::reattach::adopt_held(self, &mut t, std::mem::take(&mut snap.held));
+        super::reattach::adopt(self, &mut t, std::mem::take(&mut snap.held));
         Ok(t)
     }
 

@@ -297,16 +297,15 @@ async fn move_streams(ctx: Rc<ShardCtx>, link: Rc<super::link::Link>) {
     }
 }
 
-/// A connection adopted from a previous process with messages it held:
-/// its new stream is accepted, so they go out first.
-pub fn adopt_held(dev: &Device, t: &mut Tunnel, msgs: Vec<(bool, Vec<u8>)>) {
-    if msgs.is_empty() {
-        return;
-    }
+/// A connection adopted from a previous process (live upgrade): it starts
+/// without a stream, with the messages the old process held for it, and
+/// re-opens at once (the upgrade paced itself); the device is read from
+/// now on, its messages held until the WSM accepts.
+pub fn adopt(dev: &Device, t: &mut Tunnel, msgs: Vec<(bool, Vec<u8>)>) {
     let bytes = msgs.iter().map(|(_, m)| m.len()).sum();
     add_held(&dev.shard, bytes as i64);
     let close_at = Instant::now() + dev.shard.cfg.upstream.resume_timeout;
-    t.held = Some(Box::new(Held { msgs: msgs.into(), bytes, phase: Phase::Flushing, close_at, planned: true }));
+    t.held = Some(Box::new(Held { msgs: msgs.into(), bytes, phase: Phase::Waiting, close_at, planned: true }));
 }
 
 /// For a snapshot: the held messages, and whether the tunnel's stream is
