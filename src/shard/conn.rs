@@ -116,10 +116,8 @@ pub async fn adopt(shard: Rc<ShardCtx>, snap: crate::upgrade::snapshot::ConnSnap
     let addr = snap.addr.parse().unwrap_or_else(|_| SocketAddr::from(([0, 0, 0, 0], 0)));
     let mut dev = Device::new(shard, tcp, addr, snap.id);
     match Box::pin(dev.resume(snap)).await {
-        Ok(t) => {
-            ShardMetrics::inc(&dev.shard.metrics.connections_resumed_total);
-            live(dev, t, Vec::new(), key).await
-        }
+        // Counted as resumed once its stream is accepted (`reattach`).
+        Ok(t) => live(dev, t, Vec::new(), key).await,
         Err(end) => {
             ShardMetrics::inc(&dev.shard.metrics.connections_resume_failed_total);
             dev.close(end, key).await

@@ -47,6 +47,9 @@ pub struct Held {
     close_at: Instant,
     /// Moved by plan: the move itself was paced, re-open without a turn.
     planned: bool,
+    /// Adopted in a live upgrade: its acceptance is what the old process
+    /// waits for (`connections_resumed_total`).
+    adopted: bool,
 }
 
 impl Held {
@@ -106,7 +109,14 @@ pub fn detach(dev: &Device, t: &mut Tunnel, planned: bool) {
         }
         None => {
             ShardMetrics::inc(&dev.shard.metrics.streams_detached_total);
-            Box::new(Held { msgs: VecDeque::new(), bytes: 0, phase: Phase::Waiting, close_at: now + cfg.resume_timeout + jitter, planned })
+            Box::new(Held {
+                msgs: VecDeque::new(),
+                bytes: 0,
+                phase: Phase::Waiting,
+                close_at: now + cfg.resume_timeout + jitter,
+                planned,
+                adopted: false,
+            })
         }
     };
     if !planned && !unacked.is_empty() {
@@ -200,13 +210,15 @@ pub async fn step(dev: &mut Device, t: &mut Tunnel) -> Option<End> {
             t.link.send_message(&mut t.stream.borrow_mut(), binary, &m);
         }
         if h.msgs.is_empty() {
+            let m = &dev.shard.metrics;
+            ShardMetrics::inc(if h.adopted { &m.connections_resumed_total } else { &m.streams_resumed_total });
             t.held = None;
-            ShardMetrics::inc(&dev.shard.metrics.streams_resumed_total);
         }
         return None;
     }
     if now >= h.close_at {
-        ShardMetrics::inc(&dev.shard.metrics.streams_resume_failed_total);
+        let m = &dev.shard.metrics;
+        ShardMetrics::inc(if h.adopted { &m.connections_resume_failed_total } else { &m.streams_resume_failed_total });
         dev.send_close(&mut t.rl, close::TRY_AGAIN, "no WSM available").await;
         return Some(End::NoWsm);
     }
@@ -305,7 +317,7 @@ pub fn adopt(dev: &Device, t: &mut Tunnel, msgs: Vec<(bool, Vec<u8>)>) {
     let bytes = msgs.iter().map(|(_, m)| m.len()).sum();
     add_held(&dev.shard, bytes as i64);
     let close_at = Instant::now() + dev.shard.cfg.upstream.resume_timeout;
-    t.held = Some(Box::new(Held { msgs: msgs.into(), bytes, phase: Phase::Waiting, close_at, planned: true }));
+    t.held = Some(Box::new(Held { msgs: msgs.into(), bytes, phase: Phase::Waiting, close_at, planned: true, adopted: true }));
 }
 
 /// For a snapshot: the held messages, and whether the tunnel's stream is

@@ -66,6 +66,9 @@ pub const SESSION_TTL: Duration = Duration::from_secs(24 * 3600);
 pub struct Memory {
     sessions: Mutex<HashMap<ConnectionId, Session>>,
     presence: Mutex<HashMap<ConnectionId, (Presence, Instant)>>,
+    /// When expired presence was last dropped (at most once a second: a
+    /// scan per refresh is quadratic when thousands of streams open at once).
+    purged: Mutex<Option<Instant>>,
 }
 
 impl Store for Memory {
@@ -80,9 +83,14 @@ impl Store for Memory {
         self.presence.lock().unwrap_or_else(|e| e.into_inner()).remove(&id);
     }
     fn refresh(&self, present: &[(ConnectionId, Presence)], ttl: Duration) {
-        let until = Instant::now() + ttl;
+        let now = Instant::now();
+        let until = now + ttl;
         let mut p = self.presence.lock().unwrap_or_else(|e| e.into_inner());
-        p.retain(|_, (_, t)| *t > Instant::now());
+        let mut purged = self.purged.lock().unwrap_or_else(|e| e.into_inner());
+        if purged.is_none_or(|t| now.duration_since(t) >= Duration::from_secs(1)) {
+            p.retain(|_, (_, t)| *t > now);
+            *purged = Some(now);
+        }
         for (id, who) in present {
             p.insert(*id, (who.clone(), until));
         }
