@@ -202,6 +202,8 @@ impl WsClient {
             let mut chunk = vec![0u8; 16 * 1024];
             loop {
                 match self.tls.reader().read(&mut chunk) {
+                    // close_notify: but first what arrived before it (a close frame).
+                    Ok(0) if !self.events.is_empty() => break,
                     Ok(0) => return Err(Failure(ErrorKind::Closed, "TLS closed".into())),
                     Ok(n) => {
                         let mut ev = Vec::new();

@@ -121,6 +121,12 @@ fn swarm(pki: &Pki, proxy: &Proc, operator: impl FnOnce() + Send) -> Outcome {
     })
 }
 
+fn client(pki: &Pki, proxy: &Proc) -> Arc<rustls::ClientConfig> {
+    let mut cfg = holdfast::device::client_config(&opts(pki, proxy, "oven-1")).unwrap();
+    cfg.resumption = rustls::client::Resumption::disabled();
+    Arc::new(cfg)
+}
+
 fn stats(pki: &Pki, proxy: &Proc) -> serde_json::Value {
     let mut d = holdfast::device::Device::connect(&opts(pki, proxy, "oven-1")).unwrap();
     d.send_text("stats").unwrap();
@@ -128,13 +134,10 @@ fn stats(pki: &Pki, proxy: &Proc) -> serde_json::Value {
 }
 
 fn log(p: &Proc) -> String {
-    std::fs::read_to_string(&p.stderr_log)
-        .unwrap_or_default()
-        .lines()
-        .filter(|l| !l.contains("DEBUG"))
-        .take(40)
-        .collect::<Vec<_>>()
-        .join("\n")
+    let text = std::fs::read_to_string(&p.stderr_log).unwrap_or_default();
+    let _ = std::fs::copy(&p.stderr_log, std::env::temp_dir().join("holdfast-failover-scale.log"));
+    let interesting: Vec<&str> = text.lines().filter(|l| !l.contains("DEBUG")).collect();
+    interesting[interesting.len().saturating_sub(40)..].join("\n")
 }
 
 const UPSTREAM: &str = "ping_interval_ms = 300\nliveness_timeout_ms = 1500\nresume_timeout_ms = 10000\nresume_per_sec = 2000";
@@ -207,4 +210,166 @@ fn a_thousand_devices_move_off_a_draining_wsm_with_nothing_lost_or_repeated() {
     assert_eq!(metric(&proxy, "holdfast_messages_resent_total", ""), 0);
     eprintln!("goaway: longest gap {:?}, survivor {st}", out.max_gap);
     drop(b);
+}
+
+/// Connects `n` devices with the async client and runs `each` on every one
+/// (on this thread); `operator` runs beside them once all are connected.
+fn devices_then<F, Fut>(
+    addr: std::net::SocketAddr,
+    cfg: Arc<rustls::ClientConfig>,
+    n: usize,
+    each: F,
+    operator: impl FnOnce() + Send,
+) -> Vec<Result<Duration, String>>
+where
+    F: Fn(usize, WsClient, Arc<AtomicBool>) -> Fut + Clone + 'static,
+    Fut: std::future::Future<Output = Result<Duration, String>> + 'static,
+{
+    let connected = Arc::new(AtomicUsize::new(0));
+    let go = Arc::new(AtomicBool::new(false));
+    std::thread::scope(|scope| {
+        let (c2, g2) = (connected.clone(), go.clone());
+        scope.spawn(move || {
+            let deadline = Instant::now() + Duration::from_secs(60);
+            while c2.load(Ordering::Relaxed) < n && Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            std::thread::sleep(Duration::from_millis(500));
+            g2.store(true, Ordering::Relaxed);
+            operator();
+        });
+        let mut rt = monoio::RuntimeBuilder::<monoio::IoUringDriver>::new().with_entries(4096).enable_timer().build().unwrap();
+        rt.block_on(async {
+            let mut tasks = Vec::new();
+            for dev in 0..n {
+                let (cfg, connected, go, each) = (cfg.clone(), connected.clone(), go.clone(), each.clone());
+                if dev % 50 == 49 {
+                    monoio::time::sleep(Duration::from_millis(20)).await;
+                }
+                tasks.push(monoio::spawn(async move {
+                    let c = WsClient::connect(cfg, None, addr, "/").await.map_err(|f| format!("device {dev} connect: {}", f.1))?;
+                    connected.fetch_add(1, Ordering::Relaxed);
+                    each(dev, c, go).await
+                }));
+            }
+            let mut out = Vec::new();
+            for t in tasks {
+                out.push(t.await);
+            }
+            out
+        })
+    })
+}
+
+#[test]
+fn a_thousand_devices_get_1013_spread_out_and_bounded_memory_when_every_wsm_is_down() {
+    let pki = Pki::new();
+    let mut a = start_wsm(pki.path(), "wsm-a");
+    let upstream = "ping_interval_ms = 300\nliveness_timeout_ms = 1500\nresume_timeout_ms = 2000\nclose_spread_ms = 3000\n\
+                    held_bytes_per_connection = 4096\nheld_bytes_per_shard = 1048576";
+    let proxy = start_proxy_full(&pki, &[a.addr], 2, "", "idle_timeout_secs = 0", upstream, &[]);
+    let killed = Arc::new(std::sync::Mutex::new(None::<Instant>));
+    let max_held = Arc::new(AtomicUsize::new(0));
+    let k2 = killed.clone();
+    let each = move |dev: usize, mut c: WsClient, go: Arc<AtomicBool>| {
+        let killed = k2.clone();
+        async move {
+            while !go.load(Ordering::Relaxed) {
+                monoio::time::sleep(Duration::from_millis(20)).await;
+            }
+            while killed.lock().unwrap().is_none() {
+                monoio::time::sleep(Duration::from_millis(20)).await;
+            }
+            // No WSM now: send far more than the per-connection bound.
+            let kib = vec![b'x'; 1024];
+            for _ in 0..16 {
+                c.send(op::BINARY, &kib).await.map_err(|f| format!("device {dev} send: {}", f.1))?;
+            }
+            match c.recv().await {
+                Err(f) if f.1.contains("1013") => Ok(killed.lock().unwrap().map(|t| t.elapsed()).unwrap_or_default()),
+                Err(f) => Err(format!("device {dev}: {}", f.1)),
+                Ok(m) => Err(format!("device {dev}: a reply with no WSM up: {}", String::from_utf8_lossy(&m))),
+            }
+        }
+    };
+    let (k3, mh) = (killed.clone(), max_held.clone());
+    let maddr = proxy.metrics.unwrap();
+    let out = devices_then(proxy.addr, client(&pki, &proxy), DEVICES, each, move || {
+        a.child.kill().unwrap();
+        let _ = a.child.wait();
+        *k3.lock().unwrap() = Some(Instant::now());
+        // Sample the held bytes while the devices wait.
+        let end = Instant::now() + Duration::from_secs(6);
+        while Instant::now() < end {
+            let held: usize = metrics_at(maddr)
+                .lines()
+                .filter(|l| l.starts_with("holdfast_held_bytes{"))
+                .filter_map(|l| l.rsplit(' ').next()?.parse::<usize>().ok())
+                .sum();
+            mh.fetch_max(held, Ordering::Relaxed);
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    });
+    let errors: Vec<_> = out.iter().filter_map(|r| r.as_ref().err()).collect();
+    assert!(errors.is_empty(), "{} errors, first: {:?}; log:\n{}", errors.len(), &errors[..errors.len().min(5)], log(&proxy));
+    let mut at: Vec<Duration> = out.into_iter().filter_map(Result::ok).collect();
+    at.sort();
+    let (first, last) = (at[0], at[at.len() - 1]);
+    assert!(first >= Duration::from_millis(1900), "none before resume_timeout: {first:?}");
+    assert!(last - first >= Duration::from_millis(2000), "spread over the window: {first:?} .. {last:?}");
+    // No 300 ms slice of the 3 s window holds more than 30% of the closes.
+    let worst =
+        at.windows(1).map(|w| at.iter().filter(|t| **t >= w[0] && **t < w[0] + Duration::from_millis(300)).count()).max().unwrap_or(0);
+    // (The shard timers tick every 250 ms, so closes come in small waves.)
+    assert!(worst <= DEVICES * 3 / 10, "closes bunched: {worst} within 300 ms");
+    let held = max_held.load(Ordering::Relaxed);
+    assert!(held > 0, "messages were held");
+    // Two shards, 1 MiB each, plus at most one read (a pool buffer) each.
+    assert!(held <= 2 * (1048576 + 64 * 1024), "held {held} bytes");
+    assert_eq!(metric(&proxy, "holdfast_held_bytes", ""), 0);
+    eprintln!("all down: 1013s from {first:?} to {last:?}, at most {worst} in 300 ms, max held {held} bytes");
+}
+
+#[test]
+fn presence_of_a_thousand_devices_lapses_when_holdfast_is_killed() {
+    let pki = Pki::new();
+    let redis = start_redis(pki.path());
+    let a = start_wsm_args(pki.path(), "wsm-a", &["--store", &redis.url, "--presence-interval-ms", "300", "--presence-ttl-ms", "1000"]);
+    let mut proxy = start_proxy_full(&pki, &[a.addr], 2, "", "idle_timeout_secs = 0", UPSTREAM, &[]);
+    let url = redis.url.clone();
+    let count = move || -> usize {
+        let mut c = redis::Client::open(url.as_str()).unwrap().get_connection().unwrap();
+        let keys: Vec<String> = redis::cmd("KEYS").arg("holdfast:presence:*").query(&mut c).unwrap();
+        keys.len()
+    };
+    let lapsed = Arc::new(std::sync::Mutex::new(None::<Duration>));
+    let (l2, count2) = (lapsed.clone(), count.clone());
+    let (addr, cfg) = (proxy.addr, client(&pki, &proxy));
+    let proxy_ref = &mut proxy;
+    let each = |_dev: usize, c: WsClient, go: Arc<AtomicBool>| async move {
+        // Hold the connection until holdfast dies under it.
+        let mut c = c;
+        while !go.load(Ordering::Relaxed) {
+            monoio::time::sleep(Duration::from_millis(20)).await;
+        }
+        let _ = c.recv().await;
+        Ok(Duration::ZERO)
+    };
+    devices_then(addr, cfg, DEVICES, each, move || {
+        // Refreshed past its TTL while connected.
+        std::thread::sleep(Duration::from_millis(1500));
+        assert_eq!(count2(), DEVICES, "every device present");
+        proxy_ref.child.kill().unwrap();
+        let _ = proxy_ref.child.wait();
+        let t = Instant::now();
+        while count2() > 0 && t.elapsed() < Duration::from_secs(10) {
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        *l2.lock().unwrap() = Some(t.elapsed());
+    });
+    let took = lapsed.lock().unwrap().expect("measured");
+    assert_eq!(count(), 0, "presence lapsed");
+    assert!(took < Duration::from_millis(1000 + 300 + 700), "within the TTL and an interval: {took:?}");
+    eprintln!("kill -9 holdfast: {DEVICES} presence keys gone {took:?} after");
+    drop(a);
 }

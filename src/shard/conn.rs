@@ -197,7 +197,7 @@ impl Device {
     }
 
     /// Gives the rx buffer back to the pool if everything in it was used.
-    fn release_if_empty(&mut self) {
+    pub(super) fn release_if_empty(&mut self) {
         if self.rx.as_mut().is_some_and(|b| b.vec().is_empty()) {
             self.rx = None;
         }

@@ -48,6 +48,9 @@ pub struct ShardCtx {
     pub timers: Rc<timers::Timers>,
     /// Bytes of device messages held by tunnels without a WSM.
     pub held_bytes: std::cell::Cell<u64>,
+    /// Bytes that held tunnels' reads in flight may add (counted against
+    /// the shard's bound before the read, so concurrent reads cannot pass it).
+    pub held_reserved: std::cell::Cell<u64>,
     /// Paces re-opening streams on other WSMs.
     pub resumes: reattach::Pacer,
     /// Set when a new process has taken over the listening sockets.
@@ -143,6 +146,7 @@ async fn run(
         timers: Rc::new(timers::Timers::default()),
         stop_accepting: std::cell::Cell::new(false),
         held_bytes: std::cell::Cell::new(0),
+        held_reserved: std::cell::Cell::new(0),
         resumes: reattach::Pacer::new(cfg.upstream.resume_per_sec),
         handoff: RefCell::new(None),
         metrics: metrics.clone(),

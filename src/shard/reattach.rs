@@ -143,7 +143,7 @@ pub fn hold(dev: &Device, h: &mut Held, binary: bool, data: Vec<u8>) {
 /// the shard's bound. Beyond them the device waits (TCP backpressure).
 pub fn can_read(dev: &Device, h: &Held) -> bool {
     let cfg = &dev.shard.cfg.upstream;
-    h.bytes < cfg.held_bytes_per_connection && dev.shard.held_bytes.get() < cfg.held_bytes_per_shard
+    h.bytes < cfg.held_bytes_per_connection && dev.shard.held_bytes.get() + dev.shard.held_reserved.get() < cfg.held_bytes_per_shard
 }
 
 /// When the tunnel should look again (a turn, an open timeout, the 1013).

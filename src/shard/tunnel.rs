@@ -184,6 +184,9 @@ async fn step(dev: &mut Device, t: &mut Tunnel, readable: bool, early: Option<Ve
     if let Some(e) = early.filter(|e| !e.is_empty()) {
         decode(&mut t.dec, t.max_message, &mut w.events, &mut w.pending_err, &e);
     }
+    // A held tunnel checks its bounds again right before reading: other
+    // tunnels of the shard may have filled the shard's share meanwhile.
+    let readable = readable && t.held.as_ref().is_none_or(|h| h.accepted() || reattach::can_read(dev, h));
     if readable && let Some(end) = read(dev, t, &mut w).await {
         return Some(end);
     }
@@ -228,7 +231,24 @@ async fn wait(dev: &Device, t: &Tunnel, poll: &mut Option<Readable>) -> Wake {
 
 /// Reads what the device sent and decodes it into events.
 async fn read(dev: &mut Device, t: &mut Tunnel, w: &mut Work) -> Option<End> {
-    if let Err(e) = dev.read_now().await {
+    let mut reserved = 0;
+    if let Some(h) = t.held.as_ref().filter(|h| !h.accepted()) {
+        // Waiting for a pool buffer may take a while, and other tunnels may
+        // fill the shard's share of held bytes meanwhile: check after it,
+        // and reserve what this read may bring until it is counted.
+        if dev.rx.is_none() {
+            dev.rx = Some(dev.shard.pool.take().await);
+        }
+        if !reattach::can_read(dev, h) {
+            dev.release_if_empty();
+            return None;
+        }
+        reserved = dev.shard.cfg.buffers.size as u64;
+        dev.shard.held_reserved.set(dev.shard.held_reserved.get() + reserved);
+    }
+    let got = dev.read_now().await;
+    dev.shard.held_reserved.set(dev.shard.held_reserved.get() - reserved);
+    if let Err(e) = got {
         return Some(e);
     }
     t.last_rx = Instant::now();

@@ -233,7 +233,12 @@ pub fn opts(pki: &Pki, proxy: &Proc, device: &str) -> DeviceOptions {
 
 /// Reads the proxy's Prometheus text.
 pub fn metrics(proxy: &Proc) -> String {
-    let mut s = TcpStream::connect(proxy.metrics.expect("metrics enabled")).unwrap();
+    metrics_at(proxy.metrics.expect("metrics enabled"))
+}
+
+/// The metrics text from an endpoint address (usable from any thread).
+pub fn metrics_at(addr: SocketAddr) -> String {
+    let mut s = TcpStream::connect(addr).unwrap();
     s.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n").unwrap();
     let mut out = String::new();
     s.read_to_string(&mut out).unwrap();
