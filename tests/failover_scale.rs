@@ -27,11 +27,16 @@ struct Outcome {
     duplicates: u64,
     /// The longest any device waited for an answer.
     max_gap: Duration,
+    /// Devices whose session, read at the end, began on another instance
+    /// than the one serving them then (it carried over through the store).
+    carried: usize,
 }
 
 /// Runs the devices on this thread; `operator` runs beside them once all are
 /// connected and talking, and returns when they may stop.
-fn swarm(pki: &Pki, proxy: &Proc, operator: impl FnOnce() + Send) -> Outcome {
+/// `exactly_once`: every message must have been processed once (a planned
+/// move); else once or, for the one in flight when a WSM died, twice.
+fn swarm(pki: &Pki, proxy: &Proc, exactly_once: bool, operator: impl FnOnce() + Send) -> Outcome {
     let addr = proxy.addr;
     let mut cfg = holdfast::device::client_config(&opts(pki, proxy, "oven-1")).unwrap();
     cfg.resumption = rustls::client::Resumption::disabled();
@@ -54,11 +59,20 @@ fn swarm(pki: &Pki, proxy: &Proc, operator: impl FnOnce() + Send) -> Outcome {
             let errors: Rc<RefCell<Vec<String>>> = Rc::default();
             let answered: Rc<RefCell<Vec<u64>>> = Rc::new(RefCell::new(vec![0; DEVICES]));
             let dups: Rc<RefCell<u64>> = Rc::default();
+            let carried: Rc<RefCell<usize>> = Rc::default();
             let gap: Rc<RefCell<Duration>> = Rc::default();
             let mut tasks = Vec::new();
             for dev in 0..DEVICES {
-                let (cfg, errors, answered, dups, gap, connected, stop) =
-                    (cfg.clone(), errors.clone(), answered.clone(), dups.clone(), gap.clone(), connected.clone(), stop.clone());
+                let (cfg, errors, answered, dups, gap, connected, stop, carried) = (
+                    cfg.clone(),
+                    errors.clone(),
+                    answered.clone(),
+                    dups.clone(),
+                    gap.clone(),
+                    connected.clone(),
+                    stop.clone(),
+                    carried.clone(),
+                );
                 if dev % 50 == 49 {
                     monoio::time::sleep(Duration::from_millis(20)).await;
                 }
@@ -105,6 +119,24 @@ fn swarm(pki: &Pki, proxy: &Proc, operator: impl FnOnce() + Send) -> Outcome {
                         answered.borrow_mut()[dev] = i;
                         monoio::time::sleep(EVERY).await;
                     }
+                    // The session the WSM keeps counted every message, on
+                    // whichever instance it arrived (this whoami included).
+                    if c.send(op::TEXT, b"whoami").await.is_ok()
+                        && let Ok(r) = c.recv().await
+                        && let Ok(w) = serde_json::from_slice::<serde_json::Value>(&r)
+                    {
+                        let counted = w["session"]["messages"].as_u64().unwrap_or(0);
+                        // At least once: the message in flight when its WSM
+                        // died may have been counted there and again after
+                        // being sent again (its first reply never came).
+                        let most = if exactly_once { i + 1 } else { i + 2 };
+                        if counted < i + 1 || counted > most {
+                            errors.borrow_mut().push(format!("device {dev}: session counted {counted} of {} messages: {w}", i + 1));
+                        }
+                        if w["session"]["first_wsm"] != w["wsm"] {
+                            *carried.borrow_mut() += 1;
+                        }
+                    }
                     c.close().await;
                 }));
             }
@@ -116,6 +148,7 @@ fn swarm(pki: &Pki, proxy: &Proc, operator: impl FnOnce() + Send) -> Outcome {
                 answered: answered.borrow().clone(),
                 duplicates: *dups.borrow(),
                 max_gap: *gap.borrow(),
+                carried: *carried.borrow(),
             }
         })
     })
@@ -150,7 +183,7 @@ fn a_thousand_devices_carry_on_when_a_wsm_is_killed() {
     let b = start_wsm_args(pki.path(), "wsm-b", &["--store", &redis.url]);
     let proxy = start_proxy_full(&pki, &[a.addr, b.addr], 2, "", "idle_timeout_secs = 0", UPSTREAM, &[]);
     let killed_at = std::sync::Mutex::new(None);
-    let out = swarm(&pki, &proxy, || {
+    let out = swarm(&pki, &proxy, false, || {
         a.child.kill().unwrap();
         let _ = a.child.wait();
         *killed_at.lock().unwrap() = Some(Instant::now());
@@ -169,7 +202,11 @@ fn a_thousand_devices_carry_on_when_a_wsm_is_killed() {
     let st = stats(&pki, &proxy);
     assert!(st["resumed"].as_u64().unwrap() >= 400, "the survivor took the dead one's streams (about half): {st}");
     assert_eq!(metric(&proxy, "holdfast_streams_resume_failed_total", ""), 0);
-    eprintln!("kill -9: longest gap {:?}, {} duplicate echoes, survivor {st}", out.max_gap, out.duplicates);
+    assert!(out.carried >= 400, "the survivor found the sessions the dead instance stored: {} devices", out.carried);
+    eprintln!(
+        "kill -9: {} sessions carried over; longest gap {:?}, {} duplicate echoes, survivor {st}",
+        out.carried, out.max_gap, out.duplicates
+    );
     drop(b);
 }
 
@@ -181,7 +218,7 @@ fn a_thousand_devices_move_off_a_draining_wsm_with_nothing_lost_or_repeated() {
     let b = start_wsm_args(pki.path(), "wsm-b", &["--store", &redis.url]);
     let proxy = start_proxy_full(&pki, &[a.addr, b.addr], 2, "", "idle_timeout_secs = 0", UPSTREAM, &[]);
     let status = std::sync::Mutex::new(None);
-    let out = swarm(&pki, &proxy, || {
+    let out = swarm(&pki, &proxy, true, || {
         nix::sys::signal::kill(nix::unistd::Pid::from_raw(a.child.id() as i32), nix::sys::signal::Signal::SIGTERM).unwrap();
         let deadline = Instant::now() + Duration::from_secs(20);
         while Instant::now() < deadline {
