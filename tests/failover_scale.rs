@@ -32,126 +32,83 @@ struct Outcome {
     carried: usize,
 }
 
-/// Runs the devices on this thread; `operator` runs beside them once all are
-/// connected and talking, and returns when they may stop.
-/// `exactly_once`: every message must have been processed once (a planned
-/// move); else once or, for the one in flight when a WSM died, twice.
+/// Runs the devices on this thread, each echoing a numbered message every
+/// [`EVERY`]; `operator` runs beside them once all are connected, and they
+/// stop when it returns. `exactly_once`: every message must have been
+/// processed once (a planned move); else once or, for the one in flight when
+/// a WSM died, twice.
 fn swarm(pki: &Pki, proxy: &Proc, exactly_once: bool, operator: impl FnOnce() + Send) -> Outcome {
-    let addr = proxy.addr;
-    let mut cfg = holdfast::device::client_config(&opts(pki, proxy, "oven-1")).unwrap();
-    cfg.resumption = rustls::client::Resumption::disabled();
-    let cfg = Arc::new(cfg);
-    let connected = Arc::new(AtomicUsize::new(0));
     let stop = Arc::new(AtomicBool::new(false));
-    std::thread::scope(|scope| {
-        let (c2, s2) = (connected.clone(), stop.clone());
-        scope.spawn(move || {
-            let deadline = Instant::now() + Duration::from_secs(60);
-            while c2.load(Ordering::Relaxed) < DEVICES && Instant::now() < deadline {
-                std::thread::sleep(Duration::from_millis(50));
-            }
-            std::thread::sleep(Duration::from_millis(1000));
-            operator();
-            s2.store(true, Ordering::Relaxed);
-        });
-        let mut rt = monoio::RuntimeBuilder::<monoio::IoUringDriver>::new().with_entries(4096).enable_timer().build().unwrap();
-        rt.block_on(async {
-            let errors: Rc<RefCell<Vec<String>>> = Rc::default();
-            let answered: Rc<RefCell<Vec<u64>>> = Rc::new(RefCell::new(vec![0; DEVICES]));
-            let dups: Rc<RefCell<u64>> = Rc::default();
-            let carried: Rc<RefCell<usize>> = Rc::default();
-            let gap: Rc<RefCell<Duration>> = Rc::default();
-            let mut tasks = Vec::new();
-            for dev in 0..DEVICES {
-                let (cfg, errors, answered, dups, gap, connected, stop, carried) = (
-                    cfg.clone(),
-                    errors.clone(),
-                    answered.clone(),
-                    dups.clone(),
-                    gap.clone(),
-                    connected.clone(),
-                    stop.clone(),
-                    carried.clone(),
-                );
-                if dev % 50 == 49 {
-                    monoio::time::sleep(Duration::from_millis(20)).await;
+    let errors: Rc<RefCell<Vec<String>>> = Rc::default();
+    let answered: Rc<RefCell<Vec<u64>>> = Rc::new(RefCell::new(vec![0; DEVICES]));
+    let dups: Rc<RefCell<u64>> = Rc::default();
+    let gap: Rc<RefCell<Duration>> = Rc::default();
+    let carried: Rc<RefCell<usize>> = Rc::default();
+    let (e, a, d, g, c, s) = (errors.clone(), answered.clone(), dups.clone(), gap.clone(), carried.clone(), stop.clone());
+    let each = move |dev: usize, c_: WsClient, _go: Arc<AtomicBool>| {
+        let (errors, answered, dups, gap, carried, stop) = (e.clone(), a.clone(), d.clone(), g.clone(), c.clone(), s.clone());
+        async move {
+            let mut c = c_;
+            monoio::time::sleep(Duration::from_millis((dev % 300) as u64)).await;
+            let mut i = 0u64;
+            while !stop.load(Ordering::Relaxed) {
+                let m = format!("d{dev}:{i}");
+                let prev = (i > 0).then(|| format!("d{dev}:{}", i - 1));
+                let sent_at = Instant::now();
+                c.send(op::TEXT, m.as_bytes()).await.map_err(|f| format!("device {dev} send {i}: {}", f.1))?;
+                loop {
+                    match c.recv().await {
+                        Ok(r) if r == m.as_bytes() => break,
+                        // The previous message again: its first echo came,
+                        // its credit did not, before its WSM died.
+                        Ok(r) if prev.as_deref().is_some_and(|p| r == p.as_bytes()) => *dups.borrow_mut() += 1,
+                        Ok(r) => return Err(format!("device {dev} got {:?} for {m}", String::from_utf8_lossy(&r))),
+                        Err(f) => return Err(format!("device {dev} recv {i}: {}", f.1)),
+                    }
                 }
-                tasks.push(monoio::spawn(async move {
-                    let mut c = match WsClient::connect(cfg, None, addr, "/").await {
-                        Ok(c) => c,
-                        Err(f) => {
-                            errors.borrow_mut().push(format!("device {dev} connect: {}", f.1));
-                            return;
-                        }
-                    };
-                    connected.fetch_add(1, Ordering::Relaxed);
-                    monoio::time::sleep(Duration::from_millis((dev % 300) as u64)).await;
-                    let mut i = 0u64;
-                    while !stop.load(Ordering::Relaxed) {
-                        let m = format!("d{dev}:{i}");
-                        let prev = (i > 0).then(|| format!("d{dev}:{}", i - 1));
-                        let sent_at = Instant::now();
-                        if let Err(f) = c.send(op::TEXT, m.as_bytes()).await {
-                            errors.borrow_mut().push(format!("device {dev} send {i}: {}", f.1));
-                            return;
-                        }
-                        loop {
-                            match c.recv().await {
-                                Ok(r) if r == m.as_bytes() => break,
-                                // The previous message again: its first echo came,
-                                // its credit did not, before its WSM died.
-                                Ok(r) if prev.as_deref().is_some_and(|p| r == p.as_bytes()) => *dups.borrow_mut() += 1,
-                                Ok(r) => {
-                                    errors.borrow_mut().push(format!("device {dev} got {:?} for {m}", String::from_utf8_lossy(&r)));
-                                    return;
-                                }
-                                Err(f) => {
-                                    errors.borrow_mut().push(format!("device {dev} recv {i}: {}", f.1));
-                                    return;
-                                }
-                            }
-                        }
-                        let waited = sent_at.elapsed();
-                        if waited > *gap.borrow() {
-                            *gap.borrow_mut() = waited;
-                        }
-                        i += 1;
-                        answered.borrow_mut()[dev] = i;
-                        monoio::time::sleep(EVERY).await;
-                    }
-                    // The session the WSM keeps counted every message, on
-                    // whichever instance it arrived (this whoami included).
-                    if c.send(op::TEXT, b"whoami").await.is_ok()
-                        && let Ok(r) = c.recv().await
-                        && let Ok(w) = serde_json::from_slice::<serde_json::Value>(&r)
-                    {
-                        let counted = w["session"]["messages"].as_u64().unwrap_or(0);
-                        // At least once: the message in flight when its WSM
-                        // died may have been counted there and again after
-                        // being sent again (its first reply never came).
-                        let most = if exactly_once { i + 1 } else { i + 2 };
-                        if counted < i + 1 || counted > most {
-                            errors.borrow_mut().push(format!("device {dev}: session counted {counted} of {} messages: {w}", i + 1));
-                        }
-                        if w["session"]["first_wsm"] != w["wsm"] {
-                            *carried.borrow_mut() += 1;
-                        }
-                    }
-                    c.close().await;
-                }));
+                let waited = sent_at.elapsed();
+                if waited > *gap.borrow() {
+                    *gap.borrow_mut() = waited;
+                }
+                i += 1;
+                answered.borrow_mut()[dev] = i;
+                monoio::time::sleep(EVERY).await;
             }
-            for t in tasks {
-                t.await;
+            // The session the WSM keeps counted every message, on whichever
+            // instance it arrived (this whoami included).
+            if c.send(op::TEXT, b"whoami").await.is_ok()
+                && let Ok(r) = c.recv().await
+                && let Ok(w) = serde_json::from_slice::<serde_json::Value>(&r)
+            {
+                let counted = w["session"]["messages"].as_u64().unwrap_or(0);
+                // At least once: the message in flight when its WSM died may
+                // have been counted there and again after being sent again.
+                let most = if exactly_once { i + 1 } else { i + 2 };
+                if counted < i + 1 || counted > most {
+                    errors.borrow_mut().push(format!("device {dev}: session counted {counted} of {} messages: {w}", i + 1));
+                }
+                if w["session"]["first_wsm"] != w["wsm"] {
+                    *carried.borrow_mut() += 1;
+                }
             }
-            Outcome {
-                errors: errors.borrow().clone(),
-                answered: answered.borrow().clone(),
-                duplicates: *dups.borrow(),
-                max_gap: *gap.borrow(),
-                carried: *carried.borrow(),
-            }
-        })
-    })
+            c.close().await;
+            Ok(Duration::ZERO)
+        }
+    };
+    let out = devices_then(proxy.addr, client(pki, proxy), DEVICES, each, move || {
+        std::thread::sleep(Duration::from_millis(500));
+        operator();
+        stop.store(true, Ordering::Relaxed);
+    });
+    let mut all = errors.borrow().clone();
+    all.extend(out.into_iter().filter_map(Result::err));
+    Outcome {
+        errors: all,
+        answered: answered.borrow().clone(),
+        duplicates: *dups.borrow(),
+        max_gap: *gap.borrow(),
+        carried: *carried.borrow(),
+    }
 }
 
 fn client(pki: &Pki, proxy: &Proc) -> Arc<rustls::ClientConfig> {
@@ -173,15 +130,22 @@ fn log(p: &Proc) -> String {
     interesting[interesting.len().saturating_sub(40)..].join("\n")
 }
 
+/// WSM instances "wsm-a" and "wsm-b" sharing `redis`, and holdfast (two
+/// shards) in front of both.
+fn two_wsms_and_holdfast(pki: &Pki, redis: &RedisServer) -> (Proc, Proc, Proc) {
+    let a = start_wsm_args(pki.path(), "wsm-a", &["--store", &redis.url]);
+    let b = start_wsm_args(pki.path(), "wsm-b", &["--store", &redis.url]);
+    let proxy = start_proxy_full(pki, &[a.addr, b.addr], 2, "", "idle_timeout_secs = 0", UPSTREAM, &[]);
+    (a, b, proxy)
+}
+
 const UPSTREAM: &str = "ping_interval_ms = 300\nliveness_timeout_ms = 1500\nresume_timeout_ms = 10000\nresume_per_sec = 2000";
 
 #[test]
 fn a_thousand_devices_carry_on_when_a_wsm_is_killed() {
     let pki = Pki::new();
     let redis = start_redis(pki.path());
-    let mut a = start_wsm_args(pki.path(), "wsm-a", &["--store", &redis.url]);
-    let b = start_wsm_args(pki.path(), "wsm-b", &["--store", &redis.url]);
-    let proxy = start_proxy_full(&pki, &[a.addr, b.addr], 2, "", "idle_timeout_secs = 0", UPSTREAM, &[]);
+    let (mut a, b, proxy) = two_wsms_and_holdfast(&pki, &redis);
     let killed_at = std::sync::Mutex::new(None);
     let out = swarm(&pki, &proxy, false, || {
         a.child.kill().unwrap();
@@ -214,9 +178,7 @@ fn a_thousand_devices_carry_on_when_a_wsm_is_killed() {
 fn a_thousand_devices_move_off_a_draining_wsm_with_nothing_lost_or_repeated() {
     let pki = Pki::new();
     let redis = start_redis(pki.path());
-    let mut a = start_wsm_args(pki.path(), "wsm-a", &["--store", &redis.url]);
-    let b = start_wsm_args(pki.path(), "wsm-b", &["--store", &redis.url]);
-    let proxy = start_proxy_full(&pki, &[a.addr, b.addr], 2, "", "idle_timeout_secs = 0", UPSTREAM, &[]);
+    let (mut a, b, proxy) = two_wsms_and_holdfast(&pki, &redis);
     let status = std::sync::Mutex::new(None);
     let out = swarm(&pki, &proxy, true, || {
         nix::sys::signal::kill(nix::unistd::Pid::from_raw(a.child.id() as i32), nix::sys::signal::Signal::SIGTERM).unwrap();

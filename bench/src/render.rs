@@ -76,6 +76,20 @@ pub fn one_line(r: &ScenarioResult) -> String {
     )
 }
 
+/// p50, p99 and max of each run's longest round trip per device, in ms.
+fn pause_bars(rs: &[&ScenarioResult]) -> Vec<(String, f64)> {
+    rs.iter()
+        .flat_map(|r| {
+            let p = &r.swarm.pause_us;
+            [
+                (format!("{} p50", r.proxy), p.p50 as f64 / 1000.0),
+                (format!("{} p99", r.proxy), p.p99 as f64 / 1000.0),
+                (format!("{} max", r.proxy), p.max as f64 / 1000.0),
+            ]
+        })
+        .collect()
+}
+
 fn ratio_cell(r: Option<f64>) -> String {
     r.map(|x| format!("**{x:.2}x**")).unwrap_or_else(|| "n/a".into())
 }
@@ -246,17 +260,7 @@ pub fn render(results: &[ScenarioResult], dir: &Path) -> Result<String, String> 
                         r.swarm.rtt_us.p99 as f64 / 1000.0
                     ));
                 }
-                let bars: Vec<(String, f64)> = rs
-                    .iter()
-                    .flat_map(|r| {
-                        let p = &r.swarm.pause_us;
-                        [
-                            (format!("{} p50", r.proxy), p.p50 as f64 / 1000.0),
-                            (format!("{} p99", r.proxy), p.p99 as f64 / 1000.0),
-                            (format!("{} max", r.proxy), p.max as f64 / 1000.0),
-                        ]
-                    })
-                    .collect();
+                let bars = pause_bars(&rs);
                 std::fs::write(dir.join(&file), bar_svg("Live upgrade: longest round trip per device", "ms", &bars))
                     .map_err(|e| e.to_string())?;
             }
@@ -278,17 +282,7 @@ pub fn render(results: &[ScenarioResult], dir: &Path) -> Result<String, String> 
                         p.max as f64 / 1000.0,
                     ));
                 }
-                let bars: Vec<(String, f64)> = rs
-                    .iter()
-                    .flat_map(|r| {
-                        let p = &r.swarm.pause_us;
-                        [
-                            (format!("{} p50", r.proxy), p.p50 as f64 / 1000.0),
-                            (format!("{} p99", r.proxy), p.p99 as f64 / 1000.0),
-                            (format!("{} max", r.proxy), p.max as f64 / 1000.0),
-                        ]
-                    })
-                    .collect();
+                let bars = pause_bars(&rs);
                 std::fs::write(dir.join(&file), bar_svg("WSM failover: longest round trip per device", "ms", &bars))
                     .map_err(|e| e.to_string())?;
             }
