@@ -123,6 +123,10 @@ fn stats(pki: &Pki, proxy: &Proc) -> serde_json::Value {
     serde_json::from_str(&d.recv_text().unwrap()).unwrap()
 }
 
+fn no_errors(errors: &[String], proxy: &Proc) {
+    assert!(errors.is_empty(), "{} device errors, first: {:?}; log:\n{}", errors.len(), &errors[..errors.len().min(5)], log(proxy));
+}
+
 fn log(p: &Proc) -> String {
     let text = std::fs::read_to_string(&p.stderr_log).unwrap_or_default();
     let _ = std::fs::copy(&p.stderr_log, std::env::temp_dir().join("holdfast-failover-scale.log"));
@@ -153,13 +157,7 @@ fn a_thousand_devices_carry_on_when_a_wsm_is_killed() {
         *killed_at.lock().unwrap() = Some(Instant::now());
         std::thread::sleep(Duration::from_secs(4));
     });
-    assert!(
-        out.errors.is_empty(),
-        "{} device errors, first: {:?}; log:\n{}",
-        out.errors.len(),
-        &out.errors[..out.errors.len().min(5)],
-        log(&proxy)
-    );
+    no_errors(&out.errors, &proxy);
     let min = out.answered.iter().min().copied().unwrap_or(0);
     assert!(min >= 10, "every device talked before and after: the least answered {min}");
     assert!(out.max_gap < Duration::from_secs(3), "bounded gap: {:?}", out.max_gap);
@@ -192,13 +190,7 @@ fn a_thousand_devices_move_off_a_draining_wsm_with_nothing_lost_or_repeated() {
         }
         std::thread::sleep(Duration::from_secs(2));
     });
-    assert!(
-        out.errors.is_empty(),
-        "{} device errors, first: {:?}; log:\n{}",
-        out.errors.len(),
-        &out.errors[..out.errors.len().min(5)],
-        log(&proxy)
-    );
+    no_errors(&out.errors, &proxy);
     assert_eq!(out.duplicates, 0, "a planned move repeats nothing");
     let min = out.answered.iter().min().copied().unwrap_or(0);
     assert!(min >= 8, "the least answered {min}");
@@ -310,7 +302,7 @@ fn a_thousand_devices_get_1013_spread_out_and_bounded_memory_when_every_wsm_is_d
         }
     });
     let errors: Vec<_> = out.iter().filter_map(|r| r.as_ref().err()).collect();
-    assert!(errors.is_empty(), "{} errors, first: {:?}; log:\n{}", errors.len(), &errors[..errors.len().min(5)], log(&proxy));
+    no_errors(&errors.iter().map(|e| e.to_string()).collect::<Vec<_>>(), &proxy);
     let mut at: Vec<Duration> = out.into_iter().filter_map(Result::ok).collect();
     at.sort();
     let (first, last) = (at[0], at[at.len() - 1]);
