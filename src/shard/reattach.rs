@@ -4,14 +4,16 @@
 //! device messages kept for it, in order, until another WSM takes the
 //! stream; re-opening the stream elsewhere with the `resumed` flag and the
 //! same connection ID; and giving up with 1013 once `resume_timeout` (plus
-//! a random share of `close_spread`) has passed. Two ways in: a link that
+//! a random share of `close_spread`) has passed. Three ways in: a link that
 //! dies (reset, or silent past the liveness timeout), where the messages the
-//! dead WSM had not acknowledged with credit are sent again, first; and a
-//! WSM's goaway, where each stream is moved by plan (HANDOFF, its ack, then
-//! a CLOSE "handed elsewhere") at the shard's paced rate, so nothing is lost
-//! or sent twice. Re-opens are paced per shard ([`Pacer`]) so a surviving
-//! WSM is not stormed. Never reads or writes the device itself: the tunnel
-//! loop keeps doing that, holding messages here instead of sending them.
+//! dead WSM had not acknowledged with credit are sent again, first; a WSM's
+//! goaway or its address leaving the DNS pool, where each stream is moved by
+//! plan (HANDOFF, its ack, then a CLOSE "handed elsewhere") at the shard's
+//! paced rate, so nothing is lost or sent twice; and a connection adopted
+//! in a live upgrade, which starts here and re-opens at once. Re-opens after
+//! a failure are paced per shard ([`Pacer`]) so a surviving WSM is not
+//! stormed. Never reads or writes the device itself: the tunnel loop keeps
+//! doing that, holding messages here instead of sending them.
 
 use std::cell::Cell;
 use std::collections::VecDeque;
