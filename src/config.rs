@@ -59,7 +59,7 @@ pub struct UpgradeFile {
 
 impl Default for UpgradeFile {
     fn default() -> Self {
-        UpgradeFile { pid_file: None, moving_per_shard: 256 }
+        UpgradeFile { pid_file: None, moving_per_shard: 128 }
     }
 }
 
@@ -615,7 +615,7 @@ wsm = ["127.0.0.1:9000"]
 
     #[test]
     fn upgrade_pacing_defaults_and_is_checked() {
-        assert_eq!(Config::parse(GOOD, Path::new("/x.toml")).unwrap().upgrade_moving_per_shard, 256);
+        assert_eq!(Config::parse(GOOD, Path::new("/x.toml")).unwrap().upgrade_moving_per_shard, 128);
         let set = format!("{GOOD}\n[upgrade]\nmoving_per_shard = 64\n");
         assert_eq!(Config::parse(&set, Path::new("/x.toml")).unwrap().upgrade_moving_per_shard, 64);
         let bad = format!("{GOOD}\n[upgrade]\nmoving_per_shard = 0\n");

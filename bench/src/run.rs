@@ -65,7 +65,7 @@ pub struct RunArgs {
     #[serde(default = "default_resume_rate")]
     pub resume_per_sec: u32,
     /// holdfast's `upgrade.moving_per_shard` (tunnels moving at once per shard).
-    #[arg(long, default_value_t = 256)]
+    #[arg(long, default_value_t = 128)]
     #[serde(default = "default_moving")]
     pub moving_per_shard: u32,
     /// holdfast's log level; its log is kept as `<out>/<scenario>[-label]-holdfast.log`.
@@ -74,6 +74,7 @@ pub struct RunArgs {
     pub proxy_log: String,
 }
 
+/// What runs recorded before the field existed used (holdfast's default then).
 fn default_moving() -> u32 {
     256
 }
