@@ -184,9 +184,6 @@ async fn step(dev: &mut Device, t: &mut Tunnel, readable: bool, early: Option<Ve
     if let Some(e) = early.filter(|e| !e.is_empty()) {
         decode(&mut t.dec, t.max_message, &mut w.events, &mut w.pending_err, &e);
     }
-    // A held tunnel checks its bounds again right before reading: other
-    // tunnels of the shard may have filled the shard's share meanwhile.
-    let readable = readable && t.held.as_ref().is_none_or(|h| h.accepted() || reattach::can_read(dev, h));
     if readable && let Some(end) = read(dev, t, &mut w).await {
         return Some(end);
     }
@@ -233,9 +230,13 @@ async fn wait(dev: &Device, t: &Tunnel, poll: &mut Option<Readable>) -> Wake {
 async fn read(dev: &mut Device, t: &mut Tunnel, w: &mut Work) -> Option<End> {
     let mut reserved = 0;
     if let Some(h) = t.held.as_ref().filter(|h| !h.accepted()) {
-        // Waiting for a pool buffer may take a while, and other tunnels may
-        // fill the shard's share of held bytes meanwhile: check after it,
-        // and reserve what this read may bring until it is counted.
+        // A held tunnel checks its bounds right before reading (other
+        // tunnels of the shard may have filled the shard's share since it
+        // began to wait), again after waiting for a pool buffer, and
+        // reserves what this read may bring until it is counted.
+        if !reattach::can_read(dev, h) {
+            return None;
+        }
         if dev.rx.is_none() {
             dev.rx = Some(dev.shard.pool.take().await);
         }
