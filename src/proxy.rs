@@ -164,15 +164,6 @@ impl Running {
         self.shards.iter().map(|s| s.metrics.connections_handed_over_total.load(std::sync::atomic::Ordering::Relaxed)).sum()
     }
 
-    /// Adopted connections that are serving again or have failed to.
-    pub fn adoptions_settled(&self) -> u64 {
-        use std::sync::atomic::Ordering::Relaxed;
-        self.shards
-            .iter()
-            .map(|s| s.metrics.connections_resumed_total.load(Relaxed) + s.metrics.connections_resume_failed_total.load(Relaxed))
-            .sum()
-    }
-
     /// Connections this process still holds.
     pub fn connections(&self) -> u64 {
         self.shards.iter().map(|s| s.metrics.connections_active.load(std::sync::atomic::Ordering::Relaxed)).sum()

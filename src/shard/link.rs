@@ -189,10 +189,6 @@ impl Link {
         s.up && !s.goaway && !self.retired.get()
     }
 
-    pub fn is_up(&self) -> bool {
-        self.st.borrow().up
-    }
-
     pub fn load(&self) -> usize {
         self.st.borrow().streams.len()
     }
@@ -298,11 +294,6 @@ impl Link {
         if st.streams.remove(&stream).is_some() && st.up {
             self.push(&mut st, &Frame::Close { stream, reason, code, text: text.to_string() });
         }
-    }
-
-    /// Forgets a stream whose close came from the WSM (nothing to send).
-    pub fn forget_stream(&self, stream: u32) {
-        self.st.borrow_mut().streams.remove(&stream);
     }
 
     fn on_frame(&self, f: Frame) -> Result<(), String> {

@@ -63,10 +63,6 @@ impl Echo {
         }
     }
 
-    pub fn store(&self) -> Arc<dyn Store> {
-        self.store.clone()
-    }
-
     pub fn stats(&self) -> serde_json::Value {
         let g = |a: &AtomicU64| a.load(Ordering::Relaxed);
         serde_json::json!({
