@@ -93,7 +93,9 @@ pub fn start_with(cfg: Config, from: Listeners, tickets: Option<Arc<Ticketer>>) 
             Err(_) => return Err(vec!["a shard did not start in time".into()]),
         }
     }
-    if !cfg.upstream.dns_refresh.is_zero() {
+    // Literal addresses never change: only names need the resolver thread.
+    let named = cfg.upstream.wsm.iter().any(|w| w.parse::<SocketAddr>().is_err());
+    if named && !cfg.upstream.dns_refresh.is_zero() {
         let ctls: Vec<_> = shards.iter().map(|s| s.ctl.clone()).collect();
         crate::resolve::refresh(cfg.upstream.wsm.clone(), wsms, cfg.upstream.dns_refresh, move |now| {
             for c in &ctls {
