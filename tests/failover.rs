@@ -13,6 +13,15 @@ use nix::unistd::Pid;
 
 const FAST: &str = "ping_interval_ms = 200\nliveness_timeout_ms = 1000\nresume_timeout_ms = 5000\nclose_spread_ms = 1000";
 
+/// WSM instances "wsm-a" and "wsm-b" (memory store) and holdfast (one
+/// shard, fast liveness) in front of both.
+fn two_wsms_and_holdfast(pki: &Pki) -> (Proc, Proc, Proc) {
+    let a = start_wsm(pki.path(), "wsm-a");
+    let b = start_wsm(pki.path(), "wsm-b");
+    let proxy = start_proxy_full(pki, &[a.addr, b.addr], 1, "", "", FAST, &[]);
+    (a, b, proxy)
+}
+
 fn whoami(d: &mut Device) -> serde_json::Value {
     d.send_text("whoami").unwrap();
     serde_json::from_str(&d.recv_text().unwrap()).unwrap()
@@ -62,9 +71,7 @@ fn check_all_moved_to(devices: &mut [(Device, String, String)], survivor: &str, 
 #[test]
 fn a_killed_wsm_s_streams_resume_on_the_other_with_no_device_disconnect() {
     let pki = Pki::new();
-    let mut a = start_wsm(pki.path(), "wsm-a");
-    let b = start_wsm(pki.path(), "wsm-b");
-    let proxy = start_proxy_full(&pki, &[a.addr, b.addr], 1, "", "", FAST, &[]);
+    let (mut a, b, proxy) = two_wsms_and_holdfast(&pki);
     let mut devices = connect_devices(&pki, &proxy, 30);
     let on_a = devices.iter().filter(|(_, n, _)| n == "wsm-a").count();
     assert!(on_a > 5 && on_a < 25, "streams spread over both WSMs: {on_a} of 30 on wsm-a");
@@ -92,9 +99,7 @@ fn a_killed_wsm_s_streams_resume_on_the_other_with_no_device_disconnect() {
 #[test]
 fn a_wsm_that_stops_answering_is_found_by_liveness_and_left() {
     let pki = Pki::new();
-    let a = start_wsm(pki.path(), "wsm-a");
-    let b = start_wsm(pki.path(), "wsm-b");
-    let proxy = start_proxy_full(&pki, &[a.addr, b.addr], 1, "", "", FAST, &[]);
+    let (a, b, proxy) = two_wsms_and_holdfast(&pki);
     let mut devices = connect_devices(&pki, &proxy, 20);
     let a_pid = Pid::from_raw(a.child.id() as i32);
     // Frozen, not dead: its sockets stay open and silent.
@@ -158,9 +163,7 @@ fn with_every_wsm_gone_devices_get_1013_spread_over_the_window() {
 #[test]
 fn goaway_moves_every_stream_and_the_draining_wsm_exits() {
     let pki = Pki::new();
-    let mut a = start_wsm(pki.path(), "wsm-a");
-    let b = start_wsm(pki.path(), "wsm-b");
-    let proxy = start_proxy_full(&pki, &[a.addr, b.addr], 1, "", "", FAST, &[]);
+    let (mut a, b, proxy) = two_wsms_and_holdfast(&pki);
     let mut devices = connect_devices(&pki, &proxy, 30);
     let on_a = devices.iter().filter(|(_, n, _)| n == "wsm-a").count();
     assert!(on_a > 0);
