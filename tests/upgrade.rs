@@ -211,16 +211,34 @@ fn if_the_new_process_dies_the_old_one_accepts_again() {
     // A device stuck before its handshake cannot move yet, so the old
     // process is still there when the new one dies.
     let _stuck = std::net::TcpStream::connect(proxy.addr).unwrap();
+    // Established devices move to the new process and die with it.
+    let mut moved: Vec<Device> = (0..3).map(|_| Device::connect(&opts(&pki, &proxy, "oven-1")).unwrap()).collect();
+    for (i, d) in moved.iter_mut().enumerate() {
+        echo(d, &format!("before {i}"));
+    }
     std::thread::sleep(Duration::from_millis(100));
     kill(Pid::from_raw(old as i32), Signal::SIGUSR2).unwrap();
     let new = new_ready_pid(&proxy, old, 20);
-    eventually(10, "the old process to stop accepting", || {
-        std::fs::read_to_string(&proxy.stderr_log).unwrap_or_default().contains("stopped accepting")
-    });
+    let log = || std::fs::read_to_string(&proxy.stderr_log).unwrap_or_default();
+    eventually(10, "the old process to stop accepting", || log().contains("stopped accepting"));
+    eventually(10, "the established devices to move", || log().matches("adopting connections").count() >= 1);
+    std::thread::sleep(Duration::from_millis(300));
     kill(Pid::from_raw(new), Signal::SIGKILL).unwrap();
-    eventually(10, "the old process to accept again", || {
-        std::fs::read_to_string(&proxy.stderr_log).unwrap_or_default().contains("accepting again")
-    });
+    eventually(10, "the old process to accept again", || log().contains("accepting again"));
+    // The old process kept its share of each moved socket (so as not to
+    // cancel a poll per connection); it lets go when the upgrade fails, so
+    // these devices see their connection end instead of hanging on it.
+    for (i, d) in moved.iter_mut().enumerate() {
+        let started = Instant::now();
+        match d.recv() {
+            Err(holdfast::device::DeviceError::Io(e)) => assert!(
+                !matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut),
+                "device {i}: still connected {:?} after the new process died",
+                started.elapsed()
+            ),
+            other => panic!("device {i}: expected the connection to end, got {other:?}"),
+        }
+    }
     for i in 0..8 {
         let mut d = Device::connect(&opts(&pki, &proxy, "oven-1")).unwrap();
         echo(&mut d, &format!("back to the old process {i}"));

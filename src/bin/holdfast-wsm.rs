@@ -41,6 +41,9 @@ struct Cli {
 fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
     holdfast::init_log(&cli.log);
+    // Its maps grow by doubling; with huge pages each growth first-touches
+    // megabytes at once and stalls every stream on the link meanwhile.
+    holdfast::no_huge_pages();
     // Blocked in every thread; one thread waits for them below.
     let mut signals = nix::sys::signal::SigSet::empty();
     signals.add(nix::sys::signal::Signal::SIGTERM);

@@ -58,6 +58,8 @@ pub struct ShardCtx {
     /// Set during a live upgrade: where tunnels send themselves, and the
     /// count of connections between here and serving in the new process.
     pub handoff: RefCell<Option<(Sender<Handed>, Arc<pace::Flight>)>>,
+    /// Readiness waits of connections handed to a new process (see `park`).
+    parked: RefCell<Vec<conn::Readiness>>,
     pub metrics: Arc<ShardMetrics>,
 }
 
@@ -149,6 +151,7 @@ async fn run(
         held_reserved: std::cell::Cell::new(0),
         resumes: reattach::Pacer::new(cfg.upstream.resume_per_sec),
         handoff: RefCell::new(None),
+        parked: RefCell::new(Vec::new()),
         metrics: metrics.clone(),
         cfg: cfg.clone(),
         tls,
@@ -181,7 +184,12 @@ async fn run(
     }
     loop {
         match ctl.recv().await {
-            Some(Control::Shutdown) | None => break,
+            Some(Control::Shutdown) | None => {
+                // The process is ending: its exit closes what was parked,
+                // with no cancel per connection on the way out.
+                std::mem::forget(ctx.parked.take());
+                break;
+            }
             Some(Control::StopAccepting) => {
                 ctx.stop_accepting.set(true);
                 tracing::info!(shard = index, "stopped accepting; the listeners belong to the new process");
@@ -189,6 +197,9 @@ async fn run(
             Some(Control::Accept(ls)) => {
                 ctx.stop_accepting.set(false);
                 *ctx.handoff.borrow_mut() = None;
+                // The upgrade failed: what went to the new process went with
+                // it, so our share of those sockets closes now.
+                drop(ctx.parked.take());
                 for l in ls {
                     match monoio::net::TcpListener::from_std(l) {
                         Ok(l) => {
@@ -219,6 +230,22 @@ async fn run(
 }
 
 impl ShardCtx {
+    /// Keeps the armed readiness wait of a connection handed to a new
+    /// process, and with it this process's share of the socket. Dropping
+    /// the wait would cancel its io_uring poll, and the kernel finds a poll
+    /// to cancel by walking one of at most 256 hash chains, each about
+    /// connections/256 long: at 15,000 connections that was a tenth of the
+    /// old shard's time during an upgrade. A parked poll that fires (the
+    /// device wrote to its new process) wakes a finished task, which does
+    /// nothing. Parked waits are forgotten when the process ends after the
+    /// upgrade, or dropped (cancelled, sockets closed) if it failed.
+    pub(crate) fn park(&self, wait: conn::Readiness) {
+        if self.handoff.borrow().is_none() {
+            return; // the upgrade already failed: close our share now
+        }
+        self.parked.borrow_mut().push(wait);
+    }
+
     /// The least-loaded link that may take a new stream.
     pub fn pick_link(&self) -> Option<Rc<Link>> {
         self.links.borrow().iter().filter(|l| l.usable()).min_by_key(|l| l.load()).cloned()

@@ -11,7 +11,7 @@
 use std::rc::Rc;
 use std::time::Instant;
 
-use super::conn::{Device, End};
+use super::conn::{Device, End, Readiness};
 use super::link::{Link, StreamRef, notified};
 use super::reattach;
 use crate::link::codec::CloseReason;
@@ -142,17 +142,21 @@ pub(super) async fn run(dev: &mut Device, t: &mut Tunnel, early: Vec<u8>) -> End
     end
 }
 
-/// A wait for the device socket that stays armed across wakeups.
-type Readable = std::pin::Pin<Box<dyn std::future::Future<Output = std::io::Result<()>>>>;
-
 async fn run_loop(dev: &mut Device, t: &mut Tunnel, early: Vec<u8>) -> End {
     let mut early = Some(early);
     let mut readable = false;
-    let mut poll: Option<Readable> = None;
+    let mut poll: Option<Readiness> = None;
     loop {
         if t.stream.borrow().handoff_requested
             && let Some(end) = Box::pin(hand_over(dev, t)).await
         {
+            // The armed wait is parked, not dropped: dropping would cancel
+            // its poll, one hash-chain walk per moving tunnel (see `park`).
+            if matches!(end, End::HandedOver)
+                && let Some(p) = poll.take()
+            {
+                dev.shard.park(p);
+            }
             return end;
         }
         if t.stream.borrow().move_requested
@@ -197,7 +201,7 @@ async fn step(dev: &mut Device, t: &mut Tunnel, readable: bool, early: Option<Ve
 /// from the link or the shard's timers (armed here for the next idle or ping
 /// deadline). The socket wait in `poll` survives a wake from the link: it
 /// is only made again after it has fired.
-async fn wait(dev: &Device, t: &Tunnel, poll: &mut Option<Readable>) -> Wake {
+async fn wait(dev: &Device, t: &Tunnel, poll: &mut Option<Readiness>) -> Wake {
     let ws = &dev.shard.cfg.ws;
     let can_read = match &t.held {
         Some(h) if !h.accepted() => reattach::can_read(dev, h),
