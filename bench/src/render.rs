@@ -68,19 +68,40 @@ pub fn one_line(r: &ScenarioResult) -> String {
         r.storm_secs.map(|s| format!(" | storm back in {s:.2} s, peak rss {} KiB", r.proxy_rss_peak_kib)).unwrap_or_default()
             + &r.failover_secs
                 .map(|s| format!(
-                    " | failover: {} streams resumed in {s:.2} s, pause p99 {} ms",
+                    " | failover: {} streams resumed in {s:.2} s, pause during it {}, whole run p99 {} ms",
                     r.failover_streams.unwrap_or(0),
+                    pause_cell(&r.swarm.pause_window_us),
                     r.swarm.pause_us.p99 / 1000
                 ))
+                .unwrap_or_default()
+            + &(r.scenario == "upgrade")
+                .then(|| {
+                    format!(
+                        " | upgrade: {}, pause during it {}, whole run p99 {} ms, bytes lost {}",
+                        r.upgrade_secs.map(|s| format!("{s:.3} s")).unwrap_or_else(|| "none (baseline)".into()),
+                        pause_cell(&r.swarm.pause_window_us),
+                        r.swarm.pause_us.p99 / 1000,
+                        r.swarm.mismatched_bytes
+                    )
+                })
                 .unwrap_or_default()
     )
 }
 
-/// p50, p99 and max of each run's longest round trip per device, in ms.
+/// "p50 / p99 / max ms (devices)" of a pause histogram.
+fn pause_cell(p: &crate::report::Hist) -> String {
+    if p.count == 0 {
+        return "-".into();
+    }
+    format!("{:.1} / {:.1} / {:.1} ms ({})", p.p50 as f64 / 1000.0, p.p99 as f64 / 1000.0, p.max as f64 / 1000.0, p.count)
+}
+
+/// p50, p99 and max of each run's longest round trip per device during the
+/// event (over the whole run where no window was reported), in ms.
 fn pause_bars(rs: &[&ScenarioResult]) -> Vec<(String, f64)> {
     rs.iter()
         .flat_map(|r| {
-            let p = &r.swarm.pause_us;
+            let p = if r.swarm.pause_window_us.count > 0 { &r.swarm.pause_window_us } else { &r.swarm.pause_us };
             [
                 (format!("{} p50", r.proxy), p.p50 as f64 / 1000.0),
                 (format!("{} p99", r.proxy), p.p99 as f64 / 1000.0),
@@ -243,20 +264,20 @@ pub fn render(results: &[ScenarioResult], dir: &Path) -> Result<String, String> 
                 std::fs::write(dir.join(&file), bar_svg("Message round trip through the proxy", "us", &bars)).map_err(|e| e.to_string())?;
             }
             "upgrade" => {
-                md.push_str("| proxy | devices | messages | errors | bytes lost or out of order | SIGUSR2 until the old process exited | pause per device p50 / p99 / max | RTT p99 |\n|---|---|---|---|---|---|---|---|\n");
+                md.push_str("| proxy | devices | messages | errors | bytes lost or out of order | SIGUSR2 until the old process exited | pause during the upgrade p50 / p99 / max (devices that talked) | longest round trip over the whole run p50 / p99 / max | RTT p99 |\n|---|---|---|---|---|---|---|---|---|\n");
                 for r in &rs {
-                    let p = &r.swarm.pause_us;
                     md.push_str(&format!(
-                        "| {} | {} | {} | {} | {} | {} | {:.1} / {:.1} / {:.1} ms | {:.1} ms |\n",
+                        "| {} | {} | {} | {} | {} | {} | {} | {} | {:.1} ms |\n",
                         r.proxy,
                         r.devices_ready,
                         r.swarm.messages,
                         r.swarm.error_count(),
                         r.swarm.mismatched_bytes,
-                        r.upgrade_secs.map(|s| format!("{s:.2} s")).unwrap_or_else(|| "no upgrade (baseline)".into()),
-                        p.p50 as f64 / 1000.0,
-                        p.p99 as f64 / 1000.0,
-                        p.max as f64 / 1000.0,
+                        r.upgrade_secs
+                            .map(|s| format!("{s:.2} s"))
+                            .unwrap_or_else(|| "no upgrade (baseline: a 1 s window at the same moment)".into()),
+                        pause_cell(&r.swarm.pause_window_us),
+                        pause_cell(&r.swarm.pause_us),
                         r.swarm.rtt_us.p99 as f64 / 1000.0
                     ));
                 }
@@ -265,11 +286,10 @@ pub fn render(results: &[ScenarioResult], dir: &Path) -> Result<String, String> 
                     .map_err(|e| e.to_string())?;
             }
             "failover" => {
-                md.push_str("| proxy | devices | messages | errors | bytes lost or out of order | streams resumed | WSM killed until all resumed | pause per device p50 / p99 / max |\n|---|---|---|---|---|---|---|---|\n");
+                md.push_str("| proxy | devices | messages | errors | bytes lost or out of order | streams resumed | WSM killed until all resumed | pause during the failover p50 / p99 / max (devices that talked) | longest round trip over the whole run p50 / p99 / max |\n|---|---|---|---|---|---|---|---|---|\n");
                 for r in &rs {
-                    let p = &r.swarm.pause_us;
                     md.push_str(&format!(
-                        "| {} | {} | {} | {} | {} | {} | {} | {:.1} / {:.1} / {:.1} ms |\n",
+                        "| {} | {} | {} | {} | {} | {} | {} | {} | {} |\n",
                         r.proxy,
                         r.devices_ready,
                         r.swarm.messages,
@@ -277,9 +297,8 @@ pub fn render(results: &[ScenarioResult], dir: &Path) -> Result<String, String> 
                         r.swarm.mismatched_bytes,
                         r.failover_streams.unwrap_or(0),
                         r.failover_secs.map(|s| format!("{s:.2} s")).unwrap_or_else(|| "-".into()),
-                        p.p50 as f64 / 1000.0,
-                        p.p99 as f64 / 1000.0,
-                        p.max as f64 / 1000.0,
+                        pause_cell(&r.swarm.pause_window_us),
+                        pause_cell(&r.swarm.pause_us),
                     ));
                 }
                 let bars = pause_bars(&rs);

@@ -66,9 +66,14 @@ pub struct SwarmReport {
     pub elapsed_secs: f64,
     pub connect_us: Hist,
     pub rtt_us: Hist,
-    /// Per device, its longest round trip (the pause an upgrade caused).
+    /// Per device, its longest round trip over the whole run.
     #[serde(default)]
     pub pause_us: Hist,
+    /// Per device with a round trip overlapping the event (upgrade: SIGUSR2
+    /// until the old process exited; failover: kill until all resumed), the
+    /// longest such round trip: the pause the event caused.
+    #[serde(default)]
+    pub pause_window_us: Hist,
     /// Bytes whose echo was not what was sent (lost, duplicated, reordered).
     #[serde(default)]
     pub mismatched_bytes: u64,
@@ -92,6 +97,8 @@ pub struct SwarmTotal {
     pub rtt_us: Hist,
     #[serde(default)]
     pub pause_us: Hist,
+    #[serde(default)]
+    pub pause_window_us: Hist,
     #[serde(default)]
     pub mismatched_bytes: u64,
     pub cpu_secs: f64,
@@ -117,6 +124,7 @@ impl SwarmTotal {
             connect_us: Hist::merge(&reports.iter().map(|r| r.connect_us.clone()).collect::<Vec<_>>()),
             rtt_us: Hist::merge(&reports.iter().map(|r| r.rtt_us.clone()).collect::<Vec<_>>()),
             pause_us: Hist::merge(&reports.iter().map(|r| r.pause_us.clone()).collect::<Vec<_>>()),
+            pause_window_us: Hist::merge(&reports.iter().map(|r| r.pause_window_us.clone()).collect::<Vec<_>>()),
             mismatched_bytes: reports.iter().map(|r| r.mismatched_bytes).sum(),
             cpu_secs: reports.iter().map(|r| r.cpu_user_secs + r.cpu_sys_secs).sum(),
             max_rss_kib: reports.iter().map(|r| r.max_rss_kib).max().unwrap_or(0),
@@ -161,6 +169,7 @@ mod tests {
             connect_us: Hist::from(&h),
             rtt_us: Hist::from(&h),
             pause_us: Hist::from(&h),
+            pause_window_us: Hist::from(&h),
             mismatched_bytes: 0,
             cpu_user_secs: 1.0,
             cpu_sys_secs: 0.5,

@@ -229,6 +229,19 @@ pub fn metric_sum(text: &str, name: &str) -> u64 {
     text.lines().filter(|l| l.starts_with(&format!("{name}{{"))).filter_map(|l| l.rsplit(' ').next()?.parse::<u64>().ok()).sum()
 }
 
+fn wall_us() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_micros() as u64).unwrap_or(0)
+}
+
+/// Tells every swarm process when the event (upgrade, failover) was, so it
+/// can report each device's longest round trip overlapping it.
+fn tell_window(swarm: &mut [(Proc, ChildStdin)], start_us: u64, end_us: u64) {
+    for (_, s) in swarm.iter_mut() {
+        let _ = writeln!(s, "WINDOW {start_us} {end_us}");
+        let _ = s.flush();
+    }
+}
+
 fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).map(|a| a.port()).unwrap_or(18443)
 }
@@ -514,6 +527,7 @@ fn run_one(proxy: Proxy, a: &RunArgs, pki: &Path, work: &Path) -> Result<Scenari
         std::thread::sleep(Duration::from_secs_f64(a.duration / 3.0));
         let (before_detached, before_resumed) = (count("holdfast_streams_detached_total"), count("holdfast_streams_resumed_total"));
         let t = Instant::now();
+        let killed_at = wall_us();
         // SIGKILL: the first WSM dies without a word.
         if let Some(mut p) = up.take() {
             let _ = p.0.kill();
@@ -527,6 +541,7 @@ fn run_one(proxy: Proxy, a: &RunArgs, pki: &Path, work: &Path) -> Result<Scenari
             if detached > 0 && resumed + failed >= detached {
                 failover_secs = Some(t.elapsed().as_secs_f64());
                 failover_streams = Some(resumed);
+                tell_window(&mut swarm, killed_at, wall_us());
                 break;
             }
             if Instant::now() > deadline {
@@ -538,6 +553,7 @@ fn run_one(proxy: Proxy, a: &RunArgs, pki: &Path, work: &Path) -> Result<Scenari
     if a.scenario == "upgrade" && !a.no_signal {
         std::thread::sleep(Duration::from_secs_f64(a.duration / 3.0));
         let t = Instant::now();
+        let start = wall_us();
         // SAFETY: signalling our own child.
         unsafe { libc::kill(proxy_pid as i32, libc::SIGUSR2) };
         let deadline = t + Duration::from_secs(120);
@@ -545,6 +561,13 @@ fn run_one(proxy: Proxy, a: &RunArgs, pki: &Path, work: &Path) -> Result<Scenari
             std::thread::sleep(Duration::from_millis(5));
         }
         upgrade_secs = Some(t.elapsed().as_secs_f64());
+        tell_window(&mut swarm, start, wall_us());
+    } else if a.scenario == "upgrade" {
+        // The baseline's window: the same moment, one second long.
+        std::thread::sleep(Duration::from_secs_f64(a.duration / 3.0));
+        let start = wall_us();
+        std::thread::sleep(Duration::from_secs(1));
+        tell_window(&mut swarm, start, wall_us());
     }
     if a.scenario == "storm" {
         let t = Instant::now();

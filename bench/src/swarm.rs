@@ -87,6 +87,9 @@ struct Stats {
     messages: u64,
     /// Per device, its longest round trip (upgrade scenario: the pause).
     pause: Histogram<u64>,
+    /// Per device that had a round trip overlapping the event window (the
+    /// upgrade or failover, as the runner reports it), its longest such one.
+    pause_window: Histogram<u64>,
     mismatched_bytes: u64,
 }
 
@@ -98,6 +101,7 @@ impl Stats {
             connect: Histogram::new(3).expect("histogram"),
             rtt: Histogram::new(3).expect("histogram"),
             pause: Histogram::new(3).expect("histogram"),
+            pause_window: Histogram::new(3).expect("histogram"),
             mismatched_bytes: 0,
             handshakes: 0,
             resumed: 0,
@@ -190,7 +194,36 @@ fn payload(size: usize, t: Instant, base: Instant) -> Vec<u8> {
     p
 }
 
-async fn message_device(mut c: WsClient, a: Rc<SwarmArgs>, stats: Shared, base: Instant, end: Instant, phase: f64) -> Option<WsClient> {
+/// The event window the runner reports (`WINDOW <start> <end>`, wall-clock
+/// microseconds since the Unix epoch), once it is known.
+type Window = Rc<std::cell::Cell<Option<(u64, u64)>>>;
+
+fn wall_us() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_micros() as u64).unwrap_or(0)
+}
+
+/// Parses `WINDOW <start_us> <end_us>`.
+pub fn parse_window(line: &str) -> Option<(u64, u64)> {
+    let mut w = line.strip_prefix("WINDOW ")?.split_whitespace().map(|x| x.parse::<u64>().ok());
+    let (start, end) = (w.next()??, w.next()??);
+    (start <= end).then_some((start, end))
+}
+
+/// The longest of a device's round trips (wall-clock start, length) that
+/// overlap `[start, end]`; `None` if none does.
+pub fn longest_overlapping(trips: &[(u64, u64)], (start, end): (u64, u64)) -> Option<u64> {
+    trips.iter().filter(|(t, rtt)| *t <= end && t + rtt >= start).map(|(_, rtt)| *rtt).max()
+}
+
+async fn message_device(
+    mut c: WsClient,
+    a: Rc<SwarmArgs>,
+    stats: Shared,
+    base: Instant,
+    end: Instant,
+    phase: f64,
+    window: Window,
+) -> Option<WsClient> {
     let mut inflight: VecDeque<Instant> = VecDeque::new();
     if a.msg_rate <= 0.0 {
         // Closed loop: next message when the echo is back.
@@ -214,6 +247,10 @@ async fn message_device(mut c: WsClient, a: Rc<SwarmArgs>, stats: Shared, base: 
     let mut next = Instant::now() + period.mul_f64(phase);
     // The longest round trip this device saw: its pause during an upgrade.
     let mut longest = 0u64;
+    // Every round trip (wall-clock start, length), to find the longest that
+    // overlaps the event once the runner says when it was.
+    let mut trips: Vec<(u64, u64)> = Vec::new();
+    let (wall0, inst0) = (wall_us(), Instant::now());
     while next < end {
         if let Some(d) = next.checked_duration_since(Instant::now()) {
             monoio::time::sleep(d).await;
@@ -231,6 +268,9 @@ async fn message_device(mut c: WsClient, a: Rc<SwarmArgs>, stats: Shared, base: 
                 let sent = inflight.pop_front().unwrap_or(next);
                 let rtt = sent.elapsed().as_micros() as u64;
                 longest = longest.max(rtt);
+                let sent_wall =
+                    if sent >= inst0 { wall0 + (sent - inst0).as_micros() as u64 } else { wall0 - (inst0 - sent).as_micros() as u64 };
+                trips.push((sent_wall, rtt));
                 let mut s = stats.borrow_mut();
                 let _ = s.rtt.record(rtt);
                 s.messages += 1;
@@ -249,7 +289,12 @@ async fn message_device(mut c: WsClient, a: Rc<SwarmArgs>, stats: Shared, base: 
         }
         next += period;
     }
-    let _ = stats.borrow_mut().pause.record(longest);
+    let mut s = stats.borrow_mut();
+    let _ = s.pause.record(longest);
+    if let Some(w) = window.get().and_then(|w| longest_overlapping(&trips, w)) {
+        let _ = s.pause_window.record(w);
+    }
+    drop(s);
     Some(c)
 }
 
@@ -331,9 +376,23 @@ pub fn run(a: SwarmArgs) -> Result<(), String> {
                 let base = Instant::now();
                 let end = base + Duration::from_secs_f64(a.duration);
                 let n = held.len().max(1);
+                // The runner may report an event window while devices talk.
+                let window: Window = Rc::default();
+                let w = window.clone();
+                monoio::spawn(async move {
+                    loop {
+                        let l = wait_line(&stdin).await;
+                        if l.is_empty() {
+                            break;
+                        }
+                        if let Some(x) = parse_window(&l) {
+                            w.set(Some(x));
+                        }
+                    }
+                });
                 let mut hs = Vec::new();
                 for (i, c) in held.into_iter().enumerate() {
-                    hs.push(monoio::spawn(message_device(c, a.clone(), stats.clone(), base, end, i as f64 / n as f64)));
+                    hs.push(monoio::spawn(message_device(c, a.clone(), stats.clone(), base, end, i as f64 / n as f64, window.clone())));
                 }
                 for h in hs {
                     let _ = h.await;
@@ -356,6 +415,7 @@ pub fn run(a: SwarmArgs) -> Result<(), String> {
             connect_us: Hist::from(&s.connect),
             rtt_us: Hist::from(&s.rtt),
             pause_us: Hist::from(&s.pause),
+            pause_window_us: Hist::from(&s.pause_window),
             mismatched_bytes: s.mismatched_bytes,
             cpu_user_secs: user,
             cpu_sys_secs: sys,
@@ -364,4 +424,27 @@ pub fn run(a: SwarmArgs) -> Result<(), String> {
     });
     println!("REPORT {}", serde_json::to_string(&report).map_err(|e| e.to_string())?);
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn window_lines_parse() {
+        assert_eq!(parse_window("WINDOW 100 250"), Some((100, 250)));
+        assert_eq!(parse_window("WINDOW 250 100"), None, "end before start");
+        assert_eq!(parse_window("WINDOW 100"), None);
+        assert_eq!(parse_window("go"), None);
+    }
+
+    #[test]
+    fn the_longest_round_trip_overlapping_the_window_counts() {
+        // (start, length): one before, one spanning the start, one inside,
+        // one after the window [1000, 2000].
+        let trips = [(0, 500), (900, 150), (1500, 40), (2100, 900)];
+        assert_eq!(longest_overlapping(&trips, (1000, 2000)), Some(150));
+        assert_eq!(longest_overlapping(&trips, (600, 800)), None, "nothing in flight then");
+        assert_eq!(longest_overlapping(&trips, (2000, 2100)), Some(900), "a trip starting at the window's end counts");
+    }
 }
