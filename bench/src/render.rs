@@ -74,17 +74,17 @@ pub fn one_line(r: &ScenarioResult) -> String {
                     r.swarm.pause_us.p99 / 1000
                 ))
                 .unwrap_or_default()
-            + &(r.scenario == "upgrade")
-                .then(|| {
-                    format!(
-                        " | upgrade: {}, pause during it {}, whole run p99 {} ms, bytes lost {}",
-                        r.upgrade_secs.map(|s| format!("{s:.3} s")).unwrap_or_else(|| "none (baseline)".into()),
-                        pause_cell(&r.swarm.pause_window_us),
-                        r.swarm.pause_us.p99 / 1000,
-                        r.swarm.mismatched_bytes
-                    )
-                })
-                .unwrap_or_default()
+            + &if r.scenario == "upgrade" {
+                format!(
+                    " | upgrade: {}, pause during it {}, whole run p99 {} ms, bytes lost {}",
+                    r.upgrade_secs.map(|s| format!("{s:.3} s")).unwrap_or_else(|| "none (baseline)".into()),
+                    pause_cell(&r.swarm.pause_window_us),
+                    r.swarm.pause_us.p99 / 1000,
+                    r.swarm.mismatched_bytes
+                )
+            } else {
+                String::new()
+            }
     )
 }
 
