@@ -210,8 +210,11 @@ pub struct Adopter {
 }
 
 impl Adopter {
+    /// Prepares each connection here (record layer, identity: see
+    /// [`shard::conn::Adoption`]) and deals them over the shards.
     pub fn adopt(&self, conns: Vec<shard::Handed>) {
-        for (ctl, batch) in self.ctls.iter().zip(round_robin(conns, self.ctls.len())) {
+        let prepared = conns.into_iter().map(|(snap, fd)| shard::conn::Adoption::prepare(snap, fd));
+        for (ctl, batch) in self.ctls.iter().zip(round_robin(prepared, self.ctls.len())) {
             if !batch.is_empty() {
                 let _ = ctl.send(Control::Adopt(batch));
             }

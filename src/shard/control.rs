@@ -32,7 +32,7 @@ pub enum Control {
     /// duplicate of its socket here.
     HandOff(Sender<Handed>, std::sync::Arc<super::pace::Flight>),
     /// Live upgrade, new side: adopt these connections.
-    Adopt(Vec<Handed>),
+    Adopt(Vec<super::conn::Adoption>),
     /// The WSM pool is now these addresses (DNS changed).
     WsmSet(Vec<crate::resolve::Wsm>),
 }

@@ -220,8 +220,8 @@ async fn run(
             Some(Control::WsmSet(wsms)) => set_wsms(&ctx, wsms),
             Some(Control::Adopt(conns)) => {
                 tracing::info!(shard = index, connections = conns.len(), "adopting connections");
-                for (snap, fd) in conns {
-                    monoio::spawn(conn::adopt(ctx.clone(), snap, fd));
+                for a in conns {
+                    monoio::spawn(conn::adopt(ctx.clone(), a));
                 }
             }
         }

@@ -52,6 +52,9 @@ pub struct Held {
     /// Adopted in a live upgrade: its acceptance is what the old process
     /// waits for (`connections_resumed_total`).
     adopted: bool,
+    /// The identity for the next OPEN when it was parsed already (adoption
+    /// parses it off the shard); otherwise the OPEN parses the chain.
+    identity: Option<Box<DeviceIdentity>>,
 }
 
 impl Held {
@@ -118,6 +121,7 @@ pub fn detach(dev: &Device, t: &mut Tunnel, planned: bool) {
                 close_at: now + cfg.resume_timeout + jitter,
                 planned,
                 adopted: false,
+                identity: None,
             })
         }
     };
@@ -228,7 +232,8 @@ pub async fn step(dev: &mut Device, t: &mut Tunnel) -> Option<End> {
         return None;
     }
     let link = dev.shard.pick_link()?;
-    let Some(device) = DeviceIdentity::from_chain(t.resume.chain.clone(), dev.addr) else {
+    let parsed = h.identity.take().map(|d| *d);
+    let Some(device) = parsed.or_else(|| DeviceIdentity::from_chain(t.resume.chain.clone(), dev.addr)) else {
         dev.send_close(&mut t.rl, close::INTERNAL, "identity lost").await;
         return Some(End::NoWsm);
     };
@@ -315,11 +320,12 @@ async fn move_streams(ctx: Rc<ShardCtx>, link: Rc<super::link::Link>) {
 /// without a stream, with the messages the old process held for it, and
 /// re-opens at once (the upgrade paced itself); the device is read from
 /// now on, its messages held until the WSM accepts.
-pub fn adopt(dev: &Device, t: &mut Tunnel, msgs: Vec<(bool, Vec<u8>)>) {
+pub fn adopt(dev: &Device, t: &mut Tunnel, msgs: Vec<(bool, Vec<u8>)>, identity: Option<DeviceIdentity>) {
     let bytes = msgs.iter().map(|(_, m)| m.len()).sum();
     add_held(&dev.shard, bytes as i64);
     let close_at = Instant::now() + dev.shard.cfg.upstream.resume_timeout;
-    t.held = Some(Box::new(Held { msgs: msgs.into(), bytes, phase: Phase::Waiting, close_at, planned: true, adopted: true }));
+    let identity = identity.map(Box::new);
+    t.held = Some(Box::new(Held { msgs: msgs.into(), bytes, phase: Phase::Waiting, close_at, planned: true, adopted: true, identity }));
 }
 
 /// For a snapshot: the held messages, and whether the tunnel's stream is
