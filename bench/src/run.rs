@@ -509,6 +509,7 @@ fn run_one(proxy: Proxy, a: &RunArgs, pki: &Path, work: &Path) -> Result<Scenari
     go(&mut swarm);
     let mut storm_secs = None;
     let mut upgrade_secs = None;
+    let mut old_cpu = 0.0f64;
     let (mut failover_secs, mut failover_streams) = (None, None);
     let mut up = Some(up);
     if a.scenario == "failover" {
@@ -558,6 +559,8 @@ fn run_one(proxy: Proxy, a: &RunArgs, pki: &Path, work: &Path) -> Result<Scenari
         unsafe { libc::kill(proxy_pid as i32, libc::SIGUSR2) };
         let deadline = t + Duration::from_secs(120);
         while proxy_proc.0.try_wait().map(|s| s.is_none()).unwrap_or(false) && Instant::now() < deadline {
+            // The old process's CPU time, read until it is gone (to within 5 ms).
+            old_cpu = old_cpu.max(cpu_secs(&[proxy_pid]));
             std::thread::sleep(Duration::from_millis(5));
         }
         upgrade_secs = Some(t.elapsed().as_secs_f64());
@@ -601,7 +604,12 @@ fn run_one(proxy: Proxy, a: &RunArgs, pki: &Path, work: &Path) -> Result<Scenari
             Err(_) => {}
         }
     }
-    let cpu1 = cpu_secs(&pids());
+    // After an upgrade the proxy is the new process (not our child): its
+    // CPU time, plus what the old one had used when it exited.
+    let cpu1 = match (upgrade_secs, std::fs::read_to_string(pki.join("holdfast.pid")).ok().and_then(|p| p.trim().parse::<u32>().ok())) {
+        (Some(_), Some(new)) => old_cpu + cpu_secs(&[new]),
+        _ => cpu_secs(&pids()),
+    };
     drop(swarm);
     if a.scenario == "upgrade" {
         // The new process is not our child: stop it through its pid file.
