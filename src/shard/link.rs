@@ -106,6 +106,37 @@ pub async fn notified(s: &StreamRef) {
     .await
 }
 
+/// A shard-wide flag its links raise when one of them must be emptied
+/// (goaway, retirement), so the shard's watcher sleeps until then instead of
+/// polling every link.
+#[derive(Default)]
+pub struct Attention {
+    raised: std::cell::Cell<bool>,
+    waker: std::cell::Cell<Option<Waker>>,
+}
+
+impl Attention {
+    pub fn raise(&self) {
+        self.raised.set(true);
+        if let Some(w) = self.waker.take() {
+            w.wake();
+        }
+    }
+
+    /// Waits until raised (and lowers the flag).
+    pub async fn wait(&self) {
+        std::future::poll_fn(|cx| {
+            if self.raised.replace(false) {
+                Poll::Ready(())
+            } else {
+                self.waker.set(Some(cx.waker().clone()));
+                Poll::Pending
+            }
+        })
+        .await
+    }
+}
+
 #[derive(Default)]
 struct LinkState {
     up: bool,
@@ -134,18 +165,29 @@ pub struct Link {
     retired: std::cell::Cell<bool>,
     /// Credit holdfast grants the WSM per stream (config `stream_window`).
     stream_window: u32,
+    /// Raised when this link must be emptied.
+    attention: Rc<Attention>,
     st: RefCell<LinkState>,
 }
 
 impl Link {
-    pub fn new(host: String, addr: std::net::SocketAddr, index: u32, stream_window: u32) -> Rc<Link> {
-        Rc::new(Link { host, addr, index, retired: std::cell::Cell::new(false), stream_window, st: RefCell::new(LinkState::default()) })
+    pub fn new(host: String, addr: std::net::SocketAddr, index: u32, stream_window: u32, attention: Rc<Attention>) -> Rc<Link> {
+        Rc::new(Link {
+            host,
+            addr,
+            index,
+            retired: std::cell::Cell::new(false),
+            stream_window,
+            attention,
+            st: RefCell::new(LinkState::default()),
+        })
     }
 
     /// Takes the link out of the pool: no new streams, its streams move to
     /// other WSMs (as for a goaway), and once none is left it closes for good.
     pub fn retire(&self) {
         self.retired.set(true);
+        self.attention.raise();
     }
 
     pub fn retired(&self) -> bool {
@@ -358,6 +400,7 @@ impl Link {
             Frame::GoAway { code, text } => {
                 tracing::info!(host = %self.host, code, text = %text, "WSM sent goaway; no new streams on this link");
                 st.goaway = true;
+                self.attention.raise();
             }
             Frame::HandoffAck { stream } => {
                 if let Some(s) = st.streams.get(&stream) {

@@ -40,6 +40,8 @@ pub struct ShardCtx {
     pub ids: RefCell<IdGenerator>,
     /// Links to every WSM in the pool (it changes as DNS does).
     pub links: RefCell<Vec<Rc<Link>>>,
+    /// Raised by a link that must be emptied (see `reattach::watch_goaway`).
+    pub link_attention: Rc<link::Attention>,
     /// Counts link tasks' first attempts (start-up waits for them).
     attempted: Rc<RefCell<usize>>,
     /// Connections held by this shard.
@@ -143,6 +145,7 @@ async fn run(
         pool: Pool::new(cfg.buffers.per_shard, cfg.buffers.size, metrics.clone()),
         ids: RefCell::new(IdGenerator::new(index)),
         links: RefCell::new(Vec::new()),
+        link_attention: Rc::default(),
         attempted: attempted.clone(),
         conns: RefCell::new(Slab::with_capacity(1024)),
         timers: Rc::new(timers::Timers::default()),
@@ -268,7 +271,7 @@ fn set_wsms(ctx: &Rc<ShardCtx>, wsms: Vec<crate::resolve::Wsm>) {
             continue;
         }
         for i in 0..cfg.upstream.links_per_shard {
-            let l = Link::new(host.clone(), addr, i, cfg.upstream.stream_window);
+            let l = Link::new(host.clone(), addr, i, cfg.upstream.stream_window, ctx.link_attention.clone());
             monoio::spawn(link::run_link(l.clone(), cfg.clone(), ctx.index, ctx.metrics.clone(), ctx.attempted.clone()));
             links.push(l);
         }

@@ -269,12 +269,19 @@ pub async fn move_by_plan(dev: &mut Device, t: &mut Tunnel) -> Option<End> {
 
 /// Runs on each shard: when a link's WSM sends goaway (or its address left
 /// the pool), asks that link's tunnels to move, at the shard's re-open rate;
-/// closes and forgets retired links once their streams are gone.
+/// closes and forgets retired links once their streams are gone. Looks
+/// every 20 ms while some link is being emptied; otherwise it sleeps until
+/// a link raises the shard's attention flag.
 pub async fn watch_goaway(ctx: Rc<ShardCtx>) {
     // Links being emptied, by identity and connection generation.
     let mut moving: Vec<(*const super::link::Link, u64)> = Vec::new();
     loop {
-        monoio::time::sleep(Duration::from_millis(20)).await;
+        let busy = !moving.is_empty() || ctx.links.borrow().iter().any(|l| l.retired() || l.going_away());
+        if busy {
+            monoio::time::sleep(Duration::from_millis(20)).await;
+        } else {
+            ctx.link_attention.wait().await;
+        }
         let links: Vec<_> = ctx.links.borrow().clone();
         for link in &links {
             let key = (Rc::as_ptr(link), link.generation());
