@@ -210,11 +210,8 @@ pub struct Adopter {
 }
 
 impl Adopter {
-    /// Prepares each connection here (record layer, identity: see
-    /// [`shard::conn::Adoption`]) and deals them over the shards.
     pub fn adopt(&self, conns: Vec<shard::Handed>) {
-        let prepared = conns.into_iter().map(|(snap, fd)| shard::conn::Adoption::prepare(snap, fd));
-        for (ctl, batch) in self.ctls.iter().zip(round_robin(prepared, self.ctls.len())) {
+        for (ctl, batch) in self.ctls.iter().zip(round_robin(conns, self.ctls.len())) {
             if !batch.is_empty() {
                 let _ = ctl.send(Control::Adopt(batch));
             }

@@ -102,37 +102,8 @@ pub async fn serve(shard: Rc<ShardCtx>, tcp: TcpStream, addr: SocketAddr) {
     }
 }
 
-/// A connection to adopt, with what can be built outside the shard already
-/// built: the record layer (its key schedule) and the device identity (a
-/// certificate parse). The thread that receives connections from the old
-/// process prepares them, so the shard, whose core the old process shares
-/// during an upgrade, only wires them up.
-pub struct Adoption {
-    snap: crate::upgrade::snapshot::ConnSnapshot,
-    fd: std::os::fd::OwnedFd,
-    rl: Result<RecordLayer, RecordError>,
-    identity: Option<DeviceIdentity>,
-}
-
-/// Names the connection only: an adoption carries traffic secrets.
-impl std::fmt::Debug for Adoption {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Adoption").field("id", &self.snap.id).finish_non_exhaustive()
-    }
-}
-
-impl Adoption {
-    pub fn prepare(snap: crate::upgrade::snapshot::ConnSnapshot, fd: std::os::fd::OwnedFd) -> Adoption {
-        let rl = RecordLayer::new(snap.record.clone());
-        let addr = snap.addr.parse().unwrap_or_else(|_| SocketAddr::from(([0, 0, 0, 0], 0)));
-        let identity = DeviceIdentity::from_chain(snap.resume.chain.clone(), addr);
-        Adoption { snap, fd, rl, identity }
-    }
-}
-
 /// Live upgrade, new side: takes over a connection another process held.
-pub async fn adopt(shard: Rc<ShardCtx>, a: Adoption) {
-    let Adoption { snap, fd, rl, identity } = a;
+pub async fn adopt(shard: Rc<ShardCtx>, snap: crate::upgrade::snapshot::ConnSnapshot, fd: std::os::fd::OwnedFd) {
     let std_tcp = std::net::TcpStream::from(fd);
     // Blocking, as accepted sockets are: io_uring waits for room or data.
     let _ = std_tcp.set_nonblocking(false);
@@ -148,7 +119,7 @@ pub async fn adopt(shard: Rc<ShardCtx>, a: Adoption) {
     let key = shard.conns.borrow_mut().insert(snap.id);
     let addr = snap.addr.parse().unwrap_or_else(|_| SocketAddr::from(([0, 0, 0, 0], 0)));
     let mut dev = Device::new(shard, tcp, addr, snap.id);
-    match Box::pin(dev.resume(snap, rl, identity)).await {
+    match Box::pin(dev.resume(snap)).await {
         // Counted as resumed once its stream is accepted (`reattach`).
         Ok(t) => live(dev, t, Vec::new(), key).await,
         Err(end) => {
@@ -307,13 +278,8 @@ impl Device {
     }
 
     /// Rebuilds a moved connection and re-opens its stream (resumed).
-    async fn resume(
-        &mut self,
-        mut snap: crate::upgrade::snapshot::ConnSnapshot,
-        rl: Result<RecordLayer, RecordError>,
-        identity: Option<DeviceIdentity>,
-    ) -> Result<Box<Tunnel>, End> {
-        let mut rl = rl.map_err(End::Record)?;
+    async fn resume(&mut self, mut snap: crate::upgrade::snapshot::ConnSnapshot) -> Result<Box<Tunnel>, End> {
+        let mut rl = RecordLayer::new(snap.record.clone()).map_err(End::Record)?;
         if !snap.rx.is_empty() {
             let mut b = self.shard.pool.take().await;
             b.vec().extend_from_slice(&snap.rx);
@@ -330,7 +296,7 @@ impl Device {
         let none = Rc::new(std::cell::RefCell::new(super::link::StreamShared::default()));
         let mut t = Tunnel::new(rl, placeholder, none, snap.max_message as usize, Box::new(snap.resume.clone()));
         t.restore(snap.decoder.clone(), snap.idle_ms);
-        super::reattach::adopt(self, &mut t, std::mem::take(&mut snap.held), identity);
+        super::reattach::adopt(self, &mut t, std::mem::take(&mut snap.held));
         Ok(t)
     }
 

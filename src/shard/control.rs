@@ -32,7 +32,7 @@ pub enum Control {
     /// duplicate of its socket here.
     HandOff(Sender<Handed>, std::sync::Arc<super::pace::Flight>),
     /// Live upgrade, new side: adopt these connections.
-    Adopt(Vec<super::conn::Adoption>),
+    Adopt(Vec<Handed>),
     /// The WSM pool is now these addresses (DNS changed).
     WsmSet(Vec<crate::resolve::Wsm>),
 }

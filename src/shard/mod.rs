@@ -223,8 +223,8 @@ async fn run(
             Some(Control::WsmSet(wsms)) => set_wsms(&ctx, wsms),
             Some(Control::Adopt(conns)) => {
                 tracing::info!(shard = index, connections = conns.len(), "adopting connections");
-                for a in conns {
-                    monoio::spawn(conn::adopt(ctx.clone(), a));
+                for (snap, fd) in conns {
+                    monoio::spawn(conn::adopt(ctx.clone(), snap, fd));
                 }
             }
         }

@@ -52,9 +52,6 @@ pub struct Held {
     /// Adopted in a live upgrade: its acceptance is what the old process
     /// waits for (`connections_resumed_total`).
     adopted: bool,
-    /// The identity for the next OPEN when it was parsed already (adoption
-    /// parses it off the shard); otherwise the OPEN parses the chain.
-    identity: Option<Box<DeviceIdentity>>,
 }
 
 impl Held {
@@ -121,7 +118,6 @@ pub fn detach(dev: &Device, t: &mut Tunnel, planned: bool) {
                 close_at: now + cfg.resume_timeout + jitter,
                 planned,
                 adopted: false,
-                identity: None,
             })
         }
     };
@@ -232,8 +228,7 @@ pub async fn step(dev: &mut Device, t: &mut Tunnel) -> Option<End> {
         return None;
     }
     let link = dev.shard.pick_link()?;
-    let parsed = h.identity.take().map(|d| *d);
-    let Some(device) = parsed.or_else(|| DeviceIdentity::from_chain(t.resume.chain.clone(), dev.addr)) else {
+    let Some(device) = DeviceIdentity::from_chain(t.resume.chain.clone(), dev.addr) else {
         dev.send_close(&mut t.rl, close::INTERNAL, "identity lost").await;
         return Some(End::NoWsm);
     };
@@ -327,12 +322,11 @@ async fn move_streams(ctx: Rc<ShardCtx>, link: Rc<super::link::Link>) {
 /// without a stream, with the messages the old process held for it, and
 /// re-opens at once (the upgrade paced itself); the device is read from
 /// now on, its messages held until the WSM accepts.
-pub fn adopt(dev: &Device, t: &mut Tunnel, msgs: Vec<(bool, Vec<u8>)>, identity: Option<DeviceIdentity>) {
+pub fn adopt(dev: &Device, t: &mut Tunnel, msgs: Vec<(bool, Vec<u8>)>) {
     let bytes = msgs.iter().map(|(_, m)| m.len()).sum();
     add_held(&dev.shard, bytes as i64);
     let close_at = Instant::now() + dev.shard.cfg.upstream.resume_timeout;
-    let identity = identity.map(Box::new);
-    t.held = Some(Box::new(Held { msgs: msgs.into(), bytes, phase: Phase::Waiting, close_at, planned: true, adopted: true, identity }));
+    t.held = Some(Box::new(Held { msgs: msgs.into(), bytes, phase: Phase::Waiting, close_at, planned: true, adopted: true }));
 }
 
 /// For a snapshot: the held messages, and whether the tunnel's stream is
