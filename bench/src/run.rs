@@ -17,6 +17,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::peers::{self, Proxy};
 use crate::report::{SwarmReport, SwarmTotal};
+use crate::swarm::wall_us;
 
 #[derive(Debug, Clone, clap::Args, Serialize, Deserialize)]
 pub struct RunArgs {
@@ -227,10 +228,6 @@ fn fetch_metrics(port: u16) -> Option<String> {
 /// Sum of one metric over its series.
 pub fn metric_sum(text: &str, name: &str) -> u64 {
     text.lines().filter(|l| l.starts_with(&format!("{name}{{"))).filter_map(|l| l.rsplit(' ').next()?.parse::<u64>().ok()).sum()
-}
-
-fn wall_us() -> u64 {
-    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_micros() as u64).unwrap_or(0)
 }
 
 /// Tells every swarm process when the event (upgrade, failover) was, so it
@@ -551,26 +548,27 @@ fn run_one(proxy: Proxy, a: &RunArgs, pki: &Path, work: &Path) -> Result<Scenari
             std::thread::sleep(Duration::from_millis(5));
         }
     }
-    if a.scenario == "upgrade" && !a.no_signal {
+    if a.scenario == "upgrade" {
         std::thread::sleep(Duration::from_secs_f64(a.duration / 3.0));
-        let t = Instant::now();
-        let start = wall_us();
-        // SAFETY: signalling our own child.
-        unsafe { libc::kill(proxy_pid as i32, libc::SIGUSR2) };
-        let deadline = t + Duration::from_secs(120);
-        while proxy_proc.0.try_wait().map(|s| s.is_none()).unwrap_or(false) && Instant::now() < deadline {
-            // The old process's CPU time, read until it is gone (to within 5 ms).
-            old_cpu = old_cpu.max(cpu_secs(&[proxy_pid]));
-            std::thread::sleep(Duration::from_millis(5));
+        if a.no_signal {
+            // The baseline's window: the same moment, one second long.
+            let start = wall_us();
+            std::thread::sleep(Duration::from_secs(1));
+            tell_window(&mut swarm, start, wall_us());
+        } else {
+            let t = Instant::now();
+            let start = wall_us();
+            // SAFETY: signalling our own child.
+            unsafe { libc::kill(proxy_pid as i32, libc::SIGUSR2) };
+            let deadline = t + Duration::from_secs(120);
+            while proxy_proc.0.try_wait().map(|s| s.is_none()).unwrap_or(false) && Instant::now() < deadline {
+                // The old process's CPU time, read until it is gone (to within 5 ms).
+                old_cpu = old_cpu.max(cpu_secs(&[proxy_pid]));
+                std::thread::sleep(Duration::from_millis(5));
+            }
+            upgrade_secs = Some(t.elapsed().as_secs_f64());
+            tell_window(&mut swarm, start, wall_us());
         }
-        upgrade_secs = Some(t.elapsed().as_secs_f64());
-        tell_window(&mut swarm, start, wall_us());
-    } else if a.scenario == "upgrade" {
-        // The baseline's window: the same moment, one second long.
-        std::thread::sleep(Duration::from_secs_f64(a.duration / 3.0));
-        let start = wall_us();
-        std::thread::sleep(Duration::from_secs(1));
-        tell_window(&mut swarm, start, wall_us());
     }
     if a.scenario == "storm" {
         let t = Instant::now();

@@ -198,7 +198,9 @@ fn payload(size: usize, t: Instant, base: Instant) -> Vec<u8> {
 /// microseconds since the Unix epoch), once it is known.
 type Window = Rc<std::cell::Cell<Option<(u64, u64)>>>;
 
-fn wall_us() -> u64 {
+/// Wall-clock microseconds since the Unix epoch (the runner and the swarm
+/// agree on event windows in these).
+pub fn wall_us() -> u64 {
     std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_micros() as u64).unwrap_or(0)
 }
 
