@@ -5,11 +5,13 @@ pub mod device;
 pub mod device_async;
 pub mod identity;
 pub mod link;
+pub mod logging;
 pub mod metrics;
 pub mod pki;
 pub mod proxy;
 pub mod resolve;
 pub mod shard;
+pub mod signals;
 pub mod tls;
 pub mod upgrade;
 pub mod ws;
@@ -31,14 +33,79 @@ pub fn no_huge_pages() {
     }
 }
 
-/// Sets up logging to stderr at `level` (error, warn, info, debug, trace);
-/// plain text when stderr is not a terminal.
-pub fn init_log(level: &str) {
-    let level = level.parse().unwrap_or(tracing::Level::INFO);
-    let _ = tracing_subscriber::fmt()
-        .with_max_level(level)
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .with_target(false)
-        .try_init();
+/// Build facts, for `--version` and `holdfast_build_info`.
+pub mod build {
+    pub const VERSION: &str = env!("CARGO_PKG_VERSION");
+    /// Git commit of the checkout it was built from ("-dirty" if modified).
+    pub const COMMIT: &str = env!("HOLDFAST_COMMIT");
+    pub const RUSTLS: &str = env!("HOLDFAST_RUSTLS_VERSION");
+    pub const RING: &str = env!("HOLDFAST_RING_VERSION");
+    /// What `--version` prints after the program name.
+    pub const LONG_VERSION: &str = concat!(
+        env!("CARGO_PKG_VERSION"),
+        " (commit ",
+        env!("HOLDFAST_COMMIT"),
+        ", rustls ",
+        env!("HOLDFAST_RUSTLS_VERSION"),
+        ", ring ",
+        env!("HOLDFAST_RING_VERSION"),
+        ")"
+    );
+}
+
+/// Writes a line to stdout, ignoring a closed stdout (`holdfast run | true`,
+/// or a live upgrade's successor whose inherited stdout is gone): output is
+/// for people, and its loss must never stop the proxy.
+pub fn say(line: std::fmt::Arguments<'_>) {
+    use std::io::Write;
+    let mut out = std::io::stdout().lock();
+    let _ = out.write_fmt(line).and_then(|()| out.write_all(b"\n")).and_then(|()| out.flush());
+}
+
+/// As [`say`], to stderr.
+pub fn esay(line: std::fmt::Arguments<'_>) {
+    use std::io::Write;
+    let mut out = std::io::stderr().lock();
+    let _ = out.write_fmt(line).and_then(|()| out.write_all(b"\n"));
+}
+
+/// `eprintln!` that never panics on a closed stderr (see [`say`]).
+#[macro_export]
+macro_rules! esay {
+    ($($t:tt)*) => { $crate::esay(format_args!($($t)*)) };
+}
+
+/// `println!` that never panics on a closed stdout (see [`say`]).
+#[macro_export]
+macro_rules! say {
+    ($($t:tt)*) => { $crate::say(format_args!($($t)*)) };
+}
+
+/// A check for the command-line tools' own tests: every subcommand and every
+/// flag or argument has help text (clap's `--version`/`--help` aside).
+#[doc(hidden)]
+pub mod cli_help {
+    pub fn assert_all_documented(cmd: &clap::Command) {
+        let mut missing = Vec::new();
+        walk(cmd, cmd.get_name().to_string(), &mut missing);
+        assert!(missing.is_empty(), "without help text: {missing:?}");
+    }
+
+    fn walk(cmd: &clap::Command, path: String, missing: &mut Vec<String>) {
+        for a in cmd.get_arguments() {
+            let id = a.get_id().as_str();
+            if id == "help" || id == "version" {
+                continue;
+            }
+            if a.get_help().is_none() && a.get_long_help().is_none() {
+                missing.push(format!("{path} --{id}"));
+            }
+        }
+        for sub in cmd.get_subcommands() {
+            if sub.get_about().is_none() && sub.get_long_about().is_none() {
+                missing.push(format!("{path} {}", sub.get_name()));
+            }
+            walk(sub, format!("{path} {}", sub.get_name()), missing);
+        }
+    }
 }

@@ -10,16 +10,43 @@ use std::time::Duration;
 use clap::{Parser, Subcommand};
 use holdfast::config::Config;
 use holdfast::device::{Device, DeviceOptions};
+use holdfast::{esay, say};
+use holdfast::signals::{Arrived, Meaning};
 
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
+const RUN_HELP: &str = "\
+Signals:
+  SIGTERM, SIGINT, SIGQUIT  stop serving and exit 0
+  SIGUSR2                   live binary upgrade: start the binary now at this path and hand it
+                            every listening socket and device connection (docs/upgrade.md);
+                            `holdfast upgrade` does the same and waits for the outcome
+  SIGHUP                    reload (not built yet: logged and ignored; it never stops holdfast)
+  any other signal          logged and ignored; only SIGKILL ends holdfast without its own handling
+
+Environment:
+  HOLDFAST_LOG              log filter, as --log
+  HOLDFAST_LOG_FORMAT       text or json, as --log-format
+  HOLDFAST_UPGRADE_EXE      binary a live upgrade starts (default: the path this process was started from)
+  HOLDFAST_HOSTS            hosts-format file pinning the names in upstream.wsm (tests, air-gapped nodes)
+  NOTIFY_SOCKET             set by systemd (Type=notify): READY=1 and MAINPID= are sent there
+  HOLDFAST_UPGRADE_FD       set by holdfast itself for an upgrade's successor; never set it by hand";
+
 #[derive(Parser)]
-#[command(name = "holdfast", version, about = "io_uring edge proxy that holds device WebSockets over mutual TLS")]
+#[command(
+    name = "holdfast",
+    version = holdfast::build::LONG_VERSION,
+    about = "io_uring edge proxy that holds device WebSockets over mutual TLS"
+)]
 struct Cli {
-    /// Log level: error, warn, info, debug, trace.
-    #[arg(long, global = true, default_value = "info", env = "HOLDFAST_LOG")]
+    /// Log filter: a level (error, warn, info, debug, trace, off) or per-module
+    /// directives, e.g. "warn,holdfast::shard=debug".
+    #[arg(long, global = true, default_value = "info", env = "HOLDFAST_LOG", value_parser = holdfast::logging::check_filter)]
     log: String,
+    /// Log line format: text for people, json (one object a line) for log shippers.
+    #[arg(long, global = true, value_enum, default_value = "text", env = "HOLDFAST_LOG_FORMAT")]
+    log_format: holdfast::logging::LogFormat,
     #[command(subcommand)]
     cmd: Cmd,
 }
@@ -27,21 +54,29 @@ struct Cli {
 #[derive(Subcommand)]
 enum Cmd {
     /// Run the proxy with a config file.
+    #[command(after_long_help = RUN_HELP, after_help = "Signals and environment variables: see --help.")]
     Run {
+        /// The TOML config file (see README: Configuration).
         #[arg(long, short)]
         config: PathBuf,
     },
     /// Validate a config file (and the files it names) and explain every error.
-    CheckConfig { file: PathBuf },
+    CheckConfig {
+        /// The TOML config file to check.
+        file: PathBuf,
+    },
     /// Make a dev PKI and config, start the reference WSM and the proxy on loopback.
     Quickstart {
         /// Where to write certificates and the example config.
         #[arg(long, default_value = "holdfast-dev")]
         dir: PathBuf,
+        /// Port devices connect to (on 127.0.0.1).
         #[arg(long, default_value_t = 8443)]
         port: u16,
+        /// Port of the reference WSM (on 127.0.0.1).
         #[arg(long, default_value_t = 9000)]
         wsm_port: u16,
+        /// Port of the metrics endpoint (on 127.0.0.1).
         #[arg(long, default_value_t = 9100)]
         metrics_port: u16,
         /// Exit after the self-check instead of serving.
@@ -60,17 +95,22 @@ enum Cmd {
     },
     /// Connect as a device, send messages and print the replies.
     Device {
+        /// Address of holdfast.
         #[arg(long, default_value = "127.0.0.1:8443")]
         addr: SocketAddr,
+        /// Server name to send (SNI) and to check holdfast's certificate against.
         #[arg(long, default_value = "localhost")]
         server_name: String,
         /// CA that signed holdfast's server certificate.
         #[arg(long)]
         ca: PathBuf,
+        /// The device's certificate (PEM).
         #[arg(long)]
         cert: PathBuf,
+        /// The device's private key (PEM).
         #[arg(long)]
         key: PathBuf,
+        /// Request path of the WebSocket upgrade.
         #[arg(long, default_value = "/")]
         path: String,
         /// "1.2" or "1.3" (default: either).
@@ -88,20 +128,20 @@ enum Cmd {
 fn main() -> ExitCode {
     holdfast::no_huge_pages();
     let cli = Cli::parse();
-    holdfast::init_log(&cli.log);
+    holdfast::logging::init(&cli.log, cli.log_format);
     match cli.cmd {
         Cmd::Run { config } => run(config),
         Cmd::CheckConfig { file } => check_config(file),
         Cmd::Upgrade { pid_file, timeout } => match holdfast::upgrade::coordinator::request(&pid_file, Duration::from_secs(timeout)) {
             Ok(r) if r.status == "ok" => {
-                println!(
+                say!(
                     "upgraded: pid {} -> pid {}, {} connections moved in {} ms",
                     r.old_pid, r.new_pid, r.connections_moved, r.elapsed_ms
                 );
                 ExitCode::SUCCESS
             }
             Ok(r) => {
-                eprintln!(
+                esay!(
                     "upgrade failed: {}; pid {} keeps serving {} connections",
                     r.error.unwrap_or_default(),
                     r.old_pid,
@@ -110,7 +150,7 @@ fn main() -> ExitCode {
                 ExitCode::FAILURE
             }
             Err(e) => {
-                eprintln!("upgrade: {e}");
+                esay!("upgrade: {e}");
                 ExitCode::FAILURE
             }
         },
@@ -134,9 +174,9 @@ fn main() -> ExitCode {
 }
 
 fn print_errors(what: &str, errs: &[String]) -> ExitCode {
-    eprintln!("{what}: {} error(s)", errs.len());
+    esay!("{what}: {} error(s)", errs.len());
     for e in errs {
-        eprintln!("  error: {e}");
+        esay!("  error: {e}");
     }
     ExitCode::from(2)
 }
@@ -149,27 +189,32 @@ fn load(path: &std::path::Path) -> Result<Config, ExitCode> {
     load_strings(path).map_err(|es| print_errors(&path.display().to_string(), &es))
 }
 
-type Signals = crossbeam_channel::Receiver<nix::sys::signal::Signal>;
+type Signals = crossbeam_channel::Receiver<Arrived>;
 
 fn announce(running: &holdfast::proxy::Running, shards: usize) {
     let metrics = running.metrics_addr.map(|a| a.to_string()).unwrap_or_else(|| "off".into());
-    println!("holdfast ready on {} shards={shards} metrics={metrics} pid={}", running.listen, std::process::id());
+    say!("holdfast ready on {} shards={shards} metrics={metrics} pid={}", running.listen, std::process::id());
 }
 
 /// Serves until SIGINT/SIGTERM; SIGUSR2 starts a live upgrade
 /// (`docs/upgrade.md`), after which this process exits once every
 /// connection has moved.
 fn serve(mut running: holdfast::proxy::Running, config: &std::path::Path, exe: &std::path::Path, signals: Signals) -> ExitCode {
-    use nix::sys::signal::Signal;
     let pid_file = running.pid_file.clone();
     let mut upgrader = holdfast::upgrade::coordinator::Upgrader::new(exe.to_path_buf(), config.to_path_buf(), pid_file.as_deref());
     loop {
         match signals.recv_timeout(upgrader.interval()) {
-            Ok(Signal::SIGUSR2) => upgrader.start(&mut running),
-            Ok(sig) => {
-                tracing::info!(signal = ?sig, "shutting down");
-                break;
-            }
+            Ok(sig) => match sig.meaning() {
+                Meaning::Upgrade => upgrader.start(&mut running),
+                Meaning::Stop => {
+                    tracing::info!(signal = %sig, "shutting down");
+                    break;
+                }
+                Meaning::Reload => {
+                    tracing::warn!(signal = %sig, "live reload is not built yet: nothing reloaded, still serving (use SIGUSR2 or `holdfast upgrade` to re-read the config)")
+                }
+                Meaning::Ignore => tracing::warn!(signal = %sig, "signal ignored; still serving"),
+            },
             Err(crossbeam_channel::RecvTimeoutError::Timeout) => {
                 if upgrader.tick(&mut running) {
                     break;
@@ -186,7 +231,7 @@ fn run(config: PathBuf) -> ExitCode {
     // The binary at the path this process was started from: an operator
     // replaces the file, then signals.
     let exe = holdfast::upgrade::coordinator::own_exe();
-    let signals = holdfast::proxy::signals();
+    let signals = holdfast::signals::take_over();
     let channel = holdfast::upgrade::handoff::inherited_channel();
     let cfg = match load_strings(&config) {
         Ok(c) => c,
@@ -226,10 +271,10 @@ fn check_config(file: PathBuf) -> ExitCode {
     };
     match holdfast::tls::server::TlsContext::load(&cfg.tls) {
         Ok(tls) => {
-            println!("{}: ok", file.display());
-            println!("  listen {} with {} shard(s) on CPUs {:?}", cfg.listen, cfg.shard_cpus.len(), cfg.shard_cpus);
-            println!("  {} device CA file(s), {} blocklist entr(y/ies)", cfg.tls.client_cas.len(), tls.verifier.blocklist().len());
-            println!("  WSM hosts {:?}, {} link(s) per shard each", cfg.upstream.wsm, cfg.upstream.links_per_shard);
+            say!("{}: ok", file.display());
+            say!("  listen {} with {} shard(s) on CPUs {:?}", cfg.listen, cfg.shard_cpus.len(), cfg.shard_cpus);
+            say!("  {} device CA file(s), {} blocklist entr(y/ies)", cfg.tls.client_cas.len(), tls.verifier.blocklist().len());
+            say!("  WSM hosts {:?}, {} link(s) per shard each", cfg.upstream.wsm, cfg.upstream.links_per_shard);
             ExitCode::SUCCESS
         }
         Err(es) => print_errors(&file.display().to_string(), &es.iter().map(|e| e.to_string()).collect::<Vec<_>>()),
@@ -240,22 +285,22 @@ fn device(o: &DeviceOptions, send: &[String], key_update: bool) -> ExitCode {
     let mut d = match Device::connect(o) {
         Ok(d) => d,
         Err(e) => {
-            eprintln!("device: {e}");
+            esay!("device: {e}");
             return ExitCode::FAILURE;
         }
     };
     let (v, s) = d.tls_info();
-    eprintln!("device: connected ({v}, {s}); WebSocket open");
+    esay!("device: connected ({v}, {s}); WebSocket open");
     if key_update && let Err(e) = d.key_update() {
-        eprintln!("device: key update: {e}");
+        esay!("device: key update: {e}");
         return ExitCode::FAILURE;
     }
     for m in send {
         let r = d.send_text(m).and_then(|_| d.recv_text());
         match r {
-            Ok(reply) => println!("{reply}"),
+            Ok(reply) => say!("{reply}"),
             Err(e) => {
-                eprintln!("device: {e}");
+                esay!("device: {e}");
                 return ExitCode::FAILURE;
             }
         }
@@ -266,16 +311,16 @@ fn device(o: &DeviceOptions, send: &[String], key_update: bool) -> ExitCode {
 }
 
 fn quickstart(dir: PathBuf, port: u16, wsm_port: u16, metrics_port: u16, check_only: bool) -> ExitCode {
-    let signals = holdfast::proxy::signals();
+    let signals = holdfast::signals::take_over();
     if let Err(e) = holdfast::pki::generate(&dir) {
-        eprintln!("quickstart: cannot write the dev PKI to {}: {e}", dir.display());
+        esay!("quickstart: cannot write the dev PKI to {}: {e}", dir.display());
         return ExitCode::FAILURE;
     }
     let wsm_addr: SocketAddr = ([127, 0, 0, 1], wsm_port).into();
     let server = match holdfast::wsm::Server::bind(wsm_addr, Arc::new(holdfast::wsm::echo::Echo::default()), "quickstart-wsm".into()) {
         Ok(s) => s,
         Err(e) => {
-            eprintln!("quickstart: reference WSM cannot listen on {wsm_addr}: {e}");
+            esay!("quickstart: reference WSM cannot listen on {wsm_addr}: {e}");
             return ExitCode::FAILURE;
         }
     };
@@ -284,7 +329,7 @@ fn quickstart(dir: PathBuf, port: u16, wsm_port: u16, metrics_port: u16, check_o
     let text = holdfast::pki::example_config(&listen, &wsm_addr.to_string(), "2", &format!("127.0.0.1:{metrics_port}"));
     let cfg_path = dir.join("holdfast.toml");
     if let Err(e) = std::fs::write(&cfg_path, text) {
-        eprintln!("quickstart: {e}");
+        esay!("quickstart: {e}");
         return ExitCode::FAILURE;
     }
     let cfg = match load(&cfg_path) {
@@ -319,14 +364,14 @@ fn quickstart(dir: PathBuf, port: u16, wsm_port: u16, metrics_port: u16, check_o
         Ok(echo)
     });
     match check {
-        Ok(echo) => println!("self-check: device oven-1 sent \"hello from oven-1\", echo came back: \"{echo}\""),
+        Ok(echo) => say!("self-check: device oven-1 sent \"hello from oven-1\", echo came back: \"{echo}\""),
         Err(e) => {
-            eprintln!("self-check failed: {e}");
+            esay!("self-check failed: {e}");
             running.shutdown();
             return ExitCode::FAILURE;
         }
     }
-    println!(
+    say!(
         "\nholdfast quickstart is running:\n  proxy        {listen} (mutual TLS, 2 shards)\n  reference WSM {wsm_addr}\n  metrics      http://127.0.0.1:{metrics_port}/metrics\n  config       {}\n\nConnect as a device (from this directory; use `cargo run --release --` for `holdfast` in a checkout):\n  {} --send whoami --send hello\n  {} --send whoami     # expired cert, CA with ignore_validity: accepted\n  {} --send hi         # expired cert, strict CA: refused\n  {} --send hi         # blocklisted: refused\n  {} --send hi         # unknown CA: refused\n\nStop with Ctrl-C.",
         cfg_path.display(),
         dev("oven-1"),
@@ -339,12 +384,22 @@ fn quickstart(dir: PathBuf, port: u16, wsm_port: u16, metrics_port: u16, check_o
         running.shutdown();
         return ExitCode::SUCCESS;
     }
-    // Ctrl-C or SIGTERM stops it (SIGUSR2 upgrades are for `holdfast run`).
+    // SIGINT, SIGTERM or SIGQUIT stops it; everything else is ignored
+    // (upgrades are for `holdfast run`).
     while let Ok(sig) = signals.recv() {
-        if sig != nix::sys::signal::Signal::SIGUSR2 {
+        if sig.meaning() == Meaning::Stop {
             break;
         }
+        tracing::warn!(signal = %sig, "signal ignored by the quickstart; Ctrl-C stops it");
     }
     running.shutdown();
     ExitCode::SUCCESS
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn every_flag_has_help() {
+        holdfast::cli_help::assert_all_documented(&<super::Cli as clap::CommandFactory>::command());
+    }
 }

@@ -182,27 +182,6 @@ impl Running {
     }
 }
 
-/// Blocks SIGINT, SIGTERM and SIGUSR2 in this thread and every thread it
-/// starts later, and forwards them from one waiting thread to the returned
-/// channel. Call it first in `main`.
-pub fn signals() -> crossbeam_channel::Receiver<nix::sys::signal::Signal> {
-    use nix::sys::signal::{SigSet, Signal};
-    let mut set = SigSet::empty();
-    set.add(Signal::SIGINT);
-    set.add(Signal::SIGTERM);
-    set.add(Signal::SIGUSR2);
-    let _ = set.thread_block();
-    let (tx, rx) = crossbeam_channel::unbounded();
-    let _ = std::thread::Builder::new().name("holdfast-signals".into()).spawn(move || {
-        while let Ok(sig) = set.wait() {
-            if tx.send(sig).is_err() {
-                return;
-            }
-        }
-    });
-    rx
-}
-
 /// Spreads moved connections over the shards from any thread.
 #[derive(Clone)]
 pub struct Adopter {

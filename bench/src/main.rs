@@ -27,6 +27,7 @@ enum Cmd {
     Run(run::RunArgs),
     /// Render bench/results/*.json into tables and charts (prints Markdown).
     Report {
+        /// Folder of result JSON files.
         #[arg(long, default_value = "bench/results")]
         results: PathBuf,
     },
@@ -34,6 +35,7 @@ enum Cmd {
     Swarm(swarm::SwarmArgs),
     /// Plain WebSocket echo upstream for the peers (started by `run`).
     Echo {
+        /// Address to listen on.
         #[arg(long, default_value = "127.0.0.1:0")]
         listen: std::net::SocketAddr,
     },
@@ -53,5 +55,13 @@ fn main() -> ExitCode {
             eprintln!("hf-bench: {e}");
             ExitCode::FAILURE
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn every_flag_has_help() {
+        holdfast::cli_help::assert_all_documented(&<super::Cli as clap::CommandFactory>::command());
     }
 }

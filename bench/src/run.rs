@@ -21,9 +21,10 @@ use crate::swarm::wall_us;
 
 #[derive(Debug, Clone, clap::Args, Serialize, Deserialize)]
 pub struct RunArgs {
-    /// idle | handshake | message | storm
+    /// Scenario: idle, handshake, message, storm, upgrade or failover.
     #[arg(long)]
     pub scenario: String,
+    /// Proxies to run the scenario against, comma separated (holdfast, haproxy, nginx).
     #[arg(long, value_delimiter = ',', default_value = "holdfast,haproxy,nginx")]
     pub proxies: Vec<String>,
     /// Devices (idle, message, storm) or concurrent handshakers (handshake).
@@ -32,22 +33,28 @@ pub struct RunArgs {
     /// Swarm processes (each gets its own 127.0.0.x source addresses).
     #[arg(long, default_value_t = 2)]
     pub procs: usize,
+    /// TLS version the devices use: "1.3" or "1.2".
     #[arg(long, default_value = "1.3")]
     pub tls: String,
+    /// Resume TLS sessions (tickets) on reconnects.
     #[arg(long)]
     pub resume: bool,
     /// Connections per second while connecting (0 = all at once).
     #[arg(long, default_value_t = 2000)]
     pub rate: u32,
+    /// Bytes of each device message.
     #[arg(long, default_value_t = 64)]
     pub msg_size: usize,
     /// Messages per second per device (message scenario; 0 = closed loop).
     #[arg(long, default_value_t = 1.0)]
     pub msg_rate: f64,
+    /// Seconds of the measured phase.
     #[arg(long, default_value_t = 10.0)]
     pub duration: f64,
+    /// CPUs the proxy is pinned to (taskset list).
     #[arg(long, default_value = "0")]
     pub proxy_cpus: String,
+    /// CPUs the swarm processes are pinned to (taskset list).
     #[arg(long, default_value = "1")]
     pub client_cpus: String,
     /// Where result JSON files go.

@@ -23,12 +23,16 @@ use holdfast::device_async::{ErrorKind, WsClient};
 
 #[derive(Debug, Clone, clap::Args)]
 pub struct SwarmArgs {
+    /// Address of the proxy under test.
     #[arg(long)]
     pub target: SocketAddr,
+    /// CA that signed the proxy's server certificate.
     #[arg(long)]
     pub ca: PathBuf,
+    /// Device certificate (PEM).
     #[arg(long)]
     pub cert: PathBuf,
+    /// Device private key (PEM).
     #[arg(long)]
     pub key: PathBuf,
     /// idle | handshake | message | storm
@@ -49,6 +53,7 @@ pub struct SwarmArgs {
     /// Resume TLS sessions (tickets) on reconnects.
     #[arg(long)]
     pub resume: bool,
+    /// Bytes of each device message.
     #[arg(long, default_value_t = 64)]
     pub msg_size: usize,
     /// Messages per second per device (message mode; 0 = closed loop).

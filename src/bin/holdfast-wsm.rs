@@ -13,15 +13,21 @@ use clap::Parser;
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 #[derive(Parser)]
-#[command(name = "holdfast-wsm", version, about = "Reference WSM for holdfast: echo and whoami")]
+#[command(name = "holdfast-wsm", version = holdfast::build::LONG_VERSION, about = "Reference WSM for holdfast: echo and whoami")]
 struct Cli {
+    /// Address holdfast's links connect to.
     #[arg(long, default_value = "127.0.0.1:9000")]
     listen: SocketAddr,
     /// Name sent in link hellos.
     #[arg(long, default_value = "holdfast-wsm")]
     node: String,
-    #[arg(long, default_value = "info", env = "HOLDFAST_LOG")]
+    /// Log filter: a level (error, warn, info, debug, trace, off) or
+    /// per-module directives, e.g. "warn,holdfast::wsm=debug".
+    #[arg(long, default_value = "info", env = "HOLDFAST_LOG", value_parser = holdfast::logging::check_filter)]
     log: String,
+    /// Log line format: text, or json (one object a line).
+    #[arg(long, value_enum, default_value = "text", env = "HOLDFAST_LOG_FORMAT")]
+    log_format: holdfast::logging::LogFormat,
     /// Seconds a drain may take before the process exits regardless.
     #[arg(long, default_value_t = 60)]
     drain_timeout: u64,
@@ -40,15 +46,20 @@ struct Cli {
 
 fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
-    holdfast::init_log(&cli.log);
+    holdfast::logging::init(&cli.log, cli.log_format);
     // Its maps grow by doubling; with huge pages each growth first-touches
     // megabytes at once and stalls every stream on the link meanwhile.
     holdfast::no_huge_pages();
-    // Blocked in every thread; one thread waits for them below.
-    let mut signals = nix::sys::signal::SigSet::empty();
-    signals.add(nix::sys::signal::Signal::SIGTERM);
-    signals.add(nix::sys::signal::Signal::SIGINT);
-    let _ = signals.thread_block();
+    // Every terminating signal is blocked in every thread and arrives here;
+    // SIGTERM, SIGINT and SIGQUIT drain, the rest are logged and ignored.
+    let signals = holdfast::signals::take_over();
+    let next_stop = move || loop {
+        match signals.recv() {
+            Ok(sig) if sig.meaning() == holdfast::signals::Meaning::Stop => return Some(sig),
+            Ok(sig) => tracing::warn!(signal = %sig, "signal ignored"),
+            Err(_) => return None,
+        }
+    };
     if cli.presence_ttl_ms <= cli.presence_interval_ms {
         eprintln!("holdfast-wsm: --presence-ttl-ms must be longer than --presence-interval-ms");
         return std::process::ExitCode::from(2);
@@ -75,7 +86,7 @@ fn main() -> std::process::ExitCode {
         }
     };
     match server.local_addr() {
-        Ok(a) => println!("holdfast-wsm listening on {a}"),
+        Ok(a) => holdfast::say!("holdfast-wsm listening on {a}"),
         Err(e) => eprintln!("holdfast-wsm: {e}"),
     }
     let drain = server.drain_handle();
@@ -85,15 +96,15 @@ fn main() -> std::process::ExitCode {
             std::process::exit(1);
         }
     });
-    let Ok(sig) = signals.wait() else {
+    let Some(sig) = next_stop() else {
         return std::process::ExitCode::FAILURE;
     };
-    tracing::info!(signal = ?sig, streams = drain.streams(), "draining: asking holdfast to move every stream elsewhere");
+    tracing::info!(signal = %sig, streams = drain.streams(), "draining: asking holdfast to move every stream elsewhere");
     drain.start();
     // A second signal ends the drain at once.
     let (tx, rx) = std::sync::mpsc::channel();
     std::thread::spawn(move || {
-        let _ = signals.wait();
+        let _ = next_stop();
         let _ = tx.send(());
     });
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(cli.drain_timeout);
@@ -109,4 +120,12 @@ fn main() -> std::process::ExitCode {
         tracing::info!("drained: no stream left");
     }
     std::process::ExitCode::SUCCESS
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn every_flag_has_help() {
+        holdfast::cli_help::assert_all_documented(&<super::Cli as clap::CommandFactory>::command());
+    }
 }
