@@ -281,6 +281,17 @@ fn check_config(file: PathBuf) -> ExitCode {
     }
 }
 
+/// `p` as one shell word: bare when it holds only safe characters, else in
+/// single quotes.
+fn shell_quote(p: &std::path::Path) -> String {
+    let s = p.display().to_string();
+    if !s.is_empty() && s.chars().all(|c| c.is_ascii_alphanumeric() || "/._-+:=@%,".contains(c)) {
+        s
+    } else {
+        format!("'{}'", s.replace('\'', "'\\''"))
+    }
+}
+
 fn device(o: &DeviceOptions, send: &[String], key_update: bool) -> ExitCode {
     let mut d = match Device::connect(o) {
         Ok(d) => d,
@@ -340,9 +351,18 @@ fn quickstart(dir: PathBuf, port: u16, wsm_port: u16, metrics_port: u16, check_o
         Ok(r) => r,
         Err(es) => return print_errors("holdfast could not start", &es),
     };
-    let d = dir.display();
+    // Every printed command runs as printed, from any directory: this very
+    // binary by its absolute path, files by theirs.
+    let me = shell_quote(&std::env::current_exe().unwrap_or_else(|_| PathBuf::from("holdfast")));
+    let abs = std::path::absolute(&dir).unwrap_or_else(|_| dir.clone());
+    let file = |rel: &str| shell_quote(&abs.join(rel));
     let dev = |name: &str| {
-        format!("holdfast device --addr {listen} --ca {d}/server-ca.pem --cert {d}/devices/{name}.pem --key {d}/devices/{name}.key")
+        format!(
+            "{me} device --addr {listen} --ca {} --cert {} --key {}",
+            file("server-ca.pem"),
+            file(&format!("devices/{name}.pem")),
+            file(&format!("devices/{name}.key"))
+        )
     };
     // Self-check: one device round trip through the proxy and the WSM.
     let o = DeviceOptions {
@@ -372,13 +392,15 @@ fn quickstart(dir: PathBuf, port: u16, wsm_port: u16, metrics_port: u16, check_o
         }
     }
     say!(
-        "\nholdfast quickstart is running:\n  proxy        {listen} (mutual TLS, 2 shards)\n  reference WSM {wsm_addr}\n  metrics      http://127.0.0.1:{metrics_port}/metrics\n  config       {}\n\nConnect as a device (from this directory; use `cargo run --release --` for `holdfast` in a checkout):\n  {} --send whoami --send hello\n  {} --send whoami     # expired cert, CA with ignore_validity: accepted\n  {} --send hi         # expired cert, strict CA: refused\n  {} --send hi         # blocklisted: refused\n  {} --send hi         # unknown CA: refused\n\nStop with Ctrl-C.",
-        cfg_path.display(),
+        "\nholdfast quickstart is running:\n  proxy        {listen} (mutual TLS, 2 shards)\n  reference WSM {wsm_addr}\n  metrics      http://127.0.0.1:{metrics_port}/metrics\n  config       {}\n\nCheck the config:\n  {me} check-config {}\n\nConnect as a device:\n  {} --send whoami --send hello\n  {} --send whoami     # expired cert, CA with ignore_validity: accepted\n  {} --send hi         # expired cert, strict CA: refused\n  {} --send hi         # blocklisted: refused\n  {} --send hi         # unknown CA: refused\n\n{}",
+        file("holdfast.toml"),
+        file("holdfast.toml"),
         dev("oven-1"),
         dev("thermostat-2019"),
         dev("hood-expired"),
         dev("fridge-blocked"),
         dev("rogue-1"),
+        if check_only { "--check-only: stopping now." } else { "Stop with Ctrl-C." },
     );
     if check_only {
         running.shutdown();

@@ -61,7 +61,7 @@ fn main() -> std::process::ExitCode {
         }
     };
     if cli.presence_ttl_ms <= cli.presence_interval_ms {
-        eprintln!("holdfast-wsm: --presence-ttl-ms must be longer than --presence-interval-ms");
+        holdfast::esay!("holdfast-wsm: --presence-ttl-ms must be longer than --presence-interval-ms");
         return std::process::ExitCode::from(2);
     }
     let store: Arc<dyn holdfast::wsm::state::Store> = if cli.store == "memory" {
@@ -70,7 +70,7 @@ fn main() -> std::process::ExitCode {
         match holdfast::wsm::state::Redis::connect(&cli.store) {
             Ok(r) => r,
             Err(e) => {
-                eprintln!("holdfast-wsm: store: {e}");
+                holdfast::esay!("holdfast-wsm: store: {e}");
                 return std::process::ExitCode::from(2);
             }
         }
@@ -81,18 +81,18 @@ fn main() -> std::process::ExitCode {
     let server = match holdfast::wsm::Server::bind(cli.listen, app, cli.node) {
         Ok(s) => s,
         Err(e) => {
-            eprintln!("holdfast-wsm: cannot listen on {}: {e}", cli.listen);
+            holdfast::esay!("holdfast-wsm: cannot listen on {}: {e}", cli.listen);
             return std::process::ExitCode::FAILURE;
         }
     };
     match server.local_addr() {
         Ok(a) => holdfast::say!("holdfast-wsm listening on {a}"),
-        Err(e) => eprintln!("holdfast-wsm: {e}"),
+        Err(e) => holdfast::esay!("holdfast-wsm: {e}"),
     }
     let drain = server.drain_handle();
     std::thread::spawn(move || {
         if let Err(e) = server.serve() {
-            eprintln!("holdfast-wsm: {e}");
+            holdfast::esay!("holdfast-wsm: {e}");
             std::process::exit(1);
         }
     });
