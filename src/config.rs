@@ -9,7 +9,10 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use serde::Deserialize;
+pub mod file;
+
+use file::ShardsFile;
+pub use file::{BuffersFile, FileConfig};
 
 /// One configuration problem, named by its key.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -26,265 +29,6 @@ impl std::fmt::Display for ConfigError {
 
 pub fn err(key: &str, msg: impl Into<String>) -> ConfigError {
     ConfigError { key: key.to_string(), msg: msg.into() }
-}
-
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct FileConfig {
-    pub listen: ListenFile,
-    pub tls: TlsFile,
-    #[serde(default)]
-    pub websocket: WebSocketFile,
-    pub upstream: UpstreamFile,
-    #[serde(default)]
-    pub buffers: BuffersFile,
-    #[serde(default)]
-    pub metrics: MetricsFile,
-    #[serde(default)]
-    pub upgrade: UpgradeFile,
-}
-
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct UpgradeFile {
-    /// File holding the serving process's pid (written at start and by each
-    /// successor); `holdfast upgrade --pid-file` uses it. The outcome of an
-    /// upgrade is written next to it as `<pid_file>.upgrade.json`.
-    pub pid_file: Option<String>,
-    /// Tunnels each shard moves at once during a live upgrade. A device is
-    /// not read while its tunnel moves, so this bounds every device's pause
-    /// (about this many divided by the move rate) without slowing the whole.
-    pub moving_per_shard: u32,
-}
-
-impl Default for UpgradeFile {
-    fn default() -> Self {
-        UpgradeFile { pid_file: None, moving_per_shard: 128 }
-    }
-}
-
-#[derive(Debug, Deserialize, Clone)]
-#[serde(untagged)]
-pub enum ShardsFile {
-    /// `"auto"`: one shard per CPU in `cpus` (or per online CPU).
-    Auto(String),
-    Count(u64),
-}
-
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct ListenFile {
-    /// Address devices connect to, e.g. "0.0.0.0:443". Every shard binds it
-    /// with SO_REUSEPORT.
-    pub addr: String,
-    /// "auto" or a number of shard threads.
-    #[serde(default = "default_shards")]
-    pub shards: ShardsFile,
-    /// CPUs to pin shards to, e.g. "0-7" or "0,2,4". Shard i runs on the
-    /// i-th CPU of the list (wrapping). Default: all online CPUs.
-    pub cpus: Option<String>,
-    /// Listen backlog per shard socket.
-    #[serde(default = "default_backlog")]
-    pub backlog: u32,
-}
-
-fn default_shards() -> ShardsFile {
-    ShardsFile::Auto("auto".into())
-}
-fn default_backlog() -> u32 {
-    4096
-}
-
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct TlsFile {
-    /// PEM file with the server certificate, then its intermediates.
-    pub cert_chain: String,
-    /// PEM file with the server's private key (PKCS#8, SEC1 or PKCS#1).
-    pub key: String,
-    /// Optional blocklist file (see README: fingerprints or serial:<hex>).
-    pub blocklist: Option<String>,
-    /// CAs that issue device certificates (at least one).
-    #[serde(default)]
-    pub client_ca: Vec<ClientCaFile>,
-    /// Milliseconds a device has to finish the TLS handshake.
-    #[serde(default = "default_handshake_timeout")]
-    pub handshake_timeout_ms: u64,
-    /// TLS 1.3: holdfast starts a KeyUpdate after this many records under one
-    /// key (0 = only when the device asks).
-    #[serde(default = "default_key_update")]
-    pub key_update_after_records: u64,
-    /// Protocol versions offered: any of "1.2", "1.3".
-    #[serde(default = "default_versions")]
-    pub versions: Vec<String>,
-    /// Cipher suites offered, by IANA name (e.g. "TLS13_AES_128_GCM_SHA256",
-    /// "TLS_ECDHE_ECDSA_WITH_CHACHA20_POLY1305_SHA256"). Default: all AEAD
-    /// suites of the enabled versions.
-    #[serde(default)]
-    pub cipher_suites: Vec<String>,
-}
-
-fn default_handshake_timeout() -> u64 {
-    10_000
-}
-fn default_key_update() -> u64 {
-    1 << 24
-}
-fn default_versions() -> Vec<String> {
-    vec!["1.3".into(), "1.2".into()]
-}
-
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct ClientCaFile {
-    /// PEM file with one or more CA certificates.
-    pub file: String,
-    /// Accept certificates under this CA even when expired or not yet valid.
-    #[serde(default)]
-    pub ignore_validity: bool,
-}
-
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct WebSocketFile {
-    /// Largest HTTP upgrade request in bytes (request line and headers).
-    pub max_request_bytes: usize,
-    /// Milliseconds from TLS done to a complete upgrade request.
-    pub upgrade_timeout_ms: u64,
-    /// Largest reassembled message; larger gets close 1009.
-    pub max_message_bytes: usize,
-    /// Seconds without any frame from the device before it is closed (0 = never).
-    pub idle_timeout_secs: u64,
-    /// Seconds between server pings to an otherwise quiet device (0 = never).
-    pub ping_interval_secs: u64,
-    /// Request headers passed to the WSM (lowercase names).
-    pub forward_headers: Vec<String>,
-}
-
-impl Default for WebSocketFile {
-    fn default() -> Self {
-        WebSocketFile {
-            max_request_bytes: 8192,
-            upgrade_timeout_ms: 10_000,
-            max_message_bytes: 1 << 20,
-            idle_timeout_secs: 600,
-            ping_interval_secs: 0,
-            forward_headers: vec!["user-agent".into(), "origin".into(), "x-device-firmware".into()],
-        }
-    }
-}
-
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct UpstreamFile {
-    /// WSM hosts, "host:port".
-    pub wsm: Vec<String>,
-    /// Persistent links each shard keeps to each WSM host.
-    #[serde(default = "one")]
-    pub links_per_shard: u32,
-    /// Name of this node in link hellos (default: the host name).
-    pub node: Option<String>,
-    /// Milliseconds to connect a link before retrying.
-    #[serde(default = "default_connect_timeout")]
-    pub connect_timeout_ms: u64,
-    /// Milliseconds the WSM has to accept or refuse a new stream.
-    #[serde(default = "default_open_timeout")]
-    pub open_timeout_ms: u64,
-    /// Bytes of messages a WSM may send on one stream before holdfast grants
-    /// more credit (holdfast buffers at most this per stream).
-    #[serde(default = "default_stream_window")]
-    pub stream_window: u32,
-    /// Milliseconds between link pings.
-    #[serde(default = "default_ping")]
-    pub ping_interval_ms: u64,
-    /// Milliseconds between re-resolving `wsm` entries given by name; the
-    /// pool follows DNS (0: resolve once, at start).
-    #[serde(default = "default_dns_refresh")]
-    pub dns_refresh_ms: u64,
-    /// A link that has received nothing (not even a pong) for this many
-    /// milliseconds is dead: its streams resume on other links.
-    #[serde(default = "default_liveness")]
-    pub liveness_timeout_ms: u64,
-    /// Milliseconds a stream whose WSM went away may wait for another one;
-    /// then its device is closed with 1013 (try again later).
-    #[serde(default = "default_resume_timeout")]
-    pub resume_timeout_ms: u64,
-    /// Those 1013 closes are spread at random over this many milliseconds
-    /// after `resume_timeout_ms`, never all at once.
-    #[serde(default = "default_close_spread")]
-    pub close_spread_ms: u64,
-    /// Streams each shard re-opens on other WSMs per second (after a WSM
-    /// died or sent goaway), so the WSMs that take them are not stormed.
-    #[serde(default = "default_resume_rate")]
-    pub resume_per_sec: u32,
-    /// Bytes of device messages held for a stream with no WSM; beyond it
-    /// holdfast stops reading the device (TCP backpressure), drops nothing.
-    #[serde(default = "default_held_conn")]
-    pub held_bytes_per_connection: u32,
-    /// The same bound for all of one shard's streams together.
-    #[serde(default = "default_held_shard")]
-    pub held_bytes_per_shard: u64,
-}
-
-fn default_dns_refresh() -> u64 {
-    10_000
-}
-fn default_liveness() -> u64 {
-    15_000
-}
-fn default_resume_timeout() -> u64 {
-    30_000
-}
-fn default_close_spread() -> u64 {
-    10_000
-}
-fn default_resume_rate() -> u32 {
-    2_000
-}
-fn default_held_conn() -> u32 {
-    64 * 1024
-}
-fn default_held_shard() -> u64 {
-    64 << 20
-}
-
-fn one() -> u32 {
-    1
-}
-fn default_connect_timeout() -> u64 {
-    2_000
-}
-fn default_open_timeout() -> u64 {
-    5_000
-}
-fn default_stream_window() -> u32 {
-    256 * 1024
-}
-fn default_ping() -> u64 {
-    5_000
-}
-
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct BuffersFile {
-    /// I/O buffers preallocated per shard; when all are in use the shard
-    /// stops reading until one is returned.
-    pub per_shard: usize,
-    /// Size of one buffer in bytes (at least one TLS record, 18437).
-    pub size: usize,
-}
-
-impl Default for BuffersFile {
-    fn default() -> Self {
-        BuffersFile { per_shard: 1024, size: 20 * 1024 }
-    }
-}
-
-#[derive(Debug, Deserialize, Default)]
-#[serde(deny_unknown_fields)]
-pub struct MetricsFile {
-    /// Address of the Prometheus text endpoint (GET /metrics); off if unset.
-    pub addr: Option<String>,
 }
 
 /// Validated runtime configuration.
@@ -348,36 +92,9 @@ pub struct UpstreamConfig {
     pub held_bytes_per_shard: u64,
 }
 
-/// Parses "0-3,6,8-9" into a list of CPU numbers.
-pub fn parse_cpu_list(s: &str) -> Result<Vec<usize>, String> {
-    let mut out = Vec::new();
-    for part in s.split(',').map(str::trim).filter(|p| !p.is_empty()) {
-        let num = |x: &str| x.trim().parse::<usize>().map_err(|_| format!("'{x}' is not a CPU number"));
-        match part.split_once('-') {
-            Some((a, b)) => {
-                let (a, b) = (num(a)?, num(b)?);
-                if a > b {
-                    return Err(format!("range {part} runs backwards"));
-                }
-                out.extend(a..=b);
-            }
-            None => out.push(num(part)?),
-        }
-    }
-    if out.is_empty() {
-        return Err("empty CPU list".into());
-    }
-    Ok(out)
-}
-
-fn online_cpus() -> Vec<usize> {
-    let n = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
-    (0..n).collect()
-}
-
 fn ms(key: &str, v: u64, errs: &mut Vec<ConfigError>) -> Duration {
     if v == 0 {
-        errs.push(err(key, "must be greater than 0"));
+        errs.push(err(key, "must be at least 1 (milliseconds)"));
     }
     Duration::from_millis(v)
 }
@@ -391,50 +108,100 @@ impl Config {
 
     /// Validates config text as if read from `path`.
     pub fn parse(text: &str, path: &Path) -> Result<Config, Vec<ConfigError>> {
-        let file: FileConfig = toml::from_str(text).map_err(|e| {
-            let msg = e.message().to_string();
-            let key = match e.span() {
-                Some(span) => {
-                    let line = text.as_bytes()[..span.start.min(text.len())].iter().filter(|&&b| b == b'\n').count() + 1;
-                    format!("(line {line})")
-                }
-                None => "(toml)".into(),
-            };
-            vec![err(&key, msg)]
-        })?;
-        Self::validate(file, path)
+        Self::parse_on(text, path, &crate::cpus::Facts::current())
+    }
+
+    /// As [`Config::parse`], against the given CPU facts (tests).
+    pub fn parse_on(text: &str, path: &Path, cpus: &crate::cpus::Facts) -> Result<Config, Vec<ConfigError>> {
+        let (file, mut errs) = file::read(text);
+        let Some(file) = file else {
+            return Err(errs);
+        };
+        match Self::validate_on(file, path, cpus) {
+            Ok(c) if errs.is_empty() => Ok(c),
+            Ok(_) => Err(errs),
+            Err(more) => {
+                // A key left out for its bad type may be reported again as
+                // missing; once is enough.
+                let more: Vec<ConfigError> =
+                    more.into_iter().filter(|m| !m.msg.starts_with("required") || !errs.iter().any(|e| e.key == m.key)).collect();
+                errs.extend(more);
+                Err(errs)
+            }
+        }
     }
 
     pub fn validate(f: FileConfig, path: &Path) -> Result<Config, Vec<ConfigError>> {
+        Self::validate_on(f, path, &crate::cpus::Facts::current())
+    }
+
+    pub fn validate_on(f: FileConfig, path: &Path, facts: &crate::cpus::Facts) -> Result<Config, Vec<ConfigError>> {
         let base = path.parent().map(Path::to_path_buf).unwrap_or_default();
         let resolve = |p: &str| {
             if Path::new(p).is_absolute() { PathBuf::from(p) } else { base.join(p) }
         };
         let mut errs = Vec::new();
 
-        let listen = f.listen.addr.parse::<SocketAddr>().unwrap_or_else(|_| {
-            errs.push(err("listen.addr", format!("'{}' is not an address like 0.0.0.0:443", f.listen.addr)));
-            SocketAddr::from(([0, 0, 0, 0], 0))
-        });
-        let cpus = match &f.listen.cpus {
-            Some(s) => parse_cpu_list(s).unwrap_or_else(|m| {
-                errs.push(err("listen.cpus", m));
-                online_cpus()
+        let required = |errs: &mut Vec<ConfigError>, key: &str, what: &str| errs.push(err(key, format!("required: {what}")));
+        let listen = match &f.listen.addr {
+            Some(a) => a.parse::<SocketAddr>().unwrap_or_else(|_| {
+                errs.push(err("listen.addr", format!("'{a}' is not an address; write ip:port, e.g. \"0.0.0.0:443\" or \"[::]:443\"")));
+                SocketAddr::from(([0, 0, 0, 0], 0))
             }),
-            None => online_cpus(),
+            None => {
+                required(&mut errs, "listen.addr", "the address devices connect to, e.g. \"0.0.0.0:443\"");
+                SocketAddr::from(([0, 0, 0, 0], 0))
+            }
         };
+        let usable = facts.usable();
+        let cpus = match &f.listen.cpus {
+            Some(s) => match crate::cpus::parse_list(s) {
+                Ok(list) => {
+                    let offline: Vec<usize> = list.iter().copied().filter(|c| !facts.online.contains(c)).collect();
+                    let barred: Vec<usize> =
+                        list.iter().copied().filter(|c| facts.online.contains(c) && !facts.allowed.contains(c)).collect();
+                    if !offline.is_empty() {
+                        errs.push(err(
+                            "listen.cpus",
+                            format!(
+                                "CPU {} not online (online: {})",
+                                crate::cpus::format_list(&offline),
+                                crate::cpus::format_list(&facts.online)
+                            ),
+                        ));
+                    }
+                    if !barred.is_empty() {
+                        errs.push(err(
+                            "listen.cpus",
+                            format!(
+                                "CPU {} not allowed to this process (taskset, cgroup cpuset or CPUAffinity=); allowed: {}",
+                                crate::cpus::format_list(&barred),
+                                crate::cpus::format_list(&facts.allowed)
+                            ),
+                        ));
+                    }
+                    list
+                }
+                Err(m) => {
+                    errs.push(err("listen.cpus", m));
+                    usable.clone()
+                }
+            },
+            None => usable.clone(),
+        };
+        let cpus = if cpus.is_empty() { vec![0] } else { cpus };
         let shards = match &f.listen.shards {
             ShardsFile::Auto(s) if s == "auto" => cpus.len(),
             ShardsFile::Auto(s) => {
-                errs.push(err("listen.shards", format!("'{s}': use \"auto\" or a number")));
+                errs.push(err("listen.shards", format!("'{s}': use \"auto\" or a number of shards from 1 to 1024")));
                 1
             }
             ShardsFile::Count(0) => {
-                errs.push(err("listen.shards", "must be at least 1"));
+                errs.push(err("listen.shards", "0 shards: use \"auto\" or a number of shards from 1 to 1024"));
                 1
             }
             ShardsFile::Count(n) if *n > 1024 => {
-                errs.push(err("listen.shards", "more than 1024 shards"));
+                errs.push(err("listen.shards", format!("{n} shards: at most 1024")));
                 1
             }
             ShardsFile::Count(n) => *n as usize,
@@ -456,11 +223,22 @@ impl Config {
         if !tls12 && !tls13 {
             errs.push(err("tls.versions", "no protocol version enabled"));
         }
+        if t.cert_chain.is_none() {
+            required(&mut errs, "tls.cert_chain", "a PEM file with the server certificate, then its intermediates");
+        }
+        if t.key.is_none() {
+            required(&mut errs, "tls.key", "a PEM file with the server's private key");
+        }
+        for (i, c) in t.client_ca.iter().enumerate() {
+            if c.file.is_none() {
+                required(&mut errs, &format!("tls.client_ca[{i}].file"), "a PEM file with the CA certificates");
+            }
+        }
         let tls = TlsConfig {
-            cert_chain: resolve(&t.cert_chain),
-            key: resolve(&t.key),
+            cert_chain: resolve(t.cert_chain.as_deref().unwrap_or("")),
+            key: resolve(t.key.as_deref().unwrap_or("")),
             blocklist: t.blocklist.as_deref().map(resolve),
-            client_cas: t.client_ca.iter().map(|c| (resolve(&c.file), c.ignore_validity)).collect(),
+            client_cas: t.client_ca.iter().filter_map(|c| Some((resolve(c.file.as_deref()?), c.ignore_validity))).collect(),
             handshake_timeout: ms("tls.handshake_timeout_ms", t.handshake_timeout_ms, &mut errs),
             key_update_after: t.key_update_after_records,
             tls12,
@@ -493,7 +271,7 @@ impl Config {
 
         let u = &f.upstream;
         if u.wsm.is_empty() {
-            errs.push(err("upstream.wsm", "at least one WSM host is required"));
+            errs.push(err("upstream.wsm", "required: at least one WSM host, e.g. [\"10.0.0.5:9000\"]"));
         }
         for (i, h) in u.wsm.iter().enumerate() {
             if h.rsplit_once(':').and_then(|(_, p)| p.parse::<u16>().ok()).is_none() {
@@ -553,6 +331,19 @@ impl Config {
             .as_deref()
             .and_then(|a| a.parse().map_err(|_| errs.push(err("metrics.addr", format!("'{a}' is not an address")))).ok());
 
+        let pid_file = f.upgrade.pid_file.as_deref().map(resolve);
+        if let Some(p) = &pid_file {
+            match p.parent().filter(|d| !d.as_os_str().is_empty()) {
+                Some(dir) if !dir.is_dir() => errs.push(err(
+                    "upgrade.pid_file",
+                    format!("directory {} does not exist (create it, or with systemd use RuntimeDirectory=)", dir.display()),
+                )),
+                _ => {}
+            }
+            if p.is_dir() {
+                errs.push(err("upgrade.pid_file", format!("{} is a directory; name a file in it", p.display())));
+            }
+        }
         if !(1..=65_536).contains(&f.upgrade.moving_per_shard) {
             errs.push(err("upgrade.moving_per_shard", "must be between 1 and 65536"));
         }
@@ -570,7 +361,7 @@ impl Config {
             upstream,
             buffers: f.buffers,
             metrics,
-            pid_file: f.upgrade.pid_file.as_deref().map(resolve),
+            pid_file,
             upgrade_moving_per_shard: f.upgrade.moving_per_shard as usize,
         })
     }
@@ -597,7 +388,7 @@ wsm = ["127.0.0.1:9000"]
 
     #[test]
     fn good_config_resolves_paths_and_shards() {
-        let c = Config::parse(GOOD, Path::new("/etc/holdfast/holdfast.toml")).unwrap();
+        let c = Config::parse_on(GOOD, Path::new("/etc/holdfast/holdfast.toml"), &two_cpus()).unwrap();
         assert_eq!(c.shard_cpus, vec![0, 1]);
         assert_eq!(c.tls.cert_chain, PathBuf::from("/etc/holdfast/server-chain.pem"));
         assert_eq!(c.tls.key, PathBuf::from("/abs/server.key"));
@@ -608,33 +399,84 @@ wsm = ["127.0.0.1:9000"]
     #[test]
     fn every_error_is_reported_with_its_key() {
         let bad = GOOD.replace("127.0.0.1:8443", "nope").replace("shards = 2", "shards = 0").replace("[\"127.0.0.1:9000\"]", "[\"x\"]");
-        let errs = Config::parse(&bad, Path::new("/x.toml")).unwrap_err();
+        let errs = Config::parse_on(&bad, Path::new("/x.toml"), &two_cpus()).unwrap_err();
         let keys: Vec<_> = errs.iter().map(|e| e.key.as_str()).collect();
         assert_eq!(keys, vec!["listen.addr", "listen.shards", "upstream.wsm[0]"]);
     }
 
     #[test]
     fn upgrade_pacing_defaults_and_is_checked() {
-        assert_eq!(Config::parse(GOOD, Path::new("/x.toml")).unwrap().upgrade_moving_per_shard, 128);
+        assert_eq!(Config::parse_on(GOOD, Path::new("/x.toml"), &two_cpus()).unwrap().upgrade_moving_per_shard, 128);
         let set = format!("{GOOD}\n[upgrade]\nmoving_per_shard = 64\n");
-        assert_eq!(Config::parse(&set, Path::new("/x.toml")).unwrap().upgrade_moving_per_shard, 64);
+        assert_eq!(Config::parse_on(&set, Path::new("/x.toml"), &two_cpus()).unwrap().upgrade_moving_per_shard, 64);
         let bad = format!("{GOOD}\n[upgrade]\nmoving_per_shard = 0\n");
-        let errs = Config::parse(&bad, Path::new("/x.toml")).unwrap_err();
+        let errs = Config::parse_on(&bad, Path::new("/x.toml"), &two_cpus()).unwrap_err();
         assert_eq!(errs[0].key, "upgrade.moving_per_shard");
     }
 
     #[test]
     fn unknown_key_is_named() {
         let bad = GOOD.replace("shards = 2", "shardz = 2");
-        let errs = Config::parse(&bad, Path::new("/x.toml")).unwrap_err();
-        assert!(errs[0].msg.contains("shardz"), "{errs:?}");
-        assert_eq!(errs[0].key, "(line 4)");
+        let errs = Config::parse_on(&bad, Path::new("/x.toml"), &two_cpus()).unwrap_err();
+        assert_eq!(errs[0].key, "listen.shardz", "{errs:?}");
+        assert!(errs[0].msg.contains("unknown key 'shardz'"), "{errs:?}");
+    }
+
+    fn two_cpus() -> crate::cpus::Facts {
+        crate::cpus::Facts { online: vec![0, 1], allowed: vec![0, 1] }
     }
 
     #[test]
-    fn cpu_lists() {
-        assert_eq!(parse_cpu_list("0-2,5").unwrap(), vec![0, 1, 2, 5]);
-        assert!(parse_cpu_list("3-1").is_err());
-        assert!(parse_cpu_list("a").is_err());
+    fn a_hostile_cpu_list_is_refused_without_expanding_it() {
+        let bad = GOOD.replace("cpus = \"0-1\"", "cpus = \"0-99999999999\"");
+        let errs = Config::parse_on(&bad, Path::new("/x.toml"), &two_cpus()).unwrap_err();
+        assert_eq!(errs[0].key, "listen.cpus");
+        assert!(errs[0].msg.contains("out of range"), "{errs:?}");
+    }
+
+    #[test]
+    fn cpus_must_be_online_and_allowed() {
+        let facts = crate::cpus::Facts { online: vec![0, 1, 2, 3], allowed: vec![1, 2] };
+        let bad = GOOD.replace("cpus = \"0-1\"", "cpus = \"0-1,7\"");
+        let errs = Config::parse_on(&bad, Path::new("/x.toml"), &facts).unwrap_err();
+        let msgs: Vec<String> = errs.iter().map(|e| e.to_string()).collect();
+        assert_eq!(msgs.len(), 2, "{msgs:?}");
+        assert!(msgs[0].starts_with("listen.cpus: CPU 7 not online (online: 0-3)"), "{msgs:?}");
+        assert!(msgs[1].starts_with("listen.cpus: CPU 0 not allowed") && msgs[1].contains("allowed: 1-2"), "{msgs:?}");
+    }
+
+    #[test]
+    fn auto_shards_use_the_allowed_cpus() {
+        let facts = crate::cpus::Facts { online: vec![0, 1, 2, 3], allowed: vec![1, 3] };
+        let auto = GOOD.replace("shards = 2\ncpus = \"0-1\"\n", "");
+        let c = Config::parse_on(&auto, Path::new("/x.toml"), &facts).unwrap();
+        assert_eq!(c.shard_cpus, vec![1, 3]);
+    }
+
+    #[test]
+    fn a_pid_file_needs_its_directory() {
+        let dir = tempfile::tempdir().unwrap();
+        let ok = format!("{GOOD}\n[upgrade]\npid_file = \"{}/holdfast.pid\"\n", dir.path().display());
+        assert!(Config::parse_on(&ok, Path::new("/x.toml"), &two_cpus()).is_ok());
+        let bad = format!("{GOOD}\n[upgrade]\npid_file = \"{}/nope/holdfast.pid\"\n", dir.path().display());
+        let errs = Config::parse_on(&bad, Path::new("/x.toml"), &two_cpus()).unwrap_err();
+        assert_eq!(errs[0].key, "upgrade.pid_file");
+        assert!(errs[0].msg.contains("does not exist"), "{errs:?}");
+    }
+
+    #[test]
+    fn missing_required_keys_are_all_named() {
+        let errs = Config::parse_on("[tls]\n[[tls.client_ca]]\n", Path::new("/x.toml"), &two_cpus()).unwrap_err();
+        let keys: Vec<&str> = errs.iter().map(|e| e.key.as_str()).collect();
+        assert_eq!(keys, vec!["listen.addr", "tls.cert_chain", "tls.key", "tls.client_ca[0].file", "upstream.wsm"], "{errs:?}");
+        assert!(errs.iter().all(|e| e.msg.starts_with("required")), "{errs:?}");
+    }
+
+    #[test]
+    fn type_and_value_errors_come_together() {
+        let bad = format!("{GOOD}\n[websocket]\nidle_timeout_secs = -1\nmax_message_bytes = 0\n").replace("shards = 2", "shards = 0");
+        let errs = Config::parse_on(&bad, Path::new("/x.toml"), &two_cpus()).unwrap_err();
+        let keys: Vec<&str> = errs.iter().map(|e| e.key.as_str()).collect();
+        assert_eq!(keys, vec!["websocket.idle_timeout_secs", "listen.shards", "websocket.max_message_bytes"], "{errs:?}");
     }
 }

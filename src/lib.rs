@@ -1,6 +1,7 @@
 //! holdfast: an io_uring edge proxy that holds long-lived device WebSockets
 //! over mutual TLS and tunnels them to WSM hosts over multiplexed links.
 pub mod config;
+pub mod cpus;
 pub mod device;
 pub mod device_async;
 pub mod identity;

@@ -22,7 +22,8 @@ pub enum LogFormat {
 /// Every directive is a level or `module::path=level`; anything else (a
 /// misspelt level, an empty part) is refused with what is allowed.
 pub fn check_filter(spec: &str) -> Result<String, String> {
-    let allowed = || format!("use a level ({}) or module=level directives, comma-separated, e.g. \"warn,holdfast::shard=debug\"", LEVELS.join(", "));
+    let allowed =
+        || format!("use a level ({}) or module=level directives, comma-separated, e.g. \"warn,holdfast::shard=debug\"", LEVELS.join(", "));
     if spec.trim().is_empty() {
         return Err(format!("empty log filter; {}", allowed()));
     }
@@ -36,7 +37,8 @@ pub fn check_filter(spec: &str) -> Result<String, String> {
             return Err(format!("'{part}': '{level}' is not a log level; {}", allowed()));
         }
         if let Some(t) = target {
-            let ok = !t.is_empty() && t.split("::").all(|seg| !seg.is_empty() && seg.chars().all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-'));
+            let ok = !t.is_empty()
+                && t.split("::").all(|seg| !seg.is_empty() && seg.chars().all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-'));
             if !ok {
                 return Err(format!("'{part}': '{t}' is not a module path; {}", allowed()));
             }

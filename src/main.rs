@@ -10,8 +10,8 @@ use std::time::Duration;
 use clap::{Parser, Subcommand};
 use holdfast::config::Config;
 use holdfast::device::{Device, DeviceOptions};
-use holdfast::{esay, say};
 use holdfast::signals::{Arrived, Meaning};
+use holdfast::{esay, say};
 
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
@@ -134,10 +134,7 @@ fn main() -> ExitCode {
         Cmd::CheckConfig { file } => check_config(file),
         Cmd::Upgrade { pid_file, timeout } => match holdfast::upgrade::coordinator::request(&pid_file, Duration::from_secs(timeout)) {
             Ok(r) if r.status == "ok" => {
-                say!(
-                    "upgraded: pid {} -> pid {}, {} connections moved in {} ms",
-                    r.old_pid, r.new_pid, r.connections_moved, r.elapsed_ms
-                );
+                say!("upgraded: pid {} -> pid {}, {} connections moved in {} ms", r.old_pid, r.new_pid, r.connections_moved, r.elapsed_ms);
                 ExitCode::SUCCESS
             }
             Ok(r) => {

@@ -87,7 +87,13 @@ fn every_command_the_quickstart_prints_runs_as_printed() {
         let (cmd, comment) = c.split_once('#').map(|(a, b)| (a, b.trim())).unwrap_or((c, ""));
         let out = Command::new("sh").arg("-c").arg(cmd).current_dir(elsewhere.path()).output().unwrap();
         let expect_ok = !comment.contains("refused");
-        assert_eq!(out.status.success(), expect_ok, "{cmd}\n{}\n{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+        assert_eq!(
+            out.status.success(),
+            expect_ok,
+            "{cmd}\n{}\n{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
         if cmd.contains("--send whoami") {
             assert!(String::from_utf8_lossy(&out.stdout).contains("\"connection_id\""), "{cmd}: {}", String::from_utf8_lossy(&out.stdout));
         }

@@ -158,7 +158,7 @@ pub fn machine() -> Machine {
 }
 
 pub fn parse_cpus(s: &str) -> Vec<usize> {
-    holdfast::config::parse_cpu_list(s).unwrap_or_else(|_| vec![0])
+    holdfast::cpus::parse_list(s).unwrap_or_else(|_| vec![0])
 }
 
 /// A command pinned to some CPUs.
