@@ -13,6 +13,7 @@ pub mod proxy;
 pub mod resolve;
 pub mod shard;
 pub mod signals;
+pub mod timefmt;
 pub mod tls;
 pub mod upgrade;
 pub mod ws;

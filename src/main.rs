@@ -268,7 +268,14 @@ fn check_config(file: PathBuf) -> ExitCode {
     };
     match holdfast::tls::server::TlsContext::load(&cfg.tls) {
         Ok(tls) => {
-            say!("{}: ok", file.display());
+            for w in &tls.warnings {
+                esay!("  warning: {w}");
+            }
+            say!(
+                "{}: ok{}",
+                file.display(),
+                if tls.warnings.is_empty() { String::new() } else { format!(" with {} warning(s)", tls.warnings.len()) }
+            );
             say!("  listen {} with {} shard(s) on CPUs {:?}", cfg.listen, cfg.shard_cpus.len(), cfg.shard_cpus);
             say!("  {} device CA file(s), {} blocklist entr(y/ies)", cfg.tls.client_cas.len(), tls.verifier.blocklist().len());
             say!("  WSM hosts {:?}, {} link(s) per shard each", cfg.upstream.wsm, cfg.upstream.links_per_shard);

@@ -45,6 +45,9 @@ pub fn start(cfg: Config) -> Result<Running, Vec<String>> {
 /// keys (a live upgrade), else fresh ones are made.
 pub fn start_with(cfg: Config, from: Listeners, tickets: Option<Arc<Ticketer>>) -> Result<Running, Vec<String>> {
     let tls = TlsContext::load_with(&cfg.tls, tickets).map_err(|es| es.iter().map(|e| e.to_string()).collect::<Vec<_>>())?;
+    for w in &tls.warnings {
+        tracing::warn!(key = %w.key, "{}", w.msg);
+    }
     let ticketer = tls.tickets.clone();
     let cfg = Arc::new(cfg);
     let shard_count = cfg.shard_cpus.len();

@@ -101,3 +101,120 @@ fn every_command_the_quickstart_prints_runs_as_printed() {
     let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(child.id() as i32), nix::sys::signal::Signal::SIGTERM);
     assert!(child.wait().unwrap().success());
 }
+
+fn check_config(path: &std::path::Path) -> (Option<i32>, String, String, std::time::Duration) {
+    let t = std::time::Instant::now();
+    let out = Command::new(env!("CARGO_BIN_EXE_holdfast")).arg("check-config").arg(path).output().unwrap();
+    (out.status.code(), String::from_utf8_lossy(&out.stdout).into(), String::from_utf8_lossy(&out.stderr).into(), t.elapsed())
+}
+
+fn write_config(pki: &Pki, name: &str, text: &str) -> std::path::PathBuf {
+    let path = pki.path().join(name);
+    std::fs::write(&path, text).unwrap();
+    path
+}
+
+#[test]
+fn a_hostile_cpu_list_is_refused_by_check_config_and_run_within_a_second() {
+    let pki = Pki::new();
+    let good = holdfast::pki::example_config("127.0.0.1:0", "127.0.0.1:9", "\"auto\"", "127.0.0.1:0");
+    let bad = write_config(&pki, "cpus.toml", &good.replace("shards = \"auto\"", "shards = \"auto\"\ncpus = \"0-99999999999\""));
+    let (code, _, err, took) = check_config(&bad);
+    assert_eq!(code, Some(2), "{err}");
+    assert!(err.contains("listen.cpus") && err.contains("out of range"), "{err}");
+    assert!(took < std::time::Duration::from_secs(1), "took {took:?}");
+    let t = std::time::Instant::now();
+    let out = Command::new(env!("CARGO_BIN_EXE_holdfast")).args(["run", "--config"]).arg(&bad).output().unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("listen.cpus"));
+    assert!(t.elapsed() < std::time::Duration::from_secs(1), "run took {:?}", t.elapsed());
+}
+
+#[test]
+fn cpus_that_are_offline_or_not_allowed_are_named() {
+    let pki = Pki::new();
+    let good = holdfast::pki::example_config("127.0.0.1:0", "127.0.0.1:9", "\"auto\"", "127.0.0.1:0");
+    let offline = write_config(&pki, "offline.toml", &good.replace("shards = \"auto\"", "shards = \"auto\"\ncpus = \"0,4095\""));
+    let (code, _, err, _) = check_config(&offline);
+    assert_eq!(code, Some(2));
+    assert!(err.contains("listen.cpus: CPU 4095 not online"), "{err}");
+    // Under taskset -c 0, CPU 1 is online but not allowed, and "auto" picks
+    // the allowed CPU only.
+    if std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1) >= 2 {
+        let pinned = write_config(&pki, "pinned.toml", &good.replace("shards = \"auto\"", "shards = \"auto\"\ncpus = \"0-1\""));
+        let out = Command::new("taskset").args(["-c", "0", env!("CARGO_BIN_EXE_holdfast"), "check-config"]).arg(&pinned).output().unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains("listen.cpus: CPU 1 not allowed to this process") && err.contains("allowed: 0"), "{err}");
+        let auto = write_config(&pki, "auto.toml", &good);
+        let out = Command::new("taskset").args(["-c", "1", env!("CARGO_BIN_EXE_holdfast"), "check-config"]).arg(&auto).output().unwrap();
+        let text = String::from_utf8_lossy(&out.stdout);
+        assert!(out.status.success() && text.contains("1 shard(s) on CPUs [1]"), "{text}");
+    }
+}
+
+#[test]
+fn a_server_certificate_out_of_its_dates_is_refused_and_one_near_its_end_warned_about() {
+    let pki = Pki::new();
+    let now = time::OffsetDateTime::now_utc();
+    let write_cert = |name: &str, nb: time::OffsetDateTime, na: time::OffsetDateTime| {
+        let mut p = rcgen::CertificateParams::new(vec!["localhost".into()]).unwrap();
+        p.not_before = nb;
+        p.not_after = na;
+        let key = rcgen::KeyPair::generate().unwrap();
+        let cert = p.self_signed(&key).unwrap();
+        std::fs::write(pki.path().join(format!("{name}.pem")), cert.pem()).unwrap();
+        std::fs::write(pki.path().join(format!("{name}.key")), key.serialize_pem()).unwrap();
+        let good = holdfast::pki::example_config("127.0.0.1:0", "127.0.0.1:9", "1", "127.0.0.1:0");
+        write_config(
+            &pki,
+            &format!("{name}.toml"),
+            &good.replace("server-chain.pem", &format!("{name}.pem")).replace("server.key", &format!("{name}.key")),
+        )
+    };
+    let day = time::Duration::days(1);
+    for (name, nb, na, says) in
+        [("expired", now - day * 400, now - day, "expired at"), ("future", now + day, now + day * 400, "not valid until")]
+    {
+        let cfg = write_cert(name, nb, na);
+        let (code, _, err, _) = check_config(&cfg);
+        assert_eq!(code, Some(2), "{name}: {err}");
+        assert!(err.contains("tls.cert_chain") && err.contains(says), "{name}: {err}");
+        let out = Command::new(env!("CARGO_BIN_EXE_holdfast")).args(["run", "--config"]).arg(&cfg).output().unwrap();
+        assert_eq!(out.status.code(), Some(2), "run {name}");
+        assert!(String::from_utf8_lossy(&out.stderr).contains("tls.cert_chain"), "run {name}");
+    }
+    let soon = write_cert("soon", now - day, now + day * 10);
+    let (code, out, err, _) = check_config(&soon);
+    assert_eq!(code, Some(0), "{err}");
+    assert!(out.contains("1 warning"), "{out}");
+    assert!(err.contains("warning: tls.cert_chain") && err.contains("renew it"), "{err}");
+}
+
+#[test]
+fn a_pid_file_in_a_missing_directory_is_refused() {
+    let pki = Pki::new();
+    let good = holdfast::pki::example_config("127.0.0.1:0", "127.0.0.1:9", "1", "127.0.0.1:0");
+    let cfg = write_config(&pki, "pid.toml", &format!("{good}\n[upgrade]\npid_file = \"no/such/dir/holdfast.pid\"\n"));
+    let (code, _, err, _) = check_config(&cfg);
+    assert_eq!(code, Some(2));
+    assert!(err.contains("upgrade.pid_file") && err.contains("does not exist"), "{err}");
+}
+
+#[test]
+fn toml_errors_name_their_key_without_internal_type_names() {
+    let pki = Pki::new();
+    let good = holdfast::pki::example_config("127.0.0.1:0", "127.0.0.1:9", "1", "127.0.0.1:0");
+    let bad = good
+        .replace("idle_timeout_secs = 600", "idle_timeout_secs = -1")
+        .replace("shards = 1", "shards = true")
+        .replace("links_per_shard = 1", "links_per_shard = 1\nlinks_per_shardz = 2");
+    let (code, _, err, _) = check_config(&write_config(&pki, "types.toml", &bad));
+    assert_eq!(code, Some(2));
+    for key in ["websocket.idle_timeout_secs", "listen.shards", "upstream.links_per_shardz"] {
+        assert!(err.contains(&format!("error: {key}: ")), "{key}: {err}");
+    }
+    assert!(err.contains("3 error(s)"), "all at once: {err}");
+    for internal in ["u64", "ShardsFile", "untagged", "UpstreamFile"] {
+        assert!(!err.contains(internal), "{internal}: {err}");
+    }
+}

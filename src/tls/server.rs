@@ -26,6 +26,48 @@ pub struct TlsContext {
     pub key_update_after: u64,
     /// Session-ticket keys (shared by the shards, handed to a successor).
     pub tickets: Arc<Ticketer>,
+    /// The server certificate's end of validity (Unix seconds), for the
+    /// expiry gauge and alerts.
+    pub server_not_after: i64,
+    /// Problems that do not stop holdfast but need an operator soon (a
+    /// server certificate that expires within [`EXPIRY_WARNING_DAYS`]).
+    pub warnings: Vec<ConfigError>,
+}
+
+/// A server certificate closer than this to its end gets a warning.
+pub const EXPIRY_WARNING_DAYS: i64 = 30;
+
+/// Checks the server certificate's dates against `now`: an error if it is
+/// not valid now (every device would refuse it), a warning if it ends
+/// within [`EXPIRY_WARNING_DAYS`]. Returns its end of validity.
+pub fn check_server_dates(leaf: &[u8], now: i64, errs: &mut Vec<ConfigError>, warnings: &mut Vec<ConfigError>) -> i64 {
+    use crate::timefmt::rfc3339;
+    let cert = match x509_parser::parse_x509_certificate(leaf) {
+        Ok((_, c)) => c,
+        Err(e) => {
+            errs.push(err("tls.cert_chain", format!("the server certificate does not parse: {e}")));
+            return 0;
+        }
+    };
+    let (nb, na) = (cert.validity().not_before.timestamp(), cert.validity().not_after.timestamp());
+    let who = cert.subject().to_string();
+    if now < nb {
+        errs.push(err(
+            "tls.cert_chain",
+            format!("the server certificate ({who}) is not valid until {}; every device would refuse it", rfc3339(nb)),
+        ));
+    } else if now > na {
+        errs.push(err(
+            "tls.cert_chain",
+            format!("the server certificate ({who}) expired at {}; every device would refuse it", rfc3339(na)),
+        ));
+    } else if na - now < EXPIRY_WARNING_DAYS * 86_400 {
+        warnings.push(err(
+            "tls.cert_chain",
+            format!("the server certificate ({who}) expires at {}, in {} day(s): renew it", rfc3339(na), (na - now) / 86_400),
+        ));
+    }
+    na
 }
 
 pub fn provider() -> Arc<CryptoProvider> {
@@ -63,6 +105,9 @@ impl TlsContext {
         if chain.is_empty() && errs.is_empty() {
             errs.push(err("tls.cert_chain", format!("{}: no certificate in file", c.cert_chain.display())));
         }
+        let mut warnings = Vec::new();
+        let server_not_after =
+            chain.first().map(|leaf| check_server_dates(leaf.as_ref(), crate::timefmt::unix_now(), &mut errs, &mut warnings)).unwrap_or(0);
         let key = PrivateKeyDer::from_pem_file(&c.key).map_err(|e| errs.push(err("tls.key", format!("{}: {e}", c.key.display())))).ok();
         let mut groups = Vec::new();
         for (i, (path, ignore)) in c.client_cas.iter().enumerate() {
@@ -110,6 +155,54 @@ impl TlsContext {
             None => Ticketer::generate().map_err(|e| vec![err("tls", format!("session ticketer: {e}"))])?,
         };
         server.ticketer = tickets.clone();
-        Ok(TlsContext { server: Arc::new(server), verifier, key_update_after: c.key_update_after, tickets })
+        Ok(TlsContext { server: Arc::new(server), verifier, key_update_after: c.key_update_after, tickets, server_not_after, warnings })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cert(not_before: i64, not_after: i64) -> Vec<u8> {
+        let mut p = rcgen::CertificateParams::new(vec!["localhost".into()]).unwrap();
+        p.not_before = time::OffsetDateTime::from_unix_timestamp(not_before).unwrap();
+        p.not_after = time::OffsetDateTime::from_unix_timestamp(not_after).unwrap();
+        let key = rcgen::KeyPair::generate().unwrap();
+        p.self_signed(&key).unwrap().der().to_vec()
+    }
+
+    const NOW: i64 = 1_796_173_323; // 2026-12-02T01:02:03Z
+    const DAY: i64 = 86_400;
+
+    fn check(nb: i64, na: i64) -> (Vec<ConfigError>, Vec<ConfigError>) {
+        let (mut errs, mut warns) = (Vec::new(), Vec::new());
+        let end = check_server_dates(&cert(nb, na), NOW, &mut errs, &mut warns);
+        assert_eq!(end, na);
+        (errs, warns)
+    }
+
+    #[test]
+    fn a_current_certificate_passes_quietly() {
+        assert_eq!(check(NOW - DAY, NOW + 365 * DAY), (vec![], vec![]));
+    }
+
+    #[test]
+    fn expired_and_not_yet_valid_certificates_are_errors_with_rfc3339_dates() {
+        let (e, _) = check(NOW - 400 * DAY, NOW - DAY);
+        assert_eq!(e.len(), 1);
+        assert_eq!(e[0].key, "tls.cert_chain");
+        assert!(e[0].msg.contains("expired at 2026-12-01T01:02:03Z"), "{e:?}");
+        let (e, _) = check(NOW + DAY, NOW + 400 * DAY);
+        assert!(e[0].msg.contains("not valid until 2026-12-03T01:02:03Z"), "{e:?}");
+    }
+
+    #[test]
+    fn a_certificate_ending_within_30_days_is_a_warning() {
+        let (e, w) = check(NOW - DAY, NOW + 10 * DAY);
+        assert!(e.is_empty());
+        assert_eq!(w.len(), 1);
+        assert!(w[0].msg.contains("in 10 day(s)"), "{w:?}");
+        let (_, w) = check(NOW - DAY, NOW + 31 * DAY);
+        assert!(w.is_empty());
     }
 }
