@@ -53,7 +53,15 @@ pub fn start_with(cfg: Config, from: Listeners, tickets: Option<Arc<Ticketer>>) 
     let shard_count = cfg.shard_cpus.len();
     let mut addr = cfg.listen;
     let mut sockets: Vec<std::net::TcpListener> = match from {
-        Listeners::Bind => Vec::new(),
+        Listeners::Bind => {
+            // A second instance would join the first one's SO_REUSEPORT
+            // group and split devices and scrapes between the two.
+            refuse_if_in_use("listen.addr", cfg.listen, cfg.pid_file.as_deref())?;
+            if let Some(m) = cfg.metrics {
+                refuse_if_in_use("metrics.addr", m, cfg.pid_file.as_deref())?;
+            }
+            Vec::new()
+        }
         Listeners::Inherited(fds) => fds.into_iter().map(std::net::TcpListener::from).collect(),
     };
     if let Some(first) = sockets.first() {
@@ -115,6 +123,34 @@ pub fn start_with(cfg: Config, from: Listeners, tickets: Option<Arc<Ticketer>>) 
     };
     let upgrade_window = (shards.len() * cfg.upgrade_moving_per_shard) as u64;
     Ok(Running { listen: addr, metrics_addr, shards, listeners: dups, pid_file: cfg.pid_file.clone(), upgrade_window, tickets: ticketer })
+}
+
+/// Fails when something already listens on `addr`. A plain bind (with
+/// SO_REUSEADDR, so connections in TIME_WAIT do not count, and without
+/// SO_REUSEPORT, so it cannot join an existing group) fails exactly then.
+/// An upgrade's successor never gets here: it inherits the sockets.
+fn refuse_if_in_use(key: &str, addr: SocketAddr, pid_file: Option<&std::path::Path>) -> Result<(), Vec<String>> {
+    if addr.port() == 0 {
+        return Ok(());
+    }
+    let probe = socket2::Socket::new(socket2::Domain::for_address(addr), socket2::Type::STREAM, None).map_err(|e| vec![e.to_string()])?;
+    probe.set_reuse_address(true).map_err(|e| vec![e.to_string()])?;
+    match probe.bind(&addr.into()) {
+        Err(e) if e.kind() == std::io::ErrorKind::AddrInUse => {
+            let who = pid_file
+                .and_then(|p| std::fs::read_to_string(p).ok())
+                .and_then(|t| t.trim().parse::<i32>().ok())
+                .filter(|pid| std::path::Path::new(&format!("/proc/{pid}")).exists())
+                .map(|pid| format!("holdfast pid {pid} (from the pid file)"))
+                .unwrap_or_else(|| "another process (a running holdfast?)".into());
+            Err(vec![format!(
+                "{key}: {addr} is already in use by {who}; refusing to start a second instance beside it, \
+                 which would split devices between the two. To replace a running holdfast without dropping a device, \
+                 use `holdfast upgrade --pid-file ...` (or SIGUSR2); to run another instance, give it another address"
+            )])
+        }
+        _ => Ok(()),
+    }
 }
 
 impl Running {

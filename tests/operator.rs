@@ -1,0 +1,154 @@
+//! What an operator does to a running holdfast by hand: signals, a second
+//! start by mistake, a closed stdout. None of it may drop a device.
+
+mod common;
+
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use common::{Pki, eventually, metric, opts, start_holdfast_config, start_wsm};
+use holdfast::device::Device;
+use nix::sys::signal::{Signal, kill};
+use nix::unistd::Pid;
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+/// A config on fixed ports (a second instance must find them taken).
+fn fixed_config(pki: &Pki, wsm: std::net::SocketAddr) -> (std::path::PathBuf, u16, u16) {
+    let (port, mport) = (free_port(), free_port());
+    let text = holdfast::pki::example_config(&format!("127.0.0.1:{port}"), &wsm.to_string(), "2", &format!("127.0.0.1:{mport}"));
+    let path = pki.path().join(format!("fixed-{port}.toml"));
+    std::fs::write(&path, text).unwrap();
+    (path, port, mport)
+}
+
+fn round_trip(d: &mut Device, text: &str) {
+    d.send_text(text).unwrap();
+    assert_eq!(d.recv_text().unwrap(), text);
+}
+
+#[test]
+fn a_second_instance_is_refused_and_the_first_keeps_serving() {
+    let pki = Pki::new();
+    let wsm = start_wsm(pki.path(), "wsm-a");
+    let (cfg, port, mport) = fixed_config(&pki, wsm.addr);
+    let first = start_holdfast_config(&pki, &cfg, &[]);
+    let mut dev = Device::connect(&opts(&pki, &first, "oven-1")).unwrap();
+    round_trip(&mut dev, "before");
+
+    let out = Command::new(env!("CARGO_BIN_EXE_holdfast")).args(["run", "--config"]).arg(&cfg).stdin(Stdio::null()).output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "a second instance started: {err}");
+    assert!(err.contains(&format!("listen.addr: 127.0.0.1:{port} is already in use")) && err.contains("holdfast upgrade"), "{err}");
+
+    // Only the listen address taken: the metrics port is checked too.
+    let other = pki.path().join("other.toml");
+    let text = std::fs::read_to_string(&cfg).unwrap().replace(&format!("127.0.0.1:{port}"), &format!("127.0.0.1:{}", free_port()));
+    std::fs::write(&other, text).unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_holdfast")).args(["run", "--config"]).arg(&other).stdin(Stdio::null()).output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && err.contains(&format!("metrics.addr: 127.0.0.1:{mport} is already in use")), "{err}");
+
+    round_trip(&mut dev, "after");
+    assert_eq!(metric(&first, "holdfast_connections_active", ""), 1);
+    let mut fresh = Device::connect(&opts(&pki, &first, "oven-1")).unwrap();
+    round_trip(&mut fresh, "new device, first instance");
+}
+
+#[test]
+fn sighup_and_every_other_stray_signal_leave_every_device_connected() {
+    let pki = Pki::new();
+    let wsm = start_wsm(pki.path(), "wsm-a");
+    let (cfg, _, _) = fixed_config(&pki, wsm.addr);
+    let mut proxy = start_holdfast_config(&pki, &cfg, &[]);
+    let mut devs: Vec<Device> = (0..3).map(|_| Device::connect(&opts(&pki, &proxy, "oven-1")).unwrap()).collect();
+    let pid = Pid::from_raw(proxy.child.id() as i32);
+    let rt = nix::libc::SIGRTMIN();
+    let stray = [
+        nix::libc::SIGHUP,
+        nix::libc::SIGUSR1,
+        nix::libc::SIGALRM,
+        nix::libc::SIGVTALRM,
+        nix::libc::SIGPROF,
+        nix::libc::SIGIO,
+        nix::libc::SIGPWR,
+        nix::libc::SIGXCPU,
+        nix::libc::SIGXFSZ,
+        nix::libc::SIGPIPE,
+        nix::libc::SIGSTKFLT,
+        nix::libc::SIGTRAP,
+        nix::libc::SIGSYS,
+        rt + 1,
+        nix::libc::SIGRTMAX(),
+    ];
+    for sig in stray {
+        // SAFETY: kill(2) takes plain integers (libc, for real-time signal numbers).
+        assert_eq!(unsafe { nix::libc::kill(pid.as_raw(), sig) }, 0);
+        for (i, d) in devs.iter_mut().enumerate() {
+            round_trip(d, &format!("after signal {sig}, device {i}"));
+        }
+        assert!(proxy.child.try_wait().unwrap().is_none(), "signal {sig} ended holdfast");
+    }
+    let log = std::fs::read_to_string(&proxy.stderr_log).unwrap();
+    assert!(log.contains("SIGHUP") && log.contains("live reload is not built yet"), "{log}");
+    assert!(log.contains("SIGUSR1") && log.contains("signal ignored"), "{log}");
+    assert_eq!(metric(&proxy, "holdfast_connections_active", ""), 3);
+
+    // SIGQUIT is a stop, like SIGTERM: exit 0.
+    kill(pid, Signal::SIGQUIT).unwrap();
+    let mut status = None;
+    eventually(10, "holdfast to stop on SIGQUIT", || {
+        status = proxy.child.try_wait().unwrap();
+        status.is_some()
+    });
+    assert!(status.unwrap().success());
+}
+
+#[test]
+fn a_closed_stdout_does_not_stop_holdfast() {
+    let pki = Pki::new();
+    let wsm = start_wsm(pki.path(), "wsm-a");
+    let (cfg, port, _) = fixed_config(&pki, wsm.addr);
+    // `holdfast run | true`: the reader is gone before holdfast says "ready".
+    let mut child = Command::new(env!("CARGO_BIN_EXE_holdfast"))
+        .args(["run", "--config"])
+        .arg(&cfg)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    drop(child.stdout.take());
+    let mut o = holdfast::device::DeviceOptions { addr: ([127, 0, 0, 1], port).into(), ..opts_for(&pki) };
+    o.timeout = Duration::from_secs(5);
+    let mut dev = None;
+    eventually(20, "holdfast to serve with its stdout closed", || {
+        assert!(child.try_wait().unwrap().is_none(), "holdfast died with a closed stdout");
+        dev = Device::connect(&o).ok();
+        dev.is_some()
+    });
+    let mut dev = dev.unwrap();
+    round_trip(&mut dev, "stdout is gone");
+    assert!(child.try_wait().unwrap().is_none());
+    kill(Pid::from_raw(child.id() as i32), Signal::SIGTERM).unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(!String::from_utf8_lossy(&out.stderr).contains("panicked"));
+}
+
+fn opts_for(pki: &Pki) -> holdfast::device::DeviceOptions {
+    holdfast::device::DeviceOptions {
+        addr: ([127, 0, 0, 1], 0).into(),
+        server_name: "localhost".into(),
+        server_ca: pki.path().join("server-ca.pem"),
+        cert: pki.path().join("devices/oven-1.pem"),
+        key: pki.path().join("devices/oven-1.key"),
+        path: "/".into(),
+        subprotocols: vec![],
+        version: None,
+        suite: None,
+        timeout: Duration::from_secs(10),
+    }
+}
