@@ -63,6 +63,16 @@ pub struct TlsConfig {
     pub cipher_suites: Vec<String>,
 }
 
+impl TlsConfig {
+    /// Each client CA's name for metrics and logs: its file's name.
+    pub fn ca_names(&self) -> Vec<String> {
+        self.client_cas
+            .iter()
+            .map(|(p, _)| p.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_else(|| p.display().to_string()))
+            .collect()
+    }
+}
+
 #[derive(Debug, Clone)]
 pub struct WsConfig {
     pub max_request_bytes: usize,

@@ -10,7 +10,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use crate::config::Config;
-use crate::metrics::{self, ShardMetrics};
+use crate::metrics;
 use crate::shard::{self, Control, ShardHandle};
 use crate::tls::server::TlsContext;
 use crate::tls::tickets::Ticketer;
@@ -18,6 +18,8 @@ use crate::tls::tickets::Ticketer;
 pub struct Running {
     pub listen: SocketAddr,
     pub metrics_addr: Option<SocketAddr>,
+    /// What the metrics endpoint reads.
+    pub sources: metrics::export::Sources,
     pub shards: Vec<ShardHandle>,
     /// Duplicates of every listening socket, for a live upgrade to hand over.
     pub listeners: Vec<std::os::fd::OwnedFd>,
@@ -49,6 +51,7 @@ pub fn start_with(cfg: Config, from: Listeners, tickets: Option<Arc<Ticketer>>) 
         tracing::warn!(key = %w.key, "{}", w.msg);
     }
     let ticketer = tls.tickets.clone();
+    let server_not_after = tls.server_not_after;
     let cfg = Arc::new(cfg);
     let shard_count = cfg.shard_cpus.len();
     let mut addr = cfg.listen;
@@ -114,15 +117,24 @@ pub fn start_with(cfg: Config, from: Listeners, tickets: Option<Arc<Ticketer>>) 
             }
         });
     }
+    let node = Arc::new(metrics::NodeMetrics::default());
+    node.server_cert_not_after.store(server_not_after, std::sync::atomic::Ordering::Relaxed);
+    let sources = metrics::export::Sources { shards: shards.iter().map(|s| s.metrics.clone()).collect(), node };
     let metrics_addr = match cfg.metrics {
-        Some(a) => {
-            let all: Vec<Arc<ShardMetrics>> = shards.iter().map(|s| s.metrics.clone()).collect();
-            Some(metrics::serve(a, all).map_err(|e| vec![format!("metrics.addr: {a}: {e}")])?)
-        }
+        Some(a) => Some(metrics::http::serve(a, sources.clone()).map_err(|e| vec![format!("metrics.addr: {a}: {e}")])?),
         None => None,
     };
     let upgrade_window = (shards.len() * cfg.upgrade_moving_per_shard) as u64;
-    Ok(Running { listen: addr, metrics_addr, shards, listeners: dups, pid_file: cfg.pid_file.clone(), upgrade_window, tickets: ticketer })
+    Ok(Running {
+        listen: addr,
+        metrics_addr,
+        sources,
+        shards,
+        listeners: dups,
+        pid_file: cfg.pid_file.clone(),
+        upgrade_window,
+        tickets: ticketer,
+    })
 }
 
 /// Fails when something already listens on `addr`. A plain bind (with
@@ -155,8 +167,7 @@ fn refuse_if_in_use(key: &str, addr: SocketAddr, pid_file: Option<&std::path::Pa
 
 impl Running {
     pub fn metrics_text(&self) -> String {
-        let all: Vec<Arc<ShardMetrics>> = self.shards.iter().map(|s| s.metrics.clone()).collect();
-        metrics::render(&all)
+        metrics::export::render(&self.sources)
     }
 
     /// Stops accepting: a new process owns the listening sockets now. The

@@ -117,7 +117,7 @@ fn malformed_upgrade_gets_400_and_wrong_method_405() {
         let resp = holdfast::device::read_response(&mut s).unwrap();
         assert_eq!(resp.status, status, "{req:?}");
     }
-    assert_eq!(metric(&proxy, "holdfast_upgrades_rejected_total", ""), 3);
+    assert_eq!(metric(&proxy, "holdfast_ws_upgrades_rejected_total", ""), 3);
 }
 
 #[test]

@@ -306,6 +306,7 @@ impl Device {
     async fn establish(&mut self) -> Result<(Box<Tunnel>, Vec<u8>), End> {
         let m = self.shard.metrics.clone();
         let timeout = self.shard.cfg.tls.handshake_timeout;
+        let started = std::time::Instant::now();
         let est = match monoio::time::timeout(timeout, self.handshake()).await {
             Ok(Ok(est)) => est,
             Ok(Err(End::Refused(r, d))) => {
@@ -319,7 +320,11 @@ impl Device {
             }
         };
         ShardMetrics::inc(&m.handshakes_completed_total);
+        m.handshake_seconds.observe(started.elapsed());
         let Established { record, chain, leftover } = *est;
+        if let Some((ca, validity_ignored)) = self.shard.tls.verifier.issuing_ca(&chain, crate::timefmt::unix_now()) {
+            m.accepted_under(ca, validity_ignored);
+        }
         let mut rl = match RecordLayer::new(record) {
             Ok(rl) => rl,
             Err(e) => return Err(End::Record(e)),
@@ -353,13 +358,13 @@ impl Device {
         let (request, early) = match monoio::time::timeout(upgrade_timeout, self.read_upgrade(rl)).await {
             Ok(Ok(r)) => r,
             Ok(Err(End::BadUpgrade(status, reason))) => {
-                ShardMetrics::inc(&m.upgrades_rejected_total);
+                ShardMetrics::inc(&m.ws_upgrades_rejected_total);
                 let _ = self.send(rl, &upgrade::response_error(status, reason)).await;
                 return Err(End::BadUpgrade(status, reason));
             }
             Ok(Err(e)) => return Err(e),
             Err(_) => {
-                ShardMetrics::inc(&m.upgrades_rejected_total);
+                ShardMetrics::inc(&m.ws_upgrades_rejected_total);
                 let _ = self.send(rl, &upgrade::response_error(408, "no upgrade request in time")).await;
                 return Err(End::BadUpgrade(408, "upgrade timeout"));
             }
@@ -378,7 +383,12 @@ impl Device {
         };
         let sid = stream.borrow().stream_id;
         let wait_open = wait_opened(&stream);
-        let subprotocol = match monoio::time::timeout(self.shard.cfg.upstream.open_timeout, wait_open).await {
+        let opening = std::time::Instant::now();
+        let answer = monoio::time::timeout(self.shard.cfg.upstream.open_timeout, wait_open).await;
+        if let Ok(Some(_)) = &answer {
+            link.metrics.open_seconds.observe(opening.elapsed());
+        }
+        let subprotocol = match answer {
             Ok(Some(OpenResult::Accepted(sub))) => sub,
             Ok(Some(OpenResult::Refused(status, reason))) => {
                 ShardMetrics::inc(&m.wsm_refused_total);
@@ -402,7 +412,7 @@ impl Device {
             link.close_stream(sid, CloseReason::DeviceGone, 1006, "write failed");
             return Err(e);
         }
-        ShardMetrics::inc(&m.upgrades_completed_total);
+        ShardMetrics::inc(&m.ws_upgrades_completed_total);
         resume.subprotocol = subprotocol;
         Ok((link, stream, early, resume))
     }

@@ -167,11 +167,20 @@ pub struct Link {
     stream_window: u32,
     /// Raised when this link must be emptied.
     attention: Rc<Attention>,
+    /// This shard's counters for this link's WSM address.
+    pub metrics: Arc<crate::metrics::WsmMetrics>,
     st: RefCell<LinkState>,
 }
 
 impl Link {
-    pub fn new(host: String, addr: std::net::SocketAddr, index: u32, stream_window: u32, attention: Rc<Attention>) -> Rc<Link> {
+    pub fn new(
+        host: String,
+        addr: std::net::SocketAddr,
+        index: u32,
+        stream_window: u32,
+        attention: Rc<Attention>,
+        metrics: Arc<crate::metrics::WsmMetrics>,
+    ) -> Rc<Link> {
         Rc::new(Link {
             host,
             addr,
@@ -179,6 +188,7 @@ impl Link {
             retired: std::cell::Cell::new(false),
             stream_window,
             attention,
+            metrics,
             st: RefCell::new(LinkState::default()),
         })
     }
@@ -416,10 +426,10 @@ impl Link {
     }
 
     /// Marks the link down and tells every stream on it.
-    fn fail(&self, metrics: &ShardMetrics) {
+    fn fail(&self) {
         let mut st = self.st.borrow_mut();
         if st.up {
-            ShardMetrics::dec(&metrics.links_up);
+            ShardMetrics::dec(&self.metrics.links_up);
         }
         st.up = false;
         st.generation += 1;
@@ -436,11 +446,11 @@ impl Link {
 }
 
 /// Keeps one link connected for the life of the shard.
-pub async fn run_link(link: Rc<Link>, cfg: Arc<Config>, shard: u16, metrics: Arc<ShardMetrics>, first_attempt: Rc<RefCell<usize>>) {
+pub async fn run_link(link: Rc<Link>, cfg: Arc<Config>, shard: u16, first_attempt: Rc<RefCell<usize>>) {
     let mut backoff = Duration::from_millis(100);
     let mut first = true;
     while !link.retired() {
-        let res = connect_and_serve(&link, &cfg, shard, &metrics, &mut first, &first_attempt).await;
+        let res = connect_and_serve(&link, &cfg, shard, &mut first, &first_attempt).await;
         if first {
             first = false;
             *first_attempt.borrow_mut() += 1;
@@ -449,7 +459,7 @@ pub async fn run_link(link: Rc<Link>, cfg: Arc<Config>, shard: u16, metrics: Arc
             Ok(()) => backoff = Duration::from_millis(100),
             Err(_) if link.retired() => break,
             Err(e) => {
-                ShardMetrics::inc(&metrics.link_failures_total);
+                ShardMetrics::inc(&link.metrics.link_failures_total);
                 tracing::warn!(host = %link.host, addr = %link.addr, link = link.index, shard, error = %e, "WSM link down");
             }
         }
@@ -463,7 +473,6 @@ async fn connect_and_serve(
     link: &Rc<Link>,
     cfg: &Config,
     shard: u16,
-    metrics: &Arc<ShardMetrics>,
     first: &mut bool,
     first_attempt: &Rc<RefCell<usize>>,
 ) -> Result<(), String> {
@@ -490,9 +499,9 @@ async fn connect_and_serve(
         st.generation
     };
     let writer = monoio::spawn(write_loop(link.clone(), wr, generation, cfg.upstream.ping_interval));
-    let res = read_loop(link, &mut rd, shard, metrics, first, first_attempt, cfg.upstream.liveness_timeout).await;
+    let res = read_loop(link, &mut rd, shard, first, first_attempt, cfg.upstream.liveness_timeout).await;
     // Stop the writer of this connection before the next attempt.
-    link.fail(metrics);
+    link.fail();
     writer.await;
     res
 }
@@ -501,7 +510,6 @@ async fn read_loop<R: AsyncReadRent>(
     link: &Rc<Link>,
     rd: &mut R,
     shard: u16,
-    metrics: &Arc<ShardMetrics>,
     first: &mut bool,
     first_attempt: &Rc<RefCell<usize>>,
     liveness: Duration,
@@ -516,7 +524,7 @@ async fn read_loop<R: AsyncReadRent>(
         // A healthy WSM answers the writer's pings, so silence this long
         // means a dead peer (or a partitioned one): fail the link.
         let Ok((res, slice)) = monoio::time::timeout(liveness, rd.read(buf.slice_mut(len..cap))).await else {
-            ShardMetrics::inc(&metrics.link_liveness_failures_total);
+            ShardMetrics::inc(&link.metrics.link_liveness_failures_total);
             return Err(format!("nothing from the WSM for {} ms", liveness.as_millis()));
         };
         buf = slice.into_inner();
@@ -548,8 +556,8 @@ async fn read_loop<R: AsyncReadRent>(
                 st.link_owed = 0;
                 st.peer_max_frame = h.max_frame;
             }
-            ShardMetrics::inc(&metrics.links_up);
-            ShardMetrics::inc(&metrics.link_connects_total);
+            ShardMetrics::inc(&link.metrics.links_up);
+            ShardMetrics::inc(&link.metrics.link_connects_total);
             if *first {
                 *first = false;
                 *first_attempt.borrow_mut() += 1;

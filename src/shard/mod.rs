@@ -97,10 +97,11 @@ pub fn start(
     ready: Sender<Result<u16, String>>,
     wsms: Vec<crate::resolve::Wsm>,
 ) -> std::io::Result<ShardHandle> {
-    let metrics = Arc::new(ShardMetrics::default());
+    let metrics = Arc::new(ShardMetrics::new(&cfg.tls.ca_names()));
     let (ctl, ctl_rx) = control::channel()?;
     let m = metrics.clone();
     let thread = std::thread::Builder::new().name(format!("holdfast-shard-{index}")).spawn(move || {
+        let _alive = crate::metrics::AliveGuard(m.clone());
         if let Err(e) = monoio::utils::bind_to_cpu_set([cpu]) {
             tracing::warn!(shard = index, cpu, error = ?e, "could not pin shard to CPU");
         }
@@ -271,8 +272,15 @@ fn set_wsms(ctx: &Rc<ShardCtx>, wsms: Vec<crate::resolve::Wsm>) {
             continue;
         }
         for i in 0..cfg.upstream.links_per_shard {
-            let l = Link::new(host.clone(), addr, i, cfg.upstream.stream_window, ctx.link_attention.clone());
-            monoio::spawn(link::run_link(l.clone(), cfg.clone(), ctx.index, ctx.metrics.clone(), ctx.attempted.clone()));
+            let l = Link::new(
+                host.clone(),
+                addr,
+                i,
+                cfg.upstream.stream_window,
+                ctx.link_attention.clone(),
+                ctx.metrics.wsm(&addr.to_string()),
+            );
+            monoio::spawn(link::run_link(l.clone(), cfg.clone(), ctx.index, ctx.attempted.clone()));
             links.push(l);
         }
     }

@@ -24,6 +24,8 @@ pub struct CaGroup {
     pub name: String,
     pub ignore_validity: bool,
     verifier: Arc<dyn ClientCertVerifier>,
+    /// DER subjects of this group's CA certificates.
+    subjects: Vec<Vec<u8>>,
 }
 
 impl std::fmt::Debug for CaGroup {
@@ -46,9 +48,10 @@ impl CaGroup {
         if store.is_empty() {
             return Err(format!("{name}: no CA certificate found"));
         }
+        let subjects = store.subjects().iter().map(|d| d.as_ref().to_vec()).collect();
         let verifier =
             WebPkiClientVerifier::builder_with_provider(Arc::new(store), provider).build().map_err(|e| format!("{name}: {e}"))?;
-        Ok(CaGroup { name, ignore_validity, verifier })
+        Ok(CaGroup { name, ignore_validity, verifier, subjects })
     }
 }
 
@@ -99,6 +102,25 @@ impl DeviceVerifier {
         if let Ok(mut g) = self.blocklist.write() {
             *g = Arc::new(bl);
         }
+    }
+
+    /// Which configured CA group issued an accepted chain (leaf first), and
+    /// whether the leaf is outside its validity period at `now` (Unix
+    /// seconds), i.e. let in only by that group's `ignore_validity`. Found
+    /// by issuer name, so it works for resumed sessions too (rustls does not
+    /// verify the chain again then).
+    pub fn issuing_ca(&self, chain: &[Vec<u8>], now: i64) -> Option<(usize, bool)> {
+        let certs: Vec<_> = chain.iter().filter_map(|c| x509_parser::parse_x509_certificate(c).ok().map(|(_, c)| c)).collect();
+        let leaf = certs.first()?;
+        let v = leaf.validity();
+        let outside = now < v.not_before.timestamp() || now > v.not_after.timestamp();
+        for cert in &certs {
+            let issuer = cert.issuer().as_raw();
+            if let Some(i) = self.groups.iter().position(|g| g.subjects.iter().any(|s| s.as_slice() == issuer)) {
+                return Some((i, outside));
+            }
+        }
+        None
     }
 
     pub fn blocklist(&self) -> Arc<Blocklist> {

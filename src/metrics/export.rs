@@ -1,0 +1,293 @@
+//! The OpenMetrics exposition of every shard's metrics, the node's and the
+//! process's, through `prometheus-client`.
+//!
+//! Owns: naming, help text and labels of every family, and writing each
+//! family once with all its samples together (shard after shard), which
+//! Prometheus and OpenMetrics parsers require. Never counts anything
+//! itself: it reads the atomics of [`super::ShardMetrics`].
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+
+use prometheus_client::collector::Collector;
+use prometheus_client::encoding::{DescriptorEncoder, MetricEncoder, NoLabelSet};
+use prometheus_client::metrics::MetricType;
+use prometheus_client::registry::Registry;
+
+use super::{Histogram, Kind, NodeMetrics, ShardMetrics};
+use crate::tls::handshake::Refusal;
+
+/// What an exposition is made from.
+#[derive(Debug, Clone)]
+pub struct Sources {
+    pub shards: Vec<Arc<ShardMetrics>>,
+    pub node: Arc<NodeMetrics>,
+}
+
+/// The content type of [`render`]'s text.
+pub const CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
+
+/// The whole exposition, ending in `# EOF`.
+pub fn render(src: &Sources) -> String {
+    let mut reg = Registry::default();
+    reg.register_collector(Box::new(src.clone()));
+    let mut out = String::new();
+    if prometheus_client::encoding::text::encode(&mut out, &reg).is_err() {
+        return "# EOF\n".into();
+    }
+    out
+}
+
+type Labels = Vec<(&'static str, String)>;
+type Res = Result<(), std::fmt::Error>;
+
+/// A family's samples: each label set with the value to write.
+fn family(enc: &mut DescriptorEncoder<'_>, name: &str, help: &str, kind: MetricType, samples: Vec<(Labels, Sample)>) -> Res {
+    // prometheus-client adds `_total` to counter names itself.
+    let base = if matches!(kind, MetricType::Counter) { name.strip_suffix("_total").unwrap_or(name) } else { name };
+    let mut m = enc.encode_descriptor(base, help, None, kind)?;
+    for (labels, v) in samples {
+        if labels.is_empty() {
+            // A lone sample without labels, written without `{}`.
+            return v.encode(m);
+        }
+        let f = m.encode_family(&labels)?;
+        v.encode(f)?;
+    }
+    Ok(())
+}
+
+/// One sample's value.
+enum Sample {
+    Count(u64),
+    Seconds(f64),
+    Gauge(i64),
+    GaugeF(f64),
+    Hist(f64, u64, Vec<(f64, u64)>),
+}
+
+impl Sample {
+    fn encode(self, mut e: MetricEncoder<'_>) -> Res {
+        let none: Option<&prometheus_client::metrics::exemplar::Exemplar<NoLabelSet, f64>> = None;
+        match self {
+            Sample::Count(v) => e.encode_counter::<NoLabelSet, _, f64>(&v, none),
+            Sample::Seconds(v) => e.encode_counter::<NoLabelSet, _, f64>(&v, none),
+            Sample::Gauge(v) => e.encode_gauge(&v),
+            Sample::GaugeF(v) => e.encode_gauge(&v),
+            Sample::Hist(sum, count, buckets) => e.encode_histogram::<NoLabelSet>(sum, count, &buckets, None),
+        }
+    }
+}
+
+fn shard(i: usize) -> Labels {
+    vec![("shard", i.to_string())]
+}
+
+fn value(kind: Kind, c: &AtomicU64) -> Sample {
+    match kind {
+        Kind::Counter => Sample::Count(c.load(Relaxed)),
+        Kind::Gauge => Sample::Gauge(c.load(Relaxed) as i64),
+    }
+}
+
+fn hist(h: &Histogram) -> Sample {
+    let (sum, count, buckets) = h.snapshot();
+    Sample::Hist(sum, count, buckets)
+}
+
+impl Collector for Sources {
+    fn encode(&self, mut enc: DescriptorEncoder<'_>) -> Res {
+        let e = &mut enc;
+        {
+            let mut m =
+                e.encode_descriptor("holdfast_build", "holdfast's version, git commit and TLS library versions", None, MetricType::Info)?;
+            let labels: Labels = vec![
+                ("version", crate::build::VERSION.into()),
+                ("commit", crate::build::COMMIT.into()),
+                ("rustls", crate::build::RUSTLS.into()),
+                ("ring", crate::build::RING.into()),
+            ];
+            m.encode_info(&labels)?;
+        }
+        let shards = &self.shards;
+        // The plain series, in declaration order; each family holds every shard.
+        let Some(first) = shards.first() else {
+            return Ok(());
+        };
+        for (k, (name, kind, help, _)) in first.s.each().into_iter().enumerate() {
+            let samples = shards.iter().enumerate().map(|(i, m)| (shard(i), value(kind, m.s.each()[k].3))).collect();
+            let t = if kind == Kind::Counter { MetricType::Counter } else { MetricType::Gauge };
+            family(e, name, help, t, samples)?;
+        }
+        let mut refused = Vec::new();
+        for (i, m) in shards.iter().enumerate() {
+            for (j, r) in Refusal::ALL.iter().enumerate() {
+                refused.push((vec![("shard", i.to_string()), ("reason", r.label().into())], Sample::Count(m.refused[j].load(Relaxed))));
+            }
+        }
+        family(e, "holdfast_handshake_refused_total", "TLS handshakes refused, by reason", MetricType::Counter, refused)?;
+        let mut closes = Vec::new();
+        for (i, m) in shards.iter().enumerate() {
+            for (code, c) in [(1002, &m.ws_closed_1002), (1007, &m.ws_closed_1007), (1009, &m.ws_closed_1009)] {
+                closes.push((vec![("shard", i.to_string()), ("code", code.to_string())], Sample::Count(c.load(Relaxed))));
+            }
+        }
+        family(
+            e,
+            "holdfast_ws_error_closes_total",
+            "WebSocket connections closed for bad device input, by close code",
+            MetricType::Counter,
+            closes,
+        )?;
+        let mut accepted = Vec::new();
+        for (i, m) in shards.iter().enumerate() {
+            for c in &m.ca_accepted {
+                for (validity, n) in [("current", &c.current), ("ignored", &c.validity_ignored)] {
+                    accepted.push((
+                        vec![("shard", i.to_string()), ("ca", c.ca.clone()), ("validity", validity.into())],
+                        Sample::Count(n.load(Relaxed)),
+                    ));
+                }
+            }
+        }
+        family(
+            e,
+            "holdfast_devices_accepted_total",
+            "devices accepted at the handshake, by client CA; validity=\"ignored\": outside its validity period, let in only by the CA's ignore_validity",
+            MetricType::Counter,
+            accepted,
+        )?;
+        family(
+            e,
+            "holdfast_handshake_duration_seconds",
+            "time from accept to a finished mutual TLS handshake",
+            MetricType::Histogram,
+            shards.iter().enumerate().map(|(i, m)| (shard(i), hist(&m.handshake_seconds))).collect(),
+        )?;
+        // Per WSM address: links and stream opens.
+        let per_wsm: Vec<(usize, Arc<super::WsmMetrics>)> =
+            shards.iter().enumerate().flat_map(|(i, m)| m.wsms().into_iter().map(move |w| (i, w))).collect();
+        let wl = |i: usize, w: &super::WsmMetrics| vec![("shard", i.to_string()), ("wsm", w.wsm.clone())];
+        let link_families: [(&str, MetricType, &str, fn(&super::WsmMetrics) -> &AtomicU64); 4] = [
+            ("holdfast_links_up", MetricType::Gauge, "WSM links currently up", |w| &w.links_up),
+            ("holdfast_link_connects_total", MetricType::Counter, "WSM link connections established", |w| &w.link_connects_total),
+            ("holdfast_link_failures_total", MetricType::Counter, "WSM link connection attempts or links that failed", |w| {
+                &w.link_failures_total
+            }),
+            (
+                "holdfast_link_liveness_failures_total",
+                MetricType::Counter,
+                "WSM links failed because nothing arrived within the liveness timeout",
+                |w| &w.link_liveness_failures_total,
+            ),
+        ];
+        for (name, t, help, get) in link_families {
+            let kind = if matches!(t, MetricType::Counter) { Kind::Counter } else { Kind::Gauge };
+            family(e, name, help, t, per_wsm.iter().map(|(i, w)| (wl(*i, w), value(kind, get(w)))).collect())?;
+        }
+        family(
+            e,
+            "holdfast_wsm_open_duration_seconds",
+            "time from sending a stream's OPEN to the WSM's ACCEPT or REFUSE",
+            MetricType::Histogram,
+            per_wsm.iter().map(|(i, w)| (wl(*i, w), hist(&w.open_seconds))).collect(),
+        )?;
+        family(
+            e,
+            "holdfast_server_certificate_expiry_timestamp_seconds",
+            "end of the server certificate's validity (Unix seconds)",
+            MetricType::Gauge,
+            vec![(vec![], Sample::Gauge(self.node.server_cert_not_after.load(Relaxed)))],
+        )?;
+        family(
+            e,
+            "holdfast_shards_alive",
+            "shard threads running (a shard that ended is a bug: see the log)",
+            MetricType::Gauge,
+            vec![(vec![], Sample::Gauge(shards.iter().filter(|m| m.alive.load(Relaxed)).count() as i64))],
+        )?;
+        let p = super::process::read();
+        let one = |v: Sample| vec![(Labels::new(), v)];
+        family(
+            e,
+            "process_cpu_seconds_total",
+            "user and system CPU time of the process",
+            MetricType::Counter,
+            one(Sample::Seconds(p.cpu_seconds)),
+        )?;
+        family(e, "process_open_fds", "open file descriptors", MetricType::Gauge, one(Sample::Gauge(p.open_fds as i64)))?;
+        family(
+            e,
+            "process_max_fds",
+            "the process's limit on open file descriptors (soft RLIMIT_NOFILE)",
+            MetricType::Gauge,
+            one(Sample::Gauge(p.max_fds as i64)),
+        )?;
+        family(e, "process_resident_memory_bytes", "resident memory", MetricType::Gauge, one(Sample::Gauge(p.rss_bytes as i64)))?;
+        family(e, "process_virtual_memory_bytes", "virtual memory", MetricType::Gauge, one(Sample::Gauge(p.vsize_bytes as i64)))?;
+        family(
+            e,
+            "process_start_time_seconds",
+            "start of the process (Unix seconds)",
+            MetricType::Gauge,
+            one(Sample::GaugeF(p.start_time_seconds)),
+        )?;
+        family(e, "process_threads", "threads of the process", MetricType::Gauge, one(Sample::Gauge(p.threads as i64)))?;
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sources() -> Sources {
+        let a = Arc::new(ShardMetrics::new(&["fleet-2019.pem".into()]));
+        let b = Arc::new(ShardMetrics::new(&["fleet-2019.pem".into()]));
+        ShardMetrics::inc(&a.connections_accepted_total);
+        b.refusal(Refusal::Blocked);
+        a.accepted_under(0, true);
+        ShardMetrics::inc(&b.wsm("127.0.0.1:9000").links_up);
+        a.handshake_seconds.observe(std::time::Duration::from_millis(3));
+        let node = Arc::new(NodeMetrics::default());
+        node.server_cert_not_after.store(4_070_908_800, Relaxed);
+        Sources { shards: vec![a, b], node }
+    }
+
+    /// Every family's samples directly follow its own TYPE line.
+    #[test]
+    fn every_family_is_contiguous_and_typed_once() {
+        let text = render(&sources());
+        let mut seen = std::collections::HashSet::new();
+        let mut current = String::new();
+        for line in text.lines() {
+            if let Some(rest) = line.strip_prefix("# TYPE ") {
+                current = rest.split(' ').next().unwrap().to_string();
+                assert!(seen.insert(current.clone()), "{current} typed twice:\n{text}");
+            } else if !line.starts_with('#') {
+                let name = line.split(['{', ' ']).next().unwrap();
+                assert!(name.starts_with(&current), "{name} outside its family {current}:\n{text}");
+            }
+        }
+        assert!(text.ends_with("# EOF\n"));
+        assert!(seen.len() > 40, "{}", seen.len());
+    }
+
+    #[test]
+    fn series_carry_their_labels() {
+        let text = render(&sources());
+        for want in [
+            "holdfast_connections_accepted_total{shard=\"0\"} 1",
+            "holdfast_handshake_refused_total{shard=\"1\",reason=\"blocked\"} 1",
+            "holdfast_devices_accepted_total{shard=\"0\",ca=\"fleet-2019.pem\",validity=\"ignored\"} 1",
+            "holdfast_links_up{shard=\"1\",wsm=\"127.0.0.1:9000\"} 1",
+            "holdfast_handshake_duration_seconds_bucket{le=\"0.005\",shard=\"0\"} 1",
+            "holdfast_server_certificate_expiry_timestamp_seconds 4070908800",
+            "# TYPE holdfast_ws_upgrades_completed counter",
+        ] {
+            assert!(text.contains(want), "{want} missing:\n{text}");
+        }
+        assert!(text.contains("holdfast_build_info{version=\""), "{text}");
+        assert!(!text.contains("holdfast_upgrades_completed"), "the old, misleading name");
+    }
+}

@@ -1,0 +1,279 @@
+//! Counters, gauges and histograms of each shard, and of each WSM a shard
+//! links to.
+//!
+//! Owns: one block of relaxed atomics per shard (written only by its
+//! shard's thread, read by the exporter), the same per WSM address, and
+//! lock-free fixed-bucket histograms. Never blocks a shard and never
+//! formats text: [`export`] turns these into the OpenMetrics exposition,
+//! [`http`] serves it, [`process`] reads the process's own figures.
+
+pub mod export;
+pub mod http;
+pub mod process;
+
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering::Relaxed};
+use std::sync::{Arc, Mutex};
+
+use crate::tls::handshake::Refusal;
+
+/// Declares the plain per-shard counters and gauges: the field, its kind and
+/// its help text. Counter fields end in `_total` (the exposition name).
+macro_rules! shard_series {
+    ($( $name:ident : $kind:ident, $help:literal; )*) => {
+        /// Per-shard counters and gauges.
+        #[derive(Default, Debug)]
+        pub struct Series {
+            $( pub $name: AtomicU64, )*
+        }
+
+        impl Series {
+            /// (exposition name, kind, help, field) of every series.
+            pub fn each(&self) -> Vec<(&'static str, Kind, &'static str, &AtomicU64)> {
+                vec![$( (concat!("holdfast_", stringify!($name)), Kind::$kind, $help, &self.$name), )*]
+            }
+        }
+    };
+}
+
+/// How a series is exposed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kind {
+    Counter,
+    Gauge,
+}
+
+shard_series! {
+    connections_accepted_total: Counter, "TCP connections accepted";
+    connections_active: Gauge, "device connections currently held";
+    connections_handed_over_total: Counter, "connections moved to a new process by a live upgrade";
+    connections_adopted_total: Counter, "connections taken over from the previous process by a live upgrade";
+    connections_resumed_total: Counter, "adopted connections serving again (stream re-opened on a WSM)";
+    connections_resume_failed_total: Counter, "adopted connections that could not re-open a stream (closed with 1013)";
+    handshakes_completed_total: Counter, "mutual TLS handshakes completed";
+    ws_upgrades_completed_total: Counter, "WebSocket upgrade requests answered 101 (device tunnels opened)";
+    ws_upgrades_rejected_total: Counter, "WebSocket upgrade requests answered 4xx";
+    wsm_unavailable_total: Counter, "devices answered 503 because no WSM link was up";
+    wsm_refused_total: Counter, "streams refused by a WSM";
+    wsm_open_timeouts_total: Counter, "streams the WSM did not answer in time";
+    messages_from_devices_total: Counter, "WebSocket messages forwarded to WSMs";
+    messages_to_devices_total: Counter, "WebSocket messages delivered to devices";
+    tls_record_errors_total: Counter, "connections closed for a bad TLS record";
+    key_updates_sent_total: Counter, "TLS 1.3 KeyUpdates sent by holdfast";
+    key_updates_received_total: Counter, "TLS 1.3 KeyUpdates received from devices";
+    idle_timeouts_total: Counter, "connections closed for inactivity";
+    streams_detached_total: Counter, "streams whose WSM went away (link lost or goaway), to be resumed elsewhere";
+    streams_moved_total: Counter, "streams moved off a WSM that sent goaway (HANDOFF, ack, close)";
+    streams_resumed_total: Counter, "detached streams re-opened on another WSM with their held messages sent";
+    streams_resume_failed_total: Counter, "detached streams no WSM took within resume_timeout (device closed with 1013)";
+    messages_resent_total: Counter, "device messages sent again after their WSM died before acknowledging them";
+    held_bytes: Gauge, "bytes of device messages held for streams without a WSM";
+    pool_exhausted_total: Counter, "times a connection waited for an I/O buffer";
+    buffers_in_use: Gauge, "I/O buffers currently lent out";
+    accept_loops: Gauge, "listening sockets this shard is accepting on";
+    tunnel_state_bytes: Gauge, "bytes of per-connection state held by established tunnels (Tunnel, StreamShared, key material; not runtime or kernel)";
+}
+
+/// Upper bounds (seconds) of the latency histograms' buckets.
+pub const LATENCY_BUCKETS: [f64; 14] = [0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0];
+
+/// A fixed-bucket histogram of durations, lock-free: one writer (its shard)
+/// adds with relaxed atomics; the exporter reads a near-consistent view.
+#[derive(Debug, Default)]
+pub struct Histogram {
+    /// Observations per bucket (not cumulative); the last one is +Inf.
+    counts: [AtomicU64; LATENCY_BUCKETS.len() + 1],
+    sum_micros: AtomicU64,
+}
+
+impl Histogram {
+    pub fn observe(&self, d: std::time::Duration) {
+        let s = d.as_secs_f64();
+        let i = LATENCY_BUCKETS.iter().position(|b| s <= *b).unwrap_or(LATENCY_BUCKETS.len());
+        self.counts[i].fetch_add(1, Relaxed);
+        self.sum_micros.fetch_add(d.as_micros().min(u64::MAX as u128) as u64, Relaxed);
+    }
+
+    /// (sum in seconds, count, cumulative buckets with +Inf last).
+    pub fn snapshot(&self) -> (f64, u64, Vec<(f64, u64)>) {
+        let mut acc = 0;
+        let mut buckets = Vec::with_capacity(self.counts.len());
+        for (i, c) in self.counts.iter().enumerate() {
+            acc += c.load(Relaxed);
+            buckets.push((LATENCY_BUCKETS.get(i).copied().unwrap_or(f64::INFINITY), acc));
+        }
+        (self.sum_micros.load(Relaxed) as f64 / 1e6, acc, buckets)
+    }
+}
+
+/// What one shard counts about one WSM address.
+#[derive(Debug)]
+pub struct WsmMetrics {
+    /// The WSM's address, the `wsm` label.
+    pub wsm: String,
+    pub links_up: AtomicU64,
+    pub link_connects_total: AtomicU64,
+    pub link_failures_total: AtomicU64,
+    pub link_liveness_failures_total: AtomicU64,
+    /// From OPEN sent to ACCEPT or REFUSE received.
+    pub open_seconds: Histogram,
+}
+
+/// Devices accepted under one configured client CA.
+#[derive(Debug)]
+pub struct CaAccepted {
+    /// The CA file's name as configured, the `ca` label.
+    pub ca: String,
+    /// Inside their validity period.
+    pub current: AtomicU64,
+    /// Outside it, let in only because the CA has `ignore_validity`.
+    pub validity_ignored: AtomicU64,
+}
+
+/// Everything one shard counts.
+#[derive(Debug, Default)]
+pub struct ShardMetrics {
+    pub s: Series,
+    /// Handshake refusals, indexed like `Refusal::ALL`.
+    pub refused: [AtomicU64; 6],
+    /// WebSocket closes holdfast sent for bad device input, by close code.
+    pub ws_closed_1002: AtomicU64,
+    pub ws_closed_1007: AtomicU64,
+    pub ws_closed_1009: AtomicU64,
+    /// From accept to the finished mutual TLS handshake.
+    pub handshake_seconds: Histogram,
+    pub ca_accepted: Vec<CaAccepted>,
+    /// One entry per WSM address this shard has had a link to; added when a
+    /// link is made (rare), read by the exporter.
+    wsms: Mutex<Vec<Arc<WsmMetrics>>>,
+    /// False once the shard's thread has ended (for `/healthz`).
+    pub alive: AtomicBool,
+}
+
+impl std::ops::Deref for ShardMetrics {
+    type Target = Series;
+    fn deref(&self) -> &Series {
+        &self.s
+    }
+}
+
+impl ShardMetrics {
+    /// Metrics for a shard whose devices come from these client CAs (named
+    /// as configured).
+    pub fn new(ca_names: &[String]) -> ShardMetrics {
+        ShardMetrics {
+            ca_accepted: ca_names
+                .iter()
+                .map(|n| CaAccepted { ca: n.clone(), current: AtomicU64::new(0), validity_ignored: AtomicU64::new(0) })
+                .collect(),
+            alive: AtomicBool::new(true),
+            ..ShardMetrics::default()
+        }
+    }
+
+    pub fn inc(c: &AtomicU64) {
+        c.fetch_add(1, Relaxed);
+    }
+
+    pub fn dec(c: &AtomicU64) {
+        c.fetch_sub(1, Relaxed);
+    }
+
+    pub fn refusal(&self, r: Refusal) {
+        if let Some(i) = Refusal::ALL.iter().position(|x| *x == r) {
+            Self::inc(&self.refused[i]);
+        }
+    }
+
+    pub fn ws_error(&self, code: u16) {
+        match code {
+            1002 => Self::inc(&self.ws_closed_1002),
+            1007 => Self::inc(&self.ws_closed_1007),
+            1009 => Self::inc(&self.ws_closed_1009),
+            _ => {}
+        }
+    }
+
+    /// Counts a device accepted under CA `index`.
+    pub fn accepted_under(&self, index: usize, validity_ignored: bool) {
+        if let Some(c) = self.ca_accepted.get(index) {
+            Self::inc(if validity_ignored { &c.validity_ignored } else { &c.current });
+        }
+    }
+
+    /// The counters of WSM address `wsm`, made on first use.
+    pub fn wsm(&self, wsm: &str) -> Arc<WsmMetrics> {
+        let mut all = self.wsms.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(w) = all.iter().find(|w| w.wsm == wsm) {
+            return w.clone();
+        }
+        let w = Arc::new(WsmMetrics {
+            wsm: wsm.to_string(),
+            links_up: AtomicU64::new(0),
+            link_connects_total: AtomicU64::new(0),
+            link_failures_total: AtomicU64::new(0),
+            link_liveness_failures_total: AtomicU64::new(0),
+            open_seconds: Histogram::default(),
+        });
+        all.push(w.clone());
+        w
+    }
+
+    /// Every WSM's counters (a copy of the list).
+    pub fn wsms(&self) -> Vec<Arc<WsmMetrics>> {
+        self.wsms.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    /// Links up on this shard, over every WSM.
+    pub fn links_up(&self) -> u64 {
+        self.wsms().iter().map(|w| w.links_up.load(Relaxed)).sum()
+    }
+}
+
+/// Facts about the whole node, not one shard.
+#[derive(Debug, Default)]
+pub struct NodeMetrics {
+    /// The server certificate's end of validity (Unix seconds).
+    pub server_cert_not_after: AtomicI64,
+}
+
+/// Marks a shard's metrics dead when its thread ends, however it ends.
+pub struct AliveGuard(pub Arc<ShardMetrics>);
+
+impl Drop for AliveGuard {
+    fn drop(&mut self) {
+        self.0.alive.store(false, Relaxed);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn histogram_buckets_are_cumulative_with_inf_last() {
+        let h = Histogram::default();
+        h.observe(std::time::Duration::from_micros(300));
+        h.observe(std::time::Duration::from_millis(20));
+        h.observe(std::time::Duration::from_secs(60));
+        let (sum, count, b) = h.snapshot();
+        assert_eq!(count, 3);
+        assert!((sum - 60.0203).abs() < 1e-6, "{sum}");
+        assert_eq!(b[0], (0.0005, 1));
+        assert_eq!(b.iter().find(|(le, _)| *le == 0.025).unwrap().1, 2);
+        assert_eq!(*b.last().unwrap(), (f64::INFINITY, 3));
+    }
+
+    #[test]
+    fn wsm_entries_are_made_once() {
+        let m = ShardMetrics::new(&["a.pem".into()]);
+        let a = m.wsm("10.0.0.1:9000");
+        ShardMetrics::inc(&a.links_up);
+        ShardMetrics::inc(&m.wsm("10.0.0.1:9000").links_up);
+        ShardMetrics::inc(&m.wsm("10.0.0.2:9000").links_up);
+        assert_eq!(m.wsms().len(), 2);
+        assert_eq!(m.links_up(), 3);
+        m.accepted_under(0, true);
+        m.accepted_under(7, false);
+        assert_eq!(m.ca_accepted[0].validity_ignored.load(Relaxed), 1);
+    }
+}
