@@ -93,15 +93,15 @@ impl Histogram {
         self.sum_micros.fetch_add(d.as_micros().min(u64::MAX as u128) as u64, Relaxed);
     }
 
-    /// (sum in seconds, count, cumulative buckets with +Inf last).
+    /// (sum in seconds, count, per-bucket counts with +Inf last). The
+    /// counts are not cumulative (prometheus-client accumulates them when it
+    /// writes), and +Inf is written as `f64::MAX`, as prometheus-client
+    /// expects.
     pub fn snapshot(&self) -> (f64, u64, Vec<(f64, u64)>) {
-        let mut acc = 0;
-        let mut buckets = Vec::with_capacity(self.counts.len());
-        for (i, c) in self.counts.iter().enumerate() {
-            acc += c.load(Relaxed);
-            buckets.push((LATENCY_BUCKETS.get(i).copied().unwrap_or(f64::INFINITY), acc));
-        }
-        (self.sum_micros.load(Relaxed) as f64 / 1e6, acc, buckets)
+        let buckets: Vec<(f64, u64)> =
+            self.counts.iter().enumerate().map(|(i, c)| (LATENCY_BUCKETS.get(i).copied().unwrap_or(f64::MAX), c.load(Relaxed))).collect();
+        let count = buckets.iter().map(|(_, n)| n).sum();
+        (self.sum_micros.load(Relaxed) as f64 / 1e6, count, buckets)
     }
 }
 
@@ -250,7 +250,7 @@ mod tests {
     use super::*;
 
     #[test]
-    fn histogram_buckets_are_cumulative_with_inf_last() {
+    fn histogram_buckets_count_each_range_with_inf_last() {
         let h = Histogram::default();
         h.observe(std::time::Duration::from_micros(300));
         h.observe(std::time::Duration::from_millis(20));
@@ -259,8 +259,8 @@ mod tests {
         assert_eq!(count, 3);
         assert!((sum - 60.0203).abs() < 1e-6, "{sum}");
         assert_eq!(b[0], (0.0005, 1));
-        assert_eq!(b.iter().find(|(le, _)| *le == 0.025).unwrap().1, 2);
-        assert_eq!(*b.last().unwrap(), (f64::INFINITY, 3));
+        assert_eq!(b.iter().find(|(le, _)| *le == 0.025).unwrap().1, 1);
+        assert_eq!(*b.last().unwrap(), (f64::MAX, 1));
     }
 
     #[test]
