@@ -125,6 +125,34 @@ impl DeviceIdentity {
     }
 }
 
+/// What an operator searches a refusal log for: a presented certificate's
+/// names, serial, fingerprint and dates (RFC 3339). Never key material.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CertFacts {
+    pub subject: String,
+    pub issuer: String,
+    pub serial: String,
+    /// SHA-256 of the certificate's DER, lowercase hex (as the blocklist).
+    pub sha256: String,
+    pub not_before: String,
+    pub not_after: String,
+}
+
+impl CertFacts {
+    /// Reads a certificate that may not be valid at all (it was refused).
+    pub fn of(der: &[u8]) -> Option<CertFacts> {
+        let (_, cert) = x509_parser::parse_x509_certificate(der).ok()?;
+        Some(CertFacts {
+            subject: cert.subject().to_string(),
+            issuer: cert.issuer().to_string(),
+            serial: serial_hex(cert.raw_serial()),
+            sha256: hex(&sha256(der)),
+            not_before: crate::timefmt::rfc3339(cert.validity().not_before.timestamp()),
+            not_after: crate::timefmt::rfc3339(cert.validity().not_after.timestamp()),
+        })
+    }
+}
+
 fn ip_string(b: &[u8]) -> String {
     match b.len() {
         4 => std::net::Ipv4Addr::new(b[0], b[1], b[2], b[3]).to_string(),

@@ -152,3 +152,48 @@ fn opts_for(pki: &Pki) -> holdfast::device::DeviceOptions {
         timeout: Duration::from_secs(10),
     }
 }
+
+/// A refused device is logged with what an operator searches for: its
+/// subject, serial, fingerprint, issuing CA, address and dates in RFC 3339;
+/// here as JSON lines (`--log-format json`), as a log shipper reads them.
+#[test]
+fn refusals_are_logged_with_the_device_certificate_as_json() {
+    use rustls::pki_types::CertificateDer;
+    use rustls::pki_types::pem::PemObject;
+    let pki = Pki::new();
+    let wsm = start_wsm(pki.path(), "wsm-a");
+    let proxy = common::start_proxy_env(&pki, &[wsm.addr], 1, "", "", &[("HOLDFAST_LOG_FORMAT", "json"), ("HOLDFAST_LOG", "info")]);
+    for name in ["hood-expired", "fridge-blocked", "rogue-1"] {
+        assert!(Device::connect(&opts(&pki, &proxy, name)).is_err(), "{name} got in");
+    }
+    eventually(10, "three refusals", || metric(&proxy, "holdfast_handshake_refused_total", "") == 3);
+    let lines = std::fs::read_to_string(&proxy.stderr_log).unwrap();
+    let refusals: Vec<serde_json::Value> = lines
+        .lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap_or_else(|e| panic!("not JSON ({e}): {l}")))
+        .filter(|v| v["message"] == "handshake refused")
+        .collect();
+    assert_eq!(refusals.len(), 3, "{lines}");
+    for (name, reason, issuer) in [
+        ("hood-expired", "expired", "Fleet 2024 CA"),
+        ("fridge-blocked", "blocked", "Fleet 2024 CA"),
+        ("rogue-1", "unknown_ca", "Rogue CA"),
+    ] {
+        let der = CertificateDer::from_pem_file(pki.path().join(format!("devices/{name}.pem"))).unwrap();
+        let fp = holdfast::identity::hex(&holdfast::identity::sha256(der.as_ref()));
+        let v = refusals.iter().find(|v| v["sha256"] == fp.as_str()).unwrap_or_else(|| panic!("{name} ({fp}) not logged: {lines}"));
+        assert_eq!(v["reason"], reason, "{v}");
+        assert!(v["subject"].as_str().unwrap().contains(&format!("CN={name}")), "{v}");
+        assert!(v["issuer"].as_str().unwrap().contains(issuer), "{v}");
+        assert!(!v["serial"].as_str().unwrap().is_empty(), "{v}");
+        assert!(v["device"].as_str().unwrap().starts_with("127.0.0.1:"), "{v}");
+        for date in ["not_before", "not_after"] {
+            let d = v[date].as_str().unwrap();
+            assert!(d.len() == 20 && d.ends_with('Z') && d.as_bytes()[10] == b'T', "{date} not RFC 3339: {v}");
+        }
+        let text = v.to_string().to_lowercase();
+        assert!(!text.contains("private") && !text.contains("secret"), "{v}");
+    }
+    let expired = refusals.iter().find(|v| v["reason"] == "expired").unwrap();
+    assert_eq!(expired["not_after"], "2021-01-01T00:00:00Z");
+}

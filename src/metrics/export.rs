@@ -39,6 +39,8 @@ pub fn render(src: &Sources) -> String {
 }
 
 type Labels = Vec<(&'static str, String)>;
+/// A per-WSM family: name, type, help, and the field it reads.
+type LinkFamily = (&'static str, MetricType, &'static str, fn(&super::WsmMetrics) -> &AtomicU64);
 type Res = Result<(), std::fmt::Error>;
 
 /// A family's samples: each label set with the value to write.
@@ -168,7 +170,7 @@ impl Collector for Sources {
         let per_wsm: Vec<(usize, Arc<super::WsmMetrics>)> =
             shards.iter().enumerate().flat_map(|(i, m)| m.wsms().into_iter().map(move |w| (i, w))).collect();
         let wl = |i: usize, w: &super::WsmMetrics| vec![("shard", i.to_string()), ("wsm", w.wsm.clone())];
-        let link_families: [(&str, MetricType, &str, fn(&super::WsmMetrics) -> &AtomicU64); 4] = [
+        let link_families: [LinkFamily; 4] = [
             ("holdfast_links_up", MetricType::Gauge, "WSM links currently up", |w| &w.links_up),
             ("holdfast_link_connects_total", MetricType::Counter, "WSM link connections established", |w| &w.link_connects_total),
             ("holdfast_link_failures_total", MetricType::Counter, "WSM link connection attempts or links that failed", |w| {

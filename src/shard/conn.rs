@@ -21,7 +21,7 @@ use super::tunnel::{self, Tunnel};
 use crate::identity::{ConnectionId, DeviceIdentity};
 use crate::link::codec::{CloseReason, Open};
 use crate::metrics::ShardMetrics;
-use crate::tls::handshake::{Established, Handshake, Progress, Refusal};
+use crate::tls::handshake::{Established, Handshake, HandshakeError, Progress, Refusal};
 use crate::tls::record::{Opened, RecordError, RecordLayer};
 use crate::upgrade::snapshot::Resume;
 use crate::ws::frame::{self, WsError, close};
@@ -33,7 +33,7 @@ use crate::ws::upgrade::{self, UpgradeRequest};
 pub(super) enum End {
     Io(std::io::Error),
     Eof,
-    Refused(Refusal, String),
+    Refused(Box<HandshakeError>),
     Record(RecordError),
     BadUpgrade(u16, &'static str),
     Ws(WsError),
@@ -259,9 +259,24 @@ impl Device {
     /// process: then the socket is only released here (no FIN, no linger).
     async fn close(mut self, end: End, key: usize) {
         match &end {
-            End::Refused(r, detail) => {
-                tracing::info!(device = %self.addr, conn = %self.id, reason = r.label(), %detail, "handshake refused")
-            }
+            End::Refused(e) => match e.presented.as_deref().and_then(crate::identity::CertFacts::of) {
+                Some(f) => tracing::info!(
+                    device = %self.addr,
+                    conn = %self.id,
+                    reason = e.reason.label(),
+                    subject = %f.subject,
+                    serial = %f.serial,
+                    sha256 = %f.sha256,
+                    issuer = %f.issuer,
+                    not_before = %f.not_before,
+                    not_after = %f.not_after,
+                    detail = %e.detail,
+                    "handshake refused"
+                ),
+                None => {
+                    tracing::info!(device = %self.addr, conn = %self.id, reason = e.reason.label(), detail = %e.detail, "handshake refused")
+                }
+            },
             End::Eof | End::DeviceClosed => tracing::debug!(device = %self.addr, conn = %self.id, "device closed"),
             End::HandedOver => {
                 ShardMetrics::inc(&self.shard.metrics.connections_handed_over_total);
@@ -309,14 +324,14 @@ impl Device {
         let started = std::time::Instant::now();
         let est = match monoio::time::timeout(timeout, self.handshake()).await {
             Ok(Ok(est)) => est,
-            Ok(Err(End::Refused(r, d))) => {
-                m.refusal(r);
-                return Err(End::Refused(r, d));
+            Ok(Err(End::Refused(e))) => {
+                m.refusal(e.reason);
+                return Err(End::Refused(e));
             }
             Ok(Err(e)) => return Err(e),
             Err(_) => {
                 m.refusal(Refusal::Timeout);
-                return Err(End::Refused(Refusal::Timeout, format!("no handshake within {timeout:?}")));
+                return Err(End::Refused(Box::new(HandshakeError::new(Refusal::Timeout, format!("no handshake within {timeout:?}")))));
             }
         };
         ShardMetrics::inc(&m.handshakes_completed_total);
@@ -334,9 +349,14 @@ impl Device {
             b.vec().extend_from_slice(&leftover);
             self.rx = Some(b);
         }
+        let leaf = chain.first().cloned();
         let opened = match DeviceIdentity::from_chain(chain, self.addr) {
             Some(identity) => self.open_tunnel(&mut rl, identity).await,
-            None => Err(End::Refused(Refusal::BadHandshake, "device certificate does not parse".into())),
+            None => {
+                let e =
+                    HandshakeError { presented: leaf, ..HandshakeError::new(Refusal::BadHandshake, "device certificate does not parse") };
+                Err(End::Refused(Box::new(e)))
+            }
         };
         match opened {
             Ok((link, stream, early, resume)) => Ok((Tunnel::new(rl, link, stream, self.shard.cfg.ws.max_message_bytes, resume), early)),
@@ -441,7 +461,7 @@ impl Device {
 
     async fn handshake(&mut self) -> Result<Box<Established>, End> {
         let tls = &self.shard.tls;
-        let mut hs = Handshake::new(tls.server.clone(), tls.key_update_after).map_err(|e| End::Refused(e.reason, e.detail))?;
+        let mut hs = Handshake::new(tls.server.clone(), tls.key_update_after).map_err(|e| End::Refused(Box::new(e)))?;
         loop {
             self.read_more().await?;
             let mut out = Vec::new();
@@ -459,12 +479,12 @@ impl Device {
                 Ok(p) => {
                     self.write(out).await?;
                     if p == Progress::Finished {
-                        return hs.finish().map(Box::new).map_err(|e| End::Refused(e.reason, e.detail));
+                        return hs.finish().map(Box::new).map_err(|e| End::Refused(Box::new(e)));
                     }
                 }
                 Err(e) => {
                     let _ = self.write(out).await; // the alert
-                    return Err(End::Refused(e.reason, e.detail));
+                    return Err(End::Refused(Box::new(e)));
                 }
             }
         }

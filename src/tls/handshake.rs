@@ -67,6 +67,15 @@ impl Refusal {
 pub struct HandshakeError {
     pub reason: Refusal,
     pub detail: String,
+    /// The device's leaf certificate (DER), when the refusal is about it:
+    /// for the log line an operator searches (subject, serial, fingerprint).
+    pub presented: Option<Vec<u8>>,
+}
+
+impl HandshakeError {
+    pub fn new(reason: Refusal, detail: impl Into<String>) -> Self {
+        HandshakeError { reason, detail: detail.into(), presented: None }
+    }
 }
 
 /// TLS 1.3 application traffic secrets, caught from rustls's key log.
@@ -132,7 +141,7 @@ pub struct Handshake {
 
 impl Handshake {
     pub fn new(config: Arc<ServerConfig>, key_update_after: u64) -> Result<Self, HandshakeError> {
-        let conn = ServerConnection::new(config).map_err(|e| HandshakeError { reason: Refusal::BadHandshake, detail: e.to_string() })?;
+        let conn = ServerConnection::new(config).map_err(|e| HandshakeError::new(Refusal::BadHandshake, e.to_string()))?;
         Ok(Handshake { conn, captured: Captured::default(), inbuf: Vec::new(), key_update_after })
     }
 
@@ -179,16 +188,16 @@ impl Handshake {
 
     fn fail(&mut self, reason: Refusal, detail: String, out: &mut Vec<u8>) -> HandshakeError {
         self.drain_out(out); // rustls queued the alert for the device
-        HandshakeError { reason, detail }
+        HandshakeError { reason, detail, presented: super::verify::take_refused_leaf() }
     }
 
     /// Turns the finished handshake into record-layer state.
     pub fn finish(mut self) -> Result<Established, HandshakeError> {
-        let internal = |d: &str| HandshakeError { reason: Refusal::BadHandshake, detail: d.to_string() };
+        let internal = |d: &str| HandshakeError::new(Refusal::BadHandshake, d);
         let chain: Vec<Vec<u8>> =
             self.conn.peer_certificates().map(|c| c.iter().map(|c| c.as_ref().to_vec()).collect()).unwrap_or_default();
         if chain.is_empty() {
-            return Err(HandshakeError { reason: Refusal::NoCertificate, detail: "no client certificate".into() });
+            return Err(HandshakeError::new(Refusal::NoCertificate, "no client certificate"));
         }
         let version = match self.conn.protocol_version() {
             Some(ProtocolVersion::TLSv1_3) => Version::Tls13,

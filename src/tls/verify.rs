@@ -5,7 +5,8 @@
 //! within its validity period unless its CA is marked `ignore_validity`. For
 //! those CAs only the clock check is skipped; signatures, chain, key usage and
 //! everything else are still verified by webpki. Never counts or logs: the
-//! handshake driver classifies the error it returns.
+//! handshake driver classifies the error it returns, and takes the refused
+//! certificate (for the log line) from a thread-local slot.
 
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
@@ -18,6 +19,23 @@ use rustls::server::danger::{ClientCertVerified, ClientCertVerifier};
 use rustls::{CertificateError, DigitallySignedStruct, DistinguishedName, Error, RootCertStore, SignatureScheme};
 
 use super::blocklist::Blocklist;
+
+thread_local! {
+    /// The leaf certificate of the last refused device on this thread, for
+    /// the refusal's log line. rustls calls the verifier synchronously from
+    /// `process_new_packets`, and the handshake driver takes the slot right
+    /// after that call fails, so it never outlives one handshake step.
+    static REFUSED_LEAF: std::cell::RefCell<Option<Vec<u8>>> = const { std::cell::RefCell::new(None) };
+}
+
+/// Takes the certificate the verifier last refused on this thread.
+pub fn take_refused_leaf() -> Option<Vec<u8>> {
+    REFUSED_LEAF.with(|s| s.borrow_mut().take())
+}
+
+fn note_refused(leaf: &[u8]) {
+    REFUSED_LEAF.with(|s| *s.borrow_mut() = Some(leaf.to_vec()));
+}
 
 /// One configured issuing CA (or bundle of CAs from one file).
 pub struct CaGroup {
@@ -143,6 +161,7 @@ impl ClientCertVerifier for DeviceVerifier {
         now: UnixTime,
     ) -> Result<ClientCertVerified, Error> {
         if self.blocklist().blocks(end_entity.as_ref()) {
+            note_refused(end_entity.as_ref());
             return Err(Error::InvalidCertificate(CertificateError::Revoked));
         }
         // Prefer the most specific failure: "expired" (chain matched a CA)
@@ -157,6 +176,7 @@ impl ClientCertVerifier for DeviceVerifier {
                 Err(_) => {}
             }
         }
+        note_refused(end_entity.as_ref());
         Err(best)
     }
 
