@@ -1,0 +1,35 @@
+//! The systemd unit: systemd-analyze accepts it (no warning either), and it
+//! checks the config before every start.
+
+use std::path::Path;
+use std::process::Command;
+
+fn unit() -> String {
+    std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("systemd/holdfast.service")).unwrap()
+}
+
+#[test]
+fn the_unit_passes_systemd_analyze_verify_without_a_warning() {
+    let ok = Command::new("systemd-analyze").arg("--version").output().map(|o| o.status.success()).unwrap_or(false);
+    assert!(ok, "systemd-analyze is missing: apt-get install systemd (.ci/run installs it)");
+    let dir = tempfile::tempdir().unwrap();
+    // The unit names the installed binary; point it at the one just built.
+    let text = unit().replace("/usr/local/bin/holdfast", env!("CARGO_BIN_EXE_holdfast"));
+    let path = dir.path().join("holdfast.service");
+    std::fs::write(&path, text).unwrap();
+    let out = Command::new("systemd-analyze").args(["verify", "--man=no"]).arg(&path).output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{err}");
+    assert!(err.trim().is_empty(), "systemd-analyze warns: {err}");
+}
+
+#[test]
+fn every_start_checks_the_config_it_runs() {
+    let u = unit();
+    let line = |key: &str| u.lines().find(|l| l.starts_with(key)).unwrap_or_else(|| panic!("no {key}")).to_string();
+    let start = line("ExecStart=");
+    let pre = line("ExecStartPre=");
+    let config = start.split("--config ").nth(1).unwrap().trim();
+    assert_eq!(pre, format!("ExecStartPre=/usr/local/bin/holdfast check-config {config}"));
+    assert!(u.contains("LimitNOFILE=") && u.contains("LimitMEMLOCK=infinity"));
+}
