@@ -218,3 +218,62 @@ fn toml_errors_name_their_key_without_internal_type_names() {
         assert!(!err.contains(internal), "{internal}: {err}");
     }
 }
+
+fn holdfast(args: &[&str]) -> (Option<i32>, String, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_holdfast")).args(args).output().unwrap();
+    (out.status.code(), String::from_utf8_lossy(&out.stdout).into(), String::from_utf8_lossy(&out.stderr).into())
+}
+
+#[test]
+fn version_names_the_commit_and_the_tls_libraries() {
+    let (code, out, _) = holdfast(&["--version"]);
+    assert_eq!(code, Some(0));
+    assert!(out.starts_with(&format!("holdfast {} (commit ", env!("CARGO_PKG_VERSION"))), "{out}");
+    assert!(out.contains(", rustls 0.23.") && out.contains(", ring 0.17."), "{out}");
+    assert!(!out.contains("commit unknown"), "built from a git checkout: {out}");
+    let (_, wsm, _) = {
+        let o = Command::new(env!("CARGO_BIN_EXE_holdfast-wsm")).arg("--version").output().unwrap();
+        (o.status.code(), String::from_utf8_lossy(&o.stdout).into_owned(), ())
+    };
+    assert!(wsm.contains("(commit "), "{wsm}");
+}
+
+#[test]
+fn run_help_lists_the_signals_and_environment() {
+    let (code, out, _) = holdfast(&["run", "--help"]);
+    assert_eq!(code, Some(0));
+    for s in [
+        "SIGTERM",
+        "SIGINT",
+        "SIGQUIT",
+        "SIGUSR2",
+        "SIGHUP",
+        "SIGKILL",
+        "HOLDFAST_LOG",
+        "HOLDFAST_LOG_FORMAT",
+        "HOLDFAST_UPGRADE_EXE",
+        "HOLDFAST_HOSTS",
+        "NOTIFY_SOCKET",
+    ] {
+        assert!(out.contains(s), "{s} missing:\n{out}");
+    }
+}
+
+#[test]
+fn log_filters_are_checked_and_take_per_module_directives() {
+    let pki = Pki::new();
+    let good = holdfast::pki::example_config("127.0.0.1:0", "127.0.0.1:9", "1", "127.0.0.1:0");
+    let path = pki.path().join("log.toml");
+    std::fs::write(&path, good).unwrap();
+    let p = path.to_str().unwrap();
+    let (code, _, err) = holdfast(&["--log", "verbose", "check-config", p]);
+    assert_eq!(code, Some(2), "{err}");
+    assert!(err.contains("'verbose' is not a log level") && err.contains("error, warn, info, debug, trace"), "{err}");
+    let (code, _, err) = holdfast(&["--log", "warn,holdfast::tls=debug", "check-config", p]);
+    assert_eq!(code, Some(0), "{err}");
+    let (code, _, err) = holdfast(&["--log-format", "yaml", "check-config", p]);
+    assert_eq!(code, Some(2), "{err}");
+    assert!(err.contains("text") && err.contains("json"), "{err}");
+    let out = Command::new(env!("CARGO_BIN_EXE_holdfast")).args(["check-config", p]).env("HOLDFAST_LOG", "bogus=").output().unwrap();
+    assert_eq!(out.status.code(), Some(2), "a bad HOLDFAST_LOG is refused too");
+}
