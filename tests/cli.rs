@@ -4,11 +4,7 @@ mod common;
 
 use std::process::Command;
 
-use common::Pki;
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
-}
+use common::{Pki, free_port};
 
 #[test]
 fn check_config_accepts_a_good_file_and_names_every_bad_key() {

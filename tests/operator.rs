@@ -6,14 +6,10 @@ mod common;
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
-use common::{Pki, eventually, metric, opts, start_holdfast_config, start_wsm};
+use common::{Pki, eventually, free_port, metric, opts, start_holdfast_config, start_wsm};
 use holdfast::device::Device;
 use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
-}
 
 /// A config on fixed ports (a second instance must find them taken).
 fn fixed_config(pki: &Pki, wsm: std::net::SocketAddr) -> (std::path::PathBuf, u16, u16) {

@@ -194,47 +194,38 @@ impl Collector for Sources {
             MetricType::Histogram,
             per_wsm.iter().map(|(i, w)| (wl(*i, w), hist(&w.open_seconds))).collect(),
         )?;
-        family(
-            e,
-            "holdfast_server_certificate_expiry_timestamp_seconds",
-            "end of the server certificate's validity (Unix seconds)",
-            MetricType::Gauge,
-            vec![(vec![], Sample::Gauge(self.node.server_cert_not_after.load(Relaxed)))],
-        )?;
-        family(
-            e,
-            "holdfast_shards_alive",
-            "shard threads running (a shard that ended is a bug: see the log)",
-            MetricType::Gauge,
-            vec![(vec![], Sample::Gauge(shards.iter().filter(|m| m.alive.load(Relaxed)).count() as i64))],
-        )?;
+        // Node and process figures: one sample each, no labels.
         let p = super::process::read();
-        let one = |v: Sample| vec![(Labels::new(), v)];
-        family(
-            e,
-            "process_cpu_seconds_total",
-            "user and system CPU time of the process",
-            MetricType::Counter,
-            one(Sample::Seconds(p.cpu_seconds)),
-        )?;
-        family(e, "process_open_fds", "open file descriptors", MetricType::Gauge, one(Sample::Gauge(p.open_fds as i64)))?;
-        family(
-            e,
-            "process_max_fds",
-            "the process's limit on open file descriptors (soft RLIMIT_NOFILE)",
-            MetricType::Gauge,
-            one(Sample::Gauge(p.max_fds as i64)),
-        )?;
-        family(e, "process_resident_memory_bytes", "resident memory", MetricType::Gauge, one(Sample::Gauge(p.rss_bytes as i64)))?;
-        family(e, "process_virtual_memory_bytes", "virtual memory", MetricType::Gauge, one(Sample::Gauge(p.vsize_bytes as i64)))?;
-        family(
-            e,
-            "process_start_time_seconds",
-            "start of the process (Unix seconds)",
-            MetricType::Gauge,
-            one(Sample::GaugeF(p.start_time_seconds)),
-        )?;
-        family(e, "process_threads", "threads of the process", MetricType::Gauge, one(Sample::Gauge(p.threads as i64)))?;
+        let alive = shards.iter().filter(|m| m.alive.load(Relaxed)).count() as i64;
+        let singles: [(&str, MetricType, &str, Sample); 9] = [
+            (
+                "holdfast_server_certificate_expiry_timestamp_seconds",
+                MetricType::Gauge,
+                "end of the server certificate's validity (Unix seconds)",
+                Sample::Gauge(self.node.server_cert_not_after.load(Relaxed)),
+            ),
+            (
+                "holdfast_shards_alive",
+                MetricType::Gauge,
+                "shard threads running (a shard that ended is a bug: see the log)",
+                Sample::Gauge(alive),
+            ),
+            ("process_cpu_seconds_total", MetricType::Counter, "user and system CPU time of the process", Sample::Seconds(p.cpu_seconds)),
+            ("process_open_fds", MetricType::Gauge, "open file descriptors", Sample::Gauge(p.open_fds as i64)),
+            (
+                "process_max_fds",
+                MetricType::Gauge,
+                "the process's limit on open file descriptors (soft RLIMIT_NOFILE)",
+                Sample::Gauge(p.max_fds as i64),
+            ),
+            ("process_resident_memory_bytes", MetricType::Gauge, "resident memory", Sample::Gauge(p.rss_bytes as i64)),
+            ("process_virtual_memory_bytes", MetricType::Gauge, "virtual memory", Sample::Gauge(p.vsize_bytes as i64)),
+            ("process_start_time_seconds", MetricType::Gauge, "start of the process (Unix seconds)", Sample::GaugeF(p.start_time_seconds)),
+            ("process_threads", MetricType::Gauge, "threads of the process", Sample::Gauge(p.threads as i64)),
+        ];
+        for (name, t, help, v) in singles {
+            family(e, name, help, t, vec![(Labels::new(), v)])?;
+        }
         Ok(())
     }
 }

@@ -254,6 +254,11 @@ pub fn metric(proxy: &Proc, name: &str, label: &str) -> u64 {
         .sum()
 }
 
+/// A loopback port free a moment ago (for tests that need a fixed port).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
 /// Polls until `f` is true or panics after `secs`.
 pub fn eventually(secs: u64, what: &str, mut f: impl FnMut() -> bool) {
     let deadline = std::time::Instant::now() + Duration::from_secs(secs);
