@@ -139,10 +139,28 @@ fn recommend_sizes_a_node_from_the_measured_figures() {
         assert!(out.contains(line), "missing «{line}»:\n{out}");
     }
     assert!(!out.contains("warning"), "{out}");
+    // Steady message load adds cores: 20000/(2900*0.7) + 100000/(19000*0.7) = 9.9 + 7.5.
+    let (_, out, _) = run(&[
+        "recommend",
+        "--devices",
+        "2500000",
+        "--cpus",
+        "32",
+        "--memory-gib",
+        "64",
+        "--handshakes-per-sec",
+        "20000",
+        "--messages-per-sec",
+        "100000",
+    ]);
+    assert!(out.contains("shards = 18") && out.contains("7.5 core(s) for 100000 device messages/s"), "{out}");
     // Too small a node is said so.
     let (code, out, _) = run(&["recommend", "--devices", "2500000", "--cpus", "2", "--memory-gib", "8"]);
     assert_eq!(code, 0);
-    assert!(out.contains("warning: this node has 2 CPU(s)") && out.contains("warning: this node has 8.0 GiB of RAM"), "{out}");
+    assert!(
+        out.contains("warning: this node has 2 CPU(s), 5 shard(s) needed") && out.contains("warning: this node has 8.0 GiB of RAM"),
+        "{out}"
+    );
     let (code, _, err) = run(&["recommend", "--devices", "0"]);
     assert_eq!(code, 2, "{err}");
 }

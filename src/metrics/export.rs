@@ -234,23 +234,26 @@ impl Collector for Sources {
 mod tests {
     use super::*;
 
-    fn sources() -> Sources {
+    /// The sources, and a link's hold on its WSM entry (which keeps it).
+    fn sources() -> (Sources, Arc<crate::metrics::WsmMetrics>) {
         let a = Arc::new(ShardMetrics::new(&["fleet-2019.pem".into()]));
         let b = Arc::new(ShardMetrics::new(&["fleet-2019.pem".into()]));
         ShardMetrics::inc(&a.connections_accepted_total);
         b.refusal(Refusal::Blocked);
         a.accepted_under(0, true);
-        ShardMetrics::inc(&b.wsm("127.0.0.1:9000").links_up);
+        let link = b.wsm("127.0.0.1:9000");
+        ShardMetrics::inc(&link.links_up);
         a.handshake_seconds.observe(std::time::Duration::from_millis(3));
         let node = Arc::new(NodeMetrics::default());
         node.server_cert_not_after.store(4_070_908_800, Relaxed);
-        Sources { shards: vec![a, b], node }
+        (Sources { shards: vec![a, b], node }, link)
     }
 
     /// Every family's samples directly follow its own TYPE line.
     #[test]
     fn every_family_is_contiguous_and_typed_once() {
-        let text = render(&sources());
+        let (src, _link) = sources();
+        let text = render(&src);
         let mut seen = std::collections::HashSet::new();
         let mut current = String::new();
         for line in text.lines() {
@@ -268,7 +271,8 @@ mod tests {
 
     #[test]
     fn series_carry_their_labels() {
-        let text = render(&sources());
+        let (src, _link) = sources();
+        let text = render(&src);
         for want in [
             "holdfast_connections_accepted_total{shard=\"0\"} 1",
             "holdfast_handshake_refused_total{shard=\"1\",reason=\"blocked\"} 1",

@@ -105,7 +105,8 @@ mod tests {
         ShardMetrics::inc(&a.accept_loops);
         ShardMetrics::inc(&b.accept_loops);
         assert_eq!(ready(&src).unwrap_err(), "no WSM link up");
-        ShardMetrics::inc(&b.wsm("127.0.0.1:9000").links_up);
+        let link = b.wsm("127.0.0.1:9000");
+        ShardMetrics::inc(&link.links_up);
         assert!(ready(&src).is_ok());
         drop(crate::metrics::AliveGuard(b));
         assert!(healthy(&src).unwrap_err().contains("[1]"));

@@ -218,9 +218,13 @@ impl ShardMetrics {
         w
     }
 
-    /// Every WSM's counters (a copy of the list).
+    /// Every WSM's counters (a copy of the list). Entries no link holds any
+    /// more (the address left the pool and its links are gone) are dropped
+    /// here, so a departed WSM's series end instead of showing 0 forever.
     pub fn wsms(&self) -> Vec<Arc<WsmMetrics>> {
-        self.wsms.lock().unwrap_or_else(|p| p.into_inner()).clone()
+        let mut all = self.wsms.lock().unwrap_or_else(|p| p.into_inner());
+        all.retain(|w| Arc::strong_count(w) > 1);
+        all.clone()
     }
 
     /// Links up on this shard, over every WSM.
@@ -264,14 +268,20 @@ mod tests {
     }
 
     #[test]
-    fn wsm_entries_are_made_once() {
+    fn wsm_entries_are_made_once_and_dropped_with_their_last_link() {
         let m = ShardMetrics::new(&["a.pem".into()]);
         let a = m.wsm("10.0.0.1:9000");
         ShardMetrics::inc(&a.links_up);
-        ShardMetrics::inc(&m.wsm("10.0.0.1:9000").links_up);
-        ShardMetrics::inc(&m.wsm("10.0.0.2:9000").links_up);
+        let a2 = m.wsm("10.0.0.1:9000");
+        ShardMetrics::inc(&a2.links_up);
+        let b = m.wsm("10.0.0.2:9000");
+        ShardMetrics::inc(&b.links_up);
         assert_eq!(m.wsms().len(), 2);
         assert_eq!(m.links_up(), 3);
+        drop(b);
+        assert_eq!(m.wsms().len(), 1, "10.0.0.2 has no link any more");
+        drop(a);
+        assert_eq!(m.wsms().len(), 1, "10.0.0.1 still has one");
         m.accepted_under(0, true);
         m.accepted_under(7, false);
         assert_eq!(m.ca_accepted[0].validity_ignored.load(Relaxed), 1);
