@@ -68,6 +68,8 @@ fn every_command_the_quickstart_prints_runs_as_printed() {
         .stderr(std::process::Stdio::null())
         .spawn()
         .unwrap();
+    // Stopped even if an assertion fails first.
+    let _stop = common::KillOnDrop(child.id() as i32);
     let mut lines = Vec::new();
     for l in std::io::BufReader::new(child.stdout.take().unwrap()).lines() {
         let l = l.unwrap();

@@ -116,6 +116,7 @@ fn a_closed_stdout_does_not_stop_holdfast() {
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
+    let _stop = common::KillOnDrop(child.id() as i32);
     drop(child.stdout.take());
     let mut o = holdfast::device::DeviceOptions { addr: ([127, 0, 0, 1], port).into(), ..opts_for(&pki) };
     o.timeout = Duration::from_secs(5);
