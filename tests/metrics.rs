@@ -10,8 +10,13 @@ use common::{Pki, eventually, metric, metrics, opts, start_proxy, start_wsm};
 use holdfast::device::Device;
 
 fn get(addr: std::net::SocketAddr, path: &str) -> (u16, String, String) {
+    get_with(addr, path, "")
+}
+
+/// GET with extra header lines (each ending in \r\n).
+fn get_with(addr: std::net::SocketAddr, path: &str, headers: &str) -> (u16, String, String) {
     let mut s = TcpStream::connect(addr).unwrap();
-    write!(s, "GET {path} HTTP/1.1\r\nHost: x\r\n\r\n").unwrap();
+    write!(s, "GET {path} HTTP/1.1\r\nHost: x\r\n{headers}\r\n").unwrap();
     let mut out = String::new();
     s.read_to_string(&mut out).unwrap();
     let (head, body) = out.split_once("\r\n\r\n").unwrap();
@@ -19,17 +24,16 @@ fn get(addr: std::net::SocketAddr, path: &str) -> (u16, String, String) {
     (status, head.to_string(), body.to_string())
 }
 
-/// Python's OpenMetrics parser (prometheus_client, installed by .ci/run)
-/// reads the text; prints family name, type and sample count a line.
-fn parse_with_python(text: &str) -> String {
-    let script = r#"
-import sys
-from prometheus_client.openmetrics.parser import text_string_to_metric_families
-for f in text_string_to_metric_families(sys.stdin.read()):
-    print(f.name, f.type, len(f.samples))
-"#;
+/// A parser of Python's prometheus_client (installed by .ci/run) reads the
+/// text: `prometheus_client.openmetrics.parser` or the classic
+/// `prometheus_client.parser`. Prints family name, type and sample count a
+/// line.
+fn parse_with_python(module: &str, text: &str) -> String {
+    let script = format!(
+        "import sys\nfrom {module} import text_string_to_metric_families\nfor f in text_string_to_metric_families(sys.stdin.read()):\n    print(f.name, f.type, len(f.samples))\n"
+    );
     let mut child = std::process::Command::new("python3")
-        .args(["-c", script])
+        .args(["-c", &script])
         .stdin(std::process::Stdio::piped())
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::piped())
@@ -76,7 +80,7 @@ fn metrics_parse_as_openmetrics_with_every_family_contiguous() {
         }
     }
 
-    let parsed = parse_with_python(&text);
+    let parsed = parse_with_python("prometheus_client.openmetrics.parser", &text);
     let families: Vec<(&str, &str)> = parsed
         .lines()
         .map(|l| {
@@ -119,6 +123,25 @@ fn metrics_parse_as_openmetrics_with_every_family_contiguous() {
     assert!(fds >= 4.0 && value("process_max_fds") >= fds, "{text}");
     assert!(value("process_resident_memory_bytes") > 1e6);
     assert!(!text.contains("holdfast_upgrades_completed"), "renamed: it counts 101 answers, not live upgrades");
+
+    // A client that asks for the classic text format gets it, every family
+    // typed and whole for that format's parser too.
+    let (status, head, classic) = get_with(proxy.metrics.unwrap(), "/metrics", "Accept: text/plain; version=0.0.4\r\n");
+    assert_eq!(status, 200);
+    assert!(head.contains("text/plain; version=0.0.4"), "{head}");
+    let parsed = parse_with_python("prometheus_client.parser", &classic);
+    let names: Vec<(&str, &str)> = parsed
+        .lines()
+        .map(|l| {
+            let mut p = l.split(' ');
+            (p.next().unwrap(), p.next().unwrap())
+        })
+        .collect();
+    assert!(!names.iter().any(|(_, t)| *t == "unknown" || *t == "untyped"), "untyped in the classic format: {parsed}");
+    let unique: std::collections::BTreeSet<&str> = names.iter().map(|(n, _)| *n).collect();
+    assert_eq!(unique.len(), names.len(), "a family appears twice: {parsed}");
+    assert!(names.contains(&("holdfast_connections_accepted", "counter")), "{parsed}");
+    assert_eq!(names.len(), families.len());
     drop(devs);
 }
 

@@ -26,6 +26,61 @@ pub struct Sources {
 
 /// The content type of [`render`]'s text.
 pub const CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
+/// The content type of [`render_prometheus_text`]'s.
+pub const CONTENT_TYPE_TEXT: &str = "text/plain; version=0.0.4; charset=utf-8";
+
+/// Which format a scraper asked for with its `Accept` header: OpenMetrics
+/// unless it names `text/plain` and not OpenMetrics (Prometheus itself asks
+/// for OpenMetrics first; old clients and the classic text parsers ask for
+/// `text/plain; version=0.0.4`; `*/*` and no header get OpenMetrics).
+pub fn wants_prometheus_text(accept: Option<&str>) -> bool {
+    accept.is_some_and(|a| {
+        let a = a.to_ascii_lowercase();
+        a.contains("text/plain") && !a.contains("application/openmetrics-text")
+    })
+}
+
+/// The same exposition in the Prometheus text format 0.0.4, for clients
+/// that do not read OpenMetrics: a counter family is named with its
+/// `_total` suffix, the build info is a gauge, and there is no `# EOF`.
+/// Samples are the same lines.
+pub fn render_prometheus_text(src: &Sources) -> String {
+    to_prometheus_text(&render(src))
+}
+
+fn to_prometheus_text(openmetrics: &str) -> String {
+    let lines: Vec<&str> = openmetrics.lines().collect();
+    // The family name and type each TYPE line declares.
+    let types: std::collections::HashMap<&str, &str> =
+        lines.iter().filter_map(|l| l.strip_prefix("# TYPE ")).filter_map(|rest| rest.split_once(' ')).collect();
+    let rename = |name: &str| -> (String, Option<&'static str>) {
+        match types.get(name).copied() {
+            Some("counter") => (format!("{name}_total"), None),
+            Some("info") => (format!("{name}_info"), Some("gauge")),
+            _ => (name.to_string(), None),
+        }
+    };
+    let mut out = String::with_capacity(openmetrics.len());
+    for l in lines {
+        if l == "# EOF" {
+            continue;
+        }
+        let header = l.strip_prefix("# HELP ").map(|r| ("HELP", r)).or_else(|| l.strip_prefix("# TYPE ").map(|r| ("TYPE", r)));
+        match header {
+            Some((kind, rest)) => {
+                let (name, tail) = rest.split_once(' ').unwrap_or((rest, ""));
+                let (new, as_type) = rename(name);
+                let tail = if kind == "TYPE" { as_type.unwrap_or(tail) } else { tail };
+                out.push_str(&format!("# {kind} {new} {tail}\n"));
+            }
+            None => {
+                out.push_str(l);
+                out.push('\n');
+            }
+        }
+    }
+    out
+}
 
 /// The whole exposition, ending in `# EOF`.
 pub fn render(src: &Sources) -> String {
@@ -267,6 +322,29 @@ mod tests {
         }
         assert!(text.ends_with("# EOF\n"));
         assert!(seen.len() > 40, "{}", seen.len());
+    }
+
+    #[test]
+    fn prometheus_text_names_counters_with_total_and_has_no_eof() {
+        let (src, _link) = sources();
+        let text = render_prometheus_text(&src);
+        assert!(text.contains("# TYPE holdfast_connections_accepted_total counter\n"), "{text}");
+        assert!(text.contains("# HELP holdfast_connections_accepted_total TCP connections accepted\n"), "{text}");
+        assert!(text.contains("# TYPE holdfast_build_info gauge\n"), "{text}");
+        assert!(text.contains("# TYPE holdfast_connections_active gauge\n"), "{text}");
+        assert!(text.contains("# TYPE holdfast_handshake_duration_seconds histogram\n"), "{text}");
+        assert!(!text.contains("# EOF"));
+        assert!(text.contains("holdfast_connections_accepted_total{shard=\"0\"} 1\n"));
+    }
+
+    #[test]
+    fn the_accept_header_picks_the_format() {
+        let prometheus = "application/openmetrics-text;version=1.0.0,application/openmetrics-text;version=0.0.1;q=0.75,text/plain;version=0.0.4;q=0.5,*/*;q=0.1";
+        assert!(!wants_prometheus_text(Some(prometheus)));
+        assert!(wants_prometheus_text(Some("text/plain; version=0.0.4")));
+        assert!(wants_prometheus_text(Some("text/plain;version=0.0.4;q=0.3,*/*;q=0.1")));
+        assert!(!wants_prometheus_text(Some("*/*")));
+        assert!(!wants_prometheus_text(None));
     }
 
     #[test]

@@ -3,8 +3,8 @@
 //!
 //! Owns: the listening socket (SO_REUSEPORT, so a live upgrade's successor
 //! binds the same address while the old process still answers), a minimal
-//! HTTP/1.1 exchange per connection, and the meaning of health and
-//! readiness. Never touches a shard: it reads atomics.
+//! HTTP/1.1 exchange per connection, the format a scraper's `Accept` asks
+//! for, and the meaning of health and readiness. Never touches a shard: it reads atomics.
 
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
@@ -65,11 +65,18 @@ fn answer(mut s: TcpStream, src: &Sources) {
             break;
         }
     }
-    let line = String::from_utf8_lossy(&req[..n]);
-    let mut parts = line.split_whitespace();
+    let head = String::from_utf8_lossy(&req[..n]);
+    let mut parts = head.split_whitespace();
     let (method, target) = (parts.next().unwrap_or(""), parts.next().unwrap_or(""));
     let path = target.split('?').next().unwrap_or("");
+    let accept = head.lines().skip(1).find_map(|l| {
+        let (k, v) = l.split_once(':')?;
+        k.trim().eq_ignore_ascii_case("accept").then(|| v.trim())
+    });
     let (status, ctype, body) = match (method, path) {
+        ("GET" | "HEAD", "/metrics") if export::wants_prometheus_text(accept) => {
+            ("200 OK", export::CONTENT_TYPE_TEXT, export::render_prometheus_text(src))
+        }
         ("GET" | "HEAD", "/metrics") => ("200 OK", export::CONTENT_TYPE, export::render(src)),
         ("GET" | "HEAD", "/healthz") => match healthy(src) {
             Ok(()) => ("200 OK", "text/plain", "ok\n".into()),
