@@ -112,8 +112,22 @@ fn ms(key: &str, v: u64, errs: &mut Vec<ConfigError>) -> Duration {
 impl Config {
     /// Reads and validates a config file.
     pub fn load(path: &Path) -> Result<Config, Vec<ConfigError>> {
-        let text = std::fs::read_to_string(path).map_err(|e| vec![err("(file)", format!("cannot read {}: {e}", path.display()))])?;
-        Self::parse(&text, path)
+        match Self::check(path) {
+            (Some(c), errs) if errs.is_empty() => Ok(c),
+            (_, errs) => Err(errs),
+        }
+    }
+
+    /// Reads and validates a config file, returning every problem and,
+    /// unless the file could not be read at all, the config as far as it is
+    /// usable (a bad value replaced by a placeholder), so that callers can
+    /// check the files it names in the same pass (`check-config` reports
+    /// everything at once).
+    pub fn check(path: &Path) -> (Option<Config>, Vec<ConfigError>) {
+        match std::fs::read_to_string(path) {
+            Ok(text) => Self::check_on(&text, path, &crate::cpus::Facts::current()),
+            Err(e) => (None, vec![err("(file)", format!("cannot read {}: {e}", path.display()))]),
+        }
     }
 
     /// Validates config text as if read from `path`.
@@ -123,22 +137,25 @@ impl Config {
 
     /// As [`Config::parse`], against the given CPU facts (tests).
     pub fn parse_on(text: &str, path: &Path, cpus: &crate::cpus::Facts) -> Result<Config, Vec<ConfigError>> {
+        match Self::check_on(text, path, cpus) {
+            (Some(c), errs) if errs.is_empty() => Ok(c),
+            (_, errs) => Err(errs),
+        }
+    }
+
+    /// As [`Config::check`], for text.
+    pub fn check_on(text: &str, path: &Path, cpus: &crate::cpus::Facts) -> (Option<Config>, Vec<ConfigError>) {
         let (file, mut errs) = file::read(text);
         let Some(file) = file else {
-            return Err(errs);
+            return (None, errs);
         };
-        match Self::validate_on(file, path, cpus) {
-            Ok(c) if errs.is_empty() => Ok(c),
-            Ok(_) => Err(errs),
-            Err(more) => {
-                // A key left out for its bad type may be reported again as
-                // missing; once is enough.
-                let more: Vec<ConfigError> =
-                    more.into_iter().filter(|m| !m.msg.starts_with("required") || !errs.iter().any(|e| e.key == m.key)).collect();
-                errs.extend(more);
-                Err(errs)
-            }
-        }
+        let (config, more) = Self::build(file, path, cpus);
+        // A key left out for its bad type may be reported again as missing;
+        // once is enough.
+        let more: Vec<ConfigError> =
+            more.into_iter().filter(|m| !m.msg.starts_with("required") || !errs.iter().any(|e| e.key == m.key)).collect();
+        errs.extend(more);
+        (Some(config), errs)
     }
 
     pub fn validate(f: FileConfig, path: &Path) -> Result<Config, Vec<ConfigError>> {
@@ -146,6 +163,15 @@ impl Config {
     }
 
     pub fn validate_on(f: FileConfig, path: &Path, facts: &crate::cpus::Facts) -> Result<Config, Vec<ConfigError>> {
+        match Self::build(f, path, facts) {
+            (c, errs) if errs.is_empty() => Ok(c),
+            (_, errs) => Err(errs),
+        }
+    }
+
+    /// The runtime config and every problem found; where a value is bad
+    /// the config holds a placeholder, so it is usable only for checking.
+    fn build(f: FileConfig, path: &Path, facts: &crate::cpus::Facts) -> (Config, Vec<ConfigError>) {
         let base = path.parent().map(Path::to_path_buf).unwrap_or_default();
         let resolve = |p: &str| {
             if Path::new(p).is_absolute() { PathBuf::from(p) } else { base.join(p) }
@@ -358,10 +384,7 @@ impl Config {
             errs.push(err("upgrade.moving_per_shard", "must be between 1 and 65536"));
         }
 
-        if !errs.is_empty() {
-            return Err(errs);
-        }
-        Ok(Config {
+        let config = Config {
             path: path.to_path_buf(),
             listen,
             shard_cpus,
@@ -373,7 +396,8 @@ impl Config {
             metrics,
             pid_file,
             upgrade_moving_per_shard: f.upgrade.moving_per_shard as usize,
-        })
+        };
+        (config, errs)
     }
 }
 

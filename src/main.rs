@@ -178,8 +178,25 @@ fn print_errors(what: &str, errs: &[String]) -> ExitCode {
     ExitCode::from(2)
 }
 
+/// The config and every file it names (certificates, keys, CAs, blocklist),
+/// checked in one pass so that every problem is reported at once.
+fn load_checked(path: &std::path::Path) -> Result<(Config, holdfast::tls::server::TlsContext), Vec<String>> {
+    let (cfg, mut errs) = Config::check(path);
+    if let Some(cfg) = cfg {
+        // The TLS files can be checked when their keys themselves are right.
+        if !errs.iter().any(|e| e.key.starts_with("tls")) {
+            match holdfast::tls::server::TlsContext::load(&cfg.tls) {
+                Ok(tls) if errs.is_empty() => return Ok((cfg, tls)),
+                Ok(_) => {}
+                Err(more) => errs.extend(more),
+            }
+        }
+    }
+    Err(errs.iter().map(|e| e.to_string()).collect())
+}
+
 fn load_strings(path: &std::path::Path) -> Result<Config, Vec<String>> {
-    Config::load(path).map_err(|es| es.iter().map(|e| e.to_string()).collect())
+    load_checked(path).map(|(c, _)| c)
 }
 
 fn load(path: &std::path::Path) -> Result<Config, ExitCode> {
@@ -262,27 +279,19 @@ fn run(config: PathBuf) -> ExitCode {
 }
 
 fn check_config(file: PathBuf) -> ExitCode {
-    let cfg = match load(&file) {
-        Ok(c) => c,
-        Err(code) => return code,
+    let (cfg, tls) = match load_checked(&file) {
+        Ok(both) => both,
+        Err(es) => return print_errors(&file.display().to_string(), &es),
     };
-    match holdfast::tls::server::TlsContext::load(&cfg.tls) {
-        Ok(tls) => {
-            for w in &tls.warnings {
-                esay!("  warning: {w}");
-            }
-            say!(
-                "{}: ok{}",
-                file.display(),
-                if tls.warnings.is_empty() { String::new() } else { format!(" with {} warning(s)", tls.warnings.len()) }
-            );
-            say!("  listen {} with {} shard(s) on CPUs {:?}", cfg.listen, cfg.shard_cpus.len(), cfg.shard_cpus);
-            say!("  {} device CA file(s), {} blocklist entr(y/ies)", cfg.tls.client_cas.len(), tls.verifier.blocklist().len());
-            say!("  WSM hosts {:?}, {} link(s) per shard each", cfg.upstream.wsm, cfg.upstream.links_per_shard);
-            ExitCode::SUCCESS
-        }
-        Err(es) => print_errors(&file.display().to_string(), &es.iter().map(|e| e.to_string()).collect::<Vec<_>>()),
+    for w in &tls.warnings {
+        esay!("  warning: {w}");
     }
+    let warned = if tls.warnings.is_empty() { String::new() } else { format!(" with {} warning(s)", tls.warnings.len()) };
+    say!("{}: ok{warned}", file.display());
+    say!("  listen {} with {} shard(s) on CPUs {:?}", cfg.listen, cfg.shard_cpus.len(), cfg.shard_cpus);
+    say!("  {} device CA file(s), {} blocklist entr(y/ies)", cfg.tls.client_cas.len(), tls.verifier.blocklist().len());
+    say!("  WSM hosts {:?}, {} link(s) per shard each", cfg.upstream.wsm, cfg.upstream.links_per_shard);
+    ExitCode::SUCCESS
 }
 
 /// `p` as one shell word: bare when it holds only safe characters, else in

@@ -27,8 +27,10 @@ fn check_config_accepts_a_good_file_and_names_every_bad_key() {
     assert_eq!(out.status.code(), Some(2));
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("listen.addr") && err.contains("websocket.max_message_bytes"), "{err}");
+    // The missing CA file too, in the same report.
+    assert!(err.contains("tls.client_ca[1].file") && err.contains("missing.pem") && err.contains("3 error(s)"), "{err}");
 
-    // File problems are reported once the syntax and values are right.
+    // File problems alone.
     let path2 = pki.path().join("bad2.toml");
     std::fs::write(&path2, good.replace("fleet-2024.pem", "missing.pem")).unwrap();
     let out = Command::new(env!("CARGO_BIN_EXE_holdfast")).arg("check-config").arg(&path2).output().unwrap();

@@ -268,6 +268,7 @@ impl Device {
                     serial = %f.serial,
                     sha256 = %f.sha256,
                     issuer = %f.issuer,
+                    ca = %self.shard.tls.verifier.ca_name(std::slice::from_ref(e.presented.as_ref().unwrap_or(&Vec::new()))),
                     not_before = %f.not_before,
                     not_after = %f.not_after,
                     detail = %e.detail,

@@ -141,6 +141,15 @@ impl DeviceVerifier {
         None
     }
 
+    /// The configured CA file (its name) whose CA issued this chain, for
+    /// logs: "none" when no configured CA did (an unknown issuer).
+    pub fn ca_name(&self, chain: &[Vec<u8>]) -> String {
+        self.issuing_ca(chain, 0)
+            .and_then(|(i, _)| self.groups.get(i))
+            .map(|g| std::path::Path::new(&g.name).file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_else(|| g.name.clone()))
+            .unwrap_or_else(|| "none".into())
+    }
+
     pub fn blocklist(&self) -> Arc<Blocklist> {
         match self.blocklist.read() {
             Ok(g) => g.clone(),
