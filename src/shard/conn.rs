@@ -259,8 +259,8 @@ impl Device {
     /// process: then the socket is only released here (no FIN, no linger).
     async fn close(mut self, end: End, key: usize) {
         match &end {
-            End::Refused(e) => match e.presented.as_deref().and_then(crate::identity::CertFacts::of) {
-                Some(f) => tracing::info!(
+            End::Refused(e) => match e.presented.as_ref().and_then(|leaf| Some((leaf, crate::identity::CertFacts::of(leaf)?))) {
+                Some((leaf, f)) => tracing::info!(
                     device = %self.addr,
                     conn = %self.id,
                     reason = e.reason.label(),
@@ -268,7 +268,7 @@ impl Device {
                     serial = %f.serial,
                     sha256 = %f.sha256,
                     issuer = %f.issuer,
-                    ca = %self.shard.tls.verifier.ca_name(std::slice::from_ref(e.presented.as_ref().unwrap_or(&Vec::new()))),
+                    ca = %self.shard.tls.verifier.ca_name(std::slice::from_ref(leaf)),
                     not_before = %f.not_before,
                     not_after = %f.not_after,
                     detail = %e.detail,
