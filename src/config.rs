@@ -80,6 +80,8 @@ pub struct WsConfig {
     pub max_message_bytes: usize,
     pub idle_timeout: Option<Duration>,
     pub ping_interval: Option<Duration>,
+    /// `None`: never.
+    pub write_stall_timeout: Option<Duration>,
     pub forward_headers: Vec<String>,
 }
 
@@ -302,6 +304,7 @@ impl Config {
             max_message_bytes: w.max_message_bytes,
             idle_timeout: secs(w.idle_timeout_secs),
             ping_interval: secs(w.ping_interval_secs),
+            write_stall_timeout: secs(w.write_stall_timeout_secs),
             forward_headers: w.forward_headers.iter().map(|h| h.to_ascii_lowercase()).collect(),
         };
 

@@ -98,9 +98,19 @@ pub fn tls_stream(o: &DeviceOptions) -> Result<StreamOwned<ClientConnection, Tcp
 /// As [`tls_stream`] with a given client configuration (one shared by
 /// several connections keeps their session tickets, so they can resume).
 pub fn tls_stream_with(o: &DeviceOptions, config: Arc<ClientConfig>) -> Result<StreamOwned<ClientConnection, TcpStream>, DeviceError> {
+    let tcp = TcpStream::connect_timeout(&o.addr, o.timeout)?;
+    tls_stream_on(o, config, tcp)
+}
+
+/// As [`tls_stream_with`] on a TCP connection the caller made (e.g. with
+/// a small receive buffer, for a device that reads slowly).
+pub fn tls_stream_on(
+    o: &DeviceOptions,
+    config: Arc<ClientConfig>,
+    tcp: TcpStream,
+) -> Result<StreamOwned<ClientConnection, TcpStream>, DeviceError> {
     let name = ServerName::try_from(o.server_name.clone()).map_err(|e| DeviceError::Setup(e.to_string()))?;
     let conn = ClientConnection::new(config, name).map_err(|e| DeviceError::Setup(e.to_string()))?;
-    let tcp = TcpStream::connect_timeout(&o.addr, o.timeout)?;
     tcp.set_read_timeout(Some(o.timeout))?;
     tcp.set_nodelay(true)?;
     let mut tls = StreamOwned::new(conn, tcp);
@@ -118,7 +128,13 @@ impl Device {
 
     /// As [`Device::connect`] with a shared client configuration.
     pub fn connect_with(o: &DeviceOptions, config: Arc<ClientConfig>) -> Result<Device, DeviceError> {
-        let mut tls = tls_stream_with(o, config)?;
+        let tcp = TcpStream::connect_timeout(&o.addr, o.timeout)?;
+        Device::connect_on(o, config, tcp)
+    }
+
+    /// As [`Device::connect_with`] on a TCP connection the caller made.
+    pub fn connect_on(o: &DeviceOptions, config: Arc<ClientConfig>, tcp: TcpStream) -> Result<Device, DeviceError> {
+        let mut tls = tls_stream_on(o, config, tcp)?;
         let mut key = [0u8; 20];
         ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut key)
             .map_err(|_| DeviceError::Setup("no randomness".into()))?;

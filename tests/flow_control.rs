@@ -64,3 +64,125 @@ fn slow_device_cannot_make_holdfast_buffer_what_the_wsm_sends() {
     }
     assert_eq!(metric(&proxy, "holdfast_messages_to_devices_total", ""), COUNT as u64);
 }
+
+/// A WSM that floods a device on request ("flood") and echoes everything else.
+struct FloodOnRequest {
+    floods: AtomicU64,
+}
+
+const FLOOD_MSGS: usize = 16; // 16 x 64 KiB = 1 MiB per stalled device
+
+impl App for FloodOnRequest {
+    fn open(&self, _: &StreamInfo) -> Decision {
+        Decision::Accept { subprotocol: None }
+    }
+    fn message(&self, _: &StreamInfo, binary: bool, data: &[u8], out: &mut Replies) {
+        if data == b"flood" {
+            for _ in 0..FLOOD_MSGS {
+                out.binary(vec![7u8; MSG]);
+            }
+            self.floods.fetch_add(1, Ordering::Relaxed);
+        } else if binary {
+            out.binary(data.to_vec());
+        } else {
+            out.text(String::from_utf8_lossy(data).into_owned());
+        }
+    }
+}
+
+/// A device whose socket has a tiny receive buffer and an Ethernet-sized
+/// segment (on loopback the MSS is 64 KiB, and holdfast's send buffer would
+/// grow with it to megabytes): once it stops reading, what holdfast sends
+/// it backs up at once.
+fn stalled_device(pki: &Pki, proxy: &Proc) -> Device {
+    let o = opts(pki, proxy, "oven-1");
+    let s = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+    s.set_recv_buffer_size(4096).unwrap();
+    s.set_tcp_mss(1400).unwrap();
+    s.connect(&o.addr.into()).unwrap();
+    let config = Arc::new(holdfast::device::client_config(&o).unwrap());
+    Device::connect_on(&o, config, s.into()).unwrap()
+}
+
+fn exchange(d: &mut Device, tag: &str, n: usize) {
+    for i in 0..n {
+        let m = format!("{tag}-{i}");
+        d.send_text(&m).unwrap();
+        assert_eq!(d.recv_text().unwrap(), m, "lost or reordered");
+    }
+}
+
+/// Hundreds of devices that stop reading, and then disconnect, hold up no
+/// other device on their shard: a stalled stream holds its own window, never
+/// the link's, and the link's credit is whole again afterwards.
+#[test]
+fn devices_that_stop_reading_and_leave_hold_up_no_other_device() {
+    const STALLED: usize = 200; // 200 x 256 KiB stream windows = 50 MiB > the 16 MiB link window
+    let pki = Pki::new();
+    let app = Arc::new(FloodOnRequest { floods: AtomicU64::new(0) });
+    let server = Server::bind("127.0.0.1:0".parse().unwrap(), app.clone(), "flood".into()).unwrap();
+    let wsm: SocketAddr = server.local_addr().unwrap();
+    std::thread::spawn(move || server.serve());
+    let proxy = start_proxy(&pki, &[wsm], 1, "", "max_message_bytes = 65536");
+    let credit = |p: &Proc| metric(p, "holdfast_link_peer_credit_bytes", "");
+    eventually(10, "the link up with its whole window", || credit(&proxy) == 16 << 20);
+
+    let mut healthy: Vec<Device> = (0..10).map(|_| Device::connect(&opts(&pki, &proxy, "oven-1")).unwrap()).collect();
+    let mut stalled = Vec::new();
+    for _ in 0..STALLED {
+        let mut d = stalled_device(&pki, &proxy);
+        d.send_text("flood").unwrap();
+        stalled.push(d);
+    }
+    eventually(30, "every flood sent", || app.floods.load(Ordering::Relaxed) == STALLED as u64);
+    // Give holdfast time to fill every stalled stream's window.
+    std::thread::sleep(Duration::from_millis(500));
+
+    // The other devices on the shard still talk, nothing lost or reordered.
+    let threads: Vec<_> = healthy
+        .drain(..)
+        .enumerate()
+        .map(|(i, mut d)| {
+            std::thread::spawn(move || {
+                exchange(&mut d, &format!("healthy-{i}"), 20);
+                d
+            })
+        })
+        .collect();
+    let joined: Vec<_> = threads.into_iter().map(|t| t.join()).collect();
+    if joined.iter().any(|j| j.is_err()) {
+        let log = std::fs::read_to_string(&proxy.stderr_log).unwrap();
+        let ends: Vec<&str> = log.lines().filter(|l| l.contains("ended") || l.contains("WARN") || l.contains("ERROR")).take(40).collect();
+        panic!("a healthy device was held up; holdfast log:\n{}", ends.join("\n"));
+    }
+    let mut healthy: Vec<Device> = joined.into_iter().map(|j| j.unwrap()).collect();
+
+    // The stalled devices leave; every byte of credit comes back.
+    drop(stalled);
+    eventually(20, "the stalled devices gone", || metric(&proxy, "holdfast_connections_active", "") == healthy.len() as u64);
+    eventually(10, "the link's credit whole again", || credit(&proxy) == 16 << 20);
+    for (i, d) in healthy.iter_mut().enumerate() {
+        exchange(d, &format!("after-{i}"), 5);
+    }
+    let mut fresh = Device::connect(&opts(&pki, &proxy, "oven-1")).unwrap();
+    exchange(&mut fresh, "fresh", 5);
+}
+
+/// A device that reads nothing while holdfast has bytes for it is closed
+/// after `write_stall_timeout_secs`, counted; others are untouched.
+#[test]
+fn a_device_that_stops_reading_is_closed_after_the_write_stall_time() {
+    let pki = Pki::new();
+    let app = Arc::new(FloodOnRequest { floods: AtomicU64::new(0) });
+    let server = Server::bind("127.0.0.1:0".parse().unwrap(), app.clone(), "flood".into()).unwrap();
+    let wsm: SocketAddr = server.local_addr().unwrap();
+    std::thread::spawn(move || server.serve());
+    let proxy = start_proxy(&pki, &[wsm], 1, "", "max_message_bytes = 65536\nwrite_stall_timeout_secs = 1");
+    let mut healthy = Device::connect(&opts(&pki, &proxy, "oven-1")).unwrap();
+    let mut stalled = stalled_device(&pki, &proxy);
+    stalled.send_text("flood").unwrap();
+    eventually(10, "the stalled device closed", || metric(&proxy, "holdfast_write_stall_closes_total", "") == 1);
+    eventually(5, "only the healthy device left", || metric(&proxy, "holdfast_connections_active", "") == 1);
+    exchange(&mut healthy, "still here", 5);
+    eventually(10, "the link's credit whole again", || metric(&proxy, "holdfast_link_peer_credit_bytes", "") == 16 << 20);
+}

@@ -167,6 +167,10 @@ pub struct WebSocketFile {
     pub idle_timeout_secs: u64,
     /// Seconds between server pings to an otherwise quiet device (0 = never).
     pub ping_interval_secs: u64,
+    /// Seconds a device may go without reading while holdfast has bytes for
+    /// it; then it is closed (0 = never). Bounds what a device that stopped
+    /// reading holds: its stream's window and one I/O buffer.
+    pub write_stall_timeout_secs: u64,
     /// Request headers passed to the WSM (lowercase names).
     pub forward_headers: Vec<String>,
 }
@@ -179,6 +183,7 @@ impl Default for WebSocketFile {
             max_message_bytes: 1 << 20,
             idle_timeout_secs: 600,
             ping_interval_secs: 0,
+            write_stall_timeout_secs: 120,
             forward_headers: vec!["user-agent".into(), "origin".into(), "x-device-firmware".into()],
         }
     }

@@ -244,6 +244,13 @@ impl Collector for Sources {
         }
         family(
             e,
+            "holdfast_link_peer_credit_bytes",
+            "credit the WSM has for sending on this shard's links to it: 16 MiB per link up, less what holdfast has not yet returned",
+            MetricType::Gauge,
+            per_wsm.iter().map(|(i, w)| (wl(*i, w), Sample::Gauge(w.peer_credit.load(Relaxed)))).collect(),
+        )?;
+        family(
+            e,
             "holdfast_wsm_open_duration_seconds",
             "time from sending a stream's OPEN to the WSM's ACCEPT or REFUSE",
             MetricType::Histogram,

@@ -61,6 +61,7 @@ shard_series! {
     key_updates_sent_total: Counter, "TLS 1.3 KeyUpdates sent by holdfast";
     key_updates_received_total: Counter, "TLS 1.3 KeyUpdates received from devices";
     idle_timeouts_total: Counter, "connections closed for inactivity";
+    write_stall_closes_total: Counter, "connections closed because the device read nothing for websocket.write_stall_timeout_secs";
     streams_detached_total: Counter, "streams whose WSM went away (link lost or goaway), to be resumed elsewhere";
     streams_moved_total: Counter, "streams moved off a WSM that sent goaway (HANDOFF, ack, close)";
     streams_resumed_total: Counter, "detached streams re-opened on another WSM with their held messages sent";
@@ -114,6 +115,10 @@ pub struct WsmMetrics {
     pub link_connects_total: AtomicU64,
     pub link_failures_total: AtomicU64,
     pub link_liveness_failures_total: AtomicU64,
+    /// Credit the WSM has for sending to holdfast on this shard's links to it
+    /// (their windows less what holdfast has not returned yet): back to
+    /// `links x 16 MiB` whenever holdfast has caught up.
+    pub peer_credit: AtomicI64,
     /// From OPEN sent to ACCEPT or REFUSE received.
     pub open_seconds: Histogram,
 }
@@ -212,6 +217,7 @@ impl ShardMetrics {
             link_connects_total: AtomicU64::new(0),
             link_failures_total: AtomicU64::new(0),
             link_liveness_failures_total: AtomicU64::new(0),
+            peer_credit: AtomicI64::new(0),
             open_seconds: Histogram::default(),
         });
         all.push(w.clone());

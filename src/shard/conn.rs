@@ -11,7 +11,7 @@ use std::rc::Rc;
 use std::time::{Duration, Instant};
 
 use monoio::buf::IoBufMut;
-use monoio::io::{AsyncReadRent, AsyncWriteRent, AsyncWriteRentExt};
+use monoio::io::{AsyncReadRent, AsyncWriteRent};
 use monoio::net::TcpStream;
 
 use super::ShardCtx;
@@ -44,6 +44,9 @@ pub(super) enum End {
     WsmClosed,
     LinkLost,
     Idle,
+    /// The device read nothing for `websocket.write_stall_timeout_secs`
+    /// while holdfast had bytes for it.
+    WriteStall,
     /// The connection moved to a new process (live upgrade).
     HandedOver,
 }
@@ -211,9 +214,40 @@ impl Device {
         if data.is_empty() {
             return Ok(data);
         }
-        let (res, data) = self.tcp.io().write_all(data).await;
+        let (res, data) = self.write_all(data).await;
         res?;
         Ok(data)
+    }
+
+    /// Writes all of `data`. Each write that makes no progress for
+    /// `websocket.write_stall_timeout_secs` ends the connection
+    /// ([`End::WriteStall`], counted): a device that stopped reading holds
+    /// its stream's window and a pool buffer for that long at most. The
+    /// buffer comes back unless the stall cancelled its write.
+    async fn write_all(&mut self, mut data: Vec<u8>) -> (Result<(), End>, Vec<u8>) {
+        use monoio::buf::IoBuf;
+        let stall = self.shard.cfg.ws.write_stall_timeout;
+        let mut off = 0;
+        while off < data.len() {
+            let write = self.tcp.io().write(data.slice(off..));
+            let (res, slice) = match stall {
+                None => write.await,
+                Some(t) => match monoio::time::timeout(t, write).await {
+                    Ok(done) => done,
+                    Err(_) => {
+                        ShardMetrics::inc(&self.shard.metrics.write_stall_closes_total);
+                        return (Err(End::WriteStall), Vec::new());
+                    }
+                },
+            };
+            data = slice.into_inner();
+            match res {
+                Ok(0) => return (Err(End::Io(std::io::ErrorKind::WriteZero.into())), data),
+                Ok(n) => off += n,
+                Err(e) => return (Err(End::Io(e)), data),
+            }
+        }
+        (Ok(()), data)
     }
 
     /// Decrypts every whole record in rx, passing plaintext to `sink`. Reply
@@ -492,21 +526,15 @@ impl Device {
     }
 
     /// Seals `plain` and writes it to the device.
-    /// Seals `plain` into a pool buffer and writes it; the buffer goes back
-    /// to the pool when the write completes.
+    /// Seals `plain` into a buffer of its own and writes it. Not a pool
+    /// buffer: a device that stops reading keeps its write pending until the
+    /// write-stall time, and its bytes must not hold a buffer other devices
+    /// need to be read (the pool is for reads). What it holds meanwhile is
+    /// bounded by its stream's window.
     pub(super) async fn send(&mut self, rl: &mut RecordLayer, plain: &[u8]) -> Result<(), End> {
-        let mut buf = self.shard.pool.take().await;
-        let mut out = buf.lend();
-        out.reserve(RecordLayer::sealed_len(plain.len()));
-        let sealed = rl.seal(plain, &mut out).map_err(End::Record);
-        if let Err(e) = sealed {
-            buf.restore(out);
-            return Err(e);
-        }
-        let (res, out) = self.tcp.io().write_all(out).await;
-        buf.restore(out);
-        res?;
-        Ok(())
+        let mut out = Vec::with_capacity(RecordLayer::sealed_len(plain.len()));
+        rl.seal(plain, &mut out).map_err(End::Record)?;
+        self.write_all(out).await.0
     }
 
     async fn read_upgrade(&mut self, rl: &mut RecordLayer) -> Result<(UpgradeRequest, Vec<u8>), End> {

@@ -23,6 +23,10 @@ use crate::metrics::ShardMetrics;
 /// Credit holdfast grants a WSM for the whole link.
 pub const LINK_WINDOW: u32 = 16 << 20;
 
+/// The most credit a WSM can give holdfast on a stream or a link: more than
+/// any window, far from overflow however often it sends CREDIT.
+const MAX_CREDIT: i64 = 1 << 40;
+
 /// How a stream's open ended.
 #[derive(Debug, Clone)]
 pub enum OpenResult {
@@ -34,6 +38,10 @@ pub enum OpenResult {
 #[derive(Default)]
 pub struct StreamShared {
     pub stream_id: u32,
+    /// The link connection (generation) the stream was opened on: credit is
+    /// only ever returned to that one (a reconnected link numbers its
+    /// streams afresh).
+    generation: u64,
     pub opened: Option<OpenResult>,
     /// Messages from the WSM waiting to be written to the device.
     pub inbox: VecDeque<(bool, Vec<u8>)>,
@@ -152,7 +160,10 @@ struct LinkState {
     peer_max_frame: u32,
     /// Credit to send messages on the whole link.
     link_credit: i64,
-    /// Bytes delivered (or dropped) whose link credit is not yet returned.
+    /// Bytes the WSM sent whose link credit is not yet returned. holdfast
+    /// returns link credit as soon as a message leaves the link for its
+    /// stream (at the end of each read), so devices that stop reading hold
+    /// only their own stream's window, never the link's (6.3).
     link_owed: u64,
 }
 
@@ -260,7 +271,12 @@ impl Link {
         }
         st.next_stream += 1;
         let id = st.next_stream;
-        let shared = Rc::new(RefCell::new(StreamShared { stream_id: id, send_credit: st.peer_stream_window, ..Default::default() }));
+        let shared = Rc::new(RefCell::new(StreamShared {
+            stream_id: id,
+            generation: st.generation,
+            send_credit: st.peer_stream_window,
+            ..Default::default()
+        }));
         st.streams.insert(id, shared.clone());
         self.push(&mut st, &Frame::Open { stream: id, open: Box::new(open) });
         Some(shared)
@@ -293,34 +309,32 @@ impl Link {
         }
     }
 
-    /// Returns credit for `n` bytes the device has been sent (or that were
-    /// dropped). Credit goes back in batches, once a quarter of a window is
-    /// owed: the WSM always keeps at least three quarters of its window, so
-    /// it never stalls, and a small message costs no extra link write.
-    pub fn return_credit(&self, stream: u32, n: usize) {
-        if n == 0 {
-            return;
-        }
+    /// Returns stream credit for `n` bytes the device has been sent. Credit
+    /// goes back in batches, once a quarter of a window is owed: the WSM
+    /// always keeps at least three quarters of its window, so it never
+    /// stalls, and a small message costs no extra link write. (Link credit
+    /// went back when the bytes left the link.) Nothing is returned to a
+    /// stream of another link connection, nor to a closed stream.
+    pub fn return_credit(&self, s: &mut StreamShared, n: usize) {
         let mut st = self.st.borrow_mut();
-        if !st.up {
+        if n == 0 || !st.up || s.generation != st.generation || !st.streams.contains_key(&s.stream_id) {
             return;
         }
-        let n = n.min(u32::MAX as usize) as u32;
-        let stream_due = match st.streams.get(&stream) {
-            Some(s) => {
-                let mut s = s.borrow_mut();
-                s.credit_owed = s.credit_owed.saturating_add(n);
-                if s.credit_owed >= (self.stream_window / 4).max(1) { std::mem::take(&mut s.credit_owed) } else { 0 }
-            }
-            None => 0,
-        };
-        if stream_due > 0 {
-            self.push(&mut st, &Frame::Credit { stream, bytes: stream_due });
+        s.credit_owed = s.credit_owed.saturating_add(n.min(u32::MAX as usize) as u32);
+        if s.credit_owed >= (self.stream_window / 4).max(1) {
+            let bytes = std::mem::take(&mut s.credit_owed);
+            self.push(&mut st, &Frame::Credit { stream: s.stream_id, bytes });
         }
-        st.link_owed += n as u64;
-        if st.link_owed >= (LINK_WINDOW / 4) as u64 {
+    }
+
+    /// Returns the link credit of everything read so far (called after each
+    /// read from the WSM).
+    fn flush_link_credit(&self) {
+        let mut st = self.st.borrow_mut();
+        if st.up && st.link_owed > 0 {
             let bytes = std::mem::take(&mut st.link_owed).min(u32::MAX as u64) as u32;
             self.push(&mut st, &Frame::Credit { stream: 0, bytes });
+            self.metrics.peer_credit.fetch_add(bytes as i64, std::sync::atomic::Ordering::Relaxed);
         }
     }
 
@@ -367,15 +381,15 @@ impl Link {
                 }
             }
             Frame::Message { stream, binary, data } => {
-                let n = data.len();
-                match st.streams.get(&stream) {
-                    Some(s) => {
-                        let mut s = s.borrow_mut();
-                        s.inbox.push_back((binary, data));
-                        s.wake();
-                    }
-                    // A race with CLOSE: the bytes still count at link level.
-                    None => self.push(&mut st, &Frame::Credit { stream: 0, bytes: n as u32 }),
+                // The bytes leave the link now (for their stream, or dropped
+                // in a race with CLOSE): their link credit goes back after
+                // this read.
+                st.link_owed += data.len() as u64;
+                self.metrics.peer_credit.fetch_sub(data.len() as i64, std::sync::atomic::Ordering::Relaxed);
+                if let Some(s) = st.streams.get(&stream) {
+                    let mut s = s.borrow_mut();
+                    s.inbox.push_back((binary, data));
+                    s.wake();
                 }
             }
             Frame::Close { stream, code, text, .. } => {
@@ -387,7 +401,8 @@ impl Link {
             }
             Frame::Credit { stream: 0, bytes } => {
                 let was_blocked = st.link_credit <= 0;
-                st.link_credit += bytes as i64;
+                // Saturating: a WSM sending credit without end must not wrap it.
+                st.link_credit = st.link_credit.saturating_add(bytes as i64).min(MAX_CREDIT);
                 if was_blocked && st.link_credit > 0 {
                     for s in st.streams.values() {
                         s.borrow_mut().wake();
@@ -398,7 +413,7 @@ impl Link {
                 if let Some(s) = st.streams.get(&stream) {
                     let mut s = s.borrow_mut();
                     let was_blocked = s.send_credit <= 0;
-                    s.send_credit += bytes as i64;
+                    s.send_credit = s.send_credit.saturating_add(bytes as i64).min(MAX_CREDIT);
                     s.ack(bytes);
                     if was_blocked && s.send_credit > 0 {
                         s.wake();
@@ -430,6 +445,9 @@ impl Link {
         let mut st = self.st.borrow_mut();
         if st.up {
             ShardMetrics::dec(&self.metrics.links_up);
+            let held = LINK_WINDOW as i64 - st.link_owed as i64;
+            self.metrics.peer_credit.fetch_sub(held, std::sync::atomic::Ordering::Relaxed);
+            st.link_owed = 0;
         }
         st.up = false;
         st.generation += 1;
@@ -558,6 +576,7 @@ async fn read_loop<R: AsyncReadRent>(
             }
             ShardMetrics::inc(&link.metrics.links_up);
             ShardMetrics::inc(&link.metrics.link_connects_total);
+            link.metrics.peer_credit.fetch_add(LINK_WINDOW as i64, std::sync::atomic::Ordering::Relaxed);
             if *first {
                 *first = false;
                 *first_attempt.borrow_mut() += 1;
@@ -565,6 +584,7 @@ async fn read_loop<R: AsyncReadRent>(
             tracing::info!(host = %link.host, link = link.index, shard, node = %h.node, "WSM link up");
         }
         buf.drain(..off);
+        link.flush_link_credit();
     }
 }
 

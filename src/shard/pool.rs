@@ -105,8 +105,12 @@ impl PoolBuf {
         self.buf.take().unwrap_or_else(|| Vec::with_capacity(size))
     }
 
+    /// Gives back what `lend` took. A Vec smaller than a pool buffer (the
+    /// real one was lost to a cancelled I/O call) is not taken: the pool
+    /// must only ever hold full-size buffers, or a later read into it would
+    /// find no room.
     pub fn restore(&mut self, v: Vec<u8>) {
-        self.buf = Some(v);
+        self.buf = (v.capacity() >= self.pool.size()).then_some(v);
     }
 }
 
@@ -115,7 +119,8 @@ impl Drop for PoolBuf {
         let mut inner = self.pool.0.borrow_mut();
         // A buffer lent to an I/O call that never gave it back is replaced, so
         // the pool keeps its size.
-        let mut b = self.buf.take().unwrap_or_else(|| Vec::with_capacity(inner.size));
+        let size = inner.size;
+        let mut b = self.buf.take().filter(|b| b.capacity() >= size).unwrap_or_else(|| Vec::with_capacity(size));
         b.clear();
         if b.capacity() > inner.size * 2 {
             b.shrink_to(inner.size);
@@ -150,5 +155,22 @@ mod tests {
         drop(c);
         assert_eq!(p.available(), 1, "one back, `_b` still lent");
         assert_eq!(m.buffers_in_use.load(std::sync::atomic::Ordering::Relaxed), 1);
+    }
+
+    /// A cancelled write (a device that stopped reading) gives back an
+    /// empty Vec in place of its buffer: the pool must not keep it, or the
+    /// next connection to take it could not read at all.
+    #[test]
+    fn a_buffer_lost_to_a_cancelled_call_is_replaced_full_size() {
+        let m = Arc::new(ShardMetrics::default());
+        let p = Pool::new(1, MIN_BUFFER, m);
+        let mut a = p.try_take().unwrap();
+        let _lost = a.lend();
+        a.restore(Vec::new());
+        assert!(a.vec().capacity() >= MIN_BUFFER);
+        a.restore(Vec::new());
+        drop(a);
+        let mut b = p.try_take().unwrap();
+        assert!(b.vec().capacity() >= MIN_BUFFER, "a zero-capacity buffer went back into the pool");
     }
 }

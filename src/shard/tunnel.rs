@@ -369,7 +369,7 @@ async fn deliver(dev: &mut Device, t: &mut Tunnel) -> Option<End> {
             return Some(e);
         }
         dev.shard.metrics.messages_to_devices_total.fetch_add(msgs.len() as u64, std::sync::atomic::Ordering::Relaxed);
-        t.link.return_credit(t.sid, bytes);
+        t.link.return_credit(&mut t.stream.borrow_mut(), bytes);
     }
     if let Some((code, text)) = wsm_close {
         let code = if frame::valid_close_code(code) { code } else { close::NORMAL };
