@@ -186,3 +186,56 @@ fn a_device_that_stops_reading_is_closed_after_the_write_stall_time() {
     exchange(&mut healthy, "still here", 5);
     eventually(10, "the link's credit whole again", || metric(&proxy, "holdfast_link_peer_credit_bytes", "") == 16 << 20);
 }
+
+/// An echo WSM, for the frame-limit test.
+struct Echo;
+
+impl App for Echo {
+    fn open(&self, _: &StreamInfo) -> Decision {
+        Decision::Accept { subprotocol: None }
+    }
+    fn message(&self, _: &StreamInfo, _binary: bool, data: &[u8], out: &mut Replies) {
+        out.binary(data.to_vec());
+    }
+}
+
+/// A device message larger than the WSM's announced frame limit closes only
+/// that device, with 1009; the link (and every other device on it) stays.
+#[test]
+fn a_message_above_the_wsm_frame_limit_closes_only_its_device() {
+    let pki = Pki::new();
+    let server = Server::bind("127.0.0.1:0".parse().unwrap(), Arc::new(Echo), "small-frames".into()).unwrap().with_max_frame(1 << 20);
+    let wsm: SocketAddr = server.local_addr().unwrap();
+    std::thread::spawn(move || server.serve());
+    let proxy = start_proxy(&pki, &[wsm], 1, "", "max_message_bytes = 4194304");
+    let mut other = Device::connect(&opts(&pki, &proxy, "oven-1")).unwrap();
+    exchange(&mut other, "before", 3);
+    let mut big = Device::connect(&opts(&pki, &proxy, "oven-1")).unwrap();
+    // Just fits: 1 MiB minus the 6-byte header.
+    let fits = vec![1u8; (1 << 20) - 6];
+    big.send_binary(&fits).unwrap();
+    assert_eq!(big.recv_message().unwrap(), (false, fits));
+    big.send_binary(&vec![2u8; 2 << 20]).unwrap();
+    assert_eq!(big.recv_close().unwrap(), Some(1009));
+    exchange(&mut other, "after", 3);
+    assert_eq!(metric(&proxy, "holdfast_link_connects_total", ""), 1, "the link was never lost");
+    assert_eq!(metric(&proxy, "holdfast_link_failures_total", ""), 0);
+    assert_eq!(metric(&proxy, "holdfast_ws_error_closes_total", "code=\"1009\""), 1);
+    assert_eq!(metric(&proxy, "holdfast_wsm_unavailable_total", ""), 0);
+}
+
+/// holdfast's largest message reaches a default WSM whole, both ways.
+#[test]
+fn the_largest_message_holdfast_allows_passes_a_default_wsm() {
+    let pki = Pki::new();
+    let server = Server::bind("127.0.0.1:0".parse().unwrap(), Arc::new(Echo), "echo".into()).unwrap();
+    let wsm: SocketAddr = server.local_addr().unwrap();
+    std::thread::spawn(move || server.serve());
+    let proxy = start_proxy(&pki, &[wsm], 1, "", "max_message_bytes = 16777216");
+    let mut d = Device::connect(&opts(&pki, &proxy, "oven-1")).unwrap();
+    let m: Vec<u8> = (0..16_777_216u32).map(|i| (i % 253) as u8).collect();
+    d.send_binary(&m).unwrap();
+    let (text, back) = d.recv_message().unwrap();
+    assert!(!text && back == m, "not echoed whole");
+    assert_eq!(metric(&proxy, "holdfast_link_connects_total", ""), 1);
+}

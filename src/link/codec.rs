@@ -14,6 +14,20 @@ pub const HEADER_LEN: usize = 10;
 /// Frames larger than this are a protocol error unless both sides agree otherwise.
 pub const DEFAULT_MAX_FRAME: u32 = 16 << 20;
 
+/// Bytes a MESSAGE frame's length field counts besides its payload (type,
+/// flags, stream ID).
+pub const MESSAGE_OVERHEAD: u32 = 6;
+
+/// The largest frame any holdfast sends: a message of the largest
+/// `websocket.max_message_bytes` it allows (64 MiB) with its header. A WSM
+/// that announces and accepts this never has to refuse a device message.
+pub const LARGEST_FRAME: u32 = (64 << 20) + MESSAGE_OVERHEAD;
+
+/// Whether a MESSAGE with `payload` bytes fits a peer's `max_frame`.
+pub fn message_fits(payload: usize, max_frame: u32) -> bool {
+    payload as u64 + MESSAGE_OVERHEAD as u64 <= max_frame as u64
+}
+
 pub mod ty {
     pub const HELLO: u8 = 0x01;
     pub const OPEN: u8 = 0x02;

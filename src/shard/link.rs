@@ -282,6 +282,12 @@ impl Link {
         Some(shared)
     }
 
+    /// Whether a device message of `len` bytes fits the WSM's announced
+    /// frame limit (a larger one would make the WSM drop the whole link).
+    pub fn fits(&self, len: usize) -> bool {
+        codec::message_fits(len, self.st.borrow().peer_max_frame)
+    }
+
     /// Whether the device side of this stream may send now (both credits > 0).
     pub fn can_send(&self, s: &StreamShared) -> bool {
         let st = self.st.borrow();
@@ -463,6 +469,14 @@ impl Link {
     }
 }
 
+/// The largest frame holdfast accepts from a WSM (and says so in HELLO): a
+/// message of `websocket.max_message_bytes` with its header, at least the
+/// protocol's default.
+fn own_max_frame(cfg: &Config) -> u32 {
+    let m = (cfg.ws.max_message_bytes as u64 + codec::MESSAGE_OVERHEAD as u64).min(u32::MAX as u64) as u32;
+    m.max(codec::DEFAULT_MAX_FRAME)
+}
+
 /// Keeps one link connected for the life of the shard.
 pub async fn run_link(link: Rc<Link>, cfg: Arc<Config>, shard: u16, first_attempt: Rc<RefCell<usize>>) {
     let mut backoff = Duration::from_millis(100);
@@ -508,7 +522,7 @@ async fn connect_and_serve(
         shard,
         stream_window: cfg.upstream.stream_window,
         link_window: LINK_WINDOW,
-        max_frame: codec::DEFAULT_MAX_FRAME,
+        max_frame: own_max_frame(cfg),
     });
     let generation = {
         let mut st = link.st.borrow_mut();
@@ -517,7 +531,7 @@ async fn connect_and_serve(
         st.generation
     };
     let writer = monoio::spawn(write_loop(link.clone(), wr, generation, cfg.upstream.ping_interval));
-    let res = read_loop(link, &mut rd, shard, first, first_attempt, cfg.upstream.liveness_timeout).await;
+    let res = read_loop(link, &mut rd, shard, first, first_attempt, cfg.upstream.liveness_timeout, own_max_frame(cfg)).await;
     // Stop the writer of this connection before the next attempt.
     link.fail();
     writer.await;
@@ -531,6 +545,7 @@ async fn read_loop<R: AsyncReadRent>(
     first: &mut bool,
     first_attempt: &Rc<RefCell<usize>>,
     liveness: Duration,
+    max_frame: u32,
 ) -> Result<(), String> {
     let mut buf: Vec<u8> = Vec::with_capacity(64 * 1024);
     let mut hello_seen = false;
@@ -551,7 +566,7 @@ async fn read_loop<R: AsyncReadRent>(
             return Err("WSM closed the link".into());
         }
         let mut off = 0;
-        while let Some((frame, used)) = Frame::decode(&buf[off..], codec::DEFAULT_MAX_FRAME).map_err(|e| format!("protocol: {e}"))? {
+        while let Some((frame, used)) = Frame::decode(&buf[off..], max_frame).map_err(|e| format!("protocol: {e}"))? {
             off += used;
             if hello_seen {
                 link.on_frame(frame)?;

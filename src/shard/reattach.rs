@@ -209,6 +209,12 @@ pub async fn step(dev: &mut Device, t: &mut Tunnel) -> Option<End> {
             let Some((binary, m)) = h.msgs.pop_front() else { break };
             h.bytes -= m.len();
             add_held(&dev.shard, -(m.len() as i64));
+            // The new WSM may take smaller frames than the one that died.
+            if !t.link.fits(m.len()) {
+                dev.shard.metrics.ws_error(close::TOO_BIG);
+                dev.send_close(&mut t.rl, close::TOO_BIG, "message too big for the WSM").await;
+                return Some(End::Ws(crate::ws::frame::WsError { code: close::TOO_BIG, reason: "message too big for the WSM" }));
+            }
             t.link.send_message(&mut t.stream.borrow_mut(), binary, &m);
         }
         if h.msgs.is_empty() {

@@ -282,6 +282,13 @@ async fn burst(dev: &mut Device, t: &mut Tunnel, w: &mut Work) -> Option<End> {
     for ev in std::mem::take(&mut w.events) {
         match ev {
             Event::Message { text, data } => {
+                // A message the WSM cannot take in one frame would make it
+                // drop the link (every device on it): only this device is
+                // told, with 1009.
+                if t.held.is_none() && !t.link.fits(data.len()) {
+                    w.pending_err = Some(WsError { code: close::TOO_BIG, reason: "message too big for the WSM" });
+                    break;
+                }
                 match t.held.as_mut() {
                     Some(h) => reattach::hold(dev, h, !text, data),
                     None => t.link.send_message(&mut t.stream.borrow_mut(), !text, &data),

@@ -91,6 +91,8 @@ pub struct Server {
     node: String,
     parked: Parked,
     shared: Arc<Shared>,
+    /// The largest frame this WSM accepts (and announces in its HELLO).
+    max_frame: u32,
 }
 
 /// What every link thread of one server shares.
@@ -124,7 +126,23 @@ impl Drain {
 
 impl Server {
     pub fn bind(addr: SocketAddr, app: Arc<dyn App>, node: String) -> std::io::Result<Server> {
-        Ok(Server { listener: TcpListener::bind(addr)?, app, node, parked: Parked::default(), shared: Arc::default() })
+        Ok(Server {
+            listener: TcpListener::bind(addr)?,
+            app,
+            node,
+            parked: Parked::default(),
+            shared: Arc::default(),
+            max_frame: codec::LARGEST_FRAME,
+        })
+    }
+
+    /// Announces and accepts frames of at most `max_frame` bytes instead of
+    /// [`codec::LARGEST_FRAME`] (the largest any holdfast sends). holdfast
+    /// then closes a device whose message would not fit with 1009, and the
+    /// link stays up.
+    pub fn with_max_frame(mut self, max_frame: u32) -> Server {
+        self.max_frame = max_frame;
+        self
     }
 
     pub fn drain_handle(&self) -> Drain {
@@ -146,9 +164,10 @@ impl Server {
                 }
             };
             let (app, node, parked, shared) = (self.app.clone(), self.node.clone(), self.parked.clone(), self.shared.clone());
+            let max_frame = self.max_frame;
             std::thread::spawn(move || {
                 let peer = s.peer_addr().ok();
-                match serve_link(s, app, node, parked, shared) {
+                match serve_link(s, app, node, parked, shared, max_frame) {
                     Ok(()) => tracing::info!(?peer, "link closed"),
                     Err(e) => tracing::warn!(?peer, error = %e, "link ended"),
                 }
@@ -317,7 +336,7 @@ impl LinkConn {
     }
 }
 
-fn serve_link(s: TcpStream, app: Arc<dyn App>, node: String, parked: Parked, shared: Arc<Shared>) -> std::io::Result<()> {
+fn serve_link(s: TcpStream, app: Arc<dyn App>, node: String, parked: Parked, shared: Arc<Shared>, max_frame: u32) -> std::io::Result<()> {
     s.set_nodelay(true)?;
     let mut rd = s.try_clone()?;
     rd.set_read_timeout(Some(DRAIN_CHECK))?;
@@ -346,7 +365,7 @@ fn serve_link(s: TcpStream, app: Arc<dyn App>, node: String, parked: Parked, sha
         have += n;
         let mut off = 0;
         let step = loop {
-            match Frame::decode(&buf[off..have], codec::DEFAULT_MAX_FRAME) {
+            match Frame::decode(&buf[off..have], max_frame) {
                 Ok(Some((f, used))) => {
                     off += used;
                     if link.peer.is_none() {
@@ -368,7 +387,7 @@ fn serve_link(s: TcpStream, app: Arc<dyn App>, node: String, parked: Parked, sha
                             shard: 0,
                             stream_window: STREAM_WINDOW,
                             link_window: LINK_WINDOW,
-                            max_frame: codec::DEFAULT_MAX_FRAME,
+                            max_frame,
                         });
                         if let Err(e) = link.send(&hello) {
                             break Err(e);
