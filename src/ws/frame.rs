@@ -65,6 +65,9 @@ struct Frame {
     pos: u64,
 }
 
+/// The most a decoder reserves for a message before its bytes arrive.
+const INITIAL_RESERVE: usize = 4096;
+
 /// Streaming decoder for one direction of one connection. Its state is
 /// plain serializable data (a live upgrade moves it, partial frame and
 /// partial message included, to the new process).
@@ -200,7 +203,10 @@ impl Decoder {
                 if len > self.max_message as u64 {
                     return Err(WsError { code: close::TOO_BIG, reason: "message too big" });
                 }
-                self.msg = Some((opcode == op::TEXT, Vec::with_capacity(if fin { len as usize } else { (len as usize).min(4096) })));
+                // Room grows as the payload arrives: a header alone (a
+                // device that declares 64 MiB and sends nothing) costs no
+                // more than this.
+                self.msg = Some((opcode == op::TEXT, Vec::with_capacity((len as usize).min(INITIAL_RESERVE))));
             }
             op::CONT => {
                 let Some((_, m)) = &self.msg else {

@@ -155,3 +155,27 @@ proptest! {
         prop_assert!(ev.is_empty());
     }
 }
+
+/// A header declaring a huge message reserves nothing like it before the
+/// payload arrives (a device could otherwise make holdfast allocate
+/// max_message_bytes per connection with 14 bytes).
+#[test]
+fn a_declared_length_is_not_reserved_before_its_payload_arrives() {
+    let mut d = Decoder::new(64 << 20, true);
+    let mut ev = Vec::new();
+    let mut hdr = vec![0x82, 0xff];
+    hdr.extend_from_slice(&(60u64 << 20).to_be_bytes());
+    hdr.extend_from_slice(&[0, 0, 0, 0]);
+    d.feed(&hdr, &mut ev).unwrap();
+    let reserved = d.msg.as_ref().map(|(_, m)| m.capacity()).unwrap();
+    assert!(reserved <= INITIAL_RESERVE, "{reserved} bytes reserved for a header");
+    // The payload still assembles whole.
+    let mut d = Decoder::new(1 << 20, true);
+    let mut w = Vec::new();
+    let data = vec![9u8; 300_000];
+    encode(&mut w, op::BINARY, &data, M);
+    for chunk in w.chunks(7777) {
+        d.feed(chunk, &mut ev).unwrap();
+    }
+    assert_eq!(ev, vec![Event::Message { text: false, data }]);
+}
