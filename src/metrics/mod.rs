@@ -55,6 +55,7 @@ shard_series! {
     wsm_unavailable_total: Counter, "devices answered 503 because no WSM link was up";
     wsm_refused_total: Counter, "streams refused by a WSM";
     wsm_open_timeouts_total: Counter, "streams the WSM did not answer in time";
+    wsm_bad_accepts_total: Counter, "streams a WSM accepted with a subprotocol the device did not offer (device answered 502)";
     messages_from_devices_total: Counter, "WebSocket messages forwarded to WSMs";
     messages_to_devices_total: Counter, "WebSocket messages delivered to devices";
     tls_record_errors_total: Counter, "connections closed for a bad TLS record";

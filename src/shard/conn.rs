@@ -444,7 +444,16 @@ impl Device {
             link.metrics.open_seconds.observe(opening.elapsed());
         }
         let subprotocol = match answer {
-            Ok(Some(OpenResult::Accepted(sub))) => sub,
+            Ok(Some(OpenResult::Accepted(sub))) => match upgrade::checked_subprotocol(&resume.request.subprotocols, sub) {
+                Ok(sub) => sub,
+                Err(why) => {
+                    ShardMetrics::inc(&m.wsm_bad_accepts_total);
+                    tracing::warn!(conn = %self.id, host = %link.host, why, "WSM accept refused");
+                    link.close_stream(sid, CloseReason::Error, close::INTERNAL, why);
+                    let _ = self.send(rl, &upgrade::response_error(502, why)).await;
+                    return Err(End::WsmRefused(502));
+                }
+            },
             Ok(Some(OpenResult::Refused(status, reason))) => {
                 ShardMetrics::inc(&m.wsm_refused_total);
                 let status = if (400..600).contains(&status) { status } else { 403 };

@@ -113,6 +113,19 @@ pub fn accept_key(key: &str) -> String {
     base64::engine::general_purpose::STANDARD.encode(ctx.finish().as_ref())
 }
 
+/// The WSM's choice of subprotocol, checked before it goes into the 101:
+/// it must be one the device offered (RFC 6455 4.2.2), and a token, so it
+/// can neither break the response head nor add a header. Empty is none.
+pub fn checked_subprotocol(offered: &[String], chosen: Option<String>) -> Result<Option<String>, &'static str> {
+    let is_token = |s: &str| !s.is_empty() && s.bytes().all(|b| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b));
+    match chosen {
+        None => Ok(None),
+        Some(c) if c.is_empty() => Ok(None),
+        Some(c) if is_token(&c) && offered.contains(&c) => Ok(Some(c)),
+        Some(_) => Err("the WSM chose a subprotocol the device did not offer"),
+    }
+}
+
 pub fn response_101(key: &str, subprotocol: Option<&str>) -> Vec<u8> {
     let mut r = format!(
         "HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Accept: {}\r\n",
@@ -173,6 +186,15 @@ mod tests {
         assert_eq!(n, REQ.len());
         assert_eq!((r.path.as_str(), r.query.as_str()), ("/dev/ice", "x=1"));
         assert_eq!(r.subprotocols, vec!["v2.iot", "v1.iot"]);
+        assert_eq!(checked_subprotocol(&r.subprotocols, Some("v1.iot".into())), Ok(Some("v1.iot".into())));
+        assert_eq!(checked_subprotocol(&r.subprotocols, None), Ok(None));
+        assert_eq!(checked_subprotocol(&r.subprotocols, Some(String::new())), Ok(None));
+        for bad in ["v3.iot", "v1.iot\r\nSet-Cookie: a=b", "v1.iot ", ""] {
+            if !bad.is_empty() {
+                assert!(checked_subprotocol(&r.subprotocols, Some(bad.into())).is_err(), "{bad:?}");
+            }
+        }
+        assert!(checked_subprotocol(&["a\r\nX: y".to_string()], Some("a\r\nX: y".into())).is_err(), "not a token");
         assert_eq!(r.headers, vec![("user-agent".to_string(), "oven/1.0".to_string())]);
     }
 
