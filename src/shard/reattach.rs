@@ -260,12 +260,18 @@ pub async fn move_by_plan(dev: &mut Device, t: &mut Tunnel) -> Option<End> {
     if let Some(end) = super::tunnel::quiesce(dev, t).await {
         return Some(end);
     }
-    // The ack says the WSM processed everything sent before HANDOFF.
+    ShardMetrics::inc(&dev.shard.metrics.streams_moved_total);
+    leave_quiesced(dev, t);
+    step(dev, t).await
+}
+
+/// After a HANDOFF was acknowledged: the WSM has processed everything sent
+/// before it and sends nothing more, so the stream is closed as handed
+/// elsewhere and re-opened (resumed, paced) on a link.
+pub fn leave_quiesced(dev: &Device, t: &mut Tunnel) {
     t.stream.borrow_mut().unacked.clear();
     t.link.close_stream(t.sid, CloseReason::HandedElsewhere, 1000, "");
-    ShardMetrics::inc(&dev.shard.metrics.streams_moved_total);
     detach(dev, t, true);
-    step(dev, t).await
 }
 
 /// Runs on each shard: when a link's WSM sends goaway (or its address left
@@ -335,18 +341,20 @@ pub fn adopt(dev: &Device, t: &mut Tunnel, msgs: Vec<(bool, Vec<u8>)>) {
     t.held = Some(Box::new(Held { msgs: msgs.into(), bytes, phase: Phase::Waiting, close_at, planned: true, adopted: true }));
 }
 
-/// For a snapshot: the held messages, and whether the tunnel's stream is
-/// live (it must be quiesced like any other) or absent.
-pub fn take_for_handover(dev: &Device, t: &mut Tunnel) -> Vec<(bool, Vec<u8>)> {
-    match t.held.take() {
-        Some(h) => {
-            add_held(&dev.shard, -(h.bytes as i64));
-            if let Phase::Opening(_) = h.phase {
-                t.link.close_stream(t.sid, CloseReason::HandedElsewhere, 1000, "");
-            }
-            h.msgs.into()
+/// For a snapshot: a copy of the held messages. Nothing changes until the
+/// snapshot is sent ([`handed_over`]): a hand-over that fails keeps them.
+pub fn held_for_snapshot(t: &Tunnel) -> Vec<(bool, Vec<u8>)> {
+    t.held.as_ref().map(|h| h.msgs.iter().cloned().collect()).unwrap_or_default()
+}
+
+/// After the snapshot went to the new process: lets go of the held messages
+/// (they travel with it) and of a stream still being opened.
+pub fn handed_over(dev: &Device, t: &mut Tunnel) {
+    if let Some(h) = t.held.take() {
+        add_held(&dev.shard, -(h.bytes as i64));
+        if let Phase::Opening(_) = h.phase {
+            t.link.close_stream(t.sid, CloseReason::HandedElsewhere, 1000, "");
         }
-        None => Vec::new(),
     }
 }
 

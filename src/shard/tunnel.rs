@@ -420,6 +420,15 @@ pub(super) async fn quiesce(dev: &mut Device, t: &mut Tunnel) -> Option<End> {
 /// How long a WSM has to acknowledge a HANDOFF before the tunnel moves anyway.
 const HANDOFF_ACK_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
 
+/// A hand-over that failed after its stream was quiesced: the WSM sends
+/// nothing more on it, so the stream is re-opened (the connection itself,
+/// with everything it held, was never changed).
+fn keep_after_failed_handover(dev: &Device, t: &mut Tunnel, quiesced: bool) {
+    if quiesced {
+        reattach::leave_quiesced(dev, t);
+    }
+}
+
 /// Live upgrade: moves this tunnel to the new process at this safe point.
 /// `None` if no upgrade is under way (the request is dropped).
 async fn hand_over(dev: &mut Device, t: &mut Tunnel) -> Option<End> {
@@ -434,22 +443,20 @@ async fn hand_over(dev: &mut Device, t: &mut Tunnel) -> Option<End> {
     {
         return Some(end);
     }
-    // Opening: `take_for_handover` closes the unaccepted stream; waiting:
-    // there is none.
     let accepted_stream = t.held.as_ref().is_none_or(|h| h.accepted());
-    let held = reattach::take_for_handover(dev, t);
-    // 2. Snapshot: record layer, unprocessed ciphertext, partial frame.
-    let rx = dev.rx.take().map(|mut b| b.vec().clone()).unwrap_or_default();
+    // 2. Snapshot: record layer, unprocessed ciphertext, partial frame, held
+    //    messages. Copies: the connection is changed only once the snapshot
+    //    is sent, so a hand-over that fails keeps everything.
     let snap = crate::upgrade::snapshot::ConnSnapshot {
         id: dev.id,
         addr: dev.addr.to_string(),
         record: t.rl.state().clone(),
-        decoder: t.dec.take().map(|d| *d),
+        decoder: t.dec.as_deref().cloned(),
         max_message: t.max_message,
-        rx,
+        rx: dev.rx.as_mut().map(|b| b.vec().clone()).unwrap_or_default(),
         resume: (*t.resume).clone(),
         idle_ms: t.last_rx.elapsed().as_millis() as u64,
-        held,
+        held: reattach::held_for_snapshot(t),
     };
     // 3. The socket: a duplicate goes to the new process; ours is closed
     //    without a FIN (the socket stays open there).
@@ -458,13 +465,19 @@ async fn hand_over(dev: &mut Device, t: &mut Tunnel) -> Option<End> {
         Ok(fd) => fd,
         Err(e) => {
             tracing::error!(conn = %dev.id, error = %e, "cannot duplicate the device socket; keeping the connection");
+            keep_after_failed_handover(dev, t, accepted_stream);
             return None;
         }
     };
     if sink.send((snap, fd)).is_err() {
         tracing::error!(conn = %dev.id, "upgrade channel gone; keeping the connection");
+        keep_after_failed_handover(dev, t, accepted_stream);
         return None;
     }
+    // Committed: what the snapshot carries now lives in the new process.
+    reattach::handed_over(dev, t);
+    dev.rx = None;
+    t.dec = None;
     flight.released.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     if accepted_stream {
         t.link.close_stream(t.sid, CloseReason::HandedElsewhere, 1000, "");
