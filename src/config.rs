@@ -361,6 +361,12 @@ impl Config {
         if f.buffers.size < crate::shard::pool::MIN_BUFFER {
             errs.push(err("buffers.size", format!("must be at least {} (one TLS record)", crate::shard::pool::MIN_BUFFER)));
         }
+        if f.buffers.partial_bytes_per_shard < crate::shard::pool::MIN_BUFFER as u64 {
+            errs.push(err(
+                "buffers.partial_bytes_per_shard",
+                format!("must be at least {} (one TLS record)", crate::shard::pool::MIN_BUFFER),
+            ));
+        }
         if f.buffers.per_shard < 16 {
             errs.push(err("buffers.per_shard", "must be at least 16"));
         }

@@ -309,11 +309,15 @@ pub struct BuffersFile {
     pub per_shard: usize,
     /// Size of one buffer in bytes (at least one TLS record, 18437).
     pub size: usize,
+    /// Bytes of partial TLS records a shard keeps for connections that wait
+    /// for the rest (off the pool, so they pin no buffer). Past it, the
+    /// oldest holders are closed (1008, counted).
+    pub partial_bytes_per_shard: u64,
 }
 
 impl Default for BuffersFile {
     fn default() -> Self {
-        BuffersFile { per_shard: 1024, size: 20 * 1024 }
+        BuffersFile { per_shard: 1024, size: 20 * 1024, partial_bytes_per_shard: 64 << 20 }
     }
 }
 

@@ -62,6 +62,8 @@ shard_series! {
     key_updates_sent_total: Counter, "TLS 1.3 KeyUpdates sent by holdfast";
     key_updates_received_total: Counter, "TLS 1.3 KeyUpdates received from devices";
     idle_timeouts_total: Counter, "connections closed for inactivity";
+    partial_record_evictions_total: Counter, "connections closed (1008) because the shard's partial-record budget ran out and they held the oldest partial records";
+    partial_bytes: Gauge, "bytes of partial TLS records parked off the buffer pool";
     write_stall_closes_total: Counter, "connections closed because the device read nothing for websocket.write_stall_timeout_secs";
     streams_detached_total: Counter, "streams whose WSM went away (link lost or goaway), to be resumed elsewhere";
     streams_moved_total: Counter, "streams moved off a WSM that sent goaway (HANDOFF, ack, close)";

@@ -47,6 +47,9 @@ pub(super) enum End {
     /// The device read nothing for `websocket.write_stall_timeout_secs`
     /// while holdfast had bytes for it.
     WriteStall,
+    /// The shard's partial-record budget ran out and this connection held
+    /// one of the oldest partial records.
+    PartialEvicted,
     /// The connection moved to a new process (live upgrade).
     HandedOver,
 }
@@ -68,6 +71,8 @@ pub(super) struct Device {
     pub(super) id: ConnectionId,
     /// Received bytes not yet processed; present only while bytes are pending.
     pub(super) rx: Option<PoolBuf>,
+    /// A partial record parked off the pool while the connection waits.
+    pub(super) parked: Option<super::partial::Parked>,
     /// Close code from the device's close frame (1006 until one arrives).
     pub(super) device_close_code: u16,
 }
@@ -150,7 +155,7 @@ async fn live(mut dev: Device, mut t: Box<Tunnel>, early: Vec<u8>, key: usize) {
 
 impl Device {
     fn new(shard: Rc<ShardCtx>, tcp: TcpStream, addr: SocketAddr, id: ConnectionId) -> Device {
-        Device { shard, tcp: Socket(Rc::new(std::cell::UnsafeCell::new(tcp))), addr, id, rx: None, device_close_code: 1006 }
+        Device { shard, tcp: Socket(Rc::new(std::cell::UnsafeCell::new(tcp))), addr, id, rx: None, parked: None, device_close_code: 1006 }
     }
 
     /// Waits for the socket to be readable. The future owns its share of the
@@ -172,18 +177,40 @@ impl Device {
 
     /// Waits for the socket to be readable, then reads into a pool buffer.
     async fn read_more(&mut self) -> Result<usize, End> {
+        self.park_rx(None);
         self.readable().await?;
         self.read_now().await
     }
 
+    /// Before the connection waits: gives its pool buffer back, and moves a
+    /// partial record in it to an allocation of its own (see `partial`), so
+    /// that no shared buffer is pinned by a device that stops mid-record.
+    /// `stream` lets the shard ask this tunnel to close if the budget for
+    /// such bytes runs out and it holds one of the oldest.
+    pub(super) fn park_rx(&mut self, stream: Option<&StreamRef>) {
+        let Some(mut b) = self.rx.take() else { return };
+        if b.vec().is_empty() {
+            return;
+        }
+        self.parked = Some(self.shard.partials.park(b.vec(), stream).0);
+    }
+
+    /// Takes a pool buffer for rx if there is none (waiting, counted, when
+    /// the pool is empty: backpressure), with any parked bytes back in front.
+    pub(super) async fn take_rx(&mut self) {
+        if self.rx.is_some() {
+            return;
+        }
+        let mut buf = self.shard.pool.take().await;
+        if let Some(p) = self.parked.take() {
+            buf.vec().extend_from_slice(&p.bytes);
+        }
+        self.rx = Some(buf);
+    }
+
     /// Reads what the socket has into the rx buffer (taking one from the pool).
     pub(super) async fn read_now(&mut self) -> Result<usize, End> {
-        if self.rx.is_none() {
-            let pool = &self.shard.pool;
-            // Waits (and is counted) when the pool is empty: backpressure.
-            let buf = pool.take().await;
-            self.rx = Some(buf);
-        }
+        self.take_rx().await;
         let Some(rx) = self.rx.as_mut() else {
             return Ok(0);
         };

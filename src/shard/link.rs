@@ -67,6 +67,9 @@ pub struct StreamShared {
     pub unacked: VecDeque<(bool, Vec<u8>)>,
     /// Credit returned beyond the whole messages taken off `unacked`.
     acked_carry: u64,
+    /// The shard's partial-record budget ran out and this tunnel is one of
+    /// the oldest holders: it closes (`Some(bytes it held)`, see `partial`).
+    pub evict_partial: Option<u64>,
     notified: bool,
     waker: Option<Waker>,
 }

@@ -9,6 +9,7 @@ pub mod conn;
 pub mod control;
 pub mod link;
 pub mod pace;
+pub mod partial;
 pub mod pool;
 mod reattach;
 pub mod timers;
@@ -50,6 +51,8 @@ pub struct ShardCtx {
     pub timers: Rc<timers::Timers>,
     /// Bytes of device messages held by tunnels without a WSM.
     pub held_bytes: std::cell::Cell<u64>,
+    /// Partial TLS records parked off the pool while their connections wait.
+    pub partials: Rc<partial::Partials>,
     /// Bytes that held tunnels' reads in flight may add (counted against
     /// the shard's bound before the read, so concurrent reads cannot pass it).
     pub held_reserved: std::cell::Cell<u64>,
@@ -152,6 +155,7 @@ async fn run(
         timers: Rc::new(timers::Timers::default()),
         stop_accepting: std::cell::Cell::new(false),
         held_bytes: std::cell::Cell::new(0),
+        partials: partial::Partials::new(cfg.buffers.partial_bytes_per_shard, metrics.clone()),
         held_reserved: std::cell::Cell::new(0),
         resumes: reattach::Pacer::new(cfg.upstream.resume_per_sec),
         handoff: RefCell::new(None),

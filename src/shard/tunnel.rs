@@ -147,6 +147,15 @@ async fn run_loop(dev: &mut Device, t: &mut Tunnel, early: Vec<u8>) -> End {
     let mut readable = false;
     let mut poll: Option<Readiness> = None;
     loop {
+        // The shard's budget for partial records ran out and this tunnel
+        // holds one of the oldest: it goes, so that none is stalled.
+        let evict = t.stream.borrow_mut().evict_partial.take();
+        if let Some(len) = evict {
+            dev.shard.partials.evicted(len);
+            tracing::debug!(conn = %dev.id, bytes = len, "closing: held one of the shard's oldest partial records");
+            dev.send_close(&mut t.rl, close::POLICY, "partial record held too long").await;
+            return End::PartialEvicted;
+        }
         if t.stream.borrow().handoff_requested
             && let Some(end) = Box::pin(hand_over(dev, t)).await
         {
@@ -173,6 +182,7 @@ async fn run_loop(dev: &mut Device, t: &mut Tunnel, early: Vec<u8>) -> End {
         } else {
             dev.shard.timers.arm(&t.stream, t.last_active + COOL_AFTER);
         }
+        dev.park_rx(Some(&t.stream));
         readable = match wait(dev, t, &mut poll).await {
             Wake::Notified => false,
             Wake::Readable(Err(e)) => return End::Io(e),
@@ -241,9 +251,7 @@ async fn read(dev: &mut Device, t: &mut Tunnel, w: &mut Work) -> Option<End> {
         if !reattach::can_read(dev, h) {
             return None;
         }
-        if dev.rx.is_none() {
-            dev.rx = Some(dev.shard.pool.take().await);
-        }
+        dev.take_rx().await;
         if !reattach::can_read(dev, h) {
             dev.release_if_empty();
             return None;
@@ -453,7 +461,11 @@ async fn hand_over(dev: &mut Device, t: &mut Tunnel) -> Option<End> {
         record: t.rl.state().clone(),
         decoder: t.dec.as_deref().cloned(),
         max_message: t.max_message,
-        rx: dev.rx.as_mut().map(|b| b.vec().clone()).unwrap_or_default(),
+        rx: match (dev.rx.as_mut(), &dev.parked) {
+            (Some(b), _) => b.vec().clone(),
+            (None, Some(p)) => p.bytes.to_vec(),
+            (None, None) => Vec::new(),
+        },
         resume: (*t.resume).clone(),
         idle_ms: t.last_rx.elapsed().as_millis() as u64,
         held: reattach::held_for_snapshot(t),
@@ -477,6 +489,7 @@ async fn hand_over(dev: &mut Device, t: &mut Tunnel) -> Option<End> {
     // Committed: what the snapshot carries now lives in the new process.
     reattach::handed_over(dev, t);
     dev.rx = None;
+    dev.parked = None;
     t.dec = None;
     flight.released.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     if accepted_stream {

@@ -153,7 +153,23 @@ pub fn start_proxy_full(
     upstream_extra: &str,
     env: &[(&str, &str)],
 ) -> Proc {
+    let extra = Extra { tls: tls_extra, ws: ws_extra, upstream: upstream_extra, buffers: "" };
+    start_proxy_extra(pki, wsm, shards, &extra, env)
+}
+
+/// Extra keys for each section of the test config.
+#[derive(Default)]
+pub struct Extra<'a> {
+    pub tls: &'a str,
+    pub ws: &'a str,
+    pub upstream: &'a str,
+    pub buffers: &'a str,
+}
+
+/// Writes a config for the dev PKI with `extra` keys and starts `holdfast run`.
+pub fn start_proxy_extra(pki: &Pki, wsm: &[SocketAddr], shards: usize, extra: &Extra, env: &[(&str, &str)]) -> Proc {
     let wsm: Vec<String> = wsm.iter().map(|a| format!("\"{a}\"")).collect();
+    let Extra { tls: tls_extra, ws: ws_extra, upstream: upstream_extra, buffers: buffers_extra } = extra;
     let cfg = format!(
         r#"
 [listen]
@@ -184,6 +200,7 @@ connect_timeout_ms = 500
 
 [buffers]
 per_shard = 64
+{buffers_extra}
 
 [metrics]
 addr = "127.0.0.1:0"
