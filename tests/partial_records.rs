@@ -69,7 +69,7 @@ fn past_the_partial_record_budget_the_oldest_holders_are_closed() {
     let mut oldest = holder(&pki, &proxy, 5000);
     eventually(10, "the first parked", || metric(&proxy, "holdfast_partial_bytes", "") == 5000);
     std::thread::sleep(Duration::from_millis(50));
-    let mut others: Vec<Device> = (0..3).map(|_| holder(&pki, &proxy, 5000)).collect();
+    let others: Vec<Device> = (0..3).map(|_| holder(&pki, &proxy, 5000)).collect();
     // 20,000 > 18,437: the oldest goes, with 1008.
     eventually(10, "one eviction", || metric(&proxy, "holdfast_partial_record_evictions_total", "") == 1);
     assert_eq!(oldest.recv_close().unwrap(), Some(1008));
