@@ -6,6 +6,7 @@ mod echo;
 mod peers;
 mod render;
 mod report;
+mod result;
 mod run;
 mod swarm;
 
@@ -24,7 +25,7 @@ struct Cli {
 #[derive(Subcommand)]
 enum Cmd {
     /// Run one scenario against each proxy; writes bench/results/*.json.
-    Run(run::RunArgs),
+    Run(result::RunArgs),
     /// Render bench/results/*.json into tables and charts (prints Markdown).
     Report {
         /// Folder of result JSON files.

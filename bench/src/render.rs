@@ -5,7 +5,7 @@ use std::collections::BTreeMap;
 use std::path::Path;
 
 use crate::report::{ratio_higher_better, ratio_lower_better};
-use crate::run::ScenarioResult;
+use crate::result::ScenarioResult;
 
 pub fn today() -> String {
     let out = std::process::Command::new("date").args(["-u", "+%Y-%m-%d %H:%M UTC"]).output();
@@ -180,9 +180,9 @@ pub fn render(results: &[ScenarioResult], dir: &Path) -> Result<String, String> 
                     ));
                 }
                 if let Some(text) = hf.and_then(|h| h.holdfast_metrics.as_deref()) {
-                    let state = crate::run::metric_sum(text, "holdfast_tunnel_state_bytes");
-                    let active = crate::run::metric_sum(text, "holdfast_connections_active").max(1);
-                    let bufs = crate::run::metric_sum(text, "holdfast_buffers_in_use");
+                    let state = crate::result::metric_sum(text, "holdfast_tunnel_state_bytes");
+                    let active = crate::result::metric_sum(text, "holdfast_connections_active").max(1);
+                    let bufs = crate::result::metric_sum(text, "holdfast_buffers_in_use");
                     md.push_str(&format!("\nholdfast's own accounting while loaded: {active} connections, {} B of tunnel state each (Tunnel, StreamShared, key material), {bufs} I/O buffers lent out.\n", state / active));
                 }
                 if let Some(h) = hf {

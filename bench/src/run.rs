@@ -13,133 +13,10 @@ use std::process::{Child, ChildStdin, Command, Stdio};
 use std::sync::mpsc::{Receiver, channel};
 use std::time::{Duration, Instant};
 
-use serde::{Deserialize, Serialize};
-
 use crate::peers::{self, Proxy};
 use crate::report::{SwarmReport, SwarmTotal};
+pub use crate::result::{Machine, RunArgs, ScenarioResult, metric_sum};
 use crate::swarm::wall_us;
-
-#[derive(Debug, Clone, clap::Args, Serialize, Deserialize)]
-pub struct RunArgs {
-    /// Scenario: idle, handshake, message, storm, upgrade or failover.
-    #[arg(long)]
-    pub scenario: String,
-    /// Proxies to run the scenario against, comma separated (holdfast, haproxy, nginx).
-    #[arg(long, value_delimiter = ',', default_value = "holdfast,haproxy,nginx")]
-    pub proxies: Vec<String>,
-    /// Devices (idle, message, storm) or concurrent handshakers (handshake).
-    #[arg(long, default_value_t = 2000)]
-    pub conns: usize,
-    /// Swarm processes (each gets its own 127.0.0.x source addresses).
-    #[arg(long, default_value_t = 2)]
-    pub procs: usize,
-    /// TLS version the devices use: "1.3" or "1.2".
-    #[arg(long, default_value = "1.3")]
-    pub tls: String,
-    /// Resume TLS sessions (tickets) on reconnects.
-    #[arg(long)]
-    pub resume: bool,
-    /// Connections per second while connecting (0 = all at once).
-    #[arg(long, default_value_t = 2000)]
-    pub rate: u32,
-    /// Bytes of each device message.
-    #[arg(long, default_value_t = 64)]
-    pub msg_size: usize,
-    /// Messages per second per device (message scenario; 0 = closed loop).
-    #[arg(long, default_value_t = 1.0)]
-    pub msg_rate: f64,
-    /// Seconds of the measured phase.
-    #[arg(long, default_value_t = 10.0)]
-    pub duration: f64,
-    /// CPUs the proxy is pinned to (taskset list).
-    #[arg(long, default_value = "0")]
-    pub proxy_cpus: String,
-    /// CPUs the swarm processes are pinned to (taskset list).
-    #[arg(long, default_value = "1")]
-    pub client_cpus: String,
-    /// Where result JSON files go.
-    #[arg(long, default_value = "bench/results")]
-    pub out: PathBuf,
-    /// A label added to the result file name (e.g. "tls12", "64b").
-    #[arg(long, default_value = "")]
-    pub label: String,
-    /// Upgrade scenario without the SIGUSR2: the same load's own pauses, to
-    /// compare the upgrade's with.
-    #[arg(long)]
-    #[serde(default)]
-    pub no_signal: bool,
-    /// holdfast's `upstream.resume_per_sec` (streams re-opened per second per shard).
-    #[arg(long, default_value_t = 2000)]
-    #[serde(default = "default_resume_rate")]
-    pub resume_per_sec: u32,
-    /// holdfast's `upgrade.moving_per_shard` (tunnels moving at once per shard).
-    #[arg(long, default_value_t = 128)]
-    #[serde(default = "default_moving")]
-    pub moving_per_shard: u32,
-    /// holdfast's log level; its log is kept as `<out>/<scenario>[-label]-holdfast.log`.
-    #[arg(long, default_value = "warn")]
-    #[serde(default = "default_log")]
-    pub proxy_log: String,
-}
-
-/// What runs recorded before the field existed used (holdfast's default then).
-fn default_moving() -> u32 {
-    256
-}
-
-fn default_resume_rate() -> u32 {
-    2000
-}
-
-fn default_log() -> String {
-    "warn".into()
-}
-
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct Machine {
-    pub nproc: usize,
-    pub kernel: String,
-    pub cpu: String,
-    pub fd_limit: u64,
-}
-
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct ScenarioResult {
-    pub proxy: String,
-    pub scenario: String,
-    pub label: String,
-    pub date: String,
-    pub command: String,
-    pub machine: Machine,
-    pub args: RunArgs,
-    pub devices_ready: u64,
-    pub swarm: SwarmTotal,
-    pub proxy_rss_base_kib: u64,
-    /// Idle scenario: devices and RSS when half of them were connected.
-    #[serde(default)]
-    pub half_devices: u64,
-    #[serde(default)]
-    pub proxy_rss_half_kib: u64,
-    pub proxy_rss_loaded_kib: u64,
-    pub proxy_rss_peak_kib: u64,
-    /// Proxy CPU seconds during the measured phase.
-    pub proxy_cpu_secs: f64,
-    pub sock_mem_base_bytes: u64,
-    pub sock_mem_loaded_bytes: u64,
-    /// Time until all devices were back (storm), seconds.
-    pub storm_secs: Option<f64>,
-    /// Upgrade scenario: SIGUSR2 until the old process exited, seconds.
-    #[serde(default)]
-    pub upgrade_secs: Option<f64>,
-    /// Failover scenario: from killing one WSM until every one of its
-    /// streams was resumed on the other, seconds; and how many resumed.
-    #[serde(default)]
-    pub failover_secs: Option<f64>,
-    #[serde(default)]
-    pub failover_streams: Option<u64>,
-    /// holdfast only: its metrics text while the devices were connected.
-    pub holdfast_metrics: Option<String>,
-}
 
 pub fn machine() -> Machine {
     let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default().trim().to_string();
@@ -233,9 +110,6 @@ fn fetch_metrics(port: u16) -> Option<String> {
 }
 
 /// Sum of one metric over its series.
-pub fn metric_sum(text: &str, name: &str) -> u64 {
-    text.lines().filter(|l| l.starts_with(&format!("{name}{{"))).filter_map(|l| l.rsplit(' ').next()?.parse::<u64>().ok()).sum()
-}
 
 /// Tells every swarm process when the event (upgrade, failover) was, so it
 /// can report each device's longest round trip overlapping it.
