@@ -3,7 +3,10 @@
 //! Owns: parsing, defaults, and validation of every key into types that cannot
 //! hold a bad value ([`Config`]). Relative paths are resolved against the
 //! config file's directory. Every problem is reported with its key, all at
-//! once. Never opens sockets; loading certificates is `tls::server`'s job.
+//! once. Never opens sockets; loading certificates (and checking the cipher
+//! suite names against the crypto provider) is `tls::server`'s job. Imports
+//! nothing of the proxy but `cpus`: the modules that use a config depend on
+//! it, never the other way.
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -13,6 +16,10 @@ pub mod file;
 
 use file::ShardsFile;
 pub use file::{BuffersFile, FileConfig};
+
+/// The smallest I/O buffer: one whole TLS record (5-byte header, 2^14
+/// bytes of plaintext, 2048 of expansion). The buffer pool uses it too.
+pub const MIN_BUFFER: usize = 5 + (1 << 14) + 2048;
 
 /// One configuration problem, named by its key.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -283,12 +290,6 @@ impl Config {
             tls13,
             cipher_suites: t.cipher_suites.clone(),
         };
-        let known: Vec<String> = crate::tls::server::provider().cipher_suites.iter().map(|s| format!("{:?}", s.suite())).collect();
-        for (i, name) in t.cipher_suites.iter().enumerate() {
-            if !known.contains(name) {
-                errs.push(err(&format!("tls.cipher_suites[{i}]"), format!("unknown suite '{name}'; known: {}", known.join(", "))));
-            }
-        }
 
         let w = &f.websocket;
         if w.max_request_bytes < 256 || w.max_request_bytes > 1 << 20 {
@@ -358,14 +359,11 @@ impl Config {
             errs.push(err("upstream.held_bytes_per_shard", "must be at least upstream.held_bytes_per_connection"));
         }
 
-        if f.buffers.size < crate::shard::pool::MIN_BUFFER {
-            errs.push(err("buffers.size", format!("must be at least {} (one TLS record)", crate::shard::pool::MIN_BUFFER)));
+        if f.buffers.size < MIN_BUFFER {
+            errs.push(err("buffers.size", format!("must be at least {} (one TLS record)", MIN_BUFFER)));
         }
-        if f.buffers.partial_bytes_per_shard < crate::shard::pool::MIN_BUFFER as u64 {
-            errs.push(err(
-                "buffers.partial_bytes_per_shard",
-                format!("must be at least {} (one TLS record)", crate::shard::pool::MIN_BUFFER),
-            ));
+        if f.buffers.partial_bytes_per_shard < MIN_BUFFER as u64 {
+            errs.push(err("buffers.partial_bytes_per_shard", format!("must be at least {} (one TLS record)", MIN_BUFFER)));
         }
         if f.buffers.per_shard < 16 {
             errs.push(err("buffers.per_shard", "must be at least 16"));

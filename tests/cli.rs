@@ -277,3 +277,16 @@ fn log_filters_are_checked_and_take_per_module_directives() {
     let out = Command::new(env!("CARGO_BIN_EXE_holdfast")).args(["check-config", p]).env("HOLDFAST_LOG", "bogus=").output().unwrap();
     assert_eq!(out.status.code(), Some(2), "a bad HOLDFAST_LOG is refused too");
 }
+
+#[test]
+fn an_unknown_cipher_suite_is_named_with_the_known_ones() {
+    let pki = Pki::new();
+    let good = holdfast::pki::example_config("127.0.0.1:0", "127.0.0.1:9", "1", "127.0.0.1:0");
+    let bad = good.replace(
+        "key = \"server.key\"",
+        "key = \"server.key\"\ncipher_suites = [\"TLS13_AES_128_GCM_SHA256\", \"TLS_RSA_WITH_RC4_128_MD5\"]",
+    );
+    let (code, _, err, _) = check_config(&write_config(&pki, "suites.toml", &bad));
+    assert_eq!(code, Some(2), "{err}");
+    assert!(err.contains("tls.cipher_suites[1]: unknown suite 'TLS_RSA_WITH_RC4_128_MD5'; known: TLS13_"), "{err}");
+}

@@ -15,7 +15,7 @@ use std::task::{Poll, Waker};
 use crate::metrics::ShardMetrics;
 
 /// Smallest buffer that holds one whole TLS record (5 + 2^14 + 2048).
-pub const MIN_BUFFER: usize = 5 + (1 << 14) + 2048;
+pub use crate::config::MIN_BUFFER;
 
 struct Inner {
     free: Vec<Vec<u8>>,

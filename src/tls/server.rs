@@ -90,6 +90,12 @@ impl TlsContext {
     /// (a predecessor's keys) instead of fresh ones.
     pub fn load_with(c: &TlsConfig, tickets: Option<Arc<Ticketer>>) -> Result<TlsContext, Vec<ConfigError>> {
         let mut errs = Vec::new();
+        let known: Vec<String> = provider().cipher_suites.iter().map(|s| format!("{:?}", s.suite())).collect();
+        for (i, name) in c.cipher_suites.iter().enumerate() {
+            if !known.contains(name) {
+                errs.push(err(&format!("tls.cipher_suites[{i}]"), format!("unknown suite '{name}'; known: {}", known.join(", "))));
+            }
+        }
         let mut p = rustls::crypto::ring::default_provider();
         if !c.cipher_suites.is_empty() {
             p.cipher_suites.retain(|s| c.cipher_suites.contains(&format!("{:?}", s.suite())));
