@@ -7,6 +7,8 @@
 //! suite names against the crypto provider) is `tls::server`'s job. Imports
 //! nothing of the proxy but `cpus`: the modules that use a config depend on
 //! it, never the other way.
+#![forbid(unsafe_code)]
+#![deny(clippy::disallowed_methods)]
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};

@@ -6,6 +6,7 @@
 //! (`/sys/devices/system/cpu/online`) and allowed to this process
 //! (`sched_getaffinity`, so `taskset` and systemd's `CPUAffinity=` are
 //! honoured). Never pins anything: shards pin themselves.
+#![forbid(unsafe_code)]
 
 /// Highest CPU number accepted (the kernel's largest `NR_CPUS` is 8192).
 pub const MAX_CPU: usize = 8191;
@@ -99,13 +100,11 @@ mod tests {
     }
 
     #[test]
-    fn hostile_ranges_are_refused_at_once() {
-        let t = std::time::Instant::now();
+    fn hostile_ranges_are_refused_without_expanding_them() {
         assert!(parse_list("0-99999999999").unwrap_err().contains("out of range"));
         assert!(parse_list("0-18446744073709551616").is_err());
         assert!(parse_list("8192").is_err());
         assert_eq!(parse_list("0-8191").unwrap().len(), 8192);
-        assert!(t.elapsed() < std::time::Duration::from_secs(1));
     }
 
     #[test]

@@ -1,6 +1,7 @@
 //! A small device client: mutual TLS with a client certificate, the
 //! WebSocket upgrade, then masked frames. Used by `holdfast device`, the
 //! quickstart and the tests. Blocking I/O; never used inside holdfast itself.
+#![forbid(unsafe_code)]
 
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};

@@ -4,6 +4,7 @@
 //! certificate (issuer, subject, serial, SANs, SHA-256 fingerprint, chain) plus
 //! the device's address. Passed to routing, the link protocol and logs as a
 //! value. Never validates anything itself: the TLS verifier has done that.
+#![forbid(unsafe_code)]
 
 use std::fmt;
 use std::net::SocketAddr;

@@ -1,5 +1,8 @@
 //! holdfast: an io_uring edge proxy that holds long-lived device WebSockets
 //! over mutual TLS and tunnels them to WSM hosts over multiplexed links.
+// The shell reads the clock; the core modules deny it (clippy.toml).
+#![allow(clippy::disallowed_methods)]
+
 pub mod config;
 pub mod cpus;
 pub mod device;

@@ -4,6 +4,7 @@
 //! `target=level` directives, comma-separated), and installing the
 //! subscriber that writes to stderr as text or as one JSON object a line.
 //! Never decides what is logged: the modules do.
+#![forbid(unsafe_code)]
 
 use tracing_subscriber::EnvFilter;
 

@@ -1,5 +1,6 @@
 //! The `holdfast` command: run the proxy, check a config, start the
 //! quickstart, or act as a device.
+#![allow(clippy::disallowed_methods)]
 
 use std::net::SocketAddr;
 use std::path::PathBuf;

@@ -4,6 +4,7 @@
 //! CAs (one to be configured with `ignore_validity`), a CA holdfast does not
 //! trust, and device certificates for each case the quickstart demonstrates.
 //! Writes PEM files; never used by `holdfast run` on its own.
+#![forbid(unsafe_code)]
 
 use std::path::{Path, PathBuf};
 

@@ -4,6 +4,7 @@
 //! a bad address fails at start, not later), starting one pinned shard per
 //! configured CPU, waiting until each reports ready, and shutdown over the
 //! shards' control channels. Never handles connections itself.
+#![forbid(unsafe_code)]
 
 use std::net::SocketAddr;
 use std::sync::Arc;

@@ -10,6 +10,7 @@
 //! not empty the pool). `HOLDFAST_HOSTS`, if set, names a hosts-format file
 //! consulted before the system resolver (for tests, and for pinning names
 //! by hand). Never connects anywhere itself.
+#![forbid(unsafe_code)]
 
 use std::collections::BTreeMap;
 use std::net::{SocketAddr, ToSocketAddrs};

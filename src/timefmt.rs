@@ -2,6 +2,7 @@
 //!
 //! Owns: formatting Unix seconds for logs, `check-config` and `whoami`.
 //! Never reads the clock.
+#![forbid(unsafe_code)]
 
 /// `secs` since the Unix epoch as RFC 3339 UTC; out-of-range values are
 /// shown as the plain number.

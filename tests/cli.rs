@@ -1,4 +1,5 @@
 //! The command line as an operator uses it: check-config and quickstart.
+#![allow(clippy::disallowed_methods)] // tests read the clock
 
 mod common;
 

@@ -1,4 +1,5 @@
 //! The core data path end to end: real binaries, real certificates, loopback.
+#![allow(clippy::disallowed_methods)] // tests read the clock
 
 mod common;
 

@@ -1,6 +1,7 @@
 //! WSM failover: when a WSM dies, stops answering, or drains with goaway,
 //! its streams resume on another WSM with the same connection ID and the
 //! device never notices; when no WSM is left, devices get 1013, spread out.
+#![allow(clippy::disallowed_methods)] // tests read the clock
 
 mod common;
 

@@ -3,6 +3,7 @@
 //! (SIGKILL) or drained (SIGTERM, goaway); no device disconnects (the client
 //! has no reconnect: any close is an error), every message is echoed, in
 //! order, after a bounded gap, and the survivor serves every stream.
+#![allow(clippy::disallowed_methods)] // tests read the clock
 
 mod common;
 

@@ -1,6 +1,7 @@
 //! Credits bound what holdfast buffers: a WSM flooding a device that does not
 //! read cannot grow holdfast's memory, and nothing is lost or reordered.
 //! Also shows the WSM library used by a custom app (a Rust WSM team's view).
+#![allow(clippy::disallowed_methods)] // tests read the clock
 
 mod common;
 

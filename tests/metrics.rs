@@ -1,5 +1,6 @@
 //! The metrics endpoint as Prometheus, an OpenMetrics parser and a load
 //! balancer see it, on a real holdfast with real devices.
+#![allow(clippy::disallowed_methods)] // tests read the clock
 
 mod common;
 

@@ -1,5 +1,6 @@
 //! holdfast's record layer against an independent TLS stack: OpenSSL, driven
 //! through Python's ssl module, for every suite and both protocol versions.
+#![allow(clippy::disallowed_methods)] // tests read the clock
 
 mod common;
 

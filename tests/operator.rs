@@ -1,5 +1,6 @@
 //! What an operator does to a running holdfast by hand: signals, a second
 //! start by mistake, a closed stdout. None of it may drop a device.
+#![allow(clippy::disallowed_methods)] // tests read the clock
 
 mod common;
 

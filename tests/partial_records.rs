@@ -3,6 +3,7 @@
 //! other device reading and writing, and when their shard's budget for such
 //! bytes runs out the oldest holders are closed, counted, not everyone
 //! stalled.
+#![allow(clippy::disallowed_methods)] // tests read the clock
 
 mod common;
 

@@ -1,5 +1,6 @@
 //! `tuning/holdfast-tune` on a fake /proc tree (and read-only on this
 //! machine), and the tuning docs against the sysctl file.
+#![allow(clippy::disallowed_methods)] // tests read the clock
 
 use std::path::{Path, PathBuf};
 use std::process::Command;

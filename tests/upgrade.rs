@@ -2,6 +2,7 @@
 //! process with no refused connection; the old process keeps the
 //! connections it holds and exits when they are gone; a failed upgrade
 //! leaves the old process serving.
+#![allow(clippy::disallowed_methods)] // tests read the clock
 
 mod common;
 

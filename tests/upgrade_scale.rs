@@ -4,6 +4,7 @@
 //! reconnect: any close is an error), every message is echoed exactly once
 //! and in order, the old process exits 0, and the reference WSM saw resumed
 //! streams and no device disconnect.
+#![allow(clippy::disallowed_methods)] // tests read the clock
 
 mod common;
 

@@ -1,6 +1,7 @@
 //! What a WSM sends cannot hurt a device or holdfast: a subprotocol the
 //! device did not offer (or one that would inject a header) never reaches
 //! the 101.
+#![allow(clippy::disallowed_methods)] // tests read the clock
 
 mod common;
 

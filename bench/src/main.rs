@@ -1,6 +1,7 @@
 //! `hf-bench`: the benchmark suite. `run` a scenario against holdfast and the
 //! peers; `report` writes bench/RESULTS.md tables and charts; `swarm` and
 //! `echo` are the processes `run` starts.
+#![allow(clippy::disallowed_methods)]
 
 mod echo;
 mod peers;

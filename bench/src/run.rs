@@ -109,8 +109,6 @@ fn fetch_metrics(port: u16) -> Option<String> {
     Some(out.split("\r\n\r\n").nth(1).unwrap_or("").to_string())
 }
 
-/// Sum of one metric over its series.
-
 /// Tells every swarm process when the event (upgrade, failover) was, so it
 /// can report each device's longest round trip overlapping it.
 fn tell_window(swarm: &mut [(Proc, ChildStdin)], start_us: u64, end_us: u64) {

@@ -3,6 +3,7 @@
 //! drains it: GOAWAY on every link, so holdfast moves its streams to other
 //! WSMs, and exit 0 once none is left (or after `--drain-timeout`). A second
 //! signal exits at once.
+#![allow(clippy::disallowed_methods)]
 
 use std::net::SocketAddr;
 use std::sync::Arc;

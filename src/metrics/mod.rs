@@ -6,6 +6,7 @@
 //! lock-free fixed-bucket histograms. Never blocks a shard and never
 //! formats text: [`export`] turns these into the OpenMetrics exposition,
 //! [`http`] serves it, [`process`] reads the process's own figures.
+#![forbid(unsafe_code)]
 
 pub mod export;
 pub mod http;

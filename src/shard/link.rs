@@ -4,6 +4,7 @@
 //! link's outgoing byte queue and writer task, dispatching incoming frames to
 //! device streams, and both levels of flow-control credit. Never touches a
 //! device socket: it talks to device tasks only through [`StreamShared`].
+#![forbid(unsafe_code)]
 
 use std::cell::RefCell;
 use std::collections::{HashMap, VecDeque};

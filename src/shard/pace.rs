@@ -16,6 +16,7 @@
 //! so it cannot stall the rest; a new process that reports no progress for
 //! [`STALLED`] stops holding the gate. Never moves a tunnel itself: each
 //! tunnel does that at its own safe point.
+#![forbid(unsafe_code)]
 
 use std::cell::RefCell;
 use std::collections::VecDeque;

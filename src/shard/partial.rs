@@ -9,6 +9,8 @@
 //! and, when a park takes the shard past it, asking the oldest holders to
 //! close (their streams are woken with `evict_partial` set). Never closes a
 //! connection itself and never reads a socket.
+#![forbid(unsafe_code)]
+#![deny(clippy::disallowed_methods)]
 
 use std::cell::{Cell, RefCell};
 use std::collections::VecDeque;

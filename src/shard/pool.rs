@@ -5,6 +5,7 @@
 //! after; an idle connection holds none. When the pool is empty, callers wait
 //! (the shard stops reading), so memory never grows past the configured size.
 //! Never shared across threads.
+#![forbid(unsafe_code)]
 
 use std::cell::RefCell;
 use std::collections::VecDeque;

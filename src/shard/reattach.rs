@@ -14,6 +14,7 @@
 //! a failure are paced per shard ([`Pacer`]) so a surviving WSM is not
 //! stormed. Never reads or writes the device itself: the tunnel loop keeps
 //! doing that, holding messages here instead of sending them.
+#![forbid(unsafe_code)]
 
 use std::cell::Cell;
 use std::collections::VecDeque;

@@ -7,6 +7,7 @@
 //! its deadline moves earlier or after its entry fired; stale entries are
 //! skipped when they come due. Resolution is [`TICK`]; idle and ping
 //! deadlines are seconds apart, so that is plenty.
+#![forbid(unsafe_code)]
 
 use std::cell::RefCell;
 use std::cmp::{Ordering, Reverse};

@@ -8,6 +8,7 @@
 //!   `whoami` prints it, e.g. `CN=Fleet 2019 CA`).
 //!
 //! Never reads files on the handshake path: it is built once per (re)load.
+#![deny(clippy::disallowed_methods)]
 
 use std::collections::HashSet;
 

@@ -7,6 +7,7 @@
 //! Classifies every refusal into a [`Refusal`] for metrics. Never does I/O,
 //! never reads the clock (rustls reads it for certificate checks), never logs
 //! key material.
+#![deny(clippy::disallowed_methods)]
 
 use std::cell::RefCell;
 use std::sync::Arc;

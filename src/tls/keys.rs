@@ -3,6 +3,7 @@
 //! Owns: the mapping from a negotiated suite to its AEAD, hash and key sizes,
 //! HKDF-Expand-Label, and deriving key + IV (and the next-generation secret for
 //! KeyUpdate) from a TLS 1.3 traffic secret. Never does I/O, never logs secrets.
+#![deny(clippy::disallowed_methods)]
 
 use ring::{aead, hkdf};
 use serde::{Deserialize, Serialize};

@@ -1,4 +1,5 @@
 //! TLS termination: rustls does the handshake, holdfast's record layer the rest.
+#![forbid(unsafe_code)]
 pub mod blocklist;
 pub mod handshake;
 pub mod keys;

@@ -8,6 +8,7 @@
 //!
 //! Never does I/O, never reads the clock, never logs key material; ciphertext
 //! comes in as a byte slice, protected bytes go out appended to a `Vec`.
+#![deny(clippy::disallowed_methods)]
 
 use ring::aead::{self, Aad, LessSafeKey, Nonce, UnboundKey};
 use serde::{Deserialize, Serialize};

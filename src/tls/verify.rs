@@ -7,6 +7,7 @@
 //! everything else are still verified by webpki. Never counts or logs: the
 //! handshake driver classifies the error it returns, and takes the refused
 //! certificate (for the log line) from a thread-local slot.
+#![deny(clippy::disallowed_methods)]
 
 use std::sync::{Arc, RwLock};
 use std::time::Duration;

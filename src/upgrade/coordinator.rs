@@ -6,6 +6,7 @@
 //! and deciding when the old process may exit; on the new side, the start-up
 //! handshake (Ready, Listeners, Serving) and adopting connections until Done.
 //! Never touches a connection itself: shards do, over their control channels.
+#![forbid(unsafe_code)]
 
 use std::os::fd::AsRawFd;
 use std::os::unix::net::UnixStream;

@@ -6,6 +6,8 @@
 //! (partial frame and message), what a resumed OPEN needs, and timers as
 //! ages. It holds secrets: it is only ever sent over the private upgrade
 //! channel, never logged, and the buffers it was encoded into are zeroed.
+#![forbid(unsafe_code)]
+#![deny(clippy::disallowed_methods)]
 
 use serde::{Deserialize, Serialize};
 

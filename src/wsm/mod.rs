@@ -9,6 +9,7 @@
 //! drain ([`Drain`]): GOAWAY on every link, so holdfast moves the streams to
 //! other WSMs, then the process may exit once no stream is left. Never sees
 //! device TLS.
+#![forbid(unsafe_code)]
 
 pub mod echo;
 pub mod state;
