@@ -2,3 +2,4 @@
 #![forbid(unsafe_code)]
 #![deny(clippy::disallowed_methods)]
 pub mod codec;
+pub mod credit;

@@ -19,14 +19,11 @@ use monoio::net::TcpStream;
 
 use crate::config::Config;
 use crate::link::codec::{self, CloseReason, Frame, Hello, Open};
+use crate::link::credit::{LinkCredit, StreamCredit};
 use crate::metrics::ShardMetrics;
 
 /// Credit holdfast grants a WSM for the whole link.
 pub const LINK_WINDOW: u32 = 16 << 20;
-
-/// The most credit a WSM can give holdfast on a stream or a link: more than
-/// any window, far from overflow however often it sends CREDIT.
-const MAX_CREDIT: i64 = 1 << 40;
 
 /// How a stream's open ended.
 #[derive(Debug, Clone)]
@@ -46,16 +43,14 @@ pub struct StreamShared {
     pub opened: Option<OpenResult>,
     /// Messages from the WSM waiting to be written to the device.
     pub inbox: VecDeque<(bool, Vec<u8>)>,
-    /// Credit to send device messages on this stream.
-    pub send_credit: i64,
+    /// This stream's flow-control credit (`link::credit`).
+    credit: StreamCredit,
     /// The WSM closed the stream: close the device with this code and text.
     pub wsm_close: Option<(u16, String)>,
     /// The link carrying this stream failed.
     pub link_lost: bool,
     /// Deadline registered with the shard's timers, if any.
     pub timer_at: Option<std::time::Instant>,
-    /// Bytes delivered to the device whose stream credit is not yet returned.
-    credit_owed: u32,
     /// The WSM acknowledged a HANDOFF: nothing more will come on this stream.
     pub handoff_acked: bool,
     /// The shard asked this stream's tunnel to move to a new process.
@@ -160,15 +155,12 @@ struct LinkState {
     writer: Option<Waker>,
     next_stream: u32,
     streams: HashMap<u32, StreamRef>,
-    peer_stream_window: i64,
     peer_max_frame: u32,
-    /// Credit to send messages on the whole link.
-    link_credit: i64,
-    /// Bytes the WSM sent whose link credit is not yet returned. holdfast
-    /// returns link credit as soon as a message leaves the link for its
-    /// stream (at the end of each read), so devices that stop reading hold
-    /// only their own stream's window, never the link's (6.3).
-    link_owed: u64,
+    /// The link's flow-control credit (`link::credit`). holdfast returns
+    /// link credit as soon as a message leaves the link for its stream (at
+    /// the end of each read), so devices that stop reading hold only their
+    /// own stream's window, never the link's (6.3).
+    credit: LinkCredit,
 }
 
 pub struct Link {
@@ -278,7 +270,7 @@ impl Link {
         let shared = Rc::new(RefCell::new(StreamShared {
             stream_id: id,
             generation: st.generation,
-            send_credit: st.peer_stream_window,
+            credit: st.credit.open(),
             ..Default::default()
         }));
         st.streams.insert(id, shared.clone());
@@ -295,7 +287,7 @@ impl Link {
     /// Whether the device side of this stream may send now (both credits > 0).
     pub fn can_send(&self, s: &StreamShared) -> bool {
         let st = self.st.borrow();
-        st.up && s.send_credit > 0 && st.link_credit > 0
+        st.up && st.credit.may_send(&s.credit)
     }
 
     /// Queues a device message to the WSM and spends credit for it.
@@ -312,8 +304,7 @@ impl Link {
         codec::message_header(&mut st.out, s.stream_id, binary, data.len());
         st.out.extend_from_slice(data);
         s.unacked.push_back((binary, data.to_vec()));
-        s.send_credit -= data.len() as i64;
-        st.link_credit -= data.len() as i64;
+        st.credit.sent(&mut s.credit, data.len());
         if let Some(w) = st.writer.take() {
             w.wake();
         }
@@ -330,9 +321,7 @@ impl Link {
         if n == 0 || !st.up || s.generation != st.generation || !st.streams.contains_key(&s.stream_id) {
             return;
         }
-        s.credit_owed = s.credit_owed.saturating_add(n.min(u32::MAX as usize) as u32);
-        if s.credit_owed >= (self.stream_window / 4).max(1) {
-            let bytes = std::mem::take(&mut s.credit_owed);
+        if let Some(bytes) = st.credit.delivered(&mut s.credit, n) {
             self.push(&mut st, &Frame::Credit { stream: s.stream_id, bytes });
         }
     }
@@ -341,8 +330,10 @@ impl Link {
     /// read from the WSM).
     fn flush_link_credit(&self) {
         let mut st = self.st.borrow_mut();
-        if st.up && st.link_owed > 0 {
-            let bytes = std::mem::take(&mut st.link_owed).min(u32::MAX as u64) as u32;
+        if !st.up {
+            return;
+        }
+        if let Some(bytes) = st.credit.flush_link() {
             self.push(&mut st, &Frame::Credit { stream: 0, bytes });
             self.metrics.peer_credit.fetch_add(bytes as i64, std::sync::atomic::Ordering::Relaxed);
         }
@@ -394,7 +385,7 @@ impl Link {
                 // The bytes leave the link now (for their stream, or dropped
                 // in a race with CLOSE): their link credit goes back after
                 // this read.
-                st.link_owed += data.len() as u64;
+                st.credit.received(data.len());
                 self.metrics.peer_credit.fetch_sub(data.len() as i64, std::sync::atomic::Ordering::Relaxed);
                 if let Some(s) = st.streams.get(&stream) {
                     let mut s = s.borrow_mut();
@@ -410,10 +401,8 @@ impl Link {
                 }
             }
             Frame::Credit { stream: 0, bytes } => {
-                let was_blocked = st.link_credit <= 0;
-                // Saturating: a WSM sending credit without end must not wrap it.
-                st.link_credit = st.link_credit.saturating_add(bytes as i64).min(MAX_CREDIT);
-                if was_blocked && st.link_credit > 0 {
+                // Saturating: a WSM sending credit without end cannot wrap it.
+                if st.credit.link_credit(bytes) {
                     for s in st.streams.values() {
                         s.borrow_mut().wake();
                     }
@@ -422,10 +411,9 @@ impl Link {
             Frame::Credit { stream, bytes } => {
                 if let Some(s) = st.streams.get(&stream) {
                     let mut s = s.borrow_mut();
-                    let was_blocked = s.send_credit <= 0;
-                    s.send_credit = s.send_credit.saturating_add(bytes as i64).min(MAX_CREDIT);
+                    let unblocked = st.credit.stream_credit(&mut s.credit, bytes);
                     s.ack(bytes);
-                    if was_blocked && s.send_credit > 0 {
+                    if unblocked {
                         s.wake();
                     }
                 }
@@ -455,9 +443,8 @@ impl Link {
         let mut st = self.st.borrow_mut();
         if st.up {
             ShardMetrics::dec(&self.metrics.links_up);
-            let held = LINK_WINDOW as i64 - st.link_owed as i64;
-            self.metrics.peer_credit.fetch_sub(held, std::sync::atomic::Ordering::Relaxed);
-            st.link_owed = 0;
+            self.metrics.peer_credit.fetch_sub(st.credit.peer_available(), std::sync::atomic::Ordering::Relaxed);
+            st.credit = LinkCredit::default();
         }
         st.up = false;
         st.generation += 1;
@@ -588,9 +575,7 @@ async fn read_loop<R: AsyncReadRent>(
                 st.up = true;
                 st.goaway = false;
                 st.next_stream = 0;
-                st.peer_stream_window = h.stream_window as i64;
-                st.link_credit = h.link_window as i64;
-                st.link_owed = 0;
+                st.credit = LinkCredit::new(h.stream_window, h.link_window, link.stream_window, LINK_WINDOW);
                 st.peer_max_frame = h.max_frame;
             }
             ShardMetrics::inc(&link.metrics.links_up);
