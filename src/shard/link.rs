@@ -327,14 +327,23 @@ impl Link {
     }
 
     /// Returns the link credit of everything read so far (called after each
-    /// read from the WSM).
+    /// read from the WSM; see the comment inside for when it is written).
     fn flush_link_credit(&self) {
         let mut st = self.st.borrow_mut();
         if !st.up {
             return;
         }
         if let Some(bytes) = st.credit.flush_link() {
-            self.push(&mut st, &Frame::Credit { stream: 0, bytes });
+            // Queued with whatever the writer sends next (a message, a ping
+            // within ping_interval_ms); the writer is woken for it alone only
+            // past a quarter window, so a busy link pays no extra write per
+            // read and the WSM never runs short.
+            Frame::Credit { stream: 0, bytes }.encode(&mut st.out);
+            if bytes >= LINK_WINDOW / 4
+                && let Some(w) = st.writer.take()
+            {
+                w.wake();
+            }
             self.metrics.peer_credit.fetch_add(bytes as i64, std::sync::atomic::Ordering::Relaxed);
         }
     }
