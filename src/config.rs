@@ -204,29 +204,7 @@ impl Config {
         let cpus = match &f.listen.cpus {
             Some(s) => match crate::cpus::parse_list(s) {
                 Ok(list) => {
-                    let offline: Vec<usize> = list.iter().copied().filter(|c| !facts.online.contains(c)).collect();
-                    let barred: Vec<usize> =
-                        list.iter().copied().filter(|c| facts.online.contains(c) && !facts.allowed.contains(c)).collect();
-                    if !offline.is_empty() {
-                        errs.push(err(
-                            "listen.cpus",
-                            format!(
-                                "CPU {} not online (online: {})",
-                                crate::cpus::format_list(&offline),
-                                crate::cpus::format_list(&facts.online)
-                            ),
-                        ));
-                    }
-                    if !barred.is_empty() {
-                        errs.push(err(
-                            "listen.cpus",
-                            format!(
-                                "CPU {} not allowed to this process (taskset, cgroup cpuset or CPUAffinity=); allowed: {}",
-                                crate::cpus::format_list(&barred),
-                                crate::cpus::format_list(&facts.allowed)
-                            ),
-                        ));
-                    }
+                    errs.extend(facts.refuse(&list).into_iter().map(|m| err("listen.cpus", m)));
                     list
                 }
                 Err(m) => {

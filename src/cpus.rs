@@ -74,6 +74,26 @@ impl Facts {
         Facts { online, allowed }
     }
 
+    /// What is wrong with pinning shards to `list`: CPUs that are not
+    /// online, and CPUs online but not allowed to this process (one message
+    /// each, naming the CPUs and what would do).
+    pub fn refuse(&self, list: &[usize]) -> Vec<String> {
+        let offline: Vec<usize> = list.iter().copied().filter(|c| !self.online.contains(c)).collect();
+        let barred: Vec<usize> = list.iter().copied().filter(|c| self.online.contains(c) && !self.allowed.contains(c)).collect();
+        let mut out = Vec::new();
+        if !offline.is_empty() {
+            out.push(format!("CPU {} not online (online: {})", format_list(&offline), format_list(&self.online)));
+        }
+        if !barred.is_empty() {
+            out.push(format!(
+                "CPU {} not allowed to this process (taskset, cgroup cpuset or CPUAffinity=); allowed: {}",
+                format_list(&barred),
+                format_list(&self.allowed)
+            ));
+        }
+        out
+    }
+
     /// CPUs both online and allowed: what `shards = "auto"` uses.
     pub fn usable(&self) -> Vec<usize> {
         self.allowed.iter().copied().filter(|c| self.online.contains(c)).collect()
@@ -111,6 +131,16 @@ mod tests {
     fn formats_back() {
         assert_eq!(format_list(&[0, 1, 2, 3, 6, 8, 9]), "0-3,6,8-9");
         assert_eq!(format_list(&[1]), "1");
+    }
+
+    #[test]
+    fn offline_and_barred_cpus_are_named_separately() {
+        let f = Facts { online: vec![0, 1, 2, 3], allowed: vec![1, 2] };
+        assert!(f.refuse(&[1, 2]).is_empty());
+        let r = f.refuse(&[0, 1, 7]);
+        assert_eq!(r.len(), 2);
+        assert!(r[0].starts_with("CPU 7 not online (online: 0-3)"), "{r:?}");
+        assert!(r[1].starts_with("CPU 0 not allowed") && r[1].ends_with("allowed: 1-2"), "{r:?}");
     }
 
     #[test]
