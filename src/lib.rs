@@ -3,6 +3,7 @@
 // The shell reads the clock; the core modules deny it (clippy.toml).
 #![allow(clippy::disallowed_methods)]
 
+pub mod blame;
 pub mod config;
 pub mod cpus;
 pub mod device;

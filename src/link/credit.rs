@@ -42,6 +42,13 @@ pub struct LinkCredit {
     link_owed: u64,
 }
 
+impl StreamCredit {
+    /// Bytes delivered whose stream credit is not yet returned.
+    pub fn owed(&self) -> u32 {
+        self.delivered_owed
+    }
+}
+
 impl LinkCredit {
     /// After both HELLOs: the peer's windows for this side's sending, and
     /// this side's windows for the peer's.

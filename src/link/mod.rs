@@ -3,3 +3,4 @@
 #![deny(clippy::disallowed_methods)]
 pub mod codec;
 pub mod credit;
+pub mod session;

@@ -183,6 +183,14 @@ impl Collector for Sources {
             }
         }
         family(e, "holdfast_handshake_refused_total", "TLS handshakes refused, by reason", MetricType::Counter, refused)?;
+        let mut record = Vec::new();
+        for (i, m) in shards.iter().enumerate() {
+            for (j, r) in crate::tls::record::RecordError::LABELS.iter().enumerate() {
+                record
+                    .push((vec![("shard", i.to_string()), ("reason", r.to_string())], Sample::Count(m.tls_record_errors[j].load(Relaxed))));
+            }
+        }
+        family(e, "holdfast_tls_record_errors_total", "connections closed for a bad TLS record, by reason", MetricType::Counter, record)?;
         let mut closes = Vec::new();
         for (i, m) in shards.iter().enumerate() {
             for (code, c) in [(1002, &m.ws_closed_1002), (1007, &m.ws_closed_1007), (1009, &m.ws_closed_1009)] {
@@ -225,12 +233,9 @@ impl Collector for Sources {
         let per_wsm: Vec<(usize, Arc<super::WsmMetrics>)> =
             shards.iter().enumerate().flat_map(|(i, m)| m.wsms().into_iter().map(move |w| (i, w))).collect();
         let wl = |i: usize, w: &super::WsmMetrics| vec![("shard", i.to_string()), ("wsm", w.wsm.clone())];
-        let link_families: [LinkFamily; 4] = [
+        let link_families: [LinkFamily; 3] = [
             ("holdfast_links_up", MetricType::Gauge, "WSM links currently up", |w| &w.links_up),
             ("holdfast_link_connects_total", MetricType::Counter, "WSM link connections established", |w| &w.link_connects_total),
-            ("holdfast_link_failures_total", MetricType::Counter, "WSM link connection attempts or links that failed", |w| {
-                &w.link_failures_total
-            }),
             (
                 "holdfast_link_liveness_failures_total",
                 MetricType::Counter,
@@ -242,6 +247,21 @@ impl Collector for Sources {
             let kind = if matches!(t, MetricType::Counter) { Kind::Counter } else { Kind::Gauge };
             family(e, name, help, t, per_wsm.iter().map(|(i, w)| (wl(*i, w), value(kind, get(w)))).collect())?;
         }
+        let mut failures = Vec::new();
+        for (i, w) in &per_wsm {
+            for (j, reason) in crate::link::session::FAILURE_LABELS.iter().enumerate() {
+                let mut l = wl(*i, w);
+                l.push(("reason", reason.to_string()));
+                failures.push((l, Sample::Count(w.link_failures[j].load(Relaxed))));
+            }
+        }
+        family(
+            e,
+            "holdfast_link_failures_total",
+            "WSM link connection attempts or links that failed, by reason (connect, connect_timeout, read, peer_closed, liveness, protocol, version, retired)",
+            MetricType::Counter,
+            failures,
+        )?;
         family(
             e,
             "holdfast_link_peer_credit_bytes",

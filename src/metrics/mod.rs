@@ -12,6 +12,7 @@ pub mod export;
 pub mod http;
 pub mod process;
 
+use crate::blame::Blamed;
 use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering::Relaxed};
 use std::sync::{Arc, Mutex};
 
@@ -59,7 +60,6 @@ shard_series! {
     wsm_bad_accepts_total: Counter, "streams a WSM accepted with a subprotocol the device did not offer (device answered 502)";
     messages_from_devices_total: Counter, "WebSocket messages forwarded to WSMs";
     messages_to_devices_total: Counter, "WebSocket messages delivered to devices";
-    tls_record_errors_total: Counter, "connections closed for a bad TLS record";
     key_updates_sent_total: Counter, "TLS 1.3 KeyUpdates sent by holdfast";
     key_updates_received_total: Counter, "TLS 1.3 KeyUpdates received from devices";
     idle_timeouts_total: Counter, "connections closed for inactivity";
@@ -117,7 +117,8 @@ pub struct WsmMetrics {
     pub wsm: String,
     pub links_up: AtomicU64,
     pub link_connects_total: AtomicU64,
-    pub link_failures_total: AtomicU64,
+    /// Link connections that failed, indexed like `link::session::FAILURE_LABELS`.
+    pub link_failures: [AtomicU64; 8],
     pub link_liveness_failures_total: AtomicU64,
     /// Credit the WSM has for sending to holdfast on this shard's links to it
     /// (their windows less what holdfast has not returned yet): back to
@@ -125,6 +126,14 @@ pub struct WsmMetrics {
     pub peer_credit: AtomicI64,
     /// From OPEN sent to ACCEPT or REFUSE received.
     pub open_seconds: Histogram,
+}
+
+impl WsmMetrics {
+    pub fn link_failed(&self, f: &crate::link::session::Failure) {
+        if let Some(i) = crate::link::session::FAILURE_LABELS.iter().position(|l| *l == f.label()) {
+            self.link_failures[i].fetch_add(1, Relaxed);
+        }
+    }
 }
 
 /// Devices accepted under one configured client CA.
@@ -144,6 +153,8 @@ pub struct ShardMetrics {
     pub s: Series,
     /// Handshake refusals, indexed like `Refusal::ALL`.
     pub refused: [AtomicU64; 6],
+    /// Connections closed for a bad TLS record, indexed like `RecordError::LABELS`.
+    pub tls_record_errors: [AtomicU64; 8],
     /// WebSocket closes holdfast sent for bad device input, by close code.
     pub ws_closed_1002: AtomicU64,
     pub ws_closed_1007: AtomicU64,
@@ -193,6 +204,12 @@ impl ShardMetrics {
         }
     }
 
+    pub fn tls_record_error(&self, e: &crate::tls::record::RecordError) {
+        if let Some(i) = crate::tls::record::RecordError::LABELS.iter().position(|l| *l == e.label()) {
+            Self::inc(&self.tls_record_errors[i]);
+        }
+    }
+
     pub fn ws_error(&self, code: u16) {
         match code {
             1002 => Self::inc(&self.ws_closed_1002),
@@ -219,7 +236,7 @@ impl ShardMetrics {
             wsm: wsm.to_string(),
             links_up: AtomicU64::new(0),
             link_connects_total: AtomicU64::new(0),
-            link_failures_total: AtomicU64::new(0),
+            link_failures: Default::default(),
             link_liveness_failures_total: AtomicU64::new(0),
             peer_credit: AtomicI64::new(0),
             open_seconds: Histogram::default(),

@@ -517,7 +517,7 @@ impl Device {
         let mut out = Vec::new();
         match end {
             End::Record(e) => {
-                ShardMetrics::inc(&m.tls_record_errors_total);
+                m.tls_record_error(e);
                 if let Some(a) = e.alert() {
                     let _ = rl.fatal_alert(a, &mut out);
                 }

@@ -1,9 +1,10 @@
 //! One persistent, multiplexed link from a shard to a WSM host.
 //!
-//! Owns: connecting (and reconnecting with backoff), the HELLO exchange, the
-//! link's outgoing byte queue and writer task, dispatching incoming frames to
-//! device streams, and both levels of flow-control credit. Never touches a
-//! device socket: it talks to device tasks only through [`StreamShared`].
+//! Owns: connecting (and reconnecting with backoff), reading and writing
+//! the link's socket, the link's timers, and handing the events of its
+//! protocol machine (`link::session`: HELLO, streams, credit, handoff) to
+//! the device tasks through [`StreamShared`]. Makes no protocol decision
+//! itself and never touches a device socket.
 #![forbid(unsafe_code)]
 
 use std::cell::RefCell;
@@ -17,9 +18,10 @@ use monoio::buf::IoBufMut;
 use monoio::io::{AsyncReadRent, AsyncWriteRentExt, Splitable};
 use monoio::net::TcpStream;
 
+use crate::blame::Blamed;
 use crate::config::Config;
-use crate::link::codec::{self, CloseReason, Frame, Hello, Open};
-use crate::link::credit::{LinkCredit, StreamCredit};
+use crate::link::codec::{self, CloseReason, Open};
+use crate::link::session::{Event, Failure, LinkSession, Params};
 use crate::metrics::ShardMetrics;
 
 /// Credit holdfast grants a WSM for the whole link.
@@ -43,8 +45,6 @@ pub struct StreamShared {
     pub opened: Option<OpenResult>,
     /// Messages from the WSM waiting to be written to the device.
     pub inbox: VecDeque<(bool, Vec<u8>)>,
-    /// This stream's flow-control credit (`link::credit`).
-    credit: StreamCredit,
     /// The WSM closed the stream: close the device with this code and text.
     pub wsm_close: Option<(u16, String)>,
     /// The link carrying this stream failed.
@@ -57,12 +57,10 @@ pub struct StreamShared {
     pub handoff_requested: bool,
     /// The WSM sent goaway: the tunnel should move its stream to another WSM.
     pub move_requested: bool,
-    /// Device messages sent on this stream whose credit has not come back:
-    /// the WSM may not have processed them. If the link dies they are sent
-    /// again, first, on the stream that replaces this one.
+    /// After the link died: the messages sent on this stream that the WSM
+    /// had not acknowledged with credit (it may not have processed them),
+    /// to send again, first, on the stream that replaces this one.
     pub unacked: VecDeque<(bool, Vec<u8>)>,
-    /// Credit returned beyond the whole messages taken off `unacked`.
-    acked_carry: u64,
     /// The shard's partial-record budget ran out and this tunnel is one of
     /// the oldest holders: it closes (`Some(bytes it held)`, see `partial`).
     pub evict_partial: Option<u64>,
@@ -73,23 +71,6 @@ pub struct StreamShared {
 pub type StreamRef = Rc<RefCell<StreamShared>>;
 
 impl StreamShared {
-    /// The WSM returned `bytes` of credit: that much of what was sent has
-    /// been processed (or discarded), oldest first.
-    fn ack(&mut self, bytes: u32) {
-        self.acked_carry += bytes as u64;
-        while let Some((_, m)) = self.unacked.front() {
-            if m.len() as u64 > self.acked_carry {
-                break;
-            }
-            self.acked_carry -= m.len() as u64;
-            self.unacked.pop_front();
-        }
-        if self.unacked.is_empty() {
-            self.acked_carry = 0;
-            self.unacked.shrink_to(0);
-        }
-    }
-
     pub fn wake(&mut self) {
         self.notified = true;
         if let Some(w) = self.waker.take() {
@@ -146,21 +127,33 @@ impl Attention {
 
 #[derive(Default)]
 struct LinkState {
-    up: bool,
-    goaway: bool,
-    /// Incremented on every (re)connect; the writer of an old connection stops.
+    /// The protocol state of the current connection (`link::session`);
+    /// `None` between connections.
+    session: Option<LinkSession>,
+    /// Incremented on every (re)connect and failure; the writer of an old
+    /// connection stops, and streams of an old connection are told apart.
     generation: u64,
-    out: Vec<u8>,
     spare: Vec<u8>,
     writer: Option<Waker>,
-    next_stream: u32,
+    /// The device side of every stream on the link.
     streams: HashMap<u32, StreamRef>,
-    peer_max_frame: u32,
-    /// The link's flow-control credit (`link::credit`). holdfast returns
-    /// link credit as soon as a message leaves the link for its stream (at
-    /// the end of each read), so devices that stop reading hold only their
-    /// own stream's window, never the link's (6.3).
-    credit: LinkCredit,
+    /// The WSM's credit last reported to `holdfast_link_peer_credit_bytes`.
+    reported_peer_credit: i64,
+    /// The writer should look at the session's timers again.
+    writer_rethink: bool,
+}
+
+impl LinkState {
+    /// The session of the current connection, if it is past both HELLOs.
+    fn up(&mut self) -> Option<&mut LinkSession> {
+        self.session.as_mut().filter(|s| s.is_up())
+    }
+
+    fn wake_writer(&mut self) {
+        if let Some(w) = self.writer.take() {
+            w.wake();
+        }
+    }
 }
 
 pub struct Link {
@@ -222,11 +215,9 @@ impl Link {
         if !st.streams.is_empty() {
             return false;
         }
-        if st.up {
+        if st.session.is_some() {
             st.generation += 1;
-            if let Some(w) = st.writer.take() {
-                w.wake();
-            }
+            st.wake_writer();
         }
         true
     }
@@ -238,113 +229,73 @@ impl Link {
 
     /// Whether the WSM sent goaway on this link's current connection.
     pub fn going_away(&self) -> bool {
-        let s = self.st.borrow();
-        s.up && (s.goaway || self.retired.get())
+        let mut s = self.st.borrow_mut();
+        s.up().is_some_and(|l| l.going_away() || self.retired.get())
     }
 
     /// Up, past HELLO, and not told to go away.
     pub fn usable(&self) -> bool {
-        let s = self.st.borrow();
-        s.up && !s.goaway && !self.retired.get()
+        let mut s = self.st.borrow_mut();
+        !self.retired.get() && s.up().is_some_and(|l| l.accepts_streams())
     }
 
     pub fn load(&self) -> usize {
         self.st.borrow().streams.len()
     }
 
-    fn push(&self, st: &mut LinkState, f: &Frame) {
-        f.encode(&mut st.out);
-        if let Some(w) = st.writer.take() {
-            w.wake();
-        }
-    }
-
     /// Opens a stream for a device; `None` if the link is not usable.
     pub fn open_stream(&self, open: Open) -> Option<StreamRef> {
         let mut st = self.st.borrow_mut();
-        if !st.up || st.goaway || st.next_stream == u32::MAX {
-            return None;
-        }
-        st.next_stream += 1;
-        let id = st.next_stream;
-        let shared = Rc::new(RefCell::new(StreamShared {
-            stream_id: id,
-            generation: st.generation,
-            credit: st.credit.open(),
-            ..Default::default()
-        }));
+        let generation = st.generation;
+        let id = st.up()?.open(open)?;
+        let shared = Rc::new(RefCell::new(StreamShared { stream_id: id, generation, ..Default::default() }));
         st.streams.insert(id, shared.clone());
-        self.push(&mut st, &Frame::Open { stream: id, open: Box::new(open) });
+        st.wake_writer();
         Some(shared)
     }
 
     /// Whether a device message of `len` bytes fits the WSM's announced
     /// frame limit (a larger one would make the WSM drop the whole link).
     pub fn fits(&self, len: usize) -> bool {
-        codec::message_fits(len, self.st.borrow().peer_max_frame)
+        let st = self.st.borrow();
+        match &st.session {
+            Some(l) => l.fits(len),
+            None => codec::message_fits(len, codec::DEFAULT_MAX_FRAME),
+        }
     }
 
     /// Whether the device side of this stream may send now (both credits > 0).
     pub fn can_send(&self, s: &StreamShared) -> bool {
-        let st = self.st.borrow();
-        st.up && st.credit.may_send(&s.credit)
+        let mut st = self.st.borrow_mut();
+        let generation = st.generation;
+        s.generation == generation && st.up().is_some_and(|l| l.may_send(s.stream_id))
     }
 
     /// Queues a device message to the WSM and spends credit for it.
     pub fn send_message(&self, s: &mut StreamShared, binary: bool, data: &[u8]) {
         let mut st = self.st.borrow_mut();
-        if !st.up || !st.streams.contains_key(&s.stream_id) {
+        let generation = st.generation;
+        let sent = s.generation == generation && st.up().is_some_and(|l| l.send(s.stream_id, binary, data));
+        if sent {
+            st.wake_writer();
+        } else if s.link_lost {
             // The link died before the tunnel noticed: keep the message to
             // send again on the stream that replaces this one.
-            if s.link_lost {
-                s.unacked.push_back((binary, data.to_vec()));
-            }
-            return;
-        }
-        codec::message_header(&mut st.out, s.stream_id, binary, data.len());
-        st.out.extend_from_slice(data);
-        s.unacked.push_back((binary, data.to_vec()));
-        st.credit.sent(&mut s.credit, data.len());
-        if let Some(w) = st.writer.take() {
-            w.wake();
+            s.unacked.push_back((binary, data.to_vec()));
         }
     }
 
-    /// Returns stream credit for `n` bytes the device has been sent. Credit
-    /// goes back in batches, once a quarter of a window is owed: the WSM
-    /// always keeps at least three quarters of its window, so it never
-    /// stalls, and a small message costs no extra link write. (Link credit
-    /// went back when the bytes left the link.) Nothing is returned to a
-    /// stream of another link connection, nor to a closed stream.
+    /// Returns stream credit for `n` bytes the device has been sent (in
+    /// batches, see `LinkSession::delivered`). Link credit went back when
+    /// the bytes left the link. Nothing goes to a stream of another link
+    /// connection, nor to a closed stream.
     pub fn return_credit(&self, s: &mut StreamShared, n: usize) {
         let mut st = self.st.borrow_mut();
-        if n == 0 || !st.up || s.generation != st.generation || !st.streams.contains_key(&s.stream_id) {
+        if n == 0 || s.generation != st.generation {
             return;
         }
-        if let Some(bytes) = st.credit.delivered(&mut s.credit, n) {
-            self.push(&mut st, &Frame::Credit { stream: s.stream_id, bytes });
-        }
-    }
-
-    /// Returns the link credit of everything read so far (called after each
-    /// read from the WSM; see the comment inside for when it is written).
-    fn flush_link_credit(&self) {
-        let mut st = self.st.borrow_mut();
-        if !st.up {
-            return;
-        }
-        if let Some(bytes) = st.credit.flush_link() {
-            // Queued with whatever the writer sends next (a message, a ping
-            // within ping_interval_ms); the writer is woken for it alone only
-            // past a quarter window, so a busy link pays no extra write per
-            // read and the WSM never runs short.
-            Frame::Credit { stream: 0, bytes }.encode(&mut st.out);
-            if bytes >= LINK_WINDOW / 4
-                && let Some(w) = st.writer.take()
-            {
-                w.wake();
-            }
-            self.metrics.peer_credit.fetch_add(bytes as i64, std::sync::atomic::Ordering::Relaxed);
+        if st.up().and_then(|l| l.delivered(s.stream_id, n)).is_some() {
+            st.wake_writer();
         }
     }
 
@@ -357,112 +308,149 @@ impl Link {
     /// Sends HANDOFF: the WSM stops sending on the stream and acknowledges.
     pub fn send_handoff(&self, stream: u32) -> bool {
         let mut st = self.st.borrow_mut();
-        if !st.up || !st.streams.contains_key(&stream) {
-            return false;
+        let sent = st.up().is_some_and(|l| l.handoff(stream));
+        if sent {
+            st.wake_writer();
         }
-        self.push(&mut st, &Frame::Handoff { stream });
-        true
+        sent
     }
 
     /// Ends a stream from holdfast's side.
     pub fn close_stream(&self, stream: u32, reason: CloseReason, code: u16, text: &str) {
         let mut st = self.st.borrow_mut();
-        if st.streams.remove(&stream).is_some() && st.up {
-            self.push(&mut st, &Frame::Close { stream, reason, code, text: text.to_string() });
+        if st.streams.remove(&stream).is_some()
+            && let Some(l) = st.up()
+        {
+            l.close(stream, reason, code, text);
+            st.wake_writer();
         }
     }
 
-    fn on_frame(&self, f: Frame) -> Result<(), String> {
+    /// Feeds what was read to the session and hands its events to the
+    /// streams. Returns the WSM's node name when its HELLO arrived.
+    fn on_read(&self, now: std::time::Instant, buf: &[u8]) -> Result<(usize, Option<String>), Failure> {
         let mut st = self.st.borrow_mut();
-        match f {
-            Frame::Hello(_) => return Err("second HELLO".into()),
-            Frame::Accept { stream, subprotocol } => {
-                if let Some(s) = st.streams.get(&stream) {
-                    let mut s = s.borrow_mut();
-                    s.opened = Some(OpenResult::Accepted(subprotocol));
-                    s.wake();
+        let st = &mut *st;
+        let Some(l) = st.session.as_mut() else { return Err(Failure::Retired) };
+        let used = l.on_bytes(now, buf)?;
+        let mut up = None;
+        while let Some(ev) = l.poll_event() {
+            let stream = |id: u32| st.streams.get(&id);
+            match ev {
+                Event::Up { node } => up = Some(node),
+                Event::Accepted { stream: id, subprotocol } => {
+                    if let Some(s) = stream(id) {
+                        let mut s = s.borrow_mut();
+                        s.opened = Some(OpenResult::Accepted(subprotocol));
+                        s.wake();
+                    }
                 }
-            }
-            Frame::Refuse { stream, status, reason } => {
-                if let Some(s) = st.streams.remove(&stream) {
-                    let mut s = s.borrow_mut();
-                    s.opened = Some(OpenResult::Refused(status, reason));
-                    s.wake();
+                Event::Refused { stream: id, status, reason } => {
+                    if let Some(s) = st.streams.remove(&id) {
+                        let mut s = s.borrow_mut();
+                        s.opened = Some(OpenResult::Refused(status, reason));
+                        s.wake();
+                    }
                 }
-            }
-            Frame::Message { stream, binary, data } => {
-                // The bytes leave the link now (for their stream, or dropped
-                // in a race with CLOSE): their link credit goes back after
-                // this read.
-                st.credit.received(data.len());
-                self.metrics.peer_credit.fetch_sub(data.len() as i64, std::sync::atomic::Ordering::Relaxed);
-                if let Some(s) = st.streams.get(&stream) {
-                    let mut s = s.borrow_mut();
-                    s.inbox.push_back((binary, data));
-                    s.wake();
+                Event::Message { stream: id, binary, data } => {
+                    if let Some(s) = stream(id) {
+                        let mut s = s.borrow_mut();
+                        s.inbox.push_back((binary, data));
+                        s.wake();
+                    }
                 }
-            }
-            Frame::Close { stream, code, text, .. } => {
-                if let Some(s) = st.streams.remove(&stream) {
-                    let mut s = s.borrow_mut();
-                    s.wsm_close = Some((code, text));
-                    s.wake();
+                Event::Closed { stream: id, code, text } => {
+                    if let Some(s) = st.streams.remove(&id) {
+                        let mut s = s.borrow_mut();
+                        s.wsm_close = Some((code, text));
+                        s.wake();
+                    }
                 }
-            }
-            Frame::Credit { stream: 0, bytes } => {
-                // Saturating: a WSM sending credit without end cannot wrap it.
-                if st.credit.link_credit(bytes) {
+                Event::Writable { stream: id } => {
+                    if let Some(s) = stream(id) {
+                        s.borrow_mut().wake();
+                    }
+                }
+                Event::LinkWritable => {
                     for s in st.streams.values() {
                         s.borrow_mut().wake();
                     }
                 }
-            }
-            Frame::Credit { stream, bytes } => {
-                if let Some(s) = st.streams.get(&stream) {
-                    let mut s = s.borrow_mut();
-                    let unblocked = st.credit.stream_credit(&mut s.credit, bytes);
-                    s.ack(bytes);
-                    if unblocked {
+                Event::HandoffAcked { stream: id } => {
+                    if let Some(s) = stream(id) {
+                        let mut s = s.borrow_mut();
+                        s.handoff_acked = true;
                         s.wake();
                     }
                 }
-            }
-            Frame::Ping(v) => self.push(&mut st, &Frame::Pong(v)),
-            Frame::Pong(_) => {}
-            Frame::GoAway { code, text } => {
-                tracing::info!(host = %self.host, code, text = %text, "WSM sent goaway; no new streams on this link");
-                st.goaway = true;
-                self.attention.raise();
-            }
-            Frame::HandoffAck { stream } => {
-                if let Some(s) = st.streams.get(&stream) {
-                    let mut s = s.borrow_mut();
-                    s.handoff_acked = true;
-                    s.wake();
+                Event::GoAway { code, text } => {
+                    tracing::info!(host = %self.host, code, text = %text, "WSM sent goaway; no new streams on this link");
+                    self.attention.raise();
                 }
             }
-            Frame::Open { .. } => return Err("OPEN from WSM".into()),
-            Frame::Handoff { .. } => return Err("HANDOFF from WSM".into()),
         }
-        Ok(())
+        // The messages of this read left the link: their link credit is
+        // queued with whatever the writer sends next (a message, a ping);
+        // the writer is woken for it alone only past a quarter window, so a
+        // busy link pays no extra write per read and the WSM never runs short.
+        let credit_due = l.after_read().is_some_and(|b| b >= LINK_WINDOW / 4);
+        if up.is_some() {
+            // The writer starts its ping timer now.
+            st.writer_rethink = true;
+        }
+        if credit_due || up.is_some() {
+            st.wake_writer();
+        }
+        self.report_peer_credit(st);
+        Ok((used, up))
     }
 
-    /// Marks the link down and tells every stream on it.
+    /// Brings `holdfast_link_peer_credit_bytes` up to date with the session.
+    fn report_peer_credit(&self, st: &mut LinkState) {
+        let now = st.session.as_ref().map_or(0, |l| l.peer_available());
+        let delta = now - std::mem::replace(&mut st.reported_peer_credit, now);
+        if delta != 0 {
+            self.metrics.peer_credit.fetch_add(delta, std::sync::atomic::Ordering::Relaxed);
+        }
+    }
+
+    /// The link's timers fired (see `LinkSession::on_tick`); true if a
+    /// PING was queued.
+    fn on_timer(&self, now: std::time::Instant) -> Result<bool, Failure> {
+        let mut st = self.st.borrow_mut();
+        let Some(l) = st.session.as_mut() else { return Err(Failure::Retired) };
+        l.on_tick(now)
+    }
+
+    /// When the session fails the link if the WSM stays silent.
+    fn silent_at(&self) -> Option<std::time::Instant> {
+        self.st.borrow().session.as_ref().map(|l| l.silent_at())
+    }
+
+    /// When the session wants a PING written (`None` before HELLO).
+    fn ping_at(&self, generation: u64) -> Option<std::time::Instant> {
+        let st = self.st.borrow();
+        st.session.as_ref().filter(|_| st.generation == generation).and_then(|l| l.ping_at())
+    }
+
+    /// Marks the link down and tells every stream on it, handing each the
+    /// messages the WSM had not acknowledged.
     fn fail(&self) {
         let mut st = self.st.borrow_mut();
-        if st.up {
+        let was_up = st.session.as_ref().is_some_and(|l| l.is_up());
+        let lost = st.session.take().map(|mut l| l.fail()).unwrap_or_default();
+        if was_up {
             ShardMetrics::dec(&self.metrics.links_up);
-            self.metrics.peer_credit.fetch_sub(st.credit.peer_available(), std::sync::atomic::Ordering::Relaxed);
-            st.credit = LinkCredit::default();
         }
-        st.up = false;
+        self.report_peer_credit(&mut st);
         st.generation += 1;
-        st.out.clear();
-        if let Some(w) = st.writer.take() {
-            w.wake();
-        }
-        for (_, s) in st.streams.drain() {
+        st.wake_writer();
+        let mut unacked: HashMap<u32, crate::link::session::Messages> = lost.into_iter().collect();
+        for (id, s) in st.streams.drain() {
             let mut s = s.borrow_mut();
+            if let Some(mut u) = unacked.remove(&id) {
+                s.unacked.append(&mut u);
+            }
             s.link_lost = true;
             s.wake();
         }
@@ -491,8 +479,8 @@ pub async fn run_link(link: Rc<Link>, cfg: Arc<Config>, shard: u16, first_attemp
             Ok(()) => backoff = Duration::from_millis(100),
             Err(_) if link.retired() => break,
             Err(e) => {
-                ShardMetrics::inc(&link.metrics.link_failures_total);
-                tracing::warn!(host = %link.host, addr = %link.addr, link = link.index, shard, error = %e, "WSM link down");
+                link.metrics.link_failed(&e);
+                tracing::warn!(host = %link.host, addr = %link.addr, link = link.index, shard, reason = e.label(), blame = e.blame().label(), error = %e, "WSM link down");
             }
         }
         let jitter = monoio::utils::thread_rng_n(backoff.as_millis() as u32 / 2 + 1) as u64;
@@ -507,31 +495,31 @@ async fn connect_and_serve(
     shard: u16,
     first: &mut bool,
     first_attempt: &Rc<RefCell<usize>>,
-) -> Result<(), String> {
+) -> Result<(), Failure> {
     let addr = link.addr;
     let tcp = monoio::time::timeout(cfg.upstream.connect_timeout, TcpStream::connect(addr))
         .await
-        .map_err(|_| "connect timeout".to_string())?
-        .map_err(|e| format!("connect: {e}"))?;
+        .map_err(|_| Failure::ConnectTimeout)?
+        .map_err(|e| Failure::Connect(e.kind()))?;
     let _ = tcp.set_nodelay(true);
     let (mut rd, wr) = tcp.into_split();
-    let hello = Frame::Hello(Hello {
-        version: codec::VERSION,
-        role: 0,
+    let params = Params {
         node: cfg.upstream.node.clone(),
         shard,
-        stream_window: cfg.upstream.stream_window,
+        stream_window: link.stream_window,
         link_window: LINK_WINDOW,
         max_frame: own_max_frame(cfg),
-    });
+        ping_interval: cfg.upstream.ping_interval,
+        liveness_timeout: cfg.upstream.liveness_timeout,
+    };
     let generation = {
         let mut st = link.st.borrow_mut();
-        st.out.clear();
-        hello.encode(&mut st.out);
+        st.generation += 1;
+        st.session = Some(LinkSession::new(params, std::time::Instant::now()));
         st.generation
     };
-    let writer = monoio::spawn(write_loop(link.clone(), wr, generation, cfg.upstream.ping_interval));
-    let res = read_loop(link, &mut rd, shard, first, first_attempt, cfg.upstream.liveness_timeout, own_max_frame(cfg)).await;
+    let writer = monoio::spawn(write_loop(link.clone(), wr, generation));
+    let res = read_loop(link, &mut rd, shard, first, first_attempt).await;
     // Stop the writer of this connection before the next attempt.
     link.fail();
     writer.await;
@@ -544,60 +532,40 @@ async fn read_loop<R: AsyncReadRent>(
     shard: u16,
     first: &mut bool,
     first_attempt: &Rc<RefCell<usize>>,
-    liveness: Duration,
-    max_frame: u32,
-) -> Result<(), String> {
+) -> Result<(), Failure> {
     let mut buf: Vec<u8> = Vec::with_capacity(64 * 1024);
-    let mut hello_seen = false;
     loop {
         if buf.len() == buf.capacity() {
             buf.reserve(buf.capacity());
         }
         let (len, cap) = (buf.len(), buf.capacity());
-        // A healthy WSM answers the writer's pings, so silence this long
-        // means a dead peer (or a partitioned one): fail the link.
-        let Ok((res, slice)) = monoio::time::timeout(liveness, rd.read(buf.slice_mut(len..cap))).await else {
-            ShardMetrics::inc(&link.metrics.link_liveness_failures_total);
-            return Err(format!("nothing from the WSM for {} ms", liveness.as_millis()));
+        let Some(silent_at) = link.silent_at() else { return Err(Failure::Retired) };
+        // The session's liveness: a healthy WSM answers the writer's pings,
+        // so silence this long means a dead or partitioned peer. (The read
+        // and its buffer are given up: the link fails.)
+        let Ok((res, slice)) = monoio::time::timeout_at(silent_at.into(), rd.read(buf.slice_mut(len..cap))).await else {
+            let e = link.on_timer(std::time::Instant::now()).err().unwrap_or(Failure::Silent(Duration::ZERO));
+            if matches!(e, Failure::Silent(_)) {
+                ShardMetrics::inc(&link.metrics.link_liveness_failures_total);
+            }
+            return Err(e);
         };
         buf = slice.into_inner();
-        let n = res.map_err(|e| format!("read: {e}"))?;
+        let n = res.map_err(|e| Failure::Read(e.kind()))?;
         if n == 0 {
-            return Err("WSM closed the link".into());
+            return Err(Failure::PeerClosed);
         }
-        let mut off = 0;
-        while let Some((frame, used)) = Frame::decode(&buf[off..], max_frame).map_err(|e| format!("protocol: {e}"))? {
-            off += used;
-            if hello_seen {
-                link.on_frame(frame)?;
-                continue;
-            }
-            let Frame::Hello(h) = frame else {
-                return Err("first frame is not HELLO".into());
-            };
-            if h.version != codec::VERSION || h.role != 1 {
-                return Err(format!("WSM speaks version {} role {}", h.version, h.role));
-            }
-            hello_seen = true;
-            {
-                let mut st = link.st.borrow_mut();
-                st.up = true;
-                st.goaway = false;
-                st.next_stream = 0;
-                st.credit = LinkCredit::new(h.stream_window, h.link_window, link.stream_window, LINK_WINDOW);
-                st.peer_max_frame = h.max_frame;
-            }
+        let (used, up) = link.on_read(std::time::Instant::now(), &buf)?;
+        buf.drain(..used);
+        if let Some(node) = up {
             ShardMetrics::inc(&link.metrics.links_up);
             ShardMetrics::inc(&link.metrics.link_connects_total);
-            link.metrics.peer_credit.fetch_add(LINK_WINDOW as i64, std::sync::atomic::Ordering::Relaxed);
             if *first {
                 *first = false;
                 *first_attempt.borrow_mut() += 1;
             }
-            tracing::info!(host = %link.host, link = link.index, shard, node = %h.node, "WSM link up");
+            tracing::info!(host = %link.host, link = link.index, shard, node = %node, "WSM link up");
         }
-        buf.drain(..off);
-        link.flush_link_credit();
     }
 }
 
@@ -605,12 +573,14 @@ async fn read_loop<R: AsyncReadRent>(
 async fn take_out(link: &Link, generation: u64) -> Option<Vec<u8>> {
     std::future::poll_fn(|cx| {
         let mut st = link.st.borrow_mut();
+        let st = &mut *st;
         if st.generation != generation {
             return Poll::Ready(None);
         }
-        if !st.out.is_empty() {
+        let Some(l) = st.session.as_mut() else { return Poll::Ready(None) };
+        if l.pending_out() > 0 || std::mem::take(&mut st.writer_rethink) {
             let spare = std::mem::take(&mut st.spare);
-            return Poll::Ready(Some(std::mem::replace(&mut st.out, spare)));
+            return Poll::Ready(Some(l.take_out(std::time::Instant::now(), spare)));
         }
         st.writer = Some(cx.waker().clone());
         Poll::Pending
@@ -618,21 +588,26 @@ async fn take_out(link: &Link, generation: u64) -> Option<Vec<u8>> {
     .await
 }
 
-async fn write_loop<W: monoio::io::AsyncWriteRent>(link: Rc<Link>, mut wr: W, generation: u64, ping: Duration) {
-    let mut pings = 0u64;
+async fn write_loop<W: monoio::io::AsyncWriteRent>(link: Rc<Link>, mut wr: W, generation: u64) {
     loop {
-        let data = monoio::select! {
-            d = take_out(&link, generation) => d,
-            _ = monoio::time::sleep(ping) => {
-                let mut st = link.st.borrow_mut();
-                if st.generation == generation && st.up {
-                    pings += 1;
-                    link.push(&mut st, &Frame::Ping(pings));
+        // Waits for bytes to write, or for the session's ping time.
+        let ping_at = link.ping_at(generation);
+        let data = match ping_at {
+            None => take_out(&link, generation).await,
+            Some(at) => monoio::select! {
+                d = take_out(&link, generation) => d,
+                _ = monoio::time::sleep_until(at.into()) => {
+                    // Liveness is the reader's: its failure comes from there.
+                    let _ = link.on_timer(std::time::Instant::now());
+                    continue;
                 }
-                continue;
-            }
+            },
         };
         let Some(data) = data else { return };
+        if data.is_empty() {
+            link.st.borrow_mut().spare = data;
+            continue;
+        }
         let (res, mut data) = wr.write_all(data).await;
         if res.is_err() {
             return; // the reader sees the broken socket and fails the link

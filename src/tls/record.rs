@@ -72,6 +72,18 @@ pub enum RecordError {
 }
 
 impl RecordError {
+    /// Every label [`Blamed::label`] gives, in a fixed order (metrics).
+    pub const LABELS: [&'static str; 8] = [
+        "bad_record_mac",
+        "record_overflow",
+        "unexpected_message",
+        "decode_error",
+        "peer_alert",
+        "after_close",
+        "seq_exhausted",
+        "internal",
+    ];
+
     /// The alert to send the peer before closing, if any.
     pub fn alert(&self) -> Option<u8> {
         match self {
@@ -81,20 +93,6 @@ impl RecordError {
             RecordError::Decode => Some(alert::DECODE_ERROR),
             RecordError::PeerAlert(_) => None,
             RecordError::SeqExhausted | RecordError::Internal(_) => Some(alert::INTERNAL_ERROR),
-        }
-    }
-
-    /// Short stable label for metrics.
-    pub fn label(&self) -> &'static str {
-        match self {
-            RecordError::BadRecordMac => "bad_record_mac",
-            RecordError::RecordOverflow => "record_overflow",
-            RecordError::UnexpectedMessage(_) => "unexpected_message",
-            RecordError::Decode => "decode_error",
-            RecordError::PeerAlert(_) => "peer_alert",
-            RecordError::AfterClose => "after_close",
-            RecordError::SeqExhausted => "seq_exhausted",
-            RecordError::Internal(_) => "internal",
         }
     }
 }
@@ -529,6 +527,34 @@ fn aad12(seq: u64, ctype: u8, len: usize) -> [u8; 13] {
 
 /// Compile-time check that the algorithm table matches ring.
 const _: () = assert!(aead::MAX_TAG_LEN == TAG_LEN);
+
+impl crate::blame::Blamed for RecordError {
+    fn blame(&self) -> crate::blame::Blame {
+        match self {
+            RecordError::SeqExhausted | RecordError::Internal(_) => crate::blame::Blame::Internal,
+            _ => crate::blame::Blame::Device,
+        }
+    }
+
+    /// A device that sent a bad record may well connect again and do better
+    /// (a flaky network, a firmware bug that is not hit every time).
+    fn retry_helps(&self) -> bool {
+        true
+    }
+
+    fn label(&self) -> &'static str {
+        match self {
+            RecordError::BadRecordMac => Self::LABELS[0],
+            RecordError::RecordOverflow => Self::LABELS[1],
+            RecordError::UnexpectedMessage(_) => Self::LABELS[2],
+            RecordError::Decode => Self::LABELS[3],
+            RecordError::PeerAlert(_) => Self::LABELS[4],
+            RecordError::AfterClose => Self::LABELS[5],
+            RecordError::SeqExhausted => Self::LABELS[6],
+            RecordError::Internal(_) => Self::LABELS[7],
+        }
+    }
+}
 
 #[cfg(test)]
 mod tests;
