@@ -363,10 +363,11 @@ proptest! {
                         s.on_bytes(t0, &acc).unwrap();
                     }
                 }
-                Op::DeviceSends(i, n) => if let Some(id) = pick(i) {
-                    if s.may_send(id) && s.send(id, true, &vec![0; n as usize]) {
-                        sent_link += n as i64;
-                    }
+                Op::DeviceSends(i, n) => if let Some(id) = pick(i)
+                    && s.may_send(id)
+                    && s.send(id, true, &vec![0; n as usize])
+                {
+                    sent_link += n as i64;
                 },
                 Op::WsmSends(i, n) => if let Some(id) = pick(i) {
                     let n = n as i64;
@@ -378,10 +379,10 @@ proptest! {
                         s.after_read();
                     }
                 },
-                Op::DeviceReads(i) => if let Some(id) = pick(i) {
-                    if let Some(q) = inbox.get_mut(&id) {
-                        while let Some(n) = q.pop_front() { s.delivered(id, n); }
-                    }
+                Op::DeviceReads(i) => if let Some(id) = pick(i)
+                    && let Some(q) = inbox.get_mut(&id)
+                {
+                    while let Some(n) = q.pop_front() { s.delivered(id, n); }
                 },
                 Op::WsmReturnsCredit(i) => if let Some(id) = pick(i) {
                     if let Some(c) = w.streams.get_mut(&id) {
