@@ -276,7 +276,11 @@ fn a_message_above_the_wsms_frame_limit_does_not_fit() {
 enum Op {
     Open,
     DeviceSends(usize, u16),
+    /// The WSM sends on a stream it knows of (it may have been closed by
+    /// holdfast in a CLOSE the WSM has not read yet).
     WsmSends(usize, u16),
+    /// The WSM reads what holdfast wrote so far.
+    WsmReads,
     DeviceReads(usize),
     WsmReturnsCredit(usize),
     DeviceCloses(usize),
@@ -286,9 +290,10 @@ enum Op {
 
 fn op() -> impl Strategy<Value = Op> {
     prop_oneof![
-        1 => Just(Op::Open),
+        2 => Just(Op::Open),
         3 => (any::<usize>(), 1u16..900).prop_map(|(s, n)| Op::DeviceSends(s, n)),
         4 => (any::<usize>(), 1u16..900).prop_map(|(s, n)| Op::WsmSends(s, n)),
+        3 => Just(Op::WsmReads),
         3 => any::<usize>().prop_map(Op::DeviceReads),
         3 => any::<usize>().prop_map(Op::WsmReturnsCredit),
         1 => any::<usize>().prop_map(Op::DeviceCloses),
@@ -303,14 +308,16 @@ fn op() -> impl Strategy<Value = Op> {
 struct WsmModel {
     link_credit: i64,
     /// Per stream: (its credit for sending, bytes received not yet returned).
-    streams: HashMap<u32, (i64, u64)>,
+    streams: std::collections::BTreeMap<u32, (i64, u64)>,
     received_link: u64,
+    /// What holdfast wrote that the WSM has not read yet.
+    unread: Vec<u8>,
 }
 
 impl WsmModel {
     /// Reads holdfast's output: credit it returned, streams it opened or closed.
-    fn read(&mut self, bytes: &[u8]) {
-        for f in frames(bytes) {
+    fn read(&mut self) {
+        for f in frames(&std::mem::take(&mut self.unread)) {
             match f {
                 Frame::Open { stream, .. } => {
                     self.streams.insert(stream, (SW as i64, 0));
@@ -337,14 +344,16 @@ impl WsmModel {
 }
 
 proptest! {
-    /// Credit conservation under any interleaving: at every step the WSM's
-    /// link credit plus what holdfast still owes it is the whole window, and
-    /// per stream the WSM's credit plus what holdfast owes (undelivered or
-    /// not yet returned) is the stream window. A stream's end, however it
-    /// ends, loses no link credit. And what holdfast sends never exceeds
-    /// what the WSM granted by more than one message per stream.
+    /// Credit conservation under any interleaving, with the WSM reading
+    /// holdfast's output late (so it sends on streams holdfast has closed):
+    /// whenever the WSM has read everything, its link credit is the whole
+    /// window (holdfast returns link credit after every read, whatever
+    /// became of the stream), and per stream its credit plus what holdfast
+    /// owes (undelivered, or delivered and not yet returned) is the stream
+    /// window. holdfast never sends more than the WSM granted, plus one
+    /// message per stream.
     #[test]
-    fn credit_is_conserved(ops in proptest::collection::vec(op(), 1..200)) {
+    fn credit_is_conserved(ops in proptest::collection::vec(op(), 1..300)) {
         let t0 = Instant::now();
         let mut s = up(t0);
         let mut w = WsmModel { link_credit: LW as i64, ..Default::default() };
@@ -352,8 +361,9 @@ proptest! {
         let mut inbox: HashMap<u32, VecDeque<usize>> = HashMap::new();
         let mut open: Vec<u32> = Vec::new();
         let mut sent_link: i64 = 0;
-        for op in ops {
+        for op in ops.into_iter().chain([Op::WsmReads]) {
             let pick = |i: usize| (!open.is_empty()).then(|| open[i % open.len()]);
+            let wsm_pick = |i: usize| (!w.streams.is_empty()).then(|| *w.streams.keys().nth(i % w.streams.len()).unwrap());
             match op {
                 Op::Open => {
                     if let Some(id) = s.open(sample_open(false)) {
@@ -369,9 +379,9 @@ proptest! {
                 {
                     sent_link += n as i64;
                 },
-                Op::WsmSends(i, n) => if let Some(id) = pick(i) {
+                Op::WsmSends(i, n) => if let Some(id) = wsm_pick(i) {
                     let n = n as i64;
-                    let cr = w.streams.get(&id).map_or(0, |c| c.0);
+                    let cr = w.streams[&id].0;
                     if w.link_credit >= n && cr >= n {
                         w.link_credit -= n;
                         if let Some(c) = w.streams.get_mut(&id) { c.0 -= n; }
@@ -379,13 +389,16 @@ proptest! {
                         s.after_read();
                     }
                 },
+                Op::WsmReads => w.read(),
                 Op::DeviceReads(i) => if let Some(id) = pick(i)
                     && let Some(q) = inbox.get_mut(&id)
                 {
                     while let Some(n) = q.pop_front() { s.delivered(id, n); }
                 },
-                Op::WsmReturnsCredit(i) => if let Some(id) = pick(i) {
-                    if let Some(c) = w.streams.get_mut(&id) {
+                Op::WsmReturnsCredit(i) => {
+                    if let Some(id) = wsm_pick(i)
+                        && let Some(c) = w.streams.get_mut(&id)
+                    {
                         let b = std::mem::take(&mut c.1);
                         if b > 0 {
                             s.on_bytes(t0, &enc(Frame::Credit { stream: id, bytes: b as u32 })).unwrap();
@@ -396,13 +409,13 @@ proptest! {
                         s.on_bytes(t0, &enc(Frame::Credit { stream: 0, bytes: b as u32 })).unwrap();
                         sent_link -= b as i64;
                     }
-                },
+                }
                 Op::DeviceCloses(i) => if let Some(id) = pick(i) {
                     s.close(id, CloseReason::DeviceGone, 1000, "");
                     open.retain(|&x| x != id);
                     inbox.remove(&id);
                 },
-                Op::WsmCloses(i) => if let Some(id) = pick(i) {
+                Op::WsmCloses(i) => if let Some(id) = wsm_pick(i) {
                     s.on_bytes(t0, &enc(Frame::Close { stream: id, reason: CloseReason::WsmClosed, code: 1000, text: String::new() })).unwrap();
                     w.streams.remove(&id);
                 },
@@ -421,20 +434,45 @@ proptest! {
                 }
             }
             let out = s.take_out(t0, Vec::new());
-            w.read(&out);
-            // Link level: the WSM's credit and what holdfast owes make the window.
-            prop_assert_eq!(w.link_credit + (LW as i64 - s.peer_available()), LW as i64);
-            prop_assert_eq!(s.peer_available(), LW as i64, "link credit back after every read");
-            // Stream level, for streams both sides still know.
-            for (id, (credit, _)) in &w.streams {
-                if let Some(q) = inbox.get(id) {
-                    let undelivered: usize = q.iter().sum();
-                    let owed = s.streams.get(id).map_or(0, |st| st.credit_owed());
-                    prop_assert_eq!(*credit + undelivered as i64 + owed as i64, SW as i64, "stream {}", id);
+            w.unread.extend_from_slice(&out);
+            prop_assert_eq!(s.peer_available(), LW as i64, "link credit is queued after every read");
+            if w.unread.is_empty() {
+                // The link: the WSM's credit is the whole window again.
+                prop_assert_eq!(w.link_credit, LW as i64);
+                // Each stream both sides still know.
+                for (id, (credit, _)) in &w.streams {
+                    if let Some(q) = inbox.get(id) {
+                        let undelivered: usize = q.iter().sum();
+                        let owed = s.streams.get(id).map_or(0, |st| st.credit_owed());
+                        prop_assert_eq!(*credit + undelivered as i64 + owed as i64, SW as i64, "stream {}", id);
+                    }
                 }
             }
             // Holdfast's sending: within the WSM's link grant, plus one message per stream.
             prop_assert!(sent_link <= PEER_LW as i64 + 900 * open.len().max(1) as i64);
         }
     }
+}
+
+#[test]
+fn a_failed_link_hands_back_every_streams_unacknowledged_messages_in_order() {
+    let t0 = Instant::now();
+    let mut s = up(t0);
+    let a = s.open(sample_open(false)).unwrap();
+    let b = s.open(sample_open(false)).unwrap();
+    for (i, id) in [a, b, a, b, a].into_iter().enumerate() {
+        s.send(id, true, &[i as u8; 10]);
+    }
+    s.on_bytes(t0, &enc(Frame::Credit { stream: a, bytes: 10 })).unwrap();
+    let mut lost = s.fail();
+    lost.sort();
+    assert_eq!(
+        lost,
+        vec![
+            (a, VecDeque::from(vec![(true, vec![2; 10]), (true, vec![4; 10])])),
+            (b, VecDeque::from(vec![(true, vec![1; 10]), (true, vec![3; 10])]))
+        ]
+    );
+    assert_eq!(s.stream_count(), 0);
+    assert!(s.take_out(t0, Vec::new()).is_empty());
 }
