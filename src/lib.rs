@@ -15,6 +15,7 @@ pub mod metrics;
 pub mod pki;
 pub mod proxy;
 pub mod resolve;
+pub mod session;
 pub mod shard;
 pub mod signals;
 pub mod timefmt;

@@ -17,48 +17,18 @@ use monoio::net::TcpStream;
 use super::ShardCtx;
 use super::link::{Link, OpenResult, StreamRef, notified};
 use super::pool::PoolBuf;
-use super::tunnel::{self, Tunnel};
+use super::tunnel::{self, Live};
 use crate::identity::{ConnectionId, DeviceIdentity};
 use crate::link::codec::{CloseReason, Open};
 use crate::metrics::ShardMetrics;
+use crate::session::End;
+use crate::session::setup::{self, OpenOutcome, Refuse, SetupCount};
+use crate::session::tunnel::{Limits, Tunnel};
 use crate::tls::handshake::{Established, Handshake, HandshakeError, Progress, Refusal};
 use crate::tls::record::{Opened, RecordError, RecordLayer};
 use crate::upgrade::snapshot::Resume;
-use crate::ws::frame::{self, WsError, close};
+use crate::ws::frame::{self, close};
 use crate::ws::upgrade::{self, UpgradeRequest};
-
-/// How a connection ended, for logs (fields are read through Debug).
-#[derive(Debug)]
-#[allow(dead_code)]
-pub(super) enum End {
-    Io(std::io::Error),
-    Eof,
-    Refused(Box<HandshakeError>),
-    Record(RecordError),
-    BadUpgrade(u16, &'static str),
-    Ws(WsError),
-    DeviceClosed,
-    NoWsm,
-    WsmRefused(u16),
-    WsmTimeout,
-    WsmClosed,
-    LinkLost,
-    Idle,
-    /// The device read nothing for `websocket.write_stall_timeout_secs`
-    /// while holdfast had bytes for it.
-    WriteStall,
-    /// The shard's partial-record budget ran out and this connection held
-    /// one of the oldest partial records.
-    PartialEvicted,
-    /// The connection moved to a new process (live upgrade).
-    HandedOver,
-}
-
-impl From<std::io::Error> for End {
-    fn from(e: std::io::Error) -> Self {
-        End::Io(e)
-    }
-}
 
 pub(super) struct Device {
     pub(super) shard: Rc<ShardCtx>,
@@ -73,8 +43,6 @@ pub(super) struct Device {
     pub(super) rx: Option<PoolBuf>,
     /// A partial record parked off the pool while the connection waits.
     pub(super) parked: Option<super::partial::Parked>,
-    /// Close code from the device's close frame (1006 until one arrives).
-    pub(super) device_close_code: u16,
 }
 
 /// A wait for the device socket that stays armed across wakeups (it owns
@@ -139,7 +107,7 @@ pub async fn adopt(shard: Rc<ShardCtx>, snap: crate::upgrade::snapshot::ConnSnap
 
 /// The established phase, then the close (or, for a connection handed to a
 /// new process, just letting go of it).
-async fn live(mut dev: Device, mut t: Box<Tunnel>, early: Vec<u8>, key: usize) {
+async fn live(mut dev: Device, mut t: Box<Live>, early: Vec<u8>, key: usize) {
     if dev.shard.handoff.borrow().is_some() {
         t.request_handoff(); // an upgrade began while this one was setting up
     }
@@ -148,14 +116,26 @@ async fn live(mut dev: Device, mut t: Box<Tunnel>, early: Vec<u8>, key: usize) {
     let end = tunnel::run(&mut dev, &mut t, early).await;
     dev.shard.metrics.tunnel_state_bytes.fetch_sub(bytes, std::sync::atomic::Ordering::Relaxed);
     if !matches!(end, End::HandedOver) {
-        Box::pin(dev.finish(&end, &mut t.rl)).await;
+        Box::pin(dev.finish(&end, &mut t.core.rl)).await;
     }
     dev.close(end, key).await;
 }
 
+/// The tunnel core's limits, from the config.
+fn limits(cfg: &crate::config::Config, max_message: u32) -> Limits {
+    Limits {
+        max_message,
+        idle_timeout: cfg.ws.idle_timeout,
+        ping_interval: cfg.ws.ping_interval,
+        resume_timeout: cfg.upstream.resume_timeout,
+        open_timeout: cfg.upstream.open_timeout,
+        held_bytes_per_connection: cfg.upstream.held_bytes_per_connection,
+    }
+}
+
 impl Device {
     fn new(shard: Rc<ShardCtx>, tcp: TcpStream, addr: SocketAddr, id: ConnectionId) -> Device {
-        Device { shard, tcp: Socket(Rc::new(std::cell::UnsafeCell::new(tcp))), addr, id, rx: None, parked: None, device_close_code: 1006 }
+        Device { shard, tcp: Socket(Rc::new(std::cell::UnsafeCell::new(tcp))), addr, id, rx: None, parked: None }
     }
 
     /// Waits for the socket to be readable. The future owns its share of the
@@ -170,9 +150,12 @@ impl Device {
         async move { unsafe { &*socket.get() }.readable(false).await }
     }
 
-    pub(super) fn raw_fd(&self) -> std::os::fd::RawFd {
-        // SAFETY: a shared borrow for a plain getter (see `readable`).
-        std::os::fd::AsRawFd::as_raw_fd(unsafe { &*self.tcp.0.get() })
+    /// A duplicate of the device socket (for a live upgrade).
+    pub(super) fn dup_fd(&self) -> std::io::Result<std::os::fd::OwnedFd> {
+        // SAFETY: a shared borrow for a plain getter (see `readable`); the
+        // descriptor is open and owned by `self.tcp` for this call.
+        let fd = std::os::fd::AsRawFd::as_raw_fd(unsafe { &*self.tcp.0.get() });
+        unsafe { std::os::fd::BorrowedFd::borrow_raw(fd) }.try_clone_to_owned()
     }
 
     /// Waits for the socket to be readable, then reads into a pool buffer.
@@ -269,9 +252,9 @@ impl Device {
             };
             data = slice.into_inner();
             match res {
-                Ok(0) => return (Err(End::Io(std::io::ErrorKind::WriteZero.into())), data),
+                Ok(0) => return (Err(End::Io(std::io::ErrorKind::WriteZero)), data),
                 Ok(n) => off += n,
-                Err(e) => return (Err(End::Io(e)), data),
+                Err(e) => return (Err(e.into()), data),
             }
         }
         (Ok(()), data)
@@ -354,8 +337,8 @@ impl Device {
         ShardMetrics::dec(&self.shard.metrics.connections_active);
     }
 
-    /// Rebuilds a moved connection and re-opens its stream (resumed).
-    async fn resume(&mut self, mut snap: crate::upgrade::snapshot::ConnSnapshot) -> Result<Box<Tunnel>, End> {
+    /// Rebuilds a moved connection; its tunnel re-opens the stream (resumed).
+    async fn resume(&mut self, mut snap: crate::upgrade::snapshot::ConnSnapshot) -> Result<Box<Live>, End> {
         let mut rl = RecordLayer::new(snap.record.clone()).map_err(End::Record)?;
         if !snap.rx.is_empty() {
             let mut b = self.shard.pool.take().await;
@@ -371,16 +354,24 @@ impl Device {
             return Err(End::NoWsm);
         };
         let none = Rc::new(std::cell::RefCell::new(super::link::StreamShared::default()));
-        let mut t = Tunnel::new(rl, placeholder, none, snap.max_message as usize, Box::new(snap.resume.clone()));
-        t.restore(snap.decoder.clone(), snap.idle_ms);
-        super::reattach::adopt(self, &mut t, std::mem::take(&mut snap.held));
+        let lim = limits(&self.shard.cfg, snap.max_message);
+        let core = Tunnel::adopted(rl, &mut snap, lim, std::time::Instant::now());
+        let mut t = Live::new(core, placeholder, none);
+        // What the core counted (the held bytes it took over).
+        while let Some(a) = t.core.poll_action() {
+            if let crate::session::tunnel::Action::Count(crate::session::tunnel::Count::HeldBytes(n)) = a {
+                let v = (self.shard.held_bytes.get() as i64 + n).max(0) as u64;
+                self.shard.held_bytes.set(v);
+                self.shard.metrics.held_bytes.store(v, std::sync::atomic::Ordering::Relaxed);
+            }
+        }
         Ok(t)
     }
 
     /// Handshake, upgrade and stream open, each under its timeout. On
     /// failure the device has been told (alert, HTTP status) and the TLS
     /// session closed.
-    async fn establish(&mut self) -> Result<(Box<Tunnel>, Vec<u8>), End> {
+    async fn establish(&mut self) -> Result<(Box<Live>, Vec<u8>), End> {
         let m = self.shard.metrics.clone();
         let timeout = self.shard.cfg.tls.handshake_timeout;
         let started = std::time::Instant::now();
@@ -421,7 +412,11 @@ impl Device {
             }
         };
         match opened {
-            Ok((link, stream, early, resume)) => Ok((Tunnel::new(rl, link, stream, self.shard.cfg.ws.max_message_bytes, resume), early)),
+            Ok((link, stream, early, resume)) => {
+                let max_message = self.shard.cfg.ws.max_message_bytes.min(u32::MAX as usize) as u32;
+                let core = Tunnel::attached(rl, resume, limits(&self.shard.cfg, max_message), link.peer_max_frame(), Instant::now());
+                Ok((Live::new(core, link, stream), early))
+            }
             Err(end) => {
                 self.finish(&end, &mut rl).await;
                 Err(end)
@@ -439,17 +434,9 @@ impl Device {
         let upgrade_timeout = self.shard.cfg.ws.upgrade_timeout;
         let (request, early) = match monoio::time::timeout(upgrade_timeout, self.read_upgrade(rl)).await {
             Ok(Ok(r)) => r,
-            Ok(Err(End::BadUpgrade(status, reason))) => {
-                ShardMetrics::inc(&m.ws_upgrades_rejected_total);
-                let _ = self.send(rl, &upgrade::response_error(status, reason)).await;
-                return Err(End::BadUpgrade(status, reason));
-            }
+            Ok(Err(End::BadUpgrade(status, reason))) => return Err(self.refuse(rl, setup::bad_upgrade(status, reason), None).await),
             Ok(Err(e)) => return Err(e),
-            Err(_) => {
-                ShardMetrics::inc(&m.ws_upgrades_rejected_total);
-                let _ = self.send(rl, &upgrade::response_error(408, "no upgrade request in time")).await;
-                return Err(End::BadUpgrade(408, "upgrade timeout"));
-            }
+            Err(_) => return Err(self.refuse(rl, setup::upgrade_timeout(), None).await),
         };
         let key = request.key.clone();
         let mut resume = Box::new(Resume {
@@ -459,9 +446,7 @@ impl Device {
         });
         let open = Open { resumed: false, connection_id: self.id, device: identity, request };
         let Some((link, stream)) = self.pick_link().and_then(|l| l.open_stream(open).map(|s| (l, s))) else {
-            ShardMetrics::inc(&m.wsm_unavailable_total);
-            let _ = self.send(rl, &upgrade::response_error(503, "no WSM reachable")).await;
-            return Err(End::NoWsm);
+            return Err(self.refuse(rl, setup::no_wsm(), None).await);
         };
         let sid = stream.borrow().stream_id;
         let wait_open = wait_opened(&stream);
@@ -470,33 +455,19 @@ impl Device {
         if let Ok(Some(_)) = &answer {
             link.metrics.open_seconds.observe(opening.elapsed());
         }
-        let subprotocol = match answer {
-            Ok(Some(OpenResult::Accepted(sub))) => match upgrade::checked_subprotocol(&resume.request.subprotocols, sub) {
-                Ok(sub) => sub,
-                Err(why) => {
-                    ShardMetrics::inc(&m.wsm_bad_accepts_total);
-                    tracing::warn!(conn = %self.id, host = %link.host, why, "WSM accept refused");
-                    link.close_stream(sid, CloseReason::Error, close::INTERNAL, why);
-                    let _ = self.send(rl, &upgrade::response_error(502, why)).await;
-                    return Err(End::WsmRefused(502));
+        let outcome = match answer {
+            Ok(Some(OpenResult::Accepted(sub))) => OpenOutcome::Accepted(sub),
+            Ok(Some(OpenResult::Refused(status, reason))) => OpenOutcome::Refused(status, reason),
+            Ok(None) => OpenOutcome::Gone,
+            Err(_) => OpenOutcome::Timeout,
+        };
+        let subprotocol = match setup::answer_open(outcome, &resume.request.subprotocols) {
+            Ok(sub) => sub,
+            Err(r) => {
+                if r.count == SetupCount::WsmBadAccept {
+                    tracing::warn!(conn = %self.id, host = %link.host, why = %r.reason, "WSM accept refused");
                 }
-            },
-            Ok(Some(OpenResult::Refused(status, reason))) => {
-                ShardMetrics::inc(&m.wsm_refused_total);
-                let status = if (400..600).contains(&status) { status } else { 403 };
-                let _ = self.send(rl, &upgrade::response_error(status, &reason)).await;
-                return Err(End::WsmRefused(status));
-            }
-            Ok(None) => {
-                ShardMetrics::inc(&m.wsm_unavailable_total);
-                let _ = self.send(rl, &upgrade::response_error(503, "WSM went away")).await;
-                return Err(End::LinkLost);
-            }
-            Err(_) => {
-                ShardMetrics::inc(&m.wsm_open_timeouts_total);
-                link.close_stream(sid, CloseReason::Error, close::INTERNAL, "open timeout");
-                let _ = self.send(rl, &upgrade::response_error(504, "WSM did not answer")).await;
-                return Err(End::WsmTimeout);
+                return Err(self.refuse(rl, r, Some((&link, sid))).await);
             }
         };
         if let Err(e) = self.send(rl, &upgrade::response_101(&key, subprotocol.as_deref())).await {
@@ -508,25 +479,34 @@ impl Device {
         Ok((link, stream, early, resume))
     }
 
+    /// Answers a refused set-up: counts it, closes the stream it left on a
+    /// link, and sends the HTTP error.
+    async fn refuse(&mut self, rl: &mut RecordLayer, r: Refuse, stream: Option<(&Rc<Link>, u32)>) -> End {
+        let m = &self.shard.metrics;
+        ShardMetrics::inc(match r.count {
+            SetupCount::UpgradeRejected => &m.ws_upgrades_rejected_total,
+            SetupCount::WsmUnavailable => &m.wsm_unavailable_total,
+            SetupCount::WsmRefused => &m.wsm_refused_total,
+            SetupCount::WsmOpenTimeout => &m.wsm_open_timeouts_total,
+            SetupCount::WsmBadAccept => &m.wsm_bad_accepts_total,
+        });
+        if let (Some((link, sid)), Some((reason, code, text))) = (stream, &r.close_stream) {
+            link.close_stream(sid, *reason, *code, text);
+        }
+        let _ = self.send(rl, &r.response()).await;
+        r.end
+    }
+
     /// Counts what the record layer did and says goodbye at the TLS level.
     async fn finish(&mut self, end: &End, rl: &mut RecordLayer) {
         let (sent, received) = rl.key_updates();
         let m = &self.shard.metrics;
         m.key_updates_sent_total.fetch_add(sent, std::sync::atomic::Ordering::Relaxed);
         m.key_updates_received_total.fetch_add(received, std::sync::atomic::Ordering::Relaxed);
-        let mut out = Vec::new();
-        match end {
-            End::Record(e) => {
-                m.tls_record_error(e);
-                if let Some(a) = e.alert() {
-                    let _ = rl.fatal_alert(a, &mut out);
-                }
-            }
-            End::Io(_) | End::Eof => {}
-            _ => {
-                let _ = rl.close_notify(&mut out);
-            }
+        if let End::Record(e) = end {
+            m.tls_record_error(e);
         }
+        let out = crate::session::tunnel::goodbye(rl, end);
         let _ = self.write(out).await;
     }
 

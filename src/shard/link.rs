@@ -264,6 +264,11 @@ impl Link {
         }
     }
 
+    /// The WSM's largest frame on the current connection.
+    pub fn peer_max_frame(&self) -> u32 {
+        self.st.borrow().session.as_ref().map_or(codec::DEFAULT_MAX_FRAME, |l| l.peer_max_frame())
+    }
+
     /// Whether the device side of this stream may send now (both credits > 0).
     pub fn can_send(&self, s: &StreamShared) -> bool {
         let mut st = self.st.borrow_mut();

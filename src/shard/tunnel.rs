@@ -1,57 +1,31 @@
-//! The established phase of a device connection: the WebSocket tunnel.
+//! The established phase of a device connection, shell side: runs the
+//! sans-io tunnel (`session::tunnel`) against the device socket and the
+//! tunnel's stream on a WSM link.
 //!
-//! Owns: the state an established connection keeps ([`Tunnel`]: record-layer
-//! state, frame decoder, its stream on a WSM link, timers) and the loop that
-//! moves messages both ways. The loop alternates a *burst*, boxed so that its
+//! Owns: which link and stream carry the tunnel ([`Live`]), the loop that
+//! alternates a *burst* (read if the core wants it, hand the core what the
+//! device and the WSM sent, perform its actions), boxed so that its
 //! futures are freed when it ends, with a small *wait* for the socket, the
-//! link or a timer; before waiting the record layer drops its expanded keys.
-//! So an idle connection keeps only [`Tunnel`], the wait, and no I/O buffer.
-//! Never parses bytes itself and never blocks on one device for another.
+//! link or a timer; the shard-level parts of holding (the shard's held
+//! byte bound, the resume pacer, picking a link); and the live-upgrade
+//! hand-over (duplicating the socket, sending the snapshot the core made).
+//! Makes no protocol decision: every one is the core's.
 
 use std::rc::Rc;
 use std::time::Instant;
 
-use super::conn::{Device, End, Readiness};
-use super::link::{Link, StreamRef, notified};
-use super::reattach;
-use crate::link::codec::CloseReason;
+use super::conn::{Device, Readiness};
+use super::link::{Link, OpenResult, StreamRef, notified};
 use crate::metrics::ShardMetrics;
-use crate::tls::record::RecordLayer;
-use crate::upgrade::snapshot::Resume;
-use crate::ws::frame::{self, Decoder, Event, WsError, close, op};
+use crate::session::End;
+use crate::session::tunnel::{Action, Count, HeldWants, OpenAnswer, Tunnel};
 
-pub(super) struct Tunnel {
-    pub rl: RecordLayer,
+/// An established tunnel: the core and where its stream is.
+pub(super) struct Live {
+    pub core: Tunnel,
     pub(super) link: Rc<Link>,
     pub(super) stream: StreamRef,
     pub(super) sid: u32,
-    /// Present while the stream has no working WSM (`reattach`).
-    pub(super) held: Option<Box<reattach::Held>>,
-    /// Frame decoder, present only while a frame or message is partial.
-    dec: Option<Box<Decoder>>,
-    /// What a successor process (or another WSM) needs to re-open the stream.
-    pub(super) resume: Box<Resume>,
-    max_message: u32,
-    last_rx: Instant,
-    last_ping: Instant,
-    /// Last message either way; expanded keys are dropped [`COOL_AFTER`] later.
-    last_active: Instant,
-}
-
-/// How long a tunnel keeps its expanded AEAD keys after its last message: a
-/// device that talks every few hundred milliseconds would otherwise pay the
-/// key schedule on every message; one that idles gives the memory back.
-const COOL_AFTER: std::time::Duration = std::time::Duration::from_secs(2);
-
-/// What one burst works on; dropped when the burst ends.
-#[derive(Default)]
-struct Work {
-    /// Decoded device events.
-    events: Vec<Event>,
-    /// Record-layer replies (KeyUpdate answers) to write.
-    replies: Vec<u8>,
-    /// A WebSocket error found while decoding; acted on after the events before it.
-    pending_err: Option<WsError>,
 }
 
 enum Wake {
@@ -60,23 +34,10 @@ enum Wake {
     Notified,
 }
 
-impl Tunnel {
-    pub fn new(rl: RecordLayer, link: Rc<Link>, stream: StreamRef, max_message: usize, resume: Box<Resume>) -> Box<Tunnel> {
+impl Live {
+    pub fn new(core: Tunnel, link: Rc<Link>, stream: StreamRef) -> Box<Live> {
         let sid = stream.borrow().stream_id;
-        let now = Instant::now();
-        Box::new(Tunnel {
-            rl,
-            link,
-            stream,
-            sid,
-            held: None,
-            dec: None,
-            resume,
-            max_message: max_message.min(u32::MAX as usize) as u32,
-            last_rx: now,
-            last_ping: now,
-            last_active: now,
-        })
+        Box::new(Live { core, link, stream, sid })
     }
 
     /// Marks the tunnel to move at its next safe point (an upgrade began
@@ -85,76 +46,84 @@ impl Tunnel {
         self.stream.borrow_mut().handoff_requested = true;
     }
 
-    /// Restores a partial frame and the device's last activity (adoption).
-    pub fn restore(&mut self, dec: Option<Decoder>, idle_ms: u64) {
-        self.dec = dec.map(Box::new);
-        let now = Instant::now();
-        self.last_rx = now.checked_sub(std::time::Duration::from_millis(idle_ms)).unwrap_or(now);
-    }
-
-    /// Bytes of state this tunnel holds while idle: itself, its stream's
-    /// shared state, the record layer's key material and what a resumed
-    /// OPEN needs (certificate chain, request), on the heap.
+    /// Bytes of state this tunnel holds while idle: the core, this shell
+    /// part and its stream's shared state.
     pub fn state_bytes(&self) -> u64 {
-        let st = self.rl.state();
-        let keys =
-            st.rx.secret.capacity() + st.rx.key.capacity() + st.tx.secret.capacity() + st.tx.key.capacity() + st.handshake_buf.capacity();
-        let r = &self.resume;
-        let resume = std::mem::size_of::<Resume>()
-            + r.chain.iter().map(|c| c.capacity() + 24).sum::<usize>()
-            + r.request.path.capacity()
-            + r.request.query.capacity()
-            + r.request.headers.iter().map(|(k, v)| k.capacity() + v.capacity() + 48).sum::<usize>()
-            + r.request.subprotocols.iter().map(|p| p.capacity() + 24).sum::<usize>();
-        (std::mem::size_of::<Tunnel>() + std::mem::size_of::<super::link::StreamShared>() + keys + resume) as u64
+        self.core.state_bytes()
+            + (std::mem::size_of::<Live>() - std::mem::size_of::<Tunnel>()) as u64
+            + std::mem::size_of::<super::link::StreamShared>() as u64
     }
 }
 
-/// Decodes device plaintext into events, creating the decoder on demand;
-/// after an error nothing more is decoded.
-fn decode(dec: &mut Option<Box<Decoder>>, max_message: u32, events: &mut Vec<Event>, pending_err: &mut Option<WsError>, plain: &[u8]) {
-    if pending_err.is_some() {
-        return;
+/// Performs the core's actions, in order. Stops at a failed device write.
+async fn perform(dev: &mut Device, t: &mut Live) -> Result<(), End> {
+    while let Some(a) = t.core.poll_action() {
+        match a {
+            Action::Write(bytes) => {
+                dev.write(bytes).await?;
+            }
+            Action::Send { binary, data } => t.link.send_message(&mut t.stream.borrow_mut(), binary, &data),
+            Action::Delivered(n) => t.link.return_credit(&mut t.stream.borrow_mut(), n),
+            Action::CloseStream { reason, code, text } => t.link.close_stream(t.sid, reason, code, &text),
+            Action::Handoff => {
+                if !t.link.send_handoff(t.sid) {
+                    t.core.end_quiesce(); // not on the link any more: nothing to wait for
+                }
+            }
+            Action::Count(c) => count(dev, c),
+        }
     }
-    let d = dec.get_or_insert_with(|| Box::new(Decoder::new(max_message as usize, true)));
-    *pending_err = d.feed(plain, events).err();
+    Ok(())
 }
 
-/// Runs the tunnel until either side ends it; tells the WSM unless the WSM
-/// (or the link) ended it.
-pub(super) async fn run(dev: &mut Device, t: &mut Tunnel, early: Vec<u8>) -> End {
+fn count(dev: &Device, c: Count) {
+    use std::sync::atomic::Ordering::Relaxed;
+    let m = &dev.shard.metrics;
+    match c {
+        Count::MessageFromDevice => ShardMetrics::inc(&m.messages_from_devices_total),
+        Count::MessagesToDevice(n) => {
+            m.messages_to_devices_total.fetch_add(n, Relaxed);
+        }
+        Count::IdleTimeout => ShardMetrics::inc(&m.idle_timeouts_total),
+        Count::WsError(code) => m.ws_error(code),
+        Count::StreamDetached => ShardMetrics::inc(&m.streams_detached_total),
+        Count::MessagesResent(n) => {
+            m.messages_resent_total.fetch_add(n, Relaxed);
+        }
+        Count::Resumed { adopted } => ShardMetrics::inc(if adopted { &m.connections_resumed_total } else { &m.streams_resumed_total }),
+        Count::ResumeFailed { adopted } => {
+            ShardMetrics::inc(if adopted { &m.connections_resume_failed_total } else { &m.streams_resume_failed_total })
+        }
+        Count::StreamMoved => ShardMetrics::inc(&m.streams_moved_total),
+        Count::HeldBytes(n) => {
+            let v = (dev.shard.held_bytes.get() as i64 + n).max(0) as u64;
+            dev.shard.held_bytes.set(v);
+            m.held_bytes.store(v, Relaxed);
+        }
+    }
+}
+
+/// Runs the tunnel until either side ends it; the core's CLOSE for the
+/// stream (unless the WSM or the link ended it) is sent.
+pub(super) async fn run(dev: &mut Device, t: &mut Live, early: Vec<u8>) -> End {
     let end = run_loop(dev, t, early).await;
-    // A tunnel waiting for a WSM has no stream to close (its old stream ID
-    // may already name another device's stream on a reconnected link).
-    let has_stream = t.held.as_ref().is_none_or(|h| h.has_stream());
-    reattach::release(dev, t);
-    if !has_stream {
-        return end;
-    }
-    let (code, text): (u16, String) = match &end {
-        End::WsmClosed | End::LinkLost | End::HandedOver => return end,
-        End::DeviceClosed => (dev.device_close_code, String::new()),
-        End::Ws(e) => (e.code, e.reason.to_string()),
-        End::Idle => (close::GOING_AWAY, "idle timeout".into()),
-        _ => (1006, String::new()),
-    };
-    t.link.close_stream(t.sid, CloseReason::DeviceGone, code, &text);
+    // What the core queued before it ended (a close frame) goes out first.
+    let _ = perform(dev, t).await;
+    t.core.end(&end);
+    let _ = perform(dev, t).await;
     end
 }
 
-async fn run_loop(dev: &mut Device, t: &mut Tunnel, early: Vec<u8>) -> End {
+async fn run_loop(dev: &mut Device, t: &mut Live, early: Vec<u8>) -> End {
     let mut early = Some(early);
     let mut readable = false;
     let mut poll: Option<Readiness> = None;
     loop {
-        // The shard's budget for partial records ran out and this tunnel
-        // holds one of the oldest: it goes, so that none is stalled.
         let evict = t.stream.borrow_mut().evict_partial.take();
         if let Some(len) = evict {
             dev.shard.partials.evicted(len);
             tracing::debug!(conn = %dev.id, bytes = len, "closing: held one of the shard's oldest partial records");
-            dev.send_close(&mut t.rl, close::POLICY, "partial record held too long").await;
-            return End::PartialEvicted;
+            return t.core.evicted();
         }
         if t.stream.borrow().handoff_requested
             && let Some(end) = Box::pin(hand_over(dev, t)).await
@@ -169,60 +138,165 @@ async fn run_loop(dev: &mut Device, t: &mut Tunnel, early: Vec<u8>) -> End {
             return end;
         }
         if t.stream.borrow().move_requested
-            && let Some(end) = Box::pin(reattach::move_by_plan(dev, t)).await
+            && let Some(end) = Box::pin(move_by_plan(dev, t)).await
         {
             return end;
         }
-        if let Some(end) = Box::pin(step(dev, t, readable, early.take())).await {
+        if let Err(end) = Box::pin(step(dev, t, readable, early.take())).await {
             return end;
-        }
-        let now = Instant::now();
-        if now >= t.last_active + COOL_AFTER {
-            t.rl.cool();
-        } else {
-            dev.shard.timers.arm(&t.stream, t.last_active + COOL_AFTER);
         }
         dev.park_rx(Some(&t.stream));
         readable = match wait(dev, t, &mut poll).await {
             Wake::Notified => false,
-            Wake::Readable(Err(e)) => return End::Io(e),
+            Wake::Readable(Err(e)) => return e.into(),
             Wake::Readable(Ok(())) => true,
         };
     }
 }
 
-/// One burst: read what the device sent (if readable), then act on it and on
-/// what the WSM sent. Everything it allocates is freed when it returns.
-async fn step(dev: &mut Device, t: &mut Tunnel, readable: bool, early: Option<Vec<u8>>) -> Option<End> {
-    let mut w = Work::default();
-    if let Some(e) = early.filter(|e| !e.is_empty()) {
-        decode(&mut t.dec, t.max_message, &mut w.events, &mut w.pending_err, &e);
+/// One burst: what the device sent (if readable), what the WSM sent, the
+/// held stream's progress, the timers. Everything it allocates is freed
+/// when it returns.
+async fn step(dev: &mut Device, t: &mut Live, readable: bool, early: Option<Vec<u8>>) -> Result<(), End> {
+    let now = Instant::now();
+    if let Some(e) = early {
+        t.core.on_early(now, &e)?;
     }
-    if readable && let Some(end) = read(dev, t, &mut w).await {
-        return Some(end);
+    if readable {
+        read(dev, t).await?;
     }
-    if t.dec.as_ref().is_some_and(|d| !d.in_progress()) {
-        t.dec = None;
+    perform(dev, t).await?;
+    deliver(dev, t).await?;
+    if t.core.is_held() {
+        held_step(dev, t)?;
+        perform(dev, t).await?;
     }
-    burst(dev, t, &mut w).await
+    t.core.on_tick(Instant::now())?;
+    perform(dev, t).await
 }
 
-/// Waits for the device socket (only while the stream may send), or a wake
-/// from the link or the shard's timers (armed here for the next idle or ping
-/// deadline). The socket wait in `poll` survives a wake from the link: it
-/// is only made again after it has fired.
-async fn wait(dev: &Device, t: &Tunnel, poll: &mut Option<Readiness>) -> Wake {
-    let ws = &dev.shard.cfg.ws;
-    let can_read = match &t.held {
-        Some(h) if !h.accepted() => reattach::can_read(dev, h),
-        _ => t.link.can_send(&t.stream.borrow()),
-    };
-    if let Some(h) = &t.held {
-        dev.shard.timers.arm(&t.stream, reattach::next_wake(dev, h));
+/// Whether the shard's held bytes (with reads in flight) are under its bound.
+fn shard_held_room(dev: &Device) -> bool {
+    dev.shard.held_bytes.get() + dev.shard.held_reserved.get() < dev.shard.cfg.upstream.held_bytes_per_shard
+}
+
+/// Reads what the device sent and hands it to the core.
+async fn read(dev: &mut Device, t: &mut Live) -> Result<(), End> {
+    let mut reserved = 0;
+    if t.core.is_held() && !t.core.accepted() {
+        // A held tunnel checks its bounds right before reading (other
+        // tunnels of the shard may have filled the shard's share since it
+        // began to wait), again after waiting for a pool buffer, and
+        // reserves what this read may bring until it is counted.
+        if !t.core.wants_read(false, shard_held_room(dev)) {
+            return Ok(());
+        }
+        dev.take_rx().await;
+        if !t.core.wants_read(false, shard_held_room(dev)) {
+            dev.release_if_empty();
+            return Ok(());
+        }
+        reserved = dev.shard.cfg.buffers.size as u64;
+        dev.shard.held_reserved.set(dev.shard.held_reserved.get() + reserved);
     }
-    let idle_at = ws.idle_timeout.map(|d| t.last_rx + d);
-    let ping_at = ws.ping_interval.map(|p| t.last_rx.max(t.last_ping) + p);
-    if let Some(at) = idle_at.into_iter().chain(ping_at).min() {
+    let got = dev.read_now().await;
+    dev.shard.held_reserved.set(dev.shard.held_reserved.get() - reserved);
+    got?;
+    let res = match dev.rx.as_mut() {
+        // Plaintext is decoded in place, straight from the pool buffer.
+        Some(rx) => t.core.on_ciphertext(Instant::now(), rx.vec()),
+        None => Ok(()),
+    };
+    dev.release_if_empty();
+    res
+}
+
+/// Hands the core what the WSM sent (messages, a close, a lost link).
+async fn deliver(dev: &mut Device, t: &mut Live) -> Result<(), End> {
+    let (msgs, wsm_close, lost) = {
+        let mut s = t.stream.borrow_mut();
+        (std::mem::take(&mut s.inbox), s.wsm_close.take(), s.link_lost)
+    };
+    let now = Instant::now();
+    t.core.on_wsm_messages(now, msgs)?;
+    if let Some((code, text)) = wsm_close {
+        return Err(t.core.on_wsm_close(code, &text));
+    }
+    if lost && t.core.has_stream() {
+        // The WSM is gone; the device stays. Its stream resumes elsewhere.
+        let unacked = std::mem::take(&mut t.stream.borrow_mut().unacked);
+        let spread = dev.shard.cfg.upstream.close_spread.as_millis() as u32;
+        let jitter = std::time::Duration::from_millis(monoio::utils::thread_rng_n(spread.max(1)) as u64);
+        t.core.detach(now, unacked, false, jitter);
+    }
+    perform(dev, t).await
+}
+
+/// Moves a held tunnel on: the answer to its resumed OPEN, its held
+/// messages as credit allows, or a new OPEN when the shard grants a turn.
+fn held_step(dev: &Device, t: &mut Live) -> Result<(), End> {
+    let now = Instant::now();
+    if t.core.has_stream() && !t.core.accepted() {
+        let answer = {
+            let s = t.stream.borrow();
+            match &s.opened {
+                Some(OpenResult::Accepted(_)) => Some(OpenAnswer::Accepted { max_frame: t.link.peer_max_frame() }),
+                Some(OpenResult::Refused(status, reason)) => {
+                    tracing::debug!(conn = %dev.id, status, %reason, "resumed stream refused; trying another WSM");
+                    Some(OpenAnswer::Refused)
+                }
+                None if s.link_lost || s.wsm_close.is_some() => Some(OpenAnswer::Gone),
+                None => None,
+            }
+        };
+        if let Some(a) = answer {
+            t.core.on_open_answer(a);
+        }
+    }
+    if t.core.accepted() {
+        let (link, stream) = (t.link.clone(), t.stream.clone());
+        return t.core.flush_held(&mut |binary, data| {
+            let mut s = stream.borrow_mut();
+            if !link.can_send(&s) {
+                return false;
+            }
+            link.send_message(&mut s, binary, data);
+            true
+        });
+    }
+    match t.core.held_wants(now, dev.shard.handoff.borrow().is_some())? {
+        HeldWants::Nothing => {}
+        HeldWants::HandOver => {
+            let mut s = t.stream.borrow_mut();
+            s.handoff_requested = true;
+            s.wake();
+        }
+        HeldWants::Reopen { paced } => {
+            if paced && !dev.shard.resumes.try_take(now) {
+                return Ok(());
+            }
+            // What the core queued for the old stream was performed before
+            // this step (`step`, `move_by_plan`): the stream changes now.
+            debug_assert!(!t.core.has_actions());
+            let Some(link) = dev.shard.pick_link() else { return Ok(()) };
+            let Some(open) = t.core.resumed_open(dev.id, dev.addr) else { return Err(t.core.identity_lost()) };
+            let Some(stream) = link.open_stream(open) else { return Ok(()) };
+            t.sid = stream.borrow().stream_id;
+            t.stream = stream;
+            t.link = link;
+            t.core.reopening(now);
+        }
+    }
+    Ok(())
+}
+
+/// Waits for the device socket (only while the core wants to read), or a
+/// wake from the link or the shard's timers (armed here for the core's
+/// next deadline). The socket wait in `poll` survives a wake from the
+/// link: it is only made again after it has fired.
+async fn wait(dev: &Device, t: &Live, poll: &mut Option<Readiness>) -> Wake {
+    let can_read = t.core.wants_read(t.link.can_send(&t.stream.borrow()), shard_held_room(dev));
+    if let Some(at) = t.core.deadline(Instant::now()) {
         dev.shard.timers.arm(&t.stream, at);
     }
     if !can_read {
@@ -240,176 +314,18 @@ async fn wait(dev: &Device, t: &Tunnel, poll: &mut Option<Readiness>) -> Wake {
     wake
 }
 
-/// Reads what the device sent and decodes it into events.
-async fn read(dev: &mut Device, t: &mut Tunnel, w: &mut Work) -> Option<End> {
-    let mut reserved = 0;
-    if let Some(h) = t.held.as_ref().filter(|h| !h.accepted()) {
-        // A held tunnel checks its bounds right before reading (other
-        // tunnels of the shard may have filled the shard's share since it
-        // began to wait), again after waiting for a pool buffer, and
-        // reserves what this read may bring until it is counted.
-        if !reattach::can_read(dev, h) {
-            return None;
-        }
-        dev.take_rx().await;
-        if !reattach::can_read(dev, h) {
-            dev.release_if_empty();
-            return None;
-        }
-        reserved = dev.shard.cfg.buffers.size as u64;
-        dev.shard.held_reserved.set(dev.shard.held_reserved.get() + reserved);
-    }
-    let got = dev.read_now().await;
-    dev.shard.held_reserved.set(dev.shard.held_reserved.get() - reserved);
-    if let Err(e) = got {
-        return Some(e);
-    }
-    t.last_rx = Instant::now();
-    let Tunnel { rl, dec, max_message, .. } = t;
-    let Work { events, replies, pending_err } = w;
-    // Plaintext is decoded in place, straight from the pool buffer.
-    let closed = dev.open_records(rl, replies, &mut |p| {
-        decode(dec, *max_message, events, pending_err, p);
-        Ok(())
-    });
-    match closed {
-        Ok(true) => Some(End::Eof),
-        Ok(false) => None,
-        Err(e) => Some(e),
-    }
-}
-
-/// One round of work: device events to the WSM, WSM messages to the device,
-/// closes and timers. `Some` ends the tunnel.
-async fn burst(dev: &mut Device, t: &mut Tunnel, w: &mut Work) -> Option<End> {
-    let m = dev.shard.metrics.clone();
-    let ws = dev.shard.cfg.ws.clone();
-
-    // 1. What the device sent.
-    let mut plain = Vec::new();
-    for ev in std::mem::take(&mut w.events) {
-        match ev {
-            Event::Message { text, data } => {
-                // A message the WSM cannot take in one frame would make it
-                // drop the link (every device on it): only this device is
-                // told, with 1009.
-                if t.held.is_none() && !t.link.fits(data.len()) {
-                    w.pending_err = Some(WsError { code: close::TOO_BIG, reason: "message too big for the WSM" });
-                    break;
-                }
-                match t.held.as_mut() {
-                    Some(h) => reattach::hold(dev, h, !text, data),
-                    None => t.link.send_message(&mut t.stream.borrow_mut(), !text, &data),
-                }
-                ShardMetrics::inc(&m.messages_from_devices_total);
-            }
-            Event::Ping(p) => frame::encode(&mut plain, op::PONG, &p, None),
-            Event::Pong(_) => {}
-            Event::Close { code, reason } => {
-                dev.device_close_code = code.unwrap_or(1005);
-                match code {
-                    Some(c) => frame::encode_close(&mut plain, c, "", None),
-                    None => frame::encode(&mut plain, op::CLOSE, &[], None),
-                }
-                let _ = dev.send(&mut t.rl, &plain).await;
-                tracing::debug!(conn = %dev.id, code = ?code, %reason, "device closed the WebSocket");
-                return Some(End::DeviceClosed);
-            }
-        }
-    }
-    if let Some(e) = w.pending_err.take() {
-        m.ws_error(e.code);
-        if !plain.is_empty() {
-            let _ = dev.send(&mut t.rl, &plain).await;
-        }
-        dev.send_close(&mut t.rl, e.code, e.reason).await;
-        return Some(End::Ws(e));
-    }
-    if !w.replies.is_empty()
-        && let Err(e) = dev.write(std::mem::take(&mut w.replies)).await
-    {
-        return Some(e);
-    }
-    if !plain.is_empty()
-        && let Err(e) = dev.send(&mut t.rl, &plain).await
-    {
-        return Some(e);
-    }
-
-    // 2. What the WSM sent.
-    if let Some(end) = deliver(dev, t).await {
-        return Some(end);
-    }
-    // 2b. No WSM: find another one, or send what was held.
-    if t.held.is_some()
-        && let Some(end) = reattach::step(dev, t).await
-    {
-        return Some(end);
-    }
-
-    // 3. Timers.
-    let now = Instant::now();
-    if ws.idle_timeout.is_some_and(|d| now >= t.last_rx + d) {
-        ShardMetrics::inc(&m.idle_timeouts_total);
-        dev.send_close(&mut t.rl, close::GOING_AWAY, "idle timeout").await;
-        return Some(End::Idle);
-    }
-    if ws.ping_interval.is_some_and(|p| now >= t.last_rx.max(t.last_ping) + p) {
-        let mut f = Vec::new();
-        frame::encode(&mut f, op::PING, b"", None);
-        if let Err(e) = dev.send(&mut t.rl, &f).await {
-            return Some(e);
-        }
-        t.last_ping = now;
-    }
-    None
-}
-
-/// Writes what the WSM sent to the device and returns credit; acts on a
-/// close from the WSM or a lost link.
-async fn deliver(dev: &mut Device, t: &mut Tunnel) -> Option<End> {
-    let (msgs, wsm_close, lost) = {
-        let mut s = t.stream.borrow_mut();
-        (std::mem::take(&mut s.inbox), s.wsm_close.take(), s.link_lost)
-    };
-    if !msgs.is_empty() {
-        t.last_active = Instant::now();
-        let mut out = Vec::new();
-        let mut bytes = 0;
-        for (binary, data) in &msgs {
-            frame::encode(&mut out, if *binary { op::BINARY } else { op::TEXT }, data, None);
-            bytes += data.len();
-        }
-        if let Err(e) = dev.send(&mut t.rl, &out).await {
-            return Some(e);
-        }
-        dev.shard.metrics.messages_to_devices_total.fetch_add(msgs.len() as u64, std::sync::atomic::Ordering::Relaxed);
-        t.link.return_credit(&mut t.stream.borrow_mut(), bytes);
-    }
-    if let Some((code, text)) = wsm_close {
-        let code = if frame::valid_close_code(code) { code } else { close::NORMAL };
-        dev.send_close(&mut t.rl, code, &text).await;
-        return Some(End::WsmClosed);
-    }
-    if lost && t.held.as_ref().is_none_or(|h| h.has_stream()) {
-        // The WSM is gone; the device stays. Its stream resumes elsewhere.
-        reattach::detach(dev, t, false);
-    }
-    None
-}
-
 /// Sends HANDOFF and delivers what the WSM sent until its HANDOFF_ACK (or
-/// [`HANDOFF_ACK_TIMEOUT`]): afterwards the WSM sends nothing more on the
-/// stream and has processed everything sent on it.
-pub(super) async fn quiesce(dev: &mut Device, t: &mut Tunnel) -> Option<End> {
-    if !t.link.send_handoff(t.sid) {
-        return None;
+/// the core's deadline): afterwards the WSM sends nothing more on the
+/// stream and has processed everything sent on it. Ok(false) if there was
+/// no stream to quiesce.
+async fn quiesce(dev: &mut Device, t: &mut Live) -> Result<bool, End> {
+    if !t.core.begin_quiesce(Instant::now()) {
+        return Ok(false);
     }
-    let deadline = Instant::now() + HANDOFF_ACK_TIMEOUT;
+    perform(dev, t).await?;
     loop {
-        if let Some(end) = deliver(dev, t).await {
-            return Some(end);
-        }
+        deliver(dev, t).await?;
+        let Some(deadline) = t.core.quiesce_deadline() else { break };
         let done = {
             let s = t.stream.borrow();
             s.handoff_acked || s.link_lost
@@ -422,78 +338,79 @@ pub(super) async fn quiesce(dev: &mut Device, t: &mut Tunnel) -> Option<End> {
             break;
         }
     }
-    deliver(dev, t).await
+    t.core.end_quiesce();
+    deliver(dev, t).await?;
+    Ok(true)
 }
 
-/// How long a WSM has to acknowledge a HANDOFF before the tunnel moves anyway.
-const HANDOFF_ACK_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
-
-/// A hand-over that failed after its stream was quiesced: the WSM sends
-/// nothing more on it, so the stream is re-opened (the connection itself,
-/// with everything it held, was never changed).
-fn keep_after_failed_handover(dev: &Device, t: &mut Tunnel, quiesced: bool) {
-    if quiesced {
-        reattach::leave_quiesced(dev, t);
+/// Goaway: moves this tunnel's stream to another WSM by plan. The WSM stops
+/// sending and acknowledges (what it sent first reaches the device), the
+/// stream closes as "handed elsewhere", and the tunnel re-opens elsewhere.
+async fn move_by_plan(dev: &mut Device, t: &mut Live) -> Option<End> {
+    t.stream.borrow_mut().move_requested = false;
+    // Stay put unless another WSM can take the stream now: a lone WSM that
+    // drains keeps its streams until it really goes.
+    if t.core.is_held() || !t.link.going_away() || dev.shard.pick_link().is_none() {
+        return None;
     }
+    if let Err(end) = quiesce(dev, t).await {
+        return Some(end);
+    }
+    if t.core.has_stream() {
+        t.stream.borrow_mut().unacked.clear();
+        t.core.leave_quiesced(Instant::now(), true);
+    }
+    // The CLOSE goes to the old stream before the tunnel re-opens elsewhere.
+    if let Err(end) = perform(dev, t).await {
+        return Some(end);
+    }
+    let res = held_step(dev, t);
+    if let Err(end) = res {
+        return Some(end);
+    }
+    perform(dev, t).await.err()
 }
 
 /// Live upgrade: moves this tunnel to the new process at this safe point.
-/// `None` if no upgrade is under way (the request is dropped).
-async fn hand_over(dev: &mut Device, t: &mut Tunnel) -> Option<End> {
+/// `None` if no upgrade is under way (the request is dropped) or the move
+/// failed (the connection carries on here, unchanged).
+async fn hand_over(dev: &mut Device, t: &mut Live) -> Option<End> {
     t.stream.borrow_mut().handoff_requested = false;
     let (sink, flight) = dev.shard.handoff.borrow().clone()?;
     // 1. The WSM stops sending and acknowledges; what it sent before arrives
     //    first (the link is ordered) and goes to the device now. The device
     //    is not read meanwhile: its bytes wait in the socket, which moves.
-    //    A tunnel without an accepted stream has nothing to quiesce.
-    if t.held.as_ref().is_none_or(|h| h.accepted())
-        && let Some(end) = quiesce(dev, t).await
-    {
-        return Some(end);
-    }
-    let accepted_stream = t.held.as_ref().is_none_or(|h| h.accepted());
-    // 2. Snapshot: record layer, unprocessed ciphertext, partial frame, held
-    //    messages. Copies: the connection is changed only once the snapshot
-    //    is sent, so a hand-over that fails keeps everything.
-    let snap = crate::upgrade::snapshot::ConnSnapshot {
-        id: dev.id,
-        addr: dev.addr.to_string(),
-        record: t.rl.state().clone(),
-        decoder: t.dec.as_deref().cloned(),
-        max_message: t.max_message,
-        rx: match (dev.rx.as_mut(), &dev.parked) {
-            (Some(b), _) => b.vec().clone(),
-            (None, Some(p)) => p.bytes.to_vec(),
-            (None, None) => Vec::new(),
-        },
-        resume: (*t.resume).clone(),
-        idle_ms: t.last_rx.elapsed().as_millis() as u64,
-        held: reattach::held_for_snapshot(t),
+    let quiesced = match quiesce(dev, t).await {
+        Ok(q) => q && t.core.has_stream(),
+        Err(end) => return Some(end),
     };
+    // 2. Snapshot (copies: the connection is changed only once it is sent).
+    let rx = match (dev.rx.as_mut(), &dev.parked) {
+        (Some(b), _) => b.vec().clone(),
+        (None, Some(p)) => p.bytes.to_vec(),
+        (None, None) => Vec::new(),
+    };
+    let snap = t.core.snapshot(dev.id, dev.addr.to_string(), rx, Instant::now());
     // 3. The socket: a duplicate goes to the new process; ours is closed
     //    without a FIN (the socket stays open there).
-    // SAFETY: the descriptor is open and owned by `dev.tcp` for this call.
-    let fd = match unsafe { std::os::fd::BorrowedFd::borrow_raw(dev.raw_fd()) }.try_clone_to_owned() {
-        Ok(fd) => fd,
-        Err(e) => {
-            tracing::error!(conn = %dev.id, error = %e, "cannot duplicate the device socket; keeping the connection");
-            keep_after_failed_handover(dev, t, accepted_stream);
-            return None;
-        }
+    let failed = match dev.dup_fd() {
+        Ok(fd) => sink.send((snap, fd)).err().map(|_| "upgrade channel gone".to_string()),
+        Err(e) => Some(format!("cannot duplicate the device socket: {e}")),
     };
-    if sink.send((snap, fd)).is_err() {
-        tracing::error!(conn = %dev.id, "upgrade channel gone; keeping the connection");
-        keep_after_failed_handover(dev, t, accepted_stream);
-        return None;
+    if let Some(why) = failed {
+        tracing::error!(conn = %dev.id, why, "hand-over failed; keeping the connection");
+        if quiesced {
+            // The WSM sends nothing more on the quiesced stream: re-open it.
+            t.stream.borrow_mut().unacked.clear();
+            t.core.leave_quiesced(Instant::now(), false);
+        }
+        return perform(dev, t).await.err();
     }
     // Committed: what the snapshot carries now lives in the new process.
-    reattach::handed_over(dev, t);
+    let end = t.core.handed_over();
+    let _ = perform(dev, t).await;
     dev.rx = None;
     dev.parked = None;
-    t.dec = None;
     flight.released.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-    if accepted_stream {
-        t.link.close_stream(t.sid, CloseReason::HandedElsewhere, 1000, "");
-    }
-    Some(End::HandedOver)
+    Some(end)
 }

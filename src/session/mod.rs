@@ -1,0 +1,16 @@
+//! The sans-io core of a device connection.
+//!
+//! Owns: every protocol decision about one device connection: how it ends
+//! and who is to blame ([`end`]), the set-up answers (HTTP statuses for a
+//! refused upgrade or a WSM's answer, [`setup`]), and the established
+//! tunnel ([`tunnel`]). Fed bytes, link events and `now`; returns actions.
+//! Never does I/O and never reads the clock: `shard` (the io_uring shell)
+//! performs what it asks.
+#![forbid(unsafe_code)]
+#![deny(clippy::disallowed_methods)]
+
+pub mod end;
+pub mod setup;
+pub mod tunnel;
+
+pub use end::End;
