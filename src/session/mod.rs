@@ -10,6 +10,8 @@
 #![deny(clippy::disallowed_methods)]
 
 pub mod end;
+#[cfg(test)]
+pub mod harness;
 pub mod setup;
 pub mod tunnel;
 
