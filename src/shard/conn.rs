@@ -1,67 +1,32 @@
 //! One device connection on a shard, from accept to close.
 //!
-//! Owns: moving bytes between the device socket and the sans-io machines
-//! (handshake, record layer, upgrade parser, frame decoder) and the stream on
-//! a WSM link, with the per-stage timeouts. Reads only after the socket is
-//! readable, with a buffer lent by the shard pool for just that long, so an
-//! idle connection holds no I/O buffer. Never parses bytes itself.
+//! Owns: the set-up of a connection (handshake, upgrade, stream open, each
+//! under its timeout, with the answers `session::setup` decides), adopting
+//! a connection from a previous process, starting its tunnel, and the log
+//! line and close at its end. Socket I/O is `shard::io`'s; the established
+//! phase is `shard::tunnel`'s. Never parses bytes itself.
 
 use std::net::SocketAddr;
 use std::rc::Rc;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
-use monoio::buf::IoBufMut;
-use monoio::io::{AsyncReadRent, AsyncWriteRent};
 use monoio::net::TcpStream;
 
 use super::ShardCtx;
+use super::io::Device;
 use super::link::{Link, OpenResult, StreamRef, notified};
-use super::pool::PoolBuf;
 use super::tunnel::{self, Live};
-use crate::identity::{ConnectionId, DeviceIdentity};
+use crate::identity::DeviceIdentity;
 use crate::link::codec::{CloseReason, Open};
 use crate::metrics::ShardMetrics;
 use crate::session::End;
 use crate::session::setup::{self, OpenOutcome, Refuse, SetupCount};
 use crate::session::tunnel::{Limits, Tunnel};
 use crate::tls::handshake::{Established, Handshake, HandshakeError, Progress, Refusal};
-use crate::tls::record::{Opened, RecordError, RecordLayer};
+use crate::tls::record::RecordLayer;
 use crate::upgrade::snapshot::Resume;
-use crate::ws::frame::{self, close};
+use crate::ws::frame::close;
 use crate::ws::upgrade::{self, UpgradeRequest};
-
-pub(super) struct Device {
-    pub(super) shard: Rc<ShardCtx>,
-    /// The socket, shared so that a wait for readability can own its share
-    /// and outlive a burst of writes (see [`Device::readable`]). Not split
-    /// with monoio's `into_split`: its write half shuts the socket down when
-    /// dropped, which would end a connection handed to a new process.
-    tcp: Socket,
-    pub(super) addr: SocketAddr,
-    pub(super) id: ConnectionId,
-    /// Received bytes not yet processed; present only while bytes are pending.
-    pub(super) rx: Option<PoolBuf>,
-    /// A partial record parked off the pool while the connection waits.
-    pub(super) parked: Option<super::partial::Parked>,
-}
-
-/// A wait for the device socket that stays armed across wakeups (it owns
-/// its share of the socket: see [`Device::readable`]).
-pub(super) type Readiness = std::pin::Pin<Box<dyn std::future::Future<Output = std::io::Result<()>>>>;
-
-/// A device socket shared between its task and that task's readiness wait.
-struct Socket(Rc<std::cell::UnsafeCell<TcpStream>>);
-
-impl Socket {
-    /// The socket for a read, a write or a shutdown.
-    fn io(&mut self) -> &mut TcpStream {
-        // SAFETY: monoio marks TcpStream `Split`: one read, one write and
-        // readiness waits may be in flight on it at once. The task runs one
-        // of its own reads or writes at a time (`&mut self`); the only other
-        // holder is a readiness wait (`Device::readable`).
-        unsafe { &mut *self.0.get() }
-    }
-}
 
 pub async fn serve(shard: Rc<ShardCtx>, tcp: TcpStream, addr: SocketAddr) {
     ShardMetrics::inc(&shard.metrics.connections_accepted_total);
@@ -134,171 +99,6 @@ fn limits(cfg: &crate::config::Config, max_message: u32) -> Limits {
 }
 
 impl Device {
-    fn new(shard: Rc<ShardCtx>, tcp: TcpStream, addr: SocketAddr, id: ConnectionId) -> Device {
-        Device { shard, tcp: Socket(Rc::new(std::cell::UnsafeCell::new(tcp))), addr, id, rx: None, parked: None }
-    }
-
-    /// Waits for the socket to be readable. The future owns its share of the
-    /// socket, so a tunnel keeps one armed across wakeups from its link
-    /// instead of dropping it: dropping an io_uring poll cancels it, and the
-    /// kernel finds the poll to cancel by walking a hash chain that grows
-    /// with the connections on the ring (256 buckets at most).
-    pub(super) fn readable(&self) -> impl std::future::Future<Output = std::io::Result<()>> + 'static {
-        let socket = self.tcp.0.clone();
-        // SAFETY: monoio marks TcpStream `Split`: a readiness wait may run
-        // beside reads and writes on the same socket; the Rc keeps it alive.
-        async move { unsafe { &*socket.get() }.readable(false).await }
-    }
-
-    /// A duplicate of the device socket (for a live upgrade).
-    pub(super) fn dup_fd(&self) -> std::io::Result<std::os::fd::OwnedFd> {
-        // SAFETY: a shared borrow for a plain getter (see `readable`); the
-        // descriptor is open and owned by `self.tcp` for this call.
-        let fd = std::os::fd::AsRawFd::as_raw_fd(unsafe { &*self.tcp.0.get() });
-        unsafe { std::os::fd::BorrowedFd::borrow_raw(fd) }.try_clone_to_owned()
-    }
-
-    /// Waits for the socket to be readable, then reads into a pool buffer.
-    async fn read_more(&mut self) -> Result<usize, End> {
-        self.park_rx(None);
-        self.readable().await?;
-        self.read_now().await
-    }
-
-    /// Before the connection waits: gives its pool buffer back, and moves a
-    /// partial record in it to an allocation of its own (see `partial`), so
-    /// that no shared buffer is pinned by a device that stops mid-record.
-    /// `stream` lets the shard ask this tunnel to close if the budget for
-    /// such bytes runs out and it holds one of the oldest.
-    pub(super) fn park_rx(&mut self, stream: Option<&StreamRef>) {
-        let Some(mut b) = self.rx.take() else { return };
-        if b.vec().is_empty() {
-            return;
-        }
-        self.parked = Some(self.shard.partials.park(b.vec(), stream).0);
-    }
-
-    /// Takes a pool buffer for rx if there is none (waiting, counted, when
-    /// the pool is empty: backpressure), with any parked bytes back in front.
-    pub(super) async fn take_rx(&mut self) {
-        if self.rx.is_some() {
-            return;
-        }
-        let mut buf = self.shard.pool.take().await;
-        if let Some(p) = self.parked.take() {
-            buf.vec().extend_from_slice(&p.bytes);
-        }
-        self.rx = Some(buf);
-    }
-
-    /// Reads what the socket has into the rx buffer (taking one from the pool).
-    pub(super) async fn read_now(&mut self) -> Result<usize, End> {
-        self.take_rx().await;
-        let Some(rx) = self.rx.as_mut() else {
-            return Ok(0);
-        };
-        let mut v = rx.lend();
-        let (len, cap) = (v.len(), v.capacity());
-        if len == cap {
-            rx.restore(v);
-            return Err(End::Record(RecordError::RecordOverflow));
-        }
-        let (res, slice) = self.tcp.io().read(v.slice_mut(len..cap)).await;
-        v = slice.into_inner();
-        rx.restore(v);
-        let n = res?;
-        if n == 0 {
-            return Err(End::Eof);
-        }
-        Ok(n)
-    }
-
-    /// Gives the rx buffer back to the pool if everything in it was used.
-    pub(super) fn release_if_empty(&mut self) {
-        if self.rx.as_mut().is_some_and(|b| b.vec().is_empty()) {
-            self.rx = None;
-        }
-    }
-
-    pub(super) async fn write(&mut self, data: Vec<u8>) -> Result<Vec<u8>, End> {
-        if data.is_empty() {
-            return Ok(data);
-        }
-        let (res, data) = self.write_all(data).await;
-        res?;
-        Ok(data)
-    }
-
-    /// Writes all of `data`. Each write that makes no progress for
-    /// `websocket.write_stall_timeout_secs` ends the connection
-    /// ([`End::WriteStall`], counted): a device that stopped reading holds
-    /// its stream's window and a pool buffer for that long at most. The
-    /// buffer comes back unless the stall cancelled its write.
-    async fn write_all(&mut self, mut data: Vec<u8>) -> (Result<(), End>, Vec<u8>) {
-        use monoio::buf::IoBuf;
-        let stall = self.shard.cfg.ws.write_stall_timeout;
-        let mut off = 0;
-        while off < data.len() {
-            let write = self.tcp.io().write(data.slice(off..));
-            let (res, slice) = match stall {
-                None => write.await,
-                Some(t) => match monoio::time::timeout(t, write).await {
-                    Ok(done) => done,
-                    Err(_) => {
-                        ShardMetrics::inc(&self.shard.metrics.write_stall_closes_total);
-                        return (Err(End::WriteStall), Vec::new());
-                    }
-                },
-            };
-            data = slice.into_inner();
-            match res {
-                Ok(0) => return (Err(End::Io(std::io::ErrorKind::WriteZero)), data),
-                Ok(n) => off += n,
-                Err(e) => return (Err(e.into()), data),
-            }
-        }
-        (Ok(()), data)
-    }
-
-    /// Decrypts every whole record in rx, passing plaintext to `sink`. Reply
-    /// bytes (KeyUpdate answers) are appended to `out`. Returns true on
-    /// close_notify.
-    pub(super) fn open_records(
-        &mut self,
-        rl: &mut RecordLayer,
-        out: &mut Vec<u8>,
-        sink: &mut dyn FnMut(&[u8]) -> Result<(), End>,
-    ) -> Result<bool, End> {
-        let Some(rx) = self.rx.as_mut() else {
-            return Ok(false);
-        };
-        let buf = rx.vec();
-        let mut off = 0;
-        let mut closed = false;
-        let res = loop {
-            match rl.open(&mut buf[off..], out) {
-                Ok(Opened::NeedMore) => break Ok(()),
-                Ok(Opened::Data { consumed, start, end }) => {
-                    let r = sink(&buf[off + start..off + end]);
-                    off += consumed;
-                    if let Err(e) = r {
-                        break Err(e);
-                    }
-                }
-                Ok(Opened::Control { consumed }) => off += consumed,
-                Ok(Opened::CloseNotify { consumed }) => {
-                    off += consumed;
-                    closed = true;
-                    break Ok(());
-                }
-                Err(e) => break Err(End::Record(e)),
-            }
-        };
-        buf.drain(..off);
-        self.release_if_empty();
-        res.map(|()| closed)
-    }
-
     /// Logs how the connection ended and closes it, unless it moved to a new
     /// process: then the socket is only released here (no FIN, no linger).
     async fn close(mut self, end: End, key: usize) {
@@ -541,18 +341,6 @@ impl Device {
         }
     }
 
-    /// Seals `plain` and writes it to the device.
-    /// Seals `plain` into a buffer of its own and writes it. Not a pool
-    /// buffer: a device that stops reading keeps its write pending until the
-    /// write-stall time, and its bytes must not hold a buffer other devices
-    /// need to be read (the pool is for reads). What it holds meanwhile is
-    /// bounded by its stream's window.
-    pub(super) async fn send(&mut self, rl: &mut RecordLayer, plain: &[u8]) -> Result<(), End> {
-        let mut out = Vec::with_capacity(RecordLayer::sealed_len(plain.len()));
-        rl.seal(plain, &mut out).map_err(End::Record)?;
-        self.write_all(out).await.0
-    }
-
     async fn read_upgrade(&mut self, rl: &mut RecordLayer) -> Result<(UpgradeRequest, Vec<u8>), End> {
         let ws = &self.shard.cfg.ws;
         let (max, forward) = (ws.max_request_bytes, ws.forward_headers.clone());
@@ -579,30 +367,6 @@ impl Device {
 
     fn pick_link(&self) -> Option<Rc<Link>> {
         self.shard.pick_link()
-    }
-
-    pub(super) async fn send_close(&mut self, rl: &mut RecordLayer, code: u16, reason: &str) {
-        let mut f = Vec::new();
-        frame::encode_close(&mut f, code, reason, None);
-        let _ = self.send(rl, &f).await;
-    }
-
-    /// Half-closes, then drains what the device still sends for a moment, so
-    /// the kernel does not reset the connection over our last bytes.
-    async fn linger(&mut self) {
-        let _ = self.tcp.io().shutdown().await;
-        let deadline = Instant::now() + Duration::from_secs(1);
-        let mut buf = vec![0u8; 4096];
-        let mut total = 0;
-        while total < 1 << 20 {
-            match monoio::time::timeout_at(deadline.into(), self.tcp.io().read(buf)).await {
-                Ok((Ok(n), b)) if n > 0 => {
-                    buf = b;
-                    total += n;
-                }
-                _ => break,
-            }
-        }
     }
 }
 

@@ -7,6 +7,7 @@
 
 pub mod conn;
 pub mod control;
+mod io;
 pub mod link;
 pub mod pace;
 pub mod partial;
@@ -64,7 +65,7 @@ pub struct ShardCtx {
     /// count of connections between here and serving in the new process.
     pub handoff: RefCell<Option<(Sender<Handed>, Arc<pace::Flight>)>>,
     /// Readiness waits of connections handed to a new process (see `park`).
-    parked: RefCell<Vec<conn::Readiness>>,
+    parked: RefCell<Vec<io::Readiness>>,
     pub metrics: Arc<ShardMetrics>,
 }
 
@@ -247,7 +248,7 @@ impl ShardCtx {
     /// device wrote to its new process) wakes a finished task, which does
     /// nothing. Parked waits are forgotten when the process ends after the
     /// upgrade, or dropped (cancelled, sockets closed) if it failed.
-    pub(crate) fn park(&self, wait: conn::Readiness) {
+    pub(crate) fn park(&self, wait: io::Readiness) {
         if self.handoff.borrow().is_none() {
             return; // the upgrade already failed: close our share now
         }

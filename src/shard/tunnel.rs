@@ -14,7 +14,7 @@
 use std::rc::Rc;
 use std::time::Instant;
 
-use super::conn::{Device, Readiness};
+use super::io::{Device, Readiness};
 use super::link::{Link, OpenResult, StreamRef, notified};
 use crate::metrics::ShardMetrics;
 use crate::session::End;
