@@ -6,45 +6,11 @@
 //! value. Never validates anything itself: the TLS verifier has done that.
 #![forbid(unsafe_code)]
 
-use std::fmt;
 use std::net::SocketAddr;
 
-use serde::{Deserialize, Serialize};
 use x509_parser::extensions::GeneralName;
 
-/// A unique 128-bit connection ID, made at accept. Serialized as its
-/// 32-digit hex form in human-readable formats (JSON has no 128-bit
-/// integers), as a plain u128 in binary ones.
-#[derive(Clone, Copy, PartialEq, Eq, Hash)]
-pub struct ConnectionId(pub u128);
-
-impl Serialize for ConnectionId {
-    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        if s.is_human_readable() { s.serialize_str(&self.to_string()) } else { s.serialize_u128(self.0) }
-    }
-}
-
-impl<'de> Deserialize<'de> for ConnectionId {
-    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        if !d.is_human_readable() {
-            return u128::deserialize(d).map(ConnectionId);
-        }
-        let s = String::deserialize(d)?;
-        u128::from_str_radix(&s, 16).map(ConnectionId).map_err(serde::de::Error::custom)
-    }
-}
-
-impl fmt::Display for ConnectionId {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{:032x}", self.0)
-    }
-}
-
-impl fmt::Debug for ConnectionId {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "ConnectionId({self})")
-    }
-}
+pub use holdfast_link::types::{ConnectionId, DeviceIdentity, hex};
 
 /// Makes connection IDs that are unique across shards, processes and nodes:
 /// 64 random bits drawn when the generator is made, then the shard number and
@@ -76,54 +42,34 @@ impl IdGenerator {
     }
 }
 
-/// The validated device certificate, reduced to what WSMs and operators use.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct DeviceIdentity {
-    pub subject: String,
-    pub issuer: String,
-    /// Serial number, lowercase hex without leading zero bytes.
-    pub serial: String,
-    pub sans: Vec<String>,
-    pub fingerprint: [u8; 32],
-    /// Certificate chain as presented, leaf first, DER.
-    pub chain: Vec<Vec<u8>>,
-    pub addr: String,
-}
-
-impl DeviceIdentity {
-    /// Reads identity fields from the leaf of a chain that rustls has already
-    /// validated. Returns `None` if the leaf does not parse (it did for the
-    /// verifier, so this means an internal mismatch).
-    pub fn from_chain(chain: Vec<Vec<u8>>, addr: SocketAddr) -> Option<Self> {
-        let leaf = chain.first()?;
-        let (_, cert) = x509_parser::parse_x509_certificate(leaf).ok()?;
-        let mut sans = Vec::new();
-        if let Ok(Some(ext)) = cert.subject_alternative_name() {
-            for name in &ext.value.general_names {
-                match name {
-                    GeneralName::DNSName(d) => sans.push(format!("DNS:{d}")),
-                    GeneralName::RFC822Name(e) => sans.push(format!("email:{e}")),
-                    GeneralName::URI(u) => sans.push(format!("URI:{u}")),
-                    GeneralName::IPAddress(ip) => sans.push(format!("IP:{}", ip_string(ip))),
-                    _ => {}
-                }
+/// Reads identity fields from the leaf of a chain that rustls has already
+/// validated. Returns `None` if the leaf does not parse (it did for the
+/// verifier, so this means an internal mismatch).
+pub fn from_chain(chain: Vec<Vec<u8>>, addr: SocketAddr) -> Option<DeviceIdentity> {
+    let leaf = chain.first()?;
+    let (_, cert) = x509_parser::parse_x509_certificate(leaf).ok()?;
+    let mut sans = Vec::new();
+    if let Ok(Some(ext)) = cert.subject_alternative_name() {
+        for name in &ext.value.general_names {
+            match name {
+                GeneralName::DNSName(d) => sans.push(format!("DNS:{d}")),
+                GeneralName::RFC822Name(e) => sans.push(format!("email:{e}")),
+                GeneralName::URI(u) => sans.push(format!("URI:{u}")),
+                GeneralName::IPAddress(ip) => sans.push(format!("IP:{}", ip_string(ip))),
+                _ => {}
             }
         }
-        let fingerprint = sha256(leaf);
-        Some(DeviceIdentity {
-            subject: cert.subject().to_string(),
-            issuer: cert.issuer().to_string(),
-            serial: serial_hex(cert.raw_serial()),
-            sans,
-            fingerprint,
-            addr: addr.to_string(),
-            chain,
-        })
     }
-
-    pub fn fingerprint_hex(&self) -> String {
-        hex(&self.fingerprint)
-    }
+    let fingerprint = sha256(leaf);
+    Some(DeviceIdentity {
+        subject: cert.subject().to_string(),
+        issuer: cert.issuer().to_string(),
+        serial: serial_hex(cert.raw_serial()),
+        sans,
+        fingerprint,
+        addr: addr.to_string(),
+        chain,
+    })
 }
 
 /// What an operator searches a refusal log for: a presented certificate's
@@ -171,10 +117,6 @@ pub fn sha256(data: &[u8]) -> [u8; 32] {
     let mut out = [0u8; 32];
     out.copy_from_slice(d.as_ref());
     out
-}
-
-pub fn hex(b: &[u8]) -> String {
-    b.iter().map(|x| format!("{x:02x}")).collect()
 }
 
 /// Serial as lowercase hex with leading zero bytes removed ("00" for zero).

@@ -3,7 +3,7 @@
 // The shell reads the clock; the core modules deny it (clippy.toml).
 #![allow(clippy::disallowed_methods)]
 
-pub mod blame;
+pub use holdfast_link::blame;
 pub mod config;
 pub mod cpus;
 pub mod device;
@@ -22,7 +22,7 @@ pub mod timefmt;
 pub mod tls;
 pub mod upgrade;
 pub mod ws;
-pub mod wsm;
+pub use holdfast_wsm as wsm;
 
 /// Turns transparent huge pages off for this process and the processes it
 /// starts (a live upgrade's successor). holdfast's memory is many small

@@ -141,7 +141,8 @@ fn root() -> PathBuf {
 
 #[test]
 fn no_module_imports_another_that_imports_it_back() {
-    for src in [root().join("src"), root().join("bench/src")] {
+    let crates = ["src", "bench/src", "crates/holdfast-link/src", "crates/holdfast-wsm/src", "crates/holdfast-wsm-ref/src"];
+    for src in crates.map(|c| root().join(c)) {
         let mods = modules(&src);
         let g = edges(&mods);
         let found = cycles(&g);
@@ -190,4 +191,51 @@ fn the_sans_io_core_never_reaches_the_shell_and_forbids_unsafe_and_clock_reads()
         assert!(attrs.contains("#![forbid(unsafe_code)]"), "{m}: no #![forbid(unsafe_code)]");
         assert!(attrs.contains("#![deny(clippy::disallowed_methods)]"), "{m}: clock reads are not denied");
     }
+}
+
+/// The `[dependencies]` keys of a manifest.
+fn dependencies(manifest: &Path) -> Vec<String> {
+    let text = std::fs::read_to_string(manifest).unwrap();
+    let mut deps = Vec::new();
+    let mut inside = false;
+    for line in text.lines() {
+        let l = line.trim();
+        if l.starts_with('[') {
+            inside = l == "[dependencies]";
+            continue;
+        }
+        if inside && let Some((k, _)) = l.split_once('=') {
+            deps.push(k.trim().to_string());
+        }
+    }
+    deps
+}
+
+#[test]
+fn the_link_crate_needs_no_runtime_and_the_edge_does_not_link_redis() {
+    let mut link = dependencies(&root().join("crates/holdfast-link/Cargo.toml"));
+    link.sort();
+    assert_eq!(link, ["serde", "thiserror"], "holdfast-link: plain data and errors only");
+    let lib = std::fs::read_to_string(root().join("crates/holdfast-link/src/lib.rs")).unwrap();
+    assert!(lib.contains("#![forbid(unsafe_code)]") && lib.contains("#![deny(clippy::disallowed_methods)]"));
+    for (m, file) in modules(&root().join("crates/holdfast-link/src")) {
+        let text = code(&file);
+        for io in ["std::net", "std::fs", "std::thread", "monoio", "tokio"] {
+            assert!(!text.contains(io), "holdfast-link::{m} does I/O ({io})");
+        }
+    }
+    let wsm = dependencies(&root().join("crates/holdfast-wsm/Cargo.toml"));
+    assert!(!wsm.iter().any(|d| d == "redis" || d == "holdfast" || d == "monoio"), "holdfast-wsm: {wsm:?}");
+    let edge = dependencies(&root().join("Cargo.toml"));
+    assert!(!edge.iter().any(|d| d == "redis"), "the edge package: {edge:?}");
+    // And transitively, as cargo resolves it.
+    let out = std::process::Command::new(env!("CARGO"))
+        .args(["tree", "-p", "holdfast", "-e", "normal", "--prefix", "none", "--offline"])
+        .current_dir(root())
+        .output()
+        .unwrap();
+    let tree = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "cargo tree: {}", String::from_utf8_lossy(&out.stderr));
+    assert!(tree.lines().any(|l| l.starts_with("holdfast-link ")), "{tree}");
+    assert!(!tree.lines().any(|l| l.starts_with("redis ")), "the edge links redis:\n{tree}");
 }

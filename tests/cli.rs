@@ -233,7 +233,7 @@ fn version_names_the_commit_and_the_tls_libraries() {
     assert!(out.contains(", rustls 0.23.") && out.contains(", ring 0.17."), "{out}");
     assert!(!out.contains("commit unknown"), "built from a git checkout: {out}");
     let (_, wsm, _) = {
-        let o = Command::new(env!("CARGO_BIN_EXE_holdfast-wsm")).arg("--version").output().unwrap();
+        let o = Command::new(common::wsm_exe()).arg("--version").output().unwrap();
         (o.status.code(), String::from_utf8_lossy(&o.stdout).into_owned(), ())
     };
     assert!(wsm.contains("(commit "), "{wsm}");

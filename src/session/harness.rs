@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 
 use super::End;
 use super::tunnel::{Action, Count, HeldWants, Limits, OpenAnswer, Tunnel};
-use crate::identity::{ConnectionId, DeviceIdentity};
+use crate::identity::ConnectionId;
 use crate::link::codec::{self, Frame, Hello, Open};
 use crate::link::session::{Event as LinkEvent, LinkSession, Params};
 use crate::tls::keys::Suite;
@@ -134,7 +134,7 @@ impl Pair {
         let open = Open {
             resumed: false,
             connection_id: id,
-            device: DeviceIdentity::from_chain(resume.chain.clone(), "127.0.0.1:4000".parse().expect("addr")).expect("identity"),
+            device: crate::identity::from_chain(resume.chain.clone(), "127.0.0.1:4000".parse().expect("addr")).expect("identity"),
             request: resume.request.clone(),
         };
         let sid = link.session.open(open).expect("stream");

@@ -22,7 +22,7 @@ use std::collections::VecDeque;
 use std::time::{Duration, Instant};
 
 use super::end::{End, TlsGoodbye};
-use crate::identity::{ConnectionId, DeviceIdentity};
+use crate::identity::ConnectionId;
 use crate::link::codec::{self, CloseReason, Open};
 use crate::tls::record::{Opened, RecordLayer};
 use crate::upgrade::snapshot::{ConnSnapshot, Resume};
@@ -475,7 +475,7 @@ impl Tunnel {
     /// identity it was first opened with). `None` if the identity cannot be
     /// rebuilt (then the tunnel must end: [`Tunnel::identity_lost`]).
     pub fn resumed_open(&self, id: ConnectionId, addr: std::net::SocketAddr) -> Option<Open> {
-        let device = DeviceIdentity::from_chain(self.resume.chain.clone(), addr)?;
+        let device = crate::identity::from_chain(self.resume.chain.clone(), addr)?;
         Some(Open { resumed: true, connection_id: id, device, request: self.resume.request.clone() })
     }
 

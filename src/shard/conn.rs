@@ -203,7 +203,7 @@ impl Device {
             self.rx = Some(b);
         }
         let leaf = chain.first().cloned();
-        let opened = match DeviceIdentity::from_chain(chain, self.addr) {
+        let opened = match crate::identity::from_chain(chain, self.addr) {
             Some(identity) => self.open_tunnel(&mut rl, identity).await,
             None => {
                 let e =

@@ -7,17 +7,7 @@
 
 use base64::Engine;
 
-/// What the WSM gets to see of the request.
-#[derive(Debug, Clone, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
-pub struct UpgradeRequest {
-    pub path: String,
-    pub query: String,
-    /// Selected headers (lowercase names), in request order.
-    pub headers: Vec<(String, String)>,
-    pub subprotocols: Vec<String>,
-    /// Sec-WebSocket-Key, needed for the 101 response.
-    pub key: String,
-}
+pub use holdfast_link::types::UpgradeRequest;
 
 /// A refused upgrade, with the HTTP status to answer.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]

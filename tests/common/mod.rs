@@ -81,8 +81,29 @@ fn spawn_until(mut cmd: Command, prefix: &str, log: PathBuf) -> (Child, String, 
     }
 }
 
+/// The reference WSM binary (package `holdfast-wsm-ref`), next to
+/// holdfast's own in the target directory. `cargo nextest run --workspace`
+/// builds it; a test run of this package alone builds it here, once.
+pub fn wsm_exe() -> PathBuf {
+    static BUILT: std::sync::Once = std::sync::Once::new();
+    let exe = Path::new(env!("CARGO_BIN_EXE_holdfast")).with_file_name("holdfast-wsm");
+    BUILT.call_once(|| {
+        if !exe.exists() {
+            let profile = if exe.parent().is_some_and(|d| d.ends_with("release")) { vec!["--release"] } else { vec![] };
+            let st = Command::new(env!("CARGO"))
+                .args(["build", "-p", "holdfast-wsm-ref"])
+                .args(profile)
+                .current_dir(env!("CARGO_MANIFEST_DIR"))
+                .status()
+                .expect("cargo build -p holdfast-wsm-ref");
+            assert!(st.success(), "cargo build -p holdfast-wsm-ref failed");
+        }
+    });
+    exe
+}
+
 pub fn start_wsm(tmp: &Path, name: &str) -> Proc {
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_holdfast-wsm"));
+    let mut cmd = Command::new(wsm_exe());
     cmd.args(["--listen", "127.0.0.1:0", "--node", name]);
     let (child, line, lines) = spawn_until(cmd, "holdfast-wsm listening on ", tmp.join(format!("{name}.log")));
     let addr = line.rsplit(' ').next().unwrap().parse().unwrap();
@@ -91,7 +112,7 @@ pub fn start_wsm(tmp: &Path, name: &str) -> Proc {
 
 /// Starts the reference WSM with extra arguments (e.g. `--store`).
 pub fn start_wsm_args(tmp: &Path, name: &str, args: &[&str]) -> Proc {
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_holdfast-wsm"));
+    let mut cmd = Command::new(wsm_exe());
     if !args.contains(&"--listen") {
         cmd.args(["--listen", "127.0.0.1:0"]);
     }

@@ -5,8 +5,7 @@
 //! unknown types, and bounds every length by the frame length. Never does I/O
 //! and never keeps per-link state (flow control lives in `link::flow`).
 
-use crate::identity::{ConnectionId, DeviceIdentity};
-use crate::ws::upgrade::UpgradeRequest;
+use crate::types::{ConnectionId, DeviceIdentity, UpgradeRequest};
 
 pub const VERSION: u16 = 1;
 /// Bytes before the payload: length (4), type (1), flags (1), stream (4).
@@ -455,9 +454,3 @@ impl Frame {
 
 #[cfg(test)]
 mod tests;
-
-/// Sample frames shared by tests of other modules.
-#[cfg(test)]
-pub mod tests_support {
-    pub use super::tests::sample_open;
-}

@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use super::*;
-use crate::link::codec::tests_support::sample_open;
+use holdfast_link::testing::sample_open;
 
 /// Replies to "burst N" with N messages "r0".."r{N-1}" of 40 bytes each.
 struct Burst;

@@ -10,6 +10,8 @@ use std::sync::Arc;
 
 use clap::Parser;
 
+mod redis_store;
+
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
@@ -65,10 +67,10 @@ fn main() -> std::process::ExitCode {
         holdfast::esay!("holdfast-wsm: --presence-ttl-ms must be longer than --presence-interval-ms");
         return std::process::ExitCode::from(2);
     }
-    let store: Arc<dyn holdfast::wsm::state::Store> = if cli.store == "memory" {
-        Arc::new(holdfast::wsm::state::Memory::default())
+    let store: Arc<dyn holdfast_wsm::state::Store> = if cli.store == "memory" {
+        Arc::new(holdfast_wsm::state::Memory::default())
     } else {
-        match holdfast::wsm::state::Redis::connect(&cli.store) {
+        match redis_store::Redis::connect(&cli.store) {
             Ok(r) => r,
             Err(e) => {
                 holdfast::esay!("holdfast-wsm: store: {e}");
@@ -77,9 +79,9 @@ fn main() -> std::process::ExitCode {
         }
     };
     let ttl = std::time::Duration::from_millis(cli.presence_ttl_ms);
-    let app = Arc::new(holdfast::wsm::echo::Echo::with_store(store.clone(), ttl));
-    holdfast::wsm::state::heartbeat(store, app.held.clone(), std::time::Duration::from_millis(cli.presence_interval_ms), ttl);
-    let server = match holdfast::wsm::Server::bind(cli.listen, app, cli.node) {
+    let app = Arc::new(holdfast_wsm::echo::Echo::with_store(store.clone(), ttl));
+    holdfast_wsm::state::heartbeat(store, app.held.clone(), std::time::Duration::from_millis(cli.presence_interval_ms), ttl);
+    let server = match holdfast_wsm::Server::bind(cli.listen, app, cli.node) {
         Ok(s) => s,
         Err(e) => {
             holdfast::esay!("holdfast-wsm: cannot listen on {}: {e}", cli.listen);

@@ -8,8 +8,11 @@
 //! (a WSM has few links, each carrying many streams). A planned stop is a
 //! drain ([`Drain`]): GOAWAY on every link, so holdfast moves the streams to
 //! other WSMs, then the process may exit once no stream is left. Never sees
-//! device TLS.
+//! device TLS. The guide: `docs/wsm-guide.md`; an example:
+//! `examples/uppercase.rs`.
 #![forbid(unsafe_code)]
+// A blocking server, not a sans-io machine: it reads the clock itself.
+#![allow(clippy::disallowed_methods)]
 
 pub mod echo;
 pub mod state;
@@ -22,8 +25,8 @@ use std::sync::Mutex;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
-use crate::identity::ConnectionId;
-use crate::link::codec::{self, CloseReason, Frame, Hello, Open};
+use holdfast_link::codec::{self, CloseReason, Frame, Hello, Open};
+use holdfast_link::types::ConnectionId;
 
 /// How long messages of a handed-over stream wait for its resumed OPEN.
 const PARK_FOR: Duration = Duration::from_secs(60);

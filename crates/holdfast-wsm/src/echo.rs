@@ -19,8 +19,8 @@ use std::time::Duration;
 
 use super::state::{Memory, Presence, Session, Store};
 use super::{App, Decision, Replies, StreamInfo};
-use crate::identity::{ConnectionId, hex};
-use crate::link::codec::CloseReason;
+use holdfast_link::codec::CloseReason;
+use holdfast_link::types::{ConnectionId, hex};
 
 pub struct Echo {
     store: Arc<dyn Store>,

@@ -3,7 +3,7 @@
 #![allow(clippy::disallowed_methods)]
 
 use super::*;
-use crate::link::codec::tests_support::sample_open;
+use crate::testing::sample_open;
 use proptest::prelude::*;
 
 const SW: u32 = 1000; // holdfast's stream window for the WSM

@@ -1,28 +1,6 @@
 use super::*;
+use crate::testing::sample_open;
 use proptest::prelude::*;
-
-pub fn sample_open(resumed: bool) -> Open {
-    Open {
-        resumed,
-        connection_id: ConnectionId(1),
-        device: DeviceIdentity {
-            subject: "CN=oven-1".into(),
-            issuer: "CN=Fleet CA".into(),
-            serial: "2a".into(),
-            sans: vec!["DNS:oven-1".into()],
-            fingerprint: [0xab; 32],
-            chain: vec![vec![0x30, 0x01, 0x00]],
-            addr: "127.0.0.1:5000".into(),
-        },
-        request: UpgradeRequest {
-            path: "/ws".into(),
-            query: "".into(),
-            headers: vec![("user-agent".into(), "oven/1".into())],
-            subprotocols: vec!["v1".into()],
-            key: String::new(),
-        },
-    }
-}
 
 /// The frames behind the named examples in docs/link-protocol.md.
 fn example(name: &str) -> Frame {
@@ -53,7 +31,7 @@ fn example(name: &str) -> Frame {
 /// Every `<!-- example: NAME -->` block in the spec encodes and decodes exactly.
 #[test]
 fn spec_examples_match_the_codec() {
-    let doc = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/docs/link-protocol.md")).unwrap();
+    let doc = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../../docs/link-protocol.md")).unwrap();
     let mut seen = 0;
     for part in doc.split("<!-- example: ").skip(1) {
         let name = &part[..part.find(" -->").unwrap()];
