@@ -70,20 +70,13 @@ pub async fn adopt(shard: Rc<ShardCtx>, snap: crate::upgrade::snapshot::ConnSnap
     }
 }
 
-/// The established phase, then the close (or, for a connection handed to a
-/// new process, just letting go of it).
-async fn live(mut dev: Device, mut t: Box<Live>, early: Vec<u8>, key: usize) {
+/// The established phase: the tunnel's first burst, then it waits in the
+/// shard's idle set with no task of its own.
+async fn live(dev: Device, t: Box<Live>, early: Vec<u8>, key: usize) {
     if dev.shard.handoff.borrow().is_some() {
         t.request_handoff(); // an upgrade began while this one was setting up
     }
-    let bytes = t.state_bytes();
-    dev.shard.metrics.tunnel_state_bytes.fetch_add(bytes, std::sync::atomic::Ordering::Relaxed);
-    let end = tunnel::run(&mut dev, &mut t, early).await;
-    dev.shard.metrics.tunnel_state_bytes.fetch_sub(bytes, std::sync::atomic::Ordering::Relaxed);
-    if !matches!(end, End::HandedOver) {
-        Box::pin(dev.finish(&end, &mut t.core.rl)).await;
-    }
-    dev.close(end, key).await;
+    tunnel::start(dev, t, early, key).await;
 }
 
 /// The tunnel core's limits, from the config.
@@ -99,44 +92,6 @@ fn limits(cfg: &crate::config::Config, max_message: u32) -> Limits {
 }
 
 impl Device {
-    /// Logs how the connection ended and closes it, unless it moved to a new
-    /// process: then the socket is only released here (no FIN, no linger).
-    async fn close(mut self, end: End, key: usize) {
-        match &end {
-            End::Refused(e) => match e.presented.as_ref().and_then(|leaf| Some((leaf, crate::identity::CertFacts::of(leaf)?))) {
-                Some((leaf, f)) => tracing::info!(
-                    device = %self.addr,
-                    conn = %self.id,
-                    reason = e.reason.label(),
-                    subject = %f.subject,
-                    serial = %f.serial,
-                    sha256 = %f.sha256,
-                    issuer = %f.issuer,
-                    ca = %self.shard.tls.verifier.ca_name(std::slice::from_ref(leaf)),
-                    not_before = %f.not_before,
-                    not_after = %f.not_after,
-                    detail = %e.detail,
-                    "handshake refused"
-                ),
-                None => {
-                    tracing::info!(device = %self.addr, conn = %self.id, reason = e.reason.label(), detail = %e.detail, "handshake refused")
-                }
-            },
-            End::Eof | End::DeviceClosed => tracing::debug!(device = %self.addr, conn = %self.id, "device closed"),
-            End::HandedOver => {
-                ShardMetrics::inc(&self.shard.metrics.connections_handed_over_total);
-                tracing::debug!(device = %self.addr, conn = %self.id, "handed over to the new process")
-            }
-            other => tracing::debug!(device = %self.addr, conn = %self.id, end = ?other, "connection ended"),
-        }
-        self.rx = None;
-        if !matches!(end, End::HandedOver) {
-            Box::pin(self.linger()).await;
-        }
-        self.shard.conns.borrow_mut().remove(key);
-        ShardMetrics::dec(&self.shard.metrics.connections_active);
-    }
-
     /// Rebuilds a moved connection; its tunnel re-opens the stream (resumed).
     async fn resume(&mut self, mut snap: crate::upgrade::snapshot::ConnSnapshot) -> Result<Box<Live>, End> {
         let mut rl = RecordLayer::new(snap.record.clone()).map_err(End::Record)?;
@@ -295,19 +250,6 @@ impl Device {
         }
         let _ = self.send(rl, &r.response()).await;
         r.end
-    }
-
-    /// Counts what the record layer did and says goodbye at the TLS level.
-    async fn finish(&mut self, end: &End, rl: &mut RecordLayer) {
-        let (sent, received) = rl.key_updates();
-        let m = &self.shard.metrics;
-        m.key_updates_sent_total.fetch_add(sent, std::sync::atomic::Ordering::Relaxed);
-        m.key_updates_received_total.fetch_add(received, std::sync::atomic::Ordering::Relaxed);
-        if let End::Record(e) = end {
-            m.tls_record_error(e);
-        }
-        let out = crate::session::tunnel::goodbye(rl, end);
-        let _ = self.write(out).await;
     }
 
     async fn handshake(&mut self) -> Result<Box<Established>, End> {

@@ -258,4 +258,55 @@ impl Device {
             }
         }
     }
+
+    /// Counts what the record layer did and says goodbye at the TLS level.
+    pub(super) async fn finish(&mut self, end: &End, rl: &mut RecordLayer) {
+        let (sent, received) = rl.key_updates();
+        let m = &self.shard.metrics;
+        m.key_updates_sent_total.fetch_add(sent, std::sync::atomic::Ordering::Relaxed);
+        m.key_updates_received_total.fetch_add(received, std::sync::atomic::Ordering::Relaxed);
+        if let End::Record(e) = end {
+            m.tls_record_error(e);
+        }
+        let out = crate::session::tunnel::goodbye(rl, end);
+        let _ = self.write(out).await;
+    }
+
+    /// Logs how the connection ended and closes it, unless it moved to a new
+    /// process: then the socket is only released here (no FIN, no linger).
+    pub(super) async fn close(mut self, end: End, key: usize) {
+        match &end {
+            End::Refused(e) => match e.presented.as_ref().and_then(|leaf| Some((leaf, crate::identity::CertFacts::of(leaf)?))) {
+                Some((leaf, f)) => tracing::info!(
+                    device = %self.addr,
+                    conn = %self.id,
+                    reason = e.reason.label(),
+                    subject = %f.subject,
+                    serial = %f.serial,
+                    sha256 = %f.sha256,
+                    issuer = %f.issuer,
+                    ca = %self.shard.tls.verifier.ca_name(std::slice::from_ref(leaf)),
+                    not_before = %f.not_before,
+                    not_after = %f.not_after,
+                    detail = %e.detail,
+                    "handshake refused"
+                ),
+                None => {
+                    tracing::info!(device = %self.addr, conn = %self.id, reason = e.reason.label(), detail = %e.detail, "handshake refused")
+                }
+            },
+            End::Eof | End::DeviceClosed => tracing::debug!(device = %self.addr, conn = %self.id, "device closed"),
+            End::HandedOver => {
+                ShardMetrics::inc(&self.shard.metrics.connections_handed_over_total);
+                tracing::debug!(device = %self.addr, conn = %self.id, "handed over to the new process")
+            }
+            other => tracing::debug!(device = %self.addr, conn = %self.id, end = ?other, "connection ended"),
+        }
+        self.rx = None;
+        if !matches!(end, End::HandedOver) {
+            Box::pin(self.linger()).await;
+        }
+        self.shard.conns.borrow_mut().remove(key);
+        ShardMetrics::dec(&self.shard.metrics.connections_active);
+    }
 }

@@ -64,6 +64,8 @@ pub struct ShardCtx {
     /// Set during a live upgrade: where tunnels send themselves, and the
     /// count of connections between here and serving in the new process.
     pub handoff: RefCell<Option<(Sender<Handed>, Arc<pace::Flight>)>>,
+    /// The waits of established tunnels between bursts (`tunnel::IdleSet`).
+    pub(crate) idle: tunnel::IdleSet,
     /// Readiness waits of connections handed to a new process (see `park`).
     parked: RefCell<Vec<io::Readiness>>,
     pub metrics: Arc<ShardMetrics>,
@@ -161,12 +163,14 @@ async fn run(
         resumes: reattach::Pacer::new(cfg.upstream.resume_per_sec),
         handoff: RefCell::new(None),
         parked: RefCell::new(Vec::new()),
+        idle: tunnel::IdleSet::default(),
         metrics: metrics.clone(),
         cfg: cfg.clone(),
         tls,
     });
     monoio::spawn(timers::tick(ctx.timers.clone()));
     monoio::spawn(reattach::watch_goaway(ctx.clone()));
+    monoio::spawn(tunnel::run_idle(ctx.clone()));
     set_wsms(&ctx, wsms);
     let n_links = ctx.links.borrow().len();
     // Give links one attempt before accepting, so early devices find a WSM.
@@ -235,7 +239,7 @@ async fn run(
             }
         }
     }
-    tracing::info!(shard = index, connections = ctx.conns.borrow().len(), "shard stopping");
+    tracing::info!(shard = index, connections = ctx.conns.borrow().len(), waiting = ctx.idle.len(), "shard stopping");
 }
 
 impl ShardCtx {

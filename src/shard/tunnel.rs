@@ -2,11 +2,12 @@
 //! sans-io tunnel (`session::tunnel`) against the device socket and the
 //! tunnel's stream on a WSM link.
 //!
-//! Owns: which link and stream carry the tunnel ([`Live`]), the loop that
-//! alternates a *burst* (read if the core wants it, hand the core what the
-//! device and the WSM sent, perform its actions), boxed so that its
-//! futures are freed when it ends, with a small *wait* for the socket, the
-//! link or a timer; the shard-level parts of holding (the shard's held
+//! Owns: which link and stream carry the tunnel ([`Live`]); its *bursts*
+//! (read if the core wants it, hand the core what the device and the WSM
+//! sent, perform its actions), each run by a task made for it; and between
+//! bursts its *wait* for the socket, the link or a timer, kept with the
+//! tunnel's state in the shard's [`IdleSet`], so an idle connection holds
+//! no task, no future stack and no buffer; the shard-level parts of holding (the shard's held
 //! byte bound, the resume pacer, picking a link); and the live-upgrade
 //! hand-over (duplicating the socket, sending the snapshot the core made).
 //! Makes no protocol decision: every one is the core's.
@@ -103,55 +104,170 @@ fn count(dev: &Device, c: Count) {
     }
 }
 
-/// Runs the tunnel until either side ends it; the core's CLOSE for the
-/// stream (unless the WSM or the link ended it) is sent.
-pub(super) async fn run(dev: &mut Device, t: &mut Live, early: Vec<u8>) -> End {
-    let end = run_loop(dev, t, early).await;
+/// A tunnel between bursts: all it needs to carry on, and no task. Its
+/// wait (for the device, its link or a timer) sits in the shard's
+/// [`IdleSet`]; when the wait ends a task is made for the next burst.
+pub(super) struct Parked {
+    dev: Device,
+    t: Box<Live>,
+    /// The connection's key in the shard's table.
+    key: usize,
+    /// The armed readiness wait, kept across wakeups from the link: it is
+    /// only made again after it has fired (dropping it would cancel its poll).
+    poll: Option<Readiness>,
+    /// What `holdfast_tunnel_state_bytes` counts for this tunnel.
+    state_bytes: u64,
+}
+
+type Wait = std::pin::Pin<Box<dyn std::future::Future<Output = (Parked, Wake)>>>;
+
+/// The waits of a shard's tunnels between bursts, polled by one shard task
+/// ([`run_idle`]) instead of a task per connection: an idle connection
+/// costs its state and one wait here, no task and no future stack.
+#[derive(Default)]
+pub struct IdleSet {
+    waits: std::cell::RefCell<futures_util::stream::FuturesUnordered<Wait>>,
+    waker: std::cell::Cell<Option<std::task::Waker>>,
+}
+
+impl IdleSet {
+    fn push(&self, w: Wait) {
+        self.waits.borrow_mut().push(w);
+        if let Some(k) = self.waker.take() {
+            k.wake();
+        }
+    }
+
+    /// Tunnels waiting now.
+    pub fn len(&self) -> usize {
+        self.waits.borrow().len()
+    }
+
+    fn poll_next(&self, cx: &mut std::task::Context<'_>) -> std::task::Poll<(Parked, Wake)> {
+        use futures_util::StreamExt;
+        match self.waits.borrow_mut().poll_next_unpin(cx) {
+            std::task::Poll::Ready(Some(done)) => std::task::Poll::Ready(done),
+            _ => {
+                self.waker.set(Some(cx.waker().clone()));
+                std::task::Poll::Pending
+            }
+        }
+    }
+}
+
+/// Runs on each shard: a task for the next burst of every tunnel whose wait ended.
+pub async fn run_idle(ctx: Rc<super::ShardCtx>) {
+    loop {
+        let (p, wake) = std::future::poll_fn(|cx| ctx.idle.poll_next(cx)).await;
+        monoio::spawn(drive(p, wake));
+    }
+}
+
+/// Starts an established tunnel: its first burst (with the bytes that came
+/// with the upgrade), then it waits in the shard's idle set.
+pub(super) async fn start(dev: Device, t: Box<Live>, early: Vec<u8>, key: usize) {
+    let state_bytes = t.state_bytes();
+    dev.shard.metrics.tunnel_state_bytes.fetch_add(state_bytes, std::sync::atomic::Ordering::Relaxed);
+    let mut p = Parked { dev, t, key, poll: None, state_bytes };
+    match Box::pin(burst(&mut p, false, Some(early))).await {
+        Some(end) => finish(p, end).await,
+        None => park(p),
+    }
+}
+
+/// The task of one burst: made when a tunnel's wait ends, gone when it
+/// waits again.
+async fn drive(mut p: Parked, wake: Wake) {
+    let readable = match wake {
+        Wake::Notified => false,
+        Wake::Readable(Ok(())) => true,
+        Wake::Readable(Err(e)) => return finish(p, e.into()).await,
+    };
+    match burst(&mut p, readable, None).await {
+        Some(end) => finish(p, end).await,
+        None => park(p),
+    }
+}
+
+/// The tunnel ended: the core's CLOSE for the stream (unless the WSM or the
+/// link ended it), the TLS goodbye, the log line and the close.
+async fn finish(mut p: Parked, end: End) {
+    let Parked { dev, t, state_bytes, .. } = &mut p;
     // What the core queued before it ended (a close frame) goes out first.
     let _ = perform(dev, t).await;
     t.core.end(&end);
     let _ = perform(dev, t).await;
-    end
+    dev.shard.metrics.tunnel_state_bytes.fetch_sub(*state_bytes, std::sync::atomic::Ordering::Relaxed);
+    if matches!(end, End::HandedOver) {
+        // The armed wait is parked, not dropped: dropping would cancel its
+        // poll, one hash-chain walk per moving tunnel (see `ShardCtx::park`).
+        if let Some(w) = p.poll.take() {
+            p.dev.shard.park(w);
+        }
+    } else {
+        Box::pin(p.dev.finish(&end, &mut p.t.core.rl)).await;
+    }
+    p.dev.close(end, p.key).await;
 }
 
-async fn run_loop(dev: &mut Device, t: &mut Live, early: Vec<u8>) -> End {
-    let mut early = Some(early);
-    let mut readable = false;
-    let mut poll: Option<Readiness> = None;
-    loop {
-        let evict = t.stream.borrow_mut().evict_partial.take();
-        if let Some(len) = evict {
-            dev.shard.partials.evicted(len);
-            tracing::debug!(conn = %dev.id, bytes = len, "closing: held one of the shard's oldest partial records");
-            return t.core.evicted();
-        }
-        if t.stream.borrow().handoff_requested
-            && let Some(end) = Box::pin(hand_over(dev, t)).await
-        {
-            // The armed wait is parked, not dropped: dropping would cancel
-            // its poll, one hash-chain walk per moving tunnel (see `park`).
-            if matches!(end, End::HandedOver)
-                && let Some(p) = poll.take()
-            {
-                dev.shard.park(p);
-            }
-            return end;
-        }
-        if t.stream.borrow().move_requested
-            && let Some(end) = Box::pin(move_by_plan(dev, t)).await
-        {
-            return end;
-        }
-        if let Err(end) = Box::pin(step(dev, t, readable, early.take())).await {
-            return end;
-        }
-        dev.park_rx(Some(&t.stream));
-        readable = match wait(dev, t, &mut poll).await {
-            Wake::Notified => false,
-            Wake::Readable(Err(e)) => return e.into(),
-            Wake::Readable(Ok(())) => true,
-        };
+/// One round of work at a safe point: an eviction, a hand-over or a move
+/// asked for, then a burst. `Some` ends the tunnel.
+async fn burst(p: &mut Parked, readable: bool, early: Option<Vec<u8>>) -> Option<End> {
+    let Parked { dev, t, .. } = p;
+    let evict = t.stream.borrow_mut().evict_partial.take();
+    if let Some(len) = evict {
+        dev.shard.partials.evicted(len);
+        tracing::debug!(conn = %dev.id, bytes = len, "closing: held one of the shard's oldest partial records");
+        return Some(t.core.evicted());
     }
+    if t.stream.borrow().handoff_requested
+        && let Some(end) = Box::pin(hand_over(dev, t)).await
+    {
+        return Some(end);
+    }
+    if t.stream.borrow().move_requested
+        && let Some(end) = Box::pin(move_by_plan(dev, t)).await
+    {
+        return Some(end);
+    }
+    if let Err(end) = Box::pin(step(dev, t, readable, early)).await {
+        return Some(end);
+    }
+    dev.park_rx(Some(&t.stream));
+    None
+}
+
+/// Puts the tunnel's wait into the shard's idle set: for the device socket
+/// (only while the core wants to read), or a wake from the link or the
+/// shard's timers (armed here for the core's next deadline).
+fn park(mut p: Parked) {
+    let can_read = p.t.core.wants_read(p.t.link.can_send(&p.t.stream.borrow()), shard_held_room(&p.dev));
+    if let Some(at) = p.t.core.deadline(Instant::now()) {
+        p.dev.shard.timers.arm(&p.t.stream, at);
+    }
+    let shard = p.dev.shard.clone();
+    if can_read && p.poll.is_none() {
+        p.poll = Some(Box::pin(p.dev.readable()));
+    }
+    shard.idle.push(Box::pin(wait(p, can_read)));
+}
+
+async fn wait(mut p: Parked, can_read: bool) -> (Parked, Wake) {
+    let stream = p.t.stream.clone();
+    let wake = match p.poll.as_mut().filter(|_| can_read) {
+        None => {
+            notified(&stream).await;
+            Wake::Notified
+        }
+        Some(armed) => monoio::select! {
+            r = armed => Wake::Readable(r),
+            _ = notified(&stream) => Wake::Notified,
+        },
+    };
+    if matches!(wake, Wake::Readable(_)) {
+        p.poll = None;
+    }
+    (p, wake)
 }
 
 /// One burst: what the device sent (if readable), what the WSM sent, the
@@ -288,30 +404,6 @@ fn held_step(dev: &Device, t: &mut Live) -> Result<(), End> {
         }
     }
     Ok(())
-}
-
-/// Waits for the device socket (only while the core wants to read), or a
-/// wake from the link or the shard's timers (armed here for the core's
-/// next deadline). The socket wait in `poll` survives a wake from the
-/// link: it is only made again after it has fired.
-async fn wait(dev: &Device, t: &Live, poll: &mut Option<Readiness>) -> Wake {
-    let can_read = t.core.wants_read(t.link.can_send(&t.stream.borrow()), shard_held_room(dev));
-    if let Some(at) = t.core.deadline(Instant::now()) {
-        dev.shard.timers.arm(&t.stream, at);
-    }
-    if !can_read {
-        notified(&t.stream).await;
-        return Wake::Notified;
-    }
-    let armed = poll.get_or_insert_with(|| Box::pin(dev.readable()));
-    let wake = monoio::select! {
-        r = armed => Wake::Readable(r),
-        _ = notified(&t.stream) => Wake::Notified,
-    };
-    if matches!(wake, Wake::Readable(_)) {
-        *poll = None;
-    }
-    wake
 }
 
 /// Sends HANDOFF and delivers what the WSM sent until its HANDOFF_ACK (or

@@ -124,7 +124,8 @@ thread_local! {
     static BUF: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
 }
 
-fn decode(payload: &[u8]) -> Result<Msg, HandoffError> {
+/// Decodes one channel message (a `Conns` batch or a JSON control message).
+pub fn decode(payload: &[u8]) -> Result<Msg, HandoffError> {
     match payload.split_first() {
         Some((&CONNS_TAG, rest)) => {
             postcard::from_bytes(rest).map(|conns| Msg::Conns { conns }).map_err(|e| HandoffError::Snapshot(e.to_string()))
