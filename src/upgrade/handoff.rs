@@ -342,10 +342,20 @@ mod tests {
 
     #[test]
     fn a_silent_new_binary_times_out_and_is_killed() {
+        // A binary that takes its arguments and then says nothing: the old
+        // side must give up at its timeout and kill it (not wait for it).
+        let dir = tempfile::tempdir().unwrap();
+        let pid_file = dir.path().join("pid");
+        let exe = dir.path().join("silent");
+        std::fs::write(&exe, format!("#!/bin/sh\necho $$ > {}\nexec sleep 30\n", pid_file.display())).unwrap();
+        std::fs::set_permissions(&exe, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
         let fds: Vec<OwnedFd> = Vec::new();
         let start = Instant::now();
-        let e = hand_over_listeners(Path::new("/bin/sleep"), Path::new("30"), &fds, Vec::new(), Duration::from_millis(300)).unwrap_err();
-        assert!(matches!(e, HandoffError::Timeout(_) | HandoffError::NewExited(_)), "{e}");
-        assert!(start.elapsed() < Duration::from_secs(5));
+        let e = hand_over_listeners(&exe, Path::new("unused.toml"), &fds, Vec::new(), Duration::from_millis(300)).unwrap_err();
+        assert!(matches!(e, HandoffError::Timeout(_)), "the timeout path, not an early exit: {e}");
+        assert!(start.elapsed() >= Duration::from_millis(300), "gave up before its timeout");
+        assert!(start.elapsed() < Duration::from_secs(5), "waited for the child instead of killing it");
+        let pid: i32 = std::fs::read_to_string(&pid_file).unwrap().trim().parse().unwrap();
+        assert!(!Path::new(&format!("/proc/{pid}")).exists(), "the silent child was killed and reaped");
     }
 }
