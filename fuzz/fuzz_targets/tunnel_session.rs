@@ -25,8 +25,8 @@ fuzz_target!(|data: &[u8]| {
         open_timeout: Duration::from_secs(1),
         held_bytes_per_connection: 8192,
     };
-    let resume = Box::new(Resume { chain: vec![], request: Default::default(), subprotocol: None });
-    let mut t = Tunnel::attached(rl, resume, limits, 1 << 16, now);
+    let resume = Resume { chain: vec![], request: Default::default(), subprotocol: None };
+    let mut t = Tunnel::attached(rl, &resume, std::rc::Rc::new(limits), 1 << 16, now);
     let mut rx = Vec::new();
     for op in data.chunks(4) {
         let (a, b) = (op[0], *op.get(1).unwrap_or(&0));

@@ -19,6 +19,7 @@
 #![deny(clippy::disallowed_methods)]
 
 use std::collections::VecDeque;
+use std::rc::Rc;
 use std::time::{Duration, Instant};
 
 use super::end::{End, TlsGoodbye};
@@ -48,6 +49,31 @@ pub struct Limits {
     pub open_timeout: Duration,
     /// The most device bytes held for one tunnel without a WSM.
     pub held_bytes_per_connection: usize,
+}
+
+/// What a resumed OPEN needs ([`Resume`]: the certificate chain and the
+/// request), packed into one allocation: it is read only when the stream
+/// re-opens or the connection moves, and an idle connection keeps it for
+/// its whole life (one compact buffer instead of a dozen small ones).
+pub struct PackedResume(Box<[u8]>);
+
+impl PackedResume {
+    pub fn of(r: &Resume) -> PackedResume {
+        PackedResume(postcard::to_allocvec(r).unwrap_or_default().into_boxed_slice())
+    }
+
+    /// The resume data (`None` only if packing had failed: an internal error).
+    pub fn unpack(&self) -> Option<Resume> {
+        postcard::from_bytes(&self.0).ok()
+    }
+
+    pub fn len(&self) -> usize {
+        self.0.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
 }
 
 /// What the shell must do, in order.
@@ -156,9 +182,10 @@ pub struct Tunnel {
     /// Frame decoder, present only while a frame or message is partial.
     dec: Option<Box<Decoder>>,
     /// What a successor process (or another WSM) needs to re-open the stream.
-    pub resume: Box<Resume>,
+    resume: PackedResume,
     attachment: Attachment,
-    limits: Limits,
+    /// Shared by the shard's tunnels.
+    limits: Rc<Limits>,
     last_rx: Instant,
     last_ping: Instant,
     /// Last message either way; expanded keys are dropped [`COOL_AFTER`] later.
@@ -182,11 +209,11 @@ struct Work {
 
 impl Tunnel {
     /// A tunnel whose stream the WSM just accepted.
-    pub fn attached(rl: RecordLayer, resume: Box<Resume>, limits: Limits, max_frame: u32, now: Instant) -> Tunnel {
+    pub fn attached(rl: RecordLayer, resume: &Resume, limits: Rc<Limits>, max_frame: u32, now: Instant) -> Tunnel {
         Tunnel {
             rl,
             dec: None,
-            resume,
+            resume: PackedResume::of(resume),
             attachment: Attachment::Attached { max_frame },
             limits,
             last_rx: now,
@@ -200,17 +227,18 @@ impl Tunnel {
 
     /// A connection adopted in a live upgrade: no stream yet, the messages
     /// the old process held, its partial frame and the device's idle age.
-    pub fn adopted(rl: RecordLayer, snap: &mut ConnSnapshot, limits: Limits, now: Instant) -> Tunnel {
+    pub fn adopted(rl: RecordLayer, snap: &mut ConnSnapshot, limits: Rc<Limits>, now: Instant) -> Tunnel {
         let msgs: VecDeque<(bool, Vec<u8>)> = std::mem::take(&mut snap.held).into();
         let bytes = msgs.iter().map(|(_, m)| m.len()).sum();
-        let mut t = Tunnel::attached(rl, Box::new(snap.resume.clone()), limits, codec::DEFAULT_MAX_FRAME, now);
+        let resume_timeout = limits.resume_timeout;
+        let mut t = Tunnel::attached(rl, &snap.resume, limits, codec::DEFAULT_MAX_FRAME, now);
         t.dec = snap.decoder.take().map(Box::new);
         t.last_rx = now.checked_sub(Duration::from_millis(snap.idle_ms)).unwrap_or(now);
         t.attachment = Attachment::Held(Box::new(Held {
             msgs,
             bytes,
             phase: Phase::Waiting,
-            close_at: now + limits.resume_timeout,
+            close_at: now + resume_timeout,
             planned: true,
             adopted: true,
         }));
@@ -475,8 +503,9 @@ impl Tunnel {
     /// identity it was first opened with). `None` if the identity cannot be
     /// rebuilt (then the tunnel must end: [`Tunnel::identity_lost`]).
     pub fn resumed_open(&self, id: ConnectionId, addr: std::net::SocketAddr) -> Option<Open> {
-        let device = crate::identity::from_chain(self.resume.chain.clone(), addr)?;
-        Some(Open { resumed: true, connection_id: id, device, request: self.resume.request.clone() })
+        let r = self.resume.unpack()?;
+        let device = crate::identity::from_chain(r.chain, addr)?;
+        Some(Open { resumed: true, connection_id: id, device, request: r.request })
     }
 
     /// The shard's budget for partial records ran out and this tunnel holds
@@ -585,7 +614,7 @@ impl Tunnel {
             decoder: self.dec.as_deref().cloned(),
             max_message: self.limits.max_message,
             rx,
-            resume: (*self.resume).clone(),
+            resume: self.resume.unpack().unwrap_or_else(|| Resume { chain: Vec::new(), request: Default::default(), subprotocol: None }),
             idle_ms: now.saturating_duration_since(self.last_rx).as_millis() as u64,
             held,
         }
@@ -680,14 +709,7 @@ impl Tunnel {
         let st = self.rl.state();
         let keys =
             st.rx.secret.capacity() + st.rx.key.capacity() + st.tx.secret.capacity() + st.tx.key.capacity() + st.handshake_buf.capacity();
-        let r = &self.resume;
-        let resume = std::mem::size_of::<Resume>()
-            + r.chain.iter().map(|c| c.capacity() + 24).sum::<usize>()
-            + r.request.path.capacity()
-            + r.request.query.capacity()
-            + r.request.headers.iter().map(|(k, v)| k.capacity() + v.capacity() + 48).sum::<usize>()
-            + r.request.subprotocols.iter().map(|p| p.capacity() + 24).sum::<usize>();
-        (std::mem::size_of::<Tunnel>() + keys + resume) as u64
+        (std::mem::size_of::<Tunnel>() + keys + self.resume.len()) as u64
     }
 }
 

@@ -80,7 +80,7 @@ async fn live(dev: Device, t: Box<Live>, early: Vec<u8>, key: usize) {
 }
 
 /// The tunnel core's limits, from the config.
-fn limits(cfg: &crate::config::Config, max_message: u32) -> Limits {
+pub(super) fn limits(cfg: &crate::config::Config, max_message: u32) -> Limits {
     Limits {
         max_message,
         idle_timeout: cfg.ws.idle_timeout,
@@ -109,7 +109,11 @@ impl Device {
             return Err(End::NoWsm);
         };
         let none = Rc::new(std::cell::RefCell::new(super::link::StreamShared::default()));
-        let lim = limits(&self.shard.cfg, snap.max_message);
+        let lim = if snap.max_message == self.shard.limits.max_message {
+            self.shard.limits.clone()
+        } else {
+            Rc::new(limits(&self.shard.cfg, snap.max_message))
+        };
         let core = Tunnel::adopted(rl, &mut snap, lim, std::time::Instant::now());
         let mut t = Live::new(core, placeholder, none);
         // What the core counted (the held bytes it took over).
@@ -168,8 +172,7 @@ impl Device {
         };
         match opened {
             Ok((link, stream, early, resume)) => {
-                let max_message = self.shard.cfg.ws.max_message_bytes.min(u32::MAX as usize) as u32;
-                let core = Tunnel::attached(rl, resume, limits(&self.shard.cfg, max_message), link.peer_max_frame(), Instant::now());
+                let core = Tunnel::attached(rl, &resume, self.shard.limits.clone(), link.peer_max_frame(), Instant::now());
                 Ok((Live::new(core, link, stream), early))
             }
             Err(end) => {

@@ -79,19 +79,21 @@ impl StreamShared {
     }
 }
 
+/// Polls for a wake of the stream by its link (or the shard's timers).
+pub fn poll_notified(s: &StreamRef, cx: &mut std::task::Context<'_>) -> Poll<()> {
+    let mut st = s.borrow_mut();
+    if st.notified {
+        st.notified = false;
+        Poll::Ready(())
+    } else {
+        st.waker = Some(cx.waker().clone());
+        Poll::Pending
+    }
+}
+
 /// Waits until the stream is woken by its link.
 pub async fn notified(s: &StreamRef) {
-    std::future::poll_fn(|cx| {
-        let mut st = s.borrow_mut();
-        if st.notified {
-            st.notified = false;
-            Poll::Ready(())
-        } else {
-            st.waker = Some(cx.waker().clone());
-            Poll::Pending
-        }
-    })
-    .await
+    std::future::poll_fn(|cx| poll_notified(s, cx)).await
 }
 
 /// A shard-wide flag its links raise when one of them must be emptied

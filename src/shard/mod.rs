@@ -64,6 +64,8 @@ pub struct ShardCtx {
     /// Set during a live upgrade: where tunnels send themselves, and the
     /// count of connections between here and serving in the new process.
     pub handoff: RefCell<Option<(Sender<Handed>, Arc<pace::Flight>)>>,
+    /// The tunnel core's limits, shared by the shard's tunnels.
+    pub limits: Rc<crate::session::tunnel::Limits>,
     /// The waits of established tunnels between bursts (`tunnel::IdleSet`).
     pub(crate) idle: tunnel::IdleSet,
     /// Readiness waits of connections handed to a new process (see `park`).
@@ -164,6 +166,7 @@ async fn run(
         handoff: RefCell::new(None),
         parked: RefCell::new(Vec::new()),
         idle: tunnel::IdleSet::default(),
+        limits: Rc::new(conn::limits(&cfg, cfg.ws.max_message_bytes.min(u32::MAX as usize) as u32)),
         metrics: metrics.clone(),
         cfg: cfg.clone(),
         tls,

@@ -29,7 +29,7 @@ pub(super) struct Live {
     pub(super) sid: u32,
 }
 
-enum Wake {
+pub(super) enum Wake {
     Readable(std::io::Result<()>),
     /// The link or the shard's timers woke the stream.
     Notified,
@@ -119,7 +119,40 @@ pub(super) struct Parked {
     state_bytes: u64,
 }
 
-type Wait = std::pin::Pin<Box<dyn std::future::Future<Output = (Parked, Wake)>>>;
+/// A parked tunnel's wait: its readiness poll (while the core wants to
+/// read) or a wake of its stream. A plain future (no box, no async state),
+/// so the idle set holds it inline.
+pub(super) struct Wait {
+    p: Option<Parked>,
+    can_read: bool,
+}
+
+impl std::future::Future for Wait {
+    type Output = (Parked, Wake);
+
+    fn poll(mut self: std::pin::Pin<&mut Self>, cx: &mut std::task::Context<'_>) -> std::task::Poll<(Parked, Wake)> {
+        use std::task::Poll;
+        let this = &mut *self;
+        let Some(p) = this.p.as_mut() else { return Poll::Pending };
+        if this.can_read
+            && let Some(armed) = p.poll.as_mut()
+            && let Poll::Ready(r) = armed.as_mut().poll(cx)
+        {
+            p.poll = None;
+            return match this.p.take() {
+                Some(p) => Poll::Ready((p, Wake::Readable(r))),
+                None => Poll::Pending,
+            };
+        }
+        if super::link::poll_notified(&p.t.stream, cx).is_ready() {
+            return match this.p.take() {
+                Some(p) => Poll::Ready((p, Wake::Notified)),
+                None => Poll::Pending,
+            };
+        }
+        Poll::Pending
+    }
+}
 
 /// The waits of a shard's tunnels between bursts, polled by one shard task
 /// ([`run_idle`]) instead of a task per connection: an idle connection
@@ -249,25 +282,7 @@ fn park(mut p: Parked) {
     if can_read && p.poll.is_none() {
         p.poll = Some(Box::pin(p.dev.readable()));
     }
-    shard.idle.push(Box::pin(wait(p, can_read)));
-}
-
-async fn wait(mut p: Parked, can_read: bool) -> (Parked, Wake) {
-    let stream = p.t.stream.clone();
-    let wake = match p.poll.as_mut().filter(|_| can_read) {
-        None => {
-            notified(&stream).await;
-            Wake::Notified
-        }
-        Some(armed) => monoio::select! {
-            r = armed => Wake::Readable(r),
-            _ = notified(&stream) => Wake::Notified,
-        },
-    };
-    if matches!(wake, Wake::Readable(_)) {
-        p.poll = None;
-    }
-    (p, wake)
+    shard.idle.push(Wait { p: Some(p), can_read });
 }
 
 /// One burst: what the device sent (if readable), what the WSM sent, the
