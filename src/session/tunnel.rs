@@ -194,7 +194,8 @@ pub struct Tunnel {
     device_close_code: u16,
     /// HANDOFF sent: the ack is awaited until then.
     quiesce_until: Option<Instant>,
-    actions: VecDeque<Action>,
+    /// Queued for the shell, oldest first (a handful at a time).
+    actions: Vec<Action>,
 }
 
 /// What one read produced, before it is acted on.
@@ -221,7 +222,7 @@ impl Tunnel {
             last_active: now,
             device_close_code: 1006,
             quiesce_until: None,
-            actions: VecDeque::new(),
+            actions: Vec::new(),
         }
     }
 
@@ -246,24 +247,35 @@ impl Tunnel {
         t
     }
 
+    /// Whether the tunnel carried a message within [`COOL_AFTER`]: a busy
+    /// tunnel keeps its expanded keys (and the shell its task) until then.
+    pub fn is_hot(&self, now: Instant) -> bool {
+        now < self.last_active + COOL_AFTER
+    }
+
     /// Whether actions are queued that the shell has not taken yet.
     pub fn has_actions(&self) -> bool {
         !self.actions.is_empty()
     }
 
     pub fn poll_action(&mut self) -> Option<Action> {
-        self.actions.pop_front()
+        if self.actions.is_empty() {
+            // Give the memory back: an idle tunnel keeps no action buffer.
+            self.actions = Vec::new();
+            return None;
+        }
+        Some(self.actions.remove(0))
     }
 
     fn count(&mut self, c: Count) {
-        self.actions.push_back(Action::Count(c));
+        self.actions.push(Action::Count(c));
     }
 
     /// Seals `plain` for the device.
     fn seal(&mut self, plain: &[u8]) -> Result<(), End> {
         let mut out = Vec::with_capacity(RecordLayer::sealed_len(plain.len()));
         self.rl.seal(plain, &mut out).map_err(End::Record)?;
-        self.actions.push_back(Action::Write(out));
+        self.actions.push(Action::Write(out));
         Ok(())
     }
 
@@ -367,7 +379,7 @@ impl Tunnel {
     /// Acts on what the device sent.
     fn act(&mut self, now: Instant, mut w: Work) -> Result<(), End> {
         if !w.replies.is_empty() {
-            self.actions.push_back(Action::Write(std::mem::take(&mut w.replies)));
+            self.actions.push(Action::Write(std::mem::take(&mut w.replies)));
         }
         let mut plain = Vec::new();
         for ev in std::mem::take(&mut w.events) {
@@ -383,7 +395,7 @@ impl Tunnel {
                                 w.pending_err = Some(WsError { code: close::TOO_BIG, reason: "message too big for the WSM" });
                                 break;
                             }
-                            self.actions.push_back(Action::Send { binary: !text, data });
+                            self.actions.push(Action::Send { binary: !text, data });
                         }
                         Attachment::Held(h) => {
                             h.bytes += data.len();
@@ -433,7 +445,7 @@ impl Tunnel {
         }
         self.seal(&out)?;
         self.count(Count::MessagesToDevice(msgs.len() as u64));
-        self.actions.push_back(Action::Delivered(bytes));
+        self.actions.push(Action::Delivered(bytes));
         Ok(())
     }
 
@@ -469,12 +481,12 @@ impl Tunnel {
         if !planned && !unacked.is_empty() {
             // Oldest first, ahead of anything held since.
             let n: usize = unacked.iter().map(|(_, m)| m.len()).sum();
-            self.actions.push_back(Action::Count(Count::MessagesResent(unacked.len() as u64)));
+            self.actions.push(Action::Count(Count::MessagesResent(unacked.len() as u64)));
             for m in unacked.into_iter().rev() {
                 h.msgs.push_front(m);
             }
             h.bytes += n;
-            self.actions.push_back(Action::Count(Count::HeldBytes(n as i64)));
+            self.actions.push(Action::Count(Count::HeldBytes(n as i64)));
         }
         self.quiesce_until = None;
         self.attachment = Attachment::Held(h);
@@ -548,7 +560,7 @@ impl Tunnel {
         while let Some((binary, m)) = h.msgs.front() {
             // The new WSM may take smaller frames than the one that died.
             if !codec::message_fits(m.len(), max_frame) {
-                self.actions.push_back(Action::Count(Count::WsError(close::TOO_BIG)));
+                self.actions.push(Action::Count(Count::WsError(close::TOO_BIG)));
                 self.send_close(close::TOO_BIG, "message too big for the WSM");
                 return Err(End::Ws(WsError { code: close::TOO_BIG, reason: "message too big for the WSM" }));
             }
@@ -557,7 +569,7 @@ impl Tunnel {
             }
             let Some((_, m)) = h.msgs.pop_front() else { break };
             h.bytes -= m.len();
-            self.actions.push_back(Action::Count(Count::HeldBytes(-(m.len() as i64))));
+            self.actions.push(Action::Count(Count::HeldBytes(-(m.len() as i64))));
         }
         if h.msgs.is_empty() {
             let adopted = h.adopted;
@@ -573,7 +585,7 @@ impl Tunnel {
         if !self.accepted() || !self.has_stream() {
             return false;
         }
-        self.actions.push_back(Action::Handoff);
+        self.actions.push(Action::Handoff);
         self.quiesce_until = Some(now + HANDOFF_ACK_TIMEOUT);
         true
     }
@@ -593,7 +605,7 @@ impl Tunnel {
     /// tunnel re-opens (by plan) elsewhere.
     pub fn leave_quiesced(&mut self, now: Instant, moved: bool) {
         self.quiesce_until = None;
-        self.actions.push_back(Action::CloseStream { reason: CloseReason::HandedElsewhere, code: 1000, text: String::new() });
+        self.actions.push(Action::CloseStream { reason: CloseReason::HandedElsewhere, code: 1000, text: String::new() });
         if moved {
             self.count(Count::StreamMoved);
         }
@@ -630,7 +642,7 @@ impl Tunnel {
         self.attachment = Attachment::Attached { max_frame: 0 };
         self.dec = None;
         if close {
-            self.actions.push_back(Action::CloseStream { reason: CloseReason::HandedElsewhere, code: 1000, text: String::new() });
+            self.actions.push(Action::CloseStream { reason: CloseReason::HandedElsewhere, code: 1000, text: String::new() });
         }
         End::HandedOver
     }
@@ -643,11 +655,7 @@ impl Tunnel {
             && now >= at + self.limits.open_timeout
         {
             h.phase = Phase::Waiting;
-            self.actions.push_back(Action::CloseStream {
-                reason: CloseReason::Error,
-                code: close::INTERNAL,
-                text: "resume timeout".into(),
-            });
+            self.actions.push(Action::CloseStream { reason: CloseReason::Error, code: close::INTERNAL, text: "resume timeout".into() });
         }
         if self.limits.idle_timeout.is_some_and(|d| now >= self.last_rx + d) {
             self.count(Count::IdleTimeout);
@@ -689,7 +697,7 @@ impl Tunnel {
         if self.has_stream()
             && let Some((reason, code, text)) = end.stream_close(self.device_close_code)
         {
-            self.actions.push_back(Action::CloseStream { reason, code, text });
+            self.actions.push(Action::CloseStream { reason, code, text });
         }
         if let Attachment::Held(h) = &self.attachment {
             let n = h.bytes as i64;

@@ -321,7 +321,7 @@ async fn wait_opened(stream: &StreamRef) -> Option<OpenResult> {
         {
             let s = stream.borrow();
             if let Some(r) = &s.opened {
-                return Some(r.clone());
+                return Some((**r).clone());
             }
             if s.link_lost || s.wsm_close.is_some() {
                 return None;

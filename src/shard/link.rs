@@ -42,11 +42,12 @@ pub struct StreamShared {
     /// only ever returned to that one (a reconnected link numbers its
     /// streams afresh).
     generation: u64,
-    pub opened: Option<OpenResult>,
+    /// Boxed: set once, and most of a stream's life it is not looked at.
+    pub opened: Option<Box<OpenResult>>,
     /// Messages from the WSM waiting to be written to the device.
     pub inbox: VecDeque<(bool, Vec<u8>)>,
     /// The WSM closed the stream: close the device with this code and text.
-    pub wsm_close: Option<(u16, String)>,
+    pub wsm_close: Option<Box<(u16, String)>>,
     /// The link carrying this stream failed.
     pub link_lost: bool,
     /// Deadline registered with the shard's timers, if any.
@@ -63,7 +64,7 @@ pub struct StreamShared {
     pub unacked: VecDeque<(bool, Vec<u8>)>,
     /// The shard's partial-record budget ran out and this tunnel is one of
     /// the oldest holders: it closes (`Some(bytes it held)`, see `partial`).
-    pub evict_partial: Option<u64>,
+    pub evict_partial: Option<std::num::NonZeroU64>,
     notified: bool,
     waker: Option<Waker>,
 }
@@ -348,14 +349,14 @@ impl Link {
                 Event::Accepted { stream: id, subprotocol } => {
                     if let Some(s) = stream(id) {
                         let mut s = s.borrow_mut();
-                        s.opened = Some(OpenResult::Accepted(subprotocol));
+                        s.opened = Some(Box::new(OpenResult::Accepted(subprotocol)));
                         s.wake();
                     }
                 }
                 Event::Refused { stream: id, status, reason } => {
                     if let Some(s) = st.streams.remove(&id) {
                         let mut s = s.borrow_mut();
-                        s.opened = Some(OpenResult::Refused(status, reason));
+                        s.opened = Some(Box::new(OpenResult::Refused(status, reason)));
                         s.wake();
                     }
                 }
@@ -369,7 +370,7 @@ impl Link {
                 Event::Closed { stream: id, code, text } => {
                     if let Some(s) = st.streams.remove(&id) {
                         let mut s = s.borrow_mut();
-                        s.wsm_close = Some((code, text));
+                        s.wsm_close = Some(Box::new((code, text)));
                         s.wake();
                     }
                 }

@@ -115,7 +115,8 @@ impl Partials {
             match x.stream.as_ref().and_then(Weak::upgrade) {
                 Some(s) => {
                     let mut s = s.borrow_mut();
-                    s.evict_partial = Some(x.len);
+                    // A parked record is never empty.
+                    s.evict_partial = std::num::NonZeroU64::new(x.len.max(1));
                     s.wake();
                     self.evicting.set(self.evicting.get() + x.len);
                     asked += 1;

@@ -27,6 +27,8 @@ pub(super) struct Live {
     pub(super) link: Rc<Link>,
     pub(super) stream: StreamRef,
     pub(super) sid: u32,
+    /// What `holdfast_tunnel_state_bytes` counts for this tunnel.
+    state_bytes: u32,
 }
 
 pub(super) enum Wake {
@@ -38,7 +40,7 @@ pub(super) enum Wake {
 impl Live {
     pub fn new(core: Tunnel, link: Rc<Link>, stream: StreamRef) -> Box<Live> {
         let sid = stream.borrow().stream_id;
-        Box::new(Live { core, link, stream, sid })
+        Box::new(Live { core, link, stream, sid, state_bytes: 0 })
     }
 
     /// Marks the tunnel to move at its next safe point (an upgrade began
@@ -115,8 +117,6 @@ pub(super) struct Parked {
     /// The armed readiness wait, kept across wakeups from the link: it is
     /// only made again after it has fired (dropping it would cancel its poll).
     poll: Option<Readiness>,
-    /// What `holdfast_tunnel_state_bytes` counts for this tunnel.
-    state_bytes: u64,
 }
 
 /// A parked tunnel's wait: its readiness poll (while the core wants to
@@ -197,40 +197,62 @@ pub async fn run_idle(ctx: Rc<super::ShardCtx>) {
 }
 
 /// Starts an established tunnel: its first burst (with the bytes that came
-/// with the upgrade), then it waits in the shard's idle set.
+/// with the upgrade), then its bursts and waits ([`run`]).
 pub(super) async fn start(dev: Device, t: Box<Live>, early: Vec<u8>, key: usize) {
-    let state_bytes = t.state_bytes();
-    dev.shard.metrics.tunnel_state_bytes.fetch_add(state_bytes, std::sync::atomic::Ordering::Relaxed);
-    let mut p = Parked { dev, t, key, poll: None, state_bytes };
-    match Box::pin(burst(&mut p, false, Some(early))).await {
-        Some(end) => finish(p, end).await,
-        None => park(p),
+    let mut t = t;
+    t.state_bytes = t.state_bytes().min(u32::MAX as u64) as u32;
+    dev.shard.metrics.tunnel_state_bytes.fetch_add(t.state_bytes as u64, std::sync::atomic::Ordering::Relaxed);
+    run(Parked { dev, t, key, poll: None }, false, Some(early)).await
+}
+
+/// The task made when a parked tunnel's wait ends.
+async fn drive(p: Parked, wake: Wake) {
+    match wake {
+        Wake::Notified => run(p, false, None).await,
+        Wake::Readable(Ok(())) => run(p, true, None).await,
+        Wake::Readable(Err(e)) => finish(p, e.into()).await,
     }
 }
 
-/// The task of one burst: made when a tunnel's wait ends, gone when it
-/// waits again.
-async fn drive(mut p: Parked, wake: Wake) {
-    let readable = match wake {
-        Wake::Notified => false,
-        Wake::Readable(Ok(())) => true,
-        Wake::Readable(Err(e)) => return finish(p, e.into()).await,
-    };
-    match burst(&mut p, readable, None).await {
-        Some(end) => finish(p, end).await,
-        None => park(p),
+/// Bursts and waits. While the tunnel is busy (a message within the core's
+/// cooling time) the task waits for its next burst itself, so a device
+/// that talks pays no task or idle-set entry per message; once it has been
+/// quiet that long (the core's deadline wakes it to cool its keys), the
+/// tunnel parks in the shard's idle set and the task ends.
+async fn run(mut p: Parked, mut readable: bool, mut early: Option<Vec<u8>>) {
+    loop {
+        if let Some(end) = burst(&mut p, readable, early.take()).await {
+            return finish(p, end).await;
+        }
+        let can_read = prepare_wait(&mut p);
+        let wait = Wait { p: Some(p), can_read };
+        let hot = wait.p.as_ref().is_some_and(|p| p.t.core.is_hot(Instant::now()));
+        if !hot {
+            let shard = wait.p.as_ref().map(|p| p.dev.shard.clone());
+            if let Some(shard) = shard {
+                shard.idle.push(wait);
+            }
+            return;
+        }
+        let (q, wake) = wait.await;
+        p = q;
+        readable = match wake {
+            Wake::Notified => false,
+            Wake::Readable(Ok(())) => true,
+            Wake::Readable(Err(e)) => return finish(p, e.into()).await,
+        };
     }
 }
 
 /// The tunnel ended: the core's CLOSE for the stream (unless the WSM or the
 /// link ended it), the TLS goodbye, the log line and the close.
 async fn finish(mut p: Parked, end: End) {
-    let Parked { dev, t, state_bytes, .. } = &mut p;
+    let Parked { dev, t, .. } = &mut p;
     // What the core queued before it ended (a close frame) goes out first.
     let _ = perform(dev, t).await;
     t.core.end(&end);
     let _ = perform(dev, t).await;
-    dev.shard.metrics.tunnel_state_bytes.fetch_sub(*state_bytes, std::sync::atomic::Ordering::Relaxed);
+    dev.shard.metrics.tunnel_state_bytes.fetch_sub(t.state_bytes as u64, std::sync::atomic::Ordering::Relaxed);
     if matches!(end, End::HandedOver) {
         // The armed wait is parked, not dropped: dropping would cancel its
         // poll, one hash-chain walk per moving tunnel (see `ShardCtx::park`).
@@ -248,7 +270,7 @@ async fn finish(mut p: Parked, end: End) {
 async fn burst(p: &mut Parked, readable: bool, early: Option<Vec<u8>>) -> Option<End> {
     let Parked { dev, t, .. } = p;
     let evict = t.stream.borrow_mut().evict_partial.take();
-    if let Some(len) = evict {
+    if let Some(len) = evict.map(std::num::NonZeroU64::get) {
         dev.shard.partials.evicted(len);
         tracing::debug!(conn = %dev.id, bytes = len, "closing: held one of the shard's oldest partial records");
         return Some(t.core.evicted());
@@ -270,19 +292,19 @@ async fn burst(p: &mut Parked, readable: bool, early: Option<Vec<u8>>) -> Option
     None
 }
 
-/// Puts the tunnel's wait into the shard's idle set: for the device socket
-/// (only while the core wants to read), or a wake from the link or the
-/// shard's timers (armed here for the core's next deadline).
-fn park(mut p: Parked) {
+/// Readies the tunnel's wait: for the device socket (only while the core
+/// wants to read; the readiness poll is armed here if it is not already),
+/// or a wake from the link or the shard's timers (armed here for the
+/// core's next deadline). Returns whether the socket is waited for.
+fn prepare_wait(p: &mut Parked) -> bool {
     let can_read = p.t.core.wants_read(p.t.link.can_send(&p.t.stream.borrow()), shard_held_room(&p.dev));
     if let Some(at) = p.t.core.deadline(Instant::now()) {
         p.dev.shard.timers.arm(&p.t.stream, at);
     }
-    let shard = p.dev.shard.clone();
     if can_read && p.poll.is_none() {
         p.poll = Some(Box::pin(p.dev.readable()));
     }
-    shard.idle.push(Wait { p: Some(p), can_read });
+    can_read
 }
 
 /// One burst: what the device sent (if readable), what the WSM sent, the
@@ -350,8 +372,8 @@ async fn deliver(dev: &mut Device, t: &mut Live) -> Result<(), End> {
     };
     let now = Instant::now();
     t.core.on_wsm_messages(now, msgs)?;
-    if let Some((code, text)) = wsm_close {
-        return Err(t.core.on_wsm_close(code, &text));
+    if let Some(c) = wsm_close {
+        return Err(t.core.on_wsm_close(c.0, &c.1));
     }
     if lost && t.core.has_stream() {
         // The WSM is gone; the device stays. Its stream resumes elsewhere.
@@ -370,7 +392,7 @@ fn held_step(dev: &Device, t: &mut Live) -> Result<(), End> {
     if t.core.has_stream() && !t.core.accepted() {
         let answer = {
             let s = t.stream.borrow();
-            match &s.opened {
+            match s.opened.as_deref() {
                 Some(OpenResult::Accepted(_)) => Some(OpenAnswer::Accepted { max_frame: t.link.peer_max_frame() }),
                 Some(OpenResult::Refused(status, reason)) => {
                     tracing::debug!(conn = %dev.id, status, %reason, "resumed stream refused; trying another WSM");
@@ -520,4 +542,23 @@ async fn hand_over(dev: &mut Device, t: &mut Live) -> Option<End> {
     dev.parked = None;
     flight.released.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     Some(end)
+}
+
+#[cfg(test)]
+mod size_probe {
+    #[test]
+    fn sizes() {
+        eprintln!(
+            "Tunnel {} Live {} StreamShared {} Parked {} Device {} Wait {} RecordLayer {} RecordState {} Limits {}",
+            std::mem::size_of::<crate::session::tunnel::Tunnel>(),
+            std::mem::size_of::<super::Live>(),
+            std::mem::size_of::<super::super::link::StreamShared>(),
+            std::mem::size_of::<super::Parked>(),
+            std::mem::size_of::<super::Device>(),
+            std::mem::size_of::<super::Wait>(),
+            std::mem::size_of::<crate::tls::record::RecordLayer>(),
+            std::mem::size_of::<crate::tls::record::RecordState>(),
+            std::mem::size_of::<crate::session::tunnel::Limits>(),
+        );
+    }
 }

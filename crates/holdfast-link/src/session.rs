@@ -167,8 +167,9 @@ enum Phase {
 struct Stream {
     phase: Phase,
     credit: StreamCredit,
-    /// Sent messages whose stream credit has not come back (oldest first).
-    unacked: Messages,
+    /// Sent messages whose stream credit has not come back (oldest first);
+    /// made on the first message (a quiet stream keeps 8 bytes for it).
+    unacked: Option<Box<Messages>>,
     /// Credit returned beyond the whole messages taken off `unacked`.
     acked_carry: u64,
 }
@@ -180,17 +181,18 @@ impl Stream {
     }
 
     fn ack(&mut self, bytes: u32) {
+        let Some(unacked) = self.unacked.as_mut() else { return };
         self.acked_carry += bytes as u64;
-        while let Some((_, m)) = self.unacked.front() {
+        while let Some((_, m)) = unacked.front() {
             if m.len() as u64 > self.acked_carry {
                 break;
             }
             self.acked_carry -= m.len() as u64;
-            self.unacked.pop_front();
+            unacked.pop_front();
         }
-        if self.unacked.is_empty() {
+        if unacked.is_empty() {
             self.acked_carry = 0;
-            self.unacked.shrink_to(0);
+            unacked.shrink_to(0);
         }
     }
 }
@@ -362,7 +364,7 @@ impl LinkSession {
         self.next_stream += 1;
         let id = self.next_stream;
         let credit = self.credit.open();
-        self.streams.insert(id, Stream { phase: Phase::Opening, credit, unacked: VecDeque::new(), acked_carry: 0 });
+        self.streams.insert(id, Stream { phase: Phase::Opening, credit, unacked: None, acked_carry: 0 });
         Frame::Open { stream: id, open: Box::new(open) }.encode(&mut self.out);
         Some(id)
     }
@@ -386,7 +388,7 @@ impl LinkSession {
         };
         codec::message_header(&mut self.out, stream, binary, data.len());
         self.out.extend_from_slice(data);
-        s.unacked.push_back((binary, data.to_vec()));
+        s.unacked.get_or_insert_with(Default::default).push_back((binary, data.to_vec()));
         self.credit.sent(&mut s.credit, data.len());
         true
     }
@@ -422,7 +424,7 @@ impl LinkSession {
         self.out.clear();
         self.events.clear();
         self.credit = LinkCredit::default();
-        self.streams.drain().map(|(id, s)| (id, s.unacked)).collect()
+        self.streams.drain().map(|(id, s)| (id, s.unacked.map(|u| *u).unwrap_or_default())).collect()
     }
 
     fn on_frame(&mut self, f: Frame) -> Result<(), Failure> {
@@ -492,7 +494,7 @@ impl LinkSession {
                     && s.phase == Phase::Quiescing
                 {
                     s.phase = Phase::Quiesced;
-                    s.unacked.clear();
+                    s.unacked = None;
                     self.events.push_back(Event::HandoffAcked { stream });
                 }
             }
