@@ -40,8 +40,9 @@ pub struct StreamShared {
     pub stream_id: u32,
     /// The link connection (generation) the stream was opened on: credit is
     /// only ever returned to that one (a reconnected link numbers its
-    /// streams afresh).
-    generation: u64,
+    /// streams afresh). The low 32 bits of the link's count: only equality
+    /// matters.
+    generation: u32,
     /// Boxed: set once, and most of a stream's life it is not looked at.
     pub opened: Option<Box<OpenResult>>,
     /// Messages from the WSM waiting to be written to the device.
@@ -251,7 +252,7 @@ impl Link {
         let mut st = self.st.borrow_mut();
         let generation = st.generation;
         let id = st.up()?.open(open)?;
-        let shared = Rc::new(RefCell::new(StreamShared { stream_id: id, generation, ..Default::default() }));
+        let shared = Rc::new(RefCell::new(StreamShared { stream_id: id, generation: generation as u32, ..Default::default() }));
         st.streams.insert(id, shared.clone());
         st.wake_writer();
         Some(shared)
@@ -276,14 +277,14 @@ impl Link {
     pub fn can_send(&self, s: &StreamShared) -> bool {
         let mut st = self.st.borrow_mut();
         let generation = st.generation;
-        s.generation == generation && st.up().is_some_and(|l| l.may_send(s.stream_id))
+        s.generation == generation as u32 && st.up().is_some_and(|l| l.may_send(s.stream_id))
     }
 
     /// Queues a device message to the WSM and spends credit for it.
     pub fn send_message(&self, s: &mut StreamShared, binary: bool, data: &[u8]) {
         let mut st = self.st.borrow_mut();
         let generation = st.generation;
-        let sent = s.generation == generation && st.up().is_some_and(|l| l.send(s.stream_id, binary, data));
+        let sent = s.generation == generation as u32 && st.up().is_some_and(|l| l.send(s.stream_id, binary, data));
         if sent {
             st.wake_writer();
         } else if s.link_lost {
@@ -299,7 +300,7 @@ impl Link {
     /// connection, nor to a closed stream.
     pub fn return_credit(&self, s: &mut StreamShared, n: usize) {
         let mut st = self.st.borrow_mut();
-        if n == 0 || s.generation != st.generation {
+        if n == 0 || s.generation != st.generation as u32 {
             return;
         }
         if st.up().and_then(|l| l.delivered(s.stream_id, n)).is_some() {

@@ -183,8 +183,8 @@ pub struct RecordLayer {
     /// Counters since the last key change (not needed across an upgrade: a
     /// fresh count only delays the next automatic KeyUpdate).
     tx_records_this_key: u64,
-    key_updates_sent: u64,
-    key_updates_received: u64,
+    key_updates_sent: u32,
+    key_updates_received: u32,
 }
 
 fn make_key(suite: Suite, key: &[u8]) -> Result<LessSafeKey, RecordError> {
@@ -232,7 +232,7 @@ impl RecordLayer {
     }
 
     pub fn key_updates(&self) -> (u64, u64) {
-        (self.key_updates_sent, self.key_updates_received)
+        (self.key_updates_sent as u64, self.key_updates_received as u64)
     }
 
     /// Bytes of ciphertext needed before the first record in `input` is whole
@@ -397,7 +397,7 @@ impl RecordLayer {
                 let suite = self.state.suite;
                 self.state.rx.rotate(suite);
                 self.keys = None;
-                self.key_updates_received += 1;
+                self.key_updates_received = self.key_updates_received.saturating_add(1);
                 if request {
                     self.send_key_update(false, out)?;
                 }
@@ -423,7 +423,7 @@ impl RecordLayer {
         self.state.tx.rotate(suite);
         self.keys = None;
         self.tx_records_this_key = 0;
-        self.key_updates_sent += 1;
+        self.key_updates_sent = self.key_updates_sent.saturating_add(1);
         Ok(())
     }
 
