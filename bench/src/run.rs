@@ -362,12 +362,15 @@ fn run_one(proxy: Proxy, a: &RunArgs, pki: &Path, work: &Path) -> Result<Scenari
         }
     };
     let (mut half_devices, mut rss_half) = (0u64, 0u64);
+    // Idle means quiet: past holdfast's 2 s key cooling (after which a quiet
+    // tunnel also gives up its task), so every connection is measured idle.
+    let settle = Duration::from_millis(if a.scenario == "idle" { 3000 } else { 1000 });
     if a.scenario == "idle" {
         for _ in 0..nproc {
             let l = first_line_with(&rx, "HALF", connect_timeout)?;
             half_devices += l.split_whitespace().nth(1).and_then(|x| x.parse::<u64>().ok()).unwrap_or(0);
         }
-        std::thread::sleep(Duration::from_millis(1000));
+        std::thread::sleep(settle);
         rss_half = rss_kib(&pids());
         go(&mut swarm);
     }
@@ -376,7 +379,7 @@ fn run_one(proxy: Proxy, a: &RunArgs, pki: &Path, work: &Path) -> Result<Scenari
         let l = first_line_with(&rx, "READY", connect_timeout)?;
         ready += l.split_whitespace().nth(1).and_then(|x| x.parse::<u64>().ok()).unwrap_or(0);
     }
-    std::thread::sleep(Duration::from_millis(1000));
+    std::thread::sleep(settle);
     let rss_loaded = rss_kib(&pids());
     let sock_loaded = sock_mem_bytes();
     let holdfast_metrics = metrics_port.and_then(fetch_metrics);
