@@ -10,6 +10,8 @@ the marginal (second-half) RSS per connection, and holdfast's own
 accounting (holdfast_tunnel_state_bytes) beside it.
 
     python3 bench/scripts/idle-rss.py [N] [PROCS]     (default 15000 4)
+
+HOLDFAST_RELEASE_DIR names another build (holdfast and holdfast-wsm).
 """
 import multiprocessing as mp
 import os
@@ -22,7 +24,7 @@ import time
 import urllib.request
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-REL = os.path.join(ROOT, "target", "release")
+REL = os.environ.get("HOLDFAST_RELEASE_DIR", os.path.join(ROOT, "target", "release"))
 PORT, WSM_PORT, METRICS_PORT = 28443, 29000, 29100
 UPGRADE = (b"GET /ws HTTP/1.1\r\nHost: edge\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
            b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n")
