@@ -292,6 +292,8 @@ fn idle_connections_hold_no_io_buffer() {
     }
     eventually(5, "all buffers back in the pools", || metric(&proxy, "holdfast_buffers_in_use", "") == 0);
     assert_eq!(metric(&proxy, "holdfast_connections_active", ""), 20);
+    // Quiet for the cooling time, every tunnel parks: no task of its own.
+    eventually(10, "every quiet tunnel parked", || metric(&proxy, "holdfast_tunnels_parked", "") == 20);
     // And they still work.
     for d in held.iter_mut() {
         d.send_text("after idle").unwrap();

@@ -75,6 +75,7 @@ shard_series! {
     pool_exhausted_total: Counter, "times a connection waited for an I/O buffer";
     buffers_in_use: Gauge, "I/O buffers currently lent out";
     accept_loops: Gauge, "listening sockets this shard is accepting on";
+    tunnels_parked: Gauge, "established tunnels waiting with no task of their own (in the shard's idle set: quiet for 2 s)";
     tunnel_state_bytes: Gauge, "bytes of per-connection state held by established tunnels (Tunnel, StreamShared, key material; not runtime or kernel)";
 }
 

@@ -165,7 +165,7 @@ async fn run(
         resumes: reattach::Pacer::new(cfg.upstream.resume_per_sec),
         handoff: RefCell::new(None),
         parked: RefCell::new(Vec::new()),
-        idle: tunnel::IdleSet::default(),
+        idle: tunnel::IdleSet::new(metrics.clone()),
         limits: Rc::new(conn::limits(&cfg, cfg.ws.max_message_bytes.min(u32::MAX as usize) as u32)),
         metrics: metrics.clone(),
         cfg: cfg.clone(),

@@ -157,14 +157,20 @@ impl std::future::Future for Wait {
 /// The waits of a shard's tunnels between bursts, polled by one shard task
 /// ([`run_idle`]) instead of a task per connection: an idle connection
 /// costs its state and one wait here, no task and no future stack.
-#[derive(Default)]
 pub struct IdleSet {
     waits: std::cell::RefCell<futures_util::stream::FuturesUnordered<Wait>>,
     waker: std::cell::Cell<Option<std::task::Waker>>,
+    /// `holdfast_tunnels_parked` is kept here.
+    metrics: std::sync::Arc<crate::metrics::ShardMetrics>,
 }
 
 impl IdleSet {
+    pub fn new(metrics: std::sync::Arc<crate::metrics::ShardMetrics>) -> IdleSet {
+        IdleSet { waits: Default::default(), waker: Default::default(), metrics }
+    }
+
     fn push(&self, w: Wait) {
+        crate::metrics::ShardMetrics::inc(&self.metrics.tunnels_parked);
         self.waits.borrow_mut().push(w);
         if let Some(k) = self.waker.take() {
             k.wake();
@@ -179,7 +185,10 @@ impl IdleSet {
     fn poll_next(&self, cx: &mut std::task::Context<'_>) -> std::task::Poll<(Parked, Wake)> {
         use futures_util::StreamExt;
         match self.waits.borrow_mut().poll_next_unpin(cx) {
-            std::task::Poll::Ready(Some(done)) => std::task::Poll::Ready(done),
+            std::task::Poll::Ready(Some(done)) => {
+                crate::metrics::ShardMetrics::dec(&self.metrics.tunnels_parked);
+                std::task::Poll::Ready(done)
+            }
             _ => {
                 self.waker.set(Some(cx.waker().clone()));
                 std::task::Poll::Pending
