@@ -36,7 +36,8 @@ pub(super) struct Device {
     /// Received bytes not yet processed; present only while bytes are pending.
     pub(super) rx: Option<PoolBuf>,
     /// A partial record parked off the pool while the connection waits.
-    pub(super) parked: Option<super::partial::Parked>,
+    /// Boxed: rare, and an idle connection keeps the field.
+    pub(super) parked: Option<Box<super::partial::Parked>>,
 }
 
 /// A wait for the device socket that stays armed across wakeups (it owns
@@ -99,7 +100,7 @@ impl Device {
         if b.vec().is_empty() {
             return;
         }
-        self.parked = Some(self.shard.partials.park(b.vec(), stream).0);
+        self.parked = Some(Box::new(self.shard.partials.park(b.vec(), stream).0));
     }
 
     /// Takes a pool buffer for rx if there is none (waiting, counted, when

@@ -170,8 +170,9 @@ struct Stream {
     /// Sent messages whose stream credit has not come back (oldest first);
     /// made on the first message (a quiet stream keeps 8 bytes for it).
     unacked: Option<Box<Messages>>,
-    /// Credit returned beyond the whole messages taken off `unacked`.
-    acked_carry: u64,
+    /// Credit returned beyond the whole messages taken off `unacked` (less
+    /// than the oldest message, so it fits 32 bits).
+    acked_carry: u32,
 }
 
 impl Stream {
@@ -182,12 +183,12 @@ impl Stream {
 
     fn ack(&mut self, bytes: u32) {
         let Some(unacked) = self.unacked.as_mut() else { return };
-        self.acked_carry += bytes as u64;
+        self.acked_carry = self.acked_carry.saturating_add(bytes);
         while let Some((_, m)) = unacked.front() {
-            if m.len() as u64 > self.acked_carry {
+            if m.len() as u64 > self.acked_carry as u64 {
                 break;
             }
-            self.acked_carry -= m.len() as u64;
+            self.acked_carry -= m.len() as u32;
             unacked.pop_front();
         }
         if unacked.is_empty() {
