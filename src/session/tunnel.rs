@@ -25,7 +25,7 @@ use std::time::{Duration, Instant};
 use super::end::{End, TlsGoodbye};
 use crate::identity::ConnectionId;
 use crate::link::codec::{self, CloseReason, Open};
-use crate::tls::record::{Opened, RecordLayer};
+use crate::tls::record::RecordLayer;
 use crate::upgrade::snapshot::{ConnSnapshot, Resume};
 use crate::ws::frame::{self, Decoder, Event, WsError, close, op};
 
@@ -329,33 +329,18 @@ impl Tunnel {
     pub fn on_ciphertext(&mut self, now: Instant, rx: &mut Vec<u8>) -> Result<(), End> {
         self.last_rx = now;
         let mut w = Work::default();
-        let mut off = 0;
-        let mut closed = false;
-        let res = loop {
-            match self.rl.open(&mut rx[off..], &mut w.replies) {
-                Ok(Opened::NeedMore) => break Ok(()),
-                Ok(Opened::Data { consumed, start, end }) => {
-                    if w.pending_err.is_none() {
-                        let max = self.limits.max_message as usize;
-                        let d = self.dec.get_or_insert_with(|| Box::new(Decoder::new(max, true)));
-                        w.pending_err = d.feed(&rx[off + start..off + end], &mut w.events).err();
-                    }
-                    off += consumed;
-                }
-                Ok(Opened::Control { consumed }) => off += consumed,
-                Ok(Opened::CloseNotify { consumed }) => {
-                    off += consumed;
-                    closed = true;
-                    break Ok(());
-                }
-                Err(e) => break Err(End::Record(e)),
+        let Work { events, replies, pending_err } = &mut w;
+        let (max, dec) = (self.limits.max_message as usize, &mut self.dec);
+        let opened = self.rl.open_all(rx, replies, &mut |plain| {
+            if pending_err.is_none() {
+                let d = dec.get_or_insert_with(|| Box::new(Decoder::new(max, true)));
+                *pending_err = d.feed(plain, events).err();
             }
-        };
-        rx.drain(..off);
+        });
         if self.dec.as_ref().is_some_and(|d| !d.in_progress()) {
             self.dec = None;
         }
-        res?;
+        let closed = opened.map_err(End::Record)?;
         self.act(now, w)?;
         if closed { Err(End::Eof) } else { Ok(()) }
     }

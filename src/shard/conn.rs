@@ -292,10 +292,7 @@ impl Device {
         let mut req: Vec<u8> = Vec::new();
         let mut replies = Vec::new();
         loop {
-            let closed = self.open_records(rl, &mut replies, &mut |p| {
-                req.extend_from_slice(p);
-                Ok(())
-            })?;
+            let closed = self.open_records(rl, &mut replies, &mut |p| req.extend_from_slice(p))?;
             if !replies.is_empty() {
                 let r = std::mem::take(&mut replies);
                 self.write(r).await?;

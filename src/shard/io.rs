@@ -21,7 +21,7 @@ use super::pool::PoolBuf;
 use crate::identity::ConnectionId;
 use crate::metrics::ShardMetrics;
 use crate::session::End;
-use crate::tls::record::{Opened, RecordError, RecordLayer};
+use crate::tls::record::{RecordError, RecordLayer};
 use crate::ws::frame;
 
 pub(super) struct Device {
@@ -188,40 +188,13 @@ impl Device {
     /// Decrypts every whole record in rx, passing plaintext to `sink`. Reply
     /// bytes (KeyUpdate answers) are appended to `out`. Returns true on
     /// close_notify.
-    pub(super) fn open_records(
-        &mut self,
-        rl: &mut RecordLayer,
-        out: &mut Vec<u8>,
-        sink: &mut dyn FnMut(&[u8]) -> Result<(), End>,
-    ) -> Result<bool, End> {
+    pub(super) fn open_records(&mut self, rl: &mut RecordLayer, out: &mut Vec<u8>, sink: &mut dyn FnMut(&[u8])) -> Result<bool, End> {
         let Some(rx) = self.rx.as_mut() else {
             return Ok(false);
         };
-        let buf = rx.vec();
-        let mut off = 0;
-        let mut closed = false;
-        let res = loop {
-            match rl.open(&mut buf[off..], out) {
-                Ok(Opened::NeedMore) => break Ok(()),
-                Ok(Opened::Data { consumed, start, end }) => {
-                    let r = sink(&buf[off + start..off + end]);
-                    off += consumed;
-                    if let Err(e) = r {
-                        break Err(e);
-                    }
-                }
-                Ok(Opened::Control { consumed }) => off += consumed,
-                Ok(Opened::CloseNotify { consumed }) => {
-                    off += consumed;
-                    closed = true;
-                    break Ok(());
-                }
-                Err(e) => break Err(End::Record(e)),
-            }
-        };
-        buf.drain(..off);
+        let res = rl.open_all(rx.vec(), out, sink).map_err(End::Record);
         self.release_if_empty();
-        res.map(|()| closed)
+        res
     }
 
     /// Seals `plain` and writes it to the device.

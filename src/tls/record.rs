@@ -556,6 +556,33 @@ impl crate::blame::Blamed for RecordError {
     }
 }
 
+impl RecordLayer {
+    /// Opens every whole record at the front of `buf`, handing each one's
+    /// application data to `sink` (KeyUpdate answers go to `out`), and
+    /// drains what was used, also on an error. Returns true on
+    /// close_notify (nothing after it is opened).
+    pub fn open_all(&mut self, buf: &mut Vec<u8>, out: &mut Vec<u8>, sink: &mut dyn FnMut(&[u8])) -> Result<bool, RecordError> {
+        let mut off = 0;
+        let res = loop {
+            match self.open(&mut buf[off..], out) {
+                Ok(Opened::NeedMore) => break Ok(false),
+                Ok(Opened::Data { consumed, start, end }) => {
+                    sink(&buf[off + start..off + end]);
+                    off += consumed;
+                }
+                Ok(Opened::Control { consumed }) => off += consumed,
+                Ok(Opened::CloseNotify { consumed }) => {
+                    off += consumed;
+                    break Ok(true);
+                }
+                Err(e) => break Err(e),
+            }
+        };
+        buf.drain(..off);
+        res
+    }
+}
+
 /// Record layers with fixed keys, for tests, the in-memory harness and the
 /// fuzz targets: inputs sealed by one end get past the other's MAC check.
 pub mod testing {

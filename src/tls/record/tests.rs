@@ -3,27 +3,7 @@ use proptest::prelude::*;
 
 const SUITES: [Suite; 3] = [Suite::Aes128Gcm, Suite::Aes256Gcm, Suite::Chacha20Poly1305];
 
-fn direction(version: Version, suite: Suite, seed: u8) -> DirectionState {
-    match version {
-        Version::Tls13 => DirectionState::from_secret(suite, vec![seed; suite.hash_len()], 0),
-        Version::Tls12 => DirectionState { secret: Vec::new(), key: vec![seed; suite.key_len()], iv: [seed ^ 0x5a; 12], seq: 0 },
-    }
-}
-
-/// Two ends of one connection: `a`'s tx is `b`'s rx and vice versa.
-fn pair(version: Version, suite: Suite) -> (RecordLayer, RecordLayer) {
-    let mk = |rx, tx| RecordState {
-        version,
-        suite,
-        rx: direction(version, suite, rx),
-        tx: direction(version, suite, tx),
-        received_close_notify: false,
-        sent_close_notify: false,
-        key_update_after: 0,
-        handshake_buf: Vec::new(),
-    };
-    (RecordLayer::new(mk(1, 2)).unwrap(), RecordLayer::new(mk(2, 1)).unwrap())
-}
+use super::testing::pair;
 
 /// Opens every record in `wire`, returning the application data and any reply bytes.
 fn drain(rl: &mut RecordLayer, mut wire: Vec<u8>) -> Result<(Vec<u8>, Vec<u8>, bool), RecordError> {
