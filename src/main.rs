@@ -14,6 +14,9 @@ use holdfast::device::{Device, DeviceOptions};
 use holdfast::signals::{Arrived, Meaning};
 use holdfast::{esay, say};
 
+// The `system-alloc` feature leaves the system allocator in place, so heap
+// profilers that hook malloc (heaptrack, massif) see every allocation.
+#[cfg(not(feature = "system-alloc"))]
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
@@ -83,6 +86,10 @@ enum Cmd {
         /// Exit after the self-check instead of serving.
         #[arg(long)]
         check_only: bool,
+        /// Also write this many distinct device certificates,
+        /// devices/fleet/NNNNN.{pem,key} (for load tests).
+        #[arg(long, default_value_t = 0)]
+        fleet: usize,
     },
     /// Live-upgrade the running holdfast (found by its pid file) to the
     /// binary now at its path, and print the outcome.
@@ -152,7 +159,9 @@ fn main() -> ExitCode {
                 ExitCode::FAILURE
             }
         },
-        Cmd::Quickstart { dir, port, wsm_port, metrics_port, check_only } => quickstart(dir, port, wsm_port, metrics_port, check_only),
+        Cmd::Quickstart { dir, port, wsm_port, metrics_port, check_only, fleet } => {
+            quickstart(dir, port, wsm_port, metrics_port, check_only, fleet)
+        }
         Cmd::Device { addr, server_name, ca, cert, key, path, tls_version, send, key_update } => {
             let o = DeviceOptions {
                 addr,
@@ -335,9 +344,9 @@ fn device(o: &DeviceOptions, send: &[String], key_update: bool) -> ExitCode {
     ExitCode::SUCCESS
 }
 
-fn quickstart(dir: PathBuf, port: u16, wsm_port: u16, metrics_port: u16, check_only: bool) -> ExitCode {
+fn quickstart(dir: PathBuf, port: u16, wsm_port: u16, metrics_port: u16, check_only: bool, fleet: usize) -> ExitCode {
     let signals = holdfast::signals::take_over();
-    if let Err(e) = holdfast::pki::generate(&dir) {
+    if let Err(e) = holdfast::pki::generate_with_fleet(&dir, fleet) {
         esay!("quickstart: cannot write the dev PKI to {}: {e}", dir.display());
         return ExitCode::FAILURE;
     }

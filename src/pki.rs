@@ -2,7 +2,8 @@
 //!
 //! Owns: making a server CA and a localhost server certificate, two device
 //! CAs (one to be configured with `ignore_validity`), a CA holdfast does not
-//! trust, and device certificates for each case the quickstart demonstrates.
+//! trust, device certificates for each case the quickstart demonstrates,
+//! and on request a fleet of distinct device certificates for load tests.
 //! Writes PEM files; never used by `holdfast run` on its own.
 #![forbid(unsafe_code)]
 
@@ -105,7 +106,10 @@ pub const DEVICES: [(&str, &str, Validity, bool); 5] = [
 /// Writes the dev PKI into `dir`: `server-ca.pem`, `server-chain.pem`,
 /// `server.key`, `fleet-2019.pem`, `fleet-2024.pem`, `rogue.pem` (a CA
 /// holdfast is not told about), `blocklist.txt` and `devices/NAME.{pem,key}`.
-pub fn generate(dir: &Path) -> Result<DevPki, String> {
+/// The device CAs the dev PKI made, by file name.
+type DeviceCas = [(&'static str, Ca); 3];
+
+fn generate_cas_and_devices(dir: &Path) -> Result<(DevPki, DeviceCas), String> {
     let e = |x: rcgen::Error| x.to_string();
     let io = |x: std::io::Error| x.to_string();
     std::fs::create_dir_all(dir.join("devices")).map_err(io)?;
@@ -135,7 +139,35 @@ pub fn generate(dir: &Path) -> Result<DevPki, String> {
         }
     }
     write("blocklist.txt", &blocklist)?;
-    Ok(DevPki { dir: dir.to_path_buf() })
+    let pki = DevPki { dir: dir.to_path_buf() };
+    Ok((pki, cas))
+}
+
+/// Writes the dev PKI into `dir` (see [`generate_with_fleet`]).
+pub fn generate(dir: &Path) -> Result<DevPki, String> {
+    generate_with_fleet(dir, 0)
+}
+
+/// The dev PKI, and `fleet` distinct device certificates besides, for load
+/// tests whose devices should not all present the same certificate:
+/// `devices/fleet/NNNNN.{pem,key}` (from 00000), issued in turn by the 2024
+/// and the 2019 fleet CA, all currently valid.
+pub fn generate_with_fleet(dir: &Path, fleet: usize) -> Result<DevPki, String> {
+    let (pki, cas) = generate_cas_and_devices(dir)?;
+    if fleet > 0 {
+        let e = |x: rcgen::Error| x.to_string();
+        let io = |x: std::io::Error| x.to_string();
+        std::fs::create_dir_all(dir.join("devices/fleet")).map_err(io)?;
+        for i in 0..fleet {
+            let ca = &cas[if i % 2 == 0 { 1 } else { 0 }].1;
+            let name = format!("device-{i:05}");
+            let leaf =
+                make_leaf(ca, &name, vec![format!("{name}.devices.local")], false, Validity::Current, 0x10_0000 + i as u64).map_err(e)?;
+            std::fs::write(dir.join(format!("devices/fleet/{i:05}.pem")), &leaf.cert_pem).map_err(io)?;
+            std::fs::write(dir.join(format!("devices/fleet/{i:05}.key")), &leaf.key_pem).map_err(io)?;
+        }
+    }
+    Ok(pki)
 }
 
 /// A commented example config for the dev PKI.

@@ -11,6 +11,12 @@ accounting (holdfast_tunnel_state_bytes) beside it.
 
     python3 bench/scripts/idle-rss.py [N] [PROCS]     (default 15000 4)
 
+The devices present distinct certificates (256 of them, from the dev PKI's
+two fleet CAs, used in turn), as a real fleet does: holdfast keeps each
+connection's certificate to re-open its stream elsewhere, and identical
+certificates would make that look cheaper than it is. IDLE_RSS_FLEET=0 makes
+every device present the same one (devices/oven-1).
+
 HOLDFAST_RELEASE_DIR names another build (holdfast and holdfast-wsm).
 """
 import multiprocessing as mp
@@ -26,6 +32,7 @@ import urllib.request
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 REL = os.environ.get("HOLDFAST_RELEASE_DIR", os.path.join(ROOT, "target", "release"))
 PORT, WSM_PORT, METRICS_PORT = 28443, 29000, 29100
+FLEET = int(os.environ.get("IDLE_RSS_FLEET", "256"))
 UPGRADE = (b"GET /ws HTTP/1.1\r\nHost: edge\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
            b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n")
 
@@ -53,14 +60,28 @@ def connect(ctx, src):
     return t
 
 
+def contexts(d):
+    """One TLS context per device certificate the workers present."""
+    if FLEET == 0:
+        pairs = [(os.path.join(d, "devices", "oven-1.pem"), os.path.join(d, "devices", "oven-1.key"))]
+    else:
+        pairs = [(os.path.join(d, "devices", "fleet", f"{k:05}.pem"), os.path.join(d, "devices", "fleet", f"{k:05}.key"))
+                 for k in range(FLEET)]
+    out = []
+    for cert, key in pairs:
+        ctx = ssl.create_default_context(cafile=os.path.join(d, "server-ca.pem"))
+        ctx.load_cert_chain(cert, key)
+        out.append(ctx)
+    return out
+
+
 def worker(i, n, d, ready, go, stop):
-    ctx = ssl.create_default_context(cafile=os.path.join(d, "server-ca.pem"))
-    ctx.load_cert_chain(os.path.join(d, "devices", "oven-1.pem"), os.path.join(d, "devices", "oven-1.key"))
+    ctxs = contexts(d)
     src = f"127.0.0.{2 + i}"
     held = []
     for half in (0, 1):
         for _ in range(n // 2 if half == 0 else n - n // 2):
-            held.append(connect(ctx, src))
+            held.append(connect(ctxs[(len(held) + i) % len(ctxs)], src))
         ready.put((i, half))
         if half == 0:
             go.wait()
@@ -79,8 +100,11 @@ def main():
     procs = int(sys.argv[2]) if len(sys.argv) > 2 else 4
     tmp = tempfile.mkdtemp(prefix="idle-rss-")
     d = os.path.join(tmp, "pki")
-    subprocess.run([os.path.join(REL, "holdfast"), "quickstart", "--dir", d, "--port", str(PORT), "--wsm-port", str(WSM_PORT),
-                    "--metrics-port", str(METRICS_PORT), "--check-only"], check=True, capture_output=True)
+    # The PKI always comes from this checkout's build (an older build under
+    # test may not write fleet certificates).
+    tool = os.path.join(ROOT, "target", "release", "holdfast")
+    subprocess.run([tool if os.path.exists(tool) else os.path.join(REL, "holdfast"), "quickstart", "--dir", d, "--port", str(PORT), "--wsm-port", str(WSM_PORT),
+                    "--metrics-port", str(METRICS_PORT), "--check-only", "--fleet", str(FLEET)], check=True, capture_output=True)
     cfg = os.path.join(d, "holdfast.toml")
     text = open(cfg).read().replace("shards = 2", "shards = 1")
     open(cfg, "w").write(text)

@@ -142,7 +142,7 @@ impl Pair {
         Frame::Accept { stream: sid, subprotocol: None }.encode(&mut accept);
         link.session.on_bytes(now, &accept).expect("ACCEPT");
         let _ = link.session.poll_event();
-        let core = Tunnel::attached(core_rl, &resume, std::rc::Rc::new(limits), link.session.peer_max_frame(), now);
+        let core = Tunnel::attached(core_rl, &resume, &Default::default(), std::rc::Rc::new(limits), link.session.peer_max_frame(), now);
         let mut p = Pair {
             now,
             id,

@@ -23,6 +23,7 @@ use std::rc::Rc;
 use std::time::{Duration, Instant};
 
 use super::end::{End, TlsGoodbye};
+pub use super::resume::{Dictionaries, PackedResume};
 use crate::identity::ConnectionId;
 use crate::link::codec::{self, CloseReason, Open};
 use crate::tls::record::RecordLayer;
@@ -49,31 +50,6 @@ pub struct Limits {
     pub open_timeout: Duration,
     /// The most device bytes held for one tunnel without a WSM.
     pub held_bytes_per_connection: usize,
-}
-
-/// What a resumed OPEN needs ([`Resume`]: the certificate chain and the
-/// request), packed into one allocation: it is read only when the stream
-/// re-opens or the connection moves, and an idle connection keeps it for
-/// its whole life (one compact buffer instead of a dozen small ones).
-pub struct PackedResume(Box<[u8]>);
-
-impl PackedResume {
-    pub fn of(r: &Resume) -> PackedResume {
-        PackedResume(postcard::to_allocvec(r).unwrap_or_default().into_boxed_slice())
-    }
-
-    /// The resume data (`None` only if packing had failed: an internal error).
-    pub fn unpack(&self) -> Option<Resume> {
-        postcard::from_bytes(&self.0).ok()
-    }
-
-    pub fn len(&self) -> usize {
-        self.0.len()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.0.is_empty()
-    }
 }
 
 /// What the shell must do, in order.
@@ -210,11 +186,11 @@ struct Work {
 
 impl Tunnel {
     /// A tunnel whose stream the WSM just accepted.
-    pub fn attached(rl: RecordLayer, resume: &Resume, limits: Rc<Limits>, max_frame: u32, now: Instant) -> Tunnel {
+    pub fn attached(rl: RecordLayer, resume: &Resume, dicts: &Dictionaries, limits: Rc<Limits>, max_frame: u32, now: Instant) -> Tunnel {
         Tunnel {
             rl,
             dec: None,
-            resume: PackedResume::of(resume),
+            resume: PackedResume::of(resume, dicts),
             attachment: Attachment::Attached { max_frame },
             limits,
             last_rx: now,
@@ -228,11 +204,11 @@ impl Tunnel {
 
     /// A connection adopted in a live upgrade: no stream yet, the messages
     /// the old process held, its partial frame and the device's idle age.
-    pub fn adopted(rl: RecordLayer, snap: &mut ConnSnapshot, limits: Rc<Limits>, now: Instant) -> Tunnel {
+    pub fn adopted(rl: RecordLayer, snap: &mut ConnSnapshot, dicts: &Dictionaries, limits: Rc<Limits>, now: Instant) -> Tunnel {
         let msgs: VecDeque<(bool, Vec<u8>)> = std::mem::take(&mut snap.held).into();
         let bytes = msgs.iter().map(|(_, m)| m.len()).sum();
         let resume_timeout = limits.resume_timeout;
-        let mut t = Tunnel::attached(rl, &snap.resume, limits, codec::DEFAULT_MAX_FRAME, now);
+        let mut t = Tunnel::attached(rl, &snap.resume, dicts, limits, codec::DEFAULT_MAX_FRAME, now);
         t.dec = snap.decoder.take().map(Box::new);
         t.last_rx = now.checked_sub(Duration::from_millis(snap.idle_ms)).unwrap_or(now);
         t.attachment = Attachment::Held(Box::new(Held {
@@ -700,9 +676,7 @@ impl Tunnel {
     /// on the heap: key material, what a resumed OPEN needs).
     pub fn state_bytes(&self) -> u64 {
         let st = self.rl.state();
-        let keys =
-            st.rx.secret.capacity() + st.rx.key.capacity() + st.tx.secret.capacity() + st.tx.key.capacity() + st.handshake_buf.capacity();
-        (std::mem::size_of::<Tunnel>() + keys + self.resume.len()) as u64
+        (std::mem::size_of::<Tunnel>() + st.handshake_buf.capacity() + self.resume.heap_bytes()) as u64
     }
 }
 

@@ -114,7 +114,7 @@ impl Device {
         } else {
             Rc::new(limits(&self.shard.cfg, snap.max_message))
         };
-        let core = Tunnel::adopted(rl, &mut snap, lim, std::time::Instant::now());
+        let core = Tunnel::adopted(rl, &mut snap, &self.shard.resume_dicts, lim, std::time::Instant::now());
         let mut t = Live::new(core, placeholder, none);
         // What the core counted (the held bytes it took over).
         while let Some(a) = t.core.poll_action() {
@@ -172,7 +172,14 @@ impl Device {
         };
         match opened {
             Ok((link, stream, early, resume)) => {
-                let core = Tunnel::attached(rl, &resume, self.shard.limits.clone(), link.peer_max_frame(), Instant::now());
+                let core = Tunnel::attached(
+                    rl,
+                    &resume,
+                    &self.shard.resume_dicts,
+                    self.shard.limits.clone(),
+                    link.peer_max_frame(),
+                    Instant::now(),
+                );
                 Ok((Live::new(core, link, stream), early))
             }
             Err(end) => {
@@ -312,13 +319,14 @@ impl Device {
     }
 }
 
-/// Waits for the WSM's ACCEPT or REFUSE (`None` if the link or stream went away).
+/// Waits for the WSM's ACCEPT or REFUSE (`None` if the link or stream went
+/// away). Takes the answer, so an established stream keeps no box for it.
 async fn wait_opened(stream: &StreamRef) -> Option<OpenResult> {
     loop {
         {
-            let s = stream.borrow();
-            if let Some(r) = &s.opened {
-                return Some((**r).clone());
+            let mut s = stream.borrow_mut();
+            if let Some(r) = s.opened.take() {
+                return Some(*r);
             }
             if s.link_lost || s.wsm_close.is_some() {
                 return None;

@@ -66,6 +66,8 @@ pub struct ShardCtx {
     pub handoff: RefCell<Option<(Sender<Handed>, Arc<pace::Flight>)>>,
     /// The tunnel core's limits, shared by the shard's tunnels.
     pub limits: Rc<crate::session::tunnel::Limits>,
+    /// What the shard's tunnels pack their resume data against (one per issuer).
+    pub resume_dicts: crate::session::resume::Dictionaries,
     /// The waits of established tunnels between bursts (`tunnel::IdleSet`).
     pub(crate) idle: tunnel::IdleSet,
     /// Readiness waits of connections handed to a new process (see `park`).
@@ -166,6 +168,7 @@ async fn run(
         handoff: RefCell::new(None),
         parked: RefCell::new(Vec::new()),
         idle: tunnel::IdleSet::new(metrics.clone()),
+        resume_dicts: Default::default(),
         limits: Rc::new(conn::limits(&cfg, cfg.ws.max_message_bytes.min(u32::MAX as usize) as u32)),
         metrics: metrics.clone(),
         cfg: cfg.clone(),

@@ -15,7 +15,7 @@ use std::sync::Arc;
 use rustls::{CertificateError, ConnectionTrafficSecrets, Error, ProtocolVersion, ServerConfig, ServerConnection};
 use zeroize::Zeroize;
 
-use super::keys::Suite;
+use super::keys::{Key, Secret, Suite};
 use super::record::{DirectionState, RecordLayer, RecordState, Version};
 
 /// Largest handshake record we accept (TLS 1.2 ciphertext limit).
@@ -215,17 +215,22 @@ impl Handshake {
         let (_, rx_key, rx_iv) = split(rx).ok_or_else(|| internal("unsupported suite"))?;
         let (rx_state, tx_state) = match version {
             Version::Tls13 => {
-                let rx = DirectionState::from_secret(suite, std::mem::take(&mut self.captured.client), rx_seq);
-                let tx = DirectionState::from_secret(suite, std::mem::take(&mut self.captured.server), tx_seq);
+                let secret = |v: &mut Vec<u8>| {
+                    let m = Secret::new(v);
+                    v.zeroize();
+                    m.ok_or_else(|| internal("traffic secret longer than any suite's"))
+                };
+                let rx = DirectionState::from_secret(suite, secret(&mut self.captured.client)?, rx_seq);
+                let tx = DirectionState::from_secret(suite, secret(&mut self.captured.server)?, tx_seq);
                 // Our key schedule must agree with rustls's.
-                if rx.key != rx_key || rx.iv != rx_iv || tx.key != tx_key || tx.iv != tx_iv {
+                if *rx.key != *rx_key || rx.iv != rx_iv || *tx.key != *tx_key || tx.iv != tx_iv {
                     return Err(internal("traffic secrets do not match extracted keys"));
                 }
                 (rx, tx)
             }
             Version::Tls12 => (
-                DirectionState { secret: Vec::new(), key: rx_key, iv: rx_iv, seq: rx_seq },
-                DirectionState { secret: Vec::new(), key: tx_key, iv: tx_iv, seq: tx_seq },
+                DirectionState { secret: Secret::default(), key: rx_key, iv: rx_iv, seq: rx_seq },
+                DirectionState { secret: Secret::default(), key: tx_key, iv: tx_iv, seq: tx_seq },
             ),
         };
         let record = RecordState {
@@ -242,7 +247,7 @@ impl Handshake {
     }
 }
 
-fn split(s: ConnectionTrafficSecrets) -> Option<(Suite, Vec<u8>, [u8; 12])> {
+fn split(s: ConnectionTrafficSecrets) -> Option<(Suite, Key, [u8; 12])> {
     let (suite, key, iv) = match &s {
         ConnectionTrafficSecrets::Aes128Gcm { key, iv } => (Suite::Aes128Gcm, key, iv),
         ConnectionTrafficSecrets::Aes256Gcm { key, iv } => (Suite::Aes256Gcm, key, iv),
@@ -251,7 +256,7 @@ fn split(s: ConnectionTrafficSecrets) -> Option<(Suite, Vec<u8>, [u8; 12])> {
     };
     let mut ivb = [0u8; 12];
     ivb.copy_from_slice(iv.as_ref());
-    Some((suite, key.as_ref().to_vec(), ivb))
+    Some((suite, Key::new(key.as_ref())?, ivb))
 }
 
 #[cfg(test)]

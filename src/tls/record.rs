@@ -14,7 +14,7 @@ use ring::aead::{self, Aad, LessSafeKey, Nonce, UnboundKey};
 use serde::{Deserialize, Serialize};
 use zeroize::Zeroize;
 
-use super::keys::{Suite, derive_key_iv, next_secret};
+use super::keys::{Key, Secret, Suite, derive_key_iv, next_secret};
 
 pub const HEADER_LEN: usize = 5;
 const MAX_PLAINTEXT: usize = 1 << 14;
@@ -103,8 +103,8 @@ impl RecordError {
 pub struct DirectionState {
     /// TLS 1.3: the current application traffic secret (KeyUpdate derives the
     /// next one from it). Empty for TLS 1.2.
-    pub secret: Vec<u8>,
-    pub key: Vec<u8>,
+    pub secret: Secret,
+    pub key: Key,
     /// TLS 1.3 and ChaCha20 in 1.2: the static IV. AES-GCM in 1.2: the 4-byte
     /// salt followed by 8 bytes the sender XORs with the sequence number.
     pub iv: [u8; 12],
@@ -120,7 +120,7 @@ impl std::fmt::Debug for DirectionState {
 
 impl DirectionState {
     /// A TLS 1.3 direction from its traffic secret.
-    pub fn from_secret(suite: Suite, secret: Vec<u8>, seq: u64) -> Self {
+    pub fn from_secret(suite: Suite, secret: Secret, seq: u64) -> Self {
         let (key, iv) = derive_key_iv(suite, &secret);
         DirectionState { secret, key, iv, seq }
     }
@@ -590,8 +590,13 @@ pub mod testing {
 
     fn direction(version: Version, suite: Suite, seed: u8) -> DirectionState {
         match version {
-            Version::Tls13 => DirectionState::from_secret(suite, vec![seed; suite.hash_len()], 0),
-            Version::Tls12 => DirectionState { secret: Vec::new(), key: vec![seed; suite.key_len()], iv: [seed ^ 0x5a; 12], seq: 0 },
+            Version::Tls13 => DirectionState::from_secret(suite, Secret::new(&vec![seed; suite.hash_len()]).unwrap(), 0),
+            Version::Tls12 => DirectionState {
+                secret: Secret::default(),
+                key: Key::new(&vec![seed; suite.key_len()]).unwrap(),
+                iv: [seed ^ 0x5a; 12],
+                seq: 0,
+            },
         }
     }
 

@@ -269,7 +269,12 @@ mod tests {
 
     fn snapshot(id: u128) -> crate::upgrade::snapshot::ConnSnapshot {
         use crate::tls::record::{DirectionState, RecordState, Version};
-        let dir = |seq| DirectionState { secret: vec![7; 32], key: vec![9; 16], iv: [3; 12], seq };
+        let dir = |seq| DirectionState {
+            secret: crate::tls::keys::Secret::new(&[7; 32]).unwrap(),
+            key: crate::tls::keys::Key::new(&[9; 16]).unwrap(),
+            iv: [3; 12],
+            seq,
+        };
         let mut decoder = crate::ws::frame::Decoder::new(1 << 20, true);
         let mut events = Vec::new();
         // A masked text frame header announcing 5 bytes, and 2 of them.

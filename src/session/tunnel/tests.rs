@@ -332,7 +332,7 @@ fn a_snapshot_carries_everything_and_only_its_commit_changes_the_tunnel() {
     // The new process adopts it and re-opens at once, held message first.
     let (_, rl) = crate::tls::record::testing::pair(crate::tls::record::Version::Tls13, crate::tls::keys::Suite::Aes128Gcm);
     let mut snap2 = snap.clone();
-    let mut adopted = Tunnel::adopted(rl, &mut snap2, std::rc::Rc::new(harness::limits()), p.now);
+    let mut adopted = Tunnel::adopted(rl, &mut snap2, &Default::default(), std::rc::Rc::new(harness::limits()), p.now);
     assert!(adopted.is_held());
     assert_eq!(adopted.held_wants(p.now, false).unwrap(), HeldWants::Reopen { paced: false }, "the upgrade paced itself");
     assert_eq!(adopted.poll_action(), Some(Action::Count(Count::HeldBytes(8))));
