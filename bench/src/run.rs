@@ -199,9 +199,13 @@ pub fn ensure_installed(p: Proxy) -> Result<PathBuf, String> {
     if st.success() && bin.exists() { Ok(bin) } else { Err(format!("could not install {pkg}")) }
 }
 
+/// Distinct device certificates the swarm presents (in turn).
+const FLEET: usize = 256;
+
 /// Writes the PEM bundles peers want next to the dev PKI.
 fn prepare_pki(dir: &Path) -> Result<(), String> {
-    holdfast::pki::generate(dir)?;
+    // Devices present distinct certificates, as a real fleet does.
+    holdfast::pki::generate_with_fleet(dir, FLEET)?;
     let read = |n: &str| std::fs::read_to_string(dir.join(n)).map_err(|e| e.to_string());
     std::fs::write(dir.join("device-cas.pem"), read("fleet-2024.pem")? + &read("fleet-2019.pem")?).map_err(|e| e.to_string())?;
     std::fs::write(dir.join("haproxy-server.pem"), read("server-chain.pem")? + &read("server.key")?).map_err(|e| e.to_string())?;
@@ -344,7 +348,9 @@ fn run_one(proxy: Proxy, a: &RunArgs, pki: &Path, work: &Path) -> Result<Scenari
             .arg("--cert")
             .arg(pki.join("devices/oven-1.pem"))
             .arg("--key")
-            .arg(pki.join("devices/oven-1.key"));
+            .arg(pki.join("devices/oven-1.key"))
+            .arg("--fleet")
+            .arg(pki.join("devices/fleet"));
         if a.resume {
             c.arg("--resume");
         }

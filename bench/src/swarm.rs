@@ -35,6 +35,11 @@ pub struct SwarmArgs {
     /// Device private key (PEM).
     #[arg(long)]
     pub key: PathBuf,
+    /// A directory of distinct device certificates (NNNNN.pem with
+    /// NNNNN.key, as `holdfast quickstart --fleet` writes): device `i`
+    /// presents the `i mod n`th, instead of every device `--cert`.
+    #[arg(long)]
+    pub fleet: Option<PathBuf>,
     /// idle | handshake | message | storm
     #[arg(long)]
     pub mode: String,
@@ -64,13 +69,32 @@ pub struct SwarmArgs {
     pub duration: f64,
 }
 
-pub fn client_config(a: &SwarmArgs) -> Result<Arc<rustls::ClientConfig>, String> {
+/// The client configs devices use, one per certificate they present.
+pub type Fleet = Rc<Vec<Arc<rustls::ClientConfig>>>;
+
+/// One client config per device certificate (`--fleet`), or the one of `--cert`.
+pub fn client_configs(a: &SwarmArgs) -> Result<Fleet, String> {
+    let Some(dir) = &a.fleet else { return Ok(Rc::new(vec![client_config(a, &a.cert, &a.key)?])) };
+    let mut certs: Vec<PathBuf> = std::fs::read_dir(dir)
+        .map_err(|e| format!("{}: {e}", dir.display()))?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.extension().is_some_and(|x| x == "pem"))
+        .collect();
+    certs.sort();
+    if certs.is_empty() {
+        return Err(format!("{}: no device certificates", dir.display()));
+    }
+    let cfgs = certs.iter().map(|c| client_config(a, c, &c.with_extension("key"))).collect::<Result<Vec<_>, _>>()?;
+    Ok(Rc::new(cfgs))
+}
+
+pub fn client_config(a: &SwarmArgs, cert: &std::path::Path, key: &std::path::Path) -> Result<Arc<rustls::ClientConfig>, String> {
     let o = holdfast::device::DeviceOptions {
         addr: a.target,
         server_name: "localhost".into(),
         server_ca: a.ca.clone(),
-        cert: a.cert.clone(),
-        key: a.key.clone(),
+        cert: cert.to_path_buf(),
+        key: key.to_path_buf(),
         path: "/".into(),
         subprotocols: Vec::new(),
         version: Some(if a.tls == "1.2" { "1.2".into() } else { "1.3".into() }),
@@ -144,8 +168,9 @@ async fn wait_line(rx: &std::sync::mpsc::Receiver<String>) -> String {
     }
 }
 
-async fn connect_one(cfg: Arc<rustls::ClientConfig>, a: &SwarmArgs, i: usize, stats: &Shared) -> Option<WsClient> {
+async fn connect_one(cfgs: Fleet, a: &SwarmArgs, i: usize, stats: &Shared) -> Option<WsClient> {
     let src = (!a.src.is_empty()).then(|| a.src[i % a.src.len()]);
+    let cfg = cfgs[i % cfgs.len()].clone();
     let t0 = Instant::now();
     match WsClient::connect(cfg, src, a.target, "/bench").await {
         Ok(c) => {
@@ -163,7 +188,7 @@ async fn connect_one(cfg: Arc<rustls::ClientConfig>, a: &SwarmArgs, i: usize, st
 }
 
 /// Connects `a.conns` devices at `a.rate` per second (or all at once).
-async fn connect_all(cfg: &Arc<rustls::ClientConfig>, a: &Rc<SwarmArgs>, stats: &Shared) -> Vec<WsClient> {
+async fn connect_all(cfg: &Fleet, a: &Rc<SwarmArgs>, stats: &Shared) -> Vec<WsClient> {
     let out: Rc<RefCell<Vec<WsClient>>> = Rc::new(RefCell::new(Vec::with_capacity(a.conns)));
     let mut handles = Vec::with_capacity(a.conns);
     let start = Instant::now();
@@ -314,7 +339,7 @@ fn rusage() -> (f64, f64, u64) {
 }
 
 pub fn run(a: SwarmArgs) -> Result<(), String> {
-    let cfg = client_config(&a)?;
+    let cfg = client_configs(&a)?;
     let mut rt =
         monoio::RuntimeBuilder::<monoio::IoUringDriver>::new().with_entries(8192).enable_timer().build().map_err(|e| e.to_string())?;
     let report = rt.block_on(async move {

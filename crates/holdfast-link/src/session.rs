@@ -168,7 +168,8 @@ struct Stream {
     phase: Phase,
     credit: StreamCredit,
     /// Sent messages whose stream credit has not come back (oldest first);
-    /// made on the first message (a quiet stream keeps 8 bytes for it).
+    /// made on the first message and dropped once all are acknowledged (a
+    /// quiet stream keeps 8 bytes for it).
     unacked: Option<Box<Messages>>,
     /// Credit returned beyond the whole messages taken off `unacked` (less
     /// than the oldest message, so it fits 32 bits).
@@ -192,8 +193,9 @@ impl Stream {
             unacked.pop_front();
         }
         if unacked.is_empty() {
+            // All acknowledged: a stream that went quiet keeps nothing for it.
             self.acked_carry = 0;
-            unacked.shrink_to(0);
+            self.unacked = None;
         }
     }
 }
