@@ -42,9 +42,7 @@ impl Dictionaries {
     /// The dictionary for the issuer of `r`'s leaf; made from `plain` (the
     /// resume's own packed bytes) if this is the issuer's first device.
     fn for_resume(&self, r: &Resume, plain: &[u8]) -> Option<Rc<Dictionary>> {
-        let leaf = r.chain.first()?;
-        let (_, cert) = x509_parser::parse_x509_certificate(leaf).ok()?;
-        let issuer = cert.tbs_certificate.issuer.as_raw();
+        let issuer = issuer_of(r.chain.first()?)?;
         let mut map = self.by_issuer.borrow_mut();
         if let Some(d) = map.get(issuer) {
             return Some(d.clone());
@@ -65,6 +63,28 @@ impl Dictionaries {
     pub fn is_empty(&self) -> bool {
         self.len() == 0
     }
+}
+
+/// The issuer name's DER contents in a certificate, found by walking the
+/// first elements of the TBSCertificate (RFC 5280 4.1: an optional [0]
+/// version, the serial number, the signature algorithm, then the issuer)
+/// without parsing the rest: it runs for every connection.
+fn issuer_of(cert: &[u8]) -> Option<&[u8]> {
+    use x509_parser::asn1_rs::{Any, Class, FromDer, Tag};
+    let (_, cert) = Any::from_der(cert).ok()?;
+    let (_, tbs) = Any::from_der(cert.data).ok()?;
+    let (mut rest, first) = Any::from_der(tbs.data).ok()?;
+    if !(first.class() == Class::ContextSpecific && first.tag() == Tag(0)) {
+        // No version field: `first` was the serial number.
+        let (r, _algorithm) = Any::from_der(rest).ok()?;
+        let (_, issuer) = Any::from_der(r).ok()?;
+        return (issuer.tag() == Tag::Sequence).then_some(issuer.data);
+    }
+    for _ in 0..2 {
+        rest = Any::from_der(rest).ok()?.0; // serial, then the algorithm
+    }
+    let (_, issuer) = Any::from_der(rest).ok()?;
+    (issuer.tag() == Tag::Sequence).then_some(issuer.data)
 }
 
 /// A [`Resume`], packed. 24 bytes inline; the packed bytes on the heap.
@@ -172,6 +192,19 @@ mod tests {
             assert_eq!(PackedResume::of(&r, &dicts).unpack().unwrap(), r);
         }
         assert_eq!(dicts.len(), MAX_DICTIONARIES);
+    }
+
+    #[test]
+    fn the_issuer_walk_agrees_with_a_full_parse() {
+        let ca = crate::pki::make_ca("Fleet 2030 CA").unwrap();
+        let leaf = device(&ca, "hood-9", 99);
+        let (_, full) = x509_parser::parse_x509_certificate(&leaf).unwrap();
+        let raw = full.tbs_certificate.issuer.as_raw();
+        // `as_raw` includes the SEQUENCE header; the walk gives its contents.
+        assert!(raw.ends_with(issuer_of(&leaf).unwrap()));
+        assert_eq!(issuer_of(&leaf).unwrap().len() + 2, raw.len());
+        assert!(issuer_of(&leaf[..40]).is_none());
+        assert!(issuer_of(b"").is_none());
     }
 
     #[test]
