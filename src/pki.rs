@@ -207,3 +207,31 @@ addr = "{metrics}"
 "#
     )
 }
+
+#[cfg(test)]
+mod tests {
+    /// A fleet is that many distinct device certificates, issued in turn by
+    /// the two fleet CAs, each with its key.
+    #[test]
+    fn a_fleet_is_distinct_certificates_from_both_fleet_cas() {
+        let dir = tempfile::tempdir().unwrap();
+        super::generate_with_fleet(dir.path(), 4).unwrap();
+        let mut issuers = Vec::new();
+        let mut ders = Vec::new();
+        for i in 0..4 {
+            let pem = std::fs::read(dir.path().join(format!("devices/fleet/{i:05}.pem"))).unwrap();
+            assert!(dir.path().join(format!("devices/fleet/{i:05}.key")).exists());
+            let der =
+                rustls::pki_types::pem::PemObject::from_pem_slice(&pem).map(|c: rustls::pki_types::CertificateDer| c.to_vec()).unwrap();
+            let (_, cert) = x509_parser::parse_x509_certificate(&der).unwrap();
+            issuers.push(cert.issuer().to_string());
+            ders.push(der.clone());
+        }
+        assert!(issuers[0].contains("Fleet 2024 CA") && issuers[1].contains("Fleet 2019 CA"), "{issuers:?}");
+        assert_eq!(issuers[0], issuers[2]);
+        ders.sort();
+        ders.dedup();
+        assert_eq!(ders.len(), 4, "all distinct");
+        assert!(!dir.path().join("devices/fleet/00004.pem").exists());
+    }
+}

@@ -26,7 +26,7 @@ fuzz_target!(|data: &[u8]| {
         held_bytes_per_connection: 8192,
     };
     let resume = Resume { chain: vec![], request: Default::default(), subprotocol: None };
-    let mut t = Tunnel::attached(rl, &resume, std::rc::Rc::new(limits), 1 << 16, now);
+    let mut t = Tunnel::attached(rl, &resume, &Default::default(), std::rc::Rc::new(limits), 1 << 16, now);
     let mut rx = Vec::new();
     for op in data.chunks(4) {
         let (a, b) = (op[0], *op.get(1).unwrap_or(&0));
