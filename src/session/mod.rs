@@ -1,6 +1,7 @@
 //! The sans-io core of a device connection.
 //!
-//! Owns: every protocol decision about one device connection: how it ends
+//! Owns: every protocol decision about one device connection: its set-up
+//! stages, handshaking -> upgrading -> opening ([`connection`]), how it ends
 //! and who is to blame ([`end`]), the set-up answers (HTTP statuses for a
 //! refused upgrade or a WSM's answer, [`setup`]), the established
 //! tunnel ([`tunnel`]) and what it keeps to resume its stream ([`resume`]). Fed bytes, link events and `now`; returns actions.
@@ -9,6 +10,7 @@
 #![forbid(unsafe_code)]
 #![deny(clippy::disallowed_methods)]
 
+pub mod connection;
 pub mod end;
 #[cfg(test)]
 pub mod harness;

@@ -1,7 +1,9 @@
 //! One device connection on a shard, from accept to close.
 //!
-//! Owns: the set-up of a connection (handshake, upgrade, stream open, each
-//! under its timeout, with the answers `session::setup` decides), adopting
+//! Owns: performing the set-up of a connection (reads under the stage's
+//! deadline, writes, placing the OPEN on a link and waiting for its answer)
+//! for the set-up machine `session::connection`, which decides everything
+//! about it; adopting
 //! a connection from a previous process, starting its tunnel, and the log
 //! line and close at its end. Socket I/O is `shard::io`'s; the established
 //! phase is `shard::tunnel`'s. Never parses bytes itself.
@@ -16,17 +18,13 @@ use super::ShardCtx;
 use super::io::Device;
 use super::link::{Link, OpenResult, StreamRef, notified};
 use super::tunnel::{self, Live};
-use crate::identity::DeviceIdentity;
-use crate::link::codec::{CloseReason, Open};
 use crate::metrics::ShardMetrics;
 use crate::session::End;
-use crate::session::setup::{self, OpenOutcome, Refuse, SetupCount};
+use crate::session::connection::{Ended, Ready, Setup, SetupAction, SetupLimits, Want};
+use crate::session::setup::{OpenOutcome, SetupCount};
 use crate::session::tunnel::{Limits, Tunnel};
-use crate::tls::handshake::{Established, Handshake, HandshakeError, Progress, Refusal};
 use crate::tls::record::RecordLayer;
-use crate::upgrade::snapshot::Resume;
 use crate::ws::frame::close;
-use crate::ws::upgrade::{self, UpgradeRequest};
 
 pub async fn serve(shard: Rc<ShardCtx>, tcp: TcpStream, addr: SocketAddr) {
     ShardMetrics::inc(&shard.metrics.connections_accepted_total);
@@ -79,6 +77,18 @@ async fn live(dev: Device, t: Box<Live>, early: Vec<u8>, key: usize) {
     tunnel::start(dev, t, early, key).await;
 }
 
+/// The set-up machine's limits, from the config.
+pub(super) fn setup_limits(cfg: &crate::config::Config, tls: &crate::tls::server::TlsContext) -> SetupLimits {
+    SetupLimits {
+        handshake_timeout: cfg.tls.handshake_timeout,
+        upgrade_timeout: cfg.ws.upgrade_timeout,
+        open_timeout: cfg.upstream.open_timeout,
+        max_request_bytes: cfg.ws.max_request_bytes,
+        forward_headers: cfg.ws.forward_headers.clone(),
+        key_update_after: tls.key_update_after,
+    }
+}
+
 /// The tunnel core's limits, from the config.
 pub(super) fn limits(cfg: &crate::config::Config, max_message: u32) -> Limits {
     Limits {
@@ -127,190 +137,110 @@ impl Device {
         Ok(t)
     }
 
-    /// Handshake, upgrade and stream open, each under its timeout. On
+    /// Set-up: performs what the connection's set-up machine
+    /// (`session::connection`) asks and feeds it the device's bytes, the
+    /// OPEN's fate and its deadlines until it is a tunnel or ends. On
     /// failure the device has been told (alert, HTTP status) and the TLS
     /// session closed.
     async fn establish(&mut self) -> Result<(Box<Live>, Vec<u8>), End> {
         let m = self.shard.metrics.clone();
-        let timeout = self.shard.cfg.tls.handshake_timeout;
-        let started = std::time::Instant::now();
-        let est = match monoio::time::timeout(timeout, self.handshake()).await {
-            Ok(Ok(est)) => est,
-            Ok(Err(End::Refused(e))) => {
-                m.refusal(e.reason);
-                return Err(End::Refused(e));
-            }
-            Ok(Err(e)) => return Err(e),
-            Err(_) => {
-                m.refusal(Refusal::Timeout);
-                return Err(End::Refused(Box::new(HandshakeError::new(Refusal::Timeout, format!("no handshake within {timeout:?}")))));
-            }
-        };
-        ShardMetrics::inc(&m.handshakes_completed_total);
-        m.handshake_seconds.observe(started.elapsed());
-        let Established { record, chain, leftover } = *est;
-        if let Some((ca, validity_ignored)) = self.shard.tls.verifier.issuing_ca(&chain, crate::timefmt::unix_now()) {
-            m.accepted_under(ca, validity_ignored);
-        }
-        let mut rl = match RecordLayer::new(record) {
-            Ok(rl) => rl,
-            Err(e) => return Err(End::Record(e)),
-        };
-        if !leftover.is_empty() {
-            let mut b = self.shard.pool.take().await;
-            b.vec().extend_from_slice(&leftover);
-            self.rx = Some(b);
-        }
-        let leaf = chain.first().cloned();
-        let opened = match crate::identity::from_chain(chain, self.addr) {
-            Some(identity) => self.open_tunnel(&mut rl, identity).await,
-            None => {
-                let e =
-                    HandshakeError { presented: leaf, ..HandshakeError::new(Refusal::BadHandshake, "device certificate does not parse") };
-                Err(End::Refused(Box::new(e)))
-            }
-        };
-        match opened {
-            Ok((link, stream, early, resume)) => {
-                let core = Tunnel::attached(
-                    rl,
-                    &resume,
-                    &self.shard.resume_dicts,
-                    self.shard.limits.clone(),
-                    link.peer_max_frame(),
-                    Instant::now(),
-                );
-                Ok((Live::new(core, link, stream), early))
-            }
-            Err(end) => {
-                self.finish(&end, &mut rl).await;
-                Err(end)
-            }
-        }
-    }
-
-    /// Reads the upgrade, opens a stream on a WSM link, answers 101.
-    async fn open_tunnel(
-        &mut self,
-        rl: &mut RecordLayer,
-        identity: DeviceIdentity,
-    ) -> Result<(Rc<Link>, StreamRef, Vec<u8>, Box<Resume>), End> {
-        let m = self.shard.metrics.clone();
-        let upgrade_timeout = self.shard.cfg.ws.upgrade_timeout;
-        let (request, early) = match monoio::time::timeout(upgrade_timeout, self.read_upgrade(rl)).await {
-            Ok(Ok(r)) => r,
-            Ok(Err(End::BadUpgrade(status, reason))) => return Err(self.refuse(rl, setup::bad_upgrade(status, reason), None).await),
-            Ok(Err(e)) => return Err(e),
-            Err(_) => return Err(self.refuse(rl, setup::upgrade_timeout(), None).await),
-        };
-        let key = request.key.clone();
-        let mut resume = Box::new(Resume {
-            chain: identity.chain.clone(),
-            request: UpgradeRequest { key: String::new(), ..request.clone() },
-            subprotocol: None,
-        });
-        let open = Open { resumed: false, connection_id: self.id, device: identity, request };
-        let Some((link, stream)) = self.pick_link().and_then(|l| l.open_stream(open).map(|s| (l, s))) else {
-            return Err(self.refuse(rl, setup::no_wsm(), None).await);
-        };
-        let sid = stream.borrow().stream_id;
-        let wait_open = wait_opened(&stream);
-        let opening = std::time::Instant::now();
-        let answer = monoio::time::timeout(self.shard.cfg.upstream.open_timeout, wait_open).await;
-        if let Ok(Some(_)) = &answer {
-            link.metrics.open_seconds.observe(opening.elapsed());
-        }
-        let outcome = match answer {
-            Ok(Some(OpenResult::Accepted(sub))) => OpenOutcome::Accepted(sub),
-            Ok(Some(OpenResult::Refused(status, reason))) => OpenOutcome::Refused(status, reason),
-            Ok(None) => OpenOutcome::Gone,
-            Err(_) => OpenOutcome::Timeout,
-        };
-        let subprotocol = match setup::answer_open(outcome, &resume.request.subprotocols) {
-            Ok(sub) => sub,
-            Err(r) => {
-                if r.count == SetupCount::WsmBadAccept {
-                    tracing::warn!(conn = %self.id, host = %link.host, why = %r.reason, "WSM accept refused");
-                }
-                return Err(self.refuse(rl, r, Some((&link, sid))).await);
-            }
-        };
-        if let Err(e) = self.send(rl, &upgrade::response_101(&key, subprotocol.as_deref())).await {
-            link.close_stream(sid, CloseReason::DeviceGone, 1006, "write failed");
-            return Err(e);
-        }
-        ShardMetrics::inc(&m.ws_upgrades_completed_total);
-        resume.subprotocol = subprotocol;
-        Ok((link, stream, early, resume))
-    }
-
-    /// Answers a refused set-up: counts it, closes the stream it left on a
-    /// link, and sends the HTTP error.
-    async fn refuse(&mut self, rl: &mut RecordLayer, r: Refuse, stream: Option<(&Rc<Link>, u32)>) -> End {
-        let m = &self.shard.metrics;
-        ShardMetrics::inc(match r.count {
-            SetupCount::UpgradeRejected => &m.ws_upgrades_rejected_total,
-            SetupCount::WsmUnavailable => &m.wsm_unavailable_total,
-            SetupCount::WsmRefused => &m.wsm_refused_total,
-            SetupCount::WsmOpenTimeout => &m.wsm_open_timeouts_total,
-            SetupCount::WsmBadAccept => &m.wsm_bad_accepts_total,
-        });
-        if let (Some((link, sid)), Some((reason, code, text))) = (stream, &r.close_stream) {
-            link.close_stream(sid, *reason, *code, text);
-        }
-        let _ = self.send(rl, &r.response()).await;
-        r.end
-    }
-
-    async fn handshake(&mut self) -> Result<Box<Established>, End> {
-        let tls = &self.shard.tls;
-        let mut hs = Handshake::new(tls.server.clone(), tls.key_update_after).map_err(|e| End::Refused(Box::new(e)))?;
+        let started = Instant::now();
+        let tls = self.shard.tls.server.clone();
+        let mut s = Setup::new(tls, self.shard.setup_limits.clone(), self.id, self.addr, started);
+        let mut opened: Option<(Rc<Link>, StreamRef)> = None;
+        let mut opening = started;
         loop {
-            self.read_more().await?;
-            let mut out = Vec::new();
-            let progress = {
-                let rx = self.rx.as_mut().map(|b| b.vec());
-                let input: &[u8] = rx.as_deref().map(|v| v.as_slice()).unwrap_or(&[]);
-                let p = hs.feed(input, &mut out);
-                if let Some(b) = self.rx.as_mut() {
-                    b.vec().clear();
-                }
-                p
-            };
-            self.release_if_empty();
-            match progress {
-                Ok(p) => {
-                    self.write(out).await?;
-                    if p == Progress::Finished {
-                        return hs.finish().map(Box::new).map_err(|e| End::Refused(Box::new(e)));
+            while let Some(a) = s.poll_action() {
+                match a {
+                    SetupAction::Write(bytes) => {
+                        if let Err(e) = self.write_all(bytes).await.0 {
+                            s.on_io_error(e);
+                        }
+                    }
+                    SetupAction::Handshaken(chain) => {
+                        ShardMetrics::inc(&m.handshakes_completed_total);
+                        m.handshake_seconds.observe(started.elapsed());
+                        if let Some((ca, validity_ignored)) = self.shard.tls.verifier.issuing_ca(&chain, crate::timefmt::unix_now()) {
+                            m.accepted_under(ca, validity_ignored);
+                        }
+                    }
+                    SetupAction::Open(open) => {
+                        opened = self.pick_link().and_then(|l| l.open_stream(*open).map(|st| (l, st)));
+                        opening = Instant::now();
+                        s.on_open_sent(opening, opened.is_some());
+                    }
+                    SetupAction::CloseStream { reason, code, text } => {
+                        if let Some((link, stream)) = &opened {
+                            link.close_stream(stream.borrow().stream_id, reason, code, &text);
+                        }
+                    }
+                    SetupAction::Refused { count, reason } => {
+                        ShardMetrics::inc(match count {
+                            SetupCount::UpgradeRejected => &m.ws_upgrades_rejected_total,
+                            SetupCount::WsmUnavailable => &m.wsm_unavailable_total,
+                            SetupCount::WsmRefused => &m.wsm_refused_total,
+                            SetupCount::WsmOpenTimeout => &m.wsm_open_timeouts_total,
+                            SetupCount::WsmBadAccept => &m.wsm_bad_accepts_total,
+                        });
+                        if count == SetupCount::WsmBadAccept {
+                            let host = opened.as_ref().map(|(l, _)| l.host.clone()).unwrap_or_default();
+                            tracing::warn!(conn = %self.id, host = %host, why = %reason, "WSM accept refused");
+                        }
+                    }
+                    SetupAction::Established(r) => {
+                        ShardMetrics::inc(&m.ws_upgrades_completed_total);
+                        let Some((link, stream)) = opened.take() else {
+                            s.on_io_error(End::NoWsm); // cannot happen: established means opened
+                            continue;
+                        };
+                        let Ready { rl, resume, early } = *r;
+                        let dicts = &self.shard.resume_dicts;
+                        let core = Tunnel::attached(rl, &resume, dicts, self.shard.limits.clone(), link.peer_max_frame(), Instant::now());
+                        return Ok((Live::new(core, link, stream), early));
+                    }
+                    SetupAction::Ended(e) => {
+                        let Ended { end, rl } = *e;
+                        if let End::Refused(h) = &end {
+                            m.refusal(h.reason);
+                        }
+                        if let Some(mut rl) = rl {
+                            self.finish(&end, &mut rl).await;
+                        }
+                        return Err(end);
                     }
                 }
-                Err(e) => {
-                    let _ = self.write(out).await; // the alert
-                    return Err(End::Refused(Box::new(e)));
+            }
+            let deadline = s.deadline();
+            match s.wants() {
+                Want::Read => match monoio::time::timeout_at(deadline.into(), self.read_more()).await {
+                    Ok(Ok(_)) => {
+                        if let Some(b) = self.rx.as_mut() {
+                            s.on_bytes(Instant::now(), b.vec());
+                        }
+                        self.release_if_empty();
+                    }
+                    Ok(Err(e)) => s.on_io_error(e),
+                    Err(_) => s.on_timeout(Instant::now()),
+                },
+                Want::OpenAnswer => {
+                    let answer = match &opened {
+                        Some((_, stream)) => monoio::time::timeout_at(deadline.into(), wait_opened(stream)).await,
+                        None => Ok(None),
+                    };
+                    if let (Ok(Some(_)), Some((link, _))) = (&answer, &opened) {
+                        link.metrics.open_seconds.observe(opening.elapsed());
+                    }
+                    match answer {
+                        Ok(Some(OpenResult::Accepted(sub))) => s.on_open_answer(OpenOutcome::Accepted(sub)),
+                        Ok(Some(OpenResult::Refused(status, reason))) => s.on_open_answer(OpenOutcome::Refused(status, reason)),
+                        Ok(None) => s.on_open_answer(OpenOutcome::Gone),
+                        Err(_) => s.on_timeout(Instant::now()),
+                    }
                 }
+                // Nothing queued and nothing to wait for: the machine always
+                // ends with `Established` or `Ended`, so this is not reached.
+                Want::Link | Want::Nothing => s.on_io_error(End::NoWsm),
             }
-        }
-    }
-
-    async fn read_upgrade(&mut self, rl: &mut RecordLayer) -> Result<(UpgradeRequest, Vec<u8>), End> {
-        let ws = &self.shard.cfg.ws;
-        let (max, forward) = (ws.max_request_bytes, ws.forward_headers.clone());
-        let mut req: Vec<u8> = Vec::new();
-        let mut replies = Vec::new();
-        loop {
-            let closed = self.open_records(rl, &mut replies, &mut |p| req.extend_from_slice(p))?;
-            if !replies.is_empty() {
-                let r = std::mem::take(&mut replies);
-                self.write(r).await?;
-            }
-            match upgrade::parse(&req, max, &forward) {
-                Ok(Some((r, used))) => return Ok((r, req.split_off(used))),
-                Ok(None) if closed => return Err(End::DeviceClosed),
-                Ok(None) => {}
-                Err(e) => return Err(End::BadUpgrade(e.status, e.reason)),
-            }
-            self.read_more().await?;
         }
     }
 

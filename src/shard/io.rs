@@ -185,18 +185,6 @@ impl Device {
         (Ok(()), data)
     }
 
-    /// Decrypts every whole record in rx, passing plaintext to `sink`. Reply
-    /// bytes (KeyUpdate answers) are appended to `out`. Returns true on
-    /// close_notify.
-    pub(super) fn open_records(&mut self, rl: &mut RecordLayer, out: &mut Vec<u8>, sink: &mut dyn FnMut(&[u8])) -> Result<bool, End> {
-        let Some(rx) = self.rx.as_mut() else {
-            return Ok(false);
-        };
-        let res = rl.open_all(rx.vec(), out, sink).map_err(End::Record);
-        self.release_if_empty();
-        res
-    }
-
     /// Seals `plain` and writes it to the device.
     /// Seals `plain` into a buffer of its own and writes it. Not a pool
     /// buffer: a device that stops reading keeps its write pending until the

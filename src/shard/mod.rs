@@ -66,6 +66,8 @@ pub struct ShardCtx {
     pub handoff: RefCell<Option<(Sender<Handed>, Arc<pace::Flight>)>>,
     /// The tunnel core's limits, shared by the shard's tunnels.
     pub limits: Rc<crate::session::tunnel::Limits>,
+    /// What the set-up of the shard's connections decides by.
+    pub setup_limits: Rc<crate::session::connection::SetupLimits>,
     /// What the shard's tunnels pack their resume data against (one per issuer).
     pub resume_dicts: crate::session::resume::Dictionaries,
     /// The waits of established tunnels between bursts (`tunnel::IdleSet`).
@@ -169,6 +171,7 @@ async fn run(
         parked: RefCell::new(Vec::new()),
         idle: tunnel::IdleSet::new(metrics.clone()),
         resume_dicts: Default::default(),
+        setup_limits: Rc::new(conn::setup_limits(&cfg, &tls)),
         limits: Rc::new(conn::limits(&cfg, cfg.ws.max_message_bytes.min(u32::MAX as usize) as u32)),
         metrics: metrics.clone(),
         cfg: cfg.clone(),

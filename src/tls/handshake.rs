@@ -260,4 +260,4 @@ fn split(s: ConnectionTrafficSecrets) -> Option<(Suite, Key, [u8; 12])> {
 }
 
 #[cfg(test)]
-mod tests;
+pub(crate) mod tests;

@@ -13,7 +13,7 @@ use crate::config::TlsConfig;
 use crate::tls::record::{Opened, RecordLayer};
 use crate::tls::server::TlsContext;
 
-fn setup(dir: &std::path::Path) -> TlsContext {
+pub(crate) fn setup(dir: &std::path::Path) -> TlsContext {
     crate::pki::generate(dir).unwrap();
     let c = TlsConfig {
         cert_chain: dir.join("server-chain.pem"),
@@ -29,7 +29,7 @@ fn setup(dir: &std::path::Path) -> TlsContext {
     TlsContext::load(&c).unwrap()
 }
 
-fn client(dir: &std::path::Path, device: &str, suite: &str) -> ClientConnection {
+pub(crate) fn client(dir: &std::path::Path, device: &str, suite: &str) -> ClientConnection {
     let mut provider = rustls::crypto::ring::default_provider();
     provider.cipher_suites.retain(|s| format!("{:?}", s.suite()) == suite);
     let version: &'static rustls::SupportedProtocolVersion =
