@@ -156,8 +156,8 @@ impl Setup {
         s
     }
 
-    /// A connection whose handshake is done (tests: record layers with fixed keys).
-    #[cfg(test)]
+    /// A connection whose handshake is done, for tests and fuzzing (with
+    /// record layers of fixed keys, `tls::record::testing::pair`).
     pub fn after_handshake(rl: RecordLayer, identity: DeviceIdentity, limits: std::rc::Rc<SetupLimits>, now: Instant) -> Setup {
         let mut s = Setup {
             stage: Stage::Handshaking,
