@@ -14,6 +14,15 @@ for t in $(cargo +nightly fuzz list); do
         cargo +nightly fuzz run -O "$t" "regressions/$t"/* -- -runs=0
     fi
     echo "== $t (${secs}s)"
-    cargo +nightly fuzz run -O "$t" "corpus/$t" -- -max_total_time="$secs" -rss_limit_mb=2048 -max_len=4096 2>&1 | grep -E "^(#[0-9]+ +DONE|==[0-9]+==|SUMMARY|thread .* panicked)|Done [0-9]+ runs" || true
-    test "${PIPESTATUS[0]}" -eq 0
+    log="$(mktemp)"
+    rc=0
+    cargo +nightly fuzz run -O "$t" "corpus/$t" -- -max_total_time="$secs" -rss_limit_mb=2048 -max_len=4096 >"$log" 2>&1 || rc=$?
+    grep -E "^(#[0-9]+ +DONE|==[0-9]+==|SUMMARY|thread .* panicked)|Done [0-9]+ runs" "$log" || true
+    if [ "$rc" -ne 0 ]; then
+        # (A pipeline with `|| true` under pipefail hid this exit status before.)
+        tail -40 "$log"
+        echo "fuzz target $t failed (exit $rc); the input is in fuzz/artifacts/$t/" >&2
+        exit 1
+    fi
+    rm -f "$log"
 done

@@ -111,6 +111,24 @@ impl Decoder {
         self.hdr_len > 0 || self.frame.is_some() || self.msg.is_some()
     }
 
+    /// Whether the state is one `feed` can leave behind (a decoder rebuilt
+    /// from a live-upgrade snapshot is checked before it is fed).
+    pub fn consistent(&self) -> bool {
+        // A header is started as soon as it is whole.
+        let hdr_ok = self.hdr_len < 2 || self.hdr_len < header_len(self.hdr[0], self.hdr[1]);
+        let msg_len = self.msg.as_ref().map_or(0, |m| m.1.len() as u64);
+        let frame_ok = match &self.frame {
+            None => true,
+            Some(_) if self.hdr_len != 0 => false,
+            Some(f) => match f.opcode {
+                op::CLOSE | op::PING | op::PONG => f.fin && f.remaining + (self.ctrl.len() as u64) <= 125,
+                op::TEXT | op::BINARY | op::CONT => self.msg.is_some() && msg_len.saturating_add(f.remaining) <= self.max_message as u64,
+                _ => false,
+            },
+        };
+        hdr_ok && frame_ok && self.ctrl.len() <= 125 && msg_len <= self.max_message as u64
+    }
+
     /// Bytes held for partial messages (for memory accounting).
     pub fn buffered(&self) -> usize {
         self.msg.as_ref().map_or(0, |m| m.1.capacity()) + self.ctrl.capacity()
@@ -119,6 +137,10 @@ impl Decoder {
     /// Consumes all of `input`, pushing complete events. After an error the
     /// decoder must not be fed again (the connection is closing).
     pub fn feed(&mut self, mut input: &[u8], events: &mut Vec<Event>) -> Result<(), WsError> {
+        if !self.consistent() {
+            // Only a decoder rebuilt from a corrupt snapshot gets here.
+            return Err(WsError { code: close::INTERNAL, reason: "corrupt frame decoder state" });
+        }
         while !input.is_empty() {
             if self.closed {
                 return Err(proto("data after close frame"));

@@ -179,3 +179,28 @@ fn a_declared_length_is_not_reserved_before_its_payload_arrives() {
     }
     assert_eq!(ev, vec![Event::Message { text: false, data }]);
 }
+
+/// A decoder rebuilt from a corrupt live-upgrade snapshot (found by the
+/// handoff_decode fuzz target: a header longer than its own length field
+/// says) is refused when fed, never a panic or an unbounded buffer.
+#[test]
+fn a_decoder_rebuilt_from_a_corrupt_snapshot_errs_instead_of_panicking() {
+    let mut d = Decoder::new(1024, true);
+    d.hdr_len = 9;
+    assert!(!d.consistent());
+    assert_eq!(d.feed(b"abc", &mut Vec::new()).unwrap_err().code, close::INTERNAL);
+    let mut d = Decoder::new(1024, true);
+    d.frame = Some(Frame { fin: true, opcode: op::PING, mask: None, remaining: 1 << 40, pos: 0 });
+    assert!(d.feed(b"abc", &mut Vec::new()).is_err());
+    let mut d = Decoder::new(1024, true);
+    d.frame = Some(Frame { fin: false, opcode: op::TEXT, mask: None, remaining: 10, pos: 0 });
+    assert!(d.feed(b"abc", &mut Vec::new()).is_err(), "a data frame with no message");
+    // Every state a real feed leaves is consistent.
+    let mut d = Decoder::new(1024, true);
+    let mut f = Vec::new();
+    encode(&mut f, op::TEXT, b"hello there", Some([1, 2, 3, 4]));
+    for b in &f[..f.len() - 1] {
+        d.feed(std::slice::from_ref(b), &mut Vec::new()).unwrap();
+        assert!(d.consistent());
+    }
+}
