@@ -147,8 +147,7 @@ impl Setup {
         now: Instant,
     ) -> Setup {
         let deadline = now + limits.handshake_timeout;
-        let mut s =
-            Setup { stage: Stage::Handshaking, state: State::Done, id, addr, limits, deadline, refusing: false, actions: VecDeque::new() };
+        let mut s = Setup::blank(id, addr, limits, deadline);
         match Handshake::new(tls, s.limits.key_update_after) {
             Ok(hs) => s.state = State::Handshaking(Box::new(hs)),
             Err(e) => s.end(End::Refused(Box::new(e)), None),
@@ -159,19 +158,16 @@ impl Setup {
     /// A connection whose handshake is done, for tests and fuzzing (with
     /// record layers of fixed keys, `tls::record::testing::pair`).
     pub fn after_handshake(rl: RecordLayer, identity: DeviceIdentity, limits: std::rc::Rc<SetupLimits>, now: Instant) -> Setup {
-        let mut s = Setup {
-            stage: Stage::Handshaking,
-            state: State::Done,
-            id: ConnectionId(1),
-            addr: identity.addr.parse().unwrap_or_else(|_| SocketAddr::from(([127, 0, 0, 1], 1))),
-            limits,
-            deadline: now,
-            refusing: false,
-            actions: VecDeque::new(),
-        };
+        let addr = identity.addr.parse().unwrap_or_else(|_| SocketAddr::from(([127, 0, 0, 1], 1)));
+        let mut s = Setup::blank(ConnectionId(1), addr, limits, now);
         s.enter(Stage::Upgrading, now);
         s.state = State::Upgrading { rl, identity: Box::new(identity), request: Vec::new() };
         s
+    }
+
+    /// At the start, with no state yet.
+    fn blank(id: ConnectionId, addr: SocketAddr, limits: std::rc::Rc<SetupLimits>, deadline: Instant) -> Setup {
+        Setup { stage: Stage::Handshaking, state: State::Done, id, addr, limits, deadline, refusing: false, actions: VecDeque::new() }
     }
 
     pub fn stage(&self) -> Stage {
@@ -199,11 +195,10 @@ impl Setup {
     fn enter(&mut self, next: Stage, now: Instant) {
         debug_assert!(next > self.stage, "stages only move forward: {:?} -> {next:?}", self.stage);
         self.stage = next;
-        self.deadline = match next {
-            Stage::Upgrading => now + self.limits.upgrade_timeout,
-            Stage::Opening => now + self.limits.open_timeout,
-            _ => self.deadline,
-        };
+        // The open timeout starts when a link takes the OPEN (`on_open_sent`).
+        if next == Stage::Upgrading {
+            self.deadline = now + self.limits.upgrade_timeout;
+        }
     }
 
     fn end(&mut self, end: End, rl: Option<RecordLayer>) {

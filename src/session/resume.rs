@@ -73,16 +73,12 @@ fn issuer_of(cert: &[u8]) -> Option<&[u8]> {
     use x509_parser::asn1_rs::{Any, Class, FromDer, Tag};
     let (_, cert) = Any::from_der(cert).ok()?;
     let (_, tbs) = Any::from_der(cert.data).ok()?;
+    // `first` is the optional version, or else already the serial number.
     let (mut rest, first) = Any::from_der(tbs.data).ok()?;
-    if !(first.class() == Class::ContextSpecific && first.tag() == Tag(0)) {
-        // No version field: `first` was the serial number.
-        let (r, _algorithm) = Any::from_der(rest).ok()?;
-        let (_, issuer) = Any::from_der(r).ok()?;
-        return (issuer.tag() == Tag::Sequence).then_some(issuer.data);
+    if first.class() == Class::ContextSpecific && first.tag() == Tag(0) {
+        rest = Any::from_der(rest).ok()?.0; // the serial number
     }
-    for _ in 0..2 {
-        rest = Any::from_der(rest).ok()?.0; // serial, then the algorithm
-    }
+    rest = Any::from_der(rest).ok()?.0; // the signature algorithm
     let (_, issuer) = Any::from_der(rest).ok()?;
     (issuer.tag() == Tag::Sequence).then_some(issuer.data)
 }

@@ -51,8 +51,8 @@ fn drain(s: &mut Setup) -> Vec<SetupAction> {
     std::iter::from_fn(|| s.poll_action()).collect()
 }
 
-/// Feeds the whole request; the OPEN comes out and a link takes it.
-fn to_opening(device: &mut RecordLayer, s: &mut Setup, now: Instant) -> Box<Open> {
+/// Feeds the whole request; the OPEN comes out for a link.
+fn to_link(device: &mut RecordLayer, s: &mut Setup, now: Instant) -> Box<Open> {
     let mut buf = seal(device, REQUEST);
     s.on_bytes(now, &mut buf);
     assert!(buf.is_empty());
@@ -60,6 +60,12 @@ fn to_opening(device: &mut RecordLayer, s: &mut Setup, now: Instant) -> Box<Open
     assert_eq!(acts.len(), 1);
     let Some(SetupAction::Open(o)) = acts.pop() else { panic!("an OPEN") };
     assert_eq!((s.stage(), s.wants()), (Stage::Opening, Want::Link));
+    o
+}
+
+/// [`to_link`], and a link takes the OPEN.
+fn to_opening(device: &mut RecordLayer, s: &mut Setup, now: Instant) -> Box<Open> {
+    let o = to_link(device, s, now);
     s.on_open_sent(now, true);
     assert_eq!(s.wants(), Want::OpenAnswer);
     o
@@ -170,9 +176,7 @@ fn no_request_in_time_is_a_408_and_early_timer_calls_change_nothing() {
 fn no_link_for_the_open_is_a_503_with_no_stream_to_close() {
     let now = Instant::now();
     let (mut device, mut s) = upgrading(now);
-    let mut buf = seal(&mut device, REQUEST);
-    s.on_bytes(now, &mut buf);
-    drain(&mut s);
+    to_link(&mut device, &mut s, now);
     s.on_open_sent(now, false);
     let acts = drain(&mut s);
     let (count, closes, ended) = refusal(&acts);
@@ -184,28 +188,23 @@ fn no_link_for_the_open_is_a_503_with_no_stream_to_close() {
 #[test]
 fn an_unanswered_open_is_a_504_that_closes_the_stream_and_a_bad_accept_a_502() {
     let now = Instant::now();
-    let (mut device, mut s) = upgrading(now);
-    to_opening(&mut device, &mut s, now);
-    s.on_timeout(now + Duration::from_secs(3));
-    let acts = drain(&mut s);
-    assert_eq!(refusal(&acts).0, SetupCount::WsmOpenTimeout);
-    assert!(refusal(&acts).1, "the WSM's stream is closed");
-    assert!(String::from_utf8(open(&mut device, written(&acts))).unwrap().starts_with("HTTP/1.1 504 "));
-
-    let (mut device, mut s) = upgrading(now);
-    to_opening(&mut device, &mut s, now);
-    s.on_open_answer(OpenOutcome::Accepted(Some("v1\r\nSet-Cookie: x".into())));
-    let acts = drain(&mut s);
-    assert_eq!((refusal(&acts).0, refusal(&acts).1), (SetupCount::WsmBadAccept, true));
-    let resp = String::from_utf8(open(&mut device, written(&acts))).unwrap();
-    assert!(resp.starts_with("HTTP/1.1 502 ") && !resp.contains("Set-Cookie"), "{resp}");
-
-    let (mut device, mut s) = upgrading(now);
-    to_opening(&mut device, &mut s, now);
-    s.on_open_answer(OpenOutcome::Refused(429, "slow down".into()));
-    let acts = drain(&mut s);
-    assert_eq!((refusal(&acts).0, refusal(&acts).1), (SetupCount::WsmRefused, false));
-    assert!(String::from_utf8(open(&mut device, written(&acts))).unwrap().starts_with("HTTP/1.1 429 "));
+    // Each case: what happens to the OPEN, what is counted, whether the
+    // WSM's stream is closed, and the response's start.
+    type Case<'a> = (&'a dyn Fn(&mut Setup), SetupCount, bool, &'a str);
+    let cases: [Case; 3] = [
+        (&|s| s.on_timeout(now + Duration::from_secs(3)), SetupCount::WsmOpenTimeout, true, "HTTP/1.1 504 "),
+        (&|s| s.on_open_answer(OpenOutcome::Accepted(Some("v1\r\nSet-Cookie: x".into()))), SetupCount::WsmBadAccept, true, "HTTP/1.1 502 "),
+        (&|s| s.on_open_answer(OpenOutcome::Refused(429, "slow down".into())), SetupCount::WsmRefused, false, "HTTP/1.1 429 "),
+    ];
+    for (answer, count, closes, status) in cases {
+        let (mut device, mut s) = upgrading(now);
+        to_opening(&mut device, &mut s, now);
+        answer(&mut s);
+        let acts = drain(&mut s);
+        assert_eq!((refusal(&acts).0, refusal(&acts).1), (count, closes), "{status}");
+        let resp = String::from_utf8(open(&mut device, written(&acts))).unwrap();
+        assert!(resp.starts_with(status) && !resp.contains("Set-Cookie"), "{resp}");
+    }
 }
 
 #[test]
