@@ -111,6 +111,10 @@ pub struct Pair {
     inbox: VecDeque<(bool, Vec<u8>)>,
     handoff_acked: bool,
     pub counts: Vec<Count>,
+    /// The shard's held-bytes count as the core's actions moved it, and its
+    /// value when the device first saw a close frame.
+    pub held: i64,
+    pub held_at_close: Option<i64>,
     pub end: Option<End>,
 }
 
@@ -157,6 +161,8 @@ impl Pair {
             inbox: VecDeque::new(),
             handoff_acked: false,
             counts: Vec::new(),
+            held: 0,
+            held_at_close: None,
             end: None,
         };
         p.settle();
@@ -259,6 +265,13 @@ impl Pair {
         std::mem::take(&mut self.dev_events)
     }
 
+    /// The core ended the tunnel by a call made outside the harness (as the
+    /// shell does, e.g. an eviction): finish it and settle.
+    pub fn end_with(&mut self, e: End) {
+        self.result(Err(e));
+        self.settle();
+    }
+
     fn result(&mut self, r: Result<(), End>) {
         if let Err(e) = r
             && self.end.is_none()
@@ -279,6 +292,9 @@ impl Pair {
                     let plain = buf[start..end].to_vec();
                     buf.drain(..consumed);
                     let _ = self.dev_dec.feed(&plain, &mut self.dev_events);
+                    if self.held_at_close.is_none() && self.dev_events.iter().any(|e| matches!(e, Event::Close { .. })) {
+                        self.held_at_close = Some(self.held);
+                    }
                 }
                 Ok(Opened::Control { consumed }) => {
                     buf.drain(..consumed);
@@ -444,7 +460,12 @@ impl Pair {
                         self.links[i].session.handoff(s);
                     }
                 }
-                Action::Count(c) => self.counts.push(c),
+                Action::Count(c) => {
+                    if let Count::HeldBytes(n) = c {
+                        self.held += n;
+                    }
+                    self.counts.push(c);
+                }
             }
         }
         any

@@ -256,10 +256,27 @@ impl Tunnel {
     }
 
     /// Sends a WebSocket close to the device.
+    /// Every path that closes the device ends the tunnel, so what it held
+    /// is given back first: the shard's count agrees before the device
+    /// sees the close.
     fn send_close(&mut self, code: u16, reason: &str) {
+        self.drop_held();
         let mut f = Vec::new();
         frame::encode_close(&mut f, code, reason, None);
         let _ = self.seal(&f);
+    }
+
+    /// Drops the held messages (the tunnel is ending or they live elsewhere
+    /// now) and gives their bytes back to the shard's count.
+    fn drop_held(&mut self) {
+        let n = match &mut self.attachment {
+            Attachment::Held(h) if h.bytes > 0 || !h.msgs.is_empty() => {
+                h.msgs.clear();
+                std::mem::take(&mut h.bytes) as i64
+            }
+            _ => return,
+        };
+        self.count(Count::HeldBytes(-n));
     }
 
     /// Whether the tunnel is on a WSM stream that exists on its link
@@ -596,10 +613,7 @@ impl Tunnel {
     /// The snapshot went to the new process: what it carries lives there now.
     pub fn handed_over(&mut self) -> End {
         let close = self.has_stream();
-        if let Attachment::Held(h) = &self.attachment {
-            let n = h.bytes as i64;
-            self.count(Count::HeldBytes(-n));
-        }
+        self.drop_held();
         self.attachment = Attachment::Attached { max_frame: 0 };
         self.dec = None;
         if close {
@@ -660,10 +674,7 @@ impl Tunnel {
         {
             self.actions.push(Action::CloseStream { reason, code, text });
         }
-        if let Attachment::Held(h) = &self.attachment {
-            let n = h.bytes as i64;
-            self.count(Count::HeldBytes(-n));
-        }
+        self.drop_held();
         self.attachment = Attachment::Attached { max_frame: 0 };
     }
 

@@ -234,6 +234,31 @@ fn a_held_tunnel_gives_up_with_1013_after_the_resume_time() {
 }
 
 #[test]
+fn held_bytes_are_given_back_before_the_device_sees_its_close() {
+    // Each way a held tunnel ends with a close to the device.
+    let give_up = |p: &mut Pair| p.advance(Duration::from_secs(21));
+    let evict = |p: &mut Pair| {
+        let e = p.core.evicted();
+        p.end_with(e);
+    };
+    let idle = |p: &mut Pair| p.advance(Duration::from_secs(600));
+    for (what, end) in [("give up", &give_up as &dyn Fn(&mut Pair)), ("evicted", &evict), ("idle", &idle)] {
+        let mut lim = harness::limits();
+        lim.resume_timeout = Duration::from_secs(if what == "idle" { 3600 } else { 20 });
+        let mut p = Pair::with(lim, codec::DEFAULT_MAX_FRAME);
+        p.kill_link(0);
+        p.device_text("held one");
+        p.device_text("held two");
+        p.settle();
+        assert_eq!(p.held, 16, "{what}: both held");
+        end(&mut p);
+        assert!(p.end.is_some(), "{what}: ended");
+        assert_eq!(p.held_at_close, Some(0), "{what}: the count was back to zero when the close arrived");
+        assert_eq!(p.held, 0, "{what}");
+    }
+}
+
+#[test]
 fn a_held_tunnel_stops_reading_at_its_bound() {
     let mut lim = harness::limits();
     lim.held_bytes_per_connection = 100;
