@@ -5,7 +5,7 @@
 //! config file's directory. Every problem is reported with its key, all at
 //! once. Never opens sockets; loading certificates (and checking the cipher
 //! suite names against the crypto provider) is `tls::server`'s job. Imports
-//! nothing of the proxy but `cpus`: the modules that use a config depend on
+//! nothing of the proxy but `cpus` and `logging` (the filter check): the modules that use a config depend on
 //! it, never the other way.
 #![forbid(unsafe_code)]
 #![deny(clippy::disallowed_methods)]
@@ -56,6 +56,24 @@ pub struct Config {
     pub pid_file: Option<PathBuf>,
     /// `upgrade.moving_per_shard`.
     pub upgrade_moving_per_shard: usize,
+    /// `reload.close_spread_ms`: revoked connections close spread over this.
+    pub reload_close_spread: Duration,
+    /// `control.socket` (`None`: off).
+    pub control_socket: Option<PathBuf>,
+    /// `log.level` (`None`: as `--log` says).
+    pub log_level: Option<String>,
+}
+
+/// Where the control socket is when `control.socket` is not set.
+pub fn default_control_socket() -> PathBuf {
+    match std::env::var_os("RUNTIME_DIRECTORY") {
+        // systemd may list several, separated by ':'; the first is ours.
+        Some(d) if !d.is_empty() => {
+            let d = d.to_string_lossy().split(':').next().unwrap_or("").to_string();
+            PathBuf::from(d).join("control.sock")
+        }
+        _ => PathBuf::from("/run/holdfast/control.sock"),
+    }
 }
 
 #[derive(Debug, Clone)]
@@ -371,6 +389,24 @@ impl Config {
             errs.push(err("upgrade.moving_per_shard", "must be between 1 and 65536"));
         }
 
+        let control_socket = match f.control.socket.as_deref() {
+            Some("off") => None,
+            Some("") => {
+                errs.push(err("control.socket", "empty: name a path, or \"off\""));
+                None
+            }
+            Some(p) => Some(resolve(p)),
+            None => Some(default_control_socket()),
+        };
+        if let Some(l) = &f.log.level
+            && let Err(m) = crate::logging::check_filter(l)
+        {
+            errs.push(err("log.level", m));
+        }
+        if f.reload.close_spread_ms > 24 * 3_600_000 {
+            errs.push(err("reload.close_spread_ms", "at most one day (86400000)"));
+        }
+
         let config = Config {
             path: path.to_path_buf(),
             listen,
@@ -383,6 +419,9 @@ impl Config {
             metrics,
             pid_file,
             upgrade_moving_per_shard: f.upgrade.moving_per_shard as usize,
+            reload_close_spread: Duration::from_millis(f.reload.close_spread_ms),
+            control_socket,
+            log_level: f.log.level.clone(),
         };
         (config, errs)
     }

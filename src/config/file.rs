@@ -31,6 +31,43 @@ pub struct FileConfig {
     pub metrics: MetricsFile,
     #[serde(default)]
     pub upgrade: UpgradeFile,
+    #[serde(default)]
+    pub reload: ReloadFile,
+    #[serde(default)]
+    pub control: ControlFile,
+    #[serde(default)]
+    pub log: LogFile,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ReloadFile {
+    /// After a reload (or `holdfast ctl block`) that makes established
+    /// devices no longer allowed, each is closed (1008) at a random moment
+    /// within this many milliseconds, never all at once.
+    pub close_spread_ms: u64,
+}
+
+impl Default for ReloadFile {
+    fn default() -> Self {
+        ReloadFile { close_spread_ms: 10_000 }
+    }
+}
+
+#[derive(Debug, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct ControlFile {
+    /// The operators' control socket (`holdfast ctl`, `holdfast reload`).
+    /// Default: `control.sock` in `$RUNTIME_DIRECTORY` (systemd's
+    /// `RuntimeDirectory=`), else `/run/holdfast/control.sock`. `"off"`: none.
+    pub socket: Option<String>,
+}
+
+#[derive(Debug, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct LogFile {
+    /// Log filter, as `--log` (which it overrides when set); changes on reload.
+    pub level: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]

@@ -139,8 +139,11 @@ pub struct Setup {
 
 impl Setup {
     /// A connection just accepted: the handshake starts.
+    /// `admit`: who judges a resumed TLS session and the wall clock (Unix
+    /// seconds) to judge at (see `tls::handshake::Handshake::new`).
     pub fn new(
         tls: Arc<rustls::ServerConfig>,
+        admit: Option<(Arc<crate::tls::verify::DeviceVerifier>, i64)>,
         limits: std::rc::Rc<SetupLimits>,
         id: ConnectionId,
         addr: SocketAddr,
@@ -148,7 +151,7 @@ impl Setup {
     ) -> Setup {
         let deadline = now + limits.handshake_timeout;
         let mut s = Setup::blank(id, addr, limits, deadline);
-        match Handshake::new(tls, s.limits.key_update_after) {
+        match Handshake::new(tls, s.limits.key_update_after, admit) {
             Ok(hs) => s.state = State::Handshaking(Box::new(hs)),
             Err(e) => s.end(End::Refused(Box::new(e)), None),
         }

@@ -146,7 +146,8 @@ impl Device {
         let m = self.shard.metrics.clone();
         let started = Instant::now();
         let tls = self.shard.tls.server.clone();
-        let mut s = Setup::new(tls, self.shard.setup_limits.clone(), self.id, self.addr, started);
+        let admit = Some((self.shard.tls.verifier.clone(), crate::timefmt::unix_now()));
+        let mut s = Setup::new(tls, admit, self.shard.setup_limits.clone(), self.id, self.addr, started);
         let mut opened: Option<(Rc<Link>, StreamRef)> = None;
         let mut opening = started;
         loop {

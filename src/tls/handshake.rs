@@ -17,6 +17,7 @@ use zeroize::Zeroize;
 
 use super::keys::{Key, Secret, Suite};
 use super::record::{DirectionState, RecordLayer, RecordState, Version};
+use super::verify::DeviceVerifier;
 
 /// Largest handshake record we accept (TLS 1.2 ciphertext limit).
 const MAX_RECORD: usize = 5 + (1 << 14) + 2048;
@@ -138,12 +139,62 @@ pub struct Handshake {
     captured: Captured,
     inbuf: Vec<u8>,
     key_update_after: u64,
+    /// Who judges a resumed session, and the wall clock (Unix seconds) it
+    /// judges validity at.
+    admit: Option<(Arc<DeviceVerifier>, i64)>,
+}
+
+/// A plaintext fatal alert record (sent before any key is in use).
+fn plain_alert(description: u8) -> [u8; 7] {
+    [0x15, 0x03, 0x03, 0x00, 0x02, 0x02, description]
+}
+
+impl Refusal {
+    /// The alert a refusal of this kind is told with (RFC 8446 6.2, as
+    /// rustls sends for the same refusal in a full handshake).
+    fn alert(self) -> u8 {
+        match self {
+            Refusal::Blocked => 44,       // certificate_revoked
+            Refusal::Expired => 45,       // certificate_expired
+            Refusal::UnknownCa => 48,     // unknown_ca
+            Refusal::NoCertificate => 116, // certificate_required
+            Refusal::BadHandshake | Refusal::Timeout => 40, // handshake_failure
+        }
+    }
 }
 
 impl Handshake {
-    pub fn new(config: Arc<ServerConfig>, key_update_after: u64) -> Result<Self, HandshakeError> {
+    /// A handshake under `config`. `admit`: the verifier that also judges
+    /// resumed sessions (which rustls lets in without running it) and the
+    /// wall clock to judge at; `None` lets every resumption rustls accepts in.
+    pub fn new(config: Arc<ServerConfig>, key_update_after: u64, admit: Option<(Arc<DeviceVerifier>, i64)>) -> Result<Self, HandshakeError> {
         let conn = ServerConnection::new(config).map_err(|e| HandshakeError::new(Refusal::BadHandshake, e.to_string()))?;
-        Ok(Handshake { conn, captured: Captured::default(), inbuf: Vec::new(), key_update_after })
+        Ok(Handshake { conn, captured: Captured::default(), inbuf: Vec::new(), key_update_after, admit })
+    }
+
+    /// Once rustls has accepted a resumption (it knows the session's
+    /// certificates as soon as it has read the ClientHello, before anything
+    /// is sent back), the device is judged as a full handshake would judge
+    /// it now. A refusal sends a plaintext alert in place of rustls's
+    /// flight, so the device gets neither a session nor a new ticket.
+    fn judge_resumption(&mut self, out: &mut Vec<u8>) -> Result<(), HandshakeError> {
+        if self.conn.handshake_kind() != Some(rustls::HandshakeKind::Resumed) {
+            return Ok(());
+        }
+        let Some((verifier, now)) = self.admit.take() else { return Ok(()) };
+        let chain: Vec<Vec<u8>> =
+            self.conn.peer_certificates().map(|c| c.iter().map(|c| c.as_ref().to_vec()).collect()).unwrap_or_default();
+        match verifier.admits_resumed(&chain, now) {
+            Ok(()) => Ok(()),
+            Err(reason) => {
+                out.extend_from_slice(&plain_alert(reason.alert()));
+                Err(HandshakeError {
+                    reason,
+                    detail: "a resumed session of a device that a full handshake would refuse now".into(),
+                    presented: super::verify::take_refused_leaf(),
+                })
+            }
+        }
     }
 
     /// Feeds received bytes; bytes to send are appended to `out` (including
@@ -173,6 +224,7 @@ impl Handshake {
                 let reason = Refusal::classify(&e);
                 return Err(self.fail(reason, e.to_string(), out));
             }
+            self.judge_resumption(out)?;
             self.drain_out(out);
         }
         self.drain_out(out);

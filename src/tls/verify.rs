@@ -45,6 +45,8 @@ pub struct CaGroup {
     verifier: Arc<dyn ClientCertVerifier>,
     /// DER subjects of this group's CA certificates.
     subjects: Vec<Vec<u8>>,
+    /// SHA-256 over the group's CA certificates (DER), in file order.
+    roots_digest: [u8; 32],
 }
 
 impl std::fmt::Debug for CaGroup {
@@ -61,6 +63,7 @@ impl CaGroup {
         provider: Arc<CryptoProvider>,
     ) -> Result<Self, String> {
         let mut store = RootCertStore::empty();
+        let roots_digest = crate::identity::sha256(&roots.iter().flat_map(|c| c.as_ref().iter().copied()).collect::<Vec<u8>>());
         for c in roots {
             store.add(c).map_err(|e| format!("{name}: not a usable CA certificate: {e}"))?;
         }
@@ -70,7 +73,7 @@ impl CaGroup {
         let subjects = store.subjects().iter().map(|d| d.as_ref().to_vec()).collect();
         let verifier =
             WebPkiClientVerifier::builder_with_provider(Arc::new(store), provider).build().map_err(|e| format!("{name}: {e}"))?;
-        Ok(CaGroup { name, ignore_validity, verifier, subjects })
+        Ok(CaGroup { name, ignore_validity, verifier, subjects, roots_digest })
     }
 }
 
@@ -149,6 +152,48 @@ impl DeviceVerifier {
             .and_then(|(i, _)| self.groups.get(i))
             .map(|g| std::path::Path::new(&g.name).file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_else(|| g.name.clone()))
             .unwrap_or_else(|| "none".into())
+    }
+
+    /// Whether a device resuming an earlier TLS session would pass a full
+    /// handshake now (rustls does not run the verifier on resumption): its
+    /// leaf must not be blocklisted, its issuer must still be a configured
+    /// CA, and its leaf must be valid at `now` (Unix seconds) unless that
+    /// CA ignores validity. What this does not re-check (the signatures) is
+    /// covered by session tickets: a change of the CA set replaces the
+    /// ticket keys and the session cache, so no session made under other
+    /// CAs resumes (`tls::server`, docs/reload.md).
+    pub fn admits_resumed(&self, chain: &[Vec<u8>], now: i64) -> Result<(), super::handshake::Refusal> {
+        use super::handshake::Refusal;
+        let leaf = chain.first().ok_or(Refusal::NoCertificate)?;
+        if self.blocklist().blocks(leaf) {
+            note_refused(leaf);
+            return Err(Refusal::Blocked);
+        }
+        let refused = |r| {
+            note_refused(leaf);
+            Err(r)
+        };
+        match self.issuing_ca(chain, now) {
+            None => refused(Refusal::UnknownCa),
+            Some((i, outside)) if outside && !self.groups.get(i).is_some_and(|g| g.ignore_validity) => refused(Refusal::Expired),
+            Some(_) => Ok(()),
+        }
+    }
+
+    /// A digest of the CA set (each group's CA certificates and its
+    /// `ignore_validity`): equal digests mean a full handshake decides the
+    /// same way under both, blocklist aside.
+    pub fn ca_digest(&self) -> [u8; 32] {
+        let mut all = Vec::new();
+        for g in &self.groups {
+            all.push(u8::from(g.ignore_validity));
+            for s in &g.subjects {
+                all.extend_from_slice(&(s.len() as u32).to_be_bytes());
+                all.extend_from_slice(s);
+            }
+            all.extend_from_slice(&g.roots_digest);
+        }
+        crate::identity::sha256(&all)
     }
 
     pub fn blocklist(&self) -> Arc<Blocklist> {

@@ -30,6 +30,12 @@ pub(crate) fn setup(dir: &std::path::Path) -> TlsContext {
 }
 
 pub(crate) fn client(dir: &std::path::Path, device: &str, suite: &str) -> ClientConnection {
+    ClientConnection::new(client_config(dir, device, suite), "localhost".try_into().unwrap()).unwrap()
+}
+
+/// A device's client config; connections made from one config resume its
+/// sessions (rustls keeps them in the config's in-memory store).
+pub(crate) fn client_config(dir: &std::path::Path, device: &str, suite: &str) -> Arc<ClientConfig> {
     let mut provider = rustls::crypto::ring::default_provider();
     provider.cipher_suites.retain(|s| format!("{:?}", s.suite()) == suite);
     let version: &'static rustls::SupportedProtocolVersion =
@@ -44,12 +50,12 @@ pub(crate) fn client(dir: &std::path::Path, device: &str, suite: &str) -> Client
         .with_root_certificates(roots)
         .with_client_auth_cert(chain, key)
         .unwrap();
-    ClientConnection::new(Arc::new(cfg), "localhost".try_into().unwrap()).unwrap()
+    Arc::new(cfg)
 }
 
 /// Runs the handshake; returns the established state or the refusal.
 fn handshake(ctx: &TlsContext, c: &mut ClientConnection) -> Result<Established, HandshakeError> {
-    let mut hs = Handshake::new(ctx.server.clone(), ctx.key_update_after)?;
+    let mut hs = Handshake::new(ctx.server.clone(), ctx.key_update_after, Some((ctx.verifier.clone(), crate::timefmt::unix_now())))?;
     for _ in 0..20 {
         let mut to_server = Vec::new();
         while c.wants_write() {
@@ -179,11 +185,66 @@ fn refusals_are_classified() {
 fn garbage_is_a_bad_handshake() {
     let dir = tempfile::tempdir().unwrap();
     let ctx = setup(dir.path());
-    let mut hs = Handshake::new(ctx.server.clone(), 0).unwrap();
+    let mut hs = Handshake::new(ctx.server.clone(), 0, None).unwrap();
     let mut out = Vec::new();
     let e = hs.feed(&[0x16, 3, 1, 0, 4, 1, 0, 0, 0], &mut out).err().unwrap();
     assert_eq!(e.reason, Refusal::BadHandshake);
-    let mut hs = Handshake::new(ctx.server.clone(), 0).unwrap();
+    let mut hs = Handshake::new(ctx.server.clone(), 0, None).unwrap();
     let e = hs.feed(&[0x16, 3, 1, 0xff, 0xff], &mut out).err().unwrap();
     assert_eq!(e.reason, Refusal::BadHandshake, "oversized record refused before it arrives");
+}
+
+#[test]
+fn a_resumed_session_is_judged_as_a_full_handshake_would_be_now() {
+    let dir = tempfile::tempdir().unwrap();
+    let ctx = setup(dir.path());
+    let leaf = CertificateDer::from_pem_file(dir.path().join("devices/oven-1.pem")).unwrap();
+    let fp: String = crate::identity::sha256(leaf.as_ref()).iter().map(|b| format!("{b:02x}")).collect();
+    for suite in ["TLS13_AES_128_GCM_SHA256", "TLS_ECDHE_ECDSA_WITH_AES_128_GCM_SHA256"] {
+        ctx.verifier.set_blocklist(Default::default());
+        let cfg = client_config(dir.path(), "oven-1", suite);
+        let connect = || ClientConnection::new(cfg.clone(), "localhost".try_into().unwrap()).unwrap();
+        let mut first = connect();
+        handshake(&ctx, &mut first).unwrap_or_else(|e| panic!("{suite}: {e}"));
+        assert_eq!(first.handshake_kind(), Some(rustls::HandshakeKind::Full));
+        // Not blocked: the session resumes.
+        let mut again = connect();
+        handshake(&ctx, &mut again).unwrap_or_else(|e| panic!("{suite}: {e}"));
+        assert_eq!(again.handshake_kind(), Some(rustls::HandshakeKind::Resumed), "{suite}");
+        // Blocked since: the resumption is refused with certificate_revoked,
+        // before any flight (and so before any new ticket) is sent.
+        ctx.verifier.set_blocklist(crate::tls::blocklist::Blocklist::parse(&fp).unwrap());
+        let mut blocked = connect();
+        let mut hs = Handshake::new(ctx.server.clone(), 0, Some((ctx.verifier.clone(), crate::timefmt::unix_now()))).unwrap();
+        let mut hello = Vec::new();
+        while blocked.wants_write() {
+            blocked.write_tls(&mut hello).unwrap();
+        }
+        let mut out = Vec::new();
+        let e = hs.feed(&hello, &mut out).err().unwrap_or_else(|| panic!("{suite}: a blocked device resumed"));
+        assert_eq!(e.reason, Refusal::Blocked, "{suite}: {e}");
+        assert_eq!(out, [0x15, 3, 3, 0, 2, 2, 44], "{suite}: only the alert goes out");
+        assert!(e.presented.is_some());
+        blocked.read_tls(&mut &out[..]).unwrap();
+        let err = blocked.process_new_packets().unwrap_err();
+        assert!(err.to_string().contains("CertificateRevoked"), "{suite}: {err}");
+        // And a full handshake is refused the same way.
+        let mut full = client(dir.path(), "oven-1", suite);
+        assert_eq!(handshake(&ctx, &mut full).err().map(|e| e.reason), Some(Refusal::Blocked), "{suite}");
+    }
+}
+
+#[test]
+fn a_resumed_session_needs_its_issuer_still_configured_and_validity_unless_ignored() {
+    let dir = tempfile::tempdir().unwrap();
+    let ctx = setup(dir.path());
+    let chain = |d: &str| vec![CertificateDer::from_pem_file(dir.path().join(format!("devices/{d}.pem"))).unwrap().to_vec()];
+    let now = crate::timefmt::unix_now();
+    assert_eq!(ctx.verifier.admits_resumed(&chain("oven-1"), now), Ok(()));
+    assert_eq!(ctx.verifier.admits_resumed(&chain("rogue-1"), now), Err(Refusal::UnknownCa));
+    // Expired, under the 2019 CA that ignores validity: still in.
+    assert_eq!(ctx.verifier.admits_resumed(&chain("thermostat-2019"), now), Ok(()));
+    // oven-1 (2024 CA, validity checked) long after its end.
+    assert_eq!(ctx.verifier.admits_resumed(&chain("oven-1"), now + 100 * 365 * 86_400), Err(Refusal::Expired));
+    assert_eq!(ctx.verifier.admits_resumed(&[], now), Err(Refusal::NoCertificate));
 }
