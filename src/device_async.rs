@@ -35,6 +35,8 @@ fn fail<E: std::fmt::Display>(k: ErrorKind) -> impl Fn(E) -> Failure {
 }
 
 pub struct WsClient {
+    /// The close code holdfast sent, once a close frame arrived (`Some(None)`: without a code).
+    pub closed_with: Option<Option<u16>>,
     tcp: TcpStream,
     tls: ClientConnection,
     dec: Decoder,
@@ -102,6 +104,7 @@ impl WsClient {
         let name = ServerName::try_from("localhost").map_err(fail(ErrorKind::Tls))?;
         let tls = ClientConnection::new(config, name).map_err(fail(ErrorKind::Tls))?;
         let mut c = WsClient {
+            closed_with: None,
             tcp,
             tls,
             dec: Decoder::new(16 << 20, false),
@@ -195,6 +198,7 @@ impl WsClient {
                     Event::Ping(p) => self.send(op::PONG, &p).await?,
                     Event::Pong(_) => {}
                     Event::Close { code, .. } => {
+                        self.closed_with = Some(code);
                         return Err(Failure(ErrorKind::Closed, format!("close {code:?}")));
                     }
                 }

@@ -5,6 +5,7 @@
 
 pub use holdfast_link::blame;
 pub mod config;
+pub mod control;
 pub mod cpus;
 pub mod device;
 pub mod device_async;
@@ -14,6 +15,7 @@ pub mod logging;
 pub mod metrics;
 pub mod pki;
 pub mod proxy;
+pub mod reload;
 pub mod resolve;
 pub mod session;
 pub mod shard;

@@ -26,7 +26,9 @@ Signals:
   SIGUSR2                   live binary upgrade: start the binary now at this path and hand it
                             every listening socket and device connection (docs/upgrade.md);
                             `holdfast upgrade` does the same and waits for the outcome
-  SIGHUP                    reload (not built yet: logged and ignored; it never stops holdfast)
+  SIGHUP                    reload: re-read the config and every file it names, apply it to every
+                            shard at once, or refuse it whole (`holdfast reload` does the same and
+                            prints the outcome); keys that need a restart are named, for `holdfast upgrade`
   any other signal          logged and ignored; only SIGKILL ends holdfast without its own handling
 
 Environment:
@@ -101,6 +103,23 @@ enum Cmd {
         #[arg(long, default_value_t = 120)]
         timeout: u64,
     },
+    /// Reload the running holdfast's config (and every file it names) and
+    /// print the outcome; exits non-zero if it was refused. Same as SIGHUP
+    /// and `holdfast ctl reload`.
+    Reload {
+        #[command(flatten)]
+        target: holdfast::control::cli::Target,
+        /// Print the answer as JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Operate a running holdfast through its control socket.
+    Ctl {
+        #[command(flatten)]
+        target: holdfast::control::cli::Target,
+        #[command(subcommand)]
+        cmd: holdfast::control::cli::CtlCmd,
+    },
     /// Connect as a device, send messages and print the replies.
     Device {
         /// Address of holdfast.
@@ -138,7 +157,9 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     holdfast::logging::init(&cli.log, cli.log_format);
     match cli.cmd {
-        Cmd::Run { config } => run(config),
+        Cmd::Run { config } => run(config, &cli.log),
+        Cmd::Reload { target, json } => ExitCode::from(holdfast::control::cli::run(&target, &holdfast::control::cli::CtlCmd::Reload { json })),
+        Cmd::Ctl { target, cmd } => ExitCode::from(holdfast::control::cli::run(&target, &cmd)),
         Cmd::CheckConfig { file } => check_config(file),
         Cmd::Upgrade { pid_file, timeout } => match holdfast::upgrade::coordinator::request(&pid_file, Duration::from_secs(timeout)) {
             Ok(r) if r.status == "ok" => {
@@ -222,36 +243,73 @@ fn announce(running: &holdfast::proxy::Running, shards: usize) {
 
 /// Serves until SIGINT/SIGTERM; SIGUSR2 starts a live upgrade
 /// (`docs/upgrade.md`), after which this process exits once every
-/// connection has moved.
+/// connection has moved; SIGHUP and the control socket reload.
 fn serve(mut running: holdfast::proxy::Running, config: &std::path::Path, exe: &std::path::Path, signals: Signals) -> ExitCode {
+    use holdfast::control::server::ControlServer;
     let pid_file = running.pid_file.clone();
     let mut upgrader = holdfast::upgrade::coordinator::Upgrader::new(exe.to_path_buf(), config.to_path_buf(), pid_file.as_deref());
+    let start_control = |path: &std::path::Path| match ControlServer::start(path) {
+        Ok((server, rx)) => {
+            tracing::info!(socket = %path.display(), "control socket ready");
+            Some((server, rx))
+        }
+        Err(e) => {
+            tracing::warn!(socket = %path.display(), error = %e, "no control socket (holdfast ctl and holdfast reload will not reach this instance; SIGHUP still reloads)");
+            None
+        }
+    };
+    let mut control = running.generation.cfg.control_socket.clone().and_then(|p| start_control(&p));
+    let never = crossbeam_channel::never();
+    let mut rate = holdfast::control::handle::Rate::default();
+    let mut was_upgrading = false;
     loop {
-        match signals.recv_timeout(upgrader.interval()) {
-            Ok(sig) => match sig.meaning() {
-                Meaning::Upgrade => upgrader.start(&mut running),
-                Meaning::Stop => {
-                    tracing::info!(signal = %sig, "shutting down");
-                    break;
-                }
-                Meaning::Reload => {
-                    tracing::warn!(signal = %sig, "live reload is not built yet: nothing reloaded, still serving (use SIGUSR2 or `holdfast upgrade` to re-read the config)")
-                }
-                Meaning::Ignore => tracing::warn!(signal = %sig, "signal ignored; still serving"),
+        let requests = control.as_ref().map(|(_, rx)| rx).unwrap_or(&never);
+        crossbeam_channel::select! {
+            recv(signals) -> sig => match sig {
+                Ok(sig) => match sig.meaning() {
+                    Meaning::Upgrade => upgrader.start(&mut running),
+                    Meaning::Stop => {
+                        tracing::info!(signal = %sig, "shutting down");
+                        break;
+                    }
+                    Meaning::Reload if upgrader.in_progress() => {
+                        tracing::warn!(signal = %sig, "a live upgrade is under way: not reloading (reload when it is done)")
+                    }
+                    Meaning::Reload => {
+                        tracing::info!(signal = %sig, "reloading");
+                        let _ = running.reload();
+                    }
+                    Meaning::Ignore => tracing::warn!(signal = %sig, "signal ignored; still serving"),
+                },
+                Err(_) => break,
             },
-            Err(crossbeam_channel::RecvTimeoutError::Timeout) => {
+            recv(requests) -> req => {
+                if let Ok((req, answer)) = req {
+                    let r = holdfast::control::handle::handle(req, &mut running, &rate, upgrader.in_progress());
+                    let _ = answer.send(r);
+                }
+            },
+            default(upgrader.interval()) => {
                 if upgrader.tick(&mut running) {
                     break;
                 }
-            }
-            Err(crossbeam_channel::RecvTimeoutError::Disconnected) => break,
+            },
         }
+        rate.sample(&running);
+        // A successor that took the control socket's path over and then
+        // failed leaves it to a dead socket: take it back.
+        let upgrading = upgrader.in_progress();
+        if was_upgrading && !upgrading && control.as_ref().is_some_and(|(c, _)| !c.owns_path()) {
+            let path = control.as_ref().map(|(c, _)| c.path.clone());
+            control = path.and_then(|p| start_control(&p)).or(control);
+        }
+        was_upgrading = upgrading;
     }
     running.shutdown();
     ExitCode::SUCCESS
 }
 
-fn run(config: PathBuf) -> ExitCode {
+fn run(config: PathBuf, log: &str) -> ExitCode {
     // The binary at the path this process was started from: an operator
     // replaces the file, then signals.
     let exe = holdfast::upgrade::coordinator::own_exe();
@@ -267,8 +325,13 @@ fn run(config: PathBuf) -> ExitCode {
             return print_errors(&config.display().to_string(), &es);
         }
     };
+    if let Some(level) = &cfg.log_level
+        && let Err(e) = holdfast::logging::set_filter(level)
+    {
+        tracing::warn!(error = %e, "log.level not applied");
+    }
     let shards = cfg.shard_cpus.len();
-    let running = match channel {
+    let mut running = match channel {
         Some(ch) => match holdfast::upgrade::coordinator::take_over(ch, cfg) {
             Ok(r) => r,
             Err(es) => return print_errors("holdfast (upgrade) could not start", &es),
@@ -278,6 +341,7 @@ fn run(config: PathBuf) -> ExitCode {
             Err(es) => return print_errors("holdfast could not start", &es),
         },
     };
+    running.base_log = log.to_string();
     announce(&running, shards);
     holdfast::upgrade::notify::ready(&format!("serving on {} with {shards} shards", running.listen));
     if let Some(p) = &running.pid_file

@@ -204,6 +204,9 @@ links_per_shard = 1
 
 [metrics]
 addr = "{metrics}"
+
+[control]
+socket = "control.sock"         # `holdfast ctl --config holdfast.toml status`
 "#
     )
 }

@@ -68,16 +68,44 @@ fn resolve_one(entry: &str, hosts: &str) -> Result<Vec<SocketAddr>, String> {
 
 /// Re-resolves `entries` every `every` and calls `changed` with the new set
 /// whenever it differs. Runs on its own thread (resolving blocks).
-pub fn refresh(entries: Vec<String>, mut current: Vec<Wsm>, every: Duration, changed: impl Fn(Vec<Wsm>) + Send + 'static) {
+/// The WSM pool as the resolver thread keeps it: the configured entries,
+/// how often to resolve them again (zero: never), and their addresses
+/// now. A reload replaces the entries and the interval.
+#[derive(Debug, Clone, Default)]
+pub struct Pool {
+    pub entries: Vec<String>,
+    pub every: Duration,
+    pub current: Vec<Wsm>,
+}
+
+pub type SharedPool = std::sync::Arc<std::sync::Mutex<Pool>>;
+
+/// Re-resolves the pool's entries every `every` on a thread of its own and
+/// calls `changed` with the new addresses when they change. Resolving
+/// happens outside the lock (it may block); a result for entries that a
+/// reload replaced meanwhile is dropped.
+pub fn refresh(pool: SharedPool, changed: impl Fn(Vec<Wsm>) + Send + 'static) {
     let _ = std::thread::Builder::new().name("holdfast-resolve".into()).spawn(move || {
         loop {
+            let (entries, every, current) = {
+                let p = pool.lock().unwrap_or_else(|e| e.into_inner());
+                (p.entries.clone(), p.every, p.current.clone())
+            };
+            if every.is_zero() {
+                std::thread::sleep(Duration::from_secs(1)); // off until a reload sets it
+                continue;
+            }
             std::thread::sleep(every);
             let now = resolve_all(&entries, &current);
-            if now != current {
-                tracing::info!(before = current.len(), after = now.len(), "WSM addresses changed");
-                changed(now.clone());
-                current = now;
+            let mut p = pool.lock().unwrap_or_else(|e| e.into_inner());
+            if p.entries != entries || now == p.current {
+                continue;
             }
+            tracing::info!(before = p.current.len(), after = now.len(), "WSM addresses changed");
+            p.current = now.clone();
+            // Told under the lock, so a reload's pool and this change
+            // reach the shards in the order they were made.
+            changed(now);
         }
     });
 }

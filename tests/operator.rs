@@ -92,7 +92,7 @@ fn sighup_and_every_other_stray_signal_leave_every_device_connected() {
     // All but SIGPIPE, which the Rust runtime ignores outright.
     eventually(10, "every signal to be logged", || log().matches("signal=").count() >= stray.len() - 1);
     let log = log();
-    assert!(log.contains("signal=SIGHUP") && log.contains("live reload is not built yet"), "{log}");
+    assert!(log.contains("signal=SIGHUP") && log.contains("reload: nothing changed"), "SIGHUP reloads, changing nothing here: {log}");
     assert!(log.contains("signal=SIGUSR1") && log.contains("signal ignored"), "{log}");
     assert!(log.contains("signal=SIGRTMIN+1"), "{log}");
     assert_eq!(metric(&proxy, "holdfast_connections_active", ""), 3);

@@ -97,6 +97,9 @@ addr = "127.0.0.1:{metrics_port}"
 [upgrade]
 pid_file = "{pki}/holdfast.pid"
 moving_per_shard = {moving_per_shard}
+
+[control]
+socket = "{pki}/control.sock"
 "#,
         pki = pki.display()
     )

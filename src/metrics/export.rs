@@ -183,6 +183,21 @@ impl Collector for Sources {
             }
         }
         family(e, "holdfast_handshake_refused_total", "TLS handshakes refused, by reason", MetricType::Counter, refused)?;
+        let mut revoked = Vec::new();
+        for (i, m) in shards.iter().enumerate() {
+            for (j, r) in Refusal::ALL.iter().enumerate() {
+                if matches!(r, Refusal::Blocked | Refusal::UnknownCa | Refusal::Expired) {
+                    revoked.push((vec![("shard", i.to_string()), ("reason", r.label().into())], Sample::Count(m.revoked[j].load(Relaxed))));
+                }
+            }
+        }
+        family(
+            e,
+            "holdfast_connections_revoked_total",
+            "established connections closed with 1008 because a policy change (reload, ctl block) no longer allows them, by reason",
+            MetricType::Counter,
+            revoked,
+        )?;
         let mut record = Vec::new();
         for (i, m) in shards.iter().enumerate() {
             for (j, r) in crate::tls::record::RecordError::LABELS.iter().enumerate() {
@@ -279,7 +294,32 @@ impl Collector for Sources {
         // Node and process figures: one sample each, no labels.
         let p = super::process::read();
         let alive = shards.iter().filter(|m| m.alive.load(Relaxed)).count() as i64;
-        let singles: [(&str, MetricType, &str, Sample); 9] = [
+        let n = &self.node;
+        let singles: [(&str, MetricType, &str, Sample); 13] = [
+            (
+                "holdfast_config_generation",
+                MetricType::Gauge,
+                "config generation serving (1 at start, +1 per applied reload or block/unblock)",
+                Sample::Gauge(n.config_generation.load(Relaxed) as i64),
+            ),
+            (
+                "holdfast_config_last_reload_success",
+                MetricType::Gauge,
+                "1 if the last reload was applied, 0 if it was refused",
+                Sample::Gauge(n.last_reload_success.load(Relaxed) as i64),
+            ),
+            (
+                "holdfast_config_last_reload_timestamp_seconds",
+                MetricType::Gauge,
+                "when the last reload was tried (Unix seconds; 0: none yet)",
+                Sample::Gauge(n.last_reload_timestamp.load(Relaxed)),
+            ),
+            (
+                "holdfast_blocklist_entries",
+                MetricType::Gauge,
+                "entries in the blocklist serving now",
+                Sample::Gauge(n.blocklist_entries.load(Relaxed) as i64),
+            ),
             (
                 "holdfast_server_certificate_expiry_timestamp_seconds",
                 MetricType::Gauge,

@@ -77,6 +77,9 @@ shard_series! {
     accept_loops: Gauge, "listening sockets this shard is accepting on";
     tunnels_parked: Gauge, "established tunnels waiting with no task of their own (in the shard's idle set: quiet for 2 s)";
     tunnel_state_bytes: Gauge, "bytes of per-connection state held by established tunnels (Tunnel, StreamShared, key material; not runtime or kernel)";
+    streams_held: Gauge, "tunnels holding their device for want of a WSM (messages kept until a WSM takes the stream, or 1013)";
+    connections_kicked_total: Counter, "connections closed by an operator (holdfast ctl kick)";
+    revocations_pending: Gauge, "established connections no longer allowed by the policy, waiting for their spread-out close";
 }
 
 /// Upper bounds (seconds) of the latency histograms' buckets.
@@ -154,6 +157,9 @@ pub struct ShardMetrics {
     pub s: Series,
     /// Handshake refusals, indexed like `Refusal::ALL`.
     pub refused: [AtomicU64; 6],
+    /// Established connections closed (1008) after a policy change, by
+    /// why they are no longer allowed, indexed like `Refusal::ALL`.
+    pub revoked: [AtomicU64; 6],
     /// Connections closed for a bad TLS record, indexed like `RecordError::LABELS`.
     pub tls_record_errors: [AtomicU64; 8],
     /// WebSocket closes holdfast sent for bad device input, by close code.
@@ -202,6 +208,12 @@ impl ShardMetrics {
     pub fn refusal(&self, r: Refusal) {
         if let Some(i) = Refusal::ALL.iter().position(|x| *x == r) {
             Self::inc(&self.refused[i]);
+        }
+    }
+
+    pub fn revocation(&self, r: Refusal) {
+        if let Some(i) = Refusal::ALL.iter().position(|x| *x == r) {
+            Self::inc(&self.revoked[i]);
         }
     }
 
@@ -266,6 +278,14 @@ impl ShardMetrics {
 pub struct NodeMetrics {
     /// The server certificate's end of validity (Unix seconds).
     pub server_cert_not_after: AtomicI64,
+    /// The config generation serving (1 at start, +1 per applied change).
+    pub config_generation: AtomicU64,
+    /// 1 if the last reload was applied, 0 if it was refused (1 before any).
+    pub last_reload_success: AtomicU64,
+    /// When the last reload was tried (Unix seconds; 0: none yet).
+    pub last_reload_timestamp: AtomicI64,
+    /// Entries in the blocklist serving now.
+    pub blocklist_entries: AtomicU64,
 }
 
 /// Marks a shard's metrics dead when its thread ends, however it ends.

@@ -41,6 +41,10 @@ pub enum End {
     PartialEvicted,
     /// The connection moved to a new process (live upgrade).
     HandedOver,
+    /// A policy change (reload, `ctl block`) no longer allows its identity.
+    Revoked(crate::tls::handshake::Refusal),
+    /// An operator closed it (`ctl kick`) with this code.
+    Kicked(u16),
 }
 
 impl From<std::io::Error> for End {
@@ -70,6 +74,8 @@ impl End {
             End::Ws(e) => (e.code, e.reason.to_string()),
             End::Idle => (close::GOING_AWAY, "idle timeout".into()),
             End::PartialEvicted => (close::POLICY, "partial record held too long".into()),
+            End::Revoked(why) => (close::POLICY, format!("device no longer allowed ({})", why.label())),
+            End::Kicked(code) => (*code, "closed by the operator".into()),
             End::WriteStall => (1006, "device stopped reading".into()),
             _ => (1006, String::new()),
         };
@@ -94,6 +100,9 @@ impl Blamed for End {
             End::Record(e) => e.blame(),
             End::NoWsm | End::WsmRefused(_) | End::WsmTimeout | End::WsmClosed | End::LinkLost => Blame::Wsm,
             End::HandedOver => Blame::Internal,
+            // Its certificate is no longer allowed; an operator's kick is the operator's.
+            End::Revoked(_) => Blame::Device,
+            End::Kicked(_) => Blame::Config,
         }
     }
 
@@ -103,6 +112,8 @@ impl Blamed for End {
             End::Refused(e) => matches!(e.reason, crate::tls::handshake::Refusal::Timeout),
             End::BadUpgrade(status, _) => *status == 408,
             End::WsmRefused(status) => *status >= 500,
+            // Refused again at the handshake, until the policy changes back.
+            End::Revoked(_) => false,
             _ => true,
         }
     }
@@ -125,6 +136,8 @@ impl Blamed for End {
             End::WriteStall => "write_stall",
             End::PartialEvicted => "partial_evicted",
             End::HandedOver => "handed_over",
+            End::Revoked(_) => "revoked",
+            End::Kicked(_) => "kicked",
         }
     }
 }

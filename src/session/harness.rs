@@ -36,6 +36,7 @@ pub fn limits() -> Limits {
         resume_timeout: Duration::from_secs(20),
         open_timeout: Duration::from_secs(5),
         held_bytes_per_connection: 64 * 1024,
+        generation: 1,
     }
 }
 

@@ -83,12 +83,14 @@ fn issuer_of(cert: &[u8]) -> Option<&[u8]> {
     (issuer.tag() == Tag::Sequence).then_some(issuer.data)
 }
 
-/// A [`Resume`], packed. 24 bytes inline; the packed bytes on the heap.
+/// A [`Resume`], packed. 24 bytes inline; the packed bytes on the heap,
+/// shared by clones (the tunnel and the shard's registry hold one each).
+#[derive(Clone)]
 pub struct PackedResume {
     /// `Some`: `bytes` is LZ4 (size-prefixed) against this dictionary.
     /// `None`: `bytes` is the plain postcard encoding.
     dict: Option<Rc<Dictionary>>,
-    bytes: Box<[u8]>,
+    bytes: Rc<[u8]>,
 }
 
 impl PackedResume {
@@ -98,10 +100,10 @@ impl PackedResume {
         if let Some(dict) = dicts.for_resume(r, &plain) {
             let packed = lz4_flex::block::compress_prepend_size_with_dict(&plain, &dict.0);
             if packed.len() < plain.len() {
-                return PackedResume { dict: Some(dict), bytes: packed.into_boxed_slice() };
+                return PackedResume { dict: Some(dict), bytes: packed.into() };
             }
         }
-        PackedResume { dict: None, bytes: plain.into_boxed_slice() }
+        PackedResume { dict: None, bytes: plain.into() }
     }
 
     /// The resume data (`None` only if packing had failed: an internal error).
@@ -116,9 +118,9 @@ impl PackedResume {
     }
 
     /// Heap bytes this connection alone holds for it (the shared dictionary
-    /// not counted).
+    /// not counted): the bytes and their counts.
     pub fn heap_bytes(&self) -> usize {
-        self.bytes.len()
+        self.bytes.len() + 16
     }
 
     /// Whether it was packed against a dictionary.

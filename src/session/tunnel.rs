@@ -50,6 +50,8 @@ pub struct Limits {
     pub open_timeout: Duration,
     /// The most device bytes held for one tunnel without a WSM.
     pub held_bytes_per_connection: usize,
+    /// The config generation these come from (a reload makes a new one).
+    pub generation: u64,
 }
 
 /// What the shell must do, in order.
@@ -90,6 +92,10 @@ pub enum Count {
     StreamMoved,
     /// The shard's total of held device bytes changes by this much.
     HeldBytes(i64),
+    /// Closed because its identity is no longer allowed.
+    Revoked(crate::tls::handshake::Refusal),
+    /// The tunnel began (`true`) or stopped (`false`) holding for want of a WSM.
+    Held(bool),
 }
 
 /// Where a held tunnel stands.
@@ -220,6 +226,7 @@ impl Tunnel {
             adopted: true,
         }));
         t.count(Count::HeldBytes(bytes as i64));
+        t.count(Count::Held(true));
         t
     }
 
@@ -446,6 +453,7 @@ impl Tunnel {
             }
             Attachment::Attached { .. } => {
                 self.count(Count::StreamDetached);
+                self.count(Count::Held(true));
                 Box::new(Held {
                     msgs: VecDeque::new(),
                     bytes: 0,
@@ -552,6 +560,7 @@ impl Tunnel {
         if h.msgs.is_empty() {
             let adopted = h.adopted;
             self.attachment = Attachment::Attached { max_frame };
+            self.count(Count::Held(false));
             self.count(Count::Resumed { adopted });
         }
         Ok(())
@@ -610,10 +619,48 @@ impl Tunnel {
         }
     }
 
+    /// The identity and request it re-opens its stream with.
+    pub fn resume(&self) -> &PackedResume {
+        &self.resume
+    }
+
+    pub fn limits(&self) -> &Rc<Limits> {
+        &self.limits
+    }
+
+    /// A reload changed the limits: deadlines follow from the next call on.
+    pub fn set_limits(&mut self, limits: Rc<Limits>) {
+        self.limits = limits;
+    }
+
+    /// The device's identity is no longer allowed (a reload or `ctl block`
+    /// changed the blocklist or the CAs): close 1008, counted by `why`.
+    pub fn revoked(&mut self, why: crate::tls::handshake::Refusal) -> End {
+        self.count(Count::Revoked(why));
+        let text = match why {
+            crate::tls::handshake::Refusal::Blocked => "certificate blocked",
+            crate::tls::handshake::Refusal::Expired => "certificate expired",
+            _ => "issuer no longer trusted",
+        };
+        self.send_close(close::POLICY, text);
+        End::Revoked(why)
+    }
+
+    /// An operator closes this connection (`ctl kick`) with `code` (an
+    /// invalid close code becomes 1008).
+    pub fn kicked(&mut self, code: u16) -> End {
+        let code = if frame::valid_close_code(code) { code } else { close::POLICY };
+        self.send_close(code, "closed by the operator");
+        End::Kicked(code)
+    }
+
     /// The snapshot went to the new process: what it carries lives there now.
     pub fn handed_over(&mut self) -> End {
         let close = self.has_stream();
         self.drop_held();
+        if self.is_held() {
+            self.count(Count::Held(false));
+        }
         self.attachment = Attachment::Attached { max_frame: 0 };
         self.dec = None;
         if close {
@@ -675,6 +722,9 @@ impl Tunnel {
             self.actions.push(Action::CloseStream { reason, code, text });
         }
         self.drop_held();
+        if self.is_held() {
+            self.count(Count::Held(false));
+        }
         self.attachment = Attachment::Attached { max_frame: 0 };
     }
 

@@ -20,9 +20,9 @@ use super::link::{Link, OpenResult, StreamRef, notified};
 use super::tunnel::{self, Live};
 use crate::metrics::ShardMetrics;
 use crate::session::End;
-use crate::session::connection::{Ended, Ready, Setup, SetupAction, SetupLimits, Want};
+use crate::session::connection::{Ended, Ready, Setup, SetupAction, Want};
 use crate::session::setup::{OpenOutcome, SetupCount};
-use crate::session::tunnel::{Limits, Tunnel};
+use crate::session::tunnel::Tunnel;
 use crate::tls::record::RecordLayer;
 use crate::ws::frame::close;
 
@@ -31,7 +31,7 @@ pub async fn serve(shard: Rc<ShardCtx>, tcp: TcpStream, addr: SocketAddr) {
     ShardMetrics::inc(&shard.metrics.connections_active);
     let _ = tcp.set_nodelay(true);
     let id = shard.ids.borrow_mut().next_id();
-    let key = shard.conns.borrow_mut().insert(id);
+    let key = shard.conns.borrow_mut().insert(super::registry::Entry::new(id));
     let mut dev = Device::new(shard, tcp, addr, id);
     // Set-up and close-down are boxed: their state (rustls included) is freed
     // when they end, and does not size the future an idle connection keeps.
@@ -55,7 +55,7 @@ pub async fn adopt(shard: Rc<ShardCtx>, snap: crate::upgrade::snapshot::ConnSnap
     };
     ShardMetrics::inc(&shard.metrics.connections_adopted_total);
     ShardMetrics::inc(&shard.metrics.connections_active);
-    let key = shard.conns.borrow_mut().insert(snap.id);
+    let key = shard.conns.borrow_mut().insert(super::registry::Entry::new(snap.id));
     let addr = snap.addr.parse().unwrap_or_else(|_| SocketAddr::from(([0, 0, 0, 0], 0)));
     let mut dev = Device::new(shard, tcp, addr, snap.id);
     match Box::pin(dev.resume(snap)).await {
@@ -77,30 +77,6 @@ async fn live(dev: Device, t: Box<Live>, early: Vec<u8>, key: usize) {
     tunnel::start(dev, t, early, key).await;
 }
 
-/// The set-up machine's limits, from the config.
-pub(super) fn setup_limits(cfg: &crate::config::Config, tls: &crate::tls::server::TlsContext) -> SetupLimits {
-    SetupLimits {
-        handshake_timeout: cfg.tls.handshake_timeout,
-        upgrade_timeout: cfg.ws.upgrade_timeout,
-        open_timeout: cfg.upstream.open_timeout,
-        max_request_bytes: cfg.ws.max_request_bytes,
-        forward_headers: cfg.ws.forward_headers.clone(),
-        key_update_after: tls.key_update_after,
-    }
-}
-
-/// The tunnel core's limits, from the config.
-pub(super) fn limits(cfg: &crate::config::Config, max_message: u32) -> Limits {
-    Limits {
-        max_message,
-        idle_timeout: cfg.ws.idle_timeout,
-        ping_interval: cfg.ws.ping_interval,
-        resume_timeout: cfg.upstream.resume_timeout,
-        open_timeout: cfg.upstream.open_timeout,
-        held_bytes_per_connection: cfg.upstream.held_bytes_per_connection,
-    }
-}
-
 impl Device {
     /// Rebuilds a moved connection; its tunnel re-opens the stream (resumed).
     async fn resume(&mut self, mut snap: crate::upgrade::snapshot::ConnSnapshot) -> Result<Box<Live>, End> {
@@ -119,19 +95,18 @@ impl Device {
             return Err(End::NoWsm);
         };
         let none = Rc::new(std::cell::RefCell::new(super::link::StreamShared::default()));
-        let lim = if snap.max_message == self.shard.limits.max_message {
-            self.shard.limits.clone()
+        let cur = self.shard.current();
+        let lim = if snap.max_message == cur.limits.max_message {
+            cur.limits.clone()
         } else {
-            Rc::new(limits(&self.shard.cfg, snap.max_message))
+            Rc::new(super::limits(&cur.cfg, snap.max_message, cur.generation))
         };
         let core = Tunnel::adopted(rl, &mut snap, &self.shard.resume_dicts, lim, std::time::Instant::now());
         let mut t = Live::new(core, placeholder, none);
-        // What the core counted (the held bytes it took over).
+        // What the core counted (the held bytes it took over, that it holds).
         while let Some(a) = t.core.poll_action() {
-            if let crate::session::tunnel::Action::Count(crate::session::tunnel::Count::HeldBytes(n)) = a {
-                let v = (self.shard.held_bytes.get() as i64 + n).max(0) as u64;
-                self.shard.held_bytes.set(v);
-                self.shard.metrics.held_bytes.store(v, std::sync::atomic::Ordering::Relaxed);
+            if let crate::session::tunnel::Action::Count(c) = a {
+                super::tunnel::count(self, c);
             }
         }
         Ok(t)
@@ -145,9 +120,10 @@ impl Device {
     async fn establish(&mut self) -> Result<(Box<Live>, Vec<u8>), End> {
         let m = self.shard.metrics.clone();
         let started = Instant::now();
-        let tls = self.shard.tls.server.clone();
-        let admit = Some((self.shard.tls.verifier.clone(), crate::timefmt::unix_now()));
-        let mut s = Setup::new(tls, admit, self.shard.setup_limits.clone(), self.id, self.addr, started);
+        // The generation current now decides this connection's set-up.
+        let cur = self.shard.current();
+        let admit = Some((cur.tls.verifier.clone(), crate::timefmt::unix_now()));
+        let mut s = Setup::new(cur.tls.server.clone(), admit, cur.setup_limits.clone(), self.id, self.addr, started);
         let mut opened: Option<(Rc<Link>, StreamRef)> = None;
         let mut opening = started;
         loop {
@@ -161,7 +137,7 @@ impl Device {
                     SetupAction::Handshaken(chain) => {
                         ShardMetrics::inc(&m.handshakes_completed_total);
                         m.handshake_seconds.observe(started.elapsed());
-                        if let Some((ca, validity_ignored)) = self.shard.tls.verifier.issuing_ca(&chain, crate::timefmt::unix_now()) {
+                        if let Some((ca, validity_ignored)) = cur.tls.verifier.issuing_ca(&chain, crate::timefmt::unix_now()) {
                             m.accepted_under(ca, validity_ignored);
                         }
                     }
@@ -196,7 +172,7 @@ impl Device {
                         };
                         let Ready { rl, resume, early } = *r;
                         let dicts = &self.shard.resume_dicts;
-                        let core = Tunnel::attached(rl, &resume, dicts, self.shard.limits.clone(), link.peer_max_frame(), Instant::now());
+                        let core = Tunnel::attached(rl, &resume, dicts, cur.limits.clone(), link.peer_max_frame(), Instant::now());
                         return Ok((Live::new(core, link, stream), early));
                     }
                     SetupAction::Ended(e) => {

@@ -35,6 +35,12 @@ pub enum Control {
     Adopt(Vec<Handed>),
     /// The WSM pool is now these addresses (DNS changed).
     WsmSet(Vec<crate::resolve::Wsm>),
+    /// Switch to this config generation; answer with the shard's index.
+    Reload(Arc<crate::reload::Generation>, Sender<u16>),
+    /// `ctl connections`: how many match, and a sample of at most this many.
+    Query(Box<super::registry::Filter>, usize, Sender<(u64, Vec<super::registry::Seen>)>),
+    /// `ctl kick`: close this connection with this code (answers whether it is here).
+    Kick(crate::identity::ConnectionId, u16, Sender<bool>),
 }
 
 /// The sending half; cheap to clone, usable from any thread.

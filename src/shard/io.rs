@@ -161,7 +161,7 @@ impl Device {
     /// buffer comes back unless the stall cancelled its write.
     pub(super) async fn write_all(&mut self, mut data: Vec<u8>) -> (Result<(), End>, Vec<u8>) {
         use monoio::buf::IoBuf;
-        let stall = self.shard.cfg.ws.write_stall_timeout;
+        let stall = self.shard.current().cfg.ws.write_stall_timeout;
         let mut off = 0;
         while off < data.len() {
             let write = self.tcp.io().write(data.slice(off..));
@@ -247,7 +247,7 @@ impl Device {
                     serial = %f.serial,
                     sha256 = %f.sha256,
                     issuer = %f.issuer,
-                    ca = %self.shard.tls.verifier.ca_name(std::slice::from_ref(leaf)),
+                    ca = %self.shard.current().tls.verifier.ca_name(std::slice::from_ref(leaf)),
                     not_before = %f.not_before,
                     not_after = %f.not_after,
                     detail = %e.detail,
@@ -268,7 +268,7 @@ impl Device {
         if !matches!(end, End::HandedOver) {
             Box::pin(self.linger()).await;
         }
-        self.shard.conns.borrow_mut().remove(key);
+        self.shard.forget(key);
         ShardMetrics::dec(&self.shard.metrics.connections_active);
     }
 }

@@ -474,11 +474,18 @@ fn own_max_frame(cfg: &Config) -> u32 {
     m.max(codec::DEFAULT_MAX_FRAME)
 }
 
-/// Keeps one link connected for the life of the shard.
-pub async fn run_link(link: Rc<Link>, cfg: Arc<Config>, shard: u16, first_attempt: Rc<RefCell<usize>>) {
+fn link_shard(ctx: &std::rc::Weak<super::ShardCtx>) -> u16 {
+    ctx.upgrade().map(|c| c.index).unwrap_or_default()
+}
+
+/// Keeps one link connected for the life of the shard (or until it is
+/// retired). Each connection takes the shard's config as it is then: a
+/// reload's link timeouts apply from the link's next connection.
+pub async fn run_link(link: Rc<Link>, ctx: std::rc::Weak<super::ShardCtx>, first_attempt: Rc<RefCell<usize>>) {
     let mut backoff = Duration::from_millis(100);
     let mut first = true;
     while !link.retired() {
+        let Some((cfg, shard)) = ctx.upgrade().map(|c| (c.current().cfg.clone(), c.index)) else { return };
         let res = connect_and_serve(&link, &cfg, shard, &mut first, &first_attempt).await;
         if first {
             first = false;
@@ -489,7 +496,7 @@ pub async fn run_link(link: Rc<Link>, cfg: Arc<Config>, shard: u16, first_attemp
             Err(_) if link.retired() => break,
             Err(e) => {
                 link.metrics.link_failed(&e);
-                tracing::warn!(host = %link.host, addr = %link.addr, link = link.index, shard, reason = e.label(), blame = e.blame().label(), error = %e, "WSM link down");
+                tracing::warn!(host = %link.host, addr = %link.addr, link = link.index, shard = link_shard(&ctx), reason = e.label(), blame = e.blame().label(), error = %e, "WSM link down");
             }
         }
         let jitter = monoio::utils::thread_rng_n(backoff.as_millis() as u32 / 2 + 1) as u64;

@@ -13,6 +13,7 @@ pub mod pace;
 pub mod partial;
 pub mod pool;
 mod reattach;
+pub mod registry;
 pub mod timers;
 mod tunnel;
 
@@ -26,18 +27,67 @@ use crossbeam_channel::Sender;
 use slab::Slab;
 
 use crate::config::Config;
-use crate::identity::{ConnectionId, IdGenerator};
+use crate::identity::IdGenerator;
 use crate::metrics::ShardMetrics;
 use crate::tls::server::TlsContext;
 pub use control::{Control, ControlTx};
 use link::Link;
 use pool::Pool;
 
+/// What a shard runs by: one config generation, whole. A reload replaces
+/// it at once; a connection takes what is current when it needs it.
+pub struct Current {
+    pub generation: u64,
+    pub cfg: Arc<Config>,
+    pub tls: TlsContext,
+    /// The tunnel core's limits, shared by the shard's tunnels.
+    pub limits: Rc<crate::session::tunnel::Limits>,
+    /// What the set-up of the shard's connections decides by.
+    pub setup_limits: Rc<crate::session::connection::SetupLimits>,
+}
+
+impl Current {
+    pub fn new(generation: u64, cfg: Arc<Config>, tls: TlsContext) -> Current {
+        let max = cfg.ws.max_message_bytes.min(u32::MAX as usize) as u32;
+        Current {
+            generation,
+            limits: Rc::new(limits(&cfg, max, generation)),
+            setup_limits: Rc::new(setup_limits(&cfg, &tls)),
+            cfg,
+            tls,
+        }
+    }
+}
+
+/// The set-up machine's limits, from the config.
+pub(crate) fn setup_limits(cfg: &crate::config::Config, tls: &crate::tls::server::TlsContext) -> crate::session::connection::SetupLimits {
+    crate::session::connection::SetupLimits {
+        handshake_timeout: cfg.tls.handshake_timeout,
+        upgrade_timeout: cfg.ws.upgrade_timeout,
+        open_timeout: cfg.upstream.open_timeout,
+        max_request_bytes: cfg.ws.max_request_bytes,
+        forward_headers: cfg.ws.forward_headers.clone(),
+        key_update_after: tls.key_update_after,
+    }
+}
+
+/// The tunnel core's limits, from the config.
+pub(crate) fn limits(cfg: &crate::config::Config, max_message: u32, generation: u64) -> crate::session::tunnel::Limits {
+    crate::session::tunnel::Limits {
+        generation,
+        max_message,
+        idle_timeout: cfg.ws.idle_timeout,
+        ping_interval: cfg.ws.ping_interval,
+        resume_timeout: cfg.upstream.resume_timeout,
+        open_timeout: cfg.upstream.open_timeout,
+        held_bytes_per_connection: cfg.upstream.held_bytes_per_connection,
+    }
+}
+
 /// Everything one shard's tasks share (single-threaded).
 pub struct ShardCtx {
     pub index: u16,
-    pub cfg: Arc<Config>,
-    pub tls: TlsContext,
+    current: RefCell<Rc<Current>>,
     pub pool: Pool,
     pub ids: RefCell<IdGenerator>,
     /// Links to every WSM in the pool (it changes as DNS does).
@@ -46,8 +96,8 @@ pub struct ShardCtx {
     pub link_attention: Rc<link::Attention>,
     /// Counts link tasks' first attempts (start-up waits for them).
     attempted: Rc<RefCell<usize>>,
-    /// Connections held by this shard.
-    pub conns: RefCell<Slab<ConnectionId>>,
+    /// Connections held by this shard (`registry`).
+    pub conns: RefCell<Slab<registry::Entry>>,
     /// Idle and ping deadlines of this shard's tunnels.
     pub timers: Rc<timers::Timers>,
     /// Bytes of device messages held by tunnels without a WSM.
@@ -64,10 +114,6 @@ pub struct ShardCtx {
     /// Set during a live upgrade: where tunnels send themselves, and the
     /// count of connections between here and serving in the new process.
     pub handoff: RefCell<Option<(Sender<Handed>, Arc<pace::Flight>)>>,
-    /// The tunnel core's limits, shared by the shard's tunnels.
-    pub limits: Rc<crate::session::tunnel::Limits>,
-    /// What the set-up of the shard's connections decides by.
-    pub setup_limits: Rc<crate::session::connection::SetupLimits>,
     /// What the shard's tunnels pack their resume data against (one per issuer).
     pub resume_dicts: crate::session::resume::Dictionaries,
     /// The waits of established tunnels between bursts (`tunnel::IdleSet`).
@@ -103,8 +149,7 @@ pub fn bind_listener(addr: SocketAddr, backlog: u32) -> std::io::Result<std::net
 pub fn start(
     index: u16,
     cpu: usize,
-    cfg: Arc<Config>,
-    tls: TlsContext,
+    (generation, cfg, tls): (u64, Arc<Config>, TlsContext),
     listeners: Vec<std::net::TcpListener>,
     ready: Sender<Result<u16, String>>,
     wsms: Vec<crate::resolve::Wsm>,
@@ -127,7 +172,7 @@ pub fn start(
         };
         rt.block_on(async move {
             match ctl_rx.into_waiter() {
-                Ok(ctl) => run(index, cfg, tls, m, ctl, Sockets { listeners, wsms }, ready).await,
+                Ok(ctl) => run(index, (generation, cfg, tls), m, ctl, Sockets { listeners, wsms }, ready).await,
                 Err(e) => {
                     let _ = ready.send(Err(format!("shard {index}: control channel: {e}")));
                 }
@@ -145,8 +190,7 @@ struct Sockets {
 
 async fn run(
     index: u16,
-    cfg: Arc<Config>,
-    tls: TlsContext,
+    (generation, cfg, tls): (u64, Arc<Config>, TlsContext),
     metrics: Arc<ShardMetrics>,
     ctl: control::ControlWaiter,
     Sockets { listeners, wsms }: Sockets,
@@ -171,11 +215,8 @@ async fn run(
         parked: RefCell::new(Vec::new()),
         idle: tunnel::IdleSet::new(metrics.clone()),
         resume_dicts: Default::default(),
-        setup_limits: Rc::new(conn::setup_limits(&cfg, &tls)),
-        limits: Rc::new(conn::limits(&cfg, cfg.ws.max_message_bytes.min(u32::MAX as usize) as u32)),
+        current: RefCell::new(Rc::new(Current::new(generation, cfg.clone(), tls))),
         metrics: metrics.clone(),
-        cfg: cfg.clone(),
-        tls,
     });
     monoio::spawn(timers::tick(ctx.timers.clone()));
     monoio::spawn(reattach::watch_goaway(ctx.clone()));
@@ -240,6 +281,17 @@ async fn run(
                 monoio::spawn(pace::hand_over_all(ctx.clone(), flight));
             }
             Some(Control::WsmSet(wsms)) => set_wsms(&ctx, wsms),
+            Some(Control::Reload(generation, done)) => {
+                apply(&ctx, &generation);
+                let _ = done.send(index);
+            }
+            Some(Control::Query(filter, sample, answer)) => {
+                let _ = answer.send(registry::query(&ctx, &filter, sample));
+            }
+            Some(Control::Kick(id, code, answer)) => {
+                let found = registry::find(&ctx, id).is_some_and(|k| ctx.give_order(k, registry::Order::Kick(code)));
+                let _ = answer.send(found);
+            }
             Some(Control::Adopt(conns)) => {
                 tracing::info!(shard = index, connections = conns.len(), "adopting connections");
                 for (snap, fd) in conns {
@@ -251,7 +303,47 @@ async fn run(
     tracing::info!(shard = index, connections = ctx.conns.borrow().len(), waiting = ctx.idle.len(), "shard stopping");
 }
 
+/// Switches the shard to a new config generation: what new connections
+/// and every tunnel's next burst decide by, the rates, the WSM links; and,
+/// if the policy changed, the re-check of every established identity.
+fn apply(ctx: &Rc<ShardCtx>, g: &crate::reload::Generation) {
+    use crate::reload::Recheck;
+    *ctx.current.borrow_mut() = Rc::new(Current::new(g.number, g.cfg.clone(), g.tls.clone()));
+    ctx.resumes.set_rate(g.cfg.upstream.resume_per_sec);
+    set_wsms(ctx, g.wsms.clone());
+    if g.wake {
+        ctx.wake_all();
+    }
+    let verifier = g.tls.verifier.clone();
+    let spread = g.cfg.reload_close_spread;
+    let now = crate::timefmt::unix_now();
+    let judge: Box<registry::Judge> = match &g.recheck {
+        Recheck::Nothing => return,
+        Recheck::Blocklist => Box::new(move |chain| verifier.admits_resumed(chain, now)),
+        Recheck::Cas { before } => {
+            let before = before.clone();
+            Box::new(move |chain| match verifier.group_digest(chain) {
+                // Its CA group is as it was: only the blocklist can have changed.
+                Some(d) if before.contains(&d) => verifier.admits_resumed(chain, now),
+                _ => verifier.verify_chain(chain, now),
+            })
+        }
+    };
+    let (c, index, number) = (ctx.clone(), ctx.index, g.number);
+    monoio::spawn(async move {
+        let n = registry::recheck(c, judge, spread).await;
+        if n > 0 {
+            tracing::info!(shard = index, generation = number, revoked = n, spread_ms = spread.as_millis() as u64, "connections no longer allowed: closing them spread out");
+        }
+    });
+}
+
 impl ShardCtx {
+    /// The generation the shard runs by now.
+    pub fn current(&self) -> Rc<Current> {
+        self.current.borrow().clone()
+    }
+
     /// Keeps the armed readiness wait of a connection handed to a new
     /// process, and with it this process's share of the socket. Dropping
     /// the wait would cancel its io_uring poll, and the kernel finds a poll
@@ -277,19 +369,23 @@ impl ShardCtx {
 /// Makes the shard's links match the WSM pool: links to new addresses,
 /// retirement (streams moved off, then closed) for addresses that left.
 fn set_wsms(ctx: &Rc<ShardCtx>, wsms: Vec<crate::resolve::Wsm>) {
-    let cfg = &ctx.cfg;
+    let cfg = ctx.current().cfg.clone();
+    let per = cfg.upstream.links_per_shard;
     let mut links = ctx.links.borrow_mut();
     for l in links.iter() {
         if !l.retired() && !wsms.iter().any(|(_, a)| *a == l.addr) {
             tracing::info!(shard = ctx.index, host = %l.host, addr = %l.addr, "WSM left the pool: moving its streams, then closing");
             l.retire();
+        } else if !l.retired() && l.index >= per {
+            tracing::info!(shard = ctx.index, host = %l.host, addr = %l.addr, link = l.index, "fewer links per WSM: moving this link's streams, then closing it");
+            l.retire();
         }
     }
     for (host, addr) in wsms {
-        if links.iter().any(|l| l.addr == addr && !l.retired()) {
-            continue;
-        }
-        for i in 0..cfg.upstream.links_per_shard {
+        for i in 0..per {
+            if links.iter().any(|l| l.addr == addr && l.index == i && !l.retired()) {
+                continue;
+            }
             let l = Link::new(
                 host.clone(),
                 addr,
@@ -298,7 +394,7 @@ fn set_wsms(ctx: &Rc<ShardCtx>, wsms: Vec<crate::resolve::Wsm>) {
                 ctx.link_attention.clone(),
                 ctx.metrics.wsm(&addr.to_string()),
             );
-            monoio::spawn(link::run_link(l.clone(), cfg.clone(), ctx.index, ctx.attempted.clone()));
+            monoio::spawn(link::run_link(l.clone(), Rc::downgrade(ctx), ctx.attempted.clone()));
             links.push(l);
         }
     }

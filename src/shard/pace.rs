@@ -140,7 +140,7 @@ pub async fn hand_over_all(ctx: Rc<ShardCtx>, flight: std::sync::Arc<Flight>) {
     let streams: Vec<Stream> = ctx.links.borrow().iter().flat_map(|l| l.stream_refs()).collect();
     let total = streams.len();
     let started = Instant::now();
-    let mut w = Window::new(streams, ctx.cfg.upgrade_moving_per_shard);
+    let mut w = Window::new(streams, ctx.current().cfg.upgrade_moving_per_shard);
     let mut gate = Gate { flight, last_adopted: 0, last_progress: started, forced: false };
     tracing::info!(shard = ctx.index, tunnels = total, window = w.size, "handing connections over");
     while ctx.handoff.borrow().is_some() {

@@ -18,7 +18,7 @@ use super::ShardCtx;
 /// Re-opens allowed per second on one shard, as a token bucket holding at
 /// most a quarter of a second's worth (the shard's timers tick every 250 ms).
 pub struct Pacer {
-    per_sec: f64,
+    per_sec: Cell<f64>,
     tokens: Cell<f64>,
     last: Cell<Instant>,
 }
@@ -26,12 +26,18 @@ pub struct Pacer {
 impl Pacer {
     pub fn new(per_sec: u32) -> Pacer {
         let per_sec = per_sec.max(1) as f64;
-        Pacer { per_sec, tokens: Cell::new(per_sec / 4.0), last: Cell::new(Instant::now()) }
+        Pacer { per_sec: Cell::new(per_sec), tokens: Cell::new(per_sec / 4.0), last: Cell::new(Instant::now()) }
+    }
+
+    /// A reload's new rate, from now on.
+    pub fn set_rate(&self, per_sec: u32) {
+        self.per_sec.set(per_sec.max(1) as f64);
     }
 
     pub fn try_take(&self, now: Instant) -> bool {
-        let refill = now.saturating_duration_since(self.last.get()).as_secs_f64() * self.per_sec;
-        let tokens = (self.tokens.get() + refill).min((self.per_sec / 4.0).max(1.0));
+        let per_sec = self.per_sec.get();
+        let refill = now.saturating_duration_since(self.last.get()).as_secs_f64() * per_sec;
+        let tokens = (self.tokens.get() + refill).min((per_sec / 4.0).max(1.0));
         self.last.set(now);
         if tokens >= 1.0 {
             self.tokens.set(tokens - 1.0);

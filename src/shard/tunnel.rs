@@ -17,6 +17,7 @@ use std::time::Instant;
 
 use super::io::{Device, Readiness};
 use super::link::{Link, OpenResult, StreamRef, notified};
+use super::registry::Order;
 use crate::metrics::ShardMetrics;
 use crate::session::End;
 use crate::session::tunnel::{Action, Count, HeldWants, OpenAnswer, Tunnel};
@@ -79,7 +80,7 @@ async fn perform(dev: &mut Device, t: &mut Live) -> Result<(), End> {
     Ok(())
 }
 
-fn count(dev: &Device, c: Count) {
+pub(super) fn count(dev: &Device, c: Count) {
     use std::sync::atomic::Ordering::Relaxed;
     let m = &dev.shard.metrics;
     match c {
@@ -98,6 +99,9 @@ fn count(dev: &Device, c: Count) {
             ShardMetrics::inc(if adopted { &m.connections_resume_failed_total } else { &m.streams_resume_failed_total })
         }
         Count::StreamMoved => ShardMetrics::inc(&m.streams_moved_total),
+        Count::Revoked(why) => m.revocation(why),
+        Count::Held(true) => ShardMetrics::inc(&m.streams_held),
+        Count::Held(false) => ShardMetrics::dec(&m.streams_held),
         Count::HeldBytes(n) => {
             let v = (dev.shard.held_bytes.get() as i64 + n).max(0) as u64;
             dev.shard.held_bytes.set(v);
@@ -277,7 +281,27 @@ async fn finish(mut p: Parked, end: End) {
 /// One round of work at a safe point: an eviction, a hand-over or a move
 /// asked for, then a burst. `Some` ends the tunnel.
 async fn burst(p: &mut Parked, readable: bool, early: Option<Vec<u8>>) -> Option<End> {
-    let Parked { dev, t, .. } = p;
+    let Parked { dev, t, key, .. } = p;
+    let key = *key;
+    match dev.shard.due_order(key, Instant::now()) {
+        Some(Order::Kick(code)) => {
+            ShardMetrics::inc(&dev.shard.metrics.connections_kicked_total);
+            tracing::info!(conn = %dev.id, code, "closed by the operator");
+            return Some(t.core.kicked(code));
+        }
+        Some(Order::Revoke { why, .. }) => {
+            tracing::info!(conn = %dev.id, reason = why.label(), "closing: no longer allowed by the policy");
+            return Some(t.core.revoked(why));
+        }
+        None => {}
+    }
+    let cur = dev.shard.current();
+    if t.core.limits().generation != cur.generation {
+        let max = t.core.limits().max_message;
+        let lim = if max == cur.limits.max_message { cur.limits.clone() } else { Rc::new(super::limits(&cur.cfg, max, cur.generation)) };
+        t.core.set_limits(lim);
+    }
+    drop(cur);
     let evict = t.stream.borrow_mut().evict_partial.take();
     if let Some(len) = evict.map(std::num::NonZeroU64::get) {
         dev.shard.partials.evicted(len);
@@ -297,6 +321,9 @@ async fn burst(p: &mut Parked, readable: bool, early: Option<Vec<u8>>) -> Option
     if let Err(end) = Box::pin(step(dev, t, readable, early)).await {
         return Some(end);
     }
+    if !dev.shard.reaches(key, &t.stream) {
+        dev.shard.reach(key, &t.stream, &t.link, t.core.resume());
+    }
     dev.park_rx(Some(&t.stream));
     None
 }
@@ -308,6 +335,9 @@ async fn burst(p: &mut Parked, readable: bool, early: Option<Vec<u8>>) -> Option
 fn prepare_wait(p: &mut Parked) -> bool {
     let can_read = p.t.core.wants_read(p.t.link.can_send(&p.t.stream.borrow()), shard_held_room(&p.dev));
     if let Some(at) = p.t.core.deadline(Instant::now()) {
+        p.dev.shard.timers.arm(&p.t.stream, at);
+    }
+    if let Some(at) = p.dev.shard.order_at(p.key) {
         p.dev.shard.timers.arm(&p.t.stream, at);
     }
     if can_read && p.poll.is_none() {
@@ -339,7 +369,7 @@ async fn step(dev: &mut Device, t: &mut Live, readable: bool, early: Option<Vec<
 
 /// Whether the shard's held bytes (with reads in flight) are under its bound.
 fn shard_held_room(dev: &Device) -> bool {
-    dev.shard.held_bytes.get() + dev.shard.held_reserved.get() < dev.shard.cfg.upstream.held_bytes_per_shard
+    dev.shard.held_bytes.get() + dev.shard.held_reserved.get() < dev.shard.current().cfg.upstream.held_bytes_per_shard
 }
 
 /// Reads what the device sent and hands it to the core.
@@ -358,7 +388,7 @@ async fn read(dev: &mut Device, t: &mut Live) -> Result<(), End> {
             dev.release_if_empty();
             return Ok(());
         }
-        reserved = dev.shard.cfg.buffers.size as u64;
+        reserved = dev.shard.current().cfg.buffers.size as u64;
         dev.shard.held_reserved.set(dev.shard.held_reserved.get() + reserved);
     }
     let got = dev.read_now().await;
@@ -387,7 +417,7 @@ async fn deliver(dev: &mut Device, t: &mut Live) -> Result<(), End> {
     if lost && t.core.has_stream() {
         // The WSM is gone; the device stays. Its stream resumes elsewhere.
         let unacked = std::mem::take(&mut t.stream.borrow_mut().unacked);
-        let spread = dev.shard.cfg.upstream.close_spread.as_millis() as u32;
+        let spread = dev.shard.current().cfg.upstream.close_spread.as_millis() as u32;
         let jitter = std::time::Duration::from_millis(monoio::utils::thread_rng_n(spread.max(1)) as u64);
         t.core.detach(now, unacked, false, jitter);
     }

@@ -14,7 +14,7 @@ use std::collections::HashSet;
 
 use crate::identity::serial_hex;
 
-#[derive(Debug, Default, Clone)]
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
 pub struct Blocklist {
     fingerprints: HashSet<[u8; 32]>,
     serials_any_issuer: HashSet<String>,

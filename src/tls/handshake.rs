@@ -12,7 +12,7 @@
 use std::cell::RefCell;
 use std::sync::Arc;
 
-use rustls::{CertificateError, ConnectionTrafficSecrets, Error, ProtocolVersion, ServerConfig, ServerConnection};
+use rustls::{ConnectionTrafficSecrets, ProtocolVersion, ServerConfig, ServerConnection};
 use zeroize::Zeroize;
 
 use super::keys::{Key, Secret, Suite};
@@ -22,47 +22,7 @@ use super::verify::DeviceVerifier;
 /// Largest handshake record we accept (TLS 1.2 ciphertext limit).
 const MAX_RECORD: usize = 5 + (1 << 14) + 2048;
 
-/// Why a device was refused during the handshake.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum Refusal {
-    UnknownCa,
-    Expired,
-    Blocked,
-    NoCertificate,
-    BadHandshake,
-    Timeout,
-}
-
-impl Refusal {
-    pub const ALL: [Refusal; 6] =
-        [Refusal::UnknownCa, Refusal::Expired, Refusal::Blocked, Refusal::NoCertificate, Refusal::BadHandshake, Refusal::Timeout];
-
-    pub fn label(self) -> &'static str {
-        match self {
-            Refusal::UnknownCa => "unknown_ca",
-            Refusal::Expired => "expired",
-            Refusal::Blocked => "blocked",
-            Refusal::NoCertificate => "no_certificate",
-            Refusal::BadHandshake => "bad_handshake",
-            Refusal::Timeout => "timeout",
-        }
-    }
-
-    fn classify(e: &Error) -> Refusal {
-        match e {
-            Error::InvalidCertificate(CertificateError::UnknownIssuer) => Refusal::UnknownCa,
-            Error::InvalidCertificate(
-                CertificateError::Expired
-                | CertificateError::ExpiredContext { .. }
-                | CertificateError::NotValidYet
-                | CertificateError::NotValidYetContext { .. },
-            ) => Refusal::Expired,
-            Error::InvalidCertificate(CertificateError::Revoked) => Refusal::Blocked,
-            Error::NoCertificatesPresented => Refusal::NoCertificate,
-            _ => Refusal::BadHandshake,
-        }
-    }
-}
+pub use super::refusal::Refusal;
 
 #[derive(Debug, thiserror::Error)]
 #[error("handshake refused ({}): {detail}", reason.label())]
@@ -149,20 +109,6 @@ fn plain_alert(description: u8) -> [u8; 7] {
     [0x15, 0x03, 0x03, 0x00, 0x02, 0x02, description]
 }
 
-impl Refusal {
-    /// The alert a refusal of this kind is told with (RFC 8446 6.2, as
-    /// rustls sends for the same refusal in a full handshake).
-    fn alert(self) -> u8 {
-        match self {
-            Refusal::Blocked => 44,       // certificate_revoked
-            Refusal::Expired => 45,       // certificate_expired
-            Refusal::UnknownCa => 48,     // unknown_ca
-            Refusal::NoCertificate => 116, // certificate_required
-            Refusal::BadHandshake | Refusal::Timeout => 40, // handshake_failure
-        }
-    }
-}
-
 impl Handshake {
     /// A handshake under `config`. `admit`: the verifier that also judges
     /// resumed sessions (which rustls lets in without running it) and the
@@ -221,7 +167,7 @@ impl Handshake {
             let res = self.conn.process_new_packets();
             self.captured = CAPTURE.with(|c| c.borrow_mut().take()).unwrap_or_default();
             if let Err(e) = res {
-                let reason = Refusal::classify(&e);
+                let reason = Refusal::of(&e);
                 return Err(self.fail(reason, e.to_string(), out));
             }
             self.judge_resumption(out)?;

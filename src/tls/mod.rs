@@ -4,6 +4,7 @@ pub mod blocklist;
 pub mod handshake;
 pub mod keys;
 pub mod record;
+pub mod refusal;
 pub mod server;
 pub mod tickets;
 pub mod verify;

@@ -29,6 +29,8 @@ pub struct TlsContext {
     /// The server certificate's end of validity (Unix seconds), for the
     /// expiry gauge and alerts.
     pub server_not_after: i64,
+    /// SHA-256 of the server certificate (DER), to tell a rotation.
+    pub server_fingerprint: [u8; 32],
     /// Problems that do not stop holdfast but need an operator soon (a
     /// server certificate that expires within [`EXPIRY_WARNING_DAYS`]).
     pub warnings: Vec<ConfigError>,
@@ -89,6 +91,27 @@ impl TlsContext {
     /// As [`TlsContext::load`], sealing session tickets with `tickets`
     /// (a predecessor's keys) instead of fresh ones.
     pub fn load_with(c: &TlsConfig, tickets: Option<Arc<Ticketer>>) -> Result<TlsContext, Vec<ConfigError>> {
+        TlsContext::build(c, tickets, None)
+    }
+
+    /// A live reload's context, following `running`. Sessions made under
+    /// the running one go on resuming (same ticket keys, same session
+    /// cache) only if the device CAs are the same (same certificates, same
+    /// `ignore_validity`): a changed CA set gets fresh ticket keys and an
+    /// empty cache, so no session verified under other CAs resumes. (A
+    /// resumed session is still judged against the blocklist and validity
+    /// on every handshake: `DeviceVerifier::admits_resumed`.)
+    pub fn load_next(c: &TlsConfig, running: &TlsContext) -> Result<TlsContext, Vec<ConfigError>> {
+        TlsContext::build(c, None, Some(running))
+    }
+
+    /// Whether a full handshake under `self` and under `other` decides the
+    /// same for every device, the blocklist aside.
+    pub fn same_cas(&self, other: &TlsContext) -> bool {
+        self.verifier.ca_digest() == other.verifier.ca_digest()
+    }
+
+    fn build(c: &TlsConfig, tickets: Option<Arc<Ticketer>>, running: Option<&TlsContext>) -> Result<TlsContext, Vec<ConfigError>> {
         let mut errs = Vec::new();
         let known: Vec<String> = provider().cipher_suites.iter().map(|s| format!("{:?}", s.suite())).collect();
         for (i, name) in c.cipher_suites.iter().enumerate() {
@@ -114,6 +137,7 @@ impl TlsContext {
         let mut warnings = Vec::new();
         let server_not_after =
             chain.first().map(|leaf| check_server_dates(leaf.as_ref(), crate::timefmt::unix_now(), &mut errs, &mut warnings)).unwrap_or(0);
+        let server_fingerprint = chain.first().map(|leaf| crate::identity::sha256(leaf.as_ref())).unwrap_or_default();
         let key = PrivateKeyDer::from_pem_file(&c.key).map_err(|e| errs.push(err("tls.key", format!("{}: {e}", c.key.display())))).ok();
         let mut groups = Vec::new();
         for (i, (path, ignore)) in c.client_cas.iter().enumerate() {
@@ -156,12 +180,25 @@ impl TlsContext {
         server.enable_secret_extraction = true;
         server.key_log = Arc::new(SecretCapture);
         server.send_tls13_tickets = 1;
-        let tickets = match tickets {
-            Some(t) => t,
-            None => Ticketer::generate().map_err(|e| vec![err("tls", format!("session ticketer: {e}"))])?,
+        let keep = running.filter(|r| r.verifier.ca_digest() == verifier.ca_digest());
+        if let Some(r) = keep {
+            server.session_storage = r.server.session_storage.clone();
+        }
+        let tickets = match (tickets, keep) {
+            (Some(t), _) => t,
+            (None, Some(r)) => r.tickets.clone(),
+            (None, None) => Ticketer::generate().map_err(|e| vec![err("tls", format!("session ticketer: {e}"))])?,
         };
         server.ticketer = tickets.clone();
-        Ok(TlsContext { server: Arc::new(server), verifier, key_update_after: c.key_update_after, tickets, server_not_after, warnings })
+        Ok(TlsContext {
+            server: Arc::new(server),
+            verifier,
+            key_update_after: c.key_update_after,
+            tickets,
+            server_not_after,
+            server_fingerprint,
+            warnings,
+        })
     }
 }
 

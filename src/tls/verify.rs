@@ -56,6 +56,13 @@ impl std::fmt::Debug for CaGroup {
 }
 
 impl CaGroup {
+    /// Its CA certificates and `ignore_validity`, as one digest.
+    fn digest(&self) -> [u8; 32] {
+        let mut b = self.roots_digest.to_vec();
+        b.push(u8::from(self.ignore_validity));
+        crate::identity::sha256(&b)
+    }
+
     pub fn new(
         name: String,
         roots: Vec<CertificateDer<'static>>,
@@ -162,8 +169,8 @@ impl DeviceVerifier {
     /// covered by session tickets: a change of the CA set replaces the
     /// ticket keys and the session cache, so no session made under other
     /// CAs resumes (`tls::server`, docs/reload.md).
-    pub fn admits_resumed(&self, chain: &[Vec<u8>], now: i64) -> Result<(), super::handshake::Refusal> {
-        use super::handshake::Refusal;
+    pub fn admits_resumed(&self, chain: &[Vec<u8>], now: i64) -> Result<(), super::refusal::Refusal> {
+        use super::refusal::Refusal;
         let leaf = chain.first().ok_or(Refusal::NoCertificate)?;
         if self.blocklist().blocks(leaf) {
             note_refused(leaf);
@@ -178,6 +185,33 @@ impl DeviceVerifier {
             Some((i, outside)) if outside && !self.groups.get(i).is_some_and(|g| g.ignore_validity) => refused(Refusal::Expired),
             Some(_) => Ok(()),
         }
+    }
+
+    /// The digest of the configured CA group that issued this chain (its
+    /// CA certificates and `ignore_validity`), `None` if none did.
+    pub fn group_digest(&self, chain: &[Vec<u8>]) -> Option<[u8; 32]> {
+        let (i, _) = self.issuing_ca(chain, 0)?;
+        self.groups.get(i).map(CaGroup::digest)
+    }
+
+    /// Every group's digest (see [`DeviceVerifier::group_digest`]).
+    pub fn group_digests(&self) -> Vec<[u8; 32]> {
+        self.groups.iter().map(CaGroup::digest).collect()
+    }
+
+    /// The full check of a handshake (chain, signatures, validity as its CA
+    /// wants, blocklist) for a chain already presented, at `now` (Unix
+    /// seconds): what an established connection is judged by when its CA
+    /// changed.
+    pub fn verify_chain(&self, chain: &[Vec<u8>], now: i64) -> Result<(), super::refusal::Refusal> {
+        use super::refusal::Refusal;
+        let leaf = chain.first().ok_or(Refusal::NoCertificate)?;
+        let end = CertificateDer::from(leaf.as_slice());
+        let rest: Vec<CertificateDer<'_>> = chain[1..].iter().map(|c| CertificateDer::from(c.as_slice())).collect();
+        let at = UnixTime::since_unix_epoch(Duration::from_secs(now.max(0) as u64));
+        let r = self.verify_client_cert(&end, &rest, at).map(|_| ()).map_err(|e| super::refusal::Refusal::of(&e));
+        let _ = take_refused_leaf();
+        r
     }
 
     /// A digest of the CA set (each group's CA certificates and its

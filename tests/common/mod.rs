@@ -174,7 +174,7 @@ pub fn start_proxy_full(
     upstream_extra: &str,
     env: &[(&str, &str)],
 ) -> Proc {
-    let extra = Extra { tls: tls_extra, ws: ws_extra, upstream: upstream_extra, buffers: "" };
+    let extra = Extra { tls: tls_extra, ws: ws_extra, upstream: upstream_extra, buffers: "", tables: "" };
     start_proxy_extra(pki, wsm, shards, &extra, env)
 }
 
@@ -185,12 +185,16 @@ pub struct Extra<'a> {
     pub ws: &'a str,
     pub upstream: &'a str,
     pub buffers: &'a str,
+    /// Whole tables added at the end (e.g. "[reload]\nclose_spread_ms = 3000").
+    pub tables: &'a str,
 }
 
 /// Writes a config for the dev PKI with `extra` keys and starts `holdfast run`.
 pub fn start_proxy_extra(pki: &Pki, wsm: &[SocketAddr], shards: usize, extra: &Extra, env: &[(&str, &str)]) -> Proc {
+    static N: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+    let id = N.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     let wsm: Vec<String> = wsm.iter().map(|a| format!("\"{a}\"")).collect();
-    let Extra { tls: tls_extra, ws: ws_extra, upstream: upstream_extra, buffers: buffers_extra } = extra;
+    let Extra { tls: tls_extra, ws: ws_extra, upstream: upstream_extra, buffers: buffers_extra, tables } = extra;
     let cfg = format!(
         r#"
 [listen]
@@ -225,11 +229,16 @@ per_shard = 64
 
 [metrics]
 addr = "127.0.0.1:0"
+
+[control]
+socket = "control-{pid}-{id}.sock"
+
+{tables}
 "#,
-        wsm.join(", ")
+        wsm.join(", "),
+        pid = std::process::id(),
+        id = id,
     );
-    static N: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
-    let id = N.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     let path = pki.path().join(format!("holdfast-{}-{id}.toml", std::process::id()));
     std::fs::write(&path, cfg).unwrap();
     start_holdfast_config(pki, &path, env)
@@ -281,6 +290,15 @@ pub fn metrics_at(addr: SocketAddr) -> String {
     let mut out = String::new();
     s.read_to_string(&mut out).unwrap();
     out
+}
+
+/// A metric without labels (`holdfast_config_generation 2`).
+pub fn single(proxy: &Proc, name: &str) -> i64 {
+    metrics(proxy)
+        .lines()
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse::<f64>().ok())
+        .map(|v| v as i64)
+        .unwrap_or_else(|| panic!("no {name}"))
 }
 
 /// Sum of a metric over all its series whose labels contain `label` (may be "").

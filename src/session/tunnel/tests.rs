@@ -361,6 +361,7 @@ fn a_snapshot_carries_everything_and_only_its_commit_changes_the_tunnel() {
     assert!(adopted.is_held());
     assert_eq!(adopted.held_wants(p.now, false).unwrap(), HeldWants::Reopen { paced: false }, "the upgrade paced itself");
     assert_eq!(adopted.poll_action(), Some(Action::Count(Count::HeldBytes(8))));
+    assert_eq!(adopted.poll_action(), Some(Action::Count(Count::Held(true))), "counted as holding");
     // Commit: the held bytes go back to this shard.
     let end = p.core.handed_over();
     assert!(matches!(end, End::HandedOver));

@@ -10,6 +10,9 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
+mod reconfigure;
+pub use reconfigure::BlockChange;
+
 use crate::config::Config;
 use crate::metrics;
 use crate::shard::{self, Control, ShardHandle};
@@ -29,6 +32,17 @@ pub struct Running {
     pub upgrade_window: u64,
     /// Session-ticket keys, for a live upgrade's successor.
     pub tickets: Arc<Ticketer>,
+    /// The config generation every shard runs by.
+    pub generation: Arc<crate::reload::Generation>,
+    /// The WSM pool the resolver thread keeps (a reload replaces its entries).
+    pub pool: crate::resolve::SharedPool,
+    /// The last reload's outcome (`ctl status`).
+    pub last_reload: Option<crate::reload::Outcome>,
+    /// The log filter given at start (`--log`), in force while the config
+    /// sets no `log.level`.
+    pub base_log: String,
+    /// When the proxy started (for `ctl status`).
+    pub started: std::time::Instant,
 }
 
 /// Where the listening sockets come from.
@@ -96,7 +110,7 @@ pub fn start_with(cfg: Config, from: Listeners, tickets: Option<Arc<Ticketer>>) 
     let (ready_tx, ready_rx) = crossbeam_channel::unbounded();
     let mut shards = Vec::new();
     for (i, (l, cpu)) in per_shard.into_iter().zip(cfg.shard_cpus.iter()).enumerate() {
-        let h = shard::start(i as u16, *cpu, cfg.clone(), tls.clone(), l, ready_tx.clone(), wsms.clone())
+        let h = shard::start(i as u16, *cpu, (1, cfg.clone(), tls.clone()), l, ready_tx.clone(), wsms.clone())
             .map_err(|e| vec![format!("shard {i}: {e}")])?;
         shards.push(h);
     }
@@ -108,18 +122,32 @@ pub fn start_with(cfg: Config, from: Listeners, tickets: Option<Arc<Ticketer>>) 
             Err(_) => return Err(vec!["a shard did not start in time".into()]),
         }
     }
-    // Literal addresses never change: only names need the resolver thread.
-    let named = cfg.upstream.wsm.iter().any(|w| w.parse::<SocketAddr>().is_err());
-    if named && !cfg.upstream.dns_refresh.is_zero() {
-        let ctls: Vec<_> = shards.iter().map(|s| s.ctl.clone()).collect();
-        crate::resolve::refresh(cfg.upstream.wsm.clone(), wsms, cfg.upstream.dns_refresh, move |now| {
-            for c in &ctls {
-                let _ = c.send(Control::WsmSet(now.clone()));
-            }
-        });
-    }
+    // The resolver thread follows the pool's entries (a reload may change
+    // them, or the refresh interval).
+    let pool = Arc::new(std::sync::Mutex::new(crate::resolve::Pool {
+        entries: cfg.upstream.wsm.clone(),
+        every: cfg.upstream.dns_refresh,
+        current: wsms.clone(),
+    }));
+    let ctls: Vec<_> = shards.iter().map(|s| s.ctl.clone()).collect();
+    crate::resolve::refresh(pool.clone(), move |now| {
+        for c in &ctls {
+            let _ = c.send(Control::WsmSet(now.clone()));
+        }
+    });
     let node = Arc::new(metrics::NodeMetrics::default());
     node.server_cert_not_after.store(server_not_after, std::sync::atomic::Ordering::Relaxed);
+    let generation = Arc::new(crate::reload::Generation {
+        number: 1,
+        cfg: cfg.clone(),
+        tls: tls.clone(),
+        wsms,
+        hash: crate::reload::hash_inputs(&cfg),
+        recheck: crate::reload::Recheck::Nothing,
+        wake: false,
+    });
+    reconfigure::publish(&node, &generation);
+    node.last_reload_success.store(1, std::sync::atomic::Ordering::Relaxed);
     let sources = metrics::export::Sources { shards: shards.iter().map(|s| s.metrics.clone()).collect(), node };
     let metrics_addr = match cfg.metrics {
         Some(a) => Some(metrics::http::serve(a, sources.clone()).map_err(|e| vec![format!("metrics.addr: {a}: {e}")])?),
@@ -135,6 +163,11 @@ pub fn start_with(cfg: Config, from: Listeners, tickets: Option<Arc<Ticketer>>) 
         pid_file: cfg.pid_file.clone(),
         upgrade_window,
         tickets: ticketer,
+        generation,
+        pool,
+        last_reload: None,
+        base_log: String::from("info"),
+        started: std::time::Instant::now(),
     })
 }
 

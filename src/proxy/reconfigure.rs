@@ -1,0 +1,218 @@
+//! Changing a running proxy's configuration: a reload from the files, and
+//! an operator's block or unblock of one device.
+//!
+//! Owns: preparing the next generation (`reload::prepare`), sending it to
+//! every shard and waiting until each has switched, keeping the node's
+//! view (current generation, last outcome, metrics, ticket keys, log
+//! filter) in step, and editing the blocklist file for `ctl block` /
+//! `unblock` (written whole to a temporary file and renamed over, so a
+//! reader sees the old file or the new one, never half). Never decides
+//! what a connection does about a change: each shard re-checks its own.
+
+use std::sync::Arc;
+use std::sync::atomic::Ordering::Relaxed;
+use std::time::Duration;
+
+use super::Running;
+use crate::metrics::NodeMetrics;
+use crate::reload::{Generation, Outcome, Recheck};
+use crate::shard::Control;
+use crate::tls::blocklist::Blocklist;
+
+/// How long a reload waits for every shard to switch.
+const SWITCH_WAIT: Duration = Duration::from_secs(10);
+
+/// Puts a generation's facts into the node's metrics.
+pub(super) fn publish(node: &NodeMetrics, g: &Generation) {
+    node.config_generation.store(g.number, Relaxed);
+    node.blocklist_entries.store(g.tls.verifier.blocklist().len() as u64, Relaxed);
+    node.server_cert_not_after.store(g.tls.server_not_after, Relaxed);
+}
+
+/// `ctl block` or `ctl unblock`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BlockChange {
+    Block,
+    Unblock,
+}
+
+impl Running {
+    /// Re-reads the config and every file it names; applies it to every
+    /// shard at one generation boundary, or refuses it whole.
+    pub fn reload(&mut self) -> Outcome {
+        let at = crate::timefmt::unix_now();
+        let path = self.generation.cfg.path.clone();
+        let node = self.sources.node.clone();
+        node.last_reload_timestamp.store(at, Relaxed);
+        let out = match crate::reload::prepare(&path, &self.generation) {
+            Err(errs) => {
+                let errors: Vec<String> = errs.iter().map(|e| e.to_string()).collect();
+                tracing::error!(errors = %errors.join("; "), "reload refused: nothing changed, the running config stays");
+                Outcome {
+                    ok: false,
+                    generation: self.generation.number,
+                    hash: self.generation.hash.clone(),
+                    changed: Vec::new(),
+                    needs_upgrade: Vec::new(),
+                    errors,
+                    at,
+                }
+            }
+            Ok((g, changed, fixed)) if changed.is_empty() && g.hash == self.generation.hash => {
+                tracing::info!("reload: nothing changed");
+                Outcome { ok: true, generation: self.generation.number, hash: g.hash, changed, needs_upgrade: fixed, errors: Vec::new(), at }
+            }
+            Ok((g, changed, fixed)) => {
+                for w in &g.tls.warnings {
+                    tracing::warn!(key = %w.key, "{}", w.msg);
+                }
+                let log_changed = g.cfg.log_level != self.generation.cfg.log_level;
+                let g = self.switch(g);
+                if log_changed {
+                    let spec = g.cfg.log_level.clone().unwrap_or_else(|| self.base_log.clone());
+                    if let Err(e) = crate::logging::set_filter(&spec) {
+                        tracing::warn!(error = %e, "the log filter could not be changed");
+                    }
+                }
+                if !fixed.is_empty() {
+                    tracing::warn!(keys = %fixed.join(", "), "changed keys that a reload cannot apply: they take effect with `holdfast upgrade`, which keeps every connection");
+                }
+                tracing::info!(generation = g.number, changed = %changed.join(", "), hash = %g.hash, "reloaded");
+                Outcome { ok: true, generation: g.number, hash: g.hash.clone(), changed, needs_upgrade: fixed, errors: Vec::new(), at }
+            }
+        };
+        node.last_reload_success.store(u64::from(out.ok), Relaxed);
+        self.last_reload = Some(out.clone());
+        out
+    }
+
+    /// Blocks (or unblocks) one blocklist entry (a SHA-256 fingerprint or
+    /// `serial:<hex>`): written to the blocklist file first, so a later
+    /// reload agrees, then in force for every handshake, and (for a block)
+    /// every established connection it matches closed within the spread.
+    pub fn block(&mut self, entry: &str, change: BlockChange) -> Result<Outcome, String> {
+        let at = crate::timefmt::unix_now();
+        let one = Blocklist::parse(entry).map_err(|e| format!("'{entry}': {}", e.msg))?;
+        if one.len() != 1 {
+            return Err(format!("'{entry}': give exactly one fingerprint or serial:<hex>"));
+        }
+        let path = self.generation.cfg.tls.blocklist.clone().ok_or(
+            "tls.blocklist is not set: name a blocklist file in the config (and reload) to block devices by command",
+        )?;
+        let text = match std::fs::read_to_string(&path) {
+            Ok(t) => t,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => String::new(),
+            Err(e) => return Err(format!("{}: {e}", path.display())),
+        };
+        let same = |line: &str| Blocklist::parse(line).ok().is_some_and(|b| b.len() == 1 && b == one);
+        let present = text.lines().any(|l| same(l.split('#').next().unwrap_or("")));
+        let new_text = match (change, present) {
+            (BlockChange::Block, true) | (BlockChange::Unblock, false) => None,
+            (BlockChange::Block, false) => {
+                let mut t = text.clone();
+                if !t.is_empty() && !t.ends_with('\n') {
+                    t.push('\n');
+                }
+                t.push_str(entry.trim());
+                t.push('\n');
+                Some(t)
+            }
+            (BlockChange::Unblock, true) => {
+                Some(text.lines().filter(|l| !same(l.split('#').next().unwrap_or(""))).map(|l| format!("{l}\n")).collect())
+            }
+        };
+        let Some(new_text) = new_text else {
+            let what = if change == BlockChange::Block { "already blocked" } else { "not in the blocklist" };
+            return Ok(Outcome {
+                ok: true,
+                generation: self.generation.number,
+                hash: self.generation.hash.clone(),
+                changed: vec![format!("nothing: {what}")],
+                needs_upgrade: Vec::new(),
+                errors: Vec::new(),
+                at,
+            });
+        };
+        let bl = Blocklist::parse(&new_text).map_err(|e| format!("{}: {e}", path.display()))?;
+        write_atomically(&path, new_text.as_bytes()).map_err(|e| format!("{}: {e}", path.display()))?;
+        // In force for handshakes on every shard at once (they share the verifier).
+        self.generation.tls.verifier.set_blocklist(bl);
+        let cur = &self.generation;
+        let g = Generation {
+            number: cur.number + 1,
+            cfg: cur.cfg.clone(),
+            tls: cur.tls.clone(),
+            wsms: Vec::new(),
+            hash: crate::reload::hash_inputs(&cur.cfg),
+            recheck: if change == BlockChange::Block { Recheck::Blocklist } else { Recheck::Nothing },
+            wake: false,
+        };
+        let g = self.switch(g);
+        let verb = if change == BlockChange::Block { "blocked" } else { "unblocked" };
+        tracing::info!(entry = %entry.trim(), generation = g.number, "{verb} by the operator");
+        Ok(Outcome {
+            ok: true,
+            generation: g.number,
+            hash: g.hash.clone(),
+            changed: vec![format!("{verb} {}", entry.trim())],
+            needs_upgrade: Vec::new(),
+            errors: Vec::new(),
+            at,
+        })
+    }
+
+    /// Sends `g` (its WSM pool resolved here) to every shard and waits
+    /// until each has switched; then it is the node's generation.
+    fn switch(&mut self, mut g: Generation) -> Arc<Generation> {
+        let mut pool = self.pool.lock().unwrap_or_else(|e| e.into_inner());
+        if pool.entries != g.cfg.upstream.wsm {
+            let now = crate::resolve::resolve_all(&g.cfg.upstream.wsm, &pool.current);
+            pool.entries = g.cfg.upstream.wsm.clone();
+            pool.current = now;
+        }
+        pool.every = g.cfg.upstream.dns_refresh;
+        g.wsms = pool.current.clone();
+        let g = Arc::new(g);
+        let (tx, rx) = crossbeam_channel::unbounded();
+        let mut sent = 0;
+        for s in &self.shards {
+            if s.ctl.send(Control::Reload(g.clone(), tx.clone())).is_ok() {
+                sent += 1;
+            }
+        }
+        // Under the pool's lock: a DNS change cannot reach a shard between.
+        let deadline = std::time::Instant::now() + SWITCH_WAIT;
+        for _ in 0..sent {
+            if rx.recv_deadline(deadline).is_err() {
+                tracing::error!(generation = g.number, "a shard did not switch to the new generation in time");
+                break;
+            }
+        }
+        drop(pool);
+        self.tickets = g.tls.tickets.clone();
+        self.generation = g.clone();
+        publish(&self.sources.node, &g);
+        g
+    }
+}
+
+/// Writes `bytes` to a temporary file beside `path`, flushes it to disk
+/// and renames it over `path`.
+fn write_atomically(path: &std::path::Path, bytes: &[u8]) -> std::io::Result<()> {
+    use std::io::Write;
+    let dir = path.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(std::path::Path::new("."));
+    let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_else(|| "blocklist".into());
+    let tmp = dir.join(format!(".{name}.{}.tmp", std::process::id()));
+    let mut f = std::fs::File::create(&tmp)?;
+    f.write_all(bytes)?;
+    f.sync_all()?;
+    // Keep the file's mode (a blocklist may be group-readable on purpose).
+    if let Ok(m) = std::fs::metadata(path) {
+        let _ = std::fs::set_permissions(&tmp, m.permissions());
+    }
+    std::fs::rename(&tmp, path)?;
+    if let Ok(d) = std::fs::File::open(dir) {
+        let _ = d.sync_all();
+    }
+    Ok(())
+}
