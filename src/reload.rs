@@ -30,6 +30,9 @@ pub struct Generation {
     pub recheck: Recheck,
     /// Limits or timeouts changed: every tunnel takes them up at once.
     pub wake: bool,
+    /// The device labels changed: these are the ones before (each open
+    /// stream whose labels differ now is told, with LABELS).
+    pub relabel: Option<Arc<crate::tls::labels::Labels>>,
 }
 
 impl std::fmt::Debug for Generation {
@@ -76,6 +79,7 @@ pub fn hash_inputs(cfg: &Config) -> String {
     let mut files = vec![t.cert_chain.clone(), t.key.clone()];
     files.extend(t.client_cas.iter().map(|(p, _)| p.clone()));
     files.extend(t.blocklist.clone());
+    files.extend(t.labels.clone());
     for f in files {
         all.extend_from_slice(f.to_string_lossy().as_bytes());
         all.push(0);
@@ -132,7 +136,8 @@ pub fn prepare(path: &Path, current: &Generation) -> Result<(Generation, Vec<Str
                 };
                 let wake = limits_differ(&current.cfg, &cfg);
                 let hash = hash_inputs(&cfg);
-                let g = Generation { number: current.number + 1, cfg: Arc::new(cfg), tls, wsms: Vec::new(), hash, recheck, wake };
+                let relabel = (*current.tls.labels != *tls.labels).then(|| current.tls.labels.clone());
+                let g = Generation { number: current.number + 1, cfg: Arc::new(cfg), tls, wsms: Vec::new(), hash, recheck, wake, relabel };
                 return Ok((g, changed, fixed));
             }
             Ok(_) => {}
@@ -179,6 +184,7 @@ fn describe(a: &Config, at: &TlsContext, b: &Config, bt: &TlsContext) -> Vec<Str
     note(at.server_fingerprint != bt.server_fingerprint, "server certificate");
     note(!at.same_cas(bt), "client CAs");
     note(!same_blocklist(at, bt), "blocklist");
+    note(*at.labels != *bt.labels, "device labels");
     note(
         (a.tls.tls12, a.tls.tls13, &a.tls.cipher_suites) != (b.tls.tls12, b.tls.tls13, &b.tls.cipher_suites),
         "TLS versions or suites",

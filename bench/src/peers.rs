@@ -72,6 +72,7 @@ backlog = 65535
 [tls]
 cert_chain = "{pki}/server-chain.pem"
 key = "{pki}/server.key"
+blocklist = "{pki}/blocklist.txt"
 
 [[tls.client_ca]]
 file = "{pki}/fleet-2024.pem"
@@ -97,9 +98,6 @@ addr = "127.0.0.1:{metrics_port}"
 [upgrade]
 pid_file = "{pki}/holdfast.pid"
 moving_per_shard = {moving_per_shard}
-
-[control]
-socket = "{pki}/control.sock"
 "#,
         pki = pki.display()
     )

@@ -74,6 +74,18 @@ pub fn one_line(r: &ScenarioResult) -> String {
                     r.swarm.pause_us.p99 / 1000
                 ))
                 .unwrap_or_default()
+            + &if r.scenario == "reload" {
+                format!(
+                    " | reload: applied in {}, every connection re-checked in {}, {} CPU s, pause during it {}, whole run p99 {} ms",
+                    r.reload_apply_secs.map(|s| format!("{:.1} ms", s * 1e3)).unwrap_or_else(|| "-".into()),
+                    r.reload_recheck_secs.map(|s| format!("{:.1} ms", s * 1e3)).unwrap_or_else(|| "-".into()),
+                    r.reload_cpu_secs.map(|c| format!("{c:.3}")).unwrap_or_else(|| "-".into()),
+                    pause_cell(&r.swarm.pause_window_us),
+                    r.swarm.pause_us.p99 / 1000
+                )
+            } else {
+                String::new()
+            }
             + &if r.scenario == "upgrade" {
                 format!(
                     " | upgrade: {}{}, pause during it {}, whole run p99 {} ms, bytes lost {}",
@@ -265,6 +277,25 @@ pub fn render(results: &[ScenarioResult], dir: &Path) -> Result<String, String> 
                     bars.push((format!("{} p99.9", r.proxy), r.swarm.rtt_us.p999 as f64));
                 }
                 std::fs::write(dir.join(&file), bar_svg("Message round trip through the proxy", "us", &bars)).map_err(|e| e.to_string())?;
+            }
+            "reload" => {
+                md.push_str("| proxy | devices | messages | errors | SIGHUP until every shard switched | until every connection was re-checked | CPU meanwhile | pause during the reload p50 / p99 / max | RTT p99 |\n|---|---|---|---|---|---|---|---|---|\n");
+                for r in &rs {
+                    md.push_str(&format!(
+                        "| {} | {} | {} | {} | {} | {} | {} | {} | {:.1} ms |\n",
+                        r.proxy,
+                        r.devices_ready,
+                        r.swarm.messages,
+                        r.swarm.error_count(),
+                        r.reload_apply_secs.map(|s| format!("{:.1} ms", s * 1e3)).unwrap_or_else(|| "-".into()),
+                        r.reload_recheck_secs.map(|s| format!("{:.1} ms", s * 1e3)).unwrap_or_else(|| "-".into()),
+                        r.reload_cpu_secs.map(|c| format!("{c:.3} s")).unwrap_or_else(|| "-".into()),
+                        pause_cell(&r.swarm.pause_window_us),
+                        r.swarm.rtt_us.p99 as f64 / 1000.0
+                    ));
+                }
+                let bars = pause_bars(&rs);
+                std::fs::write(dir.join(&file), bar_svg("Live reload: longest round trip per device", "ms", &bars)).map_err(|e| e.to_string())?;
             }
             "upgrade" => {
                 md.push_str("| proxy | devices | messages | errors | bytes lost or out of order | SIGUSR2 until the old process exited | CPU of both processes meanwhile | pause during the upgrade p50 / p99 / max (devices that talked) | longest round trip over the whole run p50 / p99 / max | RTT p99 |\n|---|---|---|---|---|---|---|---|---|---|\n");

@@ -66,6 +66,11 @@ pub struct RunArgs {
     #[arg(long, default_value_t = 128)]
     #[serde(default = "default_moving")]
     pub moving_per_shard: u32,
+    /// Reload scenario: blocklist entries the reload brings (none of them a
+    /// connected device, so every connection is checked and none closed).
+    #[arg(long, default_value_t = 10_000)]
+    #[serde(default)]
+    pub reload_blocklist: usize,
     /// holdfast's log level; its log is kept as `<out>/<scenario>[-label]-holdfast.log`.
     #[arg(long, default_value = "warn")]
     #[serde(default = "default_log")]
@@ -125,6 +130,15 @@ pub struct ScenarioResult {
     /// the old one exited (the hand-over's cost, with the traffic meanwhile).
     #[serde(default)]
     pub upgrade_cpu_secs: Option<f64>,
+    /// Reload scenario: SIGHUP until every shard runs the new generation,
+    /// until every connection was checked against it, and holdfast's CPU
+    /// seconds over that time.
+    #[serde(default)]
+    pub reload_apply_secs: Option<f64>,
+    #[serde(default)]
+    pub reload_recheck_secs: Option<f64>,
+    #[serde(default)]
+    pub reload_cpu_secs: Option<f64>,
     /// Failover scenario: from killing one WSM until every one of its
     /// streams was resumed on the other, seconds; and how many resumed.
     #[serde(default)]
@@ -133,6 +147,11 @@ pub struct ScenarioResult {
     pub failover_streams: Option<u64>,
     /// holdfast only: its metrics text while the devices were connected.
     pub holdfast_metrics: Option<String>,
+}
+
+/// A metric without labels in a Prometheus/OpenMetrics text.
+pub fn metric_single(text: &str, name: &str) -> Option<f64> {
+    text.lines().find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse::<f64>().ok())
 }
 
 /// Sum of a metric over all its series in a Prometheus/OpenMetrics text.

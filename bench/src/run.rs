@@ -235,7 +235,7 @@ pub fn run(args: RunArgs) -> Result<(), String> {
     std::fs::create_dir_all(&args.out).map_err(|e| e.to_string())?;
     for name in &args.proxies {
         let proxy = Proxy::parse(name).ok_or(format!("unknown proxy {name}"))?;
-        if (args.scenario == "upgrade" || args.scenario == "failover") && proxy != Proxy::Holdfast {
+        if matches!(args.scenario.as_str(), "upgrade" | "failover" | "reload") && proxy != Proxy::Holdfast {
             eprintln!("{name}: no live upgrade or WSM failover of established connections; skipped");
             continue;
         }
@@ -329,7 +329,7 @@ fn run_one(proxy: Proxy, a: &RunArgs, pki: &Path, work: &Path) -> Result<Scenari
     let sock_base = sock_mem_bytes();
 
     // The swarm: `procs` processes, each with two source addresses of its own.
-    let swarm_mode = if a.scenario == "failover" { "upgrade" } else { a.scenario.as_str() };
+    let swarm_mode = if a.scenario == "failover" || a.scenario == "reload" { "upgrade" } else { a.scenario.as_str() };
     let per = a.conns.div_ceil(a.procs.max(1));
     let mut swarm: Vec<(Proc, ChildStdin)> = Vec::new();
     for i in 0..a.procs.max(1) {
@@ -472,6 +472,40 @@ fn run_one(proxy: Proxy, a: &RunArgs, pki: &Path, work: &Path) -> Result<Scenari
             tell_window(&mut swarm, start, wall_us());
         }
     }
+    let (mut reload_apply_secs, mut reload_recheck_secs, mut reload_cpu_secs) = (None, None, None);
+    if a.scenario == "reload" {
+        let mp = metrics_port.ok_or("reload needs holdfast's metrics")?;
+        std::thread::sleep(Duration::from_secs_f64(a.duration / 3.0));
+        let text = || fetch_metrics(mp).unwrap_or_default();
+        let before = text();
+        let gen0 = crate::result::metric_single(&before, "holdfast_config_generation").unwrap_or(0.0);
+        let checked0 = metric_sum(&before, "holdfast_identities_rechecked_total");
+        write_reload_change(work, a.reload_blocklist)?;
+        let t = Instant::now();
+        let start = wall_us();
+        let cpu_before = cpu_secs(&[proxy_pid]);
+        // SAFETY: signalling our own child.
+        unsafe { libc::kill(proxy_pid as i32, libc::SIGHUP) };
+        let deadline = t + Duration::from_secs(60);
+        loop {
+            let m = text();
+            if reload_apply_secs.is_none() && crate::result::metric_single(&m, "holdfast_config_generation").unwrap_or(0.0) > gen0 {
+                reload_apply_secs = Some(t.elapsed().as_secs_f64());
+            }
+            if reload_apply_secs.is_some() && metric_sum(&m, "holdfast_identities_rechecked_total") - checked0 >= ready {
+                reload_recheck_secs = Some(t.elapsed().as_secs_f64());
+                break;
+            }
+            if Instant::now() > deadline {
+                return Err(format!("reload: not applied and re-checked within 60 s; log in {}", work.join("proxy.log").display()));
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        reload_cpu_secs = Some(cpu_secs(&[proxy_pid]) - cpu_before);
+        // The window the devices' pauses are measured over: at least a second.
+        std::thread::sleep(Duration::from_secs(1).saturating_sub(t.elapsed()));
+        tell_window(&mut swarm, start, wall_us());
+    }
     if a.scenario == "storm" {
         let t = Instant::now();
         let mut back = 0;
@@ -542,10 +576,50 @@ fn run_one(proxy: Proxy, a: &RunArgs, pki: &Path, work: &Path) -> Result<Scenari
         storm_secs,
         upgrade_secs,
         upgrade_cpu_secs,
+        reload_apply_secs,
+        reload_recheck_secs,
+        reload_cpu_secs,
         failover_secs,
         failover_streams,
         holdfast_metrics,
     })
+}
+
+/// The reload scenario's change: a rotated server certificate (from a new
+/// CA; connected devices keep theirs) and a blocklist of `entries`
+/// fingerprints of no connected device, written beside the config, which
+/// is rewritten to name them.
+fn write_reload_change(work: &Path, entries: usize) -> Result<(), String> {
+    use holdfast::pki::{Validity, make_ca, make_leaf};
+    let io = |x: std::io::Error| x.to_string();
+    let ca = make_ca("hf-bench rotated server CA").map_err(|x| x.to_string())?;
+    let leaf =
+        make_leaf(&ca, "localhost", vec!["localhost".into(), "127.0.0.1".into()], true, Validity::Current, 7).map_err(|x| x.to_string())?;
+    std::fs::write(work.join("rotated-chain.pem"), format!("{}{}", leaf.cert_pem, ca.pem)).map_err(io)?;
+    std::fs::write(work.join("rotated.key"), &leaf.key_pem).map_err(io)?;
+    let mut list = String::with_capacity(entries * 65);
+    for i in 0..entries as u64 {
+        list.push_str(&holdfast::identity::hex(&holdfast::identity::sha256(&i.to_be_bytes())));
+        list.push('\n');
+    }
+    std::fs::write(work.join("reload-blocklist.txt"), list).map_err(io)?;
+    let cfg = work.join("holdfast.toml");
+    let text = std::fs::read_to_string(&cfg).map_err(io)?;
+    let mut out = String::new();
+    for l in text.lines() {
+        let l = if l.starts_with("cert_chain = ") {
+            format!("cert_chain = \"{}\"", work.join("rotated-chain.pem").display())
+        } else if l.starts_with("key = ") {
+            format!("key = \"{}\"", work.join("rotated.key").display())
+        } else if l.starts_with("blocklist = ") {
+            format!("blocklist = \"{}\"", work.join("reload-blocklist.txt").display())
+        } else {
+            l.to_string()
+        };
+        out.push_str(&l);
+        out.push('\n');
+    }
+    std::fs::write(&cfg, out).map_err(io)
 }
 
 #[cfg(test)]

@@ -24,6 +24,7 @@ fuzz_target!(|data: &[u8]| {
         max_frame: 1 << 16,
         ping_interval: Duration::from_secs(1),
         liveness_timeout: Duration::from_secs(3),
+        version: codec::VERSION,
     };
     let mut s = LinkSession::new(params, now);
     let mut hello = Vec::new();

@@ -24,6 +24,7 @@ fuzz_target!(|data: &[u8]| {
         resume_timeout: Duration::from_secs(5),
         open_timeout: Duration::from_secs(1),
         held_bytes_per_connection: 8192,
+        generation: 1,
     };
     let resume = Resume { chain: vec![], request: Default::default(), subprotocol: None };
     let mut t = Tunnel::attached(rl, &resume, &Default::default(), std::rc::Rc::new(limits), 1 << 16, now);

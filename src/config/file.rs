@@ -136,6 +136,9 @@ pub struct TlsFile {
     pub key: Option<String>,
     /// Optional blocklist file (see README: fingerprints or serial:<hex>).
     pub blocklist: Option<String>,
+    /// Optional device labels file (TOML: device key = [labels]), sent to
+    /// the WSM in each stream's OPEN (`docs/reload.md`).
+    pub labels: Option<String>,
     /// CAs that issue device certificates (at least one).
     #[serde(default)]
     pub client_ca: Vec<ClientCaFile>,
@@ -162,6 +165,7 @@ impl Default for TlsFile {
             cert_chain: None,
             key: None,
             blocklist: None,
+            labels: None,
             client_ca: Vec::new(),
             handshake_timeout_ms: default_handshake_timeout(),
             key_update_after_records: default_key_update(),

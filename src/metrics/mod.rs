@@ -78,6 +78,7 @@ shard_series! {
     tunnels_parked: Gauge, "established tunnels waiting with no task of their own (in the shard's idle set: quiet for 2 s)";
     tunnel_state_bytes: Gauge, "bytes of per-connection state held by established tunnels (Tunnel, StreamShared, key material; not runtime or kernel)";
     streams_held: Gauge, "tunnels holding their device for want of a WSM (messages kept until a WSM takes the stream, or 1013)";
+    identities_rechecked_total: Counter, "established identities checked again after a policy change (blocklist or CA set)";
     connections_kicked_total: Counter, "connections closed by an operator (holdfast ctl kick)";
     revocations_pending: Gauge, "established connections no longer allowed by the policy, waiting for their spread-out close";
 }

@@ -145,6 +145,7 @@ pub fn start_with(cfg: Config, from: Listeners, tickets: Option<Arc<Ticketer>>) 
         hash: crate::reload::hash_inputs(&cfg),
         recheck: crate::reload::Recheck::Nothing,
         wake: false,
+        relabel: None,
     });
     reconfigure::publish(&node, &generation);
     node.last_reload_success.store(1, std::sync::atomic::Ordering::Relaxed);

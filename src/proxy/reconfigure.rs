@@ -18,6 +18,7 @@ use crate::metrics::NodeMetrics;
 use crate::reload::{Generation, Outcome, Recheck};
 use crate::shard::Control;
 use crate::tls::blocklist::Blocklist;
+use crate::tls::certmap::CertKey;
 
 /// How long a reload waits for every shard to switch.
 const SWITCH_WAIT: Duration = Duration::from_secs(10);
@@ -92,10 +93,7 @@ impl Running {
     /// every established connection it matches closed within the spread.
     pub fn block(&mut self, entry: &str, change: BlockChange) -> Result<Outcome, String> {
         let at = crate::timefmt::unix_now();
-        let one = Blocklist::parse(entry).map_err(|e| format!("'{entry}': {}", e.msg))?;
-        if one.len() != 1 {
-            return Err(format!("'{entry}': give exactly one fingerprint or serial:<hex>"));
-        }
+        let one = CertKey::parse(entry).map_err(|m| format!("'{}': {m}", entry.trim()))?;
         let path = self.generation.cfg.tls.blocklist.clone().ok_or(
             "tls.blocklist is not set: name a blocklist file in the config (and reload) to block devices by command",
         )?;
@@ -104,7 +102,7 @@ impl Running {
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => String::new(),
             Err(e) => return Err(format!("{}: {e}", path.display())),
         };
-        let same = |line: &str| Blocklist::parse(line).ok().is_some_and(|b| b.len() == 1 && b == one);
+        let same = |line: &str| !line.trim().is_empty() && CertKey::parse(line).is_ok_and(|k| k == one);
         let present = text.lines().any(|l| same(l.split('#').next().unwrap_or("")));
         let new_text = match (change, present) {
             (BlockChange::Block, true) | (BlockChange::Unblock, false) => None,
@@ -146,6 +144,7 @@ impl Running {
             hash: crate::reload::hash_inputs(&cur.cfg),
             recheck: if change == BlockChange::Block { Recheck::Blocklist } else { Recheck::Nothing },
             wake: false,
+            relabel: None,
         };
         let g = self.switch(g);
         let verb = if change == BlockChange::Block { "blocked" } else { "unblocked" };

@@ -73,6 +73,7 @@ impl LinkEnd {
             max_frame: codec::DEFAULT_MAX_FRAME,
             ping_interval: Duration::from_secs(10),
             liveness_timeout: Duration::from_secs(30),
+        version: codec::VERSION,
         };
         let mut l = LinkEnd { session: LinkSession::new(params, now), wsm: Wsm { auto_accept: true, max_frame, ..Default::default() } };
         let mut hello = Vec::new();
@@ -141,6 +142,7 @@ impl Pair {
             connection_id: id,
             device: crate::identity::from_chain(resume.chain.clone(), "127.0.0.1:4000".parse().expect("addr")).expect("identity"),
             request: resume.request.clone(),
+            labels: Vec::new(),
         };
         let sid = link.session.open(open).expect("stream");
         let mut accept = Vec::new();

@@ -122,6 +122,9 @@ struct Held {
     /// Adopted in a live upgrade: its acceptance is what the old process
     /// waits for.
     adopted: bool,
+    /// The resume data as the snapshot brought it, for the first resumed
+    /// OPEN (so an adopted tunnel does not unpack what it just packed).
+    fresh: Option<Box<Resume>>,
 }
 
 #[derive(Debug)]
@@ -224,6 +227,7 @@ impl Tunnel {
             close_at: now + resume_timeout,
             planned: true,
             adopted: true,
+            fresh: Some(Box::new(std::mem::replace(&mut snap.resume, Resume { chain: Vec::new(), request: Default::default(), subprotocol: None }))),
         }));
         t.count(Count::HeldBytes(bytes as i64));
         t.count(Count::Held(true));
@@ -461,6 +465,7 @@ impl Tunnel {
                     close_at: now + self.limits.resume_timeout + jitter,
                     planned,
                     adopted: false,
+                    fresh: None,
                 })
             }
         };
@@ -500,10 +505,17 @@ impl Tunnel {
     /// The OPEN that resumes the stream elsewhere (same connection ID, the
     /// identity it was first opened with). `None` if the identity cannot be
     /// rebuilt (then the tunnel must end: [`Tunnel::identity_lost`]).
-    pub fn resumed_open(&self, id: ConnectionId, addr: std::net::SocketAddr) -> Option<Open> {
-        let r = self.resume.unpack()?;
+    pub fn resumed_open(&mut self, id: ConnectionId, addr: std::net::SocketAddr) -> Option<Open> {
+        let fresh = match &mut self.attachment {
+            Attachment::Held(h) => h.fresh.take(),
+            Attachment::Attached { .. } => None,
+        };
+        let r = match fresh {
+            Some(r) => *r,
+            None => self.resume.unpack()?,
+        };
         let device = crate::identity::from_chain(r.chain, addr)?;
-        Some(Open { resumed: true, connection_id: id, device, request: r.request })
+        Some(Open { resumed: true, connection_id: id, device, request: r.request, labels: Vec::new() })
     }
 
     /// The shard's budget for partial records ran out and this tunnel holds

@@ -141,7 +141,8 @@ impl Device {
                             m.accepted_under(ca, validity_ignored);
                         }
                     }
-                    SetupAction::Open(open) => {
+                    SetupAction::Open(mut open) => {
+                        open.labels = cur.tls.labels.of(&open.device.chain);
                         opened = self.pick_link().and_then(|l| l.open_stream(*open).map(|st| (l, st)));
                         opening = Instant::now();
                         s.on_open_sent(opening, opened.is_some());

@@ -140,7 +140,7 @@ struct LinkState {
     spare: Vec<u8>,
     writer: Option<Waker>,
     /// The device side of every stream on the link.
-    streams: HashMap<u32, StreamRef>,
+    streams: crate::link::streams::StreamMap<StreamRef>,
     /// The WSM's credit last reported to `holdfast_link_peer_credit_bytes`.
     reported_peer_credit: i64,
     /// The writer should look at the session's timers again.
@@ -173,6 +173,9 @@ pub struct Link {
     attention: Rc<Attention>,
     /// This shard's counters for this link's WSM address.
     pub metrics: Arc<crate::metrics::WsmMetrics>,
+    /// The protocol version the next connection offers: the newest, until
+    /// this WSM refuses it (then one older, for as long as the link lives).
+    offer: std::cell::Cell<u16>,
     st: RefCell<LinkState>,
 }
 
@@ -193,8 +196,20 @@ impl Link {
             stream_window,
             attention,
             metrics,
+            offer: std::cell::Cell::new(codec::VERSION),
             st: RefCell::new(LinkState::default()),
         })
+    }
+
+    /// Tells the WSM the device labels of `stream` changed (a version 2
+    /// link only; a version 1 WSM hears of them at the next OPEN it gets).
+    pub fn send_labels(&self, stream: u32, labels: &[String]) -> bool {
+        let mut st = self.st.borrow_mut();
+        let sent = st.streams.contains_key(&stream) && st.up().is_some_and(|l| l.labels(stream, labels));
+        if sent {
+            st.wake_writer();
+        }
+        sent
     }
 
     /// Takes the link out of the pool: no new streams, its streams move to
@@ -487,6 +502,14 @@ pub async fn run_link(link: Rc<Link>, ctx: std::rc::Weak<super::ShardCtx>, first
     while !link.retired() {
         let Some((cfg, shard)) = ctx.upgrade().map(|c| (c.current().cfg.clone(), c.index)) else { return };
         let res = connect_and_serve(&link, &cfg, shard, &mut first, &first_attempt).await;
+        if let Err(Failure::VersionRefused { offered, text }) = &res
+            && *offered > codec::MIN_VERSION
+        {
+            // An older WSM: offer the version before, at once.
+            tracing::info!(host = %link.host, addr = %link.addr, offered, answer = %text, "the WSM refused the protocol version; offering the one before");
+            link.offer.set(offered - 1);
+            continue;
+        }
         if first {
             first = false;
             *first_attempt.borrow_mut() += 1;
@@ -527,6 +550,7 @@ async fn connect_and_serve(
         max_frame: own_max_frame(cfg),
         ping_interval: cfg.upstream.ping_interval,
         liveness_timeout: cfg.upstream.liveness_timeout,
+        version: link.offer.get(),
     };
     let generation = {
         let mut st = link.st.borrow_mut();

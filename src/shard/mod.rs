@@ -314,6 +314,15 @@ fn apply(ctx: &Rc<ShardCtx>, g: &crate::reload::Generation) {
     if g.wake {
         ctx.wake_all();
     }
+    if let Some(before) = &g.relabel {
+        let (c, before, after) = (ctx.clone(), before.clone(), g.tls.labels.clone());
+        monoio::spawn(async move {
+            let n = registry::relabel(c.clone(), &before, &after).await;
+            if n > 0 {
+                tracing::info!(shard = c.index, streams = n, "device labels changed: WSMs told");
+            }
+        });
+    }
     let verifier = g.tls.verifier.clone();
     let spread = g.cfg.reload_close_spread;
     let now = crate::timefmt::unix_now();

@@ -21,6 +21,7 @@ use super::link::{Link, StreamShared};
 use crate::identity::ConnectionId;
 use crate::session::resume::PackedResume;
 use crate::tls::handshake::Refusal;
+use crate::tls::labels::Labels;
 
 /// How an established tunnel is reached, and who it is.
 pub struct Reach {
@@ -153,7 +154,9 @@ pub(super) async fn recheck(ctx: Rc<ShardCtx>, judge: impl Fn(&[Vec<u8>]) -> Res
         for &k in slice {
             let resume = ctx.conns.borrow().get(k).and_then(|e| Some(e.reach.as_ref()?.resume.clone()));
             let Some(chain) = resume.and_then(|r| r.unpack()).map(|r| r.chain) else { continue };
-            if let Err(why) = judge(&chain) {
+            let verdict = judge(&chain);
+            crate::metrics::ShardMetrics::inc(&ctx.metrics.identities_rechecked_total);
+            if let Err(why) = verdict {
                 let ms = spread.as_millis().min(u32::MAX as u128) as u32;
                 let at = now + Duration::from_millis(monoio::utils::thread_rng_n(ms.max(1)) as u64);
                 if ctx.give_order(k, Order::Revoke { at, why }) {
@@ -164,6 +167,34 @@ pub(super) async fn recheck(ctx: Rc<ShardCtx>, judge: impl Fn(&[Vec<u8>]) -> Res
         monoio::time::sleep(Duration::ZERO).await;
     }
     revoked
+}
+
+/// After the device labels changed: tells the WSM of each established
+/// stream whose labels differ between `before` and `after` (LABELS), a
+/// slice at a time. Held streams get theirs in the OPEN that resumes them.
+/// Returns how many were told.
+pub(super) async fn relabel(ctx: Rc<ShardCtx>, before: &Labels, after: &Labels) -> u64 {
+    let keys: Vec<usize> = ctx.conns.borrow().iter().filter(|(_, e)| e.reach.is_some()).map(|(k, _)| k).collect();
+    let mut told = 0;
+    for slice in keys.chunks(SLICE) {
+        for &k in slice {
+            let found = ctx.conns.borrow().get(k).and_then(|e| {
+                let r = e.reach.as_ref()?;
+                Some((r.resume.clone(), r.link.upgrade()?, r.stream.upgrade()?))
+            });
+            let Some((resume, link, stream)) = found else { continue };
+            let Some(chain) = resume.unpack().map(|r| r.chain) else { continue };
+            let now = after.of(&chain);
+            if now != before.of(&chain) {
+                let sid = stream.borrow().stream_id;
+                if link.send_labels(sid, &now) {
+                    told += 1;
+                }
+            }
+        }
+        monoio::time::sleep(Duration::ZERO).await;
+    }
+    told
 }
 
 /// What `holdfast ctl connections` asks for: connections whose identity

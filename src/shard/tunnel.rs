@@ -472,7 +472,9 @@ fn held_step(dev: &Device, t: &mut Live) -> Result<(), End> {
             // this step (`step`, `move_by_plan`): the stream changes now.
             debug_assert!(!t.core.has_actions());
             let Some(link) = dev.shard.pick_link() else { return Ok(()) };
-            let Some(open) = t.core.resumed_open(dev.id, dev.addr) else { return Err(t.core.identity_lost()) };
+            let Some(mut open) = t.core.resumed_open(dev.id, dev.addr) else { return Err(t.core.identity_lost()) };
+            // The labels as they are now (a reload may have changed them).
+            open.labels = dev.shard.current().tls.labels.of(&open.device.chain);
             let Some(stream) = link.open_stream(open) else { return Ok(()) };
             t.sid = stream.borrow().stream_id;
             t.stream = stream;

@@ -1,8 +1,10 @@
 //! TLS termination: rustls does the handshake, holdfast's record layer the rest.
 #![forbid(unsafe_code)]
 pub mod blocklist;
+pub mod certmap;
 pub mod handshake;
 pub mod keys;
+pub mod labels;
 pub mod record;
 pub mod refusal;
 pub mod server;

@@ -24,6 +24,8 @@ pub struct TlsContext {
     pub server: Arc<ServerConfig>,
     pub verifier: Arc<DeviceVerifier>,
     pub key_update_after: u64,
+    /// Device labels, sent to the WSM in each OPEN.
+    pub labels: Arc<super::labels::Labels>,
     /// Session-ticket keys (shared by the shards, handed to a successor).
     pub tickets: Arc<Ticketer>,
     /// The server certificate's end of validity (Unix seconds), for the
@@ -158,6 +160,16 @@ impl TlsContext {
             Some(p) => load_blocklist(p).map_err(|e| errs.push(e)).unwrap_or_default(),
             None => Blocklist::default(),
         };
+        let labels = match &c.labels {
+            Some(p) => match std::fs::read_to_string(p) {
+                Ok(t) => super::labels::Labels::parse(&t).map_err(|m| errs.push(err("tls.labels", format!("{}: {m}", p.display())))).unwrap_or_default(),
+                Err(e) => {
+                    errs.push(err("tls.labels", format!("cannot read {}: {e}", p.display())));
+                    Default::default()
+                }
+            },
+            None => Default::default(),
+        };
         if !errs.is_empty() {
             return Err(errs);
         }
@@ -193,6 +205,7 @@ impl TlsContext {
         Ok(TlsContext {
             server: Arc::new(server),
             verifier,
+            labels: Arc::new(labels),
             key_update_after: c.key_update_after,
             tickets,
             server_not_after,

@@ -7,7 +7,12 @@
 
 use crate::types::{ConnectionId, DeviceIdentity, UpgradeRequest};
 
-pub const VERSION: u16 = 1;
+/// The newest protocol version this codec speaks (holdfast offers it).
+pub const VERSION: u16 = 2;
+/// The oldest it still speaks: version 1 has no device labels.
+pub const MIN_VERSION: u16 = 1;
+/// The first version with device labels (OPEN flag 0x02, LABELS).
+pub const LABELS_VERSION: u16 = 2;
 /// Bytes before the payload: length (4), type (1), flags (1), stream (4).
 pub const HEADER_LEN: usize = 10;
 /// Frames larger than this are a protocol error unless both sides agree otherwise.
@@ -40,11 +45,15 @@ pub mod ty {
     pub const GOAWAY: u8 = 0x0a;
     pub const HANDOFF: u8 = 0x0b;
     pub const HANDOFF_ACK: u8 = 0x0c;
+    /// Version 2: a stream's device labels changed.
+    pub const LABELS: u8 = 0x0d;
 }
 
 /// Flag bits.
 pub const FLAG_BINARY: u8 = 0x01; // MESSAGE
 pub const FLAG_RESUMED: u8 = 0x01; // OPEN
+/// Version 2: the OPEN ends with the device's labels.
+pub const FLAG_LABELS: u8 = 0x02; // OPEN
 
 /// Why a stream closed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -92,6 +101,9 @@ pub struct Open {
     pub connection_id: ConnectionId,
     pub device: DeviceIdentity,
     pub request: UpgradeRequest,
+    /// The device's labels (e.g. `quarantine`), version 2 only: encoded
+    /// (with flag 0x02) only when not empty.
+    pub labels: Vec<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -140,6 +152,12 @@ pub enum Frame {
     /// WSM -> holdfast: nothing more will be sent on this stream.
     HandoffAck {
         stream: u32,
+    },
+    /// holdfast -> WSM, version 2: the device's labels are now these
+    /// (replacing those of its OPEN or an earlier LABELS).
+    Labels {
+        stream: u32,
+        labels: Vec<String>,
     },
 }
 
@@ -263,7 +281,8 @@ impl Frame {
                 finish(out, at);
             }
             Frame::Open { stream, open } => {
-                let at = begin(out, ty::OPEN, if open.resumed { FLAG_RESUMED } else { 0 }, *stream);
+                let flags = if open.resumed { FLAG_RESUMED } else { 0 } | if open.labels.is_empty() { 0 } else { FLAG_LABELS };
+                let at = begin(out, ty::OPEN, flags, *stream);
                 out.extend_from_slice(&open.connection_id.0.to_be_bytes());
                 let d = &open.device;
                 put_str(out, &d.addr);
@@ -285,6 +304,14 @@ impl Frame {
                     put_str(out, v);
                 }
                 put_strs(out, r.subprotocols.iter().map(String::as_str));
+                if !open.labels.is_empty() {
+                    put_strs(out, open.labels.iter().map(String::as_str));
+                }
+                finish(out, at);
+            }
+            Frame::Labels { stream, labels } => {
+                let at = begin(out, ty::LABELS, 0, *stream);
+                put_strs(out, labels.iter().map(String::as_str));
                 finish(out, at);
             }
             Frame::Accept { stream, subprotocol } => {
@@ -362,7 +389,8 @@ impl Frame {
 
     fn decode_payload(t: u8, flags: u8, stream: u32, p: &[u8]) -> Result<Frame, LinkError> {
         let link_level = matches!(t, ty::HELLO | ty::PING | ty::PONG | ty::GOAWAY);
-        let stream_level = matches!(t, ty::OPEN | ty::ACCEPT | ty::REFUSE | ty::MESSAGE | ty::CLOSE | ty::HANDOFF | ty::HANDOFF_ACK);
+        let stream_level =
+            matches!(t, ty::OPEN | ty::ACCEPT | ty::REFUSE | ty::MESSAGE | ty::CLOSE | ty::HANDOFF | ty::HANDOFF_ACK | ty::LABELS);
         if (link_level && stream != 0) || (stream_level && stream == 0) {
             return Err(LinkError::BadStream(stream));
         }
@@ -379,10 +407,11 @@ impl Frame {
             ty::GOAWAY => "GOAWAY",
             ty::HANDOFF => "HANDOFF",
             ty::HANDOFF_ACK => "HANDOFF_ACK",
+            ty::LABELS => "LABELS",
             other => return Err(LinkError::UnknownType(other)),
         };
         let allowed = match t {
-            ty::OPEN => FLAG_RESUMED,
+            ty::OPEN => FLAG_RESUMED | FLAG_LABELS,
             ty::MESSAGE => FLAG_BINARY,
             _ => 0,
         };
@@ -417,6 +446,7 @@ impl Frame {
                 let n = r.u16()?;
                 let headers = (0..n).map(|_| Ok((r.str()?, r.str()?))).collect::<Result<_, LinkError>>()?;
                 let subprotocols = r.strs()?;
+                let labels = if flags & FLAG_LABELS != 0 { r.strs()? } else { Vec::new() };
                 Frame::Open {
                     stream,
                     open: Box::new(Open {
@@ -424,6 +454,7 @@ impl Frame {
                         connection_id: ConnectionId(u128::from_be_bytes(id)),
                         device: DeviceIdentity { subject, issuer, serial, sans, fingerprint, chain, addr },
                         request: UpgradeRequest { path, query, headers, subprotocols, key: String::new() },
+                        labels,
                     }),
                 }
             }
@@ -445,6 +476,7 @@ impl Frame {
             ty::PONG => Frame::Pong(r.u64()?),
             ty::HANDOFF => Frame::Handoff { stream },
             ty::HANDOFF_ACK => Frame::HandoffAck { stream },
+            ty::LABELS => Frame::Labels { stream, labels: r.strs()? },
             _ => Frame::GoAway { code: r.u8()?, text: r.str()? },
         };
         r.end()?;

@@ -6,6 +6,7 @@
 //! * [`session`]: one link connection, holdfast's side, as a state machine
 //!   fed bytes and `now` (HELLO, streams, credit, unacknowledged messages,
 //!   HANDOFF, goaway, pings and liveness).
+//! * [`streams`]: maps keyed by stream ID.
 //! * [`types`]: the values a stream's OPEN carries about the device.
 //! * [`blame`]: who an error is to blame on, whether a retry helps.
 //! * [`testing`]: sample values for tests of code built on this crate.
@@ -18,5 +19,6 @@ pub mod blame;
 pub mod codec;
 pub mod credit;
 pub mod session;
+pub mod streams;
 pub mod testing;
 pub mod types;

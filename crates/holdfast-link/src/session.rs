@@ -17,7 +17,7 @@
 #![forbid(unsafe_code)]
 #![deny(clippy::disallowed_methods)]
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::VecDeque;
 use std::time::{Duration, Instant};
 
 use super::codec::{self, CloseReason, Frame, Hello, Open};
@@ -39,6 +39,9 @@ pub struct Params {
     pub ping_interval: Duration,
     /// The link fails when the WSM has sent nothing for this long.
     pub liveness_timeout: Duration,
+    /// The protocol version offered in HELLO (`codec::VERSION`, or lower
+    /// after a WSM refused it: [`Failure::VersionRefused`]).
+    pub version: u16,
 }
 
 /// Why a link connection failed. The shell's own failures (connecting,
@@ -64,6 +67,10 @@ pub enum Failure {
     SecondHello,
     #[error("WSM speaks version {version} role {role}")]
     Version { version: u16, role: u8 },
+    /// The WSM answered the HELLO with GOAWAY code 1: it does not speak
+    /// the version offered. The next connection offers an older one.
+    #[error("WSM refused protocol version {offered}: {text}")]
+    VersionRefused { offered: u16, text: String },
     #[error("{0} from the WSM")]
     Unexpected(&'static str),
     #[error("link closed by holdfast")]
@@ -95,7 +102,7 @@ impl Blamed for Failure {
             Failure::Silent(_) => "liveness",
             Failure::Decode(_) => "protocol",
             Failure::NotHello | Failure::SecondHello | Failure::Unexpected(_) => "protocol",
-            Failure::Version { .. } => "version",
+            Failure::Version { .. } | Failure::VersionRefused { .. } => "version",
             Failure::Retired => "retired",
         }
     }
@@ -208,7 +215,7 @@ pub struct LinkSession {
     peer: Option<Hello>,
     goaway: bool,
     next_stream: u32,
-    streams: HashMap<u32, Stream>,
+    streams: crate::streams::StreamMap<Stream>,
     credit: LinkCredit,
     out: Vec<u8>,
     events: VecDeque<Event>,
@@ -222,7 +229,7 @@ impl LinkSession {
     pub fn new(params: Params, now: Instant) -> LinkSession {
         let mut out = Vec::new();
         Frame::Hello(Hello {
-            version: codec::VERSION,
+            version: params.version,
             role: 0,
             node: params.node.clone(),
             shard: params.shard,
@@ -236,7 +243,7 @@ impl LinkSession {
             peer: None,
             goaway: false,
             next_stream: 0,
-            streams: HashMap::new(),
+            streams: Default::default(),
             credit: LinkCredit::default(),
             out,
             events: VecDeque::new(),
@@ -360,9 +367,21 @@ impl LinkSession {
     }
 
     /// Opens a stream (OPEN queued); `None` if the link takes no new streams.
-    pub fn open(&mut self, open: Open) -> Option<u32> {
+    /// The protocol version of this connection (once up).
+    pub fn version(&self) -> Option<u16> {
+        self.peer.as_ref().map(|h| h.version)
+    }
+
+    fn labels_spoken(&self) -> bool {
+        self.version().is_some_and(|v| v >= codec::LABELS_VERSION)
+    }
+
+    pub fn open(&mut self, mut open: Open) -> Option<u32> {
         if !self.accepts_streams() {
             return None;
+        }
+        if !self.labels_spoken() {
+            open.labels.clear(); // a version 1 WSM gets no labels
         }
         self.next_stream += 1;
         let id = self.next_stream;
@@ -370,6 +389,16 @@ impl LinkSession {
         self.streams.insert(id, Stream { phase: Phase::Opening, credit, unacked: None, acked_carry: 0 });
         Frame::Open { stream: id, open: Box::new(open) }.encode(&mut self.out);
         Some(id)
+    }
+
+    /// Tells the WSM a stream's device labels changed (version 2; nothing
+    /// on a version 1 link or for a stream not on it). True if sent.
+    pub fn labels(&mut self, stream: u32, labels: &[String]) -> bool {
+        if !self.labels_spoken() || !self.streams.get(&stream).is_some_and(|s| matches!(s.phase, Phase::Opening | Phase::Open)) {
+            return false;
+        }
+        Frame::Labels { stream, labels: labels.to_vec() }.encode(&mut self.out);
+        true
     }
 
     /// Whether a device message of `len` bytes fits the WSM's frame limit
@@ -432,8 +461,13 @@ impl LinkSession {
 
     fn on_frame(&mut self, f: Frame) -> Result<(), Failure> {
         if self.peer.is_none() {
-            let Frame::Hello(h) = f else { return Err(Failure::NotHello) };
-            if h.version != codec::VERSION || h.role != 1 {
+            let h = match f {
+                Frame::Hello(h) => h,
+                Frame::GoAway { code: 1, text } => return Err(Failure::VersionRefused { offered: self.params.version, text }),
+                _ => return Err(Failure::NotHello),
+            };
+            // The WSM answers with the version it chose: ours or an older one we speak.
+            if !(codec::MIN_VERSION..=self.params.version).contains(&h.version) || h.role != 1 {
                 return Err(Failure::Version { version: h.version, role: h.role });
             }
             self.credit = LinkCredit::new(h.stream_window, h.link_window, self.params.stream_window, self.params.link_window);
@@ -445,6 +479,7 @@ impl LinkSession {
             Frame::Hello(_) => return Err(Failure::SecondHello),
             Frame::Open { .. } => return Err(Failure::Unexpected("OPEN")),
             Frame::Handoff { .. } => return Err(Failure::Unexpected("HANDOFF")),
+            Frame::Labels { .. } => return Err(Failure::Unexpected("LABELS")),
             Frame::Accept { stream, subprotocol } => {
                 if let Some(s) = self.streams.get_mut(&stream)
                     && s.phase == Phase::Opening

@@ -25,5 +25,6 @@ pub fn sample_open(resumed: bool) -> Open {
             subprotocols: vec!["v1".into()],
             key: String::new(),
         },
+        labels: Vec::new(),
     }
 }

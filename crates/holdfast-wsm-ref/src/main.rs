@@ -2,7 +2,8 @@
 //! text `whoami` with the stream's identity as JSON. SIGTERM (or SIGINT)
 //! drains it: GOAWAY on every link, so holdfast moves its streams to other
 //! WSMs, and exit 0 once none is left (or after `--drain-timeout`). A second
-//! signal exits at once.
+//! signal exits at once. Devices holdfast labels `quarantine` may only send
+//! the message types `--quarantine-allow` names.
 #![allow(clippy::disallowed_methods)]
 
 use std::net::SocketAddr;
@@ -45,6 +46,16 @@ struct Cli {
     /// interval, so a hiccup does not make devices flicker offline).
     #[arg(long, default_value_t = 3000)]
     presence_ttl_ms: u64,
+    /// Message types (a JSON text message's "type") a device that holdfast
+    /// labels `quarantine` may send, comma-separated; its other messages
+    /// are answered {"error":"quarantined"} and not processed (`whoami` is
+    /// always answered).
+    #[arg(long, value_delimiter = ',', default_value = "firmware_status,firmware_request")]
+    quarantine_allow: Vec<String>,
+    /// The newest link protocol version to speak (1: as a WSM from before
+    /// device labels; holdfast falls back to it).
+    #[arg(long, default_value_t = holdfast::link::codec::VERSION)]
+    max_version: u16,
 }
 
 fn main() -> std::process::ExitCode {
@@ -79,10 +90,12 @@ fn main() -> std::process::ExitCode {
         }
     };
     let ttl = std::time::Duration::from_millis(cli.presence_ttl_ms);
-    let app = Arc::new(holdfast_wsm::echo::Echo::with_store(store.clone(), ttl));
-    holdfast_wsm::state::heartbeat(store, app.held.clone(), std::time::Duration::from_millis(cli.presence_interval_ms), ttl);
+    let echo = holdfast_wsm::echo::Echo::with_store(store.clone(), ttl);
+    holdfast_wsm::state::heartbeat(store, echo.held.clone(), std::time::Duration::from_millis(cli.presence_interval_ms), ttl);
+    // `whoami` stays open to a quarantined device: it shows the labels.
+    let app = Arc::new(holdfast_wsm::quarantine::Quarantine::new(echo, cli.quarantine_allow.clone()).allow_texts(["whoami".to_string()]));
     let server = match holdfast_wsm::Server::bind(cli.listen, app, cli.node) {
-        Ok(s) => s,
+        Ok(s) => s.with_max_version(cli.max_version),
         Err(e) => {
             holdfast::esay!("holdfast-wsm: cannot listen on {}: {e}", cli.listen);
             return std::process::ExitCode::FAILURE;

@@ -82,6 +82,7 @@ pub fn whoami(info: &StreamInfo, session: Option<&Session>) -> serde_json::Value
         "session": session,
         "connection_id": info.open.connection_id.to_string(),
         "resumed": info.open.resumed,
+        "labels": info.open.labels,
         "device": {
             "subject": d.subject,
             "issuer": d.issuer,

@@ -15,6 +15,7 @@
 #![allow(clippy::disallowed_methods)]
 
 pub mod echo;
+pub mod quarantine;
 pub mod state;
 
 use std::collections::{HashMap, VecDeque};
@@ -87,6 +88,8 @@ pub trait App: Send + Sync + 'static {
     fn open(&self, info: &StreamInfo) -> Decision;
     fn message(&self, info: &StreamInfo, binary: bool, data: &[u8], out: &mut Replies);
     fn closed(&self, _info: &StreamInfo, _reason: CloseReason, _code: u16) {}
+    /// holdfast changed the device's labels (`info.open.labels` is the new set).
+    fn labels_changed(&self, _info: &StreamInfo) {}
 }
 
 pub struct Server {
@@ -97,6 +100,8 @@ pub struct Server {
     shared: Arc<Shared>,
     /// The largest frame this WSM accepts (and announces in its HELLO).
     max_frame: u32,
+    /// The newest protocol version it answers with.
+    max_version: u16,
 }
 
 /// What every link thread of one server shares.
@@ -137,7 +142,15 @@ impl Server {
             parked: Parked::default(),
             shared: Arc::default(),
             max_frame: codec::LARGEST_FRAME,
+            max_version: codec::VERSION,
         })
+    }
+
+    /// Speaks protocol versions up to `v` only (a WSM pinned to an older
+    /// version; holdfast then falls back to it, and sends no labels below 2).
+    pub fn with_max_version(mut self, v: u16) -> Server {
+        self.max_version = v.clamp(codec::MIN_VERSION, codec::VERSION);
+        self
     }
 
     /// Announces and accepts frames of at most `max_frame` bytes instead of
@@ -168,10 +181,10 @@ impl Server {
                 }
             };
             let (app, node, parked, shared) = (self.app.clone(), self.node.clone(), self.parked.clone(), self.shared.clone());
-            let max_frame = self.max_frame;
+            let (max_frame, max_version) = (self.max_frame, self.max_version);
             std::thread::spawn(move || {
                 let peer = s.peer_addr().ok();
-                match serve_link(s, app, node, parked, shared, max_frame) {
+                match serve_link(s, app, node, parked, shared, (max_frame, max_version)) {
                     Ok(()) => tracing::info!(?peer, "link closed"),
                     Err(e) => tracing::warn!(?peer, error = %e, "link ended"),
                 }
@@ -200,7 +213,7 @@ struct LinkConn {
     /// Boxed: when the map grows it moves pointers, not whole states. (With
     /// 15,000 states inline, the copy at one growth stalled the link for
     /// about 30 ms while holdfast moved streams to it in an upgrade.)
-    streams: HashMap<u32, Box<StreamState>>,
+    streams: holdfast_link::streams::StreamMap<Box<StreamState>>,
     link_credit: i64,
     /// Streams with messages held back by the link's credit alone, oldest
     /// first (each once: `StreamState::link_waiting`). Link credit flushes
@@ -349,6 +362,12 @@ impl LinkConn {
                 self.flush_stream(stream, app)?;
                 self.send(&Frame::HandoffAck { stream })?;
             }
+            Frame::Labels { stream, labels } => {
+                if let Some(s) = self.streams.get_mut(&stream) {
+                    s.info.open.labels = labels;
+                    app.labels_changed(&s.info);
+                }
+            }
             Frame::Ping(v) => self.send(&Frame::Pong(v))?,
             Frame::Pong(_) | Frame::GoAway { .. } => {}
             Frame::Hello(_) | Frame::Accept { .. } | Frame::Refuse { .. } | Frame::HandoffAck { .. } => {
@@ -359,7 +378,14 @@ impl LinkConn {
     }
 }
 
-fn serve_link(s: TcpStream, app: Arc<dyn App>, node: String, parked: Parked, shared: Arc<Shared>, max_frame: u32) -> std::io::Result<()> {
+fn serve_link(
+    s: TcpStream,
+    app: Arc<dyn App>,
+    node: String,
+    parked: Parked,
+    shared: Arc<Shared>,
+    (max_frame, max_version): (u32, u16),
+) -> std::io::Result<()> {
     s.set_nodelay(true)?;
     let mut rd = s.try_clone()?;
     rd.set_read_timeout(Some(DRAIN_CHECK))?;
@@ -369,7 +395,7 @@ fn serve_link(s: TcpStream, app: Arc<dyn App>, node: String, parked: Parked, sha
         node: node.clone(),
         parked,
         out: BufWriter::with_capacity(64 * 1024, s),
-        streams: HashMap::new(),
+        streams: Default::default(),
         link_credit: 0,
         link_waiting: VecDeque::new(),
         peer: None,
@@ -396,16 +422,21 @@ fn serve_link(s: TcpStream, app: Arc<dyn App>, node: String, parked: Parked, sha
                         let Frame::Hello(h) = f else {
                             break Err(std::io::Error::new(std::io::ErrorKind::InvalidData, "first frame is not HELLO"));
                         };
-                        if h.version != codec::VERSION {
+                        // holdfast offers its newest version; the answer is
+                        // the newest both speak.
+                        // A WSM pinned to version 1 behaves as one did: only
+                        // its own version.
+                        if h.version < codec::MIN_VERSION || (max_version == codec::MIN_VERSION && h.version != max_version) {
                             let _ = link.send(&Frame::GoAway { code: 1, text: format!("version {} not supported", h.version) });
                             let _ = link.out.flush();
                             break Err(std::io::Error::new(std::io::ErrorKind::InvalidData, "unsupported version"));
                         }
+                        let version = h.version.min(max_version);
                         link.link_credit = h.link_window as i64;
                         tracing::info!(node = %h.node, shard = h.shard, "holdfast link up");
                         link.peer = Some(h);
                         let hello = Frame::Hello(Hello {
-                            version: codec::VERSION,
+                            version,
                             role: 1,
                             node: node.clone(),
                             shard: 0,

@@ -19,6 +19,7 @@ pub(crate) fn setup(dir: &std::path::Path) -> TlsContext {
         cert_chain: dir.join("server-chain.pem"),
         key: dir.join("server.key"),
         blocklist: Some(dir.join("blocklist.txt")),
+        labels: None,
         client_cas: vec![(dir.join("fleet-2019.pem"), true), (dir.join("fleet-2024.pem"), false)],
         handshake_timeout: std::time::Duration::from_secs(1),
         key_update_after: 0,

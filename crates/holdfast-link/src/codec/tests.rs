@@ -15,6 +15,12 @@ fn example(name: &str) -> Frame {
             max_frame: 16 << 20,
         }),
         "open" => Frame::Open { stream: 1, open: Box::new(sample_open(false)) },
+        "open_labels" => {
+            let mut o = sample_open(false);
+            o.labels = vec!["quarantine".into()];
+            Frame::Open { stream: 1, open: Box::new(o) }
+        }
+        "labels" => Frame::Labels { stream: 1, labels: vec!["quarantine".into()] },
         "accept" => Frame::Accept { stream: 1, subprotocol: Some("v1".into()) },
         "refuse" => Frame::Refuse { stream: 2, status: 403, reason: "blocked".into() },
         "message" => Frame::Message { stream: 1, binary: false, data: b"hi".to_vec() },
@@ -47,7 +53,7 @@ fn spec_examples_match_the_codec() {
         assert_eq!((dec, used), (frame, bytes.len()), "example {name}");
         seen += 1;
     }
-    assert!(seen >= 11, "spec has {seen} examples");
+    assert!(seen >= 13, "spec has {seen} examples");
 }
 
 #[test]
@@ -101,7 +107,12 @@ fn arb_frame() -> impl Strategy<Value = Frame> {
             code,
             text
         }),
-        (1u32..9, any::<bool>()).prop_map(|(stream, resumed)| Frame::Open { stream, open: Box::new(sample_open(resumed)) }),
+        (1u32..9, any::<bool>(), proptest::collection::vec("[a-z]{1,8}", 0..3)).prop_map(|(stream, resumed, labels)| {
+            let mut o = sample_open(resumed);
+            o.labels = labels;
+            Frame::Open { stream, open: Box::new(o) }
+        }),
+        (1u32..9, proptest::collection::vec("[a-z]{0,8}", 0..3)).prop_map(|(stream, labels)| Frame::Labels { stream, labels }),
         (any::<u8>(), s).prop_map(|(code, text)| Frame::GoAway { code, text }),
     ]
 }
@@ -115,7 +126,7 @@ proptest! {
     /// decodes encodes back to the same bytes.
     #[test]
     fn well_framed_random_bodies_never_panic(
-        kind in 1u8..=0x0c,
+        kind in 1u8..=0x0d,
         flags in any::<u8>(),
         stream in prop_oneof![Just(0u32), Just(1u32), any::<u32>()],
         body in proptest::collection::vec(any::<u8>(), 0..300),

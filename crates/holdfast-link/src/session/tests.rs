@@ -20,6 +20,7 @@ fn params() -> Params {
         max_frame: 1 << 20,
         ping_interval: Duration::from_secs(10),
         liveness_timeout: Duration::from_secs(30),
+        version: codec::VERSION,
     }
 }
 
@@ -358,7 +359,7 @@ proptest! {
         let mut s = up(t0);
         let mut w = WsmModel { link_credit: LW as i64, ..Default::default() };
         // Device side: per stream, messages received from the WSM not yet delivered.
-        let mut inbox: HashMap<u32, VecDeque<usize>> = HashMap::new();
+        let mut inbox: std::collections::HashMap<u32, VecDeque<usize>> = std::collections::HashMap::new();
         let mut open: Vec<u32> = Vec::new();
         let mut sent_link: i64 = 0;
         for op in ops.into_iter().chain([Op::WsmReads]) {
