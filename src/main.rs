@@ -244,11 +244,11 @@ fn announce(running: &holdfast::proxy::Running, shards: usize) {
 /// Serves until SIGINT/SIGTERM; SIGUSR2 starts a live upgrade
 /// (`docs/upgrade.md`), after which this process exits once every
 /// connection has moved; SIGHUP and the control socket reload.
-fn serve(mut running: holdfast::proxy::Running, config: &std::path::Path, exe: &std::path::Path, signals: Signals) -> ExitCode {
-    use holdfast::control::server::ControlServer;
-    let pid_file = running.pid_file.clone();
-    let mut upgrader = holdfast::upgrade::coordinator::Upgrader::new(exe.to_path_buf(), config.to_path_buf(), pid_file.as_deref());
-    let start_control = |path: &std::path::Path| match ControlServer::start(path) {
+type Control = (holdfast::control::server::ControlServer, crossbeam_channel::Receiver<holdfast::control::server::Pending>);
+
+/// Binds the control socket (a failure is logged: the proxy serves anyway).
+fn start_control(path: &std::path::Path) -> Option<Control> {
+    match holdfast::control::server::ControlServer::start(path) {
         Ok((server, rx)) => {
             tracing::info!(socket = %path.display(), "control socket ready");
             Some((server, rx))
@@ -257,8 +257,18 @@ fn serve(mut running: holdfast::proxy::Running, config: &std::path::Path, exe: &
             tracing::warn!(socket = %path.display(), error = %e, "no control socket (holdfast ctl and holdfast reload will not reach this instance; SIGHUP still reloads)");
             None
         }
-    };
-    let mut control = running.generation.cfg.control_socket.clone().and_then(|p| start_control(&p));
+    }
+}
+
+fn serve(
+    mut running: holdfast::proxy::Running,
+    mut control: Option<Control>,
+    config: &std::path::Path,
+    exe: &std::path::Path,
+    signals: Signals,
+) -> ExitCode {
+    let pid_file = running.pid_file.clone();
+    let mut upgrader = holdfast::upgrade::coordinator::Upgrader::new(exe.to_path_buf(), config.to_path_buf(), pid_file.as_deref());
     let never = crossbeam_channel::never();
     let mut rate = holdfast::control::handle::Rate::default();
     let mut was_upgrading = false;
@@ -342,6 +352,8 @@ fn run(config: PathBuf, log: &str) -> ExitCode {
         },
     };
     running.base_log = log.to_string();
+    // Bound before "ready": `holdfast ctl` works as soon as the proxy serves.
+    let control = running.generation.cfg.control_socket.clone().and_then(|p| start_control(&p));
     announce(&running, shards);
     holdfast::upgrade::notify::ready(&format!("serving on {} with {shards} shards", running.listen));
     if let Some(p) = &running.pid_file
@@ -349,7 +361,7 @@ fn run(config: PathBuf, log: &str) -> ExitCode {
     {
         tracing::warn!(path = %p.display(), error = %e, "cannot write the pid file");
     }
-    serve(running, &config, &exe, signals)
+    serve(running, control, &config, &exe, signals)
 }
 
 fn check_config(file: PathBuf) -> ExitCode {

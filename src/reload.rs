@@ -118,7 +118,13 @@ pub fn needs_upgrade(old: &Config, new: &Config) -> Vec<String> {
 /// after `current`. Refused whole (every problem, each naming its key) if
 /// anything is wrong. Keys that cannot change in place keep `current`'s
 /// values in the new generation and are listed in the second value.
-pub fn prepare(path: &Path, current: &Generation) -> Result<(Generation, Vec<String>, Vec<String>), Vec<ConfigError>> {
+/// `file_blocklist` is the blocklist the running generation read from its
+/// file (the verifier may hold more: a fleet-wide follower's entries).
+pub fn prepare(
+    path: &Path,
+    current: &Generation,
+    file_blocklist: &crate::tls::blocklist::Blocklist,
+) -> Result<(Generation, Vec<String>, Vec<String>), Vec<ConfigError>> {
     let (cfg, mut errs) = Config::check(path);
     let Some(mut cfg) = cfg else { return Err(errs) };
     if !errs.iter().any(|e| e.key.starts_with("tls")) {
@@ -126,10 +132,14 @@ pub fn prepare(path: &Path, current: &Generation) -> Result<(Generation, Vec<Str
             Ok(tls) if errs.is_empty() => {
                 let fixed = needs_upgrade(&current.cfg, &cfg);
                 keep_fixed(&mut cfg, &current.cfg);
-                let changed = describe(&current.cfg, &current.tls, &cfg, &tls);
+                let blocklist_changed = *tls.verifier.blocklist() != *file_blocklist;
+                let mut changed = describe(&current.cfg, &current.tls, &cfg, &tls);
+                if blocklist_changed {
+                    changed.push("blocklist".into());
+                }
                 let recheck = if !tls.same_cas(&current.tls) {
                     Recheck::Cas { before: current.tls.verifier.group_digests() }
-                } else if !same_blocklist(&current.tls, &tls) {
+                } else if blocklist_changed {
                     Recheck::Blocklist
                 } else {
                     Recheck::Nothing
@@ -161,10 +171,6 @@ fn keep_fixed(new: &mut Config, old: &Config) {
     new.upstream.node = old.upstream.node.clone();
 }
 
-fn same_blocklist(a: &TlsContext, b: &TlsContext) -> bool {
-    *a.verifier.blocklist() == *b.verifier.blocklist()
-}
-
 /// Whether anything a tunnel or set-up decides by changed.
 fn limits_differ(a: &Config, b: &Config) -> bool {
     let (w, v) = (&a.ws, &b.ws);
@@ -183,7 +189,6 @@ fn describe(a: &Config, at: &TlsContext, b: &Config, bt: &TlsContext) -> Vec<Str
     };
     note(at.server_fingerprint != bt.server_fingerprint, "server certificate");
     note(!at.same_cas(bt), "client CAs");
-    note(!same_blocklist(at, bt), "blocklist");
     note(*at.labels != *bt.labels, "device labels");
     note(
         (a.tls.tls12, a.tls.tls13, &a.tls.cipher_suites) != (b.tls.tls12, b.tls.tls13, &b.tls.cipher_suites),
@@ -208,4 +213,39 @@ fn describe(a: &Config, at: &TlsContext, b: &Config, bt: &TlsContext) -> Vec<Str
         "rates and spreads",
     );
     v
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cfg(text: &str) -> Config {
+        let facts = crate::cpus::Facts { online: vec![0, 1], allowed: vec![0, 1] };
+        Config::parse_on(text, Path::new("/etc/holdfast/holdfast.toml"), &facts).unwrap()
+    }
+
+    const BASE: &str = "[listen]\naddr = \"127.0.0.1:8443\"\nshards = 2\n[tls]\ncert_chain = \"c.pem\"\nkey = \"k.pem\"\n\
+                        [[tls.client_ca]]\nfile = \"ca.pem\"\n[upstream]\nwsm = [\"127.0.0.1:9000\"]\n";
+
+    #[test]
+    fn keys_a_reload_cannot_change_are_named_and_kept() {
+        let old = cfg(BASE);
+        let changed = BASE.replace("8443", "9443").replace("shards = 2", "shards = 1") + "[websocket]\nidle_timeout_secs = 5\n";
+        let mut new = cfg(&changed);
+        let fixed = needs_upgrade(&old, &new);
+        assert_eq!(fixed, vec!["listen.addr", "listen.shards / listen.cpus"]);
+        keep_fixed(&mut new, &old);
+        assert_eq!(new.listen, old.listen);
+        assert_eq!(new.shard_cpus, old.shard_cpus);
+        assert_eq!(new.ws.idle_timeout, Some(std::time::Duration::from_secs(5)), "what can change does");
+        assert!(needs_upgrade(&old, &new).is_empty());
+    }
+
+    #[test]
+    fn only_what_tunnels_decide_by_wakes_them() {
+        let old = cfg(BASE);
+        assert!(!limits_differ(&old, &cfg(&(BASE.to_string() + "[reload]\nclose_spread_ms = 5\n"))));
+        assert!(limits_differ(&old, &cfg(&(BASE.to_string() + "[websocket]\nping_interval_secs = 7\n"))));
+        assert!(limits_differ(&old, &cfg(&BASE.replace("[upstream]\n", "[upstream]\nresume_timeout_ms = 1234\n"))));
+    }
 }

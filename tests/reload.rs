@@ -455,3 +455,51 @@ fn two_thousand_devices_ride_out_rotation_refusal_blocklist_ca_removal_wsm_chang
     assert!(errors.is_empty(), "{} device errors, first: {:?}", errors.len(), errors.first());
     drop((a, b, proc_));
 }
+
+#[test]
+fn ctl_lists_connections_by_identity_and_kicks_one_with_its_code() {
+    let pki = Pki::new();
+    let wsm = start_wsm(pki.path(), "wsm-a");
+    let proxy = start_proxy_full(&pki, &[wsm.addr], 2, "", "", "", &[]);
+    let config = proxy.config.clone().unwrap();
+    let mut oven = holdfast::device::Device::connect(&opts(&pki, &proxy, "oven-1")).unwrap();
+    let mut thermo = holdfast::device::Device::connect(&opts(&pki, &proxy, "thermostat-2019")).unwrap();
+    oven.send_text("whoami").unwrap();
+    let who: serde_json::Value = serde_json::from_str(&oven.recv_text().unwrap()).unwrap();
+    let json = |args: &[&str]| -> serde_json::Value {
+        let (ok, out) = ctl(&config, args);
+        assert!(ok, "{out}");
+        serde_json::from_str(&out).unwrap()
+    };
+    let all = json(&["connections", "--json"]);
+    assert_eq!(all["connections"]["count"], 2, "{all}");
+    let mine = json(&["connections", "--subject", "oven-1", "--json"]);
+    assert_eq!(mine["connections"]["count"], 1, "{mine}");
+    let seen = &mine["connections"]["sample"][0];
+    assert_eq!(seen["id"], who["connection_id"], "{seen}");
+    assert_eq!(seen["ca"], "fleet-2024.pem", "{seen}");
+    let by_ca = json(&["connections", "--ca", "fleet-2019.pem", "--json"]);
+    assert_eq!(by_ca["connections"]["count"], 1);
+    assert_eq!(json(&["connections", "--wsm", &wsm.addr.to_string(), "--json"])["connections"]["count"], 2);
+    let (ok, out) = ctl(&config, &["kick", seen["id"].as_str().unwrap(), "--code", "4001"]);
+    assert!(ok, "{out}");
+    assert_eq!(oven.recv_close().unwrap(), Some(4001), "kicked with its code");
+    thermo.send_text("still here").unwrap();
+    assert_eq!(thermo.recv_text().unwrap(), "still here", "no one else");
+    let (ok, out) = ctl(&config, &["kick", "00000000000000000000000000000000"]);
+    assert!(!ok && out.contains("no connection"), "{out}");
+    eventually(5, "one connection left", || metric(&proxy, "holdfast_connections_active", "") == 1);
+    assert_eq!(metric(&proxy, "holdfast_connections_kicked_total", ""), 1);
+}
+
+#[test]
+fn the_control_socket_is_private_to_its_owner() {
+    use std::os::unix::fs::PermissionsExt;
+    let pki = Pki::new();
+    let wsm = start_wsm(pki.path(), "wsm-a");
+    let proxy = start_proxy_full(&pki, &[wsm.addr], 1, "", "", "", &[]);
+    let text = std::fs::read_to_string(proxy.config.as_ref().unwrap()).unwrap();
+    let name = text.lines().find_map(|l| l.strip_prefix("socket = \"")).unwrap().trim_end_matches('"').to_string();
+    let mode = std::fs::metadata(pki.path().join(name)).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode, 0o600);
+}

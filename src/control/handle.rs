@@ -58,6 +58,11 @@ pub fn handle(req: Request, running: &mut Running, rate: &Rate, upgrading: bool)
             let _ = entry;
             Response::failed("a live upgrade is under way: try again when it is done")
         }
+        Request::SharedBlocklist { .. } if upgrading => Response::failed("a live upgrade is under way: try again when it is done"),
+        Request::SharedBlocklist { version, base, entries, add, remove } => match running.shared_blocklist(version, base, entries, add, remove) {
+            Ok(o) => Response { outcome: Some(o), ..Response::done() },
+            Err(e) => Response::failed(e),
+        },
         Request::Block { entry } => change(running, &entry, BlockChange::Block),
         Request::Unblock { entry } => change(running, &entry, BlockChange::Unblock),
         Request::Connections { filter, sample } => {
@@ -150,6 +155,7 @@ fn status(r: &Running, rate: &Rate, upgrading: bool) -> Status {
         held_streams: shards.iter().map(|s| s.held_streams).sum(),
         blocklist_entries: g.tls.verifier.blocklist().len() as u64,
         revocations_pending: sum(|m| m.revocations_pending.load(Relaxed)),
+        shared_blocklist: r.shared.as_ref().map(|(v, k)| super::SharedStatus { version: *v, entries: k.len() as u64 }),
         upgrade_in_progress: upgrading,
         shards,
         wsms,

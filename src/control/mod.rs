@@ -37,6 +37,20 @@ pub enum Request {
         #[serde(default = "default_kick_code")]
         code: u16,
     },
+    /// From `holdfast-blocklist-sync`: the fleet-wide blocklist entries,
+    /// the whole set at `version` (`entries`), or the step to `version`
+    /// (`add`, `remove`) from `base` (refused unless this node has `base`).
+    SharedBlocklist {
+        version: u64,
+        #[serde(default)]
+        base: Option<u64>,
+        #[serde(default)]
+        entries: Option<Vec<String>>,
+        #[serde(default)]
+        add: Vec<String>,
+        #[serde(default)]
+        remove: Vec<String>,
+    },
 }
 
 fn default_sample() -> usize {
@@ -88,6 +102,8 @@ pub struct Status {
     pub held_streams: u64,
     pub blocklist_entries: u64,
     pub revocations_pending: u64,
+    /// The fleet-wide blocklist's version and size here, if a follower keeps one.
+    pub shared_blocklist: Option<SharedStatus>,
     pub upgrade_in_progress: bool,
     pub shards: Vec<ShardStatus>,
     pub wsms: Vec<WsmStatus>,
@@ -112,9 +128,32 @@ pub struct WsmStatus {
     pub state: String,
 }
 
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct SharedStatus {
+    pub version: u64,
+    pub entries: u64,
+}
+
 /// `ctl connections`.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Connections {
     pub count: u64,
     pub sample: Vec<Seen>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn requests_read_as_documented() {
+        let r: Request = serde_json::from_str(r#"{"cmd":"connections","filter":{"ca":"fleet-2024.pem"}}"#).unwrap();
+        assert_eq!(r, Request::Connections { filter: Filter { ca: Some("fleet-2024.pem".into()), ..Filter::default() }, sample: 20 });
+        let r: Request = serde_json::from_str(r#"{"cmd":"kick","id":"00"}"#).unwrap();
+        assert_eq!(r, Request::Kick { id: "00".into(), code: 1008 });
+        let r: Request = serde_json::from_str(r#"{"cmd":"shared_blocklist","version":9,"base":7,"add":["serial:20"]}"#).unwrap();
+        assert_eq!(r, Request::SharedBlocklist { version: 9, base: Some(7), entries: None, add: vec!["serial:20".into()], remove: vec![] });
+        assert!(serde_json::from_str::<Request>(r#"{"cmd":"format_disk"}"#).is_err());
+        assert_eq!(serde_json::to_string(&Request::Status).unwrap(), r#"{"cmd":"status"}"#);
+    }
 }

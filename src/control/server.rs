@@ -20,8 +20,10 @@ use crossbeam_channel::{Receiver, Sender};
 
 use super::{Request, Response};
 
-/// The longest request line read.
-const MAX_REQUEST: u64 = 64 * 1024;
+/// The longest request line read (a whole fleet blocklist of a million
+/// entries is about 70 MB of JSON; only root or the service's user get
+/// this far).
+const MAX_REQUEST: u64 = 256 << 20;
 /// Operators served at once; more get "busy".
 const MAX_CLIENTS: usize = 16;
 /// How long the serve loop may take to answer (a reload, a wide query).

@@ -43,6 +43,12 @@ pub struct Running {
     pub base_log: String,
     /// When the proxy started (for `ctl status`).
     pub started: std::time::Instant,
+    /// The blocklist as the current generation's file says (without the
+    /// shared entries).
+    pub file_blocklist: Arc<crate::tls::blocklist::Blocklist>,
+    /// The fleet-wide entries a follower (`holdfast-blocklist-sync`) keeps
+    /// here, and their version; in force besides the file's.
+    pub shared: Option<(u64, Vec<crate::tls::certmap::CertKey>)>,
 }
 
 /// Where the listening sockets come from.
@@ -155,6 +161,7 @@ pub fn start_with(cfg: Config, from: Listeners, tickets: Option<Arc<Ticketer>>) 
         None => None,
     };
     let upgrade_window = (shards.len() * cfg.upgrade_moving_per_shard) as u64;
+    let file_blocklist = generation.tls.verifier.blocklist();
     Ok(Running {
         listen: addr,
         metrics_addr,
@@ -169,6 +176,8 @@ pub fn start_with(cfg: Config, from: Listeners, tickets: Option<Arc<Ticketer>>) 
         last_reload: None,
         base_log: String::from("info"),
         started: std::time::Instant::now(),
+        file_blocklist,
+        shared: None,
     })
 }
 

@@ -45,7 +45,7 @@ impl Running {
         let path = self.generation.cfg.path.clone();
         let node = self.sources.node.clone();
         node.last_reload_timestamp.store(at, Relaxed);
-        let out = match crate::reload::prepare(&path, &self.generation) {
+        let out = match crate::reload::prepare(&path, &self.generation, &self.file_blocklist) {
             Err(errs) => {
                 let errors: Vec<String> = errs.iter().map(|e| e.to_string()).collect();
                 tracing::error!(errors = %errors.join("; "), "reload refused: nothing changed, the running config stays");
@@ -64,6 +64,10 @@ impl Running {
                 Outcome { ok: true, generation: self.generation.number, hash: g.hash, changed, needs_upgrade: fixed, errors: Vec::new(), at }
             }
             Ok((g, changed, fixed)) => {
+                self.file_blocklist = g.tls.verifier.blocklist();
+                if let Some((_, keys)) = &self.shared {
+                    g.tls.verifier.set_blocklist(self.file_blocklist.union(keys));
+                }
                 for w in &g.tls.warnings {
                     tracing::warn!(key = %w.key, "{}", w.msg);
                 }
@@ -134,7 +138,8 @@ impl Running {
         let bl = Blocklist::parse(&new_text).map_err(|e| format!("{}: {e}", path.display()))?;
         write_atomically(&path, new_text.as_bytes()).map_err(|e| format!("{}: {e}", path.display()))?;
         // In force for handshakes on every shard at once (they share the verifier).
-        self.generation.tls.verifier.set_blocklist(bl);
+        self.file_blocklist = Arc::new(bl);
+        self.apply_blocklist();
         let cur = &self.generation;
         let g = Generation {
             number: cur.number + 1,
@@ -157,6 +162,71 @@ impl Running {
             needs_upgrade: Vec::new(),
             errors: Vec::new(),
             at,
+        })
+    }
+
+    /// Puts the file's entries and the shared ones in force for handshakes.
+    fn apply_blocklist(&self) {
+        let bl = match &self.shared {
+            Some((_, keys)) => self.file_blocklist.union(keys),
+            None => (*self.file_blocklist).clone(),
+        };
+        self.generation.tls.verifier.set_blocklist(bl);
+    }
+
+    /// The fleet-wide entries from the follower: the whole set at
+    /// `version` (`entries`), or one step to `version`, `add` and `remove`
+    /// on top of `base` (refused if this node does not have `base`: the
+    /// follower then sends the whole set). Entries it adds close matching
+    /// connections within the spread, as a block does.
+    pub fn shared_blocklist(
+        &mut self,
+        version: u64,
+        base: Option<u64>,
+        entries: Option<Vec<String>>,
+        add: Vec<String>,
+        remove: Vec<String>,
+    ) -> Result<Outcome, String> {
+        let parse = |v: &[String]| -> Result<Vec<CertKey>, String> { v.iter().map(|e| CertKey::parse(e).map_err(|m| format!("'{e}': {m}"))).collect() };
+        let before: Vec<CertKey> = self.shared.as_ref().map(|(_, k)| k.clone()).unwrap_or_default();
+        let after = match entries {
+            Some(all) => parse(&all)?,
+            None => {
+                let have = self.shared.as_ref().map(|(v, _)| *v);
+                if base.is_none() || have != base {
+                    let have = have.map_or("none".into(), |v| v.to_string());
+                    return Err(format!("gap: this node has shared version {have}, the step is from {base:?} to {version}"));
+                }
+                let (add, remove) = (parse(&add)?, parse(&remove)?);
+                let mut k: Vec<CertKey> = before.iter().filter(|k| !remove.contains(k)).cloned().collect();
+                k.extend(add);
+                k
+            }
+        };
+        let added = after.iter().any(|k| !before.contains(k));
+        self.shared = Some((version, after));
+        self.apply_blocklist();
+        let cur = &self.generation;
+        let g = Generation {
+            number: cur.number + 1,
+            cfg: cur.cfg.clone(),
+            tls: cur.tls.clone(),
+            wsms: Vec::new(),
+            hash: cur.hash.clone(),
+            recheck: if added { Recheck::Blocklist } else { Recheck::Nothing },
+            wake: false,
+            relabel: None,
+        };
+        let g = self.switch(g);
+        tracing::info!(version, generation = g.number, entries = self.shared.as_ref().map_or(0, |s| s.1.len()), "shared blocklist updated");
+        Ok(Outcome {
+            ok: true,
+            generation: g.number,
+            hash: g.hash.clone(),
+            changed: vec![format!("shared blocklist version {version}")],
+            needs_upgrade: Vec::new(),
+            errors: Vec::new(),
+            at: crate::timefmt::unix_now(),
         })
     }
 

@@ -326,14 +326,22 @@ fn apply(ctx: &Rc<ShardCtx>, g: &crate::reload::Generation) {
     let verifier = g.tls.verifier.clone();
     let spread = g.cfg.reload_close_spread;
     let now = crate::timefmt::unix_now();
+    // What did not change is not judged again: an identity admitted under
+    // a CA group that is as it was needs only the blocklist (a certificate
+    // that expired during its connection is not closed by an unrelated
+    // reload); one whose group changed is verified again in full.
+    let blocklist = verifier.blocklist();
+    let blocked = move |chain: &[Vec<u8>]| match chain.first() {
+        Some(leaf) if blocklist.blocks(leaf) => Err(crate::tls::handshake::Refusal::Blocked),
+        _ => Ok(()),
+    };
     let judge: Box<registry::Judge> = match &g.recheck {
         Recheck::Nothing => return,
-        Recheck::Blocklist => Box::new(move |chain| verifier.admits_resumed(chain, now)),
+        Recheck::Blocklist => Box::new(blocked),
         Recheck::Cas { before } => {
             let before = before.clone();
             Box::new(move |chain| match verifier.group_digest(chain) {
-                // Its CA group is as it was: only the blocklist can have changed.
-                Some(d) if before.contains(&d) => verifier.admits_resumed(chain, now),
+                Some(d) if before.contains(&d) => blocked(chain),
                 _ => verifier.verify_chain(chain, now),
             })
         }

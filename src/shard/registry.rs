@@ -53,6 +53,17 @@ impl Entry {
     }
 }
 
+/// The order a tunnel keeps when another comes: a kick stays a kick (the
+/// first code), a kick replaces a revocation, and of two revocations the
+/// earlier stays.
+fn merge(old: Option<Order>, new: Order) -> Order {
+    match (old, new) {
+        (Some(Order::Kick(c)), _) => Order::Kick(c),
+        (Some(Order::Revoke { at: a, why }), Order::Revoke { at: b, .. }) if a <= b => Order::Revoke { at: a, why },
+        _ => new,
+    }
+}
+
 impl ShardCtx {
     /// Records where an established tunnel is now (at its start, and each
     /// time its stream moves to another link).
@@ -105,11 +116,7 @@ impl ShardCtx {
             let Some(e) = conns.get_mut(key) else { return false };
             let Some(reach) = &e.reach else { return false };
             let was_revoked = matches!(e.order, Some(Order::Revoke { .. }));
-            e.order = match (e.order, order) {
-                (Some(Order::Kick(c)), _) => Some(Order::Kick(c)),
-                (Some(Order::Revoke { at: a, why }), Order::Revoke { at: b, .. }) if a <= b => Some(Order::Revoke { at: a, why }),
-                _ => Some(order),
-            };
+            e.order = Some(merge(e.order, order));
             match (was_revoked, matches!(e.order, Some(Order::Revoke { .. }))) {
                 (false, true) => crate::metrics::ShardMetrics::inc(&self.metrics.revocations_pending),
                 (true, false) => crate::metrics::ShardMetrics::dec(&self.metrics.revocations_pending),
@@ -270,4 +277,22 @@ pub fn query(ctx: &ShardCtx, f: &Filter, sample: usize) -> (u64, Vec<Seen>) {
 /// The slab key of the connection with this ID, if this shard holds it.
 pub fn find(ctx: &ShardCtx, id: ConnectionId) -> Option<usize> {
     ctx.conns.borrow().iter().find(|(_, e)| e.id == id).map(|(k, _)| k)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn orders_merge_kick_first_then_the_earliest_revocation() {
+        let t = Instant::now();
+        let (early, late) = (t, t + Duration::from_secs(5));
+        let revoke = |at| Order::Revoke { at, why: Refusal::Blocked };
+        assert_eq!(merge(None, revoke(late)), revoke(late));
+        assert_eq!(merge(Some(revoke(early)), revoke(late)), revoke(early), "a later revocation does not postpone one");
+        assert_eq!(merge(Some(revoke(late)), Order::Revoke { at: early, why: Refusal::UnknownCa }), Order::Revoke { at: early, why: Refusal::UnknownCa });
+        assert_eq!(merge(Some(revoke(late)), Order::Kick(4000)), Order::Kick(4000), "a kick does not wait");
+        assert_eq!(merge(Some(Order::Kick(4000)), revoke(early)), Order::Kick(4000));
+        assert_eq!(merge(Some(Order::Kick(4000)), Order::Kick(1000)), Order::Kick(4000));
+    }
 }

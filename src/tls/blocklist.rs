@@ -59,6 +59,12 @@ impl Blocklist {
         !self.entries.matching(der).is_empty()
     }
 
+    /// This list and `more` together.
+    pub fn union(&self, more: &[CertKey]) -> Blocklist {
+        let keys: Vec<(CertKey, ())> = self.entries.entries().map(|(k, _)| (k, ())).chain(more.iter().cloned().map(|k| (k, ()))).collect();
+        Blocklist { entries: CertMap::build(keys, |_, _| {}) }
+    }
+
     /// Whether this entry is in the list.
     pub fn contains(&self, key: &CertKey) -> bool {
         self.entries.get(key).is_some()

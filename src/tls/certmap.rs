@@ -152,6 +152,14 @@ impl<V> CertMap<V> {
             + strings
     }
 
+    /// Every key and its value.
+    pub fn entries(&self) -> impl Iterator<Item = (CertKey, &V)> {
+        let f = self.fingerprints.iter().map(|(k, v)| (CertKey::Fingerprint(*k), v));
+        let s = self.serials.iter().map(|(k, v)| (CertKey::Serial(k.clone()), v));
+        let i = self.by_issuer.iter().map(|((k, iss), v)| (CertKey::SerialIssuer(k.clone(), iss.clone()), v));
+        f.chain(s).chain(i)
+    }
+
     /// The value under exactly this key.
     pub fn get(&self, key: &CertKey) -> Option<&V> {
         match key {

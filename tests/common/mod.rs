@@ -86,17 +86,29 @@ fn spawn_until(mut cmd: Command, prefix: &str, log: PathBuf) -> (Child, String, 
 /// builds it; a test run of this package alone builds it here, once.
 pub fn wsm_exe() -> PathBuf {
     static BUILT: std::sync::Once = std::sync::Once::new();
-    let exe = Path::new(env!("CARGO_BIN_EXE_holdfast")).with_file_name("holdfast-wsm");
-    BUILT.call_once(|| {
+    workspace_exe("holdfast-wsm", "holdfast-wsm-ref", &BUILT)
+}
+
+/// The fleet blocklist follower, built like [`wsm_exe`].
+pub fn blocklist_sync_exe() -> PathBuf {
+    static BUILT: std::sync::Once = std::sync::Once::new();
+    workspace_exe("holdfast-blocklist-sync", "holdfast-blocklist-sync", &BUILT)
+}
+
+/// A binary of another workspace package, beside holdfast's; built once if
+/// missing.
+fn workspace_exe(bin: &str, package: &str, built: &std::sync::Once) -> PathBuf {
+    let exe = Path::new(env!("CARGO_BIN_EXE_holdfast")).with_file_name(bin);
+    built.call_once(|| {
         if !exe.exists() {
             let profile = if exe.parent().is_some_and(|d| d.ends_with("release")) { vec!["--release"] } else { vec![] };
             let st = Command::new(env!("CARGO"))
-                .args(["build", "-p", "holdfast-wsm-ref"])
+                .args(["build", "-p", package])
                 .args(profile)
                 .current_dir(env!("CARGO_MANIFEST_DIR"))
                 .status()
-                .expect("cargo build -p holdfast-wsm-ref");
-            assert!(st.success(), "cargo build -p holdfast-wsm-ref failed");
+                .unwrap_or_else(|e| panic!("cargo build -p {package}: {e}"));
+            assert!(st.success(), "cargo build -p {package} failed");
         }
     });
     exe
