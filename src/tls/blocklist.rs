@@ -29,16 +29,17 @@ pub struct BlocklistError {
 
 impl Blocklist {
     pub fn parse(text: &str) -> Result<Self, BlocklistError> {
-        let mut keys = Vec::new();
+        // A fingerprint line is 65 bytes: about this many entries.
+        let mut b = super::certmap::Builder::with_fingerprints(text.len() / 65 + 1);
         for (i, raw) in text.lines().enumerate() {
             let line = raw.split('#').next().unwrap_or("").trim();
             if line.is_empty() {
                 continue;
             }
             let key = CertKey::parse(line).map_err(|m| BlocklistError { line: i + 1, msg: m.to_string() })?;
-            keys.push((key, ()));
+            b.push(key, ());
         }
-        Ok(Blocklist { entries: CertMap::build(keys, |_, _| {}) })
+        Ok(Blocklist { entries: b.build(|_, _| {}) })
     }
 
     pub fn len(&self) -> usize {
@@ -61,8 +62,11 @@ impl Blocklist {
 
     /// This list and `more` together.
     pub fn union(&self, more: &[CertKey]) -> Blocklist {
-        let keys: Vec<(CertKey, ())> = self.entries.entries().map(|(k, _)| (k, ())).chain(more.iter().cloned().map(|k| (k, ()))).collect();
-        Blocklist { entries: CertMap::build(keys, |_, _| {}) }
+        let mut b = super::certmap::Builder::new();
+        for k in self.entries.entries().map(|(k, _)| k).chain(more.iter().cloned()) {
+            b.push(k, ());
+        }
+        Blocklist { entries: b.build(|_, _| {}) }
     }
 
     /// Whether this entry is in the list.

@@ -106,33 +106,73 @@ impl<V> Default for CertMap<V> {
     }
 }
 
-fn sorted<K: Ord, V>(mut v: Vec<(K, V)>, merge: &impl Fn(&mut V, V)) -> Vec<(K, V)> {
-    v.sort_by(|a, b| a.0.cmp(&b.0));
-    let mut out: Vec<(K, V)> = Vec::with_capacity(v.len());
-    for (k, val) in v {
-        match out.last_mut() {
-            Some(last) if last.0 == k => merge(&mut last.1, val),
-            _ => out.push((k, val)),
+/// Sorts by key in place and merges the values of equal keys into the
+/// first of them (no second vector: a million entries need no more memory
+/// than they take).
+fn sorted<K: Ord, V: Default>(mut v: Vec<(K, V)>, merge: &impl Fn(&mut V, V)) -> Vec<(K, V)> {
+    v.sort_unstable_by(|a, b| a.0.cmp(&b.0));
+    v.dedup_by(|later, kept| {
+        if later.0 == kept.0 {
+            merge(&mut kept.1, std::mem::take(&mut later.1));
+            true
+        } else {
+            false
+        }
+    });
+    v.shrink_to_fit();
+    v
+}
+
+/// Entries gathered one at a time, then made a [`CertMap`].
+pub struct Builder<V> {
+    fps: Vec<([u8; 32], V)>,
+    serials: Vec<(Box<str>, V)>,
+    by_issuer: Vec<(SerialIssuer, V)>,
+}
+
+impl<V: Default> Builder<V> {
+    pub fn new() -> Builder<V> {
+        Builder::with_fingerprints(0)
+    }
+
+    /// Room for `n` fingerprint entries from the start (a big list then
+    /// never holds twice its size while it grows).
+    pub fn with_fingerprints(n: usize) -> Builder<V> {
+        Builder { fps: Vec::with_capacity(n), serials: Vec::new(), by_issuer: Vec::new() }
+    }
+
+    pub fn push(&mut self, k: CertKey, v: V) {
+        match k {
+            CertKey::Fingerprint(f) => self.fps.push((f, v)),
+            CertKey::Serial(s) => self.serials.push((s, v)),
+            CertKey::SerialIssuer(s, i) => self.by_issuer.push(((s, i), v)),
         }
     }
-    out.shrink_to_fit();
-    out
+
+    /// The map; values under the same key are merged with `merge`.
+    pub fn build(self, merge: impl Fn(&mut V, V)) -> CertMap<V> {
+        CertMap { fingerprints: sorted(self.fps, &merge), serials: sorted(self.serials, &merge), by_issuer: sorted(self.by_issuer, &merge) }
+    }
+}
+
+impl<V: Default> Default for Builder<V> {
+    fn default() -> Self {
+        Builder::new()
+    }
+}
+
+impl<V: Default> CertMap<V> {
+    /// A map of `entries`; values under the same key are merged with `merge`.
+    pub fn build(entries: Vec<(CertKey, V)>, merge: impl Fn(&mut V, V)) -> CertMap<V> {
+        let mut b = Builder::new();
+        for (k, v) in entries {
+            b.push(k, v);
+        }
+        b.build(merge)
+    }
 }
 
 impl<V> CertMap<V> {
-    /// A map of `entries`; values under the same key are merged with `merge`.
-    pub fn build(entries: Vec<(CertKey, V)>, merge: impl Fn(&mut V, V)) -> CertMap<V> {
-        let (mut fps, mut serials, mut by_issuer) = (Vec::new(), Vec::new(), Vec::new());
-        for (k, v) in entries {
-            match k {
-                CertKey::Fingerprint(f) => fps.push((f, v)),
-                CertKey::Serial(s) => serials.push((s, v)),
-                CertKey::SerialIssuer(s, i) => by_issuer.push(((s, i), v)),
-            }
-        }
-        CertMap { fingerprints: sorted(fps, &merge), serials: sorted(serials, &merge), by_issuer: sorted(by_issuer, &merge) }
-    }
-
     pub fn len(&self) -> usize {
         self.fingerprints.len() + self.serials.len() + self.by_issuer.len()
     }
