@@ -45,7 +45,23 @@ impl Running {
         let path = self.generation.cfg.path.clone();
         let node = self.sources.node.clone();
         node.last_reload_timestamp.store(at, Relaxed);
-        let out = match crate::reload::prepare(&path, &self.generation, &self.file_blocklist) {
+        // Reading and checking the files (a million-entry blocklist takes
+        // half a second) happens on a background thread: shards pinned to
+        // the same CPUs never wait for it.
+        let prepared = std::thread::scope(|s| {
+            let (current, file) = (&self.generation, &self.file_blocklist);
+            let path = &path;
+            s.spawn(move || {
+                crate::background_thread();
+                crate::reload::prepare(path, current, file)
+            })
+            .join()
+        });
+        let prepared = match prepared {
+            Ok(p) => p,
+            Err(_) => Err(vec![crate::config::err("(reload)", "internal error while reading the config")]),
+        };
+        let out = match prepared {
             Err(errs) => {
                 let errors: Vec<String> = errs.iter().map(|e| e.to_string()).collect();
                 tracing::error!(errors = %errors.join("; "), "reload refused: nothing changed, the running config stays");
