@@ -158,7 +158,9 @@ fn main() -> ExitCode {
     holdfast::logging::init(&cli.log, cli.log_format);
     match cli.cmd {
         Cmd::Run { config } => run(config, &cli.log),
-        Cmd::Reload { target, json } => ExitCode::from(holdfast::control::cli::run(&target, &holdfast::control::cli::CtlCmd::Reload { json })),
+        Cmd::Reload { target, json } => {
+            ExitCode::from(holdfast::control::cli::run(&target, &holdfast::control::cli::CtlCmd::Reload { json }))
+        }
         Cmd::Ctl { target, cmd } => ExitCode::from(holdfast::control::cli::run(&target, &cmd)),
         Cmd::CheckConfig { file } => check_config(file),
         Cmd::Upgrade { pid_file, timeout } => match holdfast::upgrade::coordinator::request(&pid_file, Duration::from_secs(timeout)) {

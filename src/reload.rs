@@ -176,7 +176,8 @@ fn limits_differ(a: &Config, b: &Config) -> bool {
     let (w, v) = (&a.ws, &b.ws);
     let (u, t) = (&a.upstream, &b.upstream);
     (w.idle_timeout, w.ping_interval, w.write_stall_timeout) != (v.idle_timeout, v.ping_interval, v.write_stall_timeout)
-        || (u.resume_timeout, u.open_timeout, u.held_bytes_per_connection) != (t.resume_timeout, t.open_timeout, t.held_bytes_per_connection)
+        || (u.resume_timeout, u.open_timeout, u.held_bytes_per_connection)
+            != (t.resume_timeout, t.open_timeout, t.held_bytes_per_connection)
 }
 
 /// What changed, in words, for the log and the reload's answer.
@@ -190,10 +191,7 @@ fn describe(a: &Config, at: &TlsContext, b: &Config, bt: &TlsContext) -> Vec<Str
     note(at.server_fingerprint != bt.server_fingerprint, "server certificate");
     note(!at.same_cas(bt), "client CAs");
     note(*at.labels != *bt.labels, "device labels");
-    note(
-        (a.tls.tls12, a.tls.tls13, &a.tls.cipher_suites) != (b.tls.tls12, b.tls.tls13, &b.tls.cipher_suites),
-        "TLS versions or suites",
-    );
+    note((a.tls.tls12, a.tls.tls13, &a.tls.cipher_suites) != (b.tls.tls12, b.tls.tls13, &b.tls.cipher_suites), "TLS versions or suites");
     note(a.upstream.wsm != b.upstream.wsm || a.upstream.links_per_shard != b.upstream.links_per_shard, "WSM hosts");
     note(a.log_level != b.log_level, "log level");
     note(limits_differ(a, b), "connection timeouts and limits");
@@ -208,8 +206,19 @@ fn describe(a: &Config, at: &TlsContext, b: &Config, bt: &TlsContext) -> Vec<Str
         "link timeouts",
     );
     note(
-        (a.upstream.resume_per_sec, a.upstream.close_spread, a.upstream.held_bytes_per_shard, a.reload_close_spread, a.upgrade_moving_per_shard)
-            != (b.upstream.resume_per_sec, b.upstream.close_spread, b.upstream.held_bytes_per_shard, b.reload_close_spread, b.upgrade_moving_per_shard),
+        (
+            a.upstream.resume_per_sec,
+            a.upstream.close_spread,
+            a.upstream.held_bytes_per_shard,
+            a.reload_close_spread,
+            a.upgrade_moving_per_shard,
+        ) != (
+            b.upstream.resume_per_sec,
+            b.upstream.close_spread,
+            b.upstream.held_bytes_per_shard,
+            b.reload_close_spread,
+            b.upgrade_moving_per_shard,
+        ),
         "rates and spreads",
     );
     v

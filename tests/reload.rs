@@ -281,7 +281,8 @@ fn reload_cli(config: &Path) -> (bool, String) {
 }
 
 fn ctl(config: &Path, args: &[&str]) -> (bool, String) {
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_holdfast")).arg("ctl").arg("--config").arg(config).args(args).output().unwrap();
+    let out =
+        std::process::Command::new(env!("CARGO_BIN_EXE_holdfast")).arg("ctl").arg("--config").arg(config).args(args).output().unwrap();
     (out.status.success(), format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr)))
 }
 
@@ -377,9 +378,7 @@ fn two_thousand_devices_ride_out_rotation_refusal_blocklist_ca_removal_wsm_chang
         assert!(!ok, "refused: {out}");
         assert!(out.contains("websocket.ping_interval_secs"), "the error names the key: {out}");
         hup(&proxy);
-        eventually(5, "the refusal in the log", || {
-            std::fs::read_to_string(&proxy.log).unwrap_or_default().contains("reload refused")
-        });
+        eventually(5, "the refusal in the log", || std::fs::read_to_string(&proxy.log).unwrap_or_default().contains("reload refused"));
         assert_eq!(proxy.single("holdfast_config_generation"), 2, "nothing changed");
         assert_eq!(proxy.single("holdfast_config_last_reload_success"), 0);
         write(config_text(&[a.addr], true, ""));
@@ -396,7 +395,11 @@ fn two_thousand_devices_ride_out_rotation_refusal_blocklist_ca_removal_wsm_chang
         wait_generation(&proxy, 3);
         eventually(15, "every blocked device closed", || seen.closed().len() >= blocked.len());
         let closes = seen.closed();
-        assert!(closes.iter().all(|(i, _, _)| blocked.contains(i)), "only blocked devices: {:?}", closes.iter().find(|c| !blocked.contains(&c.0)));
+        assert!(
+            closes.iter().all(|(i, _, _)| blocked.contains(i)),
+            "only blocked devices: {:?}",
+            closes.iter().find(|c| !blocked.contains(&c.0))
+        );
         spread_1008(&closes, t0, "blocklist");
         assert_eq!(proxy.sum("holdfast_connections_revoked_total", "reason=\"blocked\""), blocked.len() as u64);
         for (v, cfg) in [("TLS 1.2", &tls12), ("TLS 1.3", &tls13)] {
@@ -502,4 +505,61 @@ fn the_control_socket_is_private_to_its_owner() {
     let name = text.lines().find_map(|l| l.strip_prefix("socket = \"")).unwrap().trim_end_matches('"').to_string();
     let mode = std::fs::metadata(pki.path().join(name)).unwrap().permissions().mode() & 0o777;
     assert_eq!(mode, 0o600);
+}
+
+#[test]
+fn unblock_lets_a_device_back_in_and_both_are_in_the_file() {
+    let pki = Pki::new();
+    let wsm = start_wsm(pki.path(), "wsm-a");
+    let proxy = start_proxy_full(&pki, &[wsm.addr], 1, "", "", "", &[]);
+    let config = proxy.config.clone().unwrap();
+    let fp = fingerprint(&pki.path().join("devices/oven-1.pem"));
+    let (ok, out) = ctl(&config, &["block", &fp]);
+    assert!(ok, "{out}");
+    assert!(holdfast::device::Device::connect(&opts(&pki, &proxy, "oven-1")).is_err(), "blocked");
+    let (ok, out) = ctl(&config, &["block", &fp]);
+    assert!(ok && out.contains("already blocked"), "{out}");
+    let (ok, out) = ctl(&config, &["unblock", &fp]);
+    assert!(ok, "{out}");
+    assert!(!std::fs::read_to_string(pki.path().join("blocklist.txt")).unwrap().contains(&fp), "gone from the file");
+    let mut d = holdfast::device::Device::connect(&opts(&pki, &proxy, "oven-1")).unwrap();
+    d.send_text("back").unwrap();
+    assert_eq!(d.recv_text().unwrap(), "back");
+    // The file's other entries were kept; a reload agrees with it.
+    assert!(holdfast::device::Device::connect(&opts(&pki, &proxy, "fridge-blocked")).is_err());
+    let (ok, out) = reload_cli(&config);
+    assert!(ok && out.contains("nothing changed"), "{out}");
+    let (ok, out) = ctl(&config, &["block", "nothex"]);
+    assert!(!ok && out.contains("not a hex"), "{out}");
+}
+
+#[test]
+fn another_user_is_refused_by_the_control_socket() {
+    use std::os::unix::fs::PermissionsExt;
+    use std::os::unix::process::CommandExt;
+    if !nix::unistd::geteuid().is_root() {
+        eprintln!("skipped: needs root to run a client as another user");
+        return;
+    }
+    let pki = Pki::new();
+    let wsm = start_wsm(pki.path(), "wsm-a");
+    let proxy = start_proxy_full(&pki, &[wsm.addr], 1, "", "", "", &[]);
+    let text = std::fs::read_to_string(proxy.config.as_ref().unwrap()).unwrap();
+    let name = text.lines().find_map(|l| l.strip_prefix("socket = \"")).unwrap().trim_end_matches('"').to_string();
+    let sock = pki.path().join(name);
+    // Open the file modes wide, so only the peer check stands in the way.
+    std::fs::set_permissions(pki.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    std::fs::set_permissions(&sock, std::fs::Permissions::from_mode(0o666)).unwrap();
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_holdfast"))
+        .args(["ctl", "--socket"])
+        .arg(&sock)
+        .arg("status")
+        .uid(65534)
+        .gid(65534)
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "nobody got an answer");
+    assert!(err.contains("not allowed"), "{err}");
+    eventually(5, "the refusal logged", || std::fs::read_to_string(&proxy.stderr_log).unwrap_or_default().contains("refused a peer"));
 }

@@ -34,3 +34,14 @@ fn every_start_checks_the_config_it_runs() {
     assert_eq!(pre, format!("ExecStartPre=/usr/local/bin/holdfast check-config {config}"));
     assert!(u.contains("LimitNOFILE=") && u.contains("LimitMEMLOCK=infinity"));
 }
+
+#[test]
+fn reload_is_the_config_reload_of_the_running_config() {
+    let u = unit();
+    let line = |key: &str| u.lines().find(|l| l.starts_with(key)).unwrap_or_else(|| panic!("no {key}")).to_string();
+    let config = line("ExecStart=").split("--config ").nth(1).unwrap().trim().to_string();
+    let reload = line("ExecReload=");
+    assert!(reload.starts_with("ExecReload=/usr/local/bin/holdfast reload --config "), "{reload}");
+    assert!(reload.contains(&config), "reloads the config it runs: {reload}");
+    assert!(!reload.contains("upgrade"), "a reload is not a binary upgrade");
+}

@@ -295,7 +295,8 @@ pub fn render(results: &[ScenarioResult], dir: &Path) -> Result<String, String> 
                     ));
                 }
                 let bars = pause_bars(&rs);
-                std::fs::write(dir.join(&file), bar_svg("Live reload: longest round trip per device", "ms", &bars)).map_err(|e| e.to_string())?;
+                std::fs::write(dir.join(&file), bar_svg("Live reload: longest round trip per device", "ms", &bars))
+                    .map_err(|e| e.to_string())?;
             }
             "upgrade" => {
                 md.push_str("| proxy | devices | messages | errors | bytes lost or out of order | SIGUSR2 until the old process exited | CPU of both processes meanwhile | pause during the upgrade p50 / p99 / max (devices that talked) | longest round trip over the whole run p50 / p99 / max | RTT p99 |\n|---|---|---|---|---|---|---|---|---|---|\n");

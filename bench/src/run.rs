@@ -449,9 +449,8 @@ fn run_one(proxy: Proxy, a: &RunArgs, pki: &Path, work: &Path) -> Result<Scenari
             let start = wall_us();
             let old_at_signal = cpu_secs(&[proxy_pid]);
             let pid_file = pki.join("holdfast.pid");
-            let successor = || {
-                std::fs::read_to_string(&pid_file).ok().and_then(|p| p.trim().parse::<u32>().ok()).filter(|&p| p != proxy_pid)
-            };
+            let successor =
+                || std::fs::read_to_string(&pid_file).ok().and_then(|p| p.trim().parse::<u32>().ok()).filter(|&p| p != proxy_pid);
             // SAFETY: signalling our own child.
             unsafe { libc::kill(proxy_pid as i32, libc::SIGUSR2) };
             let deadline = t + Duration::from_secs(120);

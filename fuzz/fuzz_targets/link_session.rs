@@ -28,8 +28,16 @@ fuzz_target!(|data: &[u8]| {
     };
     let mut s = LinkSession::new(params, now);
     let mut hello = Vec::new();
-    Frame::Hello(Hello { version: codec::VERSION, role: 1, node: "w".into(), shard: 0, stream_window: 1024, link_window: 4096, max_frame: 1 << 16 })
-        .encode(&mut hello);
+    Frame::Hello(Hello {
+        version: codec::VERSION,
+        role: 1,
+        node: "w".into(),
+        shard: 0,
+        stream_window: 1024,
+        link_window: 4096,
+        max_frame: 1 << 16,
+    })
+    .encode(&mut hello);
     if s.on_bytes(now, &hello).is_err() {
         return;
     }

@@ -30,7 +30,9 @@ impl Target {
         }
         match crate::config::Config::check(&self.config) {
             (Some(c), _) => c.control_socket.ok_or_else(|| format!("{}: control.socket is \"off\"", self.config.display())),
-            (None, errs) => Err(format!("{}: {}", self.config.display(), errs.iter().map(|e| e.to_string()).collect::<Vec<_>>().join("; "))),
+            (None, errs) => {
+                Err(format!("{}: {}", self.config.display(), errs.iter().map(|e| e.to_string()).collect::<Vec<_>>().join("; ")))
+            }
         }
     }
 }

@@ -59,15 +59,18 @@ pub fn handle(req: Request, running: &mut Running, rate: &Rate, upgrading: bool)
             Response::failed("a live upgrade is under way: try again when it is done")
         }
         Request::SharedBlocklist { .. } if upgrading => Response::failed("a live upgrade is under way: try again when it is done"),
-        Request::SharedBlocklist { version, base, entries, add, remove } => match running.shared_blocklist(version, base, entries, add, remove) {
-            Ok(o) => Response { outcome: Some(o), ..Response::done() },
-            Err(e) => Response::failed(e),
-        },
+        Request::SharedBlocklist { version, base, entries, add, remove } => {
+            match running.shared_blocklist(version, base, entries, add, remove) {
+                Ok(o) => Response { outcome: Some(o), ..Response::done() },
+                Err(e) => Response::failed(e),
+            }
+        }
         Request::Block { entry } => change(running, &entry, BlockChange::Block),
         Request::Unblock { entry } => change(running, &entry, BlockChange::Unblock),
         Request::Connections { filter, sample } => {
             let (tx, rx) = crossbeam_channel::unbounded();
-            let n = running.shards.iter().filter(|s| s.ctl.send(Control::Query(Box::new(filter.clone()), sample, tx.clone())).is_ok()).count();
+            let n =
+                running.shards.iter().filter(|s| s.ctl.send(Control::Query(Box::new(filter.clone()), sample, tx.clone())).is_ok()).count();
             let mut out = Connections { count: 0, sample: Vec::new() };
             let deadline = Instant::now() + QUERY_WAIT;
             for _ in 0..n {
@@ -117,11 +120,8 @@ fn status(r: &Running, rate: &Rate, upgrading: bool) -> Status {
         })
         .collect();
     let per = g.cfg.upstream.links_per_shard as u64 * r.shards.len() as u64;
-    let mut wsms: Vec<WsmStatus> = g
-        .wsms
-        .iter()
-        .map(|(_, a)| WsmStatus { wsm: a.to_string(), links_up: 0, links_expected: per, state: String::new() })
-        .collect();
+    let mut wsms: Vec<WsmStatus> =
+        g.wsms.iter().map(|(_, a)| WsmStatus { wsm: a.to_string(), links_up: 0, links_expected: per, state: String::new() }).collect();
     for s in &r.shards {
         for w in s.metrics.wsms() {
             let up = w.links_up.load(Relaxed);

@@ -24,8 +24,12 @@ pub use crate::shard::registry::{Filter, Seen};
 pub enum Request {
     Status,
     Reload,
-    Block { entry: String },
-    Unblock { entry: String },
+    Block {
+        entry: String,
+    },
+    Unblock {
+        entry: String,
+    },
     Connections {
         #[serde(default)]
         filter: Filter,

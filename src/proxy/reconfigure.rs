@@ -77,7 +77,15 @@ impl Running {
             }
             Ok((g, changed, fixed)) if changed.is_empty() && g.hash == self.generation.hash => {
                 tracing::info!("reload: nothing changed");
-                Outcome { ok: true, generation: self.generation.number, hash: g.hash, changed, needs_upgrade: fixed, errors: Vec::new(), at }
+                Outcome {
+                    ok: true,
+                    generation: self.generation.number,
+                    hash: g.hash,
+                    changed,
+                    needs_upgrade: fixed,
+                    errors: Vec::new(),
+                    at,
+                }
             }
             Ok((g, changed, fixed)) => {
                 self.file_blocklist = g.tls.verifier.blocklist();
@@ -114,9 +122,13 @@ impl Running {
     pub fn block(&mut self, entry: &str, change: BlockChange) -> Result<Outcome, String> {
         let at = crate::timefmt::unix_now();
         let one = CertKey::parse(entry).map_err(|m| format!("'{}': {m}", entry.trim()))?;
-        let path = self.generation.cfg.tls.blocklist.clone().ok_or(
-            "tls.blocklist is not set: name a blocklist file in the config (and reload) to block devices by command",
-        )?;
+        let path = self
+            .generation
+            .cfg
+            .tls
+            .blocklist
+            .clone()
+            .ok_or("tls.blocklist is not set: name a blocklist file in the config (and reload) to block devices by command")?;
         let text = match std::fs::read_to_string(&path) {
             Ok(t) => t,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => String::new(),
@@ -203,7 +215,9 @@ impl Running {
         add: Vec<String>,
         remove: Vec<String>,
     ) -> Result<Outcome, String> {
-        let parse = |v: &[String]| -> Result<Vec<CertKey>, String> { v.iter().map(|e| CertKey::parse(e).map_err(|m| format!("'{e}': {m}"))).collect() };
+        let parse = |v: &[String]| -> Result<Vec<CertKey>, String> {
+            v.iter().map(|e| CertKey::parse(e).map_err(|m| format!("'{e}': {m}"))).collect()
+        };
         let before: Vec<CertKey> = self.shared.as_ref().map(|(_, k)| k.clone()).unwrap_or_default();
         let after = match entries {
             Some(all) => parse(&all)?,

@@ -296,7 +296,13 @@ impl Setup {
             subprotocol: None,
         });
         self.enter(Stage::Opening, now);
-        self.actions.push_back(SetupAction::Open(Box::new(Open { resumed: false, connection_id: self.id, device: identity, request, labels: Vec::new() })));
+        self.actions.push_back(SetupAction::Open(Box::new(Open {
+            resumed: false,
+            connection_id: self.id,
+            device: identity,
+            request,
+            labels: Vec::new(),
+        })));
         self.state = State::Opening { rl, resume, key, early, sent: false };
     }
 

@@ -73,7 +73,7 @@ impl LinkEnd {
             max_frame: codec::DEFAULT_MAX_FRAME,
             ping_interval: Duration::from_secs(10),
             liveness_timeout: Duration::from_secs(30),
-        version: codec::VERSION,
+            version: codec::VERSION,
         };
         let mut l = LinkEnd { session: LinkSession::new(params, now), wsm: Wsm { auto_accept: true, max_frame, ..Default::default() } };
         let mut hello = Vec::new();

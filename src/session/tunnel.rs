@@ -227,7 +227,10 @@ impl Tunnel {
             close_at: now + resume_timeout,
             planned: true,
             adopted: true,
-            fresh: Some(Box::new(std::mem::replace(&mut snap.resume, Resume { chain: Vec::new(), request: Default::default(), subprotocol: None }))),
+            fresh: Some(Box::new(std::mem::replace(
+                &mut snap.resume,
+                Resume { chain: Vec::new(), request: Default::default(), subprotocol: None },
+            ))),
         }));
         t.count(Count::HeldBytes(bytes as i64));
         t.count(Count::Held(true));

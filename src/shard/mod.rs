@@ -49,13 +49,7 @@ pub struct Current {
 impl Current {
     pub fn new(generation: u64, cfg: Arc<Config>, tls: TlsContext) -> Current {
         let max = cfg.ws.max_message_bytes.min(u32::MAX as usize) as u32;
-        Current {
-            generation,
-            limits: Rc::new(limits(&cfg, max, generation)),
-            setup_limits: Rc::new(setup_limits(&cfg, &tls)),
-            cfg,
-            tls,
-        }
+        Current { generation, limits: Rc::new(limits(&cfg, max, generation)), setup_limits: Rc::new(setup_limits(&cfg, &tls)), cfg, tls }
     }
 }
 
@@ -350,7 +344,13 @@ fn apply(ctx: &Rc<ShardCtx>, g: &crate::reload::Generation) {
     monoio::spawn(async move {
         let n = registry::recheck(c, judge, spread).await;
         if n > 0 {
-            tracing::info!(shard = index, generation = number, revoked = n, spread_ms = spread.as_millis() as u64, "connections no longer allowed: closing them spread out");
+            tracing::info!(
+                shard = index,
+                generation = number,
+                revoked = n,
+                spread_ms = spread.as_millis() as u64,
+                "connections no longer allowed: closing them spread out"
+            );
         }
     });
 }

@@ -298,7 +298,10 @@ mod tests {
         let revoke = |at| Order::Revoke { at, why: Refusal::Blocked };
         assert_eq!(merge(None, revoke(late)), revoke(late));
         assert_eq!(merge(Some(revoke(early)), revoke(late)), revoke(early), "a later revocation does not postpone one");
-        assert_eq!(merge(Some(revoke(late)), Order::Revoke { at: early, why: Refusal::UnknownCa }), Order::Revoke { at: early, why: Refusal::UnknownCa });
+        assert_eq!(
+            merge(Some(revoke(late)), Order::Revoke { at: early, why: Refusal::UnknownCa }),
+            Order::Revoke { at: early, why: Refusal::UnknownCa }
+        );
         assert_eq!(merge(Some(revoke(late)), Order::Kick(4000)), Order::Kick(4000), "a kick does not wait");
         assert_eq!(merge(Some(Order::Kick(4000)), revoke(early)), Order::Kick(4000));
         assert_eq!(merge(Some(Order::Kick(4000)), Order::Kick(1000)), Order::Kick(4000));

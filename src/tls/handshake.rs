@@ -113,7 +113,11 @@ impl Handshake {
     /// A handshake under `config`. `admit`: the verifier that also judges
     /// resumed sessions (which rustls lets in without running it) and the
     /// wall clock to judge at; `None` lets every resumption rustls accepts in.
-    pub fn new(config: Arc<ServerConfig>, key_update_after: u64, admit: Option<(Arc<DeviceVerifier>, i64)>) -> Result<Self, HandshakeError> {
+    pub fn new(
+        config: Arc<ServerConfig>,
+        key_update_after: u64,
+        admit: Option<(Arc<DeviceVerifier>, i64)>,
+    ) -> Result<Self, HandshakeError> {
         let conn = ServerConnection::new(config).map_err(|e| HandshakeError::new(Refusal::BadHandshake, e.to_string()))?;
         Ok(Handshake { conn, captured: Captured::default(), inbuf: Vec::new(), key_update_after, admit })
     }

@@ -78,7 +78,9 @@ mod tests {
         let ca = crate::pki::make_ca("Fleet CA").unwrap();
         let leaf = crate::pki::make_leaf(&ca, "oven", vec![], false, crate::pki::Validity::Current, 0x1f).unwrap();
         let fp = crate::identity::hex(&crate::identity::sha256(&leaf.der));
-        let l = Labels::parse(&format!("\"serial:1f\" = [\"quarantine\"]\n\"{fp}\" = [\"beta\", \"quarantine\"]\n\"serial:99\" = [\"x\"]\n")).unwrap();
+        let l =
+            Labels::parse(&format!("\"serial:1f\" = [\"quarantine\"]\n\"{fp}\" = [\"beta\", \"quarantine\"]\n\"serial:99\" = [\"x\"]\n"))
+                .unwrap();
         assert_eq!(l.of(std::slice::from_ref(&leaf.der)), vec!["beta", "quarantine"]);
         let other = crate::pki::make_leaf(&ca, "hood", vec![], false, crate::pki::Validity::Current, 0x20).unwrap();
         assert!(l.of(&[other.der]).is_empty());

@@ -60,12 +60,11 @@ impl Refusal {
     /// rustls sends for the same refusal in a full handshake).
     pub fn alert(self) -> u8 {
         match self {
-            Refusal::Blocked => 44,       // certificate_revoked
-            Refusal::Expired => 45,       // certificate_expired
-            Refusal::UnknownCa => 48,     // unknown_ca
-            Refusal::NoCertificate => 116, // certificate_required
+            Refusal::Blocked => 44,                         // certificate_revoked
+            Refusal::Expired => 45,                         // certificate_expired
+            Refusal::UnknownCa => 48,                       // unknown_ca
+            Refusal::NoCertificate => 116,                  // certificate_required
             Refusal::BadHandshake | Refusal::Timeout => 40, // handshake_failure
         }
     }
 }
-

@@ -162,7 +162,9 @@ impl TlsContext {
         };
         let labels = match &c.labels {
             Some(p) => match std::fs::read_to_string(p) {
-                Ok(t) => super::labels::Labels::parse(&t).map_err(|m| errs.push(err("tls.labels", format!("{}: {m}", p.display())))).unwrap_or_default(),
+                Ok(t) => super::labels::Labels::parse(&t)
+                    .map_err(|m| errs.push(err("tls.labels", format!("{}: {m}", p.display()))))
+                    .unwrap_or_default(),
                 Err(e) => {
                     errs.push(err("tls.labels", format!("cannot read {}: {e}", p.display())));
                     Default::default()

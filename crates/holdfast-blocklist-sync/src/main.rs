@@ -75,7 +75,9 @@ fn main() -> std::process::ExitCode {
         let c = redis::Client::open(cli.redis.as_str()).map_err(|e| format!("{}: {e}", cli.redis))?;
         c.get_connection_with_timeout(Duration::from_secs(2)).map_err(|e| format!("{}: {e}", cli.redis))
     };
-    let checked = |entry: &str| holdfast::tls::certmap::CertKey::parse(entry).map(|_| entry.trim().to_string()).map_err(|m| format!("'{entry}': {m}"));
+    let checked = |entry: &str| {
+        holdfast::tls::certmap::CertKey::parse(entry).map(|_| entry.trim().to_string()).map_err(|m| format!("'{entry}': {m}"))
+    };
     let done = |r: Result<String, String>| match r {
         Ok(line) => {
             say!("{line}");

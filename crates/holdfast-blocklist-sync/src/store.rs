@@ -63,7 +63,9 @@ pub fn change(c: &mut Connection, k: &Keys, add: bool, entry: &str) -> redis::Re
 pub fn replace(c: &mut Connection, k: &Keys, entries: &[String]) -> redis::RedisResult<u64> {
     if entries.is_empty() {
         // SADD needs at least one member: an empty set is a DEL.
-        let script = redis::Script::new("redis.call('DEL', KEYS[1]) local v = redis.call('INCR', KEYS[2]) redis.call('PUBLISH', KEYS[3], v .. ' *') return v");
+        let script = redis::Script::new(
+            "redis.call('DEL', KEYS[1]) local v = redis.call('INCR', KEYS[2]) redis.call('PUBLISH', KEYS[3], v .. ' *') return v",
+        );
         let mut inv = script.key(&k.entries);
         inv.key(&k.version).key(&k.channel);
         return inv.invoke(c);

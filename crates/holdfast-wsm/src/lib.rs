@@ -304,7 +304,14 @@ impl LinkConn {
                         };
                         self.streams.insert(
                             stream,
-                            Box::new(StreamState { info, credit: peer.stream_window as i64, pending, close_after: None, handed: false, link_waiting: false }),
+                            Box::new(StreamState {
+                                info,
+                                credit: peer.stream_window as i64,
+                                pending,
+                                close_after: None,
+                                handed: false,
+                                link_waiting: false,
+                            }),
                         );
                         self.flush_stream(stream, app)?;
                     }
