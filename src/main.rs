@@ -493,7 +493,8 @@ fn quickstart(dir: PathBuf, port: u16, wsm_port: u16, metrics_port: u16, check_o
         }
     }
     say!(
-        "\nholdfast quickstart is running:\n  proxy        {listen} (mutual TLS, 2 shards)\n  reference WSM {wsm_addr}\n  metrics      http://127.0.0.1:{metrics_port}/metrics\n  config       {}\n\nCheck the config:\n  {me} check-config {}\n\nConnect as a device:\n  {} --send whoami --send hello\n  {} --send whoami     # expired cert, CA with ignore_validity: accepted\n  {} --send hi         # expired cert, strict CA: refused\n  {} --send hi         # blocklisted: refused\n  {} --send hi         # unknown CA: refused\n\n{}",
+        "\nholdfast quickstart is running:\n  proxy        {listen} (mutual TLS, 2 shards)\n  reference WSM {wsm_addr}\n  metrics      http://127.0.0.1:{metrics_port}/metrics\n  config       {}\n\nCheck the config:\n  {me} check-config {}\n\nOperate it:\n  {me} ctl --config {} status\n\nConnect as a device:\n  {} --send whoami --send hello\n  {} --send whoami     # expired cert, CA with ignore_validity: accepted\n  {} --send hi         # expired cert, strict CA: refused\n  {} --send hi         # blocklisted: refused\n  {} --send hi         # unknown CA: refused\n\n{}",
+        file("holdfast.toml"),
         file("holdfast.toml"),
         file("holdfast.toml"),
         dev("oven-1"),
@@ -507,13 +508,32 @@ fn quickstart(dir: PathBuf, port: u16, wsm_port: u16, metrics_port: u16, check_o
         running.shutdown();
         return ExitCode::SUCCESS;
     }
-    // SIGINT, SIGTERM or SIGQUIT stops it; everything else is ignored
-    // (upgrades are for `holdfast run`).
-    while let Ok(sig) = signals.recv() {
-        if sig.meaning() == Meaning::Stop {
-            break;
+    // SIGINT, SIGTERM or SIGQUIT stops it; SIGHUP and `holdfast ctl` work
+    // as for `holdfast run`; everything else is ignored (upgrades are for
+    // `holdfast run`).
+    let control = running.generation.cfg.control_socket.clone().and_then(|p| start_control(&p));
+    let mut running = running;
+    let never = crossbeam_channel::never();
+    let requests = control.as_ref().map(|(_, rx)| rx).unwrap_or(&never);
+    let mut rate = holdfast::control::handle::Rate::default();
+    loop {
+        crossbeam_channel::select! {
+            recv(signals) -> sig => match sig {
+                Ok(sig) if sig.meaning() == Meaning::Stop => break,
+                Ok(sig) if sig.meaning() == Meaning::Reload => {
+                    let _ = running.reload();
+                }
+                Ok(sig) => tracing::warn!(signal = %sig, "signal ignored by the quickstart; Ctrl-C stops it"),
+                Err(_) => break,
+            },
+            recv(requests) -> req => {
+                if let Ok((req, answer)) = req {
+                    let _ = answer.send(holdfast::control::handle::handle(req, &mut running, &rate, false));
+                }
+            },
+            default(Duration::from_millis(500)) => {},
         }
-        tracing::warn!(signal = %sig, "signal ignored by the quickstart; Ctrl-C stops it");
+        rate.sample(&running);
     }
     running.shutdown();
     ExitCode::SUCCESS

@@ -83,7 +83,7 @@ fn every_command_the_quickstart_prints_runs_as_printed() {
         }
     }
     let commands: Vec<&String> = lines.iter().filter(|l| l.starts_with("  /")).collect();
-    assert_eq!(commands.len(), 6, "check-config and five devices: {lines:#?}");
+    assert_eq!(commands.len(), 7, "check-config, ctl status and five devices: {lines:#?}");
     for c in commands {
         let (cmd, comment) = c.split_once('#').map(|(a, b)| (a, b.trim())).unwrap_or((c, ""));
         let out = Command::new("sh").arg("-c").arg(cmd).current_dir(elsewhere.path()).output().unwrap();
@@ -95,6 +95,9 @@ fn every_command_the_quickstart_prints_runs_as_printed() {
             String::from_utf8_lossy(&out.stdout),
             String::from_utf8_lossy(&out.stderr)
         );
+        if cmd.contains(" ctl ") {
+            assert!(String::from_utf8_lossy(&out.stdout).contains("generation 1"), "{cmd}: {}", String::from_utf8_lossy(&out.stdout));
+        }
         if cmd.contains("--send whoami") {
             assert!(String::from_utf8_lossy(&out.stdout).contains("\"connection_id\""), "{cmd}: {}", String::from_utf8_lossy(&out.stdout));
         }
