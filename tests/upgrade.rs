@@ -177,6 +177,31 @@ fn session_tickets_from_the_old_process_resume_in_the_new_one() {
 }
 
 #[test]
+fn an_upgrade_that_changes_the_device_cas_does_not_resume_earlier_sessions() {
+    let pki = Pki::new();
+    let wsm = start_wsm(pki.path(), "wsm");
+    let mut proxy = start_proxy(&pki, &[wsm.addr], 1, "", "");
+    let old = proxy.child.id();
+    let o = opts(&pki, &proxy, "oven-1");
+    let cfg = std::sync::Arc::new(holdfast::device::client_config(&o).unwrap());
+    let mut first = Device::connect_with(&o, cfg.clone()).unwrap();
+    echo(&mut first, "a ticket arrives with this");
+    assert!(Device::connect_with(&o, cfg.clone()).unwrap().resumed(), "resumes against the old process");
+    // The new process's config trusts one CA fewer (oven-1's stays).
+    let config = proxy.config.clone().unwrap();
+    let text = std::fs::read_to_string(&config).unwrap();
+    std::fs::write(&config, text.replace("[[tls.client_ca]]\nfile = \"fleet-2019.pem\"\nignore_validity = true\n", "")).unwrap();
+    kill(Pid::from_raw(old as i32), Signal::SIGUSR2).unwrap();
+    let new = new_ready_pid(&proxy, old, 20);
+    let _guard = KillOnDrop(new);
+    eventually(15, "the old process to exit", || proxy.child.try_wait().unwrap().is_some());
+    echo(&mut first, "moved");
+    let mut d = Device::connect_with(&o, cfg.clone()).unwrap();
+    assert!(!d.resumed(), "a session verified under other CAs does not resume");
+    echo(&mut d, "full handshake after the upgrade");
+}
+
+#[test]
 fn a_failed_upgrade_leaves_the_old_process_serving() {
     let pki = Pki::new();
     let wsm = start_wsm(pki.path(), "wsm");

@@ -15,9 +15,17 @@ pub fn call(socket: &Path, req: &Request, timeout: Duration) -> Result<Response,
     s.set_read_timeout(Some(timeout)).map_err(|e| e.to_string())?;
     let mut line = serde_json::to_vec(req).map_err(|e| e.to_string())?;
     line.push(b'\n');
-    s.write_all(&line).map_err(|e| format!("{}: {e}", socket.display()))?;
+    // holdfast may answer (a refusal) and close before reading the request:
+    // its answer is still there to read when the write fails.
+    let wrote = s.write_all(&line);
     let mut answer = String::new();
-    BufReader::new(&s).read_line(&mut answer).map_err(|e| match e.kind() {
+    let read = BufReader::new(&s).read_line(&mut answer);
+    if answer.is_empty()
+        && let Err(e) = wrote
+    {
+        return Err(format!("{}: {e}", socket.display()));
+    }
+    read.map_err(|e| match e.kind() {
         std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut => format!("no answer within {} s", timeout.as_secs()),
         _ => e.to_string(),
     })?;

@@ -221,7 +221,7 @@ impl Collector for Sources {
         )?;
         let mut accepted = Vec::new();
         for (i, m) in shards.iter().enumerate() {
-            for c in &m.ca_accepted {
+            for c in &m.ca_accepted() {
                 for (validity, n) in [("current", &c.current), ("ignored", &c.validity_ignored)] {
                     accepted.push((
                         vec![("shard", i.to_string()), ("ca", c.ca.clone()), ("validity", validity.into())],
@@ -362,7 +362,7 @@ mod tests {
         let b = Arc::new(ShardMetrics::new(&["fleet-2019.pem".into()]));
         ShardMetrics::inc(&a.connections_accepted_total);
         b.refusal(Refusal::Blocked);
-        a.accepted_under(0, true);
+        a.accepted_under("fleet-2019.pem", true);
         let link = b.wsm("127.0.0.1:9000");
         ShardMetrics::inc(&link.links_up);
         a.handshake_seconds.observe(std::time::Duration::from_millis(3));

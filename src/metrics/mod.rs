@@ -169,7 +169,10 @@ pub struct ShardMetrics {
     pub ws_closed_1009: AtomicU64,
     /// From accept to the finished mutual TLS handshake.
     pub handshake_seconds: Histogram,
-    pub ca_accepted: Vec<CaAccepted>,
+    /// By CA name: the configured ones from the start, one more for each
+    /// CA a reload adds (added rarely, under the lock; kept when a CA is
+    /// removed, so its counters never go back).
+    ca_accepted: Mutex<Vec<Arc<CaAccepted>>>,
     /// One entry per WSM address this shard has had a link to; added when a
     /// link is made (rare), read by the exporter.
     wsms: Mutex<Vec<Arc<WsmMetrics>>>,
@@ -189,10 +192,12 @@ impl ShardMetrics {
     /// as configured).
     pub fn new(ca_names: &[String]) -> ShardMetrics {
         ShardMetrics {
-            ca_accepted: ca_names
-                .iter()
-                .map(|n| CaAccepted { ca: n.clone(), current: AtomicU64::new(0), validity_ignored: AtomicU64::new(0) })
-                .collect(),
+            ca_accepted: Mutex::new(
+                ca_names
+                    .iter()
+                    .map(|n| Arc::new(CaAccepted { ca: n.clone(), current: AtomicU64::new(0), validity_ignored: AtomicU64::new(0) }))
+                    .collect(),
+            ),
             alive: AtomicBool::new(true),
             ..ShardMetrics::default()
         }
@@ -233,11 +238,25 @@ impl ShardMetrics {
         }
     }
 
-    /// Counts a device accepted under CA `index`.
-    pub fn accepted_under(&self, index: usize, validity_ignored: bool) {
-        if let Some(c) = self.ca_accepted.get(index) {
-            Self::inc(if validity_ignored { &c.validity_ignored } else { &c.current });
-        }
+    /// Counts a device accepted under the CA of this (file) name.
+    pub fn accepted_under(&self, ca: &str, validity_ignored: bool) {
+        let c = {
+            let mut all = self.ca_accepted.lock().unwrap_or_else(|p| p.into_inner());
+            match all.iter().find(|c| c.ca == ca) {
+                Some(c) => c.clone(),
+                None => {
+                    let c = Arc::new(CaAccepted { ca: ca.to_string(), current: AtomicU64::new(0), validity_ignored: AtomicU64::new(0) });
+                    all.push(c.clone());
+                    c
+                }
+            }
+        };
+        Self::inc(if validity_ignored { &c.validity_ignored } else { &c.current });
+    }
+
+    /// The per-CA counters (a copy of the list).
+    pub fn ca_accepted(&self) -> Vec<Arc<CaAccepted>> {
+        self.ca_accepted.lock().unwrap_or_else(|p| p.into_inner()).clone()
     }
 
     /// The counters of WSM address `wsm`, made on first use.
@@ -331,8 +350,10 @@ mod tests {
         assert_eq!(m.wsms().len(), 1, "10.0.0.2 has no link any more");
         drop(a);
         assert_eq!(m.wsms().len(), 1, "10.0.0.1 still has one");
-        m.accepted_under(0, true);
-        m.accepted_under(7, false);
-        assert_eq!(m.ca_accepted[0].validity_ignored.load(Relaxed), 1);
+        m.accepted_under("a.pem", true);
+        m.accepted_under("added-by-reload.pem", false);
+        let cas = m.ca_accepted();
+        assert_eq!(cas[0].validity_ignored.load(Relaxed), 1);
+        assert_eq!((cas[1].ca.as_str(), cas[1].current.load(Relaxed)), ("added-by-reload.pem", 1), "a new CA gets its own series");
     }
 }

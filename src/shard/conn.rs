@@ -138,7 +138,7 @@ impl Device {
                         ShardMetrics::inc(&m.handshakes_completed_total);
                         m.handshake_seconds.observe(started.elapsed());
                         if let Some((ca, validity_ignored)) = cur.tls.verifier.issuing_ca(&chain, crate::timefmt::unix_now()) {
-                            m.accepted_under(ca, validity_ignored);
+                            m.accepted_under(&cur.tls.verifier.group_file_name(ca), validity_ignored);
                         }
                     }
                     SetupAction::Open(mut open) => {

@@ -155,8 +155,13 @@ impl DeviceVerifier {
     /// The configured CA file (its name) whose CA issued this chain, for
     /// logs: "none" when no configured CA did (an unknown issuer).
     pub fn ca_name(&self, chain: &[Vec<u8>]) -> String {
-        self.issuing_ca(chain, 0)
-            .and_then(|(i, _)| self.groups.get(i))
+        self.issuing_ca(chain, 0).map(|(i, _)| self.group_file_name(i)).unwrap_or_else(|| "none".into())
+    }
+
+    /// Group `i`'s CA file name (its `ca` metric label).
+    pub fn group_file_name(&self, i: usize) -> String {
+        self.groups
+            .get(i)
             .map(|g| std::path::Path::new(&g.name).file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_else(|| g.name.clone()))
             .unwrap_or_else(|| "none".into())
     }

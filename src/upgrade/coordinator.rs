@@ -85,8 +85,13 @@ impl Upgrader {
         }
         tracing::info!(exe = %self.exe.display(), "upgrade requested");
         self.started = Some(std::time::Instant::now());
-        let outcome =
-            handoff::hand_over_listeners(&self.exe, &self.config, &running.listeners, running.tickets.export(), Duration::from_secs(30));
+        let outcome = handoff::hand_over_listeners(
+            &self.exe,
+            &self.config,
+            &running.listeners,
+            (running.tickets.export(), Some(crate::identity::hex(&running.generation.tls.verifier.ca_digest()))),
+            Duration::from_secs(30),
+        );
         let (outcome, child, ch) = match outcome {
             Ok(o) => o,
             Err(e) => {
@@ -315,16 +320,22 @@ pub fn take_over(ch: UnixStream, cfg: Config) -> Result<Running, Vec<String>> {
         let _ = handoff::send(&ch, &Msg::Failed { error: errs.join("; ") }, &[]);
         errs
     };
-    if let Err(es) = crate::tls::server::TlsContext::load(&cfg.tls) {
-        return Err(failed(es.iter().map(|e| e.to_string()).collect()));
-    }
+    let ours = match crate::tls::server::TlsContext::load(&cfg.tls) {
+        Ok(t) => crate::identity::hex(&t.verifier.ca_digest()),
+        Err(es) => return Err(failed(es.iter().map(|e| e.to_string()).collect())),
+    };
     let pid = std::process::id();
     handoff::send(&ch, &Msg::Ready { pid, shards: cfg.shard_cpus.len(), snapshot_format: handoff::SNAPSHOT_FORMAT }, &[])
         .map_err(|e| vec![e.to_string()])?;
     let (fds, tickets) = match handoff::recv(&ch) {
-        Ok((Msg::Listeners { count, ticket_keys }, fds)) if count == fds.len() => {
-            // The predecessor's ticket keys: its devices' tickets resume here.
+        Ok((Msg::Listeners { count, ticket_keys, ca_digest }, fds)) if count == fds.len() => {
+            // The predecessor's ticket keys: its devices' tickets resume
+            // here, unless this config trusts other device CAs.
             let tickets = match crate::tls::tickets::Ticketer::import(&ticket_keys) {
+                Ok(_) if ca_digest.as_ref().is_some_and(|d| *d != ours) => {
+                    tracing::info!("the device CAs changed with this upgrade: new session-ticket keys, earlier sessions do not resume");
+                    None
+                }
                 Ok(t) => Some(t),
                 Err(e) => {
                     tracing::warn!(error = %e, "no session-ticket keys from the old process; its tickets will not resume here");

@@ -55,6 +55,11 @@ pub enum Msg {
         count: usize,
         #[serde(default)]
         ticket_keys: Vec<crate::tls::tickets::ExportedKey>,
+        /// The old process's device CA set (`DeviceVerifier::ca_digest`,
+        /// hex): a successor whose CAs differ does not take the ticket
+        /// keys, so no session verified under other CAs resumes.
+        #[serde(default)]
+        ca_digest: Option<String>,
     },
     /// New -> old: accepting on the inherited sockets.
     Serving { pid: u32, listen: String },
@@ -167,7 +172,7 @@ pub fn hand_over_listeners(
     exe: &Path,
     config: &Path,
     listeners: &[OwnedFd],
-    ticket_keys: Vec<crate::tls::tickets::ExportedKey>,
+    (ticket_keys, ca_digest): (Vec<crate::tls::tickets::ExportedKey>, Option<String>),
     timeout: Duration,
 ) -> Result<(Outcome, Child, UnixStream), HandoffError> {
     let start = Instant::now();
@@ -218,7 +223,7 @@ pub fn hand_over_listeners(
         Err(e) => return Err(fail(&mut child, e)),
     };
     let fds: Vec<_> = listeners.iter().map(|l| l.as_raw_fd()).collect();
-    if let Err(e) = send(&ours, &Msg::Listeners { count: fds.len(), ticket_keys }, &fds) {
+    if let Err(e) = send(&ours, &Msg::Listeners { count: fds.len(), ticket_keys, ca_digest }, &fds) {
         return Err(fail(&mut child, e));
     }
     match reply(&mut child) {
@@ -256,7 +261,7 @@ mod tests {
     fn messages_roundtrip_with_descriptors() {
         let (a, b) = UnixStream::pair().unwrap();
         let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        send(&a, &Msg::Listeners { count: 1, ticket_keys: Vec::new() }, &[l.as_raw_fd()]).unwrap();
+        send(&a, &Msg::Listeners { count: 1, ticket_keys: Vec::new(), ca_digest: None }, &[l.as_raw_fd()]).unwrap();
         let (m, fds) = recv(&b).unwrap();
         assert!(matches!(m, Msg::Listeners { count: 1, .. }));
         let inherited = std::net::TcpListener::from(fds.into_iter().next().unwrap());
@@ -337,8 +342,9 @@ mod tests {
     fn a_new_binary_that_exits_is_reported_and_nothing_changes() {
         let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         let fds = vec![OwnedFd::from(l.try_clone().unwrap())];
-        let e = hand_over_listeners(Path::new("/bin/false"), Path::new("/nonexistent.toml"), &fds, Vec::new(), Duration::from_secs(5))
-            .unwrap_err();
+        let e =
+            hand_over_listeners(Path::new("/bin/false"), Path::new("/nonexistent.toml"), &fds, (Vec::new(), None), Duration::from_secs(5))
+                .unwrap_err();
         assert!(matches!(e, HandoffError::NewExited(_)), "{e}");
         // The old listener is untouched.
         let _c = std::net::TcpStream::connect(l.local_addr().unwrap()).unwrap();
@@ -356,7 +362,7 @@ mod tests {
         std::fs::set_permissions(&exe, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
         let fds: Vec<OwnedFd> = Vec::new();
         let start = Instant::now();
-        let e = hand_over_listeners(&exe, Path::new("unused.toml"), &fds, Vec::new(), Duration::from_millis(300)).unwrap_err();
+        let e = hand_over_listeners(&exe, Path::new("unused.toml"), &fds, (Vec::new(), None), Duration::from_millis(300)).unwrap_err();
         assert!(matches!(e, HandoffError::Timeout(_)), "the timeout path, not an early exit: {e}");
         assert!(start.elapsed() >= Duration::from_millis(300), "gave up before its timeout");
         assert!(start.elapsed() < Duration::from_secs(5), "waited for the child instead of killing it");
