@@ -446,7 +446,12 @@ impl Frame {
                 let n = r.u16()?;
                 let headers = (0..n).map(|_| Ok((r.str()?, r.str()?))).collect::<Result<_, LinkError>>()?;
                 let subprotocols = r.strs()?;
+                // The flag means "labels follow": an empty list would have
+                // two encodings, so it is malformed (the encoder never sends it).
                 let labels = if flags & FLAG_LABELS != 0 { r.strs()? } else { Vec::new() };
+                if flags & FLAG_LABELS != 0 && labels.is_empty() {
+                    return Err(LinkError::Malformed("OPEN"));
+                }
                 Frame::Open {
                     stream,
                     open: Box::new(Open {

@@ -78,6 +78,22 @@ fn rejects_trailing_bytes_bad_streams_and_flags() {
 }
 
 #[test]
+fn a_labeled_open_with_no_labels_is_malformed() {
+    // Found by the link_codec fuzz target: flag 0x02 with an empty list
+    // decoded, and encoded back without the flag.
+    let mut o = sample_open(false);
+    o.labels = vec!["x".into()];
+    let mut b = Vec::new();
+    Frame::Open { stream: 1, open: Box::new(o) }.encode(&mut b);
+    // Replace the labels list (00 01 00 01 78) by an empty one (00 00).
+    b.truncate(b.len() - 5);
+    b.extend_from_slice(&[0, 0]);
+    let len = (b.len() - 4) as u32;
+    b[..4].copy_from_slice(&len.to_be_bytes());
+    assert_eq!(Frame::decode(&b, DEFAULT_MAX_FRAME), Err(LinkError::Malformed("OPEN")));
+}
+
+#[test]
 fn incomplete_frames_wait() {
     let mut b = Vec::new();
     Frame::Open { stream: 3, open: Box::new(sample_open(true)) }.encode(&mut b);
