@@ -45,3 +45,19 @@ fn reload_is_the_config_reload_of_the_running_config() {
     assert!(reload.contains(&config), "reloads the config it runs: {reload}");
     assert!(!reload.contains("upgrade"), "a reload is not a binary upgrade");
 }
+
+#[test]
+fn the_blocklist_follower_unit_passes_systemd_analyze_verify_too() {
+    let text = std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("systemd/holdfast-blocklist-sync.service")).unwrap();
+    // The unit names the installed binary; any executable stands in for it here.
+    let text = text.replace("/usr/local/bin/holdfast-blocklist-sync", env!("CARGO_BIN_EXE_holdfast"));
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("holdfast-blocklist-sync.service");
+    std::fs::write(&path, text).unwrap();
+    let out = Command::new("systemd-analyze").args(["verify", "--man=no"]).arg(&path).output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{err}");
+    // The only complaint allowed: holdfast.service itself is not installed here.
+    let other: Vec<&str> = err.lines().filter(|l| !l.contains("holdfast.service")).collect();
+    assert!(other.is_empty(), "systemd-analyze warns: {err}");
+}
