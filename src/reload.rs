@@ -41,6 +41,25 @@ impl std::fmt::Debug for Generation {
     }
 }
 
+impl Generation {
+    /// The next generation when only the blocklist changed in place (`ctl
+    /// block`, the fleet-wide entries): the same config and TLS context
+    /// (whose verifier already holds the new list), `hash` of the inputs;
+    /// established connections are checked again if entries were `added`.
+    pub fn blocklist_changed(&self, hash: String, added: bool) -> Generation {
+        Generation {
+            number: self.number + 1,
+            cfg: self.cfg.clone(),
+            tls: self.tls.clone(),
+            wsms: Vec::new(),
+            hash,
+            recheck: if added { Recheck::Blocklist } else { Recheck::Nothing },
+            wake: false,
+            relabel: None,
+        }
+    }
+}
+
 /// What a new generation asks of established connections.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Recheck {
@@ -70,6 +89,13 @@ pub struct Outcome {
     pub errors: Vec<String>,
     /// When it was tried (Unix seconds).
     pub at: i64,
+}
+
+impl Outcome {
+    /// A change in force (or nothing to change) as of generation `g`.
+    pub fn applied(g: &Generation, changed: Vec<String>, needs_upgrade: Vec<String>, at: i64) -> Outcome {
+        Outcome { ok: true, generation: g.number, hash: g.hash.clone(), changed, needs_upgrade, errors: Vec::new(), at }
+    }
 }
 
 /// The SHA-256 (hex) of the config text and the files it names.

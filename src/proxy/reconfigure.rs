@@ -15,7 +15,7 @@ use std::time::Duration;
 
 use super::Running;
 use crate::metrics::NodeMetrics;
-use crate::reload::{Generation, Outcome, Recheck};
+use crate::reload::{Generation, Outcome};
 use crate::shard::Control;
 use crate::tls::blocklist::Blocklist;
 use crate::tls::certmap::CertKey;
@@ -77,15 +77,7 @@ impl Running {
             }
             Ok((g, changed, fixed)) if changed.is_empty() && g.hash == self.generation.hash => {
                 tracing::info!("reload: nothing changed");
-                Outcome {
-                    ok: true,
-                    generation: self.generation.number,
-                    hash: g.hash,
-                    changed,
-                    needs_upgrade: fixed,
-                    errors: Vec::new(),
-                    at,
-                }
+                Outcome::applied(&self.generation, changed, fixed, at)
             }
             Ok((g, changed, fixed)) => {
                 self.file_blocklist = g.tls.verifier.blocklist();
@@ -107,7 +99,7 @@ impl Running {
                     tracing::warn!(keys = %fixed.join(", "), "changed keys that a reload cannot apply: they take effect with `holdfast upgrade`, which keeps every connection");
                 }
                 tracing::info!(generation = g.number, changed = %changed.join(", "), hash = %g.hash, "reloaded");
-                Outcome { ok: true, generation: g.number, hash: g.hash.clone(), changed, needs_upgrade: fixed, errors: Vec::new(), at }
+                Outcome::applied(&g, changed, fixed, at)
             }
         };
         node.last_reload_success.store(u64::from(out.ok), Relaxed);
@@ -153,44 +145,18 @@ impl Running {
         };
         let Some(new_text) = new_text else {
             let what = if change == BlockChange::Block { "already blocked" } else { "not in the blocklist" };
-            return Ok(Outcome {
-                ok: true,
-                generation: self.generation.number,
-                hash: self.generation.hash.clone(),
-                changed: vec![format!("nothing: {what}")],
-                needs_upgrade: Vec::new(),
-                errors: Vec::new(),
-                at,
-            });
+            return Ok(Outcome::applied(&self.generation, vec![format!("nothing: {what}")], Vec::new(), at));
         };
         let bl = Blocklist::parse(&new_text).map_err(|e| format!("{}: {e}", path.display()))?;
         write_atomically(&path, new_text.as_bytes()).map_err(|e| format!("{}: {e}", path.display()))?;
         // In force for handshakes on every shard at once (they share the verifier).
         self.file_blocklist = Arc::new(bl);
         self.apply_blocklist();
-        let cur = &self.generation;
-        let g = Generation {
-            number: cur.number + 1,
-            cfg: cur.cfg.clone(),
-            tls: cur.tls.clone(),
-            wsms: Vec::new(),
-            hash: crate::reload::hash_inputs(&cur.cfg),
-            recheck: if change == BlockChange::Block { Recheck::Blocklist } else { Recheck::Nothing },
-            wake: false,
-            relabel: None,
-        };
-        let g = self.switch(g);
+        let hash = crate::reload::hash_inputs(&self.generation.cfg);
+        let g = self.switch(self.generation.blocklist_changed(hash, change == BlockChange::Block));
         let verb = if change == BlockChange::Block { "blocked" } else { "unblocked" };
         tracing::info!(entry = %entry.trim(), generation = g.number, "{verb} by the operator");
-        Ok(Outcome {
-            ok: true,
-            generation: g.number,
-            hash: g.hash.clone(),
-            changed: vec![format!("{verb} {}", entry.trim())],
-            needs_upgrade: Vec::new(),
-            errors: Vec::new(),
-            at,
-        })
+        Ok(Outcome::applied(&g, vec![format!("{verb} {}", entry.trim())], Vec::new(), at))
     }
 
     /// Puts the file's entries and the shared ones in force for handshakes.
@@ -218,7 +184,8 @@ impl Running {
         let parse = |v: &[String]| -> Result<Vec<CertKey>, String> {
             v.iter().map(|e| CertKey::parse(e).map_err(|m| format!("'{e}': {m}"))).collect()
         };
-        let before: Vec<CertKey> = self.shared.as_ref().map(|(_, k)| k.clone()).unwrap_or_default();
+        // Sets, not scans: a whole fleet list is a million entries.
+        let before: std::collections::HashSet<CertKey> = self.shared.as_ref().map(|(_, k)| k.iter().cloned().collect()).unwrap_or_default();
         let after = match entries {
             Some(all) => parse(&all)?,
             None => {
@@ -228,6 +195,7 @@ impl Running {
                     return Err(format!("gap: this node has shared version {have}, the step is from {base:?} to {version}"));
                 }
                 let (add, remove) = (parse(&add)?, parse(&remove)?);
+                let remove: std::collections::HashSet<&CertKey> = remove.iter().collect();
                 let mut k: Vec<CertKey> = before.iter().filter(|k| !remove.contains(k)).cloned().collect();
                 k.extend(add);
                 k
@@ -236,28 +204,9 @@ impl Running {
         let added = after.iter().any(|k| !before.contains(k));
         self.shared = Some((version, after));
         self.apply_blocklist();
-        let cur = &self.generation;
-        let g = Generation {
-            number: cur.number + 1,
-            cfg: cur.cfg.clone(),
-            tls: cur.tls.clone(),
-            wsms: Vec::new(),
-            hash: cur.hash.clone(),
-            recheck: if added { Recheck::Blocklist } else { Recheck::Nothing },
-            wake: false,
-            relabel: None,
-        };
-        let g = self.switch(g);
+        let g = self.switch(self.generation.blocklist_changed(self.generation.hash.clone(), added));
         tracing::info!(version, generation = g.number, entries = self.shared.as_ref().map_or(0, |s| s.1.len()), "shared blocklist updated");
-        Ok(Outcome {
-            ok: true,
-            generation: g.number,
-            hash: g.hash.clone(),
-            changed: vec![format!("shared blocklist version {version}")],
-            needs_upgrade: Vec::new(),
-            errors: Vec::new(),
-            at: crate::timefmt::unix_now(),
-        })
+        Ok(Outcome::applied(&g, vec![format!("shared blocklist version {version}")], Vec::new(), crate::timefmt::unix_now()))
     }
 
     /// Sends `g` (its WSM pool resolved here) to every shard and waits
