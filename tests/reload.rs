@@ -93,23 +93,8 @@ impl Node {
     }
 }
 
-fn dev_opts(pki: &Pki, addr: std::net::SocketAddr, device: &str) -> holdfast::device::DeviceOptions {
-    holdfast::device::DeviceOptions {
-        addr,
-        server_name: "localhost".into(),
-        server_ca: pki.path().join("server-ca.pem"),
-        cert: pki.path().join(format!("devices/{device}.pem")),
-        key: pki.path().join(format!("devices/{device}.key")),
-        path: "/".into(),
-        subprotocols: vec![],
-        version: None,
-        suite: None,
-        timeout: Duration::from_secs(10),
-    }
-}
-
 fn fleet_opts(pki: &Pki, proxy: &Node, i: usize) -> holdfast::device::DeviceOptions {
-    let mut o = dev_opts(pki, proxy.addr, "oven-1");
+    let mut o = opts_at(pki, proxy.addr, "oven-1");
     o.cert = pki.path().join(format!("devices/fleet/{i:05}.pem"));
     o.key = pki.path().join(format!("devices/fleet/{i:05}.key"));
     o
@@ -306,7 +291,7 @@ fn rotate_server_certificate(dir: &Path) -> (PathBuf, Vec<u8>) {
 
 /// The server certificate a fresh handshake is given (trusting `ca`).
 fn presented_certificate(pki: &Pki, proxy: &Node, ca: &Path) -> Vec<u8> {
-    let mut o = dev_opts(pki, proxy.addr, "oven-1");
+    let mut o = opts_at(pki, proxy.addr, "oven-1");
     o.server_ca = ca.to_path_buf();
     let cfg = Arc::new(holdfast::device::client_config(&o).unwrap());
     let mut conn = rustls::ClientConnection::new(cfg, "localhost".try_into().unwrap()).unwrap();

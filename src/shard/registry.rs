@@ -246,10 +246,8 @@ pub fn query(ctx: &ShardCtx, f: &Filter, sample: usize) -> (u64, Vec<Seen>) {
         let ca = verifier.ca_name(&r.chain);
         let link = reach.link.upgrade();
         let wsm = link.as_ref().map(|l| format!("{} ({})", l.host, l.addr)).unwrap_or_default();
-        let Some(id) = crate::identity::from_chain(r.chain, "0.0.0.0:0".parse().unwrap_or(std::net::SocketAddr::from(([0, 0, 0, 0], 0))))
-        else {
-            continue;
-        };
+        // The address is not shown; only the certificate's facts are.
+        let Some(id) = crate::identity::from_chain(r.chain, std::net::SocketAddr::from(([0, 0, 0, 0], 0))) else { continue };
         let hex: String = id.fingerprint.iter().map(|b| format!("{b:02x}")).collect();
         let ok = f.ca.as_ref().is_none_or(|c| *c == ca)
             && fp.as_ref().is_none_or(|p| *p == hex)

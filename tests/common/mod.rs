@@ -276,8 +276,13 @@ pub fn start_holdfast_config(pki: &Pki, path: &Path, env: &[(&str, &str)]) -> Pr
 }
 
 pub fn opts(pki: &Pki, proxy: &Proc, device: &str) -> DeviceOptions {
+    opts_at(pki, proxy.addr, device)
+}
+
+/// As [`opts`], for a proxy known by its address only.
+pub fn opts_at(pki: &Pki, addr: SocketAddr, device: &str) -> DeviceOptions {
     DeviceOptions {
-        addr: proxy.addr,
+        addr,
         server_name: "localhost".into(),
         server_ca: pki.path().join("server-ca.pem"),
         cert: pki.path().join(format!("devices/{device}.pem")),

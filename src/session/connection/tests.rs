@@ -94,6 +94,12 @@ fn written(acts: &[SetupAction]) -> Vec<u8> {
         .collect()
 }
 
+/// A connection just accepted, under the dev PKI's TLS context.
+fn accepted(ctx: &crate::tls::server::TlsContext, id: ConnectionId, now: Instant) -> Setup {
+    let admit = Some((ctx.verifier.clone(), crate::timefmt::unix_now()));
+    Setup::new(ctx.server.clone(), admit, limits(), id, "127.0.0.1:4000".parse().unwrap(), now)
+}
+
 #[test]
 fn upgrade_open_accept_gives_a_101_and_the_tunnel_with_the_request_kept_for_resuming() {
     let now = Instant::now();
@@ -261,14 +267,7 @@ fn a_real_handshake_then_upgrade_walks_the_stages_forward() {
     let ctx = crate::tls::handshake::tests::setup(dir.path());
     let mut c = crate::tls::handshake::tests::client(dir.path(), "oven-1", "TLS13_AES_128_GCM_SHA256");
     let now = Instant::now();
-    let mut s = Setup::new(
-        ctx.server.clone(),
-        Some((ctx.verifier.clone(), crate::timefmt::unix_now())),
-        limits(),
-        ConnectionId(7),
-        "127.0.0.1:4000".parse().unwrap(),
-        now,
-    );
+    let mut s = accepted(&ctx, ConnectionId(7), now);
     assert_eq!((s.stage(), s.wants(), s.deadline()), (Stage::Handshaking, Want::Read, now + Duration::from_secs(10)));
     let mut stages = vec![s.stage()];
     let mut chain = None;
@@ -325,14 +324,7 @@ fn a_handshake_that_does_not_finish_in_time_is_refused_as_a_timeout() {
     let dir = tempfile::tempdir().unwrap();
     let ctx = crate::tls::handshake::tests::setup(dir.path());
     let now = Instant::now();
-    let mut s = Setup::new(
-        ctx.server.clone(),
-        Some((ctx.verifier.clone(), crate::timefmt::unix_now())),
-        limits(),
-        ConnectionId(8),
-        "127.0.0.1:4000".parse().unwrap(),
-        now,
-    );
+    let mut s = accepted(&ctx, ConnectionId(8), now);
     let mut buf = b"\x16\x03\x01\x00".to_vec(); // a record header's start, then nothing
     s.on_bytes(now, &mut buf);
     assert!(drain(&mut s).is_empty());
@@ -347,14 +339,7 @@ fn a_malformed_client_hello_is_refused_with_an_alert() {
     let dir = tempfile::tempdir().unwrap();
     let ctx = crate::tls::handshake::tests::setup(dir.path());
     let now = Instant::now();
-    let mut s = Setup::new(
-        ctx.server.clone(),
-        Some((ctx.verifier.clone(), crate::timefmt::unix_now())),
-        limits(),
-        ConnectionId(9),
-        "127.0.0.1:4000".parse().unwrap(),
-        now,
-    );
+    let mut s = accepted(&ctx, ConnectionId(9), now);
     let mut buf = b"\x16\x03\x01\x00\x05\x01\x00\x00\x01\xff".to_vec(); // a ClientHello that is cut short
     s.on_bytes(now, &mut buf);
     let acts = drain(&mut s);
