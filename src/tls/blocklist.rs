@@ -50,11 +50,6 @@ impl Blocklist {
         self.len() == 0
     }
 
-    /// Bytes the list holds in memory.
-    pub fn heap_bytes(&self) -> usize {
-        self.entries.heap_bytes()
-    }
-
     /// Whether the certificate with this DER is blocked.
     pub fn blocks(&self, der: &[u8]) -> bool {
         !self.entries.matching(der).is_empty()
