@@ -14,6 +14,7 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+pub mod admission;
 pub mod file;
 
 use file::ShardsFile;
@@ -62,6 +63,10 @@ pub struct Config {
     pub control_socket: Option<PathBuf>,
     /// `log.level` (`None`: as `--log` says).
     pub log_level: Option<String>,
+    /// `[admission]`.
+    pub admission: admission::Admission,
+    /// `[drain]`.
+    pub drain: admission::Drain,
 }
 
 /// Where the control socket is when `control.socket` is not set.
@@ -111,6 +116,8 @@ pub struct WsConfig {
     /// `None`: never.
     pub write_stall_timeout: Option<Duration>,
     pub forward_headers: Vec<String>,
+    /// `max_age_secs` and its jitter (`None`: off).
+    pub max_age: Option<admission::Age>,
 }
 
 #[derive(Debug, Clone)]
@@ -307,6 +314,7 @@ impl Config {
             ping_interval: secs(w.ping_interval_secs),
             write_stall_timeout: secs(w.write_stall_timeout_secs),
             forward_headers: w.forward_headers.iter().map(|h| h.to_ascii_lowercase()).collect(),
+            max_age: admission::age(w.max_age_secs, w.max_age_jitter_secs, &mut errs),
         };
 
         let u = &f.upstream;
@@ -424,6 +432,8 @@ impl Config {
             reload_close_spread: Duration::from_millis(f.reload.close_spread_ms),
             control_socket,
             log_level: f.log.level.clone(),
+            admission: admission::admission(&f.admission, &mut errs),
+            drain: admission::drain(&f.drain, &mut errs),
         };
         (config, errs)
     }

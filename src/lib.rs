@@ -4,6 +4,7 @@
 #![allow(clippy::disallowed_methods)]
 
 pub use holdfast_link::blame;
+pub mod admission;
 pub mod config;
 pub mod control;
 pub mod cpus;

@@ -37,6 +37,10 @@ pub struct FileConfig {
     pub control: ControlFile,
     #[serde(default)]
     pub log: LogFile,
+    #[serde(default)]
+    pub admission: super::admission::AdmissionFile,
+    #[serde(default)]
+    pub drain: super::admission::DrainFile,
 }
 
 #[derive(Debug, Deserialize)]
@@ -214,6 +218,12 @@ pub struct WebSocketFile {
     pub write_stall_timeout_secs: u64,
     /// Request headers passed to the WSM (lowercase names).
     pub forward_headers: Vec<String>,
+    /// Seconds after which a connection is closed with 1001 so that its
+    /// device reconnects (0 = never): each connection draws its own age
+    /// from `max_age_secs` to `max_age_secs + max_age_jitter_secs`, so the
+    /// reconnects after a scale-out or a policy change spread evenly.
+    pub max_age_secs: u64,
+    pub max_age_jitter_secs: u64,
 }
 
 impl Default for WebSocketFile {
@@ -226,6 +236,8 @@ impl Default for WebSocketFile {
             ping_interval_secs: 0,
             write_stall_timeout_secs: 120,
             forward_headers: vec!["user-agent".into(), "origin".into(), "x-device-firmware".into()],
+            max_age_secs: 0,
+            max_age_jitter_secs: 0,
         }
     }
 }

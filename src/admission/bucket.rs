@@ -1,0 +1,105 @@
+//! A token bucket: a rate with a small burst, fed `now`.
+//!
+//! Owns: the arithmetic of one rate limit (tokens refilled at `per_sec`,
+//! at most `burst` saved up) and when the next token comes. Never sleeps.
+#![forbid(unsafe_code)]
+
+use std::time::{Duration, Instant};
+
+/// The burst a bucket saves up: a tenth of a second's worth, at least one.
+pub const BURST: Duration = Duration::from_millis(100);
+
+#[derive(Debug, Clone)]
+pub struct Bucket {
+    per_sec: f64,
+    tokens: f64,
+    last: Instant,
+}
+
+impl Bucket {
+    /// A bucket that starts full.
+    pub fn new(per_sec: f64, now: Instant) -> Bucket {
+        let mut b = Bucket { per_sec: per_sec.max(0.001), tokens: 0.0, last: now };
+        b.tokens = b.burst();
+        b
+    }
+
+    fn burst(&self) -> f64 {
+        (self.per_sec * BURST.as_secs_f64()).max(1.0)
+    }
+
+    pub fn per_sec(&self) -> f64 {
+        self.per_sec
+    }
+
+    /// A new rate from now on (a reload).
+    pub fn set_rate(&mut self, per_sec: f64, now: Instant) {
+        self.refill(now);
+        self.per_sec = per_sec.max(0.001);
+        self.tokens = self.tokens.min(self.burst());
+    }
+
+    fn refill(&mut self, now: Instant) {
+        let dt = now.saturating_duration_since(self.last).as_secs_f64();
+        self.tokens = (self.tokens + dt * self.per_sec).min(self.burst());
+        self.last = self.last.max(now);
+    }
+
+    /// Takes a token if there is one.
+    pub fn take(&mut self, now: Instant) -> bool {
+        self.refill(now);
+        if self.tokens >= 1.0 {
+            self.tokens -= 1.0;
+            true
+        } else {
+            false
+        }
+    }
+
+    /// When the next token is there (`now` if it already is).
+    pub fn next_at(&mut self, now: Instant) -> Instant {
+        self.refill(now);
+        if self.tokens >= 1.0 {
+            return now;
+        }
+        now + Duration::from_secs_f64((1.0 - self.tokens) / self.per_sec)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_bucket_gives_its_burst_then_its_rate() {
+        let t = Instant::now();
+        let mut b = Bucket::new(100.0, t);
+        assert_eq!((0..50).filter(|_| b.take(t)).count(), 10, "a tenth of a second's worth at once");
+        let at = b.next_at(t);
+        assert!(at > t && at <= t + Duration::from_millis(11), "{:?}", at - t);
+        let later = t + Duration::from_millis(500);
+        assert_eq!((0..100).filter(|_| b.take(later)).count(), 10, "saved up no more than the burst");
+        // Over ten simulated seconds, taken as fast as allowed: the rate.
+        let mut now = later;
+        let mut n = 0;
+        while now < later + Duration::from_secs(10) {
+            if b.take(now) {
+                n += 1;
+            }
+            now += Duration::from_micros(500);
+        }
+        assert!((999..=1001).contains(&n), "{n}");
+    }
+
+    #[test]
+    fn a_slow_rate_still_gives_one_at_a_time() {
+        let t = Instant::now();
+        let mut b = Bucket::new(2.0, t);
+        assert!(b.take(t));
+        assert!(!b.take(t));
+        assert_eq!(b.next_at(t), t + Duration::from_millis(500));
+        assert!(b.take(t + Duration::from_millis(500)));
+        b.set_rate(1000.0, t + Duration::from_millis(600));
+        assert!(b.take(t + Duration::from_millis(601)));
+    }
+}

@@ -1,0 +1,236 @@
+//! The queue of devices waiting, upgrade pending, for their stream to be
+//! opened on a WSM, under `admission.wsm_opens_per_sec`.
+//!
+//! Owns: one shard's open rate (a [`Bucket`]; none: unlimited), the FIFO of
+//! waiting devices with its bound and wait limit, which of them may open
+//! now and which have waited too long, and the turns re-opened (resumed)
+//! streams take from the same rate. Fed `now`; never sleeps or wakes a
+//! task: `shard::admit` does, as this says.
+#![forbid(unsafe_code)]
+
+use std::collections::{HashSet, VecDeque};
+use std::time::{Duration, Instant};
+
+use super::bucket::Bucket;
+
+/// A waiting device's place.
+pub type Ticket = u64;
+
+/// What a device that wants to open a stream is told.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Enter {
+    /// Open now.
+    Now,
+    /// Wait for [`OpenQueue::grant`] (or [`OpenQueue::expired`]) to name this ticket.
+    Wait(Ticket),
+    /// The queue is full: shed it.
+    Full,
+}
+
+#[derive(Debug)]
+pub struct OpenQueue {
+    bucket: Option<Bucket>,
+    waiting: VecDeque<(Ticket, Instant)>,
+    abandoned: HashSet<Ticket>,
+    cap: usize,
+    wait: Duration,
+    next: Ticket,
+    /// Opens taken so far (new and resumed).
+    pub opened: u64,
+}
+
+impl OpenQueue {
+    /// `per_sec` `None`: no limit (nobody ever waits).
+    pub fn new(per_sec: Option<f64>, cap: usize, wait: Duration, now: Instant) -> OpenQueue {
+        OpenQueue {
+            bucket: per_sec.map(|r| Bucket::new(r, now)),
+            waiting: VecDeque::new(),
+            abandoned: HashSet::new(),
+            cap: cap.max(1),
+            wait,
+            next: 0,
+            opened: 0,
+        }
+    }
+
+    /// A reload's limits, from now on. Lifting the rate lets every waiting
+    /// device open at the next [`OpenQueue::grant`].
+    pub fn set_limits(&mut self, per_sec: Option<f64>, cap: usize, wait: Duration, now: Instant) {
+        match (&mut self.bucket, per_sec) {
+            (Some(b), Some(r)) => b.set_rate(r, now),
+            (b, r) => *b = r.map(|r| Bucket::new(r, now)),
+        }
+        self.cap = cap.max(1);
+        self.wait = wait;
+    }
+
+    /// Devices waiting.
+    pub fn len(&self) -> usize {
+        self.waiting.len() - self.abandoned.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    pub fn limited(&self) -> bool {
+        self.bucket.is_some()
+    }
+
+    fn take(&mut self, now: Instant) -> bool {
+        let ok = self.bucket.as_mut().is_none_or(|b| b.take(now));
+        self.opened += ok as u64;
+        ok
+    }
+
+    /// A device's upgrade request is in: may its stream open now? Nobody
+    /// overtakes a waiting device.
+    pub fn enter(&mut self, now: Instant) -> Enter {
+        if self.is_empty() && self.take(now) {
+            return Enter::Now;
+        }
+        if self.len() >= self.cap {
+            return Enter::Full;
+        }
+        let t = self.next;
+        self.next += 1;
+        self.waiting.push_back((t, now));
+        Enter::Wait(t)
+    }
+
+    /// A waiting device went away (its task ended): its place is freed.
+    pub fn abandon(&mut self, t: Ticket) {
+        if self.waiting.iter().any(|(w, _)| *w == t) {
+            self.abandoned.insert(t);
+        }
+        self.forget_abandoned_front();
+    }
+
+    fn forget_abandoned_front(&mut self) {
+        while let Some((t, _)) = self.waiting.front() {
+            if !self.abandoned.remove(t) {
+                break;
+            }
+            self.waiting.pop_front();
+        }
+    }
+
+    /// The devices that may open now, oldest first.
+    pub fn grant(&mut self, now: Instant) -> Vec<Ticket> {
+        let mut out = Vec::new();
+        loop {
+            self.forget_abandoned_front();
+            if self.waiting.is_empty() || !self.take(now) {
+                return out;
+            }
+            if let Some((t, _)) = self.waiting.pop_front() {
+                out.push(t);
+            }
+        }
+    }
+
+    /// The devices that have waited longer than the wait limit: out of the queue.
+    pub fn expired(&mut self, now: Instant) -> Vec<Ticket> {
+        let mut out = Vec::new();
+        while let Some(&(t, at)) = self.waiting.front() {
+            if self.abandoned.remove(&t) {
+                self.waiting.pop_front();
+                continue;
+            }
+            if now.saturating_duration_since(at) < self.wait {
+                break;
+            }
+            self.waiting.pop_front();
+            out.push(t);
+        }
+        out
+    }
+
+    /// When [`OpenQueue::grant`] or [`OpenQueue::expired`] next has
+    /// something to say (`None`: nobody waits).
+    pub fn next_wake(&mut self, now: Instant) -> Option<Instant> {
+        self.forget_abandoned_front();
+        let &(_, oldest) = self.waiting.front()?;
+        let token = self.bucket.as_mut().map_or(now, |b| b.next_at(now));
+        Some(token.min(oldest + self.wait))
+    }
+
+    /// A stream re-opened elsewhere (its WSM died or went away, or it moved
+    /// in an upgrade) takes a turn of the same rate. It goes before waiting
+    /// devices: its device is already served, its messages held.
+    pub fn take_resume(&mut self, now: Instant) -> bool {
+        self.take(now)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const WAIT: Duration = Duration::from_secs(2);
+
+    #[test]
+    fn without_a_rate_everybody_opens_at_once() {
+        let t = Instant::now();
+        let mut q = OpenQueue::new(None, 1, WAIT, t);
+        assert!((0..10_000).all(|_| q.enter(t) == Enter::Now));
+        assert!(q.take_resume(t));
+        assert_eq!(q.next_wake(t), None);
+    }
+
+    #[test]
+    fn a_storm_waits_in_order_opens_at_the_rate_and_overflows_cleanly() {
+        let t = Instant::now();
+        let mut q = OpenQueue::new(Some(10.0), 5, WAIT, t);
+        assert_eq!(q.enter(t), Enter::Now, "the burst of one");
+        let tickets: Vec<_> = (0..5).map(|_| q.enter(t)).collect();
+        assert!(tickets.iter().all(|e| matches!(e, Enter::Wait(_))));
+        assert_eq!(q.enter(t), Enter::Full);
+        assert_eq!(q.len(), 5);
+        assert!(q.grant(t).is_empty());
+        let at = q.next_wake(t).unwrap();
+        assert_eq!(at, t + Duration::from_millis(100));
+        assert_eq!(q.grant(at), vec![0]);
+        // A device that gives up frees its place; the next one moves up.
+        q.abandon(1);
+        assert_eq!(q.len(), 3);
+        assert_eq!(q.grant(at + Duration::from_millis(100)), vec![2]);
+        assert_eq!(q.enter(at), Enter::Wait(5), "nobody overtakes a waiting device");
+    }
+
+    #[test]
+    fn devices_that_wait_too_long_leave_the_queue() {
+        let t = Instant::now();
+        let mut q = OpenQueue::new(Some(0.1), 100, WAIT, t);
+        assert_eq!(q.enter(t), Enter::Now);
+        let _ = q.enter(t);
+        let _ = q.enter(t + Duration::from_secs(1));
+        assert_eq!(q.next_wake(t), Some(t + WAIT));
+        assert!(q.expired(t + Duration::from_millis(1999)).is_empty());
+        assert_eq!(q.expired(t + WAIT), vec![0]);
+        assert_eq!(q.expired(t + WAIT + Duration::from_secs(1)), vec![1]);
+        assert!(q.is_empty());
+    }
+
+    #[test]
+    fn resumed_streams_share_the_rate() {
+        let t = Instant::now();
+        let mut q = OpenQueue::new(Some(20.0), 100, WAIT, t);
+        assert!(q.take_resume(t) && q.take_resume(t));
+        assert!(!q.take_resume(t), "the burst (a tenth of a second) is spent");
+        assert!(matches!(q.enter(t), Enter::Wait(_)));
+        assert_eq!(q.opened, 2);
+    }
+
+    #[test]
+    fn lifting_the_rate_lets_the_waiting_open() {
+        let t = Instant::now();
+        let mut q = OpenQueue::new(Some(1.0), 100, WAIT, t);
+        let _ = q.enter(t);
+        for _ in 0..3 {
+            let _ = q.enter(t);
+        }
+        q.set_limits(None, 100, WAIT, t);
+        assert_eq!(q.grant(t), vec![0, 1, 2]);
+    }
+}
