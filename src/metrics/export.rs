@@ -198,6 +198,30 @@ impl Collector for Sources {
             MetricType::Counter,
             revoked,
         )?;
+        let mut shed = Vec::new();
+        let mut paced = Vec::new();
+        for (i, m) in shards.iter().enumerate() {
+            for (j, r) in crate::admission::Shed::ALL.iter().enumerate() {
+                shed.push((vec![("shard", i.to_string()), ("limit", r.label().into())], Sample::Count(m.shed[j].load(Relaxed))));
+            }
+            for (j, r) in crate::session::end::Paced::ALL.iter().enumerate() {
+                paced.push((vec![("shard", i.to_string()), ("reason", r.label().into())], Sample::Count(m.paced[j].load(Relaxed))));
+            }
+        }
+        family(
+            e,
+            "holdfast_admission_shed_total",
+            "devices answered 503 with a jittered Retry-After by admission control, by the limit that shed them",
+            MetricType::Counter,
+            shed,
+        )?;
+        family(
+            e,
+            "holdfast_connections_paced_close_total",
+            "established connections holdfast closed at a random moment of a window (close frame and close_notify), by why",
+            MetricType::Counter,
+            paced,
+        )?;
         let mut record = Vec::new();
         for (i, m) in shards.iter().enumerate() {
             for (j, r) in crate::tls::record::RecordError::LABELS.iter().enumerate() {
@@ -295,7 +319,19 @@ impl Collector for Sources {
         let p = super::process::read();
         let alive = shards.iter().filter(|m| m.alive.load(Relaxed)).count() as i64;
         let n = &self.node;
-        let singles: [(&str, MetricType, &str, Sample); 13] = [
+        let singles: [(&str, MetricType, &str, Sample); 15] = [
+            (
+                "holdfast_draining",
+                MetricType::Gauge,
+                "1 while a drain (holdfast ctl drain, or the graceful stop on SIGTERM) is under way: not accepting, closing spread out",
+                Sample::Gauge(n.draining.load(Relaxed) as i64),
+            ),
+            (
+                "holdfast_drain_deadline_timestamp_seconds",
+                MetricType::Gauge,
+                "when the running drain's window ends (Unix seconds; 0: no drain)",
+                Sample::Gauge(n.drain_deadline.load(Relaxed)),
+            ),
             (
                 "holdfast_config_generation",
                 MetricType::Gauge,

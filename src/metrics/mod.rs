@@ -81,6 +81,12 @@ shard_series! {
     identities_rechecked_total: Counter, "established identities checked again after a policy change (blocklist or CA set)";
     connections_kicked_total: Counter, "connections closed by an operator (holdfast ctl kick)";
     revocations_pending: Gauge, "established connections no longer allowed by the policy, waiting for their spread-out close";
+    handshaking: Gauge, "connections in their TLS handshake (admission.max_handshaking counts these)";
+    accepts_deferred_total: Counter, "times the accept loop left connections in the kernel's accept queue (admission.handshakes_per_sec or max_handshaking reached)";
+    wsm_opens_total: Counter, "streams opened on WSMs, new and resumed (admission.wsm_opens_per_sec counts these)";
+    wsm_open_queue: Gauge, "devices waiting, upgrade pending, for a turn to open their stream (admission.wsm_opens_per_sec)";
+    wsm_open_waited_total: Counter, "devices that waited in the open queue and then opened their stream";
+    paced_closes_pending: Gauge, "established connections with a close scheduled by a drain, a stop, their age or a migration";
 }
 
 /// Upper bounds (seconds) of the latency histograms' buckets.
@@ -161,6 +167,10 @@ pub struct ShardMetrics {
     /// Established connections closed (1008) after a policy change, by
     /// why they are no longer allowed, indexed like `Refusal::ALL`.
     pub revoked: [AtomicU64; 6],
+    /// Devices answered 503 by admission control, indexed like `Shed::ALL`.
+    pub shed: [AtomicU64; 4],
+    /// Connections holdfast closed at a moment it chose, indexed like `Paced::ALL`.
+    pub paced: [AtomicU64; 4],
     /// Connections closed for a bad TLS record, indexed like `RecordError::LABELS`.
     pub tls_record_errors: [AtomicU64; 8],
     /// WebSocket closes holdfast sent for bad device input, by close code.
@@ -221,6 +231,14 @@ impl ShardMetrics {
         if let Some(i) = Refusal::ALL.iter().position(|x| *x == r) {
             Self::inc(&self.revoked[i]);
         }
+    }
+
+    pub fn shed(&self, s: crate::admission::Shed) {
+        Self::inc(&self.shed[s.index()]);
+    }
+
+    pub fn paced_close(&self, p: crate::session::end::Paced) {
+        Self::inc(&self.paced[p.index()]);
     }
 
     pub fn tls_record_error(&self, e: &crate::tls::record::RecordError) {
@@ -306,6 +324,10 @@ pub struct NodeMetrics {
     pub last_reload_timestamp: AtomicI64,
     /// Entries in the blocklist serving now.
     pub blocklist_entries: AtomicU64,
+    /// 1 while a drain (`ctl drain`, or the graceful stop) is under way.
+    pub draining: AtomicU64,
+    /// When the running drain's window ends (Unix seconds; 0: none).
+    pub drain_deadline: AtomicI64,
 }
 
 /// Marks a shard's metrics dead when its thread ends, however it ends.

@@ -115,8 +115,9 @@ pub fn start_with(cfg: Config, from: Listeners, tickets: Option<Arc<Ticketer>>) 
     }
     let (ready_tx, ready_rx) = crossbeam_channel::unbounded();
     let mut shards = Vec::new();
+    let node = Arc::new(shard::admit::Node::default());
     for (i, (l, cpu)) in per_shard.into_iter().zip(cfg.shard_cpus.iter()).enumerate() {
-        let h = shard::start(i as u16, *cpu, (1, cfg.clone(), tls.clone()), l, ready_tx.clone(), wsms.clone())
+        let h = shard::start(i as u16, *cpu, (1, cfg.clone(), tls.clone()), l, ready_tx.clone(), (wsms.clone(), node.clone()))
             .map_err(|e| vec![format!("shard {i}: {e}")])?;
         shards.push(h);
     }

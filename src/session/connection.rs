@@ -322,6 +322,15 @@ impl Setup {
         }
     }
 
+    /// Admission control sheds the device instead of opening its stream
+    /// (the OPEN was not placed): 503 with `Retry-After: retry_after`.
+    pub fn on_shed(&mut self, why: crate::admission::Shed, retry_after: u32) {
+        match std::mem::replace(&mut self.state, State::Done) {
+            State::Opening { rl, sent: false, .. } => self.refuse(rl, setup::shed(why, retry_after), false),
+            other => self.state = other,
+        }
+    }
+
     /// The WSM's answer to the OPEN (or that none will come).
     pub fn on_open_answer(&mut self, outcome: OpenOutcome) {
         match std::mem::replace(&mut self.state, State::Done) {

@@ -45,6 +45,52 @@ pub enum End {
     Revoked(crate::tls::handshake::Refusal),
     /// An operator closed it (`ctl kick`) with this code.
     Kicked(u16),
+    /// Admission control answered it 503 before its tunnel opened.
+    Shed(crate::admission::Shed),
+    /// holdfast closed it on a schedule of its own (a drain, a graceful
+    /// stop, its age, a certificate migration) with this close code.
+    Paced(Paced, u16),
+}
+
+/// Why holdfast closed an established connection at a moment it chose.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Paced {
+    /// `holdfast ctl drain`.
+    Drain,
+    /// SIGTERM: the graceful stop.
+    Stop,
+    /// Older than its drawn `websocket.max_age_secs`.
+    Age,
+    /// Made under a server certificate a reload replaced (`--migrate-over`).
+    Migrate,
+}
+
+impl Paced {
+    pub const ALL: [Paced; 4] = [Paced::Drain, Paced::Stop, Paced::Age, Paced::Migrate];
+
+    /// The metric label.
+    pub fn label(self) -> &'static str {
+        match self {
+            Paced::Drain => "drain",
+            Paced::Stop => "stop",
+            Paced::Age => "max_age",
+            Paced::Migrate => "migrate",
+        }
+    }
+
+    /// The close frame's reason text (and the WSM's CLOSE text).
+    pub fn text(self) -> &'static str {
+        match self {
+            Paced::Drain => "node draining",
+            Paced::Stop => "node stopping",
+            Paced::Age => "connection age reached",
+            Paced::Migrate => "server certificate rotated",
+        }
+    }
+
+    pub fn index(self) -> usize {
+        Paced::ALL.iter().position(|p| *p == self).unwrap_or(0)
+    }
 }
 
 impl From<std::io::Error> for End {
@@ -76,6 +122,7 @@ impl End {
             End::PartialEvicted => (close::POLICY, "partial record held too long".into()),
             End::Revoked(why) => (close::POLICY, format!("device no longer allowed ({})", why.label())),
             End::Kicked(code) => (*code, "closed by the operator".into()),
+            End::Paced(why, code) => (*code, why.text().into()),
             End::WriteStall => (1006, "device stopped reading".into()),
             _ => (1006, String::new()),
         };
@@ -102,7 +149,9 @@ impl Blamed for End {
             End::HandedOver => Blame::Internal,
             // Its certificate is no longer allowed; an operator's kick is the operator's.
             End::Revoked(_) => Blame::Device,
-            End::Kicked(_) => Blame::Config,
+            End::Kicked(_) | End::Paced(..) => Blame::Config,
+            // The node is full or busy: its capacity, not the device.
+            End::Shed(_) => Blame::Internal,
         }
     }
 
@@ -138,6 +187,8 @@ impl Blamed for End {
             End::HandedOver => "handed_over",
             End::Revoked(_) => "revoked",
             End::Kicked(_) => "kicked",
+            End::Shed(_) => "shed",
+            End::Paced(..) => "paced",
         }
     }
 }
@@ -152,6 +203,8 @@ mod tests {
         assert_eq!(End::Idle.stream_close(1005).map(|c| c.1), Some(close::GOING_AWAY));
         let ws = End::Ws(WsError { code: close::TOO_BIG, reason: "too big" });
         assert_eq!(ws.stream_close(1005), Some((CloseReason::DeviceGone, close::TOO_BIG, "too big".into())));
+        assert_eq!(End::Paced(Paced::Stop, 1001).stream_close(1000), Some((CloseReason::DeviceGone, 1001, "node stopping".into())));
+        assert_eq!(End::Paced(Paced::Drain, 1012).tls_goodbye(), TlsGoodbye::CloseNotify);
         for quiet in [End::WsmClosed, End::LinkLost, End::HandedOver] {
             assert_eq!(quiet.stream_close(1000), None, "{quiet:?}");
         }

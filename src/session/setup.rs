@@ -22,6 +22,8 @@ pub enum SetupCount {
     WsmRefused,
     WsmOpenTimeout,
     WsmBadAccept,
+    /// Admission control shed the device (503 with Retry-After).
+    Shed(crate::admission::Shed),
 }
 
 /// A set-up that ends with an HTTP error response.
@@ -33,12 +35,26 @@ pub struct Refuse {
     pub count: SetupCount,
     /// The stream to close on the link (it was opened and is still there).
     pub close_stream: Option<(CloseReason, u16, String)>,
+    /// Seconds after which the device may try again (`Retry-After`).
+    pub retry_after: Option<u32>,
 }
 
 impl Refuse {
     /// The response the device is sent.
     pub fn response(&self) -> Vec<u8> {
-        upgrade::response_error(self.status, &self.reason)
+        upgrade::response_error_retry(self.status, &self.reason, self.retry_after)
+    }
+}
+
+/// Admission control sheds the device: 503, come back in `retry_after` seconds.
+pub fn shed(why: crate::admission::Shed, retry_after: u32) -> Refuse {
+    Refuse {
+        status: 503,
+        reason: why.reason().into(),
+        end: End::Shed(why),
+        count: SetupCount::Shed(why),
+        close_stream: None,
+        retry_after: Some(retry_after),
     }
 }
 
@@ -55,7 +71,7 @@ pub enum OpenOutcome {
 
 /// The upgrade request was malformed or refused (`status` from the parser).
 pub fn bad_upgrade(status: u16, reason: &'static str) -> Refuse {
-    Refuse { status, reason: reason.into(), end: End::BadUpgrade(status, reason), count: SetupCount::UpgradeRejected, close_stream: None }
+    Refuse { status, reason: reason.into(), end: End::BadUpgrade(status, reason), count: SetupCount::UpgradeRejected, close_stream: None, retry_after: None }
 }
 
 /// No whole upgrade request within `websocket.upgrade_timeout_ms`.
@@ -66,12 +82,13 @@ pub fn upgrade_timeout() -> Refuse {
         end: End::BadUpgrade(408, "upgrade timeout"),
         count: SetupCount::UpgradeRejected,
         close_stream: None,
+        retry_after: None,
     }
 }
 
 /// No link could take the stream.
 pub fn no_wsm() -> Refuse {
-    Refuse { status: 503, reason: "no WSM reachable".into(), end: End::NoWsm, count: SetupCount::WsmUnavailable, close_stream: None }
+    Refuse { status: 503, reason: "no WSM reachable".into(), end: End::NoWsm, count: SetupCount::WsmUnavailable, close_stream: None, retry_after: None }
 }
 
 /// Decides on the WSM's answer to the OPEN: the subprotocol for the 101,
@@ -86,11 +103,12 @@ pub fn answer_open(outcome: OpenOutcome, offered: &[String]) -> Result<Option<St
             end: End::WsmRefused(502),
             count: SetupCount::WsmBadAccept,
             close_stream: Some((CloseReason::Error, close::INTERNAL, why.into())),
+            retry_after: None,
         }),
         OpenOutcome::Refused(status, reason) => {
             // A WSM's status outside 4xx/5xx is no HTTP error: 403.
             let status = if (400..600).contains(&status) { status } else { 403 };
-            Err(Refuse { status, reason, end: End::WsmRefused(status), count: SetupCount::WsmRefused, close_stream: None })
+            Err(Refuse { status, reason, end: End::WsmRefused(status), count: SetupCount::WsmRefused, close_stream: None, retry_after: None })
         }
         OpenOutcome::Gone => Err(Refuse {
             status: 503,
@@ -98,6 +116,7 @@ pub fn answer_open(outcome: OpenOutcome, offered: &[String]) -> Result<Option<St
             end: End::LinkLost,
             count: SetupCount::WsmUnavailable,
             close_stream: None,
+            retry_after: None,
         }),
         OpenOutcome::Timeout => Err(Refuse {
             status: 504,
@@ -105,6 +124,7 @@ pub fn answer_open(outcome: OpenOutcome, offered: &[String]) -> Result<Option<St
             end: End::WsmTimeout,
             count: SetupCount::WsmOpenTimeout,
             close_stream: Some((CloseReason::Error, close::INTERNAL, "open timeout".into())),
+            retry_after: None,
         }),
     }
 }

@@ -32,10 +32,15 @@ pub async fn serve(shard: Rc<ShardCtx>, tcp: TcpStream, addr: SocketAddr) {
     let _ = tcp.set_nodelay(true);
     let id = shard.ids.borrow_mut().next_id();
     let key = shard.conns.borrow_mut().insert(super::registry::Entry::new(id));
+    let admitted = shard.admit.admit();
     let mut dev = Device::new(shard, tcp, addr, id);
+    dev.counted = admitted.is_ok();
+    if let Err(why) = admitted {
+        tracing::debug!(conn = %id, device = %addr, limit = why.label(), "node full: this device will be answered 503");
+    }
     // Set-up and close-down are boxed: their state (rustls included) is freed
     // when they end, and does not size the future an idle connection keeps.
-    match Box::pin(dev.establish()).await {
+    match Box::pin(dev.establish(admitted.err())).await {
         Ok((t, early)) => live(dev, t, early, key).await,
         Err(end) => dev.close(end, key).await,
     }
@@ -57,7 +62,10 @@ pub async fn adopt(shard: Rc<ShardCtx>, snap: crate::upgrade::snapshot::ConnSnap
     ShardMetrics::inc(&shard.metrics.connections_active);
     let key = shard.conns.borrow_mut().insert(super::registry::Entry::new(snap.id));
     let addr = snap.addr.parse().unwrap_or_else(|_| SocketAddr::from(([0, 0, 0, 0], 0)));
+    // Already held by the node: counted, never shed.
+    shard.admit.count();
     let mut dev = Device::new(shard, tcp, addr, snap.id);
+    dev.counted = true;
     match Box::pin(dev.resume(snap)).await {
         // Counted as resumed once its stream is accepted (`reattach`).
         Ok(t) => live(dev, t, Vec::new(), key).await,
@@ -117,9 +125,11 @@ impl Device {
     /// OPEN's fate and its deadlines until it is a tunnel or ends. On
     /// failure the device has been told (alert, HTTP status) and the TLS
     /// session closed.
-    async fn establish(&mut self) -> Result<(Box<Live>, Vec<u8>), End> {
+    async fn establish(&mut self, shed: Option<crate::admission::Shed>) -> Result<(Box<Live>, Vec<u8>), End> {
         let m = self.shard.metrics.clone();
         let started = Instant::now();
+        // Holds one of the shard's handshake slots until the handshake is over.
+        let mut handshaking = Some(Handshaking::start(&self.shard.admit));
         // The generation current now decides this connection's set-up.
         let cur = self.shard.current();
         let admit = Some((cur.tls.verifier.clone(), crate::timefmt::unix_now()));
@@ -135,6 +145,7 @@ impl Device {
                         }
                     }
                     SetupAction::Handshaken(chain) => {
+                        drop(handshaking.take());
                         ShardMetrics::inc(&m.handshakes_completed_total);
                         m.handshake_seconds.observe(started.elapsed());
                         if let Some((ca, validity_ignored)) = cur.tls.verifier.issuing_ca(&chain, crate::timefmt::unix_now()) {
@@ -142,6 +153,17 @@ impl Device {
                         }
                     }
                     SetupAction::Open(mut open) => {
+                        // Admission: a full node sheds the device; otherwise
+                        // it waits for an open turn, its upgrade pending.
+                        let turn = match shed {
+                            Some(why) => Err(why),
+                            None => self.shard.admit.open_turn().await,
+                        };
+                        if let Err(why) = turn {
+                            m.shed(why);
+                            s.on_shed(why, self.shard.admit.retry_after());
+                            continue;
+                        }
                         open.labels = cur.tls.labels.of(&open.device.chain);
                         opened = self.pick_link().and_then(|l| l.open_stream(*open).map(|st| (l, st)));
                         opening = Instant::now();
@@ -159,6 +181,7 @@ impl Device {
                             SetupCount::WsmRefused => &m.wsm_refused_total,
                             SetupCount::WsmOpenTimeout => &m.wsm_open_timeouts_total,
                             SetupCount::WsmBadAccept => &m.wsm_bad_accepts_total,
+                            SetupCount::Shed(_) => &m.ws_upgrades_rejected_total,
                         });
                         if count == SetupCount::WsmBadAccept {
                             let host = opened.as_ref().map(|(l, _)| l.host.clone()).unwrap_or_default();
@@ -224,6 +247,23 @@ impl Device {
 
     fn pick_link(&self) -> Option<Rc<Link>> {
         self.shard.pick_link()
+    }
+}
+
+/// One of the shard's handshake slots, held from accept until the
+/// handshake is done or the connection ends.
+struct Handshaking(Rc<super::admit::Admit>);
+
+impl Handshaking {
+    fn start(admit: &Rc<super::admit::Admit>) -> Handshaking {
+        admit.handshake_started();
+        Handshaking(admit.clone())
+    }
+}
+
+impl Drop for Handshaking {
+    fn drop(&mut self) {
+        self.0.handshake_ended();
     }
 }
 

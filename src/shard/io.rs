@@ -38,6 +38,8 @@ pub(super) struct Device {
     /// A partial record parked off the pool while the connection waits.
     /// Boxed: rare, and an idle connection keeps the field.
     pub(super) parked: Option<Box<super::partial::Parked>>,
+    /// Counted against the node's `admission.max_connections` (released at close).
+    pub(super) counted: bool,
 }
 
 /// A wait for the device socket that stays armed across wakeups (it owns
@@ -60,7 +62,7 @@ impl Socket {
 
 impl Device {
     pub(super) fn new(shard: Rc<ShardCtx>, tcp: TcpStream, addr: SocketAddr, id: ConnectionId) -> Device {
-        Device { shard, tcp: Socket(Rc::new(std::cell::UnsafeCell::new(tcp))), addr, id, rx: None, parked: None }
+        Device { shard, tcp: Socket(Rc::new(std::cell::UnsafeCell::new(tcp))), addr, id, rx: None, parked: None, counted: false }
     }
 
     /// Waits for the socket to be readable. The future owns its share of the
@@ -269,6 +271,9 @@ impl Device {
             Box::pin(self.linger()).await;
         }
         self.shard.forget(key);
+        if self.counted {
+            self.shard.admit.release();
+        }
         ShardMetrics::dec(&self.shard.metrics.connections_active);
     }
 }

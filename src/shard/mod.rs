@@ -5,6 +5,7 @@
 //! channel other threads use to reach it. Shards share nothing mutable;
 //! counters are the shard's own atomics, read by the metrics exporter.
 
+pub mod admit;
 pub mod conn;
 pub mod control;
 mod io;
@@ -103,6 +104,8 @@ pub struct ShardCtx {
     pub held_reserved: std::cell::Cell<u64>,
     /// Paces re-opening streams on other WSMs.
     pub resumes: reattach::Pacer,
+    /// Admission control: handshake and open turns, the node's counts.
+    pub admit: Rc<admit::Admit>,
     /// Set when a new process has taken over the listening sockets.
     pub stop_accepting: std::cell::Cell<bool>,
     /// Set during a live upgrade: where tunnels send themselves, and the
@@ -146,7 +149,7 @@ pub fn start(
     (generation, cfg, tls): (u64, Arc<Config>, TlsContext),
     listeners: Vec<std::net::TcpListener>,
     ready: Sender<Result<u16, String>>,
-    wsms: Vec<crate::resolve::Wsm>,
+    (wsms, node): (Vec<crate::resolve::Wsm>, Arc<admit::Node>),
 ) -> std::io::Result<ShardHandle> {
     let metrics = Arc::new(ShardMetrics::new(&cfg.tls.ca_names()));
     let (ctl, ctl_rx) = control::channel()?;
@@ -166,7 +169,7 @@ pub fn start(
         };
         rt.block_on(async move {
             match ctl_rx.into_waiter() {
-                Ok(ctl) => run(index, (generation, cfg, tls), m, ctl, Sockets { listeners, wsms }, ready).await,
+                Ok(ctl) => run(index, (generation, cfg, tls), m, ctl, Sockets { listeners, wsms, node }, ready).await,
                 Err(e) => {
                     let _ = ready.send(Err(format!("shard {index}: control channel: {e}")));
                 }
@@ -180,6 +183,8 @@ pub fn start(
 struct Sockets {
     listeners: Vec<std::net::TcpListener>,
     wsms: Vec<crate::resolve::Wsm>,
+    /// What the node's shards count together.
+    node: Arc<admit::Node>,
 }
 
 async fn run(
@@ -187,7 +192,7 @@ async fn run(
     (generation, cfg, tls): (u64, Arc<Config>, TlsContext),
     metrics: Arc<ShardMetrics>,
     ctl: control::ControlWaiter,
-    Sockets { listeners, wsms }: Sockets,
+    Sockets { listeners, wsms, node }: Sockets,
     ready: Sender<Result<u16, String>>,
 ) {
     let attempted = Rc::new(RefCell::new(0usize));
@@ -205,6 +210,7 @@ async fn run(
         partials: partial::Partials::new(cfg.buffers.partial_bytes_per_shard, metrics.clone()),
         held_reserved: std::cell::Cell::new(0),
         resumes: reattach::Pacer::new(cfg.upstream.resume_per_sec),
+        admit: Rc::new(admit::Admit::new(&cfg.admission, cfg.shard_cpus.len(), node, metrics.clone())),
         handoff: RefCell::new(None),
         parked: RefCell::new(Vec::new()),
         idle: tunnel::IdleSet::new(metrics.clone()),
@@ -304,6 +310,7 @@ fn apply(ctx: &Rc<ShardCtx>, g: &crate::reload::Generation) {
     use crate::reload::Recheck;
     *ctx.current.borrow_mut() = Rc::new(Current::new(g.number, g.cfg.clone(), g.tls.clone()));
     ctx.resumes.set_rate(g.cfg.upstream.resume_per_sec);
+    ctx.admit.set_limits(&g.cfg.admission, g.cfg.shard_cpus.len());
     set_wsms(ctx, g.wsms.clone());
     if g.wake {
         ctx.wake_all();
@@ -440,6 +447,12 @@ async fn accept_loop(ctx: Rc<ShardCtx>, listener: monoio::net::TcpListener) {
         }
         loop {
             use nix::sys::socket::{SockFlag, accept4};
+            // A handshake turn first: beyond the rate or the slots, the
+            // connection waits in the kernel's accept queue.
+            ctx.admit.accept_turn(&ctx.stop_accepting).await;
+            if ctx.stop_accepting.get() {
+                break;
+            }
             // The listener is non-blocking (EAGAIN when another acceptor won);
             // the accepted socket is left blocking: io_uring then waits for
             // room or data itself, where a non-blocking socket would have a

@@ -468,6 +468,10 @@ fn held_step(dev: &Device, t: &mut Live) -> Result<(), End> {
             if paced && !dev.shard.resumes.try_take(now) {
                 return Ok(());
             }
+            // Resumed streams count against `admission.wsm_opens_per_sec` too.
+            if dev.shard.pick_link().is_none() || !dev.shard.admit.resume_turn() {
+                return Ok(());
+            }
             // What the core queued for the old stream was performed before
             // this step (`step`, `move_by_plan`): the stream changes now.
             debug_assert!(!t.core.has_actions());

@@ -149,8 +149,17 @@ fn status_text(status: u16) -> &'static str {
 
 /// A complete error response that closes the connection.
 pub fn response_error(status: u16, reason: &str) -> Vec<u8> {
+    response_error_retry(status, reason, None)
+}
+
+/// As [`response_error`], telling the device when to try again
+/// (`Retry-After`, seconds; RFC 9110 10.2.3).
+pub fn response_error_retry(status: u16, reason: &str, retry_after: Option<u32>) -> Vec<u8> {
     let body = format!("{reason}\n");
-    let extra = if status == 426 { "Sec-WebSocket-Version: 13\r\n" } else { "" };
+    let mut extra = if status == 426 { "Sec-WebSocket-Version: 13\r\n".to_string() } else { String::new() };
+    if let Some(s) = retry_after {
+        extra.push_str(&format!("Retry-After: {s}\r\n"));
+    }
     format!(
         "HTTP/1.1 {status} {}\r\n{extra}Content-Type: text/plain\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
         status_text(status),
@@ -213,6 +222,8 @@ mod tests {
 
     #[test]
     fn error_response_is_complete_http() {
+        let r = String::from_utf8(response_error_retry(503, "busy", Some(17))).unwrap();
+        assert!(r.contains("\r\nRetry-After: 17\r\n"), "{r}");
         let r = String::from_utf8(response_error(503, "no WSM reachable")).unwrap();
         assert!(r.starts_with("HTTP/1.1 503 Service Unavailable\r\n"));
         assert!(r.ends_with("\r\n\r\nno WSM reachable\n"));

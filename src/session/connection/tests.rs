@@ -179,6 +179,22 @@ fn no_request_in_time_is_a_408_and_early_timer_calls_change_nothing() {
 }
 
 #[test]
+fn a_shed_device_gets_a_503_with_its_retry_after_and_no_stream() {
+    let now = Instant::now();
+    let (mut device, mut s) = upgrading(now);
+    to_link(&mut device, &mut s, now);
+    s.on_shed(crate::admission::Shed::QueueFull, 23);
+    let acts = drain(&mut s);
+    let (count, closes, ended) = refusal(&acts);
+    assert_eq!((count, closes), (SetupCount::Shed(crate::admission::Shed::QueueFull), false));
+    assert!(matches!(ended.unwrap().end, End::Shed(crate::admission::Shed::QueueFull)));
+    let resp = String::from_utf8(open(&mut device, written(&acts))).unwrap();
+    assert!(resp.starts_with("HTTP/1.1 503 ") && resp.contains("\r\nRetry-After: 23\r\n"), "{resp}");
+    s.on_shed(crate::admission::Shed::Memory, 1);
+    assert!(drain(&mut s).is_empty(), "once only");
+}
+
+#[test]
 fn no_link_for_the_open_is_a_503_with_no_stream_to_close() {
     let now = Instant::now();
     let (mut device, mut s) = upgrading(now);
