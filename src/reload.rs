@@ -33,6 +33,9 @@ pub struct Generation {
     /// The device labels changed: these are the ones before (each open
     /// stream whose labels differ now is told, with LABELS).
     pub relabel: Option<Arc<crate::tls::labels::Labels>>,
+    /// `holdfast reload --migrate-over`: connections made under an older
+    /// server certificate close (1001) spread over this, for new handshakes.
+    pub migrate: Option<std::time::Duration>,
 }
 
 impl std::fmt::Debug for Generation {
@@ -56,6 +59,7 @@ impl Generation {
             recheck: if added { Recheck::Blocklist } else { Recheck::Nothing },
             wake: false,
             relabel: None,
+            migrate: None,
         }
     }
 }
@@ -173,7 +177,17 @@ pub fn prepare(
                 let wake = limits_differ(&current.cfg, &cfg);
                 let hash = hash_inputs(&cfg);
                 let relabel = (*current.tls.labels != *tls.labels).then(|| current.tls.labels.clone());
-                let g = Generation { number: current.number + 1, cfg: Arc::new(cfg), tls, wsms: Vec::new(), hash, recheck, wake, relabel };
+                let g = Generation {
+                    number: current.number + 1,
+                    cfg: Arc::new(cfg),
+                    tls,
+                    wsms: Vec::new(),
+                    hash,
+                    recheck,
+                    wake,
+                    relabel,
+                    migrate: None,
+                };
                 return Ok((g, changed, fixed));
             }
             Ok(_) => {}
@@ -220,6 +234,9 @@ fn describe(a: &Config, at: &TlsContext, b: &Config, bt: &TlsContext) -> Vec<Str
     note((a.tls.tls12, a.tls.tls13, &a.tls.cipher_suites) != (b.tls.tls12, b.tls.tls13, &b.tls.cipher_suites), "TLS versions or suites");
     note(a.upstream.wsm != b.upstream.wsm || a.upstream.links_per_shard != b.upstream.links_per_shard, "WSM hosts");
     note(a.log_level != b.log_level, "log level");
+    note(a.admission != b.admission, "admission limits");
+    note(a.drain != b.drain, "drain.stop_over_ms");
+    note(a.ws.max_age != b.ws.max_age, "connection age");
     note(limits_differ(a, b), "connection timeouts and limits");
     note(
         (a.tls.handshake_timeout, a.ws.upgrade_timeout, a.ws.max_request_bytes, &a.ws.forward_headers, a.tls.key_update_after)

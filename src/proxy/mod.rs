@@ -153,6 +153,7 @@ pub fn start_with(cfg: Config, from: Listeners, tickets: Option<Arc<Ticketer>>) 
         recheck: crate::reload::Recheck::Nothing,
         wake: false,
         relabel: None,
+        migrate: None,
     });
     reconfigure::publish(&node, &generation);
     node.last_reload_success.store(1, std::sync::atomic::Ordering::Relaxed);

@@ -669,6 +669,15 @@ impl Tunnel {
         End::Kicked(code)
     }
 
+    /// holdfast closes this connection at a moment of its choosing (a
+    /// drain, the graceful stop, its age, a migration): a close frame with
+    /// `code` (an invalid one becomes 1001), then close_notify.
+    pub fn paced(&mut self, why: super::end::Paced, code: u16) -> End {
+        let code = if frame::valid_close_code(code) { code } else { close::GOING_AWAY };
+        self.send_close(code, why.text());
+        End::Paced(why, code)
+    }
+
     /// The snapshot went to the new process: what it carries lives there now.
     pub fn handed_over(&mut self) -> End {
         let close = self.has_stream();

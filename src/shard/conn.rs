@@ -31,7 +31,7 @@ pub async fn serve(shard: Rc<ShardCtx>, tcp: TcpStream, addr: SocketAddr) {
     ShardMetrics::inc(&shard.metrics.connections_active);
     let _ = tcp.set_nodelay(true);
     let id = shard.ids.borrow_mut().next_id();
-    let key = shard.conns.borrow_mut().insert(super::registry::Entry::new(id));
+    let key = shard.conns.borrow_mut().insert(super::registry::Entry::new(id, shard.cert_epoch.get()));
     let admitted = shard.admit.admit();
     let mut dev = Device::new(shard, tcp, addr, id);
     dev.counted = admitted.is_ok();
@@ -60,7 +60,8 @@ pub async fn adopt(shard: Rc<ShardCtx>, snap: crate::upgrade::snapshot::ConnSnap
     };
     ShardMetrics::inc(&shard.metrics.connections_adopted_total);
     ShardMetrics::inc(&shard.metrics.connections_active);
-    let key = shard.conns.borrow_mut().insert(super::registry::Entry::new(snap.id));
+    // Taken as made under the certificate serving now (an upgrade keeps it).
+    let key = shard.conns.borrow_mut().insert(super::registry::Entry::new(snap.id, shard.cert_epoch.get()));
     let addr = snap.addr.parse().unwrap_or_else(|_| SocketAddr::from(([0, 0, 0, 0], 0)));
     // Already held by the node: counted, never shed.
     shard.admit.count();

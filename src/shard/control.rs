@@ -39,6 +39,12 @@ pub enum Control {
     Reload(Arc<crate::reload::Generation>, Sender<u16>),
     /// `ctl connections`: how many match, and a sample of at most this many.
     Query(Box<super::registry::Filter>, usize, Sender<(u64, Vec<super::registry::Seen>)>),
+    /// Drain: stop accepting and close every connection with `code` at a
+    /// random moment within `over` (an earlier drain's end stays).
+    Drain { over: std::time::Duration, code: u16, why: crate::session::end::Paced },
+    /// `ctl drain --cancel`: keep the connections not yet closed (answers
+    /// with the shard's index; accepting again is `Accept`'s).
+    DrainCancel(Sender<u16>),
     /// `ctl kick`: close this connection with this code (answers whether it is here).
     Kick(crate::identity::ConnectionId, u16, Sender<bool>),
 }

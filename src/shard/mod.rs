@@ -106,8 +106,14 @@ pub struct ShardCtx {
     pub resumes: reattach::Pacer,
     /// Admission control: handshake and open turns, the node's counts.
     pub admit: Rc<admit::Admit>,
-    /// Set when a new process has taken over the listening sockets.
+    /// Set when a new process has taken over the listening sockets, or a
+    /// drain closed them.
     pub stop_accepting: std::cell::Cell<bool>,
+    /// Which server certificate new handshakes get: +1 each time a reload
+    /// changes it (connections remember theirs, for `--migrate-over`).
+    pub cert_epoch: std::cell::Cell<u32>,
+    /// The drain under way, if any (`ctl drain`, the graceful stop).
+    pub drain: std::cell::Cell<Option<DrainPlan>>,
     /// Set during a live upgrade: where tunnels send themselves, and the
     /// count of connections between here and serving in the new process.
     pub handoff: RefCell<Option<(Sender<Handed>, Arc<pace::Flight>)>>,
@@ -118,6 +124,14 @@ pub struct ShardCtx {
     /// Readiness waits of connections handed to a new process (see `park`).
     parked: RefCell<Vec<io::Readiness>>,
     pub metrics: Arc<ShardMetrics>,
+}
+
+/// A drain under way on a shard: every connection closes with `code` by `ends`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DrainPlan {
+    pub ends: std::time::Instant,
+    pub code: u16,
+    pub why: crate::session::end::Paced,
 }
 
 /// One connection on its way to another process.
@@ -206,6 +220,8 @@ async fn run(
         conns: RefCell::new(Slab::with_capacity(1024)),
         timers: Rc::new(timers::Timers::default()),
         stop_accepting: std::cell::Cell::new(false),
+        drain: std::cell::Cell::new(None),
+        cert_epoch: std::cell::Cell::new(1),
         held_bytes: std::cell::Cell::new(0),
         partials: partial::Partials::new(cfg.buffers.partial_bytes_per_shard, metrics.clone()),
         held_reserved: std::cell::Cell::new(0),
@@ -281,6 +297,25 @@ async fn run(
                 monoio::spawn(pace::hand_over_all(ctx.clone(), flight));
             }
             Some(Control::WsmSet(wsms)) => set_wsms(&ctx, wsms),
+            Some(Control::Drain { over, code, why }) => {
+                // The accept loops end within 100 ms and close their
+                // listeners (the node closes its own copies).
+                ctx.stop_accepting.set(true);
+                let now = std::time::Instant::now();
+                let ends = now + over;
+                let earlier = ctx.drain.get().filter(|d| d.ends <= ends);
+                let plan = earlier.unwrap_or(DrainPlan { ends, code, why });
+                ctx.drain.set(Some(plan));
+                let n = ctx.pace_all(plan.code, plan.why, |r| crate::admission::within(now, plan.ends.saturating_duration_since(now), r));
+                tracing::info!(shard = index, connections = n, over_ms = plan.ends.saturating_duration_since(now).as_millis() as u64, code = plan.code, reason = plan.why.label(), "draining: every connection closes at a random moment of the window");
+            }
+            Some(Control::DrainCancel(done)) => {
+                ctx.drain.set(None);
+                let n = ctx.cancel_paced(&[crate::session::end::Paced::Drain, crate::session::end::Paced::Stop]);
+                let aged = ctx.age_all();
+                tracing::info!(shard = index, kept = n, aged, "drain cancelled: the connections not yet closed stay");
+                let _ = done.send(index);
+            }
             Some(Control::Reload(generation, done)) => {
                 apply(&ctx, &generation);
                 let _ = done.send(index);
@@ -308,12 +343,30 @@ async fn run(
 /// if the policy changed, the re-check of every established identity.
 fn apply(ctx: &Rc<ShardCtx>, g: &crate::reload::Generation) {
     use crate::reload::Recheck;
+    if ctx.current().tls.server_fingerprint != g.tls.server_fingerprint {
+        ctx.cert_epoch.set(ctx.cert_epoch.get() + 1);
+    }
     *ctx.current.borrow_mut() = Rc::new(Current::new(g.number, g.cfg.clone(), g.tls.clone()));
     ctx.resumes.set_rate(g.cfg.upstream.resume_per_sec);
     ctx.admit.set_limits(&g.cfg.admission, g.cfg.shard_cpus.len());
     set_wsms(ctx, g.wsms.clone());
     if g.wake {
         ctx.wake_all();
+    }
+    if g.cfg.ws.max_age.is_some() && ctx.drain.get().is_none() {
+        // An age set (or changed) by this reload: tunnels without one draw theirs.
+        ctx.age_all();
+    }
+    if let Some(over) = g.migrate {
+        let now = std::time::Instant::now();
+        let epoch = ctx.cert_epoch.get();
+        let n = ctx.pace_where(
+            crate::ws::frame::close::GOING_AWAY,
+            crate::session::end::Paced::Migrate,
+            |r| crate::admission::within(now, over, r),
+            |e| e.cert_epoch < epoch,
+        );
+        tracing::info!(shard = ctx.index, connections = n, over_ms = over.as_millis() as u64, "migrating connections made under the old server certificate to new handshakes");
     }
     if let Some(before) = &g.relabel {
         let (c, before, after) = (ctx.clone(), before.clone(), g.tls.labels.clone());

@@ -19,6 +19,7 @@ use std::time::{Duration, Instant};
 use super::ShardCtx;
 use super::link::{Link, StreamShared};
 use crate::identity::ConnectionId;
+use crate::session::end::Paced;
 use crate::session::resume::PackedResume;
 use crate::tls::handshake::Refusal;
 use crate::tls::labels::Labels;
@@ -37,6 +38,19 @@ pub enum Order {
     Revoke { at: Instant, why: Refusal },
     /// An operator's `ctl kick`: close now with this code.
     Kick(u16),
+    /// holdfast's own paced close (a drain, the graceful stop, the
+    /// connection's age, a migration): close with `code` at `at`.
+    Close { at: Instant, code: u16, why: Paced },
+}
+
+impl Order {
+    /// When a timed order is due (a kick is due at once).
+    fn at(&self) -> Option<Instant> {
+        match self {
+            Order::Revoke { at, .. } | Order::Close { at, .. } => Some(*at),
+            Order::Kick(_) => None,
+        }
+    }
 }
 
 /// One connection of the shard.
@@ -47,22 +61,28 @@ pub struct Entry {
     pub reach: Option<Reach>,
     /// Boxed: rare, and every connection keeps the field.
     pub order: Option<Box<Order>>,
+    /// The shard's server-certificate epoch when the connection came
+    /// (`ShardCtx::cert_epoch`): which certificate its handshake used.
+    pub cert_epoch: u32,
 }
 
 impl Entry {
-    pub fn new(id: ConnectionId) -> Entry {
-        Entry { id, reach: None, order: None }
+    pub fn new(id: ConnectionId, cert_epoch: u32) -> Entry {
+        Entry { id, reach: None, order: None, cert_epoch }
     }
 }
 
 /// The order a tunnel keeps when another comes: a kick stays a kick (the
-/// first code), a kick replaces a revocation, and of two revocations the
-/// earlier stays.
+/// first code), a kick replaces a timed order, and of two timed orders
+/// (revocations, paced closes) the earlier stays.
 fn merge(old: Option<Order>, new: Order) -> Order {
     match (old, new) {
         (Some(Order::Kick(c)), _) => Order::Kick(c),
-        (Some(Order::Revoke { at: a, why }), Order::Revoke { at: b, .. }) if a <= b => Order::Revoke { at: a, why },
-        _ => new,
+        (Some(o), n) => match (o.at(), n.at()) {
+            (Some(a), Some(b)) if a <= b => o,
+            _ => n,
+        },
+        (None, n) => n,
     }
 }
 
@@ -70,9 +90,46 @@ impl ShardCtx {
     /// Records where an established tunnel is now (at its start, and each
     /// time its stream moves to another link).
     pub(super) fn reach(&self, key: usize, stream: &Rc<RefCell<StreamShared>>, link: &Rc<Link>, resume: &PackedResume) {
-        if let Some(e) = self.conns.borrow_mut().get_mut(key) {
-            e.reach = Some(Reach { stream: Rc::downgrade(stream), link: Rc::downgrade(link), resume: resume.clone() });
+        let first = match self.conns.borrow_mut().get_mut(key) {
+            Some(e) => {
+                let first = e.reach.is_none();
+                e.reach = Some(Reach { stream: Rc::downgrade(stream), link: Rc::downgrade(link), resume: resume.clone() });
+                first
+            }
+            None => false,
+        };
+        if first {
+            self.established(key);
         }
+    }
+
+    /// A tunnel has just started here: a drain under way gives it its
+    /// moment in what is left of the window; else, with
+    /// `websocket.max_age_secs`, it draws its age.
+    fn established(&self, key: usize) {
+        let now = Instant::now();
+        let rand = monoio::utils::thread_rng_n(u32::MAX);
+        if let Some(d) = self.drain.get() {
+            let at = crate::admission::within(now, d.ends.saturating_duration_since(now), rand);
+            self.give_order(key, Order::Close { at, code: d.code, why: d.why });
+        } else if let Some(age) = self.current().cfg.ws.max_age {
+            self.give_order(key, Order::Close { at: crate::admission::aged_at(now, age, rand), code: crate::ws::frame::close::GOING_AWAY, why: Paced::Age });
+        }
+    }
+
+    /// After a cancelled drain (or a reload that set an age): every
+    /// established tunnel without an order draws its age from now.
+    pub(super) fn age_all(&self) -> u64 {
+        let Some(age) = self.current().cfg.ws.max_age else { return 0 };
+        let now = Instant::now();
+        let keys: Vec<usize> = self.conns.borrow().iter().filter(|(_, e)| e.reach.is_some() && e.order.is_none()).map(|(k, _)| k).collect();
+        let code = crate::ws::frame::close::GOING_AWAY;
+        keys.into_iter()
+            .filter(|&k| {
+                let at = crate::admission::aged_at(now, age, monoio::utils::thread_rng_n(u32::MAX));
+                self.give_order(k, Order::Close { at, code, why: Paced::Age })
+            })
+            .count() as u64
     }
 
     /// Whether the registry reaches the tunnel with this key through `stream`.
@@ -84,29 +141,36 @@ impl ShardCtx {
     pub(super) fn due_order(&self, key: usize, now: Instant) -> Option<Order> {
         let mut conns = self.conns.borrow_mut();
         let e = conns.get_mut(key)?;
-        match e.order.as_deref() {
-            Some(Order::Revoke { at, .. }) if *at > now => None,
-            Some(Order::Revoke { .. }) => {
-                crate::metrics::ShardMetrics::dec(&self.metrics.revocations_pending);
-                e.order.take().map(|o| *o)
-            }
-            _ => e.order.take().map(|o| *o),
+        if e.order.as_deref()?.at().is_some_and(|at| at > now) {
+            return None;
         }
+        let o = e.order.take().map(|o| *o);
+        self.pending(o.as_ref(), -1);
+        o
     }
 
-    /// When a revocation left for the tunnel with this key is due.
+    /// When a timed order left for the tunnel with this key is due.
     pub(super) fn order_at(&self, key: usize) -> Option<Instant> {
-        match self.conns.borrow().get(key)?.order.as_deref() {
-            Some(Order::Revoke { at, .. }) => Some(*at),
-            _ => None,
-        }
+        self.conns.borrow().get(key)?.order.as_deref()?.at()
     }
 
     /// The connection with this key ended: its entry goes.
     pub(super) fn forget(&self, key: usize) {
         let e = self.conns.borrow_mut().try_remove(key);
-        if e.is_some_and(|e| matches!(e.order.as_deref(), Some(Order::Revoke { .. }))) {
-            crate::metrics::ShardMetrics::dec(&self.metrics.revocations_pending);
+        self.pending(e.and_then(|e| e.order).as_deref(), -1);
+    }
+
+    /// Keeps the gauges of waiting timed orders: `by` is +1 or -1.
+    fn pending(&self, o: Option<&Order>, by: i8) {
+        let g = match o {
+            Some(Order::Revoke { .. }) => &self.metrics.revocations_pending,
+            Some(Order::Close { .. }) => &self.metrics.paced_closes_pending,
+            _ => return,
+        };
+        if by > 0 {
+            crate::metrics::ShardMetrics::inc(g)
+        } else {
+            crate::metrics::ShardMetrics::dec(g)
         }
     }
 
@@ -117,22 +181,56 @@ impl ShardCtx {
             let mut conns = self.conns.borrow_mut();
             let Some(e) = conns.get_mut(key) else { return false };
             let Some(reach) = &e.reach else { return false };
-            let was_revoked = matches!(e.order.as_deref(), Some(Order::Revoke { .. }));
-            e.order = Some(Box::new(merge(e.order.as_deref().copied(), order)));
-            match (was_revoked, matches!(e.order.as_deref(), Some(Order::Revoke { .. }))) {
-                (false, true) => crate::metrics::ShardMetrics::inc(&self.metrics.revocations_pending),
-                (true, false) => crate::metrics::ShardMetrics::dec(&self.metrics.revocations_pending),
-                _ => {}
-            }
+            let before = e.order.as_deref().copied();
+            let after = merge(before, order);
+            self.pending(before.as_ref(), -1);
+            self.pending(Some(&after), 1);
+            e.order = Some(Box::new(after));
             reach.stream.upgrade()
         };
         if let Some(s) = stream {
-            match order {
-                Order::Kick(_) => s.borrow_mut().wake(),
-                Order::Revoke { at, .. } => self.timers.arm(&s, at),
+            match order.at() {
+                None => s.borrow_mut().wake(),
+                Some(at) => self.timers.arm(&s, at),
             }
         }
         true
+    }
+
+    /// Takes back the paced closes of these kinds not yet carried out
+    /// (a cancelled drain). Returns how many.
+    pub(super) fn cancel_paced(&self, whys: &[Paced]) -> u64 {
+        let mut n = 0;
+        let mut conns = self.conns.borrow_mut();
+        for (_, e) in conns.iter_mut() {
+            if let Some(Order::Close { why, .. }) = e.order.as_deref()
+                && whys.contains(why)
+            {
+                let o = e.order.take();
+                self.pending(o.as_deref(), -1);
+                n += 1;
+            }
+        }
+        n
+    }
+
+
+
+    /// Leaves every established tunnel a paced close with `code` at a
+    /// moment drawn by `at` (given a uniform random `u32`). Returns how many.
+    pub(super) fn pace_all(&self, code: u16, why: Paced, at: impl Fn(u32) -> Instant) -> u64 {
+        self.pace_where(code, why, at, |_| true)
+    }
+
+    /// As [`ShardCtx::pace_all`], for the tunnels whose entry passes `which`.
+    pub(super) fn pace_where(&self, code: u16, why: Paced, at: impl Fn(u32) -> Instant, which: impl Fn(&Entry) -> bool) -> u64 {
+        let keys: Vec<usize> = self.conns.borrow().iter().filter(|(_, e)| e.reach.is_some() && which(e)).map(|(k, _)| k).collect();
+        let mut n = 0;
+        for k in keys {
+            let when = at(monoio::utils::thread_rng_n(u32::MAX));
+            n += self.give_order(k, Order::Close { at: when, code, why }) as u64;
+        }
+        n
     }
 
     /// Wakes every established tunnel (so each takes up a changed config
@@ -285,8 +383,9 @@ mod tests {
 
     #[test]
     fn an_entry_stays_small() {
-        // Every connection has one; the slab adds its own tag.
-        assert!(std::mem::size_of::<Entry>() <= 64, "Entry is {} B", std::mem::size_of::<Entry>());
+        // Every connection has one; the slab adds its own tag. 64 B, plus
+        // the certificate epoch (padded to 8) that `--migrate-over` needs.
+        assert!(std::mem::size_of::<Entry>() <= 72, "Entry is {} B", std::mem::size_of::<Entry>());
     }
 
     #[test]
@@ -303,5 +402,11 @@ mod tests {
         assert_eq!(merge(Some(revoke(late)), Order::Kick(4000)), Order::Kick(4000), "a kick does not wait");
         assert_eq!(merge(Some(Order::Kick(4000)), revoke(early)), Order::Kick(4000));
         assert_eq!(merge(Some(Order::Kick(4000)), Order::Kick(1000)), Order::Kick(4000));
+        let drain = |at| Order::Close { at, code: 1001, why: Paced::Drain };
+        assert_eq!(merge(Some(drain(late)), revoke(early)), revoke(early), "the earlier timed order stays");
+        assert_eq!(merge(Some(revoke(early)), drain(late)), revoke(early));
+        assert_eq!(merge(Some(drain(late)), Order::Kick(1000)), Order::Kick(1000));
+        let age = Order::Close { at: late + Duration::from_secs(3600), code: 1001, why: Paced::Age };
+        assert_eq!(merge(Some(age), drain(late)), drain(late), "a drain comes before a far-off age");
     }
 }

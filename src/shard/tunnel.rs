@@ -293,6 +293,11 @@ async fn burst(p: &mut Parked, readable: bool, early: Option<Vec<u8>>) -> Option
             tracing::info!(conn = %dev.id, reason = why.label(), "closing: no longer allowed by the policy");
             return Some(t.core.revoked(why));
         }
+        Some(Order::Close { code, why, .. }) => {
+            dev.shard.metrics.paced_close(why);
+            tracing::debug!(conn = %dev.id, code, reason = why.label(), "closing at its paced moment");
+            return Some(t.core.paced(why, code));
+        }
         None => {}
     }
     let cur = dev.shard.current();
