@@ -112,6 +112,11 @@ enum Cmd {
         /// Print the answer as JSON.
         #[arg(long)]
         json: bool,
+        /// After a server certificate rotation: close (1001) the connections
+        /// made under an older certificate at random moments within this
+        /// window (e.g. 30m), so their devices reconnect and get the new one.
+        #[arg(long, value_parser = holdfast::control::cli::parse_duration)]
+        migrate_over: Option<Duration>,
     },
     /// Operate a running holdfast through its control socket.
     Ctl {
@@ -158,8 +163,8 @@ fn main() -> ExitCode {
     holdfast::logging::init(&cli.log, cli.log_format);
     match cli.cmd {
         Cmd::Run { config } => run(config, &cli.log),
-        Cmd::Reload { target, json } => {
-            ExitCode::from(holdfast::control::cli::run(&target, &holdfast::control::cli::CtlCmd::Reload { json }))
+        Cmd::Reload { target, json, migrate_over } => {
+            ExitCode::from(holdfast::control::cli::run(&target, &holdfast::control::cli::CtlCmd::Reload { json, migrate_over }))
         }
         Cmd::Ctl { target, cmd } => ExitCode::from(holdfast::control::cli::run(&target, &cmd)),
         Cmd::CheckConfig { file } => check_config(file),
@@ -274,16 +279,18 @@ fn serve(
     let never = crossbeam_channel::never();
     let mut rate = holdfast::control::handle::Rate::default();
     let mut was_upgrading = false;
+    let mut stopping = Stopping::default();
     loop {
         let requests = control.as_ref().map(|(_, rx)| rx).unwrap_or(&never);
+        let tick = if stopping.since.is_some() { upgrader.interval().min(Duration::from_millis(20)) } else { upgrader.interval() };
         crossbeam_channel::select! {
             recv(signals) -> sig => match sig {
                 Ok(sig) => match sig.meaning() {
+                    Meaning::Upgrade if stopping.since.is_some() => tracing::warn!(signal = %sig, "stopping: no upgrade now"),
+                    Meaning::Upgrade if running.is_draining() => tracing::warn!(signal = %sig, "a drain is under way: no upgrade (cancel it with `holdfast ctl drain --cancel`)"),
                     Meaning::Upgrade => upgrader.start(&mut running),
-                    Meaning::Stop => {
-                        tracing::info!(signal = %sig, "shutting down");
-                        break;
-                    }
+                    Meaning::Stop if stopping.since.is_none() => stopping.gently(&mut running, &sig),
+                    Meaning::Stop | Meaning::StopNow => stopping.now(&mut running, &sig),
                     Meaning::Reload if upgrader.in_progress() => {
                         tracing::warn!(signal = %sig, "a live upgrade is under way: not reloading (reload when it is done)")
                     }
@@ -301,11 +308,14 @@ fn serve(
                     let _ = answer.send(r);
                 }
             },
-            default(upgrader.interval()) => {
+            default(tick) => {
                 if upgrader.tick(&mut running) {
                     break;
                 }
             },
+        }
+        if stopping.done(&mut running) {
+            break;
         }
         rate.sample(&running);
         // A successor that took the control socket's path over and then
@@ -319,6 +329,64 @@ fn serve(
     }
     running.shutdown();
     ExitCode::SUCCESS
+}
+
+/// The graceful stop (SIGTERM) and the quick one (SIGINT, SIGQUIT, a
+/// second SIGTERM): every device is closed with a close frame and
+/// close_notify, spread over `drain.stop_over_ms` or at once; the process
+/// exits when none is left (or, at the latest, a few seconds after the
+/// window, when whatever is still setting up is closed).
+#[derive(Default)]
+struct Stopping {
+    since: Option<std::time::Instant>,
+    /// When what is left is closed at once, then when the process exits anyway.
+    give_up: Option<std::time::Instant>,
+    forced: bool,
+}
+
+/// How long after its window a stop waits for the last connections.
+const STOP_GRACE: Duration = Duration::from_secs(5);
+
+impl Stopping {
+    fn gently(&mut self, running: &mut holdfast::proxy::Running, sig: &Arrived) {
+        let over = running.generation.cfg.drain.stop_over;
+        tracing::info!(signal = %sig, over_ms = over.as_millis() as u64, connections = running.connections(), "stopping: every device gets close 1001 at a random moment of the window (a second SIGTERM, or SIGINT, closes the rest at once)");
+        running.drain(over, holdfast::ws::frame::close::GOING_AWAY, holdfast::session::end::Paced::Stop);
+        let now = std::time::Instant::now();
+        self.since = Some(now);
+        self.give_up = Some(now + over + STOP_GRACE);
+    }
+
+    fn now(&mut self, running: &mut holdfast::proxy::Running, sig: &Arrived) {
+        tracing::info!(signal = %sig, connections = running.connections(), "stopping now: closing every device at once, each with a close frame");
+        running.drain(Duration::ZERO, holdfast::ws::frame::close::GOING_AWAY, holdfast::session::end::Paced::Stop);
+        let now = std::time::Instant::now();
+        self.since.get_or_insert(now);
+        self.give_up = Some(now + STOP_GRACE);
+        self.forced = true;
+    }
+
+    /// Whether the process may exit now.
+    fn done(&mut self, running: &mut holdfast::proxy::Running) -> bool {
+        let (Some(since), Some(give_up)) = (self.since, self.give_up) else { return false };
+        let left = running.connections();
+        if left == 0 {
+            tracing::info!(elapsed_ms = since.elapsed().as_millis() as u64, "stopped: every device was closed");
+            return true;
+        }
+        if std::time::Instant::now() < give_up {
+            return false;
+        }
+        if !self.forced {
+            tracing::warn!(connections = left, "the stop window is over: closing what is left at once");
+            running.drain(Duration::ZERO, holdfast::ws::frame::close::GOING_AWAY, holdfast::session::end::Paced::Stop);
+            self.give_up = Some(std::time::Instant::now() + STOP_GRACE);
+            self.forced = true;
+            return false;
+        }
+        tracing::warn!(connections = left, "stopping with connections still setting up");
+        true
+    }
 }
 
 fn run(config: PathBuf, log: &str) -> ExitCode {
@@ -519,7 +587,15 @@ fn quickstart(dir: PathBuf, port: u16, wsm_port: u16, metrics_port: u16, check_o
     loop {
         crossbeam_channel::select! {
             recv(signals) -> sig => match sig {
-                Ok(sig) if sig.meaning() == Meaning::Stop => break,
+                Ok(sig) if matches!(sig.meaning(), Meaning::Stop | Meaning::StopNow) => {
+                    // A dev tool: close every device at once, with close frames.
+                    let mut stopping = Stopping::default();
+                    stopping.now(&mut running, &sig);
+                    while !stopping.done(&mut running) {
+                        std::thread::sleep(Duration::from_millis(20));
+                    }
+                    break;
+                }
                 Ok(sig) if sig.meaning() == Meaning::Reload => {
                     let _ = running.reload();
                 }

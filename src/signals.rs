@@ -15,8 +15,12 @@ use nix::libc;
 /// What holdfast does on a signal.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Meaning {
-    /// SIGTERM, SIGINT, SIGQUIT: stop serving and exit 0.
+    /// SIGTERM: the graceful stop: stop accepting, close every device (1001)
+    /// spread over `drain.stop_over_ms`, exit 0.
     Stop,
+    /// SIGINT, SIGQUIT (or a second SIGTERM): close every device now, each
+    /// still with a close frame and close_notify, and exit 0.
+    StopNow,
     /// SIGUSR2: live binary upgrade (`docs/upgrade.md`).
     Upgrade,
     /// SIGHUP: the operator's reload. Live reload is not built yet, so it is
@@ -35,7 +39,8 @@ pub struct Arrived(pub i32);
 impl Arrived {
     pub fn meaning(self) -> Meaning {
         match self.0 {
-            libc::SIGTERM | libc::SIGINT | libc::SIGQUIT => Meaning::Stop,
+            libc::SIGTERM => Meaning::Stop,
+            libc::SIGINT | libc::SIGQUIT => Meaning::StopNow,
             libc::SIGUSR2 => Meaning::Upgrade,
             libc::SIGHUP => Meaning::Reload,
             _ => Meaning::Ignore,
@@ -137,7 +142,8 @@ mod tests {
     #[test]
     fn meanings() {
         assert_eq!(Arrived(libc::SIGTERM).meaning(), Meaning::Stop);
-        assert_eq!(Arrived(libc::SIGQUIT).meaning(), Meaning::Stop);
+        assert_eq!(Arrived(libc::SIGQUIT).meaning(), Meaning::StopNow);
+        assert_eq!(Arrived(libc::SIGINT).meaning(), Meaning::StopNow);
         assert_eq!(Arrived(libc::SIGUSR2).meaning(), Meaning::Upgrade);
         assert_eq!(Arrived(libc::SIGHUP).meaning(), Meaning::Reload);
         assert_eq!(Arrived(libc::SIGUSR1).meaning(), Meaning::Ignore);

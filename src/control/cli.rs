@@ -51,6 +51,29 @@ pub enum CtlCmd {
         /// Print the answer as JSON.
         #[arg(long)]
         json: bool,
+        /// After a server certificate rotation: close (1001) the connections
+        /// made under an older certificate at random moments within this
+        /// window (e.g. 30m), so their devices reconnect and get the new one.
+        #[arg(long, value_parser = parse_duration)]
+        migrate_over: Option<Duration>,
+    },
+    /// Stop accepting (listeners closed), then close every connection with a
+    /// WebSocket close frame and TLS close_notify at a random moment within
+    /// the window; `--cancel` stops it and accepts again.
+    Drain {
+        /// The window, e.g. 90s, 30m, 2h (a number alone is seconds).
+        #[arg(long, value_parser = parse_duration, required_unless_present = "cancel")]
+        over: Option<Duration>,
+        /// The close code devices get: 1001 (going away) or 1012 (service restart).
+        #[arg(long, default_value_t = 1001)]
+        code: u16,
+        /// Stop the drain under way: the connections not yet closed stay and
+        /// the node accepts again.
+        #[arg(long, conflicts_with_all = ["over"])]
+        cancel: bool,
+        /// Print the answer as JSON.
+        #[arg(long)]
+        json: bool,
     },
     /// Block a device: a SHA-256 fingerprint (64 hex digits) or serial:<hex>.
     /// Applied at once, written to the blocklist file, matching devices closed within the spread.
@@ -108,7 +131,12 @@ pub fn run(target: &Target, cmd: &CtlCmd) -> u8 {
     };
     let (req, json) = match cmd.clone() {
         CtlCmd::Status { json } => (Request::Status, json),
-        CtlCmd::Reload { json } => (Request::Reload, json),
+        CtlCmd::Reload { json, migrate_over } => {
+            (Request::Reload { migrate_over_ms: migrate_over.map(|d| d.as_millis().min(u64::MAX as u128) as u64) }, json)
+        }
+        CtlCmd::Drain { over, code, cancel, json } => {
+            (Request::Drain { over_ms: over.map(|d| d.as_millis().min(u64::MAX as u128) as u64).unwrap_or(0), code, cancel }, json)
+        }
         CtlCmd::Block { entry } => (Request::Block { entry }, false),
         CtlCmd::Unblock { entry } => (Request::Unblock { entry }, false),
         CtlCmd::Connections { ca, fingerprint, serial, subject, wsm, sample, json } => {
@@ -172,6 +200,33 @@ fn print(r: &Response) {
         for w in &s.wsms {
             say!("wsm {} {} ({}/{} links)", w.wsm, w.state, w.links_up, w.links_expected);
         }
+        let a = &s.admission;
+        let lim = |v: Option<u64>| v.map(|v| v.to_string()).unwrap_or_else(|| "-".into());
+        say!(
+            "admission: handshakes/s {} (in progress {} of {}), connections {} of {}, memory MiB {}, WSM opens/s {} ({} waiting, queue {}); deferred accepts {}, shed {}",
+            lim(a.handshakes_per_sec.map(u64::from)),
+            a.handshaking,
+            lim(a.max_handshaking.map(u64::from)),
+            a.connections,
+            lim(a.max_connections),
+            lim(a.max_memory_mb),
+            lim(a.wsm_opens_per_sec.map(u64::from)),
+            a.waiting_for_open,
+            a.wsm_open_queue,
+            a.accepts_deferred_total,
+            a.shed_total.iter().map(|(k, v)| format!("{k} {v}")).collect::<Vec<_>>().join(", ")
+        );
+        if let Some(d) = &s.drain {
+            say!(
+                "DRAINING ({}): close {} over {} ms, {} ms left; {} of {} connections left",
+                d.reason,
+                d.code,
+                d.over_ms,
+                d.remaining_ms,
+                d.connections_left,
+                d.connections_at_start
+            );
+        }
         return;
     }
     if let Some(c) = &r.connections {
@@ -181,9 +236,58 @@ fn print(r: &Response) {
         }
         return;
     }
+    if let Some(d) = &r.drain {
+        say!(
+            "draining: not accepting; {} connection(s) close with {} at random moments over {} ms ({} left)",
+            d.connections_at_start,
+            d.code,
+            d.over_ms,
+            d.connections_left
+        );
+        return;
+    }
     if r.kicked == Some(true) {
         say!("closing it");
         return;
     }
     say!("ok");
+}
+
+/// A duration as an operator writes it: `90s`, `30m`, `2h`, `1500ms`, or
+/// a number of seconds.
+pub fn parse_duration(s: &str) -> Result<Duration, String> {
+    let s = s.trim();
+    let split = s.find(|c: char| !c.is_ascii_digit() && c != '.').unwrap_or(s.len());
+    let (num, unit) = s.split_at(split);
+    let n: f64 = num.parse().map_err(|_| format!("'{s}' is not a duration (e.g. 90s, 30m, 2h)"))?;
+    let secs = match unit.trim() {
+        "" | "s" | "sec" | "secs" => n,
+        "ms" => n / 1000.0,
+        "m" | "min" | "mins" => n * 60.0,
+        "h" | "hour" | "hours" => n * 3600.0,
+        "d" | "day" | "days" => n * 86_400.0,
+        u => return Err(format!("'{u}' is not a unit: use ms, s, m, h or d")),
+    };
+    if !secs.is_finite() || !(0.0..=7.0 * 86_400.0).contains(&secs) {
+        return Err(format!("'{s}': at most a week"));
+    }
+    Ok(Duration::from_secs_f64(secs))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durations_read_as_operators_write_them() {
+        assert_eq!(parse_duration("90s"), Ok(Duration::from_secs(90)));
+        assert_eq!(parse_duration("30m"), Ok(Duration::from_secs(1800)));
+        assert_eq!(parse_duration("2h"), Ok(Duration::from_secs(7200)));
+        assert_eq!(parse_duration("1500ms"), Ok(Duration::from_millis(1500)));
+        assert_eq!(parse_duration("45"), Ok(Duration::from_secs(45)));
+        assert_eq!(parse_duration("0.5s"), Ok(Duration::from_millis(500)));
+        assert!(parse_duration("5 fortnights").is_err());
+        assert!(parse_duration("30d").is_err(), "more than a week");
+        assert!(parse_duration("").is_err());
+    }
 }

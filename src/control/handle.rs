@@ -49,9 +49,9 @@ fn handshakes(r: &Running) -> u64 {
 pub fn handle(req: Request, running: &mut Running, rate: &Rate, upgrading: bool) -> Response {
     match req {
         Request::Status => Response { status: Some(status(running, rate, upgrading)), ..Response::done() },
-        Request::Reload if upgrading => Response::failed("a live upgrade is under way: reload when it is done"),
-        Request::Reload => {
-            let o = running.reload();
+        Request::Reload { .. } if upgrading => Response::failed("a live upgrade is under way: reload when it is done"),
+        Request::Reload { migrate_over_ms } => {
+            let o = running.reload_with(migrate_over_ms.map(Duration::from_millis));
             Response { ok: o.ok, error: (!o.ok).then(|| o.errors.join("; ")), outcome: Some(o), ..Response::done() }
         }
         Request::Block { entry } | Request::Unblock { entry } if upgrading => {
@@ -64,6 +64,21 @@ pub fn handle(req: Request, running: &mut Running, rate: &Rate, upgrading: bool)
                 Ok(o) => Response { outcome: Some(o), ..Response::done() },
                 Err(e) => Response::failed(e),
             }
+        }
+        Request::Drain { .. } if upgrading => Response::failed("a live upgrade is under way: drain when it is done"),
+        Request::Drain { cancel: true, .. } => match running.cancel_drain() {
+            Ok(()) => Response::done(),
+            Err(e) => Response::failed(e),
+        },
+        Request::Drain { over_ms, code, .. } => {
+            if !crate::ws::frame::valid_close_code(code) {
+                return Response::failed(format!("{code} is not a close code a server may send (1000-1003, 1007-1014, 3000-4999)"));
+            }
+            if over_ms > 7 * 86_400_000 {
+                return Response::failed("a drain window of at most a week");
+            }
+            let d = running.drain(Duration::from_millis(over_ms), code, crate::session::end::Paced::Drain);
+            Response { drain: Some(d), ..Response::done() }
         }
         Request::Block { entry } => change(running, &entry, BlockChange::Block),
         Request::Unblock { entry } => change(running, &entry, BlockChange::Unblock),
@@ -157,7 +172,34 @@ fn status(r: &Running, rate: &Rate, upgrading: bool) -> Status {
         revocations_pending: sum(|m| m.revocations_pending.load(Relaxed)),
         shared_blocklist: r.shared.as_ref().map(|(v, k)| super::SharedStatus { version: *v, entries: k.len() as u64 }),
         upgrade_in_progress: upgrading,
+        admission: admission(r),
+        drain: r.drain_status(),
         shards,
         wsms,
+    }
+}
+
+fn admission(r: &Running) -> super::AdmissionStatus {
+    let a = &r.generation.cfg.admission;
+    let sum = |f: &dyn Fn(&crate::metrics::ShardMetrics) -> u64| r.shards.iter().map(|s| f(&s.metrics)).sum::<u64>();
+    let shed_total = crate::admission::Shed::ALL
+        .iter()
+        .map(|w| (w.label().to_string(), sum(&|m| m.shed[w.index()].load(Relaxed))))
+        .collect();
+    super::AdmissionStatus {
+        handshakes_per_sec: a.handshakes_per_sec,
+        max_handshaking: a.max_handshaking,
+        max_connections: a.max_connections,
+        max_memory_mb: a.max_memory_bytes.map(|b| b >> 20),
+        wsm_opens_per_sec: a.wsm_opens_per_sec,
+        wsm_open_queue: a.wsm_open_queue,
+        wsm_open_wait_ms: a.wsm_open_wait.as_millis() as u64,
+        connections: r.node.connections.load(Relaxed),
+        handshaking: sum(&|m| m.handshaking.load(Relaxed)),
+        waiting_for_open: sum(&|m| m.wsm_open_queue.load(Relaxed)),
+        accepts_deferred_total: sum(&|m| m.accepts_deferred_total.load(Relaxed)),
+        wsm_opens_total: sum(&|m| m.wsm_opens_total.load(Relaxed)),
+        wsm_open_waited_total: sum(&|m| m.wsm_open_waited_total.load(Relaxed)),
+        shed_total,
     }
 }

@@ -23,7 +23,22 @@ pub use crate::shard::registry::{Filter, Seen};
 #[serde(tag = "cmd", rename_all = "snake_case")]
 pub enum Request {
     Status,
-    Reload,
+    Reload {
+        /// After a server certificate rotation, connections made under an
+        /// older certificate close (1001) spread over this many ms.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        migrate_over_ms: Option<u64>,
+    },
+    /// Stop accepting and close every connection spread over `over_ms`
+    /// (or, with `cancel`, stop the drain and accept again).
+    Drain {
+        #[serde(default)]
+        over_ms: u64,
+        #[serde(default = "default_drain_code")]
+        code: u16,
+        #[serde(default)]
+        cancel: bool,
+    },
     Block {
         entry: String,
     },
@@ -61,6 +76,10 @@ fn default_sample() -> usize {
     20
 }
 
+fn default_drain_code() -> u16 {
+    1001
+}
+
 fn default_kick_code() -> u16 {
     1008
 }
@@ -79,15 +98,17 @@ pub struct Response {
     pub connections: Option<Connections>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub kicked: Option<bool>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub drain: Option<crate::proxy::DrainStatus>,
 }
 
 impl Response {
     pub fn failed(error: impl Into<String>) -> Response {
-        Response { ok: false, error: Some(error.into()), status: None, outcome: None, connections: None, kicked: None }
+        Response { ok: false, error: Some(error.into()), status: None, outcome: None, connections: None, kicked: None, drain: None }
     }
 
     pub fn done() -> Response {
-        Response { ok: true, error: None, status: None, outcome: None, connections: None, kicked: None }
+        Response { ok: true, error: None, status: None, outcome: None, connections: None, kicked: None, drain: None }
     }
 }
 
@@ -109,8 +130,35 @@ pub struct Status {
     /// The fleet-wide blocklist's version and size here, if a follower keeps one.
     pub shared_blocklist: Option<SharedStatus>,
     pub upgrade_in_progress: bool,
+    /// The limits of `[admission]` and what they did.
+    pub admission: AdmissionStatus,
+    /// The drain under way (`ctl drain`, the graceful stop), if any.
+    pub drain: Option<crate::proxy::DrainStatus>,
     pub shards: Vec<ShardStatus>,
     pub wsms: Vec<WsmStatus>,
+}
+
+/// `[admission]` as configured (`null`: no limit) and its counts.
+#[derive(Debug, Clone, Serialize, Deserialize, Default)]
+pub struct AdmissionStatus {
+    pub handshakes_per_sec: Option<u32>,
+    pub max_handshaking: Option<u32>,
+    pub max_connections: Option<u64>,
+    pub max_memory_mb: Option<u64>,
+    pub wsm_opens_per_sec: Option<u32>,
+    pub wsm_open_queue: u32,
+    pub wsm_open_wait_ms: u64,
+    /// Connections the node counts against `max_connections`.
+    pub connections: u64,
+    pub handshaking: u64,
+    /// Devices waiting, upgrade pending, for a turn to open.
+    pub waiting_for_open: u64,
+    pub accepts_deferred_total: u64,
+    pub wsm_opens_total: u64,
+    pub wsm_open_waited_total: u64,
+    /// Devices answered 503, by the limit: max_connections, memory,
+    /// wsm_open_queue, wsm_open_wait.
+    pub shed_total: std::collections::BTreeMap<String, u64>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]

@@ -10,7 +10,9 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
+mod drain;
 mod reconfigure;
+pub use drain::{DrainStatus, Draining};
 pub use reconfigure::BlockChange;
 
 use crate::config::Config;
@@ -49,6 +51,10 @@ pub struct Running {
     /// The fleet-wide entries a follower (`holdfast-blocklist-sync`) keeps
     /// here, and their version; in force besides the file's.
     pub shared: Option<(u64, Vec<crate::tls::certmap::CertKey>)>,
+    /// The drain under way (`ctl drain`, the graceful stop).
+    pub draining: Option<Draining>,
+    /// What the shards count together (admission control).
+    pub node: Arc<shard::admit::Node>,
 }
 
 /// Where the listening sockets come from.
@@ -115,9 +121,9 @@ pub fn start_with(cfg: Config, from: Listeners, tickets: Option<Arc<Ticketer>>) 
     }
     let (ready_tx, ready_rx) = crossbeam_channel::unbounded();
     let mut shards = Vec::new();
-    let node = Arc::new(shard::admit::Node::default());
+    let counts = Arc::new(shard::admit::Node::default());
     for (i, (l, cpu)) in per_shard.into_iter().zip(cfg.shard_cpus.iter()).enumerate() {
-        let h = shard::start(i as u16, *cpu, (1, cfg.clone(), tls.clone()), l, ready_tx.clone(), (wsms.clone(), node.clone()))
+        let h = shard::start(i as u16, *cpu, (1, cfg.clone(), tls.clone()), l, ready_tx.clone(), (wsms.clone(), counts.clone()))
             .map_err(|e| vec![format!("shard {i}: {e}")])?;
         shards.push(h);
     }
@@ -180,6 +186,8 @@ pub fn start_with(cfg: Config, from: Listeners, tickets: Option<Arc<Ticketer>>) 
         started: std::time::Instant::now(),
         file_blocklist,
         shared: None,
+        draining: None,
+        node: counts,
     })
 }
 

@@ -41,6 +41,14 @@ impl Running {
     /// Re-reads the config and every file it names; applies it to every
     /// shard at one generation boundary, or refuses it whole.
     pub fn reload(&mut self) -> Outcome {
+        self.reload_with(None)
+    }
+
+    /// As [`Running::reload`]; with `migrate`, connections made under a
+    /// server certificate older than the one serving after the reload
+    /// close (1001) spread over `migrate`, so their devices reconnect and
+    /// get the new one (`holdfast reload --migrate-over`).
+    pub fn reload_with(&mut self, migrate: Option<std::time::Duration>) -> Outcome {
         let at = crate::timefmt::unix_now();
         let path = self.generation.cfg.path.clone();
         let node = self.sources.node.clone();
@@ -75,11 +83,15 @@ impl Running {
                     at,
                 }
             }
-            Ok((g, changed, fixed)) if changed.is_empty() && g.hash == self.generation.hash => {
+            Ok((g, changed, fixed)) if changed.is_empty() && g.hash == self.generation.hash && migrate.is_none() => {
                 tracing::info!("reload: nothing changed");
                 Outcome::applied(&self.generation, changed, fixed, at)
             }
-            Ok((g, changed, fixed)) => {
+            Ok((mut g, mut changed, fixed)) => {
+                if let Some(over) = migrate {
+                    g.migrate = Some(over);
+                    changed.push(format!("connections under older server certificates migrate over {} ms", over.as_millis()));
+                }
                 self.file_blocklist = g.tls.verifier.blocklist();
                 if let Some((_, keys)) = &self.shared {
                     g.tls.verifier.set_blocklist(self.file_blocklist.union(keys));

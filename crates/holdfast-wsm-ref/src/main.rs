@@ -69,7 +69,7 @@ fn main() -> std::process::ExitCode {
     let signals = holdfast::signals::take_over();
     let next_stop = move || loop {
         match signals.recv() {
-            Ok(sig) if sig.meaning() == holdfast::signals::Meaning::Stop => return Some(sig),
+            Ok(sig) if matches!(sig.meaning(), holdfast::signals::Meaning::Stop | holdfast::signals::Meaning::StopNow) => return Some(sig),
             Ok(sig) => tracing::warn!(signal = %sig, "signal ignored"),
             Err(_) => return None,
         }
