@@ -135,7 +135,14 @@ impl WsClient {
             }
             if let Some(end) = head.windows(4).position(|w| w == b"\r\n\r\n") {
                 if !head.starts_with(b"HTTP/1.1 101") {
-                    let line = String::from_utf8_lossy(&head[..head.iter().position(|&b| b == b'\r').unwrap_or(head.len())]).into_owned();
+                    // The status line, and when to come back if it says.
+                    let text = String::from_utf8_lossy(&head[..end]).into_owned();
+                    let mut lines = text.split("\r\n");
+                    let mut line = lines.next().unwrap_or("").to_string();
+                    if let Some(r) = lines.find(|l| l.to_ascii_lowercase().starts_with("retry-after:")) {
+                        line.push_str("; ");
+                        line.push_str(r);
+                    }
                     return Err(Failure(ErrorKind::Upgrade, line));
                 }
                 let rest = head[end + 4..].to_vec();

@@ -22,7 +22,10 @@ static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 const RUN_HELP: &str = "\
 Signals:
-  SIGTERM, SIGINT, SIGQUIT  stop serving and exit 0
+  SIGTERM                   graceful stop: stop accepting, close every device (close 1001 and TLS
+                            close_notify) at a random moment within [drain] stop_over_ms, exit 0
+  SIGINT, SIGQUIT           (or a second SIGTERM) close every device now, still with close frames,
+                            and exit 0
   SIGUSR2                   live binary upgrade: start the binary now at this path and hand it
                             every listening socket and device connection (docs/upgrade.md);
                             `holdfast upgrade` does the same and waits for the outcome

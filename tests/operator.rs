@@ -97,7 +97,7 @@ fn sighup_and_every_other_stray_signal_leave_every_device_connected() {
     assert!(log.contains("signal=SIGRTMIN+1"), "{log}");
     assert_eq!(metric(&proxy, "holdfast_connections_active", ""), 3);
 
-    // SIGQUIT is a stop, like SIGTERM: exit 0.
+    // SIGQUIT is a stop (at once, like SIGINT): exit 0.
     kill(pid, Signal::SIGQUIT).unwrap();
     let mut status = None;
     eventually(10, "holdfast to stop on SIGQUIT", || {
@@ -134,6 +134,8 @@ fn a_closed_stdout_does_not_stop_holdfast() {
     let mut dev = dev.unwrap();
     round_trip(&mut dev, "stdout is gone");
     assert!(child.try_wait().unwrap().is_none());
+    // With no device left, the graceful stop has nothing to wait for.
+    drop(dev);
     kill(Pid::from_raw(child.id() as i32), Signal::SIGTERM).unwrap();
     let out = child.wait_with_output().unwrap();
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));

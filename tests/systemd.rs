@@ -61,3 +61,19 @@ fn the_blocklist_follower_unit_passes_systemd_analyze_verify_too() {
     let other: Vec<&str> = err.lines().filter(|l| !l.contains("holdfast.service")).collect();
     assert!(other.is_empty(), "systemd-analyze warns: {err}");
 }
+
+#[test]
+fn a_stop_has_time_for_the_whole_graceful_drain() {
+    let u = unit();
+    let secs: u64 = u
+        .lines()
+        .find_map(|l| l.strip_prefix("TimeoutStopSec="))
+        .expect("TimeoutStopSec is set (the default 90 s would not follow stop_over_ms)")
+        .trim()
+        .parse()
+        .unwrap();
+    let stop_over = holdfast::config::admission::DrainFile::default().stop_over_ms / 1000;
+    // The window, then up to 5 s for the last connections, then the exit.
+    assert!(secs > stop_over + 5, "TimeoutStopSec={secs} is not longer than drain.stop_over_ms ({stop_over} s) and its grace");
+    assert!(!u.contains("KillSignal="), "systemctl stop must send SIGTERM, the graceful stop");
+}

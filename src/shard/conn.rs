@@ -129,8 +129,8 @@ impl Device {
     async fn establish(&mut self, shed: Option<crate::admission::Shed>) -> Result<(Box<Live>, Vec<u8>), End> {
         let m = self.shard.metrics.clone();
         let started = Instant::now();
-        // Holds one of the shard's handshake slots until the handshake is over.
-        let mut handshaking = Some(Handshaking::start(&self.shard.admit));
+        // Holds the handshake slot the accept loop took until the handshake is over.
+        let mut handshaking = Some(Handshaking(self.shard.admit.clone()));
         // The generation current now decides this connection's set-up.
         let cur = self.shard.current();
         let admit = Some((cur.tls.verifier.clone(), crate::timefmt::unix_now()));
@@ -251,16 +251,9 @@ impl Device {
     }
 }
 
-/// One of the shard's handshake slots, held from accept until the
-/// handshake is done or the connection ends.
+/// One of the shard's handshake slots, taken by the accept loop and held
+/// until the handshake is done or the connection ends.
 struct Handshaking(Rc<super::admit::Admit>);
-
-impl Handshaking {
-    fn start(admit: &Rc<super::admit::Admit>) -> Handshaking {
-        admit.handshake_started();
-        Handshaking(admit.clone())
-    }
-}
 
 impl Drop for Handshaking {
     fn drop(&mut self) {

@@ -512,13 +512,19 @@ async fn accept_loop(ctx: Rc<ShardCtx>, listener: monoio::net::TcpListener) {
             // full send buffer surface as EAGAIN.
             match accept4(fd, SockFlag::SOCK_CLOEXEC) {
                 Ok(owned) => {
+                    // Its handshake token and slot are taken now, before the
+                    // next accept (the slot is freed by the connection's set-up).
+                    ctx.admit.handshake_started();
                     let std_tcp = std::net::TcpStream::from(owned);
                     let addr = std_tcp.peer_addr().unwrap_or_else(|_| SocketAddr::from(([0, 0, 0, 0], 0)));
                     match monoio::net::TcpStream::from_std(std_tcp) {
                         Ok(tcp) => {
                             monoio::spawn(conn::serve(ctx.clone(), tcp, addr));
                         }
-                        Err(e) => tracing::warn!(shard = ctx.index, error = %e, "cannot register an accepted socket"),
+                        Err(e) => {
+                            ctx.admit.handshake_ended();
+                            tracing::warn!(shard = ctx.index, error = %e, "cannot register an accepted socket")
+                        }
                     }
                 }
                 Err(nix::Error::EAGAIN) => break,

@@ -26,7 +26,9 @@ impl Pki {
     }
 }
 
-/// A child process killed (SIGTERM, then SIGKILL) when dropped.
+/// A child process stopped when dropped: SIGINT (holdfast closes what it
+/// still holds at once, with close frames, where SIGTERM would drain over
+/// `drain.stop_over_ms`), then SIGKILL.
 pub struct Proc {
     pub child: Child,
     pub addr: SocketAddr,
@@ -40,7 +42,7 @@ pub struct Proc {
 impl Drop for Proc {
     fn drop(&mut self) {
         let pid = nix::unistd::Pid::from_raw(self.child.id() as i32);
-        let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM);
+        let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGINT);
         for _ in 0..50 {
             if let Ok(Some(_)) = self.child.try_wait() {
                 return;

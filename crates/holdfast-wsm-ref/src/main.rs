@@ -56,6 +56,10 @@ struct Cli {
     /// device labels; holdfast falls back to it).
     #[arg(long, default_value_t = holdfast::link::codec::VERSION)]
     max_version: u16,
+    /// Append a line per stream opened (`<unix ms> <new|resumed> <connection
+    /// id>`) to this file: how fast holdfast asked this WSM to take devices.
+    #[arg(long)]
+    open_log: Option<std::path::PathBuf>,
 }
 
 fn main() -> std::process::ExitCode {
@@ -93,7 +97,17 @@ fn main() -> std::process::ExitCode {
     let echo = holdfast_wsm::echo::Echo::with_store(store.clone(), ttl);
     holdfast_wsm::state::heartbeat(store, echo.held.clone(), std::time::Duration::from_millis(cli.presence_interval_ms), ttl);
     // `whoami` stays open to a quarantined device: it shows the labels.
-    let app = Arc::new(holdfast_wsm::quarantine::Quarantine::new(echo, cli.quarantine_allow.clone()).allow_texts(["whoami".to_string()]));
+    let app = holdfast_wsm::quarantine::Quarantine::new(echo, cli.quarantine_allow.clone()).allow_texts(["whoami".to_string()]);
+    let app: Arc<dyn holdfast_wsm::App> = match &cli.open_log {
+        Some(p) => match holdfast_wsm::openlog::OpenLog::create(app, p) {
+            Ok(l) => Arc::new(l),
+            Err(e) => {
+                holdfast::esay!("holdfast-wsm: --open-log {}: {e}", p.display());
+                return std::process::ExitCode::from(2);
+            }
+        },
+        None => Arc::new(app),
+    };
     let server = match holdfast_wsm::Server::bind(cli.listen, app, cli.node) {
         Ok(s) => s.with_max_version(cli.max_version),
         Err(e) => {

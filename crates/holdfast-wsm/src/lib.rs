@@ -15,6 +15,7 @@
 #![allow(clippy::disallowed_methods)]
 
 pub mod echo;
+pub mod openlog;
 pub mod quarantine;
 pub mod state;
 
