@@ -67,6 +67,7 @@ impl Bucket {
 }
 
 #[cfg(test)]
+#[allow(clippy::disallowed_methods)] // tests take a real `now` once
 mod tests {
     use super::*;
 

@@ -103,6 +103,7 @@ pub fn aged_at(since: Instant, age: Age, rand: u32) -> Instant {
 }
 
 #[cfg(test)]
+#[allow(clippy::disallowed_methods)] // tests take a real `now` once
 mod tests {
     use super::*;
 

@@ -164,6 +164,7 @@ impl OpenQueue {
 }
 
 #[cfg(test)]
+#[allow(clippy::disallowed_methods)] // tests take a real `now` once
 mod tests {
     use super::*;
 

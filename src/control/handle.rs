@@ -182,10 +182,8 @@ fn status(r: &Running, rate: &Rate, upgrading: bool) -> Status {
 fn admission(r: &Running) -> super::AdmissionStatus {
     let a = &r.generation.cfg.admission;
     let sum = |f: &dyn Fn(&crate::metrics::ShardMetrics) -> u64| r.shards.iter().map(|s| f(&s.metrics)).sum::<u64>();
-    let shed_total = crate::admission::Shed::ALL
-        .iter()
-        .map(|w| (w.label().to_string(), sum(&|m| m.shed[w.index()].load(Relaxed))))
-        .collect();
+    let shed_total =
+        crate::admission::Shed::ALL.iter().map(|w| (w.label().to_string(), sum(&|m| m.shed[w.index()].load(Relaxed)))).collect();
     super::AdmissionStatus {
         handshakes_per_sec: a.handshakes_per_sec,
         max_handshaking: a.max_handshaking,

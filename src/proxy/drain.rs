@@ -68,7 +68,13 @@ impl Running {
         let node = &self.sources.node;
         node.draining.store(1, Relaxed);
         node.drain_deadline.store(crate::timefmt::unix_now() + over.as_secs() as i64, Relaxed);
-        tracing::info!(over_ms = over.as_millis() as u64, code = d.code, reason = d.why.label(), connections = d.at_start, "drain started: not accepting; closing every connection spread over the window");
+        tracing::info!(
+            over_ms = over.as_millis() as u64,
+            code = d.code,
+            reason = d.why.label(),
+            connections = d.at_start,
+            "drain started: not accepting; closing every connection spread over the window"
+        );
         let status = self.status_of(&d);
         self.draining = Some(d);
         status
@@ -83,7 +89,8 @@ impl Running {
         let cfg = self.generation.cfg.clone();
         let mut sockets = Vec::new();
         for i in 0..self.shards.len() {
-            let l = shard::bind_listener(self.listen, cfg.backlog).map_err(|e| format!("cannot listen on {} again (shard {i}): {e}", self.listen))?;
+            let l = shard::bind_listener(self.listen, cfg.backlog)
+                .map_err(|e| format!("cannot listen on {} again (shard {i}): {e}", self.listen))?;
             sockets.push(l);
         }
         let (tx, rx) = crossbeam_channel::unbounded();

@@ -71,7 +71,14 @@ pub enum OpenOutcome {
 
 /// The upgrade request was malformed or refused (`status` from the parser).
 pub fn bad_upgrade(status: u16, reason: &'static str) -> Refuse {
-    Refuse { status, reason: reason.into(), end: End::BadUpgrade(status, reason), count: SetupCount::UpgradeRejected, close_stream: None, retry_after: None }
+    Refuse {
+        status,
+        reason: reason.into(),
+        end: End::BadUpgrade(status, reason),
+        count: SetupCount::UpgradeRejected,
+        close_stream: None,
+        retry_after: None,
+    }
 }
 
 /// No whole upgrade request within `websocket.upgrade_timeout_ms`.
@@ -88,7 +95,14 @@ pub fn upgrade_timeout() -> Refuse {
 
 /// No link could take the stream.
 pub fn no_wsm() -> Refuse {
-    Refuse { status: 503, reason: "no WSM reachable".into(), end: End::NoWsm, count: SetupCount::WsmUnavailable, close_stream: None, retry_after: None }
+    Refuse {
+        status: 503,
+        reason: "no WSM reachable".into(),
+        end: End::NoWsm,
+        count: SetupCount::WsmUnavailable,
+        close_stream: None,
+        retry_after: None,
+    }
 }
 
 /// Decides on the WSM's answer to the OPEN: the subprotocol for the 101,
@@ -108,7 +122,14 @@ pub fn answer_open(outcome: OpenOutcome, offered: &[String]) -> Result<Option<St
         OpenOutcome::Refused(status, reason) => {
             // A WSM's status outside 4xx/5xx is no HTTP error: 403.
             let status = if (400..600).contains(&status) { status } else { 403 };
-            Err(Refuse { status, reason, end: End::WsmRefused(status), count: SetupCount::WsmRefused, close_stream: None, retry_after: None })
+            Err(Refuse {
+                status,
+                reason,
+                end: End::WsmRefused(status),
+                count: SetupCount::WsmRefused,
+                close_stream: None,
+                retry_after: None,
+            })
         }
         OpenOutcome::Gone => Err(Refuse {
             status: 503,

@@ -19,7 +19,7 @@ use std::time::{Duration, Instant};
 
 use crate::admission::bucket::Bucket;
 use crate::admission::queue::{Enter, OpenQueue, Ticket};
-use crate::admission::{Shed, Share};
+use crate::admission::{Share, Shed};
 use crate::config::admission::Admission;
 use crate::metrics::ShardMetrics;
 

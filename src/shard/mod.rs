@@ -307,7 +307,14 @@ async fn run(
                 let plan = earlier.unwrap_or(DrainPlan { ends, code, why });
                 ctx.drain.set(Some(plan));
                 let n = ctx.pace_all(plan.code, plan.why, |r| crate::admission::within(now, plan.ends.saturating_duration_since(now), r));
-                tracing::info!(shard = index, connections = n, over_ms = plan.ends.saturating_duration_since(now).as_millis() as u64, code = plan.code, reason = plan.why.label(), "draining: every connection closes at a random moment of the window");
+                tracing::info!(
+                    shard = index,
+                    connections = n,
+                    over_ms = plan.ends.saturating_duration_since(now).as_millis() as u64,
+                    code = plan.code,
+                    reason = plan.why.label(),
+                    "draining: every connection closes at a random moment of the window"
+                );
             }
             Some(Control::DrainCancel(done)) => {
                 ctx.drain.set(None);
@@ -366,7 +373,12 @@ fn apply(ctx: &Rc<ShardCtx>, g: &crate::reload::Generation) {
             |r| crate::admission::within(now, over, r),
             |e| e.cert_epoch < epoch,
         );
-        tracing::info!(shard = ctx.index, connections = n, over_ms = over.as_millis() as u64, "migrating connections made under the old server certificate to new handshakes");
+        tracing::info!(
+            shard = ctx.index,
+            connections = n,
+            over_ms = over.as_millis() as u64,
+            "migrating connections made under the old server certificate to new handshakes"
+        );
     }
     if let Some(before) = &g.relabel {
         let (c, before, after) = (ctx.clone(), before.clone(), g.tls.labels.clone());

@@ -119,7 +119,10 @@ impl ShardCtx {
             let at = crate::admission::within(now, d.ends.saturating_duration_since(now), rand);
             self.give_order(key, Order::Close { at, code: d.code, why: d.why });
         } else if let Some(age) = self.current().cfg.ws.max_age {
-            self.give_order(key, Order::Close { at: crate::admission::aged_at(now, age, rand), code: crate::ws::frame::close::GOING_AWAY, why: Paced::Age });
+            self.give_order(
+                key,
+                Order::Close { at: crate::admission::aged_at(now, age, rand), code: crate::ws::frame::close::GOING_AWAY, why: Paced::Age },
+            );
         }
     }
 
@@ -173,11 +176,7 @@ impl ShardCtx {
             Some(Order::Close { .. }) => &self.metrics.paced_closes_pending,
             _ => return,
         };
-        if by > 0 {
-            crate::metrics::ShardMetrics::inc(g)
-        } else {
-            crate::metrics::ShardMetrics::dec(g)
-        }
+        if by > 0 { crate::metrics::ShardMetrics::inc(g) } else { crate::metrics::ShardMetrics::dec(g) }
     }
 
     /// Leaves `order` for the connection with this key and wakes it (a
@@ -219,8 +218,6 @@ impl ShardCtx {
         }
         n
     }
-
-
 
     /// Leaves every established tunnel a paced close with `code` at a
     /// moment drawn by `at` (given a uniform random `u32`). Returns how many.
