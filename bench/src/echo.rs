@@ -10,7 +10,10 @@ use holdfast::ws::upgrade;
 use monoio::io::{AsyncReadRent, AsyncWriteRentExt};
 use monoio::net::{TcpListener, TcpStream};
 
-async fn serve(mut s: TcpStream) {
+/// Where each upgrade's time is written (`--open-log`): `<unix ms> new -`.
+type OpenLog = Option<std::rc::Rc<std::cell::RefCell<std::fs::File>>>;
+
+async fn serve(mut s: TcpStream, log: OpenLog) {
     let mut buf = Vec::with_capacity(16 * 1024);
     let mut req = Vec::new();
     let rest = loop {
@@ -23,6 +26,11 @@ async fn serve(mut s: TcpStream) {
         }
         match upgrade::parse(&req, 16 * 1024, &[]) {
             Ok(Some((r, used))) => {
+                if let Some(l) = &log {
+                    use std::io::Write;
+                    let ms = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis()).unwrap_or(0);
+                    let _ = writeln!(l.borrow_mut(), "{ms} new -");
+                }
                 let (w, _) = s.write_all(upgrade::response_101(&r.key, None)).await;
                 if w.is_err() {
                     return;
@@ -69,7 +77,11 @@ async fn serve(mut s: TcpStream) {
     }
 }
 
-pub fn run(listen: SocketAddr) -> Result<(), String> {
+pub fn run(listen: SocketAddr, open_log: Option<std::path::PathBuf>) -> Result<(), String> {
+    let log: OpenLog = match open_log {
+        Some(p) => Some(std::rc::Rc::new(std::cell::RefCell::new(std::fs::File::create(&p).map_err(|e| format!("{}: {e}", p.display()))?))),
+        None => None,
+    };
     let mut rt =
         monoio::RuntimeBuilder::<monoio::IoUringDriver>::new().with_entries(8192).enable_timer().build().map_err(|e| e.to_string())?;
     rt.block_on(async move {
@@ -79,7 +91,7 @@ pub fn run(listen: SocketAddr) -> Result<(), String> {
             match l.accept().await {
                 Ok((s, _)) => {
                     let _ = s.set_nodelay(true);
-                    monoio::spawn(serve(s));
+                    monoio::spawn(serve(s, log.clone()));
                 }
                 Err(e) => {
                     eprintln!("echo: accept: {e}");

@@ -3,6 +3,7 @@
 //! `echo` are the processes `run` starts.
 #![allow(clippy::disallowed_methods)]
 
+mod departures;
 mod echo;
 mod peers;
 mod render;
@@ -40,6 +41,9 @@ enum Cmd {
         /// Address to listen on.
         #[arg(long, default_value = "127.0.0.1:0")]
         listen: std::net::SocketAddr,
+        /// Append `<unix ms> new -` for each upgrade (as the reference WSM's --open-log).
+        #[arg(long)]
+        open_log: Option<std::path::PathBuf>,
     },
 }
 
@@ -49,7 +53,7 @@ fn main() -> ExitCode {
         Cmd::Run(a) => run::run(a),
         Cmd::Report { results } => render::load(&results).and_then(|rs| render::render(&rs, &results)).map(|md| print!("{md}")),
         Cmd::Swarm(a) => swarm::run(a),
-        Cmd::Echo { listen } => echo::run(listen),
+        Cmd::Echo { listen, open_log } => echo::run(listen, open_log),
     };
     match res {
         Ok(()) => ExitCode::SUCCESS,

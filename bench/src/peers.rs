@@ -50,6 +50,31 @@ pub fn peer_maxconn(fd_limit: u64) -> u64 {
     fd_limit.saturating_sub(200) / 2
 }
 
+/// The storm's and the drain's limits, as each proxy spells them.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Limits {
+    /// TLS handshakes started per second (0: none).
+    pub handshakes_per_sec: u32,
+    /// Upstream streams (connections) opened per second (0: none).
+    pub opens_per_sec: u32,
+    /// The drain window in seconds (drain scenario only).
+    pub drain_over: Option<f64>,
+}
+
+impl Limits {
+    /// holdfast's `[admission]` table (devices wait for an open rather than being shed).
+    fn holdfast(&self) -> String {
+        let mut t = String::from("[admission]\nwsm_open_queue = 1000000\nwsm_open_wait_ms = 120000\n");
+        if self.handshakes_per_sec > 0 {
+            t.push_str(&format!("handshakes_per_sec = {}\n", self.handshakes_per_sec));
+        }
+        if self.opens_per_sec > 0 {
+            t.push_str(&format!("wsm_opens_per_sec = {}\n", self.opens_per_sec));
+        }
+        t
+    }
+}
+
 #[allow(clippy::too_many_arguments)]
 pub fn holdfast_config(
     pki: &Path,
@@ -58,9 +83,10 @@ pub fn holdfast_config(
     shards: usize,
     cpus: &str,
     metrics_port: u16,
-    moving_per_shard: u32,
-    resume_per_sec: u32,
+    (moving_per_shard, resume_per_sec): (u32, u32),
+    limits: &Limits,
 ) -> String {
+    let admission = limits.holdfast();
     let wsm = wsm.iter().map(|w| format!("\"{w}\"")).collect::<Vec<_>>().join(", ");
     format!(
         r#"[listen]
@@ -98,16 +124,34 @@ addr = "127.0.0.1:{metrics_port}"
 [upgrade]
 pid_file = "{pki}/holdfast.pid"
 moving_per_shard = {moving_per_shard}
+
+[control]
+socket = "{pki}/control.sock"
+
+{admission}
 "#,
         pki = pki.display()
     )
 }
 
-pub fn haproxy_config(pki: &Path, port: u16, upstream: &str, threads: usize, maxconn: u64) -> String {
+pub fn haproxy_config(pki: &Path, port: u16, upstream: &str, threads: usize, maxconn: u64, limits: &Limits) -> String {
+    let mut global = String::new();
+    let mut frontend = String::new();
+    if limits.handshakes_per_sec > 0 {
+        global.push_str(&format!("    maxsslrate {}\n", limits.handshakes_per_sec));
+    }
+    if limits.opens_per_sec > 0 {
+        frontend.push_str(&format!("    rate-limit sessions {}\n", limits.opens_per_sec));
+    }
+    if let Some(w) = limits.drain_over {
+        // Soft stop (SIGUSR1): closes spread over the window, the rest cut at its end.
+        global.push_str(&format!("    close-spread-time {}ms\n    hard-stop-after {}ms\n", (w * 1000.0) as u64, (w * 1000.0) as u64));
+    }
     format!(
         r#"global
     nbthread {threads}
     maxconn {maxconn}
+{global}
     ssl-default-bind-ciphers {TLS12_CIPHERS}
     ssl-default-bind-ciphersuites {TLS13_SUITES}
     ssl-default-bind-options ssl-min-ver TLSv1.2
@@ -125,7 +169,7 @@ defaults
 frontend devices
     bind 127.0.0.1:{port} ssl crt {pki}/haproxy-server.pem ca-file {pki}/device-cas.pem verify required
     maxconn {maxconn}
-    default_backend echo
+{frontend}    default_backend echo
 
 backend echo
     server echo {upstream} maxconn {maxconn}
@@ -134,9 +178,20 @@ backend echo
     )
 }
 
-pub fn nginx_config(pki: &Path, work: &Path, port: u16, upstream: &str, workers: usize, maxconn: u64) -> String {
+pub fn nginx_config(pki: &Path, work: &Path, port: u16, upstream: &str, workers: usize, maxconn: u64, limits: &Limits) -> String {
+    let main = limits.drain_over.map(|w| format!("worker_shutdown_timeout {}ms;\n", (w * 1000.0) as u64)).unwrap_or_default();
+    // Upgrades beyond the rate wait (a burst queue, no nodelay): the upstream
+    // sees them at the rate. nginx has no handshake-rate limit.
+    let (zone, req) = if limits.opens_per_sec > 0 {
+        (
+            format!("limit_req_zone $scheme zone=opens:1m rate={}r/s;\n", limits.opens_per_sec),
+            "limit_req zone=opens burst=1000000;\n".to_string(),
+        )
+    } else {
+        (String::new(), String::new())
+    };
     format!(
-        r#"worker_processes {workers};
+        r#"{main}worker_processes {workers};
 worker_cpu_affinity auto;
 worker_rlimit_nofile {nofile};
 pid {work}/nginx.pid;
@@ -159,7 +214,7 @@ http {{
     ssl_session_cache shared:SSL:50m;
     ssl_session_tickets on;
     ssl_buffer_size 4k;
-
+    {zone}
     map $http_upgrade $connection_upgrade {{
         default upgrade;
         '' close;
@@ -177,6 +232,7 @@ http {{
         ssl_verify_client on;
 
         location / {{
+            {req}
             proxy_pass http://echo;
             proxy_http_version 1.1;
             proxy_set_header Upgrade $http_upgrade;
@@ -205,19 +261,29 @@ mod tests {
         let dir = std::env::temp_dir().join(format!("hf-bench-peers-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
         let pki = dir.as_path();
-        let h = haproxy_config(pki, 8443, "127.0.0.1:9000", 1, 9000);
-        let n = nginx_config(pki, Path::new("/w"), 8443, "127.0.0.1:9000", 1, 9000);
+        let none = Limits::default();
+        let h = haproxy_config(pki, 8443, "127.0.0.1:9000", 1, 9000, &none);
+        let n = nginx_config(pki, Path::new("/w"), 8443, "127.0.0.1:9000", 1, 9000, &none);
         for c in [&h, &n] {
             assert!(c.contains(TLS12_CIPHERS) && c.contains(TLS13_SUITES));
             assert!(c.contains(&pki.join("device-cas.pem").display().to_string()));
         }
         assert!(h.contains("verify required") && h.contains("nbthread 1"));
         assert!(n.contains("ssl_verify_client on") && n.contains("worker_processes 1;"));
-        let hf = holdfast_config(pki, 8443, &["127.0.0.1:9000".into(), "127.0.0.1:9001".into()], 1, "0", 9100, 256, 2000);
+        let storm = Limits { handshakes_per_sec: 500, opens_per_sec: 300, drain_over: Some(30.0) };
+        let hf = holdfast_config(pki, 8443, &["127.0.0.1:9000".into(), "127.0.0.1:9001".into()], 1, "0", 9100, (256, 2000), &storm);
         assert!(hf.contains("shards = 1") && hf.contains("cpus = \"0\""));
         let checked = holdfast::config::Config::parse(&hf, Path::new("/x.toml"));
         let _ = std::fs::remove_dir_all(&dir);
-        checked.expect("holdfast config validates");
+        let checked = checked.expect("holdfast config validates");
+        assert_eq!((checked.admission.handshakes_per_sec, checked.admission.wsm_opens_per_sec), (Some(500), Some(300)));
+        let h = haproxy_config(pki, 8443, "127.0.0.1:9000", 1, 9000, &storm);
+        assert!(h.contains("maxsslrate 500") && h.contains("rate-limit sessions 300") && h.contains("hard-stop-after 30000ms"), "{h}");
+        let n = nginx_config(pki, Path::new("/w"), 8443, "127.0.0.1:9000", 1, 9000, &storm);
+        assert!(
+            n.contains("rate=300r/s") && n.contains("limit_req zone=opens") && n.starts_with("worker_shutdown_timeout 30000ms;"),
+            "{n}"
+        );
     }
 
     #[test]

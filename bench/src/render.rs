@@ -342,32 +342,31 @@ pub fn render(results: &[ScenarioResult], dir: &Path) -> Result<String, String> 
                     .map_err(|e| e.to_string())?;
             }
             "storm" => {
-                md.push_str("| proxy | devices | reconnected | errors | all back after | proxy peak RSS | reconnect p50 / p99 |\n|---|---|---|---|---|---|---|\n");
-                for r in &rs {
-                    md.push_str(&format!(
-                        "| {} | {} | {} | {} | {:.2} s | {} MiB | {} / {} ms |\n",
-                        r.proxy,
-                        r.devices_ready,
-                        r.swarm.handshakes,
-                        r.swarm.error_count(),
-                        r.storm_secs.unwrap_or(0.0),
-                        r.proxy_rss_peak_kib / 1024,
-                        r.swarm.connect_us.p50 / 1000,
-                        r.swarm.connect_us.p99 / 1000
-                    ));
-                }
-                if let Some(h) = hf {
-                    let t = |r: &ScenarioResult| r.storm_secs.unwrap_or(0.0);
-                    let p = |r: &ScenarioResult| r.proxy_rss_peak_kib as f64;
-                    md.push_str(&format!(
-                        "\nholdfast / best peer: time until all back (lower is better) {}; peak RSS (lower is better) {}\n",
-                        ratio_cell(ratio_lower_better(t(h), &peers.iter().map(|r| t(r)).collect::<Vec<_>>())),
-                        ratio_cell(ratio_lower_better(p(h), &peers.iter().map(|r| p(r)).collect::<Vec<_>>()))
-                    ));
-                }
+                md.push_str(&crate::departures::storm_table(&rs, hf, &peers));
                 let bars: Vec<(String, f64)> = rs.iter().map(|r| (r.proxy.clone(), r.storm_secs.unwrap_or(0.0) * 1000.0)).collect();
                 std::fs::write(dir.join(&file), bar_svg("Reconnect storm: time until every device is back", "ms", &bars))
                     .map_err(|e| e.to_string())?;
+                if rs.iter().any(|r| r.opens_per_sec.is_some()) {
+                    let series: Vec<(String, Vec<u64>)> =
+                        rs.iter().map(|r| (r.proxy.clone(), r.opens_per_sec.clone().unwrap_or_default())).collect();
+                    let f = file.replace(".svg", "-opens.svg");
+                    std::fs::write(
+                        dir.join(&f),
+                        crate::departures::line_svg("Reconnect storm: upstream opens per second", "opens/s", &series),
+                    )
+                    .map_err(|e| e.to_string())?;
+                    md.push_str(&format!("\n![{title}: upstream opens per second](results/{f})\n"));
+                }
+            }
+            "drain" => {
+                md.push_str(&crate::departures::drain_table(&rs));
+                let series: Vec<(String, Vec<u64>)> =
+                    rs.iter().map(|r| (r.proxy.clone(), r.closes_per_sec.clone().unwrap_or_default())).collect();
+                std::fs::write(
+                    dir.join(&file),
+                    crate::departures::line_svg("Drain: device connections closed per second", "closes/s", &series),
+                )
+                .map_err(|e| e.to_string())?;
             }
             _ => {}
         }

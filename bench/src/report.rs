@@ -80,6 +80,15 @@ pub struct SwarmReport {
     pub cpu_user_secs: f64,
     pub cpu_sys_secs: f64,
     pub max_rss_kib: u64,
+    /// Connection attempts refused and tried again (storm: 503 + Retry-After, resets).
+    #[serde(default)]
+    pub retries: u64,
+    /// Drain: when each device's connection was closed (Unix ms), and the
+    /// close code it got ("none": the TCP connection ended without one).
+    #[serde(default)]
+    pub close_ms: Vec<u64>,
+    #[serde(default)]
+    pub close_codes: BTreeMap<String, u64>,
 }
 
 /// All swarm processes of one run, added up.
@@ -103,6 +112,12 @@ pub struct SwarmTotal {
     pub mismatched_bytes: u64,
     pub cpu_secs: f64,
     pub max_rss_kib: u64,
+    #[serde(default)]
+    pub retries: u64,
+    #[serde(default)]
+    pub close_ms: Vec<u64>,
+    #[serde(default)]
+    pub close_codes: BTreeMap<String, u64>,
 }
 
 impl SwarmTotal {
@@ -128,6 +143,21 @@ impl SwarmTotal {
             mismatched_bytes: reports.iter().map(|r| r.mismatched_bytes).sum(),
             cpu_secs: reports.iter().map(|r| r.cpu_user_secs + r.cpu_sys_secs).sum(),
             max_rss_kib: reports.iter().map(|r| r.max_rss_kib).max().unwrap_or(0),
+            retries: reports.iter().map(|r| r.retries).sum(),
+            close_ms: {
+                let mut v: Vec<u64> = reports.iter().flat_map(|r| r.close_ms.iter().copied()).collect();
+                v.sort_unstable();
+                v
+            },
+            close_codes: {
+                let mut m = BTreeMap::new();
+                for r in reports {
+                    for (k, v) in &r.close_codes {
+                        *m.entry(k.clone()).or_insert(0) += v;
+                    }
+                }
+                m
+            },
         }
     }
 
@@ -174,6 +204,9 @@ mod tests {
             cpu_user_secs: 1.0,
             cpu_sys_secs: 0.5,
             max_rss_kib: 100 * values.len() as u64,
+            retries: 0,
+            close_ms: Vec::new(),
+            close_codes: BTreeMap::new(),
         }
     }
 

@@ -75,6 +75,24 @@ pub struct RunArgs {
     #[arg(long, default_value = "warn")]
     #[serde(default = "default_log")]
     pub proxy_log: String,
+    /// Storm: TLS handshakes each proxy starts per second (holdfast
+    /// `admission.handshakes_per_sec`, HAProxy `maxsslrate`; nginx has no
+    /// equivalent). 0: no limit.
+    #[arg(long, default_value_t = 0)]
+    #[serde(default)]
+    pub handshakes_per_sec: u32,
+    /// Storm: streams (upstream connections) opened per second (holdfast
+    /// `admission.wsm_opens_per_sec`, HAProxy `rate-limit sessions`, nginx
+    /// `limit_req` with a burst queue). 0: no limit.
+    #[arg(long, default_value_t = 0)]
+    #[serde(default)]
+    pub opens_per_sec: u32,
+    /// Drain: the window, seconds (holdfast `ctl drain --over`, HAProxy
+    /// soft-stop with `close-spread-time` and `hard-stop-after`, nginx
+    /// graceful quit with `worker_shutdown_timeout`).
+    #[arg(long, default_value_t = 30.0)]
+    #[serde(default)]
+    pub drain_over: f64,
 }
 
 /// What runs recorded before the field existed used (holdfast's default then).
@@ -123,6 +141,18 @@ pub struct ScenarioResult {
     pub sock_mem_loaded_bytes: u64,
     /// Time until all devices were back (storm), seconds.
     pub storm_secs: Option<f64>,
+    /// Storm: opens the upstream saw in each second from the storm's start,
+    /// and the most in any sliding second.
+    #[serde(default)]
+    pub opens_per_sec: Option<Vec<u64>>,
+    #[serde(default)]
+    pub opens_peak: Option<u64>,
+    /// Drain: seconds from the drain's start until the last device was closed.
+    #[serde(default)]
+    pub drain_secs: Option<f64>,
+    /// Drain: closes in each second from the drain's start.
+    #[serde(default)]
+    pub closes_per_sec: Option<Vec<u64>>,
     /// Upgrade scenario: SIGUSR2 until the old process exited, seconds.
     #[serde(default)]
     pub upgrade_secs: Option<f64>,

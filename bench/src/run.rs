@@ -261,12 +261,12 @@ fn run_one(proxy: Proxy, a: &RunArgs, pki: &Path, work: &Path) -> Result<Scenari
     let mut up = match proxy {
         Proxy::Holdfast => {
             let mut c = pinned(&sibling("holdfast-wsm"), &ccpus);
-            c.args(["--listen", "127.0.0.1:0", "--log", "warn"]);
+            c.args(["--listen", "127.0.0.1:0", "--log", "warn", "--open-log"]).arg(work.join("opens.log"));
             c
         }
         _ => {
             let mut c = pinned(&std::env::current_exe().map_err(|e| e.to_string())?, &ccpus);
-            c.args(["echo", "--listen", "127.0.0.1:0"]);
+            c.args(["echo", "--listen", "127.0.0.1:0", "--open-log"]).arg(work.join("opens.log"));
             c
         }
     };
@@ -287,14 +287,22 @@ fn run_one(proxy: Proxy, a: &RunArgs, pki: &Path, work: &Path) -> Result<Scenari
     let maxconn = peers::peer_maxconn(m.fd_limit);
     let threads = pcpus.len();
     let mut metrics_port = None;
+    let limits = peers::Limits {
+        handshakes_per_sec: a.handshakes_per_sec,
+        opens_per_sec: a.opens_per_sec,
+        drain_over: (a.scenario == "drain").then_some(a.drain_over),
+    };
     let mut cmd = match proxy {
         Proxy::Holdfast => {
             let mp = free_port();
             metrics_port = Some(mp);
             let cfg = work.join("holdfast.toml");
             let cpus = a.proxy_cpus.clone();
-            std::fs::write(&cfg, peers::holdfast_config(pki, port, &wsms, threads, &cpus, mp, a.moving_per_shard, a.resume_per_sec))
-                .map_err(|e| e.to_string())?;
+            std::fs::write(
+                &cfg,
+                peers::holdfast_config(pki, port, &wsms, threads, &cpus, mp, (a.moving_per_shard, a.resume_per_sec), &limits),
+            )
+            .map_err(|e| e.to_string())?;
             let mut c = pinned(&sibling("holdfast"), &pcpus);
             c.args(["run", "--log", &a.proxy_log, "--config"]).arg(&cfg);
             c
@@ -302,7 +310,8 @@ fn run_one(proxy: Proxy, a: &RunArgs, pki: &Path, work: &Path) -> Result<Scenari
         Proxy::Haproxy => {
             let bin = ensure_installed(proxy)?;
             let cfg = work.join("haproxy.cfg");
-            std::fs::write(&cfg, peers::haproxy_config(pki, port, &up_addr.to_string(), threads, maxconn)).map_err(|e| e.to_string())?;
+            std::fs::write(&cfg, peers::haproxy_config(pki, port, &up_addr.to_string(), threads, maxconn, &limits))
+                .map_err(|e| e.to_string())?;
             let mut c = pinned(&bin, &pcpus);
             c.args(["-db", "-f"]).arg(&cfg);
             c
@@ -310,7 +319,7 @@ fn run_one(proxy: Proxy, a: &RunArgs, pki: &Path, work: &Path) -> Result<Scenari
         Proxy::Nginx => {
             let bin = ensure_installed(proxy)?;
             let cfg = work.join("nginx.conf");
-            std::fs::write(&cfg, peers::nginx_config(pki, work, port, &up_addr.to_string(), threads, maxconn))
+            std::fs::write(&cfg, peers::nginx_config(pki, work, port, &up_addr.to_string(), threads, maxconn, &limits))
                 .map_err(|e| e.to_string())?;
             let mut c = pinned(&bin, &pcpus);
             c.arg("-p").arg(work).arg("-c").arg(&cfg);
@@ -505,7 +514,27 @@ fn run_one(proxy: Proxy, a: &RunArgs, pki: &Path, work: &Path) -> Result<Scenari
         std::thread::sleep(Duration::from_secs(1).saturating_sub(t.elapsed()));
         tell_window(&mut swarm, start, wall_us());
     }
+    // Storm and drain: when they began (Unix ms), for the upstream's open
+    // log and the devices' close times.
+    let (mut storm_start_ms, mut drain_start_ms) = (None, None);
+    if a.scenario == "drain" {
+        drain_start_ms = Some(wall_us() / 1000);
+        let t = Instant::now();
+        crate::departures::start_drain(proxy, proxy_pid, pki, a.drain_over)?;
+        let mut done = 0;
+        let deadline = t + Duration::from_secs_f64(a.drain_over + 60.0);
+        while done < nproc && Instant::now() < deadline {
+            peak = peak.max(rss_kib(&pids()));
+            if let Ok((_, l)) = rx.recv_timeout(Duration::from_millis(50))
+                && l.starts_with("BACK")
+            {
+                done += 1;
+            }
+        }
+        go(&mut swarm);
+    }
     if a.scenario == "storm" {
+        storm_start_ms = Some(wall_us() / 1000);
         let t = Instant::now();
         let mut back = 0;
         let deadline = t + Duration::from_secs(connect_timeout);
@@ -544,6 +573,21 @@ fn run_one(proxy: Proxy, a: &RunArgs, pki: &Path, work: &Path) -> Result<Scenari
         _ => cpu_secs(&pids()),
     };
     drop(swarm);
+    let swarm_total = SwarmTotal::of(&reports);
+    let (opens_per_sec, opens_peak) = match storm_start_ms {
+        Some(since) => {
+            let (per, peak) = crate::departures::opens(&work.join("opens.log"), since);
+            (Some(per), Some(peak))
+        }
+        None => (None, None),
+    };
+    let (closes_per_sec, drain_secs) = match drain_start_ms {
+        Some(since) => {
+            let (per, secs) = crate::departures::closes(&swarm_total.close_ms, since);
+            (Some(per), Some(secs))
+        }
+        None => (None, None),
+    };
     if a.scenario == "upgrade" {
         // The new process is not our child: stop it through its pid file.
         if let Some(pid) = std::fs::read_to_string(pki.join("holdfast.pid")).ok().and_then(|p| p.trim().parse::<i32>().ok()) {
@@ -563,7 +607,7 @@ fn run_one(proxy: Proxy, a: &RunArgs, pki: &Path, work: &Path) -> Result<Scenari
         machine: m,
         args: a.clone(),
         devices_ready: ready,
-        swarm: SwarmTotal::of(&reports),
+        swarm: swarm_total,
         proxy_rss_base_kib: rss_base,
         half_devices,
         proxy_rss_half_kib: rss_half,
@@ -573,6 +617,10 @@ fn run_one(proxy: Proxy, a: &RunArgs, pki: &Path, work: &Path) -> Result<Scenari
         sock_mem_base_bytes: sock_base,
         sock_mem_loaded_bytes: sock_loaded,
         storm_secs,
+        opens_per_sec,
+        opens_peak,
+        drain_secs,
+        closes_per_sec,
         upgrade_secs,
         upgrade_cpu_secs,
         reload_apply_secs,

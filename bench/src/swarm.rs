@@ -40,7 +40,7 @@ pub struct SwarmArgs {
     /// presents the `i mod n`th, instead of every device `--cert`.
     #[arg(long)]
     pub fleet: Option<PathBuf>,
-    /// idle | handshake | message | storm
+    /// idle | handshake | message | storm | drain
     #[arg(long)]
     pub mode: String,
     /// Devices (idle, message, storm) or concurrent handshakers (handshake).
@@ -120,6 +120,9 @@ struct Stats {
     /// upgrade or failover, as the runner reports it), its longest such one.
     pause_window: Histogram<u64>,
     mismatched_bytes: u64,
+    retries: u64,
+    close_ms: Vec<u64>,
+    close_codes: BTreeMap<String, u64>,
 }
 
 impl Stats {
@@ -132,6 +135,9 @@ impl Stats {
             pause: Histogram::new(3).expect("histogram"),
             pause_window: Histogram::new(3).expect("histogram"),
             mismatched_bytes: 0,
+            retries: 0,
+            close_ms: Vec::new(),
+            close_codes: BTreeMap::new(),
             handshakes: 0,
             resumed: 0,
             messages: 0,
@@ -183,6 +189,54 @@ async fn connect_one(cfgs: Fleet, a: &SwarmArgs, i: usize, stats: &Shared) -> Op
         Err(f) => {
             stats.borrow_mut().error(f.0, f.1);
             None
+        }
+    }
+}
+
+/// Connects device `i`, trying again until `deadline` as a device would:
+/// after the proxy's `Retry-After` if it gave one, else after 0.5 to 1.5 s.
+async fn connect_retrying(cfgs: Fleet, a: &SwarmArgs, i: usize, stats: &Shared, deadline: Instant) -> Option<WsClient> {
+    let src = (!a.src.is_empty()).then(|| a.src[i % a.src.len()]);
+    let cfg = cfgs[i % cfgs.len()].clone();
+    let t0 = Instant::now();
+    loop {
+        match WsClient::connect(cfg.clone(), src, a.target, "/bench").await {
+            Ok(c) => {
+                let mut s = stats.borrow_mut();
+                let _ = s.connect.record(t0.elapsed().as_micros() as u64);
+                s.handshakes += 1;
+                s.resumed += c.resumed() as u64;
+                return Some(c);
+            }
+            Err(f) => {
+                if Instant::now() >= deadline {
+                    stats.borrow_mut().error(f.0, f.1);
+                    return None;
+                }
+                stats.borrow_mut().retries += 1;
+                let after = f.1.split("Retry-After:").nth(1).and_then(|s| s.trim().parse::<f64>().ok());
+                let wait = after.unwrap_or_else(|| 0.5 + monoio::utils::thread_rng_n(1000) as f64 / 1000.0);
+                monoio::time::sleep(Duration::from_secs_f64(wait)).await;
+            }
+        }
+    }
+}
+
+/// Waits for the proxy to close the device (drain): when, and with which code.
+async fn wait_closed(mut c: WsClient, stats: Shared) {
+    loop {
+        match c.recv().await {
+            Ok(_) => continue,
+            Err(_) => {
+                let code = match c.closed_with {
+                    Some(Some(code)) => code.to_string(),
+                    _ => "none".into(),
+                };
+                let mut s = stats.borrow_mut();
+                s.close_ms.push(wall_us() / 1000);
+                *s.close_codes.entry(code).or_insert(0) += 1;
+                return;
+            }
         }
     }
 }
@@ -371,10 +425,41 @@ pub fn run(a: SwarmArgs) -> Result<(), String> {
                 drop(held);
                 *stats.borrow_mut() = Stats::new();
                 let t = Instant::now();
-                let a2 = Rc::new(SwarmArgs { rate: 0, ..(*a).clone() });
-                let back = connect_all(&cfg, &a2, &stats).await;
+                // Each device tries again until it is back (obeying Retry-After).
+                let deadline = t + Duration::from_secs_f64(a.duration.max(60.0));
+                let back: Rc<RefCell<Vec<WsClient>>> = Rc::default();
+                let mut hs = Vec::new();
+                for i in 0..a.conns {
+                    let (cfg, a, stats, back) = (cfg.clone(), a.clone(), stats.clone(), back.clone());
+                    hs.push(monoio::spawn(async move {
+                        if let Some(mut c) = connect_retrying(cfg, &a, i, &stats, deadline).await {
+                            if c.send(op::TEXT, b"hello").await.is_ok() && c.recv().await.is_ok() {
+                                back.borrow_mut().push(c);
+                            } else {
+                                stats.borrow_mut().error(ErrorKind::Protocol, "first echo failed".into());
+                            }
+                        }
+                    }));
+                }
+                for h in hs {
+                    h.await;
+                }
                 elapsed = t.elapsed().as_secs_f64();
-                println!("BACK {}", back.len());
+                println!("BACK {}", back.borrow().len());
+                wait_line(&stdin).await;
+            }
+            "drain" => {
+                let held = connect_all(&cfg, &a, &stats).await;
+                println!("READY {}", held.len());
+                wait_line(&stdin).await;
+                // The proxy drains: every device waits for its close.
+                let t = Instant::now();
+                let hs: Vec<_> = held.into_iter().map(|c| monoio::spawn(wait_closed(c, stats.clone()))).collect();
+                for h in hs {
+                    h.await;
+                }
+                elapsed = t.elapsed().as_secs_f64();
+                println!("BACK 0");
                 wait_line(&stdin).await;
             }
             "handshake" => {
@@ -452,6 +537,9 @@ pub fn run(a: SwarmArgs) -> Result<(), String> {
             cpu_user_secs: user,
             cpu_sys_secs: sys,
             max_rss_kib: rss,
+            retries: s.retries,
+            close_ms: s.close_ms.clone(),
+            close_codes: s.close_codes.clone(),
         }
     });
     println!("REPORT {}", serde_json::to_string(&report).map_err(|e| e.to_string())?);
