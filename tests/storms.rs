@@ -478,3 +478,28 @@ fn reload_migrate_over_moves_devices_of_the_old_certificate_only() {
     assert!(new.finish().iter().all(|f| f.closed.is_none()), "new handshakes are not migrated");
     assert_eq!(sum(&p, "holdfast_connections_paced_close_total", "reason=\"migrate\""), 60);
 }
+
+#[test]
+fn above_the_memory_budget_set_by_a_reload_new_devices_are_shed_and_established_ones_stay() {
+    let pki = Pki::new();
+    let wsm = start_wsm(pki.path(), "wsm-a");
+    let p = proxy(&pki, wsm.addr, 2, "", "");
+    let held = Swarm::start(&pki, p.addr, 10, Duration::from_millis(300));
+    held.wait_settled(30);
+    assert!(held.fates().iter().all(|f| f.connected.is_some()));
+    // A budget every process is above: 1 MiB.
+    let cfg = p.config.clone().unwrap();
+    let text = std::fs::read_to_string(&cfg).unwrap() + "\n[admission]\nmax_memory_mb = 1\n";
+    std::fs::write(&cfg, text).unwrap();
+    kill(Pid::from_raw(p.child.id() as i32), Signal::SIGHUP).unwrap();
+    eventually(10, "the reload", || single(&p, "holdfast_config_generation") >= 2);
+    let extra = Swarm::start(&pki, p.addr, 5, Duration::from_millis(300));
+    extra.wait_settled(30);
+    for f in extra.fates() {
+        let r = f.refused.unwrap_or_else(|| panic!("above the budget a device is refused: {f:?}"));
+        assert!(r.starts_with("HTTP/1.1 503 ") && retry_after(&r).is_some(), "{r}");
+    }
+    assert_eq!(sum(&p, "holdfast_admission_shed_total", "limit=\"memory\""), 5);
+    held.still_talking("above the memory budget");
+    assert!(held.finish().iter().all(|f| f.closed.is_none() && f.error.is_none()));
+}

@@ -408,3 +408,22 @@ fn expanded_keys_are_dropped_after_a_quiet_while() {
     p.settle();
     assert_eq!(messages(&p.wsm_got(0)), ["warm", "still works"]);
 }
+
+#[test]
+fn a_paced_close_sends_its_code_and_the_wsm_hears_device_gone() {
+    use crate::session::end::Paced;
+    for (why, code, sent) in [(Paced::Drain, 1012, 1012), (Paced::Stop, 1001, 1001), (Paced::Age, 1001, 1001), (Paced::Migrate, 999, 1001)] {
+        let mut p = Pair::new();
+        p.device_text("before");
+        p.settle();
+        let e = p.core.paced(why, code);
+        p.end_with(e);
+        assert!(matches!(p.end, Some(End::Paced(w, c)) if w == why && c == sent), "{why:?}: {:?}", p.end);
+        let got = p.device_got();
+        assert_eq!(close_of(&got), Some(sent), "{why:?}: a close frame (an invalid code becomes 1001)");
+        let frames = p.wsm_got(0);
+        assert_eq!(messages(&frames), ["before"], "{why:?}: what the device sent went first");
+        assert_eq!(stream_close(&frames), Some((CloseReason::DeviceGone, sent)), "{why:?}");
+        assert_eq!(End::Paced(why, sent).tls_goodbye(), crate::session::end::TlsGoodbye::CloseNotify);
+    }
+}
