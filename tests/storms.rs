@@ -496,7 +496,7 @@ fn above_the_memory_budget_set_by_a_reload_new_devices_are_shed_and_established_
     let extra = Swarm::start(&pki, p.addr, 5, Duration::from_millis(300));
     extra.wait_settled(30);
     for f in extra.fates() {
-        let r = f.refused.unwrap_or_else(|| panic!("above the budget a device is refused: {f:?}"));
+        let r = f.refused.clone().unwrap_or_else(|| panic!("above the budget a device is refused: {f:?}"));
         assert!(r.starts_with("HTTP/1.1 503 ") && retry_after(&r).is_some(), "{r}");
     }
     assert_eq!(sum(&p, "holdfast_admission_shed_total", "limit=\"memory\""), 5);

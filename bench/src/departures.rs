@@ -5,6 +5,8 @@
 use std::path::Path;
 
 use crate::peers::Proxy;
+use crate::report::ratio_lower_better;
+use crate::result::ScenarioResult;
 
 /// Starts the proxy's drain over `over` seconds: holdfast's `ctl drain`,
 /// HAProxy's soft stop (SIGUSR1: its config spreads closes with
@@ -76,23 +78,6 @@ pub fn flatness(per_sec: &[u64]) -> f64 {
     let mean = total as f64 / per_sec.len() as f64;
     *busy.iter().max().unwrap_or(&0) as f64 / mean
 }
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn seconds_count_from_the_start_and_flatness_is_peak_over_mean() {
-        assert_eq!(per_second(&[1000, 1500, 2999, 4000], 1000), vec![2, 1, 0, 1]);
-        assert_eq!(closes(&[1000, 3500], 1000), (vec![1, 0, 1], 2.5));
-        assert!((flatness(&[10, 10, 10]) - 1.0).abs() < 1e-9);
-        assert!((flatness(&[0, 0, 30]) - 3.0).abs() < 1e-9, "all in the last second of three");
-        assert_eq!(flatness(&[]), 0.0);
-    }
-}
-
-use crate::report::ratio_lower_better;
-use crate::result::ScenarioResult;
 
 fn ratio(r: Option<f64>) -> String {
     r.map(|x| format!("**{x:.2}x**")).unwrap_or_else(|| "n/a".into())
@@ -215,4 +200,18 @@ pub fn line_svg(title: &str, unit: &str, series: &[(String, Vec<u64>)]) -> Strin
     }
     s.push_str("</svg>\n");
     s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn seconds_count_from_the_start_and_flatness_is_peak_over_mean() {
+        assert_eq!(per_second(&[1000, 1500, 2999, 4000], 1000), vec![2, 1, 0, 1]);
+        assert_eq!(closes(&[1000, 3500], 1000), (vec![1, 0, 1], 2.5));
+        assert!((flatness(&[10, 10, 10]) - 1.0).abs() < 1e-9);
+        assert!((flatness(&[0, 0, 30]) - 3.0).abs() < 1e-9, "all in the last second of three");
+        assert_eq!(flatness(&[]), 0.0);
+    }
 }

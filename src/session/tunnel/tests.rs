@@ -412,7 +412,8 @@ fn expanded_keys_are_dropped_after_a_quiet_while() {
 #[test]
 fn a_paced_close_sends_its_code_and_the_wsm_hears_device_gone() {
     use crate::session::end::Paced;
-    for (why, code, sent) in [(Paced::Drain, 1012, 1012), (Paced::Stop, 1001, 1001), (Paced::Age, 1001, 1001), (Paced::Migrate, 999, 1001)] {
+    for (why, code, sent) in [(Paced::Drain, 1012, 1012), (Paced::Stop, 1001, 1001), (Paced::Age, 1001, 1001), (Paced::Migrate, 999, 1001)]
+    {
         let mut p = Pair::new();
         p.device_text("before");
         p.settle();
