@@ -234,4 +234,73 @@ mod tests {
         q.set_limits(None, 100, WAIT, t);
         assert_eq!(q.grant(t), vec![0, 1, 2]);
     }
+
+    proptest::proptest! {
+        /// Whatever arrives when, and whoever gives up: opens (new and
+        /// resumed) in any second never pass the rate plus the burst, the
+        /// waiting open in arrival order, nobody waits past the limit
+        /// unanswered, and the queue never holds more than its bound.
+        #[test]
+        fn the_rate_order_bound_and_wait_hold_for_any_storm(
+            rate in 1u32..200,
+            cap in 1usize..50,
+            wait_ms in 1u64..3000,
+            events in proptest::collection::vec((0u64..50, 0u8..10), 1..400),
+        ) {
+            let t0 = Instant::now();
+            let wait = Duration::from_millis(wait_ms);
+            let mut q = OpenQueue::new(Some(rate as f64), cap, wait, t0);
+            let mut now = t0;
+            let mut opens: Vec<Instant> = Vec::new();
+            let mut waiting: std::collections::VecDeque<(Ticket, Instant)> = Default::default();
+            let mut last_granted: Option<Ticket> = None;
+            let mut settle = |q: &mut OpenQueue, now: Instant, opens: &mut Vec<Instant>, waiting: &mut std::collections::VecDeque<(Ticket, Instant)>, last: &mut Option<Ticket>| {
+                for t in q.grant(now) {
+                    proptest::prop_assert!(last.is_none_or(|l| t > l), "granted out of order");
+                    *last = Some(t);
+                    opens.push(now);
+                    waiting.retain(|(w, _)| *w != t);
+                }
+                for t in q.expired(now) {
+                    let (_, at) = waiting.iter().find(|(w, _)| *w == t).copied().unwrap();
+                    proptest::prop_assert!(now.duration_since(at) >= wait);
+                    waiting.retain(|(w, _)| *w != t);
+                }
+                for (_, at) in waiting.iter() {
+                    proptest::prop_assert!(now.duration_since(*at) <= wait + Duration::from_millis(50), "waited past the limit");
+                }
+                proptest::prop_assert!(q.len() <= cap);
+                Ok(())
+            };
+            for (gap, what) in events {
+                let step = now + Duration::from_millis(gap);
+                while now < step {
+                    now = (now + Duration::from_millis(10)).min(step);
+                    settle(&mut q, now, &mut opens, &mut waiting, &mut last_granted)?;
+                }
+                match what {
+                    0..=6 => match q.enter(now) {
+                        Enter::Now => opens.push(now),
+                        Enter::Wait(t) => waiting.push_back((t, now)),
+                        Enter::Full => proptest::prop_assert_eq!(q.len(), cap),
+                    },
+                    7 => {
+                        if q.take_resume(now) {
+                            opens.push(now);
+                        }
+                    }
+                    _ => {
+                        if let Some((t, _)) = waiting.pop_front() {
+                            q.abandon(t);
+                        }
+                    }
+                }
+            }
+            let burst = (rate as f64 * super::super::bucket::BURST.as_secs_f64()).max(1.0);
+            for (i, t) in opens.iter().enumerate() {
+                let in_second = opens[i..].iter().take_while(|u| u.duration_since(*t) < Duration::from_secs(1)).count();
+                proptest::prop_assert!(in_second as f64 <= rate as f64 + burst + 1.0, "{in_second} opens in a second at {rate}/s");
+            }
+        }
+    }
 }
