@@ -254,7 +254,7 @@ mod tests {
             let mut opens: Vec<Instant> = Vec::new();
             let mut waiting: std::collections::VecDeque<(Ticket, Instant)> = Default::default();
             let mut last_granted: Option<Ticket> = None;
-            let mut settle = |q: &mut OpenQueue, now: Instant, opens: &mut Vec<Instant>, waiting: &mut std::collections::VecDeque<(Ticket, Instant)>, last: &mut Option<Ticket>| {
+            let settle = |q: &mut OpenQueue, now: Instant, opens: &mut Vec<Instant>, waiting: &mut std::collections::VecDeque<(Ticket, Instant)>, last: &mut Option<Ticket>| {
                 for t in q.grant(now) {
                     proptest::prop_assert!(last.is_none_or(|l| t > l), "granted out of order");
                     *last = Some(t);
