@@ -172,7 +172,7 @@ pub struct ShardMetrics {
     /// Connections holdfast closed at a moment it chose, indexed like `Paced::ALL`.
     pub paced: [AtomicU64; 4],
     /// Connections closed for a bad TLS record, indexed like `RecordError::LABELS`.
-    pub tls_record_errors: [AtomicU64; 8],
+    pub tls_record_errors: [AtomicU64; 9],
     /// WebSocket closes holdfast sent for bad device input, by close code.
     pub ws_closed_1002: AtomicU64,
     pub ws_closed_1007: AtomicU64,

@@ -83,8 +83,10 @@ impl Running {
     /// Stops the drain: connections not yet closed stay, and the node
     /// accepts again on freshly bound listeners.
     pub fn cancel_drain(&mut self) -> Result<(), String> {
-        if self.draining.is_none() {
-            return Err("no drain is under way".into());
+        match &self.draining {
+            None => return Err("no drain is under way".into()),
+            Some(d) if d.why == Paced::Stop => return Err("the node is stopping (SIGTERM): a stop cannot be cancelled".into()),
+            Some(_) => {}
         }
         let cfg = self.generation.cfg.clone();
         let mut sockets = Vec::new();

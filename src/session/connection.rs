@@ -282,7 +282,7 @@ impl Setup {
                 let early = request.split_off(used);
                 self.open(now, rl, *identity, r, early);
             }
-            Ok(None) if closed => self.end(End::DeviceClosed, Some(rl)),
+            Ok(None) if closed => self.end(End::CloseNotify, Some(rl)),
             Ok(None) => self.state = State::Upgrading { rl, identity, request },
             Err(e) => self.refuse(rl, setup::bad_upgrade(e.status, e.reason), false),
         }

@@ -27,6 +27,10 @@ pub enum End {
     Ws(WsError),
     /// The device sent a WebSocket close.
     DeviceClosed,
+    /// The device sent TLS close_notify (without a WebSocket close): it is
+    /// answered with close_notify (RFC 8446 6.1), its stream closed as
+    /// "device gone".
+    CloseNotify,
     NoWsm,
     WsmRefused(u16),
     WsmTimeout,
@@ -117,6 +121,7 @@ impl End {
         let (code, text): (u16, String) = match self {
             End::WsmClosed | End::LinkLost | End::HandedOver => return None,
             End::DeviceClosed => (device_code, String::new()),
+            End::CloseNotify => (close::GOING_AWAY, "device closed its TLS session".into()),
             End::Ws(e) => (e.code, e.reason.to_string()),
             End::Idle => (close::GOING_AWAY, "idle timeout".into()),
             End::PartialEvicted => (close::POLICY, "partial record held too long".into()),
@@ -143,6 +148,7 @@ impl Blamed for End {
     fn blame(&self) -> Blame {
         match self {
             End::Io(_) | End::Eof | End::Refused(_) | End::BadUpgrade(..) | End::Ws(_) | End::DeviceClosed | End::Idle => Blame::Device,
+            End::CloseNotify => Blame::Device,
             End::WriteStall | End::PartialEvicted => Blame::Device,
             End::Record(e) => e.blame(),
             End::NoWsm | End::WsmRefused(_) | End::WsmTimeout | End::WsmClosed | End::LinkLost => Blame::Wsm,
@@ -176,6 +182,7 @@ impl Blamed for End {
             End::BadUpgrade(..) => "bad_upgrade",
             End::Ws(_) => "websocket",
             End::DeviceClosed => "device_closed",
+            End::CloseNotify => "close_notify",
             End::NoWsm => "no_wsm",
             End::WsmRefused(_) => "wsm_refused",
             End::WsmTimeout => "wsm_timeout",
@@ -217,6 +224,11 @@ mod tests {
         assert_eq!(End::Eof.tls_goodbye(), TlsGoodbye::Nothing);
         assert_eq!(End::WriteStall.tls_goodbye(), TlsGoodbye::Nothing, "a device that does not read gets nothing more");
         assert_eq!(End::Idle.tls_goodbye(), TlsGoodbye::CloseNotify);
+        assert_eq!(End::CloseNotify.tls_goodbye(), TlsGoodbye::CloseNotify, "a device's close_notify is answered with one (RFC 8446 6.1)");
+        assert_eq!(
+            End::CloseNotify.stream_close(1005),
+            Some((CloseReason::DeviceGone, close::GOING_AWAY, "device closed its TLS session".into()))
+        );
     }
 
     #[test]

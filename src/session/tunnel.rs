@@ -349,7 +349,8 @@ impl Tunnel {
         }
         let closed = opened.map_err(End::Record)?;
         self.act(now, w)?;
-        if closed { Err(End::Eof) } else { Ok(()) }
+        // close_notify: answered with one, the stream closed as device gone.
+        if closed { Err(End::CloseNotify) } else { Ok(()) }
     }
 
     /// Bytes received before the tunnel began (plaintext after the upgrade

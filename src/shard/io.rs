@@ -259,7 +259,7 @@ impl Device {
                     tracing::info!(device = %self.addr, conn = %self.id, reason = e.reason.label(), detail = %e.detail, "handshake refused")
                 }
             },
-            End::Eof | End::DeviceClosed => tracing::debug!(device = %self.addr, conn = %self.id, "device closed"),
+            End::Eof | End::DeviceClosed | End::CloseNotify => tracing::debug!(device = %self.addr, conn = %self.id, "device closed"),
             End::HandedOver => {
                 ShardMetrics::inc(&self.shard.metrics.connections_handed_over_total);
                 tracing::debug!(device = %self.addr, conn = %self.id, "handed over to the new process")

@@ -102,6 +102,8 @@ pub struct Handshake {
     /// Who judges a resumed session, and the wall clock (Unix seconds) it
     /// judges validity at.
     admit: Option<(Arc<DeviceVerifier>, i64)>,
+    /// The first bytes were screened (`tls::hello`): a ClientHello rustls may answer.
+    screened: bool,
 }
 
 /// A plaintext fatal alert record (sent before any key is in use).
@@ -119,7 +121,7 @@ impl Handshake {
         admit: Option<(Arc<DeviceVerifier>, i64)>,
     ) -> Result<Self, HandshakeError> {
         let conn = ServerConnection::new(config).map_err(|e| HandshakeError::new(Refusal::BadHandshake, e.to_string()))?;
-        Ok(Handshake { conn, captured: Captured::default(), inbuf: Vec::new(), key_update_after, admit })
+        Ok(Handshake { conn, captured: Captured::default(), inbuf: Vec::new(), key_update_after, admit, screened: false })
     }
 
     /// Once rustls has accepted a resumption (it knows the session's
@@ -151,6 +153,18 @@ impl Handshake {
     /// the alert that explains a refusal).
     pub fn feed(&mut self, bytes: &[u8], out: &mut Vec<u8>) -> Result<Progress, HandshakeError> {
         self.inbuf.extend_from_slice(bytes);
+        if !self.screened {
+            // Not TLS, or too old a TLS: told at once, not at the timeout.
+            match super::hello::screen(&self.inbuf) {
+                super::hello::First::NeedMore => return Ok(Progress::Continue),
+                super::hello::First::Tls => self.screened = true,
+                other => {
+                    let (reply, why) = other.refusal().unwrap_or_default();
+                    out.extend_from_slice(&reply);
+                    return Err(HandshakeError::new(Refusal::BadHandshake, why));
+                }
+            }
+        }
         while self.conn.is_handshaking() {
             let Some(len) = RecordLayer::record_len(&self.inbuf) else {
                 break;
@@ -172,6 +186,13 @@ impl Handshake {
             self.captured = CAPTURE.with(|c| c.borrow_mut().take()).unwrap_or_default();
             if let Err(e) = res {
                 let reason = Refusal::of(&e);
+                if reason == Refusal::NoCertificate && self.conn.protocol_version() == Some(ProtocolVersion::TLSv1_2) {
+                    // rustls says certificate_required, a TLS 1.3 alert; TLS 1.2
+                    // has handshake_failure for it (RFC 5246 7.4.6). The
+                    // server has not changed cipher spec yet: in the clear.
+                    out.extend_from_slice(&plain_alert(super::record::alert::HANDSHAKE_FAILURE));
+                    return Err(HandshakeError { reason, detail: e.to_string(), presented: super::verify::take_refused_leaf() });
+                }
                 return Err(self.fail(reason, e.to_string(), out));
             }
             self.judge_resumption(out)?;

@@ -3,6 +3,7 @@
 pub mod blocklist;
 pub mod certmap;
 pub mod handshake;
+pub mod hello;
 pub mod keys;
 pub mod labels;
 pub mod record;

@@ -37,7 +37,10 @@ pub mod alert {
     pub const UNEXPECTED_MESSAGE: u8 = 10;
     pub const BAD_RECORD_MAC: u8 = 20;
     pub const RECORD_OVERFLOW: u8 = 22;
+    pub const HANDSHAKE_FAILURE: u8 = 40;
+    pub const ILLEGAL_PARAMETER: u8 = 47;
     pub const DECODE_ERROR: u8 = 50;
+    pub const PROTOCOL_VERSION: u8 = 70;
     pub const INTERNAL_ERROR: u8 = 80;
     pub const USER_CANCELED: u8 = 90;
     pub const NO_RENEGOTIATION: u8 = 100;
@@ -61,6 +64,10 @@ pub enum RecordError {
     UnexpectedMessage(u8),
     #[error("malformed record or message")]
     Decode,
+    /// A field with a value the protocol does not allow (a KeyUpdate whose
+    /// request_update is neither 0 nor 1).
+    #[error("illegal parameter")]
+    IllegalParameter,
     #[error("peer sent fatal alert {0}")]
     PeerAlert(u8),
     #[error("data after close_notify")]
@@ -73,11 +80,12 @@ pub enum RecordError {
 
 impl RecordError {
     /// Every label [`Blamed::label`] gives, in a fixed order (metrics).
-    pub const LABELS: [&'static str; 8] = [
+    pub const LABELS: [&'static str; 9] = [
         "bad_record_mac",
         "record_overflow",
         "unexpected_message",
         "decode_error",
+        "illegal_parameter",
         "peer_alert",
         "after_close",
         "seq_exhausted",
@@ -91,6 +99,7 @@ impl RecordError {
             RecordError::RecordOverflow => Some(alert::RECORD_OVERFLOW),
             RecordError::UnexpectedMessage(_) | RecordError::AfterClose => Some(alert::UNEXPECTED_MESSAGE),
             RecordError::Decode => Some(alert::DECODE_ERROR),
+            RecordError::IllegalParameter => Some(alert::ILLEGAL_PARAMETER),
             RecordError::PeerAlert(_) => None,
             RecordError::SeqExhausted | RecordError::Internal(_) => Some(alert::INTERNAL_ERROR),
         }
@@ -259,9 +268,11 @@ impl RecordLayer {
             return Ok(Opened::NeedMore);
         };
         let ctype = input[0];
-        // After the handshake both versions put 03 03 on every record; the
-        // TLS 1.2 AAD does not cover these bytes, so check them here.
-        if input[1..3] != [3, 3] {
+        // TLS 1.2 puts 03 03 on every record after the handshake and its AAD
+        // does not cover these bytes, so they are checked here. TLS 1.3's
+        // legacy_record_version "MUST be ignored for all purposes" (RFC 8446
+        // 5.1; the AAD covers the bytes as sent).
+        if self.state.version == Version::Tls12 && input[1..3] != [3, 3] {
             return Err(RecordError::Decode);
         }
         if total - HEADER_LEN > self.max_ciphertext() {
@@ -384,9 +395,12 @@ impl RecordLayer {
     fn on_handshake_message(&mut self, typ: u8, body: &[u8], out: &mut Vec<u8>) -> Result<(), RecordError> {
         match (self.state.version, typ) {
             (Version::Tls13, HS_KEY_UPDATE) => {
+                // RFC 8446 4.6.3: request_update is 0 or 1; any other value
+                // is an illegal_parameter, a wrong length a decode_error.
                 let request = match body {
                     [0] => false,
                     [1] => true,
+                    [_] => return Err(RecordError::IllegalParameter),
                     _ => return Err(RecordError::Decode),
                 };
                 // A KeyUpdate must end its record: data after it would be
@@ -471,6 +485,12 @@ impl RecordLayer {
     }
 
     fn seal_record(&mut self, ctype: u8, data: &[u8], out: &mut Vec<u8>) -> Result<(), RecordError> {
+        self.seal_record_as(ctype, data, out, [3, 3])
+    }
+
+    /// As `seal_record`, with this TLS 1.3 legacy_record_version (tests:
+    /// a peer that writes 03 01 there, which the receiver must ignore).
+    fn seal_record_as(&mut self, ctype: u8, data: &[u8], out: &mut Vec<u8>, legacy: [u8; 2]) -> Result<(), RecordError> {
         if self.state.tx.seq == u64::MAX {
             return Err(RecordError::SeqExhausted);
         }
@@ -478,7 +498,7 @@ impl RecordLayer {
         match self.state.version {
             Version::Tls13 => {
                 let len = data.len() + 1 + TAG_LEN;
-                let header = [CT_APPDATA, 3, 3, (len >> 8) as u8, len as u8];
+                let header = [CT_APPDATA, legacy[0], legacy[1], (len >> 8) as u8, len as u8];
                 out.extend_from_slice(&header);
                 let start = out.len();
                 out.extend_from_slice(data);
@@ -548,10 +568,11 @@ impl crate::blame::Blamed for RecordError {
             RecordError::RecordOverflow => Self::LABELS[1],
             RecordError::UnexpectedMessage(_) => Self::LABELS[2],
             RecordError::Decode => Self::LABELS[3],
-            RecordError::PeerAlert(_) => Self::LABELS[4],
-            RecordError::AfterClose => Self::LABELS[5],
-            RecordError::SeqExhausted => Self::LABELS[6],
-            RecordError::Internal(_) => Self::LABELS[7],
+            RecordError::IllegalParameter => Self::LABELS[4],
+            RecordError::PeerAlert(_) => Self::LABELS[5],
+            RecordError::AfterClose => Self::LABELS[6],
+            RecordError::SeqExhausted => Self::LABELS[7],
+            RecordError::Internal(_) => Self::LABELS[8],
         }
     }
 }

@@ -170,6 +170,14 @@ impl Decoder {
                     }
                     f.pos += n as u64;
                     f.remaining -= n as u64;
+                    // Text fails at its first invalid byte, not at the end
+                    // of the message (RFC 6455 8.1: fail fast).
+                    if f.opcode < op::CLOSE
+                        && let Some((true, data)) = &self.msg
+                        && !utf8_so_far(data, start)
+                    {
+                        return Err(WsError { code: close::INVALID_DATA, reason: "text message is not UTF-8" });
+                    }
                     if f.remaining == 0 {
                         self.end_frame(events)?;
                     }
@@ -283,6 +291,28 @@ impl Decoder {
             _ => {}
         }
         Ok(())
+    }
+}
+
+/// Whether `data`, whose first `checked` bytes were valid UTF-8 but for an
+/// unfinished last character, still is, with an unfinished last character
+/// allowed (the rest of the message may complete it). Only what follows
+/// the last character boundary before `checked` is looked at again.
+fn utf8_so_far(data: &[u8], checked: usize) -> bool {
+    let mut from = checked.min(data.len());
+    // Back to the start of a character: at most three continuation bytes.
+    let mut back = 0;
+    while from > 0 && back < 3 && data[from - 1] & 0xc0 == 0x80 {
+        from -= 1;
+        back += 1;
+    }
+    if from > 0 && data[from - 1] >= 0xc0 {
+        from -= 1;
+    }
+    match std::str::from_utf8(&data[from..]) {
+        Ok(_) => true,
+        // Invalid only if a bad byte shows; an unfinished last character may still be completed.
+        Err(e) => e.error_len().is_none(),
     }
 }
 

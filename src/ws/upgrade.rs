@@ -52,24 +52,27 @@ pub fn parse(buf: &[u8], max_bytes: usize, forward: &[String]) -> Result<Option<
     if req.version != Some(1) {
         return Err(bad("HTTP/1.1 required"));
     }
-    let target = req.path.unwrap_or("/");
-    if !target.starts_with('/') {
-        return Err(bad("request target must be a path"));
-    }
+    let target = origin_form(req.path.unwrap_or("/")).ok_or(bad("request target must be a path or an absolute URI"))?;
+    let target = target.as_str();
     let (path, query) = target.split_once('?').unwrap_or((target, ""));
     let mut out = UpgradeRequest { path: path.to_string(), query: query.to_string(), ..Default::default() };
-    let (mut upgrade, mut connection, mut version, mut host) = (false, false, None, false);
+    let (mut upgrade, mut connection, mut version, mut hosts, mut keys) = (false, false, None, 0, 0);
     for h in req.headers.iter() {
         let name = h.name.to_ascii_lowercase();
         let Ok(value) = std::str::from_utf8(h.value) else {
             return Err(bad("header value is not UTF-8"));
         };
         match name.as_str() {
-            "host" => host = true,
+            "host" => hosts += 1,
             "upgrade" => upgrade |= header_has_token(value, "websocket"),
             "connection" => connection |= header_has_token(value, "upgrade"),
+            // Given twice, neither is the one (RFC 6455 11.3.5).
+            "sec-websocket-version" if version.is_some() => return Err(bad("Sec-WebSocket-Version given twice")),
             "sec-websocket-version" => version = Some(value.trim().to_string()),
-            "sec-websocket-key" => out.key = value.trim().to_string(),
+            "sec-websocket-key" => {
+                keys += 1;
+                out.key = value.trim().to_string();
+            }
             "sec-websocket-protocol" => {
                 out.subprotocols.extend(value.split(',').map(|s| s.trim().to_string()).filter(|s| !s.is_empty()));
             }
@@ -79,8 +82,14 @@ pub fn parse(buf: &[u8], max_bytes: usize, forward: &[String]) -> Result<Option<
             out.headers.push((name, value.to_string()));
         }
     }
-    if !host {
-        return Err(bad("missing Host"));
+    // RFC 9112 3.2: exactly one Host (none, or more than one, is a 400).
+    match hosts {
+        0 => return Err(bad("missing Host")),
+        1 => {}
+        _ => return Err(bad("Host given twice")),
+    }
+    if keys > 1 {
+        return Err(bad("Sec-WebSocket-Key given twice")); // RFC 6455 11.3.1
     }
     if !upgrade || !connection {
         return Err(UpgradeError { status: 426, reason: "WebSocket upgrade required" });
@@ -93,6 +102,27 @@ pub fn parse(buf: &[u8], max_bytes: usize, forward: &[String]) -> Result<Option<
         _ => return Err(bad("Sec-WebSocket-Key must be 16 bytes in base64")),
     }
     Ok(Some((out, consumed)))
+}
+
+/// The origin-form (`/path?query`) of a request target: as it is, or taken
+/// from an absolute-form target (`https://host/path?query`), which a
+/// server must accept (RFC 9112 3.2.2). `None` for anything else (`*`,
+/// authority-form, a relative path).
+fn origin_form(target: &str) -> Option<String> {
+    if target.starts_with('/') {
+        return Some(target.to_string());
+    }
+    let (scheme, rest) = target.split_once("://")?;
+    if !["http", "https", "ws", "wss"].iter().any(|s| s.eq_ignore_ascii_case(scheme)) {
+        return None;
+    }
+    // After the authority: the path, or the query if there is no path
+    // (`https://host?x` and `https://host` have the empty path, "/").
+    Some(match rest.find(['/', '?']) {
+        Some(i) if rest[i..].starts_with('/') => rest[i..].to_string(),
+        Some(i) => format!("/{}", &rest[i..]),
+        None => "/".to_string(),
+    })
 }
 
 /// Sec-WebSocket-Accept for a Sec-WebSocket-Key.
@@ -218,6 +248,40 @@ mod tests {
         assert_eq!(parse(no_key.as_bytes(), 8192, &[]).unwrap_err().status, 400);
         let old = REQ.replace("Version: 13", "Version: 8");
         assert_eq!(parse(old.as_bytes(), 8192, &[]).unwrap_err().status, 426);
+    }
+
+    #[test]
+    fn a_header_that_must_be_single_given_twice_is_a_400() {
+        // RFC 9112 3.2 (Host), RFC 6455 11.3.1 (Key) and 11.3.5 (Version).
+        for (twice, what) in [
+            ("Host: h\r\n", "Host"),
+            ("Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n", "Sec-WebSocket-Key"),
+            ("Sec-WebSocket-Version: 13\r\n", "Sec-WebSocket-Version"),
+        ] {
+            let req = REQ.replacen(twice, &format!("{twice}{twice}"), 1);
+            let e = parse(req.as_bytes(), 8192, &[]).unwrap_err();
+            assert_eq!(e.status, 400, "{what} twice");
+            assert!(e.reason.contains(what), "{what}: {}", e.reason);
+        }
+    }
+
+    #[test]
+    fn an_absolute_form_target_is_accepted_as_its_path() {
+        // RFC 9112 3.2.2: a server must accept the absolute form.
+        for (target, path, query) in [
+            ("https://edge.example:443/dev/ice?x=1", "/dev/ice", "x=1"),
+            ("wss://edge.example/", "/", ""),
+            ("HTTPS://edge.example", "/", ""),
+            ("https://edge.example?x=1", "/", "x=1"),
+        ] {
+            let req = REQ.replacen("/dev/ice?x=1", target, 1);
+            let (r, _) = parse(req.as_bytes(), 8192, &[]).unwrap().unwrap_or_else(|| panic!("{target}"));
+            assert_eq!((r.path.as_str(), r.query.as_str()), (path, query), "{target}");
+        }
+        for bad_target in ["*", "edge.example:443", "dev/ice", "ftp://x/y"] {
+            let req = REQ.replacen("/dev/ice?x=1", bad_target, 1);
+            assert_eq!(parse(req.as_bytes(), 8192, &[]).unwrap_err().status, 400, "{bad_target}");
+        }
     }
 
     #[test]

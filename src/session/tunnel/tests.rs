@@ -142,7 +142,7 @@ fn bad_frames_are_closed_with_their_code() {
 }
 
 #[test]
-fn a_corrupted_record_ends_with_an_alert_and_close_notify_with_eof() {
+fn a_corrupted_record_ends_with_an_alert() {
     let mut p = Pair::new();
     p.device_text("ok");
     let n = p.to_core.len();
@@ -151,10 +151,19 @@ fn a_corrupted_record_ends_with_an_alert_and_close_notify_with_eof() {
     assert!(matches!(p.end, Some(End::Record(crate::tls::record::RecordError::BadRecordMac))));
     assert!(p.dev_tls_closed, "the device gets the alert");
     assert_eq!(stream_close(&p.wsm_got(0)), Some((CloseReason::DeviceGone, 1006)));
+}
+
+#[test]
+fn a_devices_close_notify_is_answered_with_close_notify_and_its_stream_closed_as_gone() {
     let mut p = Pair::new();
+    p.device_text("last words");
     p.device_close_notify();
     p.settle();
-    assert!(matches!(p.end, Some(End::Eof)));
+    assert!(matches!(p.end, Some(End::CloseNotify)), "{:?}", p.end);
+    assert!(p.dev_tls_closed, "the device gets close_notify back (RFC 8446 6.1), not a bare TCP close");
+    let frames = p.wsm_got(0);
+    assert_eq!(messages(&frames), ["last words"], "what came before the close_notify is delivered");
+    assert_eq!(stream_close(&frames), Some((CloseReason::DeviceGone, close::GOING_AWAY)));
 }
 
 #[test]

@@ -249,3 +249,104 @@ fn a_resumed_session_needs_its_issuer_still_configured_and_validity_unless_ignor
     assert_eq!(ctx.verifier.admits_resumed(&chain("oven-1"), now + 100 * 365 * 86_400), Err(Refusal::Expired));
     assert_eq!(ctx.verifier.admits_resumed(&[], now), Err(Refusal::NoCertificate));
 }
+
+/// The first alert record in `out`, if `out` is a plaintext alert record.
+fn plain_alert_in(out: &[u8]) -> Option<u8> {
+    (out.len() >= 7 && out[0] == 21 && out[3..5] == [0, 2]).then(|| out[6])
+}
+
+/// A client config with no client certificate, for one version.
+fn anonymous_client(dir: &std::path::Path, v13: bool) -> ClientConnection {
+    let mut roots = RootCertStore::empty();
+    roots.add(CertificateDer::from_pem_file(dir.join("server-ca.pem")).unwrap()).unwrap();
+    let version: &'static rustls::SupportedProtocolVersion = if v13 { &rustls::version::TLS13 } else { &rustls::version::TLS12 };
+    let cfg = ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
+        .with_protocol_versions(&[version])
+        .unwrap()
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    ClientConnection::new(Arc::new(cfg), "localhost".try_into().unwrap()).unwrap()
+}
+
+#[test]
+fn no_client_certificate_is_handshake_failure_in_tls12_and_certificate_required_in_tls13() {
+    let dir = tempfile::tempdir().unwrap();
+    let ctx = setup(dir.path());
+    // TLS 1.2 (RFC 5246 7.4.6): handshake_failure, in the clear.
+    let mut c = anonymous_client(dir.path(), false);
+    let mut hs = Handshake::new(ctx.server.clone(), 0, None).unwrap();
+    let mut last = Vec::new();
+    let mut refused = None;
+    for _ in 0..10 {
+        let mut to_server = Vec::new();
+        while c.wants_write() {
+            c.write_tls(&mut to_server).unwrap();
+        }
+        let mut to_client = Vec::new();
+        match hs.feed(&to_server, &mut to_client) {
+            Err(e) => {
+                refused = Some(e);
+                last = to_client;
+                break;
+            }
+            Ok(_) => {
+                c.read_tls(&mut &to_client[..]).unwrap();
+                c.process_new_packets().unwrap();
+            }
+        }
+    }
+    assert_eq!(refused.map(|e| e.reason), Some(Refusal::NoCertificate));
+    assert_eq!(plain_alert_in(&last), Some(40), "{last:?}");
+    c.read_tls(&mut &last[..]).unwrap();
+    assert!(matches!(c.process_new_packets(), Err(rustls::Error::AlertReceived(rustls::AlertDescription::HandshakeFailure))));
+    // TLS 1.3: certificate_required (RFC 8446 4.4.2.4), under the handshake keys.
+    let mut c = anonymous_client(dir.path(), true);
+    let e = handshake(&ctx, &mut c).err().expect("refused");
+    assert_eq!(e.reason, Refusal::NoCertificate);
+}
+
+/// A ClientHello record offering only `legacy` (no supported_versions).
+fn old_hello(legacy: u16) -> Vec<u8> {
+    let mut body = legacy.to_be_bytes().to_vec();
+    body.extend_from_slice(&[0x42; 32]);
+    body.push(0);
+    body.extend_from_slice(&[0, 4, 0x00, 0x2f, 0x00, 0x35]); // AES-CBC suites of the time
+    body.extend_from_slice(&[1, 0]);
+    let mut msg = vec![1];
+    msg.extend_from_slice(&(body.len() as u32).to_be_bytes()[1..]);
+    msg.extend(body);
+    let mut rec = vec![22, 3, 1];
+    rec.extend_from_slice(&(msg.len() as u16).to_be_bytes());
+    rec.extend(msg);
+    rec
+}
+
+#[test]
+fn what_is_not_a_tls12_or_13_hello_is_refused_at_once_with_the_right_answer() {
+    let dir = tempfile::tempdir().unwrap();
+    let ctx = setup(dir.path());
+    let feed = |bytes: &[u8]| {
+        let mut hs = Handshake::new(ctx.server.clone(), 0, None).unwrap();
+        let mut out = Vec::new();
+        let r = hs.feed(bytes, &mut out);
+        (r.map(|_| ()), out)
+    };
+    for (what, bytes, alert) in [
+        ("TLS 1.0 only (RFC 8996)", old_hello(0x0301), 70),
+        ("TLS 1.1 only (RFC 8996)", old_hello(0x0302), 70),
+        ("SSL 2.0 hello", vec![0x80, 0x2e, 0x01, 0x03, 0x01, 0x00, 0x15], 70),
+        ("random bytes", vec![0x5a, 0x11, 0xe3, 0x07, 0x99, 0x01], 10),
+        ("application data first", vec![23, 3, 3, 0, 10], 10),
+    ] {
+        let (r, out) = feed(&bytes);
+        let e = r.err().unwrap_or_else(|| panic!("{what}: not refused at once"));
+        assert_eq!(e.reason, Refusal::BadHandshake, "{what}");
+        assert_eq!(plain_alert_in(&out), Some(alert), "{what}: {out:?}");
+    }
+    let (r, out) = feed(b"GET / HTTP/1.1\r\nHost: edge\r\n\r\n");
+    assert!(r.is_err());
+    assert!(String::from_utf8_lossy(&out).starts_with("HTTP/1.1 400 "), "plain HTTP is told so in HTTP");
+    // Four bytes are enough to know.
+    let (r, _) = feed(b"POST");
+    assert!(r.is_err());
+}

@@ -241,3 +241,38 @@ proptest! {
         prop_assert!(got.len() < sent.len(), "the damaged record yields nothing");
     }
 }
+
+#[test]
+fn tls13_ignores_the_legacy_record_version_and_tls12_checks_it() {
+    // RFC 8446 5.1: legacy_record_version MUST be ignored for all purposes.
+    let (mut a, mut b) = pair(Version::Tls13, Suite::Aes128Gcm);
+    let mut wire = Vec::new();
+    a.seal_record_as(CT_APPDATA, b"from a TLS 1.0-minded stack", &mut wire, [3, 1]).unwrap();
+    assert_eq!(&wire[..3], &[CT_APPDATA, 3, 1]);
+    let (data, _, _) = drain(&mut b, wire).unwrap();
+    assert_eq!(data, b"from a TLS 1.0-minded stack");
+    // TLS 1.2 records carry 03 03 (its AAD does not cover them): checked.
+    let (mut a, mut b) = pair(Version::Tls12, Suite::Aes128Gcm);
+    let mut wire = Vec::new();
+    a.seal(b"x", &mut wire).unwrap();
+    wire[2] = 1;
+    assert_eq!(drain(&mut b, wire).unwrap_err(), RecordError::Decode);
+}
+
+#[test]
+fn a_key_update_whose_request_update_is_not_0_or_1_is_an_illegal_parameter() {
+    // RFC 8446 4.6.3: illegal_parameter (47); a wrong length is a decode_error.
+    for (body, want) in
+        [(vec![2u8], RecordError::IllegalParameter), (vec![0xff], RecordError::IllegalParameter), (vec![0, 0], RecordError::Decode)]
+    {
+        let (mut a, mut b) = pair(Version::Tls13, Suite::Aes128Gcm);
+        let mut msg = vec![HS_KEY_UPDATE, 0, 0, body.len() as u8];
+        msg.extend_from_slice(&body);
+        let mut wire = Vec::new();
+        a.seal_record(CT_HANDSHAKE, &msg, &mut wire).unwrap();
+        let e = drain(&mut b, wire).unwrap_err();
+        assert_eq!(e, want, "{body:?}");
+    }
+    assert_eq!(RecordError::IllegalParameter.alert(), Some(alert::ILLEGAL_PARAMETER));
+    assert_eq!(alert::ILLEGAL_PARAMETER, 47);
+}

@@ -204,3 +204,50 @@ fn a_decoder_rebuilt_from_a_corrupt_snapshot_errs_instead_of_panicking() {
         assert!(d.consistent());
     }
 }
+
+/// A masked frame with FIN set or not.
+fn frame(fin: bool, opcode: u8, payload: &[u8]) -> Vec<u8> {
+    let mut w = Vec::new();
+    encode(&mut w, opcode, payload, M);
+    if !fin {
+        w[0] &= 0x7f;
+    }
+    w
+}
+
+#[test]
+fn invalid_utf8_in_a_fragmented_text_fails_at_its_first_bad_byte() {
+    // Autobahn 6.4.1: valid first fragment, then one that makes it invalid
+    // (U+10FFFF + 1 = F4 90 ...), then the rest, which never comes.
+    let mut d = Decoder::new(1 << 20, true);
+    let mut ev = Vec::new();
+    d.feed(&frame(false, op::TEXT, "κόσμε".as_bytes()), &mut ev).unwrap();
+    let e = d.feed(&frame(false, op::CONT, &[0xf4, 0x90, 0x80, 0x80]), &mut ev).unwrap_err();
+    assert_eq!(e.code, close::INVALID_DATA, "failed before the message ended");
+    // Autobahn 6.4.3/6.4.4: the bad byte arrives in a chunk of a frame.
+    let mut d = Decoder::new(1 << 20, true);
+    let mut w = frame(true, op::TEXT, &[b'a', b'b', 0xce, 0xba, 0xe1, 0xbd, 0xb9, 0xf4, 0x90, 0x80, 0x80, b'z', b'z']);
+    let rest = w.split_off(2 + 4 + 9);
+    assert!(d.feed(&w, &mut ev).is_err(), "the first seven payload bytes and F4 90: invalid already");
+    let _ = rest;
+}
+
+#[test]
+fn a_character_split_across_fragments_and_chunks_is_valid() {
+    let text = "aκόσμε€𝄞z";
+    let bytes = text.as_bytes();
+    // Every split of the payload into two fragments, each fed a byte at a time.
+    for cut in 0..=bytes.len() {
+        let mut w = frame(false, op::TEXT, &bytes[..cut]);
+        w.extend(frame(true, op::CONT, &bytes[cut..]));
+        let mut d = Decoder::new(1 << 20, true);
+        let mut ev = Vec::new();
+        for b in &w {
+            d.feed(std::slice::from_ref(b), &mut ev).unwrap_or_else(|e| panic!("cut {cut}: {e:?}"));
+        }
+        assert_eq!(ev, vec![Event::Message { text: true, data: bytes.to_vec() }], "cut {cut}");
+    }
+    // A message that ends inside a character is invalid at its end.
+    let e = decode_all(&frame(true, op::TEXT, &bytes[..2]), 100).unwrap_err();
+    assert_eq!(e.code, close::INVALID_DATA);
+}
