@@ -1,0 +1,217 @@
+//! Hostile devices against the real binary, while well-behaved devices keep
+//! exchanging messages: a flood of connections that send nothing, slow
+//! handshakes and slow upgrade headers, ping floods whose pongs are never
+//! read, devices that never read while their echoes pile up, partial
+//! records and half-finished messages left hanging, and resets at every
+//! stage. Each attacker gets its outcome (closed by the right timeout or
+//! limit); the well-behaved devices see no error and no stall; afterwards
+//! holdfast holds no connection, stream, descriptor or memory more than it
+//! did before (issue 14).
+#![allow(clippy::disallowed_methods)] // tests read the clock
+
+mod common;
+
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use common::*;
+use holdfast::device::Device;
+use holdfast::ws::frame::op;
+
+fn sum(p: &Proc, name: &str) -> u64 {
+    metrics(p)
+        .lines()
+        .filter(|l| l.starts_with(&format!("{name}{{")) || l.starts_with(&format!("{name} ")))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .map(|v| v as u64)
+        .sum()
+}
+
+fn proc_fds(pid: u32) -> usize {
+    std::fs::read_dir(format!("/proc/{pid}/fd")).map(|d| d.count()).unwrap_or(0)
+}
+
+fn rss_kib(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap_or_default()
+        .lines()
+        .find(|l| l.starts_with("VmRSS:"))
+        .and_then(|l| l.split_whitespace().nth(1)?.parse().ok())
+        .unwrap_or(0)
+}
+
+/// Raw bytes of the RST-on-close kind: SO_LINGER 0, then drop.
+fn reset(s: TcpStream) {
+    let s = socket2::Socket::from(s);
+    let _ = s.set_linger(Some(Duration::ZERO));
+}
+
+#[test]
+fn hostile_devices_get_their_outcome_and_well_behaved_ones_do_not_notice() {
+    let pki = Pki::new();
+    let wsm = start_wsm(pki.path(), "wsm-a");
+    let extra = Extra {
+        tls: "handshake_timeout_ms = 1500",
+        ws: "upgrade_timeout_ms = 1500\nwrite_stall_timeout_secs = 2\nidle_timeout_secs = 0",
+        ..Default::default()
+    };
+    let p = start_proxy_extra(&pki, &[wsm.addr], 2, &extra, &[("HOLDFAST_LOG", "warn")]);
+    let pid = p.child.id();
+    let o = opts(&pki, &p, "oven-1");
+
+    // Well-behaved devices: a round trip every 50 ms each, the longest one noted.
+    let stop = Arc::new(AtomicBool::new(false));
+    let worst_us = Arc::new(AtomicU64::new(0));
+    let trips = Arc::new(AtomicU64::new(0));
+    let good: Vec<_> = (0..16)
+        .map(|i| {
+            let (o, stop, worst, trips) = (o.clone(), stop.clone(), worst_us.clone(), trips.clone());
+            std::thread::spawn(move || -> Result<(), String> {
+                let mut d = Device::connect(&o).map_err(|e| format!("good {i} connect: {e}"))?;
+                let mut n = 0u64;
+                while !stop.load(Ordering::Relaxed) {
+                    let m = format!("good {i} {n}");
+                    let t = Instant::now();
+                    d.send_text(&m).map_err(|e| format!("good {i} send {n}: {e}"))?;
+                    let r = d.recv_text().map_err(|e| format!("good {i} recv {n}: {e}"))?;
+                    if r != m {
+                        return Err(format!("good {i}: got {r:?} for {m:?}"));
+                    }
+                    worst.fetch_max(t.elapsed().as_micros() as u64, Ordering::Relaxed);
+                    trips.fetch_add(1, Ordering::Relaxed);
+                    n += 1;
+                    std::thread::sleep(Duration::from_millis(50));
+                }
+                let _ = d.close(1000);
+                Ok(())
+            })
+        })
+        .collect();
+    eventually(10, "the well-behaved devices to talk", || trips.load(Ordering::Relaxed) > 32);
+    std::thread::sleep(Duration::from_millis(500));
+    let fds0 = proc_fds(pid);
+    let rss0 = rss_kib(pid);
+    let t0 = Instant::now();
+
+    // 1. A flood of connections that send nothing: closed at the handshake timeout.
+    let silent: Vec<TcpStream> = (0..400).map(|_| TcpStream::connect(p.addr).unwrap()).collect();
+    // 2. Slow handshakes: a ClientHello a byte at a time, too slowly.
+    let slow_hs = std::thread::spawn({
+        let addr = p.addr;
+        move || {
+            let mut s = TcpStream::connect(addr).unwrap();
+            let hello = [0x16u8, 3, 1, 0, 200, 1, 0, 0, 196, 3, 3];
+            for b in hello {
+                if s.write_all(&[b]).is_err() {
+                    return true;
+                }
+                std::thread::sleep(Duration::from_millis(300));
+            }
+            let mut buf = [0u8; 16];
+            s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+            matches!(s.read(&mut buf), Ok(0) | Err(_))
+        }
+    });
+    // 3. Slow upgrade headers after a good handshake: 408 at the upgrade timeout.
+    let slow_hdr = std::thread::spawn({
+        let o = o.clone();
+        move || {
+            let mut s = holdfast::device::tls_stream(&o).unwrap();
+            s.sock.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+            let req = b"GET / HTTP/1.1\r\nHost: h\r\nUpgrade: websocket\r\n";
+            for b in req.iter().take(20) {
+                let _ = s.write_all(&[*b]);
+                let _ = s.flush();
+                std::thread::sleep(Duration::from_millis(100));
+            }
+            let mut got = Vec::new();
+            let _ = s.read_to_end(&mut got);
+            String::from_utf8_lossy(&got).starts_with("HTTP/1.1 408")
+        }
+    });
+    // 4. A ping flood whose pongs are never read, 5. a device that never reads
+    //    its echoes: closed once they stall (write_stall_timeout_secs).
+    let mut pinger = Device::connect(&o).unwrap();
+    let mut deaf = Device::connect(&o).unwrap();
+    let floods = std::thread::spawn(move || {
+        let big = vec![b'x'; 60_000];
+        let deadline = Instant::now() + Duration::from_secs(20);
+        let (mut ping_ok, mut deaf_ok) = (true, true);
+        while (ping_ok || deaf_ok) && Instant::now() < deadline {
+            if ping_ok {
+                ping_ok = pinger.send_frame(op::PING, &[7; 125]).is_ok();
+            }
+            if deaf_ok {
+                deaf_ok = deaf.send_binary(&big).is_ok();
+            }
+        }
+        (!ping_ok, !deaf_ok)
+    });
+    // 6. A partial record, 7. half a message, left hanging; 8. resets at every stage.
+    let mut partial = Device::connect(&o).unwrap();
+    let _ = partial.send_partial_record(b"\x81\x85abcd", 4);
+    let mut half = Device::connect(&o).unwrap();
+    let f = half.masked_frame(op::TEXT, b"first half");
+    let mut f0 = f.clone();
+    f0[0] &= 0x7f; // FIN cleared: the message never ends
+    half.send_raw(&f0).unwrap();
+    for stage in 0..3 {
+        for _ in 0..20 {
+            match stage {
+                0 => reset(TcpStream::connect(p.addr).unwrap()),
+                1 => {
+                    let mut s = TcpStream::connect(p.addr).unwrap();
+                    let _ = s.write_all(&[0x16, 3, 1, 0, 200, 1, 0, 0]);
+                    reset(s);
+                }
+                _ => {
+                    let mut d = holdfast::device::tls_stream(&o).unwrap();
+                    let _ = d.write_all(b"GET / HTTP/1.1\r\nHost");
+                    let _ = d.flush();
+                    reset(d.sock);
+                }
+            }
+        }
+    }
+    let d = Device::connect(&o).unwrap();
+    drop(d); // an established one, dropped without a close
+
+    // The outcomes.
+    assert!(slow_hs.join().unwrap(), "a slow handshake is closed at the handshake timeout");
+    assert!(slow_hdr.join().unwrap(), "slow upgrade headers get 408 at the upgrade timeout");
+    let (ping_cut, deaf_cut) = floods.join().unwrap();
+    assert!(ping_cut, "a ping flood that never reads its pongs is closed");
+    assert!(deaf_cut, "a device that never reads is closed");
+    for mut s in silent {
+        s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        let mut b = [0u8; 8];
+        assert!(matches!(s.read(&mut b), Ok(0) | Err(_)), "a silent connection is closed");
+    }
+    assert!(t0.elapsed() < Duration::from_secs(30));
+    drop(partial);
+    drop(half);
+
+    // The well-behaved devices never failed, never stalled.
+    let before = trips.load(Ordering::Relaxed);
+    eventually(5, "the well-behaved devices to keep talking", || trips.load(Ordering::Relaxed) > before + 32);
+    stop.store(true, Ordering::Relaxed);
+    for g in good {
+        g.join().unwrap().unwrap();
+    }
+    let worst = Duration::from_micros(worst_us.load(Ordering::Relaxed));
+    assert!(worst < Duration::from_millis(500), "a well-behaved round trip took {worst:?} meanwhile");
+
+    // Nothing left behind.
+    eventually(15, "every connection to be gone", || sum(&p, "holdfast_connections_active") == 0);
+    assert_eq!(sum(&p, "holdfast_handshaking"), 0);
+    assert_eq!(sum(&p, "holdfast_streams_held"), 0);
+    assert_eq!(sum(&p, "holdfast_partial_bytes"), 0);
+    assert_eq!(sum(&p, "holdfast_buffers_in_use"), 0);
+    eventually(10, "descriptors back to where they were", || proc_fds(pid) <= fds0);
+    let rss1 = rss_kib(pid);
+    assert!(rss1 < rss0 + 64 * 1024, "RSS {rss0} KiB before, {rss1} KiB after the attack");
+    assert!(sum(&p, "holdfast_handshake_refused_total") >= 400, "the silent ones were counted as refused (timeout)");
+}
