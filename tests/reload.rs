@@ -265,12 +265,6 @@ fn reload_cli(config: &Path) -> (bool, String) {
     (out.status.success(), format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr)))
 }
 
-fn ctl(config: &Path, args: &[&str]) -> (bool, String) {
-    let out =
-        std::process::Command::new(env!("CARGO_BIN_EXE_holdfast")).arg("ctl").arg("--config").arg(config).args(args).output().unwrap();
-    (out.status.success(), format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr)))
-}
-
 /// A new server certificate (from a new CA) in place of the old files;
 /// returns the new CA's path and the new leaf (DER).
 fn rotate_server_certificate(dir: &Path) -> (PathBuf, Vec<u8>) {

@@ -12,7 +12,6 @@
 mod common;
 
 use std::net::SocketAddr;
-use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -158,20 +157,6 @@ fn proxy(pki: &Pki, wsm: SocketAddr, shards: usize, ws: &str, tables: &str) -> P
     start_proxy_extra(pki, &[wsm], shards, &extra, &[])
 }
 
-fn sum(p: &Proc, name: &str, label: &str) -> u64 {
-    metrics(p)
-        .lines()
-        .filter(|l| l.starts_with(&format!("{name}{{")) && l.contains(label))
-        .filter_map(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
-        .sum()
-}
-
-fn ctl(config: &Path, args: &[&str]) -> (bool, String) {
-    let out =
-        std::process::Command::new(env!("CARGO_BIN_EXE_holdfast")).arg("ctl").arg("--config").arg(config).args(args).output().unwrap();
-    (out.status.success(), format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr)))
-}
-
 /// The Retry-After of a refusal like "HTTP/1.1 503 Service Unavailable; Retry-After: 17".
 fn retry_after(refused: &str) -> Option<u32> {
     refused.split("Retry-After:").nth(1)?.trim().parse().ok()
@@ -227,9 +212,9 @@ fn a_storm_reaches_the_wsm_at_the_open_rate_and_every_device_is_served() {
     let peak = holdfast_wsm::openlog::peak_in(&ms, 1000);
     assert!(peak <= RATE + 15, "at most {RATE}/s (and a small burst) reached the WSM: {peak} in one second; per second {per_sec:?}");
     assert!(took >= Duration::from_secs_f64((DEVICES - 20) as f64 / RATE as f64), "the storm took {took:?}: not paced");
-    assert!(sum(&p, "holdfast_wsm_opens_total", "") >= DEVICES as u64);
-    assert!(sum(&p, "holdfast_wsm_open_waited_total", "") > 0, "devices waited their turn");
-    assert_eq!(sum(&p, "holdfast_admission_shed_total", ""), 0);
+    assert!(metric(&p, "holdfast_wsm_opens_total", "") >= DEVICES as u64);
+    assert!(metric(&p, "holdfast_wsm_open_waited_total", "") > 0, "devices waited their turn");
+    assert_eq!(metric(&p, "holdfast_admission_shed_total", ""), 0);
     let (ok, status) = ctl(p.config.as_ref().unwrap(), &["status", "--json"]);
     assert!(ok, "{status}");
     let v: serde_json::Value = serde_json::from_str(&status).unwrap();
@@ -260,7 +245,7 @@ fn max_connections_sheds_the_excess_with_a_jittered_retry_after_and_touches_no_e
     afters.sort_unstable();
     afters.dedup();
     assert!(afters.len() >= 5, "Retry-After is jittered per device: {afters:?}");
-    assert_eq!(sum(&p, "holdfast_admission_shed_total", "limit=\"max_connections\""), 30);
+    assert_eq!(metric(&p, "holdfast_admission_shed_total", "limit=\"max_connections\""), 30);
     held.still_talking("while the excess was refused");
     assert!(held.fates().iter().all(|f| f.closed.is_none()), "no established device was touched");
     // Room again once some leave.
@@ -286,8 +271,8 @@ fn the_open_queue_sheds_when_full_or_waited_too_long() {
     assert!(refused.iter().all(|r| r.starts_with("HTTP/1.1 503 ") && retry_after(r).is_some()), "{refused:?}");
     assert_eq!(ok + refused.len(), 5, "{fates:?}");
     assert_eq!(ok, 2, "the burst and the first in the queue: {fates:?}");
-    assert_eq!(sum(&p, "holdfast_admission_shed_total", "limit=\"wsm_open_queue\""), 2);
-    assert_eq!(sum(&p, "holdfast_admission_shed_total", "limit=\"wsm_open_wait\""), 1);
+    assert_eq!(metric(&p, "holdfast_admission_shed_total", "limit=\"wsm_open_queue\""), 2);
+    assert_eq!(metric(&p, "holdfast_admission_shed_total", "limit=\"wsm_open_wait\""), 1);
     s.still_talking("after the queue shed the rest");
     s.finish();
 }
@@ -303,7 +288,7 @@ fn handshakes_beyond_their_rate_wait_in_the_accept_queue_and_are_all_served() {
     let took = t0.elapsed();
     assert!(s.fates().iter().all(|f| f.connected.is_some()), "{:?}", s.fates());
     assert!(took >= Duration::from_millis(2400), "60 handshakes at 20/s took {took:?}");
-    assert!(sum(&p, "holdfast_accepts_deferred_total", "") > 0);
+    assert!(metric(&p, "holdfast_accepts_deferred_total", "") > 0);
     let times: Vec<Instant> = s.fates().iter().filter_map(|f| f.connected).collect();
     let peak = times.iter().map(|t| times.iter().filter(|u| **u >= *t && **u < *t + Duration::from_secs(1)).count()).max().unwrap();
     assert!(peak <= 20 + 4, "{peak} handshakes in one second");
@@ -402,7 +387,7 @@ fn ctl_drain_closes_spread_out_and_cancel_keeps_the_rest_and_accepts_again() {
         assert!(*notify);
         assert!(at.duration_since(t0) <= cancelled + Duration::from_millis(300), "closed after the cancel");
     }
-    assert_eq!(sum(&p, "holdfast_connections_paced_close_total", "reason=\"drain\""), closed.len() as u64);
+    assert_eq!(metric(&p, "holdfast_connections_paced_close_total", "reason=\"drain\""), closed.len() as u64);
 }
 
 #[test]
@@ -418,7 +403,7 @@ fn a_drain_over_its_whole_window_empties_the_node_evenly() {
     eventually(10, "every connection to close", || s.fates().iter().all(|f| f.closed.is_some()));
     let fates = s.finish();
     spread(&fates, t0, Duration::from_secs(3), 1001, "ctl drain");
-    eventually(5, "the node to hold nothing", || sum(&p, "holdfast_connections_active", "") == 0);
+    eventually(5, "the node to hold nothing", || metric(&p, "holdfast_connections_active", "") == 0);
 }
 
 #[test]
@@ -441,7 +426,7 @@ fn max_age_closes_connections_spread_over_the_jitter_window() {
     }
     let (lo, hi) = (ages.iter().min().unwrap(), ages.iter().max().unwrap());
     assert!(*hi - *lo >= Duration::from_millis(1800), "ages {lo:?}..{hi:?}: not spread over the jitter");
-    assert_eq!(sum(&p, "holdfast_connections_paced_close_total", "reason=\"max_age\""), 120);
+    assert_eq!(metric(&p, "holdfast_connections_paced_close_total", "reason=\"max_age\""), 120);
 }
 
 #[test]
@@ -476,7 +461,7 @@ fn reload_migrate_over_moves_devices_of_the_old_certificate_only() {
     spread(&fates, t0, Duration::from_secs(3), 1001, "migration");
     new.still_talking("devices on the new certificate");
     assert!(new.finish().iter().all(|f| f.closed.is_none()), "new handshakes are not migrated");
-    assert_eq!(sum(&p, "holdfast_connections_paced_close_total", "reason=\"migrate\""), 60);
+    assert_eq!(metric(&p, "holdfast_connections_paced_close_total", "reason=\"migrate\""), 60);
 }
 
 #[test]
@@ -499,7 +484,7 @@ fn above_the_memory_budget_set_by_a_reload_new_devices_are_shed_and_established_
         let r = f.refused.clone().unwrap_or_else(|| panic!("above the budget a device is refused: {f:?}"));
         assert!(r.starts_with("HTTP/1.1 503 ") && retry_after(&r).is_some(), "{r}");
     }
-    assert_eq!(sum(&p, "holdfast_admission_shed_total", "limit=\"memory\""), 5);
+    assert_eq!(metric(&p, "holdfast_admission_shed_total", "limit=\"memory\""), 5);
     held.still_talking("above the memory budget");
     assert!(held.finish().iter().all(|f| f.closed.is_none() && f.error.is_none()));
 }

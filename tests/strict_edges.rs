@@ -67,15 +67,7 @@ fn bytes_that_are_not_a_tls12_or_13_hello_are_refused_at_once() {
     let text = String::from_utf8_lossy(&got);
     assert!(text.starts_with("HTTP/1.1 400 "), "{text}");
     assert!(took < Duration::from_secs(2));
-    assert!(sum_metric(&p, "holdfast_handshake_refused_total", "reason=\"bad_handshake\"") >= 5);
-}
-
-fn sum_metric(p: &Proc, name: &str, label: &str) -> u64 {
-    metrics(p)
-        .lines()
-        .filter(|l| l.starts_with(&format!("{name}{{")) && l.contains(label))
-        .filter_map(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
-        .sum()
+    assert!(metric(&p, "holdfast_handshake_refused_total", "reason=\"bad_handshake\"") >= 5);
 }
 
 #[test]
@@ -144,7 +136,7 @@ fn a_devices_close_notify_is_answered_with_close_notify() {
     // UnexpectedEof error on a bare TCP close.
     let r = s.read_to_end(&mut rest);
     assert!(r.is_ok(), "holdfast answered with a bare TCP close: {r:?}");
-    eventually(5, "the stream to be closed", || sum_metric(&p, "holdfast_connections_active", "") == 0);
+    eventually(5, "the stream to be closed", || metric(&p, "holdfast_connections_active", "") == 0);
 }
 
 #[test]

@@ -181,11 +181,11 @@ impl First {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
     /// A ClientHello record: legacy version, optional supported_versions.
-    fn hello(legacy: u16, versions: Option<&[u16]>) -> Vec<u8> {
+    pub(crate) fn hello(legacy: u16, versions: Option<&[u16]>) -> Vec<u8> {
         let mut body = Vec::new();
         body.extend_from_slice(&legacy.to_be_bytes());
         body.extend_from_slice(&[7; 32]);

@@ -329,6 +329,12 @@ pub fn metric(proxy: &Proc, name: &str, label: &str) -> u64 {
         .sum()
 }
 
+/// Runs `holdfast ctl --config CONFIG ARGS...`: whether it succeeded, and all it printed.
+pub fn ctl(config: &Path, args: &[&str]) -> (bool, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_holdfast")).arg("ctl").arg("--config").arg(config).args(args).output().unwrap();
+    (out.status.success(), format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr)))
+}
+
 /// A loopback port free a moment ago (for tests that need a fixed port).
 pub fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()

@@ -305,22 +305,6 @@ fn no_client_certificate_is_handshake_failure_in_tls12_and_certificate_required_
     assert_eq!(e.reason, Refusal::NoCertificate);
 }
 
-/// A ClientHello record offering only `legacy` (no supported_versions).
-fn old_hello(legacy: u16) -> Vec<u8> {
-    let mut body = legacy.to_be_bytes().to_vec();
-    body.extend_from_slice(&[0x42; 32]);
-    body.push(0);
-    body.extend_from_slice(&[0, 4, 0x00, 0x2f, 0x00, 0x35]); // AES-CBC suites of the time
-    body.extend_from_slice(&[1, 0]);
-    let mut msg = vec![1];
-    msg.extend_from_slice(&(body.len() as u32).to_be_bytes()[1..]);
-    msg.extend(body);
-    let mut rec = vec![22, 3, 1];
-    rec.extend_from_slice(&(msg.len() as u16).to_be_bytes());
-    rec.extend(msg);
-    rec
-}
-
 #[test]
 fn what_is_not_a_tls12_or_13_hello_is_refused_at_once_with_the_right_answer() {
     let dir = tempfile::tempdir().unwrap();
@@ -332,8 +316,8 @@ fn what_is_not_a_tls12_or_13_hello_is_refused_at_once_with_the_right_answer() {
         (r.map(|_| ()), out)
     };
     for (what, bytes, alert) in [
-        ("TLS 1.0 only (RFC 8996)", old_hello(0x0301), 70),
-        ("TLS 1.1 only (RFC 8996)", old_hello(0x0302), 70),
+        ("TLS 1.0 only (RFC 8996)", crate::tls::hello::tests::hello(0x0301, None), 70),
+        ("TLS 1.1 only (RFC 8996)", crate::tls::hello::tests::hello(0x0302, None), 70),
         ("SSL 2.0 hello", vec![0x80, 0x2e, 0x01, 0x03, 0x01, 0x00, 0x15], 70),
         ("random bytes", vec![0x5a, 0x11, 0xe3, 0x07, 0x99, 0x01], 10),
         ("application data first", vec![23, 3, 3, 0, 10], 10),
