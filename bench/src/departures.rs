@@ -5,7 +5,7 @@
 use std::path::Path;
 
 use crate::peers::Proxy;
-use crate::report::ratio_lower_better;
+use crate::report::{ratio_cell, ratio_lower_better};
 use crate::result::ScenarioResult;
 
 /// Starts the proxy's drain over `over` seconds: holdfast's `ctl drain`,
@@ -79,10 +79,6 @@ pub fn flatness(per_sec: &[u64]) -> f64 {
     *busy.iter().max().unwrap_or(&0) as f64 / mean
 }
 
-fn ratio(r: Option<f64>) -> String {
-    r.map(|x| format!("**{x:.2}x**")).unwrap_or_else(|| "n/a".into())
-}
-
 /// The storm's table: time until all are back, the upstream's busiest
 /// second, proxy CPU and peak memory, refusals retried; ratios to the best peer.
 pub fn storm_table(rs: &[&ScenarioResult], hf: Option<&&ScenarioResult>, peers: &[&&ScenarioResult]) -> String {
@@ -120,13 +116,21 @@ pub fn storm_table(rs: &[&ScenarioResult], hf: Option<&&ScenarioResult>, peers: 
         let o = |r: &ScenarioResult| r.opens_peak.unwrap_or(0) as f64;
         md.push_str(&format!(
             "\nholdfast / best peer: time until all back {}; busiest upstream second {} (lower is better: how hard the backends were hit); proxy CPU {}; peak RSS {}\n",
-            ratio(ratio_lower_better(t(h), &peers.iter().map(|r| t(r)).collect::<Vec<_>>())),
-            ratio(ratio_lower_better(o(h), &peers.iter().map(|r| o(r)).collect::<Vec<_>>())),
-            ratio(ratio_lower_better(c(h), &peers.iter().map(|r| c(r)).collect::<Vec<_>>())),
-            ratio(ratio_lower_better(p(h), &peers.iter().map(|r| p(r)).collect::<Vec<_>>())),
+            ratio_cell(ratio_lower_better(t(h), &peers.iter().map(|r| t(r)).collect::<Vec<_>>())),
+            ratio_cell(ratio_lower_better(o(h), &peers.iter().map(|r| o(r)).collect::<Vec<_>>())),
+            ratio_cell(ratio_lower_better(c(h), &peers.iter().map(|r| c(r)).collect::<Vec<_>>())),
+            ratio_cell(ratio_lower_better(p(h), &peers.iter().map(|r| p(r)).collect::<Vec<_>>())),
         ));
     }
     md
+}
+
+/// A drain's busiest second over its mean, the mean taken over the window
+/// (or over the seconds the drain took, if longer).
+fn drain_flatness(r: &ScenarioResult) -> f64 {
+    let mut per = r.closes_per_sec.clone().unwrap_or_default();
+    per.resize(per.len().max(r.args.drain_over.ceil() as usize), 0);
+    flatness(&per)
 }
 
 /// The drain's table: how the closes spread over the window.
@@ -136,10 +140,6 @@ pub fn drain_table(rs: &[&ScenarioResult]) -> String {
     );
     for r in rs {
         let per = r.closes_per_sec.clone().unwrap_or_default();
-        let window = r.args.drain_over.ceil() as usize;
-        // The mean over the window (or over the seconds it took, if longer).
-        let mut padded = per.clone();
-        padded.resize(per.len().max(window), 0);
         md.push_str(&format!(
             "| {} | {} | {} | {} | {:.1} s | {:.0} s | {:.2} | {} |\n",
             r.proxy,
@@ -148,21 +148,15 @@ pub fn drain_table(rs: &[&ScenarioResult]) -> String {
             r.swarm.close_codes.iter().map(|(k, v)| format!("{k}: {v}")).collect::<Vec<_>>().join(", "),
             r.drain_secs.unwrap_or(0.0),
             r.args.drain_over,
-            flatness(&padded),
+            drain_flatness(r),
             per.iter().max().copied().unwrap_or(0)
         ));
     }
-    let f = |r: &&ScenarioResult| {
-        let per = r.closes_per_sec.clone().unwrap_or_default();
-        let mut padded = per.clone();
-        padded.resize(per.len().max(r.args.drain_over.ceil() as usize), 0);
-        flatness(&padded)
-    };
     if let Some(h) = rs.iter().find(|r| r.proxy == "holdfast") {
-        let peers: Vec<f64> = rs.iter().filter(|r| r.proxy != "holdfast").map(f).collect();
+        let peers: Vec<f64> = rs.iter().filter(|r| r.proxy != "holdfast").map(|r| drain_flatness(r)).collect();
         md.push_str(&format!(
             "\nholdfast / best peer: busiest second over the mean (lower is better, 1 is flat) {}\n",
-            ratio(ratio_lower_better(f(h), &peers))
+            ratio_cell(ratio_lower_better(drain_flatness(h), &peers))
         ));
     }
     md

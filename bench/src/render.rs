@@ -4,7 +4,7 @@
 use std::collections::BTreeMap;
 use std::path::Path;
 
-use crate::report::{ratio_higher_better, ratio_lower_better};
+use crate::report::{ratio_cell, ratio_higher_better, ratio_lower_better};
 use crate::result::ScenarioResult;
 
 pub fn today() -> String {
@@ -124,10 +124,6 @@ fn pause_bars(rs: &[&ScenarioResult]) -> Vec<(String, f64)> {
             ]
         })
         .collect()
-}
-
-fn ratio_cell(r: Option<f64>) -> String {
-    r.map(|x| format!("**{x:.2}x**")).unwrap_or_else(|| "n/a".into())
 }
 
 /// A horizontal bar chart, one bar per (label, value).

@@ -166,6 +166,11 @@ impl SwarmTotal {
     }
 }
 
+/// A ratio as a table cell (bold), or n/a.
+pub fn ratio_cell(r: Option<f64>) -> String {
+    r.map(|x| format!("**{x:.2}x**")).unwrap_or_else(|| "n/a".into())
+}
+
 /// holdfast's figure over the best peer's, where lower is better (memory, latency).
 pub fn ratio_lower_better(holdfast: f64, peers: &[f64]) -> Option<f64> {
     let best = peers.iter().copied().filter(|v| *v > 0.0).fold(f64::INFINITY, f64::min);

@@ -45,6 +45,15 @@ impl Bucket {
         self.last = self.last.max(now);
     }
 
+    /// An optional rate (`None`: no limit) set to `per_sec` from now on:
+    /// a bucket kept (its tokens with it), made, or dropped.
+    pub fn retune(bucket: &mut Option<Bucket>, per_sec: Option<f64>, now: Instant) {
+        match (bucket.as_mut(), per_sec) {
+            (Some(b), Some(r)) => b.set_rate(r, now),
+            (_, r) => *bucket = r.map(|r| Bucket::new(r, now)),
+        }
+    }
+
     /// Takes a token if there is one.
     pub fn take(&mut self, now: Instant) -> bool {
         self.refill(now);

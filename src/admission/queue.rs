@@ -56,10 +56,7 @@ impl OpenQueue {
     /// A reload's limits, from now on. Lifting the rate lets every waiting
     /// device open at the next [`OpenQueue::grant`].
     pub fn set_limits(&mut self, per_sec: Option<f64>, cap: usize, wait: Duration, now: Instant) {
-        match (&mut self.bucket, per_sec) {
-            (Some(b), Some(r)) => b.set_rate(r, now),
-            (b, r) => *b = r.map(|r| Bucket::new(r, now)),
-        }
+        Bucket::retune(&mut self.bucket, per_sec, now);
         self.cap = cap.max(1);
         self.wait = wait;
     }

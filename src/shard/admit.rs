@@ -75,13 +75,7 @@ impl Admit {
     pub fn set_limits(&self, a: &Admission, shards: usize) {
         let now = Instant::now();
         let share = Share::of(a, shards);
-        {
-            let mut h = self.handshakes.borrow_mut();
-            match (h.as_mut(), share.handshakes_per_sec) {
-                (Some(b), Some(r)) => b.set_rate(r, now),
-                (_, r) => *h = r.map(|r| Bucket::new(r, now)),
-            }
-        }
+        Bucket::retune(&mut self.handshakes.borrow_mut(), share.handshakes_per_sec, now);
         self.opens.borrow_mut().set_limits(share.wsm_opens_per_sec, share.wsm_open_queue, a.wsm_open_wait, now);
         *self.limits.borrow_mut() = (a.clone(), share);
     }

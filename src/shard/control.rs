@@ -40,7 +40,8 @@ pub enum Control {
     /// `ctl connections`: how many match, and a sample of at most this many.
     Query(Box<super::registry::Filter>, usize, Sender<(u64, Vec<super::registry::Seen>)>),
     /// Drain: stop accepting and close every connection with `code` at a
-    /// random moment within `over` (an earlier drain's end stays).
+    /// random moment within `over` (the node keeps the earliest end of
+    /// every drain asked for; closes already drawn earlier stay earlier).
     Drain { over: std::time::Duration, code: u16, why: crate::session::end::Paced },
     /// `ctl drain --cancel`: keep the connections not yet closed (answers
     /// with the shard's index; accepting again is `Accept`'s).

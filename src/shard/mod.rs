@@ -301,10 +301,9 @@ async fn run(
                 // The accept loops end within 100 ms and close their
                 // listeners (the node closes its own copies).
                 ctx.stop_accepting.set(true);
+                // The node sends what is left of the earliest window asked for.
                 let now = std::time::Instant::now();
-                let ends = now + over;
-                let earlier = ctx.drain.get().filter(|d| d.ends <= ends);
-                let plan = earlier.unwrap_or(DrainPlan { ends, code, why });
+                let plan = DrainPlan { ends: now + over, code, why };
                 ctx.drain.set(Some(plan));
                 let n = ctx.pace_all(plan.code, plan.why, |r| crate::admission::within(now, plan.ends.saturating_duration_since(now), r));
                 tracing::info!(

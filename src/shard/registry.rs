@@ -131,14 +131,8 @@ impl ShardCtx {
     pub(super) fn age_all(&self) -> u64 {
         let Some(age) = self.current().cfg.ws.max_age else { return 0 };
         let now = Instant::now();
-        let keys: Vec<usize> = self.conns.borrow().iter().filter(|(_, e)| e.reach.is_some() && e.order.is_none()).map(|(k, _)| k).collect();
-        let code = crate::ws::frame::close::GOING_AWAY;
-        keys.into_iter()
-            .filter(|&k| {
-                let at = crate::admission::aged_at(now, age, monoio::utils::thread_rng_n(u32::MAX));
-                self.give_order(k, Order::Close { at, code, why: Paced::Age })
-            })
-            .count() as u64
+        let at = |r| crate::admission::aged_at(now, age, r);
+        self.pace_where(crate::ws::frame::close::GOING_AWAY, Paced::Age, at, |e| e.order.is_none())
     }
 
     /// Whether the registry reaches the tunnel with this key through `stream`.
