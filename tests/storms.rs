@@ -251,6 +251,8 @@ fn max_connections_sheds_the_excess_with_a_jittered_retry_after_and_touches_no_e
     // Room again once some leave.
     let fates = held.finish();
     assert!(fates.iter().all(|f| f.error.is_none() && f.closed.is_none()), "{fates:?}");
+    // Their closes reach holdfast a moment after the devices are done.
+    eventually(10, "the departed devices to be released", || metric(&p, "holdfast_connections_active", "") == 0);
     let again = Swarm::start(&pki, p.addr, 10, Duration::from_millis(300));
     again.wait_settled(30);
     assert!(again.fates().iter().all(|f| f.connected.is_some()), "{:?}", again.fates());
