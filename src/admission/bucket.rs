@@ -28,10 +28,6 @@ impl Bucket {
         (self.per_sec * BURST.as_secs_f64()).max(1.0)
     }
 
-    pub fn per_sec(&self) -> f64 {
-        self.per_sec
-    }
-
     /// A new rate from now on (a reload).
     pub fn set_rate(&mut self, per_sec: f64, now: Instant) {
         self.refill(now);

@@ -70,10 +70,6 @@ impl OpenQueue {
         self.len() == 0
     }
 
-    pub fn limited(&self) -> bool {
-        self.bucket.is_some()
-    }
-
     fn take(&mut self, now: Instant) -> bool {
         let ok = self.bucket.as_mut().is_none_or(|b| b.take(now));
         self.opened += ok as u64;

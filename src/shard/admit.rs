@@ -80,11 +80,6 @@ impl Admit {
         *self.limits.borrow_mut() = (a.clone(), share);
     }
 
-    /// Connections held by the whole node (admitted ones).
-    pub fn node_connections(&self) -> u64 {
-        self.node.connections.load(Relaxed)
-    }
-
     /// Waits until the shard may start another handshake: a token of its
     /// handshake rate and a free handshake slot. Meanwhile connections stay
     /// in the kernel's accept queue. `stop` ends the wait early.
