@@ -14,18 +14,25 @@ pub struct Bucket {
     per_sec: f64,
     tokens: f64,
     last: Instant,
+    /// How much of a second's worth it saves up.
+    burst: Duration,
 }
 
 impl Bucket {
-    /// A bucket that starts full.
+    /// A bucket that starts full, saving up [`BURST`].
     pub fn new(per_sec: f64, now: Instant) -> Bucket {
-        let mut b = Bucket { per_sec: per_sec.max(0.001), tokens: 0.0, last: now };
+        Bucket::with_burst(per_sec, BURST, now)
+    }
+
+    /// A bucket that starts full and saves up `burst` worth of tokens (at least one).
+    pub fn with_burst(per_sec: f64, burst: Duration, now: Instant) -> Bucket {
+        let mut b = Bucket { per_sec: per_sec.max(0.001), tokens: 0.0, last: now, burst };
         b.tokens = b.burst();
         b
     }
 
     fn burst(&self) -> f64 {
-        (self.per_sec * BURST.as_secs_f64()).max(1.0)
+        (self.per_sec * self.burst.as_secs_f64()).max(1.0)
     }
 
     /// A new rate from now on (a reload).

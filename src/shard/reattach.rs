@@ -9,43 +9,32 @@
 //! the tunnel shell asks for a turn here. Never reads or writes a device.
 #![forbid(unsafe_code)]
 
-use std::cell::Cell;
+use std::cell::RefCell;
 use std::rc::Rc;
 use std::time::{Duration, Instant};
 
 use super::ShardCtx;
+use crate::admission::bucket::Bucket;
 
 /// Re-opens allowed per second on one shard, as a token bucket holding at
 /// most a quarter of a second's worth (the shard's timers tick every 250 ms).
-pub struct Pacer {
-    per_sec: Cell<f64>,
-    tokens: Cell<f64>,
-    last: Cell<Instant>,
-}
+pub struct Pacer(RefCell<Bucket>);
+
+/// What the pacer saves up.
+const PACER_BURST: Duration = Duration::from_millis(250);
 
 impl Pacer {
     pub fn new(per_sec: u32) -> Pacer {
-        let per_sec = per_sec.max(1) as f64;
-        Pacer { per_sec: Cell::new(per_sec), tokens: Cell::new(per_sec / 4.0), last: Cell::new(Instant::now()) }
+        Pacer(RefCell::new(Bucket::with_burst(per_sec.max(1) as f64, PACER_BURST, Instant::now())))
     }
 
     /// A reload's new rate, from now on.
     pub fn set_rate(&self, per_sec: u32) {
-        self.per_sec.set(per_sec.max(1) as f64);
+        self.0.borrow_mut().set_rate(per_sec.max(1) as f64, Instant::now());
     }
 
     pub fn try_take(&self, now: Instant) -> bool {
-        let per_sec = self.per_sec.get();
-        let refill = now.saturating_duration_since(self.last.get()).as_secs_f64() * per_sec;
-        let tokens = (self.tokens.get() + refill).min((per_sec / 4.0).max(1.0));
-        self.last.set(now);
-        if tokens >= 1.0 {
-            self.tokens.set(tokens - 1.0);
-            true
-        } else {
-            self.tokens.set(tokens);
-            false
-        }
+        self.0.borrow_mut().take(now)
     }
 }
 
