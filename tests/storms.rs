@@ -370,8 +370,11 @@ fn ctl_drain_closes_spread_out_and_cancel_keeps_the_rest_and_accepts_again() {
     assert_eq!(v["status"]["drain"]["connections_at_start"], 120, "{status}");
     std::thread::sleep(Duration::from_millis(2000).saturating_sub(t0.elapsed()));
     let (ok, out) = ctl(&cfg, &["drain", "--cancel"]);
-    let cancelled = t0.elapsed();
     assert!(ok, "{out}");
+    // Each shard counts a paced close when it carries it out, on its own
+    // thread, before it answers the cancel: so this count is final, however
+    // late the devices (on a loaded machine) notice their closes.
+    let at_cancel = metric(&p, "holdfast_connections_paced_close_total", "reason=\"drain\"");
     assert_eq!(single(&p, "holdfast_draining"), 0);
     // Accepting again, and what was not closed stays, past the old window.
     let (ok, out) = ctl(&cfg, &["drain", "--cancel"]);
@@ -384,12 +387,12 @@ fn ctl_drain_closes_spread_out_and_cancel_keeps_the_rest_and_accepts_again() {
     let fates = s.finish();
     let closed: Vec<_> = fates.iter().filter_map(|f| f.closed).collect();
     assert!(!closed.is_empty() && closed.len() < 100, "about a third closed before the cancel: {}", closed.len());
-    for (code, at, notify) in &closed {
+    for (code, _, notify) in &closed {
         assert_eq!(*code, Some(1012));
         assert!(*notify);
-        assert!(at.duration_since(t0) <= cancelled + Duration::from_millis(300), "closed after the cancel");
     }
-    assert_eq!(metric(&p, "holdfast_connections_paced_close_total", "reason=\"drain\""), closed.len() as u64);
+    assert_eq!(closed.len() as u64, at_cancel, "none closed after the cancel");
+    assert_eq!(metric(&p, "holdfast_connections_paced_close_total", "reason=\"drain\""), at_cancel);
 }
 
 #[test]
