@@ -1,8 +1,10 @@
 //! `hf-bench`: the benchmark suite. `run` a scenario against holdfast and the
-//! peers; `report` writes bench/RESULTS.md tables and charts; `swarm` and
-//! `echo` are the processes `run` starts.
+//! peers; `report` writes bench/RESULTS.md tables and charts; `soak` runs
+//! holdfast for an hour of an operator's day; `swarm` and `echo` are the
+//! processes `run` and `soak` start.
 #![allow(clippy::disallowed_methods)]
 
+mod churn;
 mod departures;
 mod echo;
 mod peers;
@@ -10,6 +12,8 @@ mod render;
 mod report;
 mod result;
 mod run;
+mod soak;
+mod soak_chart;
 mod swarm;
 
 use std::path::PathBuf;
@@ -34,7 +38,10 @@ enum Cmd {
         #[arg(long, default_value = "bench/results")]
         results: PathBuf,
     },
-    /// One swarm process of devices (started by `run`).
+    /// holdfast under an hour of churn, live upgrades, WSM kills and reloads;
+    /// writes bench/results/soak/<label>.json and .svg, prints the summary.
+    Soak(soak::SoakArgs),
+    /// One swarm process of devices (started by `run` and `soak`).
     Swarm(swarm::SwarmArgs),
     /// Plain WebSocket echo upstream for the peers (started by `run`).
     Echo {
@@ -52,6 +59,8 @@ fn main() -> ExitCode {
     let res = match cli.cmd {
         Cmd::Run(a) => run::run(a),
         Cmd::Report { results } => render::load(&results).and_then(|rs| render::render(&rs, &results)).map(|md| print!("{md}")),
+        Cmd::Soak(a) => soak::run(&a).and_then(|r| soak_chart::write(&r)),
+        Cmd::Swarm(a) if a.mode == "soak" => churn::run(a),
         Cmd::Swarm(a) => swarm::run(a),
         Cmd::Echo { listen, open_log } => echo::run(listen, open_log),
     };

@@ -39,7 +39,7 @@ pub fn parse_cpus(s: &str) -> Vec<usize> {
 }
 
 /// A command pinned to some CPUs.
-fn pinned(program: &Path, cpus: &[usize]) -> Command {
+pub(crate) fn pinned(program: &Path, cpus: &[usize]) -> Command {
     let mut c = Command::new(program);
     let cpus = cpus.to_vec();
     // SAFETY: sched_setaffinity on the child between fork and exec touches
@@ -57,7 +57,7 @@ fn pinned(program: &Path, cpus: &[usize]) -> Command {
     c
 }
 
-struct Proc(Child);
+pub(crate) struct Proc(pub(crate) Child);
 
 impl Drop for Proc {
     fn drop(&mut self) {
@@ -75,7 +75,7 @@ impl Drop for Proc {
     }
 }
 
-fn lines_of(child: &mut Child, tag: usize, tx: std::sync::mpsc::Sender<(usize, String)>) {
+pub(crate) fn lines_of(child: &mut Child, tag: usize, tx: std::sync::mpsc::Sender<(usize, String)>) {
     if let Some(out) = child.stdout.take() {
         std::thread::spawn(move || {
             for l in BufReader::new(out).lines().map_while(Result::ok) {
@@ -87,7 +87,7 @@ fn lines_of(child: &mut Child, tag: usize, tx: std::sync::mpsc::Sender<(usize, S
     }
 }
 
-fn first_line_with(rx: &Receiver<(usize, String)>, prefix: &str, secs: u64) -> Result<String, String> {
+pub(crate) fn first_line_with(rx: &Receiver<(usize, String)>, prefix: &str, secs: u64) -> Result<String, String> {
     let deadline = Instant::now() + Duration::from_secs(secs);
     loop {
         let left = deadline.saturating_duration_since(Instant::now());
@@ -100,7 +100,7 @@ fn first_line_with(rx: &Receiver<(usize, String)>, prefix: &str, secs: u64) -> R
 }
 
 /// holdfast's Prometheus text.
-fn fetch_metrics(port: u16) -> Option<String> {
+pub(crate) fn fetch_metrics(port: u16) -> Option<String> {
     use std::io::Read;
     let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).ok()?;
     s.write_all(b"GET /metrics HTTP/1.1\r\n\r\n").ok()?;
@@ -118,12 +118,12 @@ fn tell_window(swarm: &mut [(Proc, ChildStdin)], start_us: u64, end_us: u64) {
     }
 }
 
-fn free_port() -> u16 {
+pub(crate) fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).map(|a| a.port()).unwrap_or(18443)
 }
 
 /// The pid and all descendants (nginx workers).
-fn family(pid: u32) -> Vec<u32> {
+pub(crate) fn family(pid: u32) -> Vec<u32> {
     let mut out = vec![pid];
     if let Ok(rd) = std::fs::read_dir("/proc") {
         for e in rd.flatten() {
@@ -203,7 +203,7 @@ pub fn ensure_installed(p: Proxy) -> Result<PathBuf, String> {
 const FLEET: usize = 256;
 
 /// Writes the PEM bundles peers want next to the dev PKI.
-fn prepare_pki(dir: &Path) -> Result<(), String> {
+pub(crate) fn prepare_pki(dir: &Path) -> Result<(), String> {
     // Devices present distinct certificates, as a real fleet does.
     holdfast::pki::generate_with_fleet(dir, FLEET)?;
     let read = |n: &str| std::fs::read_to_string(dir.join(n)).map_err(|e| e.to_string());
@@ -212,12 +212,12 @@ fn prepare_pki(dir: &Path) -> Result<(), String> {
     Ok(())
 }
 
-fn sibling(name: &str) -> PathBuf {
+pub(crate) fn sibling(name: &str) -> PathBuf {
     let me = std::env::current_exe().unwrap_or_default();
     me.parent().map(|d| d.join(name)).unwrap_or_else(|| PathBuf::from(name))
 }
 
-fn wait_port(port: u16, secs: u64) -> Result<(), String> {
+pub(crate) fn wait_port(port: u16, secs: u64) -> Result<(), String> {
     let deadline = Instant::now() + Duration::from_secs(secs);
     while Instant::now() < deadline {
         if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {

@@ -40,7 +40,7 @@ pub struct SwarmArgs {
     /// presents the `i mod n`th, instead of every device `--cert`.
     #[arg(long)]
     pub fleet: Option<PathBuf>,
-    /// idle | handshake | message | storm | drain
+    /// idle | handshake | message | storm | drain | upgrade | soak
     #[arg(long)]
     pub mode: String,
     /// Devices (idle, message, storm) or concurrent handshakers (handshake).
@@ -67,6 +67,13 @@ pub struct SwarmArgs {
     /// Seconds of the measured phase (handshake, message).
     #[arg(long, default_value_t = 10.0)]
     pub duration: f64,
+    /// Soak: the longest a churning device (every odd one) stays before it
+    /// leaves and comes back (0: nobody churns).
+    #[arg(long, default_value_t = 0.0)]
+    pub churn_secs: f64,
+    /// Soak: seconds between the `SAMPLE` lines.
+    #[arg(long, default_value_t = 10.0)]
+    pub sample_secs: f64,
 }
 
 /// The client configs devices use, one per certificate they present.
@@ -152,7 +159,7 @@ impl Stats {
 type Shared = Rc<RefCell<Stats>>;
 
 /// Blocks (on a helper thread) until a line arrives on stdin.
-fn stdin_line() -> std::sync::mpsc::Receiver<String> {
+pub fn stdin_line() -> std::sync::mpsc::Receiver<String> {
     let (tx, rx) = std::sync::mpsc::channel();
     std::thread::spawn(move || {
         let mut l = String::new();
@@ -165,7 +172,7 @@ fn stdin_line() -> std::sync::mpsc::Receiver<String> {
     rx
 }
 
-async fn wait_line(rx: &std::sync::mpsc::Receiver<String>) -> String {
+pub async fn wait_line(rx: &std::sync::mpsc::Receiver<String>) -> String {
     loop {
         if let Ok(l) = rx.try_recv() {
             return l;
