@@ -111,10 +111,11 @@ async fn device(cfgs: Fleet, a: Rc<SwarmArgs>, i: usize, books: Shared, end: Ins
         let mut c = match WsClient::connect(cfg.clone(), src, a.target, "/soak").await {
             Ok(c) => c,
             Err(f) => {
-                let mut b = books.borrow_mut();
-                b.interval.t.failed_connects += 1;
-                b.interval.problem(format!("connect: {:?} {}", f.0, f.1));
-                drop(b);
+                {
+                    let mut b = books.borrow_mut();
+                    b.interval.t.failed_connects += 1;
+                    b.interval.problem(format!("connect: {:?} {}", f.0, f.1));
+                }
                 let after = f.1.split("Retry-After:").nth(1).and_then(|s| s.trim().parse::<f64>().ok());
                 monoio::time::sleep(Duration::from_secs_f64(after.unwrap_or(1.0 + rand_unit()))).await;
                 continue;
@@ -168,10 +169,11 @@ async fn device(cfgs: Fleet, a: Rc<SwarmArgs>, i: usize, books: Shared, end: Ins
                 }
             }
             Some(why) => {
-                let mut b = books.borrow_mut();
-                b.interval.t.cut += 1;
-                b.interval.problem(why);
-                drop(b);
+                {
+                    let mut b = books.borrow_mut();
+                    b.interval.t.cut += 1;
+                    b.interval.problem(why);
+                }
                 monoio::time::sleep(Duration::from_secs_f64(1.0 + rand_unit())).await;
             }
         }

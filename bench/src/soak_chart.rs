@@ -158,7 +158,6 @@ pub fn svg(r: &SoakResult) -> String {
     let l_max = mx.iter().map(|p| p.1).fold(1.0, f64::max) * 1.5;
     line(2, &p99, l_max, "#2b7a78", true);
     line(2, &mx, l_max, "#c0392b", true);
-    drop(line);
     for (k, max, unit) in [(0, rss_max, "MiB"), (1, f_max, ""), (2, l_max, "ms")] {
         s.push_str(&format!(r#"<text x="5" y="{}">{max:.0} {unit}</text>"#, panel(k) + 4.0));
         let lo = if k == 2 { "0.1" } else { "0" };

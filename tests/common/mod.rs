@@ -124,6 +124,14 @@ pub fn start_wsm(tmp: &Path, name: &str) -> Proc {
     Proc { child, addr, metrics: None, stderr_log: tmp.join(format!("{name}.log")), lines, config: None }
 }
 
+/// Starts the reference WSM from a command made elsewhere (e.g. inside a
+/// test host's network namespace), once it says where it listens.
+pub fn start_wsm_cmd(tmp: &Path, name: &str, cmd: Command) -> Proc {
+    let (child, line, lines) = spawn_until(cmd, "holdfast-wsm listening on ", tmp.join(format!("{name}.log")));
+    let addr = line.rsplit(' ').next().unwrap().parse().unwrap();
+    Proc { child, addr, metrics: None, stderr_log: tmp.join(format!("{name}.log")), lines, config: None }
+}
+
 /// Starts the reference WSM with extra arguments (e.g. `--store`).
 pub fn start_wsm_args(tmp: &Path, name: &str, args: &[&str]) -> Proc {
     let mut cmd = Command::new(wsm_exe());
