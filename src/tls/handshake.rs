@@ -175,9 +175,15 @@ impl Handshake {
             if self.inbuf.len() < len {
                 break;
             }
+            // rustls takes at most 4 KiB per `read_tls`: give it the whole
+            // record, however many calls that takes.
             let mut rec = &self.inbuf[..len];
-            if let Err(e) = self.conn.read_tls(&mut rec) {
-                return Err(self.fail(Refusal::BadHandshake, e.to_string(), out));
+            while !rec.is_empty() {
+                match self.conn.read_tls(&mut rec) {
+                    Ok(0) => return Err(HandshakeError::new(Refusal::BadHandshake, "rustls took none of a handshake record")),
+                    Ok(_) => {}
+                    Err(e) => return Err(self.fail(Refusal::BadHandshake, e.to_string(), out)),
+                }
             }
             self.inbuf.drain(..len);
             let captured = std::mem::take(&mut self.captured);

@@ -334,3 +334,48 @@ fn what_is_not_a_tls12_or_13_hello_is_refused_at_once_with_the_right_answer() {
     let (r, _) = feed(b"POST");
     assert!(r.is_err());
 }
+
+/// `hello` (one record holding one ClientHello) with a padding extension
+/// (RFC 7685) of `pad` bytes appended to its extensions.
+fn padded_hello(hello: &[u8], pad: usize) -> Vec<u8> {
+    let body = &hello[9..];
+    let sid = 34;
+    let suites = sid + 1 + body[sid] as usize;
+    let comp = suites + 2 + u16::from_be_bytes([body[suites], body[suites + 1]]) as usize;
+    let ext = comp + 1 + body[comp] as usize;
+    let ext_len = u16::from_be_bytes([body[ext], body[ext + 1]]) as usize + 4 + pad;
+    let mut b = body[..ext].to_vec();
+    b.extend_from_slice(&(ext_len as u16).to_be_bytes());
+    b.extend_from_slice(&body[ext + 2..]);
+    b.extend_from_slice(&[0, 21]);
+    b.extend_from_slice(&(pad as u16).to_be_bytes());
+    b.resize(b.len() + pad, 0);
+    let mut rec = vec![22, hello[1], hello[2]];
+    rec.extend_from_slice(&((b.len() + 4) as u16).to_be_bytes());
+    rec.push(1);
+    rec.extend_from_slice(&(b.len() as u32).to_be_bytes()[1..]);
+    rec.extend_from_slice(&b);
+    rec
+}
+
+/// A record longer than rustls takes in one `read_tls` (4 KiB) is given
+/// to it whole: a large ClientHello (many extensions, a big padding) is
+/// answered instead of left hanging until the handshake timeout.
+#[test]
+fn a_handshake_record_larger_than_4_kib_is_read_whole() {
+    let dir = tempfile::tempdir().unwrap();
+    let ctx = setup(dir.path());
+    for (suite, pad) in [("TLS13_AES_128_GCM_SHA256", 6000), ("TLS_ECDHE_ECDSA_WITH_AES_128_GCM_SHA256", 16000)] {
+        let mut c = client(dir.path(), "oven-1", suite);
+        let mut hello = Vec::new();
+        while c.wants_write() {
+            c.write_tls(&mut hello).unwrap();
+        }
+        let big = padded_hello(&hello, pad);
+        assert!(big.len() > 4096 + 5);
+        let mut hs = Handshake::new(ctx.server.clone(), 0, None).unwrap();
+        let mut out = Vec::new();
+        assert_eq!(hs.feed(&big, &mut out).unwrap(), Progress::Continue, "{suite}");
+        assert_eq!(out.first(), Some(&22), "{suite}: a ServerHello flight, not silence: {out:?}");
+    }
+}
