@@ -104,6 +104,17 @@ pub struct Handshake {
     admit: Option<(Arc<DeviceVerifier>, i64)>,
     /// The first bytes were screened (`tls::hello`): a ClientHello rustls may answer.
     screened: bool,
+    /// rustls has written something (a ServerHello): alerts are its to send.
+    wrote: bool,
+}
+
+/// The alert for a refusal rustls sent none for: a message that does not
+/// parse is decode_error, anything else out of place unexpected_message.
+fn silent_alert(e: &rustls::Error) -> u8 {
+    match e {
+        rustls::Error::InvalidMessage(_) => super::record::alert::DECODE_ERROR,
+        _ => super::record::alert::UNEXPECTED_MESSAGE,
+    }
 }
 
 /// A plaintext fatal alert record (sent before any key is in use).
@@ -121,7 +132,7 @@ impl Handshake {
         admit: Option<(Arc<DeviceVerifier>, i64)>,
     ) -> Result<Self, HandshakeError> {
         let conn = ServerConnection::new(config).map_err(|e| HandshakeError::new(Refusal::BadHandshake, e.to_string()))?;
-        Ok(Handshake { conn, captured: Captured::default(), inbuf: Vec::new(), key_update_after, admit, screened: false })
+        Ok(Handshake { conn, captured: Captured::default(), inbuf: Vec::new(), key_update_after, admit, screened: false, wrote: false })
     }
 
     /// Once rustls has accepted a resumption (it knows the session's
@@ -199,7 +210,16 @@ impl Handshake {
                     out.extend_from_slice(&plain_alert(super::record::alert::HANDSHAKE_FAILURE));
                     return Err(HandshakeError { reason, detail: e.to_string(), presented: super::verify::take_refused_leaf() });
                 }
-                return Err(self.fail(reason, e.to_string(), out));
+                let (wrote, before) = (self.wrote, out.len());
+                let err = self.fail(reason, e.to_string(), out);
+                if !wrote && out.len() == before {
+                    // rustls ends some handshakes without a word (a record
+                    // of another type between a ClientHello's records:
+                    // RFC 8446 5.1); before its first flight holdfast tells
+                    // the device, in the clear.
+                    out.extend_from_slice(&plain_alert(silent_alert(&e)));
+                }
+                return Err(err);
             }
             self.judge_resumption(out)?;
             self.drain_out(out);
@@ -210,8 +230,9 @@ impl Handshake {
 
     fn drain_out(&mut self, out: &mut Vec<u8>) {
         while self.conn.wants_write() {
-            if self.conn.write_tls(out).is_err() {
-                break;
+            match self.conn.write_tls(out) {
+                Ok(n) if n > 0 => self.wrote = true,
+                _ => break,
             }
         }
     }

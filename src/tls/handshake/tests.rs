@@ -379,3 +379,32 @@ fn a_handshake_record_larger_than_4_kib_is_read_whole() {
         assert_eq!(out.first(), Some(&22), "{suite}: a ServerHello flight, not silence: {out:?}");
     }
 }
+
+/// A ClientHello split over two records with a zero-length application
+/// data record between them is unexpected_message (RFC 8446 5.1: handshake
+/// messages are not interleaved with other record types), told in the clear.
+#[test]
+fn application_data_between_the_records_of_a_client_hello_is_unexpected_message() {
+    let dir = tempfile::tempdir().unwrap();
+    let ctx = setup(dir.path());
+    let mut c = client(dir.path(), "oven-1", "TLS13_AES_128_GCM_SHA256");
+    let mut hello = Vec::new();
+    while c.wants_write() {
+        c.write_tls(&mut hello).unwrap();
+    }
+    let body = &hello[5..];
+    let (a, b) = body.split_at(body.len() / 2);
+    let rec = |t: u8, p: &[u8]| {
+        let mut r = vec![t, 3, 1];
+        r.extend_from_slice(&(p.len() as u16).to_be_bytes());
+        r.extend_from_slice(p);
+        r
+    };
+    let mut wire = rec(22, a);
+    wire.extend(rec(23, &[]));
+    wire.extend(rec(22, b));
+    let mut hs = Handshake::new(ctx.server.clone(), 0, None).unwrap();
+    let mut out = Vec::new();
+    assert!(hs.feed(&wire, &mut out).is_err());
+    assert_eq!(plain_alert_in(&out), Some(10), "{out:?}");
+}
