@@ -316,6 +316,11 @@ impl RecordLayer {
         let nonce = Nonce::assume_unique_for_key(self.state.rx.nonce());
         let plain =
             self.keys()?.rx.open_in_place(nonce, Aad::from(header), &mut rec[HEADER_LEN..]).map_err(|_| RecordError::BadRecordMac)?;
+        // The whole TLSInnerPlaintext, padding and all, is at most 2^14 + 1
+        // bytes (RFC 8446 5.4).
+        if plain.len() > MAX_PLAINTEXT + 1 {
+            return Err(RecordError::RecordOverflow);
+        }
         // Strip zero padding; the last non-zero byte is the real content type.
         let Some(pos) = plain.iter().rposition(|&b| b != 0) else {
             return Err(RecordError::UnexpectedMessage(0));
@@ -491,18 +496,25 @@ impl RecordLayer {
     /// As `seal_record`, with this TLS 1.3 legacy_record_version (tests:
     /// a peer that writes 03 01 there, which the receiver must ignore).
     fn seal_record_as(&mut self, ctype: u8, data: &[u8], out: &mut Vec<u8>, legacy: [u8; 2]) -> Result<(), RecordError> {
+        self.seal_padded(ctype, data, out, legacy, 0)
+    }
+
+    /// As `seal_record_as`, with `pad` zero bytes after a TLS 1.3 record's
+    /// content type (RFC 8446 5.4; holdfast sends none, tests do).
+    fn seal_padded(&mut self, ctype: u8, data: &[u8], out: &mut Vec<u8>, legacy: [u8; 2], pad: usize) -> Result<(), RecordError> {
         if self.state.tx.seq == u64::MAX {
             return Err(RecordError::SeqExhausted);
         }
         let nonce = self.state.tx.nonce();
         match self.state.version {
             Version::Tls13 => {
-                let len = data.len() + 1 + TAG_LEN;
+                let len = data.len() + 1 + pad + TAG_LEN;
                 let header = [CT_APPDATA, legacy[0], legacy[1], (len >> 8) as u8, len as u8];
                 out.extend_from_slice(&header);
                 let start = out.len();
                 out.extend_from_slice(data);
                 out.push(ctype);
+                out.resize(out.len() + pad, 0);
                 let tag = self
                     .keys()?
                     .tx

@@ -276,3 +276,18 @@ fn a_key_update_whose_request_update_is_not_0_or_1_is_an_illegal_parameter() {
     assert_eq!(RecordError::IllegalParameter.alert(), Some(alert::ILLEGAL_PARAMETER));
     assert_eq!(alert::ILLEGAL_PARAMETER, 47);
 }
+
+/// RFC 8446 5.4: padding does not lift the limit; content, type and
+/// padding together are at most 2^14 + 1 bytes, else record_overflow.
+#[test]
+fn tls13_padding_counts_toward_the_record_limit() {
+    let (mut a, mut b) = pair(Version::Tls13, Suite::Aes128Gcm);
+    let data = vec![7u8; (1 << 14) - 8];
+    let mut wire = Vec::new();
+    a.seal_padded(CT_APPDATA, &data, &mut wire, [3, 3], 8).unwrap();
+    let (got, _, _) = drain(&mut b, wire).unwrap();
+    assert_eq!(got, data, "2^14 - 8 + 1 + 8 = 2^14 + 1: allowed");
+    let mut wire = Vec::new();
+    a.seal_padded(CT_APPDATA, &data, &mut wire, [3, 3], 9).unwrap();
+    assert_eq!(drain(&mut b, wire).unwrap_err(), RecordError::RecordOverflow, "one byte more");
+}
