@@ -31,12 +31,13 @@ pub enum First {
     /// Not TLS: a first record that is not a handshake, a version that is
     /// not 3.x, a first handshake message that is not a ClientHello.
     NotTls,
-    /// A first record longer than TLS allows (2^14 + 2048 bytes).
+    /// A first record longer than a plaintext record may be (2^14 bytes).
     Oversized,
 }
 
-/// The longest record body TLS allows (RFC 5246 6.2.3).
-const MAX_RECORD_BODY: usize = (1 << 14) + 2048;
+/// The longest body of a plaintext record, as the first (the ClientHello)
+/// is: 2^14 bytes (RFC 8446 5.1, RFC 5246 6.2.1); longer is record_overflow.
+const MAX_RECORD_BODY: usize = 1 << 14;
 
 const CT_HANDSHAKE: u8 = 22;
 const HS_CLIENT_HELLO: u8 = 1;
@@ -246,6 +247,8 @@ pub(crate) mod tests {
         assert_eq!(screen(&[0x00, 0x11]), First::NotTls);
         assert_eq!(screen(b"\x16"), First::NeedMore);
         assert_eq!(screen(&[0x16, 3, 1, 0xff, 0xff]), First::Oversized, "refused before it arrives");
+        assert_eq!(screen(&[0x16, 3, 1, 0x40, 0x01]), First::Oversized, "2^14 + 1: one byte too long for a plaintext record");
+        assert_eq!(screen(&[0x16, 3, 1, 0x40, 0x00, 1]), First::NeedMore, "2^14 is allowed");
     }
 
     #[test]
