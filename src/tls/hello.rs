@@ -22,7 +22,8 @@ pub enum First {
     NeedMore,
     /// A TLS handshake record: for rustls.
     Tls,
-    /// A ClientHello offering only versions before TLS 1.2.
+    /// A ClientHello offering only versions before TLS 1.2, or with a
+    /// legacy_version of SSL 3.0 or below.
     OldVersion,
     /// An SSL 2.0-format ClientHello (RFC 6176: never answered as SSL 2.0).
     Sslv2,
@@ -93,8 +94,12 @@ pub fn screen(buf: &[u8]) -> First {
     }
 }
 
+/// SSL 3.0's version number.
+const SSL30: u16 = 0x0300;
+
 /// Whether a ClientHello handshake message (from its type byte) offers TLS
-/// 1.2 or later: its legacy version, or its supported_versions extension.
+/// 1.2 or later: its legacy version, or its supported_versions extension;
+/// never if its legacy version is SSL 3.0 or below.
 /// `None` if the message does not fit in `msg`.
 fn offers_tls12_or_later(msg: &[u8]) -> Option<bool> {
     let mut r = Reader(msg);
@@ -102,6 +107,11 @@ fn offers_tls12_or_later(msg: &[u8]) -> Option<bool> {
     let len = r.u24()? as usize;
     let mut r = Reader(r.0.get(..len)?);
     let legacy = r.u16()?;
+    if legacy <= SSL30 {
+        // RFC 8446 D.5: a ClientHello.legacy_version of 0x0300 or below is
+        // refused with protocol_version, whatever supported_versions says.
+        return Some(false);
+    }
     r.skip(32)?; // random
     let sid = r.u8()? as usize;
     r.skip(sid)?;
@@ -165,7 +175,10 @@ impl First {
         let alert = |d: u8| vec![21, 3, 3, 0, 2, 2, d];
         Some(match self {
             First::NeedMore | First::Tls => return None,
-            First::OldVersion => (alert(alert::PROTOCOL_VERSION), "ClientHello offers only TLS 1.1 or older (RFC 8996)"),
+            First::OldVersion => (
+                alert(alert::PROTOCOL_VERSION),
+                "ClientHello offers only TLS 1.1 or older (RFC 8996), or its legacy_version is SSL 3.0 or below (RFC 8446 D.5)",
+            ),
             First::Sslv2 => (alert(alert::PROTOCOL_VERSION), "SSL 2.0 ClientHello"),
             First::Http => {
                 let body = "This port speaks TLS with client certificates, not plain HTTP\n";
@@ -222,6 +235,9 @@ pub(crate) mod tests {
         assert_eq!(screen(&hello(0x0301, None)), First::OldVersion, "TLS 1.0");
         assert_eq!(screen(&hello(0x0302, None)), First::OldVersion, "TLS 1.1");
         assert_eq!(screen(&hello(0x0303, Some(&[0x0302, 0x0301]))), First::OldVersion, "supported_versions decides");
+        for legacy in [0x0300, 0x0000, 0x0200, 0x0002, 0x0100, 0x0103] {
+            assert_eq!(screen(&hello(legacy, Some(&[0x0304]))), First::OldVersion, "legacy_version {legacy:#06x} (RFC 8446 D.5)");
+        }
         assert_eq!(First::OldVersion.refusal().unwrap().0, vec![21, 3, 3, 0, 2, 2, 70]);
     }
 
