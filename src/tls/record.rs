@@ -292,6 +292,11 @@ impl RecordLayer {
             Version::Tls12 => self.open12(ctype, &mut input[..total])?,
         };
         self.state.rx.seq += 1;
+        // A handshake message split over records has nothing between its
+        // records (RFC 8446 5.1).
+        if inner_type != CT_HANDSHAKE && !self.state.handshake_buf.is_empty() {
+            return Err(RecordError::UnexpectedMessage(inner_type));
+        }
         match inner_type {
             CT_APPDATA if start == end => Ok(Opened::Control { consumed: total }),
             CT_APPDATA => Ok(Opened::Data { consumed: total, start, end }),

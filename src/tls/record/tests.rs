@@ -291,3 +291,16 @@ fn tls13_padding_counts_toward_the_record_limit() {
     a.seal_padded(CT_APPDATA, &data, &mut wire, [3, 3], 9).unwrap();
     assert_eq!(drain(&mut b, wire).unwrap_err(), RecordError::RecordOverflow, "one byte more");
 }
+
+/// RFC 8446 5.1: nothing between the records of a split handshake message;
+/// application data there is unexpected_message, not data.
+#[test]
+fn application_data_inside_a_split_key_update_is_unexpected() {
+    for version in [Version::Tls13, Version::Tls12] {
+        let (mut a, mut b) = pair(version, Suite::Aes128Gcm);
+        let mut wire = Vec::new();
+        a.seal_record(CT_HANDSHAKE, &[HS_KEY_UPDATE, 0], &mut wire).unwrap();
+        a.seal(b"between", &mut wire).unwrap();
+        assert_eq!(drain(&mut b, wire).unwrap_err(), RecordError::UnexpectedMessage(CT_APPDATA), "{version:?}");
+    }
+}
