@@ -206,3 +206,180 @@ fn hostile_devices_get_their_outcome_and_well_behaved_ones_do_not_notice() {
     assert!(rss1 < rss0 + 64 * 1024, "RSS {rss0} KiB before, {rss1} KiB after the attack");
     assert!(metric(&p, "holdfast_handshake_refused_total", "") >= 400, "the silent ones were counted as refused (timeout)");
 }
+
+/// The upgrade response to `req`, sent raw after a good handshake.
+fn upgrade_status(o: &holdfast::device::DeviceOptions, req: &[u8]) -> String {
+    let mut s = holdfast::device::tls_stream(o).unwrap();
+    s.sock.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    let _ = s.write_all(req);
+    let _ = s.flush();
+    let mut got = Vec::new();
+    let _ = s.read_to_end(&mut got);
+    String::from_utf8_lossy(&got).lines().next().unwrap_or("").to_string()
+}
+
+/// An unmasked frame (devices must mask: RFC 6455 5.1).
+fn unmasked(opcode: u8, payload: &[u8]) -> Vec<u8> {
+    let mut f = vec![0x80 | opcode, payload.len() as u8];
+    f.extend_from_slice(payload);
+    f
+}
+
+#[test]
+fn header_frame_and_key_update_abuse_in_volume_is_refused_counted_and_harmless() {
+    let pki = Pki::new();
+    let wsm = start_wsm(pki.path(), "wsm-a");
+    let extra = Extra { ws: "write_stall_timeout_secs = 2\nidle_timeout_secs = 0", ..Default::default() };
+    let p = start_proxy_extra(&pki, &[wsm.addr], 2, &extra, &[("HOLDFAST_LOG", "warn")]);
+    let pid = p.child.id();
+    let o = opts(&pki, &p, "oven-1");
+    let stop = Arc::new(AtomicBool::new(false));
+    let worst_us = Arc::new(AtomicU64::new(0));
+    let trips = Arc::new(AtomicU64::new(0));
+    let good: Vec<_> = (0..8)
+        .map(|i| {
+            let (o, stop, worst, trips) = (o.clone(), stop.clone(), worst_us.clone(), trips.clone());
+            std::thread::spawn(move || -> Result<(), String> {
+                let mut d = Device::connect(&o).map_err(|e| format!("good {i}: {e}"))?;
+                let mut n = 0u64;
+                while !stop.load(Ordering::Relaxed) {
+                    let m = format!("good {i} {n}");
+                    let t = Instant::now();
+                    d.send_text(&m).map_err(|e| format!("good {i} send {n}: {e}"))?;
+                    let r = d.recv_text().map_err(|e| format!("good {i} recv {n}: {e}"))?;
+                    if r != m {
+                        return Err(format!("good {i}: got {r:?} for {m:?}"));
+                    }
+                    worst.fetch_max(t.elapsed().as_micros() as u64, Ordering::Relaxed);
+                    trips.fetch_add(1, Ordering::Relaxed);
+                    n += 1;
+                    std::thread::sleep(Duration::from_millis(50));
+                }
+                let _ = d.close(1000);
+                Ok(())
+            })
+        })
+        .collect();
+    eventually(10, "the well-behaved devices to talk", || trips.load(Ordering::Relaxed) > 16);
+    std::thread::sleep(Duration::from_millis(300));
+    let fds0 = proc_fds(pid);
+    let rss0 = rss_kib(pid);
+    let rejected0 = metric(&p, "holdfast_ws_upgrades_rejected_total", "");
+
+    // Header abuse, 10 of each, four at a time: a huge header, thousands of
+    // headers, a request that is not HTTP, the wrong WebSocket version.
+    let huge = format!("GET / HTTP/1.1\r\nHost: h\r\nX-Pad: {}\r\n\r\n", "a".repeat(64 * 1024));
+    let many = format!("GET / HTTP/1.1\r\nHost: h\r\n{}\r\n", "X-A: b\r\n".repeat(2000));
+    let cases: Vec<(&str, Vec<u8>, &str)> = vec![
+        ("a 64 KiB header", huge.into_bytes(), "HTTP/1.1 431"),
+        ("2000 headers", many.into_bytes(), "HTTP/1.1 431"),
+        ("not HTTP", b"\x00\x01\x02 GET\r\n\r\n".to_vec(), "HTTP/1.1 400"),
+        (
+            "version 8",
+            b"GET / HTTP/1.1\r\nHost: h\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 8\r\n\r\n".to_vec(),
+            "HTTP/1.1 426",
+        ),
+    ];
+    let headers: Vec<_> = cases
+        .into_iter()
+        .map(|(what, req, want)| {
+            let o = o.clone();
+            std::thread::spawn(move || {
+                for k in 0..10 {
+                    let got = upgrade_status(&o, &req);
+                    assert!(got.starts_with(want), "{what} #{k}: {got:?}, wanted {want}");
+                }
+            })
+        })
+        .collect();
+
+    // Frame abuse: each bad frame gets its close code (RFC 6455 7.4.1).
+    let frames: Vec<(&str, Box<dyn Fn(&mut Device) -> Vec<u8> + Send>, u16)> = vec![
+        ("unmasked", Box::new(|_| unmasked(op::TEXT, b"hi")), 1002),
+        (
+            "reserved bit",
+            Box::new(|d| {
+                let mut f = d.masked_frame(op::TEXT, b"hi");
+                f[0] |= 0x40;
+                f
+            }),
+            1002,
+        ),
+        ("opcode 3", Box::new(|d| d.masked_frame(3, b"hi")), 1002),
+        ("a 126-byte ping", Box::new(|d| d.masked_frame(op::PING, &[0; 126])), 1002),
+        (
+            "a fragmented ping",
+            Box::new(|d| {
+                let mut f = d.masked_frame(op::PING, b"p");
+                f[0] &= 0x7f;
+                f
+            }),
+            1002,
+        ),
+        ("a continuation first", Box::new(|d| d.masked_frame(op::CONT, b"x")), 1002),
+        ("close code 999", Box::new(|d| d.masked_frame(op::CLOSE, &999u16.to_be_bytes())), 1002),
+        ("invalid UTF-8", Box::new(|d| d.masked_frame(op::TEXT, &[0xce, 0xba, 0xff])), 1007),
+        ("2 MiB message", Box::new(|d| d.masked_frame(op::BINARY, &vec![1; 2 << 20])), 1009),
+    ];
+    let before_1002 = metric(&p, "holdfast_ws_error_closes_total", "code=\"1002\"");
+    for (what, make, code) in &frames {
+        for k in 0..5 {
+            let mut d = Device::connect(&o).unwrap();
+            let f = make(&mut d);
+            d.send_raw(&f).unwrap();
+            let got = loop {
+                match d.recv() {
+                    Ok(holdfast::ws::frame::Event::Close { code, .. }) => break code,
+                    Ok(_) => continue,
+                    Err(e) => panic!("{what} #{k}: no close frame: {e}"),
+                }
+            };
+            assert_eq!(got, Some(*code), "{what} #{k}");
+        }
+    }
+    assert!(metric(&p, "holdfast_ws_error_closes_total", "code=\"1002\"") >= before_1002 + 35, "every 1002 counted");
+
+    // A KeyUpdate flood, never reading the answers: every request counted,
+    // answered by one KeyUpdate for all those read together (RFC 8446
+    // 4.6.3; tls::record), and no harm to anyone else.
+    let ku0 = metric(&p, "holdfast_key_updates_received_total", "");
+    let sent0 = metric(&p, "holdfast_key_updates_sent_total", "");
+    let mut flooder = Device::connect(&o).unwrap();
+    for k in 0..20_000 {
+        if let Err(e) = flooder.key_update() {
+            panic!("KeyUpdate {k}: {e}");
+        }
+    }
+    // holdfast reads what it can answer (it stops reading a device whose
+    // answers it cannot write); the rest dies with the connection.
+    std::thread::sleep(Duration::from_millis(500));
+    drop(flooder);
+    eventually(10, "the flooder's end to be counted", || metric(&p, "holdfast_key_updates_received_total", "") > ku0);
+    let received = metric(&p, "holdfast_key_updates_received_total", "") - ku0;
+    let sent = metric(&p, "holdfast_key_updates_sent_total", "") - sent0;
+    assert!(received >= 1000, "{received} KeyUpdates read");
+    assert!(sent * 10 < received, "answers coalesce: {sent} sent for {received} requests read");
+    for h in headers {
+        h.join().unwrap();
+    }
+    assert!(metric(&p, "holdfast_ws_upgrades_rejected_total", "") >= rejected0 + 40, "every refused upgrade counted");
+
+    // The well-behaved devices never failed, never stalled.
+    let before = trips.load(Ordering::Relaxed);
+    eventually(5, "the well-behaved devices to keep talking", || trips.load(Ordering::Relaxed) > before + 16);
+    stop.store(true, Ordering::Relaxed);
+    for g in good {
+        g.join().unwrap().unwrap();
+    }
+    let worst = Duration::from_micros(worst_us.load(Ordering::Relaxed));
+    assert!(worst < Duration::from_millis(500), "a well-behaved round trip took {worst:?} meanwhile");
+
+    // Nothing left behind.
+    eventually(15, "every connection to be gone", || metric(&p, "holdfast_connections_active", "") == 0);
+    assert_eq!(metric(&p, "holdfast_streams_held", ""), 0);
+    assert_eq!(metric(&p, "holdfast_partial_bytes", ""), 0);
+    assert_eq!(metric(&p, "holdfast_buffers_in_use", ""), 0);
+    eventually(10, "descriptors back to where they were", || proc_fds(pid) <= fds0);
+    let rss1 = rss_kib(pid);
+    assert!(rss1 < rss0 + 64 * 1024, "RSS {rss0} KiB before, {rss1} KiB after");
+}

@@ -48,7 +48,9 @@ const FINISHED_LENGTH: &[(&str, &str)] = &[
 ];
 
 const SCRIPTS: &[Script] = &[
-    Script { name: "test-tls13-keyupdate.py", args: &[], allowed: &[] },
+    // holdfast answers any number of KeyUpdate requests with one, before
+    // its next data (RFC 8446 4.6.3).
+    Script { name: "test-tls13-keyupdate.py", args: &["--coalescing"], allowed: &[] },
     Script {
         name: "test-tls13-record-layer-limits.py",
         args: &[],

@@ -194,6 +194,16 @@ impl Pair {
         self.to_core.extend_from_slice(bytes);
     }
 
+    /// The device starts a KeyUpdate and asks holdfast for one back.
+    pub fn device_key_update(&mut self) {
+        self.dev_rl.send_key_update(true, &mut self.to_core).expect("key update");
+    }
+
+    /// KeyUpdates the device has (sent, received).
+    pub fn device_key_updates(&self) -> (u64, u64) {
+        self.dev_rl.key_updates()
+    }
+
     pub fn device_close_notify(&mut self) {
         self.dev_rl.close_notify(&mut self.to_core).expect("close_notify");
     }

@@ -261,6 +261,18 @@ impl Tunnel {
         self.actions.push(Action::Count(c));
     }
 
+    /// Answers the KeyUpdate the device asked for, if holdfast still owes it
+    /// (the answer waits for holdfast's next data, RFC 8446 4.6.3): before a
+    /// hand-over's snapshot, so the new process owes nothing it cannot know.
+    pub fn answer_key_update(&mut self) -> Result<(), End> {
+        let mut out = Vec::new();
+        self.rl.answer_key_update(&mut out).map_err(End::Record)?;
+        if !out.is_empty() {
+            self.actions.push(Action::Write(out));
+        }
+        Ok(())
+    }
+
     /// Seals `plain` for the device.
     fn seal(&mut self, plain: &[u8]) -> Result<(), End> {
         let mut out = Vec::with_capacity(RecordLayer::sealed_len(plain.len()));

@@ -564,6 +564,14 @@ async fn hand_over(dev: &mut Device, t: &mut Live) -> Option<End> {
         Ok(q) => q && t.core.has_stream(),
         Err(end) => return Some(end),
     };
+    // A KeyUpdate the device asked for and holdfast has not yet answered
+    // goes now: the snapshot does not carry the debt.
+    if let Err(end) = t.core.answer_key_update() {
+        return Some(end);
+    }
+    if let Err(end) = perform(dev, t).await {
+        return Some(end);
+    }
     // 2. Snapshot (copies: the connection is changed only once it is sent).
     let rx = match (dev.rx.as_mut(), &dev.parked) {
         (Some(b), _) => b.vec().clone(),

@@ -191,9 +191,14 @@ pub struct RecordLayer {
     keys: Option<Box<Keys>>,
     /// Counters since the last key change (not needed across an upgrade: a
     /// fresh count only delays the next automatic KeyUpdate).
-    tx_records_this_key: u64,
+    tx_records_this_key: u32,
     key_updates_sent: u32,
     key_updates_received: u32,
+    /// The peer asked for a KeyUpdate not yet answered: answered once,
+    /// before the next application data (RFC 8446 4.6.3), however many
+    /// requests came meanwhile. Not in [`RecordState`]: a hand-over answers
+    /// it first ([`RecordLayer::answer_key_update`]).
+    key_update_owed: bool,
 }
 
 fn make_key(suite: Suite, key: &[u8]) -> Result<LessSafeKey, RecordError> {
@@ -208,7 +213,7 @@ impl RecordLayer {
             return Err(RecordError::Internal("TLS 1.3 state without traffic secrets"));
         }
         let keys = Some(Box::new(Keys { rx: make_key(state.suite, &state.rx.key)?, tx: make_key(state.suite, &state.tx.key)? }));
-        Ok(RecordLayer { keys, state, tx_records_this_key: 0, key_updates_sent: 0, key_updates_received: 0 })
+        Ok(RecordLayer { keys, state, tx_records_this_key: 0, key_updates_sent: 0, key_updates_received: 0, key_update_owed: false })
     }
 
     pub fn state(&self) -> &RecordState {
@@ -263,6 +268,8 @@ impl RecordLayer {
     /// Decrypts the first record of `input` in place. Any bytes the layer must
     /// send in reply (a KeyUpdate response, a no_renegotiation alert) are
     /// appended to `out`.
+    /// A KeyUpdate the peer requests is answered before the next
+    /// application data sealed (or by [`RecordLayer::answer_key_update`]).
     pub fn open(&mut self, input: &mut [u8], out: &mut Vec<u8>) -> Result<Opened, RecordError> {
         let Some(total) = Self::record_len(input) else {
             return Ok(Opened::NeedMore);
@@ -422,9 +429,7 @@ impl RecordLayer {
                 self.state.rx.rotate(suite);
                 self.keys = None;
                 self.key_updates_received = self.key_updates_received.saturating_add(1);
-                if request {
-                    self.send_key_update(false, out)?;
-                }
+                self.key_update_owed |= request;
                 Ok(())
             }
             (Version::Tls12, HS_CLIENT_HELLO) | (Version::Tls12, HS_HELLO_REQUEST) => {
@@ -451,15 +456,31 @@ impl RecordLayer {
         Ok(())
     }
 
+    /// The KeyUpdate the peer's requests are owed, if any, into `out`: one
+    /// for any number of requests (RFC 8446 4.6.3: "an implementation which
+    /// receives multiple KeyUpdates while it is silent [responds] with a
+    /// single update"), so a flood of them costs holdfast one key change.
+    /// [`RecordLayer::seal`] calls it; a hand-over calls it before taking
+    /// its snapshot.
+    pub fn answer_key_update(&mut self, out: &mut Vec<u8>) -> Result<(), RecordError> {
+        if std::mem::take(&mut self.key_update_owed) {
+            self.send_key_update(false, out)?;
+        }
+        Ok(())
+    }
+
     /// Protects application data, split into records of at most 16 KiB.
     pub fn seal(&mut self, mut data: &[u8], out: &mut Vec<u8>) -> Result<(), RecordError> {
         if self.state.sent_close_notify {
             return Err(RecordError::AfterClose);
         }
+        if !data.is_empty() {
+            self.answer_key_update(out)?;
+        }
         while !data.is_empty() {
             let n = data.len().min(MAX_PLAINTEXT);
             let due = self.state.key_update_after;
-            if self.state.version == Version::Tls13 && due > 0 && self.tx_records_this_key >= due {
+            if self.state.version == Version::Tls13 && due > 0 && u64::from(self.tx_records_this_key) >= due {
                 self.send_key_update(true, out)?;
             }
             self.seal_record(CT_APPDATA, &data[..n], out)?;
@@ -547,7 +568,7 @@ impl RecordLayer {
             }
         }
         self.state.tx.seq += 1;
-        self.tx_records_this_key += 1;
+        self.tx_records_this_key = self.tx_records_this_key.saturating_add(1);
         Ok(())
     }
 }

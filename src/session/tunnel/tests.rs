@@ -437,3 +437,27 @@ fn a_paced_close_sends_its_code_and_the_wsm_hears_device_gone() {
         assert_eq!(End::Paced(why, sent).tls_goodbye(), crate::session::end::TlsGoodbye::CloseNotify);
     }
 }
+
+#[test]
+fn a_key_update_the_device_asked_for_is_answered_once_before_data_or_a_hand_over() {
+    let mut p = Pair::new();
+    for _ in 0..5 {
+        p.device_key_update();
+    }
+    p.settle();
+    assert_eq!(p.device_key_updates(), (5, 0), "the answer waits for holdfast's next data");
+    p.wsm_message(b"after");
+    p.settle();
+    assert_eq!(p.device_key_updates(), (5, 1), "one answer for five requests, before the data");
+    assert_eq!(texts(&p.dev_events), vec!["after".to_string()]);
+    // A request still owed when the connection moves: answered first.
+    p.device_key_update();
+    p.settle();
+    assert_eq!(p.device_key_updates(), (6, 1));
+    p.core.answer_key_update().unwrap();
+    p.settle();
+    assert_eq!(p.device_key_updates(), (6, 2));
+    p.core.answer_key_update().unwrap();
+    p.settle();
+    assert_eq!(p.device_key_updates(), (6, 2), "owed once, answered once");
+}

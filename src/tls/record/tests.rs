@@ -90,11 +90,12 @@ fn key_update_requested_by_peer_rotates_both_directions() {
         a.seal(b"after update", &mut wire).unwrap();
         let (data, reply, _) = drain(&mut b, wire).unwrap();
         assert_eq!(data, b"after update");
-        assert!(!reply.is_empty(), "b answers with its own KeyUpdate");
-        assert_eq!(b.key_updates(), (1, 1));
-        // b's reply is under its old key; what follows under the new one.
+        assert!(reply.is_empty(), "the answer waits for b's next data");
+        assert_eq!(b.key_updates(), (0, 1));
+        // b's answer goes first, under its old key; its data under the new one.
         let mut wire = reply;
         b.seal(b"from b", &mut wire).unwrap();
+        assert_eq!(b.key_updates(), (1, 1));
         let (data, reply, _) = drain(&mut a, wire).unwrap();
         assert_eq!(data, b"from b");
         assert!(reply.is_empty(), "update_not_requested needs no answer");
@@ -303,4 +304,31 @@ fn application_data_inside_a_split_key_update_is_unexpected() {
         a.seal(b"between", &mut wire).unwrap();
         assert_eq!(drain(&mut b, wire).unwrap_err(), RecordError::UnexpectedMessage(CT_APPDATA), "{version:?}");
     }
+}
+
+/// RFC 8446 4.6.3: many requests while holdfast is silent get one answer;
+/// a flood of them costs one key change, not one each.
+#[test]
+fn key_update_requests_read_together_get_one_answer() {
+    let (mut a, mut b) = pair(Version::Tls13, Suite::Aes128Gcm);
+    let mut wire = Vec::new();
+    for _ in 0..1000 {
+        a.send_key_update(true, &mut wire).unwrap();
+    }
+    a.seal(b"after the flood", &mut wire).unwrap();
+    // However the flood is cut into reads.
+    let mut got = Vec::new();
+    let mut reply = Vec::new();
+    let rest = wire.split_off(wire.len() / 3);
+    b.open_all(&mut wire, &mut reply, &mut |p| got.extend_from_slice(p)).unwrap();
+    wire.extend(rest); // after what was left of a record cut in two
+    b.open_all(&mut wire, &mut reply, &mut |p| got.extend_from_slice(p)).unwrap();
+    assert_eq!(got, b"after the flood");
+    assert_eq!(b.key_updates(), (0, 1000), "nothing sent yet");
+    b.seal(b"from b", &mut reply).unwrap();
+    assert_eq!(b.key_updates(), (1, 1000), "one answer for 1000 requests, before b's data");
+    // The answer is good: a reads it, then b's data under the new key.
+    let (data, _, _) = drain(&mut a, reply).unwrap();
+    assert_eq!(data, b"from b");
+    assert_eq!(a.key_updates(), (1000, 1));
 }
