@@ -218,6 +218,9 @@ fn upgrade_status(o: &holdfast::device::DeviceOptions, req: &[u8]) -> String {
     String::from_utf8_lossy(&got).lines().next().unwrap_or("").to_string()
 }
 
+/// Builds one abusive frame for a device.
+type MakeFrame = Box<dyn Fn(&mut Device) -> Vec<u8> + Send>;
+
 /// An unmasked frame (devices must mask: RFC 6455 5.1).
 fn unmasked(opcode: u8, payload: &[u8]) -> Vec<u8> {
     let mut f = vec![0x80 | opcode, payload.len() as u8];
@@ -294,7 +297,7 @@ fn header_frame_and_key_update_abuse_in_volume_is_refused_counted_and_harmless()
         .collect();
 
     // Frame abuse: each bad frame gets its close code (RFC 6455 7.4.1).
-    let frames: Vec<(&str, Box<dyn Fn(&mut Device) -> Vec<u8> + Send>, u16)> = vec![
+    let frames: Vec<(&str, MakeFrame, u16)> = vec![
         ("unmasked", Box::new(|_| unmasked(op::TEXT, b"hi")), 1002),
         (
             "reserved bit",
