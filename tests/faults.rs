@@ -80,8 +80,8 @@ fn partition(hole: Impair, heal: bool) {
     eventually(5, "liveness to declare wsm-a's link dead", || metric(&proxy, "holdfast_link_liveness_failures_total", "") >= 1);
     let detected = t0.elapsed();
     assert!(
-        detected >= Duration::from_millis(700) && detected <= Duration::from_millis(1700),
-        "a silent link is dead after the 1 s liveness timeout (less the ping interval), not sooner or much later: {detected:?}"
+        detected >= Duration::from_millis(700) && detected <= Duration::from_millis(2200),
+        "a silent link is dead after the 1 s liveness timeout (less the time since the last pong), not sooner, nor much later (a loaded machine's slack): {detected:?}"
     );
     eventually(10, "every stream of wsm-a to resume", || metric(&proxy, "holdfast_streams_resumed_total", "") >= on_a as u64);
     assert_eq!(metric(&proxy, "holdfast_streams_resume_failed_total", ""), 0);
