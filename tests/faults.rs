@@ -79,6 +79,7 @@ fn partition(hole: Impair, heal: bool) {
     }
     eventually(5, "liveness to declare wsm-a's link dead", || metric(&proxy, "holdfast_link_liveness_failures_total", "") >= 1);
     let detected = t0.elapsed();
+    eprintln!("liveness declared wsm-a dead {detected:?} after the hole opened");
     assert!(
         detected >= Duration::from_millis(700) && detected <= Duration::from_millis(2200),
         "a silent link is dead after the 1 s liveness timeout (less the time since the last pong), not sooner, nor much later (a loaded machine's slack): {detected:?}"
