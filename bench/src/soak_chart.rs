@@ -20,7 +20,7 @@ pub fn write(r: &SoakResult) -> Result<(), String> {
 pub fn peak_per_process(r: &SoakResult) -> Vec<(u32, u64, u64)> {
     let mut order: Vec<u32> = Vec::new();
     let mut peak: BTreeMap<u32, (u64, u64)> = BTreeMap::new();
-    for s in r.node.iter().filter(|s| s.pid != 0 && s.rss_kib > 0) {
+    for s in r.node.iter().filter(|s| s.pid != 0 && s.rss_kib > 0 && s.connections > 0) {
         if !order.contains(&s.pid) {
             order.push(s.pid);
         }
