@@ -47,6 +47,22 @@ pub struct Tally {
     pub first_problem: Option<String>,
 }
 
+impl Tally {
+    /// Adds `o`'s counts (not its time or round trips) to these; the first
+    /// problem stays the first.
+    pub fn absorb(&mut self, o: &Tally) {
+        self.messages += o.messages;
+        self.connects += o.connects;
+        self.failed_connects += o.failed_connects;
+        self.left += o.left;
+        self.cut += o.cut;
+        self.lost += o.lost;
+        if self.first_problem.is_none() {
+            self.first_problem = o.first_problem.clone();
+        }
+    }
+}
+
 /// Counts while they accumulate.
 struct Counts {
     rtt: Histogram<u64>,
@@ -71,16 +87,7 @@ impl Counts {
 
     fn add(&mut self, o: &Counts) {
         let _ = self.rtt.add(&o.rtt);
-        let (a, b) = (&mut self.t, &o.t);
-        a.messages += b.messages;
-        a.connects += b.connects;
-        a.failed_connects += b.failed_connects;
-        a.left += b.left;
-        a.cut += b.cut;
-        a.lost += b.lost;
-        if a.first_problem.is_none() {
-            a.first_problem = b.first_problem.clone();
-        }
+        self.t.absorb(&o.t);
     }
 }
 

@@ -252,6 +252,40 @@ pub fn run(args: RunArgs) -> Result<(), String> {
     Ok(())
 }
 
+/// Starts `procs` swarm processes sharing `conns` devices against `target`,
+/// each pinned to `cpus` with two 127.0.x.y source addresses of its own and
+/// the dev PKI's fleet; `args` adds the mode and its settings. Their stdout
+/// lines go to `tx`, tagged with the process's index.
+pub(crate) fn spawn_swarm(
+    pki: &Path,
+    target: &str,
+    (conns, procs): (usize, usize),
+    cpus: &[usize],
+    tx: &std::sync::mpsc::Sender<(usize, String)>,
+    args: impl Fn(&mut Command),
+) -> Result<Vec<(Proc, ChildStdin)>, String> {
+    let per = conns.div_ceil(procs.max(1));
+    let mut swarm = Vec::new();
+    for i in 0..procs.max(1) {
+        let n = per.min(conns.saturating_sub(i * per));
+        if n == 0 {
+            break;
+        }
+        let srcs = format!("127.0.{}.{},127.0.{}.{}", 1 + i / 100, 2 + 2 * (i % 100), 1 + i / 100, 3 + 2 * (i % 100));
+        let mut c = pinned(&std::env::current_exe().map_err(|e| e.to_string())?, cpus);
+        c.arg("swarm").args(["--target", target, "--conns", &n.to_string(), "--src", &srcs]);
+        c.arg("--ca").arg(pki.join("server-ca.pem"));
+        c.arg("--cert").arg(pki.join("devices/oven-1.pem")).arg("--key").arg(pki.join("devices/oven-1.key"));
+        c.arg("--fleet").arg(pki.join("devices/fleet"));
+        args(&mut c);
+        let mut ch = c.stdin(Stdio::piped()).stdout(Stdio::piped()).stderr(Stdio::inherit()).spawn().map_err(|e| format!("swarm: {e}"))?;
+        lines_of(&mut ch, i, tx.clone());
+        let stdin = ch.stdin.take().ok_or("swarm stdin")?;
+        swarm.push((Proc(ch), stdin));
+    }
+    Ok(swarm)
+}
+
 fn run_one(proxy: Proxy, a: &RunArgs, pki: &Path, work: &Path) -> Result<ScenarioResult, String> {
     std::fs::create_dir_all(work).map_err(|e| e.to_string())?;
     let m = machine();
@@ -339,35 +373,20 @@ fn run_one(proxy: Proxy, a: &RunArgs, pki: &Path, work: &Path) -> Result<Scenari
 
     // The swarm: `procs` processes, each with two source addresses of its own.
     let swarm_mode = if a.scenario == "failover" || a.scenario == "reload" { "upgrade" } else { a.scenario.as_str() };
-    let per = a.conns.div_ceil(a.procs.max(1));
-    let mut swarm: Vec<(Proc, ChildStdin)> = Vec::new();
-    for i in 0..a.procs.max(1) {
-        let n = per.min(a.conns.saturating_sub(i * per));
-        if n == 0 {
-            break;
-        }
-        let srcs = format!("127.0.{}.{},127.0.{}.{}", 1 + i / 100, 2 + 2 * (i % 100), 1 + i / 100, 3 + 2 * (i % 100));
-        let mut c = pinned(&std::env::current_exe().map_err(|e| e.to_string())?, &ccpus);
-        c.arg("swarm")
-            .args(["--target", &format!("127.0.0.1:{port}"), "--mode", swarm_mode, "--conns", &n.to_string(), "--src", &srcs])
-            .args(["--rate", &(a.rate / a.procs.max(1) as u32).to_string(), "--tls", &a.tls, "--msg-size", &a.msg_size.to_string()])
-            .args(["--msg-rate", &a.msg_rate.to_string(), "--duration", &a.duration.to_string()])
-            .arg("--ca")
-            .arg(pki.join("server-ca.pem"))
-            .arg("--cert")
-            .arg(pki.join("devices/oven-1.pem"))
-            .arg("--key")
-            .arg(pki.join("devices/oven-1.key"))
-            .arg("--fleet")
-            .arg(pki.join("devices/fleet"));
+    let target = format!("127.0.0.1:{port}");
+    let mut swarm = spawn_swarm(pki, &target, (a.conns, a.procs), &ccpus, &tx, |c| {
+        c.args(["--mode", swarm_mode, "--rate", &(a.rate / a.procs.max(1) as u32).to_string(), "--tls", &a.tls]).args([
+            "--msg-size",
+            &a.msg_size.to_string(),
+            "--msg-rate",
+            &a.msg_rate.to_string(),
+            "--duration",
+            &a.duration.to_string(),
+        ]);
         if a.resume {
             c.arg("--resume");
         }
-        let mut ch = c.stdin(Stdio::piped()).stdout(Stdio::piped()).stderr(Stdio::inherit()).spawn().map_err(|e| format!("swarm: {e}"))?;
-        lines_of(&mut ch, i, tx.clone());
-        let stdin = ch.stdin.take().ok_or("swarm stdin")?;
-        swarm.push((Proc(ch), stdin));
-    }
+    })?;
     let nproc = swarm.len();
     let connect_timeout = 60 + (a.conns as u64 / a.rate.max(1) as u64);
     let go = |swarm: &mut Vec<(Proc, ChildStdin)>| {

@@ -13,7 +13,7 @@
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
-use std::process::{ChildStdin, Stdio};
+use std::process::Stdio;
 use std::sync::mpsc::channel;
 use std::time::{Duration, Instant};
 
@@ -22,7 +22,7 @@ use serde::{Deserialize, Serialize};
 use crate::churn::Tally;
 use crate::report::Hist;
 use crate::result::{Machine, metric_single, metric_sum};
-use crate::run::{Proc, fetch_metrics, free_port, lines_of, pinned, prepare_pki, sibling, wait_port};
+use crate::run::{Proc, fetch_metrics, free_port, pinned, prepare_pki, sibling, wait_port};
 
 #[derive(Debug, Clone, clap::Args, Serialize, Deserialize)]
 pub struct SoakArgs {
@@ -143,15 +143,7 @@ pub fn add(parts: &[&Tally]) -> Tally {
         ..Tally::default()
     };
     for p in parts {
-        t.messages += p.messages;
-        t.connects += p.connects;
-        t.failed_connects += p.failed_connects;
-        t.left += p.left;
-        t.cut += p.cut;
-        t.lost += p.lost;
-        if t.first_problem.is_none() {
-            t.first_problem = p.first_problem.clone();
-        }
+        t.absorb(p);
     }
     t
 }
@@ -278,33 +270,12 @@ fn soak(a: &SoakArgs, pki: &Path, work: &Path) -> Result<SoakResult, String> {
     let mut first = Some(first);
 
     let (tx, rx) = channel();
-    let per = a.conns.div_ceil(a.procs.max(1));
-    let mut swarm: Vec<(Proc, ChildStdin)> = Vec::new();
-    for i in 0..a.procs.max(1) {
-        let n = per.min(a.conns.saturating_sub(i * per));
-        if n == 0 {
-            break;
-        }
-        let srcs = format!("127.0.{}.{},127.0.{}.{}", 1 + i / 100, 2 + 2 * (i % 100), 1 + i / 100, 3 + 2 * (i % 100));
-        let mut c = pinned(&std::env::current_exe().map_err(|e| e.to_string())?, &ccpus);
-        c.arg("swarm")
-            .args(["--target", &format!("127.0.0.1:{port}"), "--mode", "soak", "--conns", &n.to_string(), "--src", &srcs])
-            .args(["--rate", &(a.rate / a.procs.max(1) as u32).to_string(), "--msg-size", &a.msg_size.to_string()])
+    let target = format!("127.0.0.1:{port}");
+    let mut swarm = crate::run::spawn_swarm(pki, &target, (a.conns, a.procs), &ccpus, &tx, |c| {
+        c.args(["--mode", "soak", "--rate", &(a.rate / a.procs.max(1) as u32).to_string(), "--msg-size", &a.msg_size.to_string()])
             .args(["--msg-rate", &a.msg_rate.to_string(), "--duration", &(a.minutes * 60.0).to_string()])
-            .args(["--churn-secs", &a.churn_secs.to_string(), "--sample-secs", &a.sample_secs.to_string()])
-            .arg("--ca")
-            .arg(pki.join("server-ca.pem"))
-            .arg("--cert")
-            .arg(pki.join("devices/oven-1.pem"))
-            .arg("--key")
-            .arg(pki.join("devices/oven-1.key"))
-            .arg("--fleet")
-            .arg(pki.join("devices/fleet"));
-        let mut ch = c.stdin(Stdio::piped()).stdout(Stdio::piped()).stderr(Stdio::inherit()).spawn().map_err(|e| format!("swarm: {e}"))?;
-        lines_of(&mut ch, i, tx.clone());
-        let stdin = ch.stdin.take().ok_or("swarm stdin")?;
-        swarm.push((Proc(ch), stdin));
-    }
+            .args(["--churn-secs", &a.churn_secs.to_string(), "--sample-secs", &a.sample_secs.to_string()]);
+    })?;
     let nproc = swarm.len();
     for _ in 0..nproc {
         crate::run::first_line_with(&rx, "READY", 30)?;
