@@ -147,8 +147,14 @@ impl End {
 impl Blamed for End {
     fn blame(&self) -> Blame {
         match self {
-            End::Io(_) | End::Eof | End::Refused(_) | End::BadUpgrade(..) | End::Ws(_) | End::DeviceClosed | End::Idle => Blame::Device,
-            End::CloseNotify => Blame::Device,
+            End::Io(_)
+            | End::Eof
+            | End::Refused(_)
+            | End::BadUpgrade(..)
+            | End::Ws(_)
+            | End::DeviceClosed
+            | End::CloseNotify
+            | End::Idle => Blame::Device,
             End::WriteStall | End::PartialEvicted => Blame::Device,
             End::Record(e) => e.blame(),
             End::NoWsm | End::WsmRefused(_) | End::WsmTimeout | End::WsmClosed | End::LinkLost => Blame::Wsm,

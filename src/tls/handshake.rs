@@ -16,7 +16,7 @@ use rustls::{ConnectionTrafficSecrets, ProtocolVersion, ServerConfig, ServerConn
 use zeroize::Zeroize;
 
 use super::keys::{Key, Secret, Suite};
-use super::record::{DirectionState, RecordLayer, RecordState, Version};
+use super::record::{DirectionState, RecordLayer, RecordState, Version, alert};
 use super::verify::DeviceVerifier;
 
 /// Largest handshake record we accept (TLS 1.2 ciphertext limit).
@@ -112,14 +112,9 @@ pub struct Handshake {
 /// parse is decode_error, anything else out of place unexpected_message.
 fn silent_alert(e: &rustls::Error) -> u8 {
     match e {
-        rustls::Error::InvalidMessage(_) => super::record::alert::DECODE_ERROR,
-        _ => super::record::alert::UNEXPECTED_MESSAGE,
+        rustls::Error::InvalidMessage(_) => alert::DECODE_ERROR,
+        _ => alert::UNEXPECTED_MESSAGE,
     }
-}
-
-/// A plaintext fatal alert record (sent before any key is in use).
-fn plain_alert(description: u8) -> [u8; 7] {
-    [0x15, 0x03, 0x03, 0x00, 0x02, 0x02, description]
 }
 
 impl Handshake {
@@ -150,7 +145,7 @@ impl Handshake {
         match verifier.admits_resumed(&chain, now) {
             Ok(()) => Ok(()),
             Err(reason) => {
-                out.extend_from_slice(&plain_alert(reason.alert()));
+                out.extend_from_slice(&alert::plaintext(reason.alert()));
                 Err(HandshakeError {
                     reason,
                     detail: "a resumed session of a device that a full handshake would refuse now".into(),
@@ -207,7 +202,7 @@ impl Handshake {
                     // rustls says certificate_required, a TLS 1.3 alert; TLS 1.2
                     // has handshake_failure for it (RFC 5246 7.4.6). The
                     // server has not changed cipher spec yet: in the clear.
-                    out.extend_from_slice(&plain_alert(super::record::alert::HANDSHAKE_FAILURE));
+                    out.extend_from_slice(&alert::plaintext(alert::HANDSHAKE_FAILURE));
                     return Err(HandshakeError { reason, detail: e.to_string(), presented: super::verify::take_refused_leaf() });
                 }
                 let (wrote, before) = (self.wrote, out.len());
@@ -217,7 +212,7 @@ impl Handshake {
                     // of another type between a ClientHello's records:
                     // RFC 8446 5.1); before its first flight holdfast tells
                     // the device, in the clear.
-                    out.extend_from_slice(&plain_alert(silent_alert(&e)));
+                    out.extend_from_slice(&alert::plaintext(silent_alert(&e)));
                 }
                 return Err(err);
             }

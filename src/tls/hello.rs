@@ -172,7 +172,7 @@ impl First {
     /// What the peer is sent before the connection closes, and why it was
     /// refused (for the log); `None` for `NeedMore` and `Tls`.
     pub fn refusal(self) -> Option<(Vec<u8>, &'static str)> {
-        let alert = |d: u8| vec![21, 3, 3, 0, 2, 2, d];
+        let alert = |d: u8| alert::plaintext(d).to_vec();
         Some(match self {
             First::NeedMore | First::Tls => return None,
             First::OldVersion => (

@@ -44,6 +44,11 @@ pub mod alert {
     pub const INTERNAL_ERROR: u8 = 80;
     pub const USER_CANCELED: u8 = 90;
     pub const NO_RENEGOTIATION: u8 = 100;
+
+    /// A fatal alert as a plaintext record (before any key is in use).
+    pub fn plaintext(description: u8) -> [u8; 7] {
+        [0x15, 0x03, 0x03, 0x00, 0x02, 0x02, description]
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -266,10 +271,9 @@ impl RecordLayer {
     }
 
     /// Decrypts the first record of `input` in place. Any bytes the layer must
-    /// send in reply (a KeyUpdate response, a no_renegotiation alert) are
-    /// appended to `out`.
-    /// A KeyUpdate the peer requests is answered before the next
-    /// application data sealed (or by [`RecordLayer::answer_key_update`]).
+    /// send in reply (a no_renegotiation alert) are appended to `out`; a
+    /// KeyUpdate the peer requests is answered before the next application
+    /// data sealed (or by [`RecordLayer::answer_key_update`]).
     pub fn open(&mut self, input: &mut [u8], out: &mut Vec<u8>) -> Result<Opened, RecordError> {
         let Some(total) = Self::record_len(input) else {
             return Ok(Opened::NeedMore);
@@ -516,17 +520,13 @@ impl RecordLayer {
     }
 
     fn seal_record(&mut self, ctype: u8, data: &[u8], out: &mut Vec<u8>) -> Result<(), RecordError> {
-        self.seal_record_as(ctype, data, out, [3, 3])
+        self.seal_padded(ctype, data, out, [3, 3], 0)
     }
 
-    /// As `seal_record`, with this TLS 1.3 legacy_record_version (tests:
-    /// a peer that writes 03 01 there, which the receiver must ignore).
-    fn seal_record_as(&mut self, ctype: u8, data: &[u8], out: &mut Vec<u8>, legacy: [u8; 2]) -> Result<(), RecordError> {
-        self.seal_padded(ctype, data, out, legacy, 0)
-    }
-
-    /// As `seal_record_as`, with `pad` zero bytes after a TLS 1.3 record's
-    /// content type (RFC 8446 5.4; holdfast sends none, tests do).
+    /// As `seal_record`, with this TLS 1.3 legacy_record_version and `pad`
+    /// zero bytes after the content type (RFC 8446 5.1, 5.4; holdfast sends
+    /// 03 03 and no padding; tests send a 03 01 the receiver must ignore,
+    /// and padding).
     fn seal_padded(&mut self, ctype: u8, data: &[u8], out: &mut Vec<u8>, legacy: [u8; 2], pad: usize) -> Result<(), RecordError> {
         if self.state.tx.seq == u64::MAX {
             return Err(RecordError::SeqExhausted);

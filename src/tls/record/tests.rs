@@ -248,7 +248,7 @@ fn tls13_ignores_the_legacy_record_version_and_tls12_checks_it() {
     // RFC 8446 5.1: legacy_record_version MUST be ignored for all purposes.
     let (mut a, mut b) = pair(Version::Tls13, Suite::Aes128Gcm);
     let mut wire = Vec::new();
-    a.seal_record_as(CT_APPDATA, b"from a TLS 1.0-minded stack", &mut wire, [3, 1]).unwrap();
+    a.seal_padded(CT_APPDATA, b"from a TLS 1.0-minded stack", &mut wire, [3, 1], 0).unwrap();
     assert_eq!(&wire[..3], &[CT_APPDATA, 3, 1]);
     let (data, _, _) = drain(&mut b, wire).unwrap();
     assert_eq!(data, b"from a TLS 1.0-minded stack");

@@ -227,9 +227,8 @@ fn invalid_utf8_in_a_fragmented_text_fails_at_its_first_bad_byte() {
     // Autobahn 6.4.3/6.4.4: the bad byte arrives in a chunk of a frame.
     let mut d = Decoder::new(1 << 20, true);
     let mut w = frame(true, op::TEXT, &[b'a', b'b', 0xce, 0xba, 0xe1, 0xbd, 0xb9, 0xf4, 0x90, 0x80, 0x80, b'z', b'z']);
-    let rest = w.split_off(2 + 4 + 9);
+    w.truncate(2 + 4 + 9); // the rest of the frame never comes
     assert!(d.feed(&w, &mut ev).is_err(), "the first seven payload bytes and F4 90: invalid already");
-    let _ = rest;
 }
 
 #[test]
