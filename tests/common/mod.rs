@@ -117,11 +117,7 @@ fn workspace_exe(bin: &str, package: &str, built: &std::sync::Once) -> PathBuf {
 }
 
 pub fn start_wsm(tmp: &Path, name: &str) -> Proc {
-    let mut cmd = Command::new(wsm_exe());
-    cmd.args(["--listen", "127.0.0.1:0", "--node", name]);
-    let (child, line, lines) = spawn_until(cmd, "holdfast-wsm listening on ", tmp.join(format!("{name}.log")));
-    let addr = line.rsplit(' ').next().unwrap().parse().unwrap();
-    Proc { child, addr, metrics: None, stderr_log: tmp.join(format!("{name}.log")), lines, config: None }
+    start_wsm_args(tmp, name, &[])
 }
 
 /// Starts the reference WSM from a command made elsewhere (e.g. inside a
@@ -139,9 +135,7 @@ pub fn start_wsm_args(tmp: &Path, name: &str, args: &[&str]) -> Proc {
         cmd.args(["--listen", "127.0.0.1:0"]);
     }
     cmd.args(["--node", name]).args(args);
-    let (child, line, lines) = spawn_until(cmd, "holdfast-wsm listening on ", tmp.join(format!("{name}.log")));
-    let addr = line.rsplit(' ').next().unwrap().parse().unwrap();
-    Proc { child, addr, metrics: None, stderr_log: tmp.join(format!("{name}.log")), lines, config: None }
+    start_wsm_cmd(tmp, name, cmd)
 }
 
 /// A Redis server of the test's own (Debian's `redis-server`), on a free
