@@ -353,8 +353,9 @@ fn header_frame_and_key_update_abuse_in_volume_is_refused_counted_and_harmless()
     assert!(metric(&p, "holdfast_ws_error_closes_total", "code=\"1002\"") >= before_1002 + 35, "every 1002 counted");
 
     // A KeyUpdate flood, never reading the answers: every request counted,
-    // answered by one KeyUpdate for all those read together (RFC 8446
-    // 4.6.3; tls::record), and no harm to anyone else.
+    // one answer for all those that came while the flooder kept talking
+    // (RFC 8446 4.6.3; the answer waits for the device to be quiet
+    // 200 ms, tls::record::KEY_UPDATE_QUIET), and no harm to anyone else.
     let ku0 = metric(&p, "holdfast_key_updates_received_total", "");
     let sent0 = metric(&p, "holdfast_key_updates_sent_total", "");
     let mut flooder = Device::connect(&o).unwrap();

@@ -27,7 +27,7 @@ use super::setup::{self, OpenOutcome, Refuse, SetupCount};
 use crate::identity::{ConnectionId, DeviceIdentity};
 use crate::link::codec::{CloseReason, Open};
 use crate::tls::handshake::{Handshake, HandshakeError, Progress, Refusal};
-use crate::tls::record::RecordLayer;
+use crate::tls::record::{KEY_UPDATE_QUIET, RecordLayer};
 use crate::upgrade::snapshot::Resume;
 use crate::ws::upgrade::{self, UpgradeRequest};
 
@@ -132,6 +132,9 @@ pub struct Setup {
     addr: SocketAddr,
     limits: std::rc::Rc<SetupLimits>,
     deadline: Instant,
+    /// When the device last sent bytes: a KeyUpdate it asked for is
+    /// answered once it has been quiet for `KEY_UPDATE_QUIET`.
+    last_rx: Instant,
     /// The write in flight is the refusal's response (its failure changes nothing).
     refusing: bool,
     actions: VecDeque<SetupAction>,
@@ -170,16 +173,42 @@ impl Setup {
 
     /// At the start, with no state yet.
     fn blank(id: ConnectionId, addr: SocketAddr, limits: std::rc::Rc<SetupLimits>, deadline: Instant) -> Setup {
-        Setup { stage: Stage::Handshaking, state: State::Done, id, addr, limits, deadline, refusing: false, actions: VecDeque::new() }
+        let last_rx = deadline;
+        Setup {
+            stage: Stage::Handshaking,
+            state: State::Done,
+            id,
+            addr,
+            limits,
+            deadline,
+            last_rx,
+            refusing: false,
+            actions: VecDeque::new(),
+        }
     }
 
     pub fn stage(&self) -> Stage {
         self.stage
     }
 
-    /// When the current stage times out.
+    /// When [`Setup::on_timeout`] must run: the current stage's timeout,
+    /// or sooner a KeyUpdate answer falling due.
     pub fn deadline(&self) -> Instant {
-        self.deadline
+        match self.key_update_due() {
+            Some(due) => due.min(self.deadline),
+            None => self.deadline,
+        }
+    }
+
+    /// When the KeyUpdate the device asked for goes out with no data to
+    /// carry it (RFC 8446 4.6.3): once the device has been quiet a while,
+    /// so a device waiting for it is not left waiting and a burst of
+    /// requests gets one answer.
+    fn key_update_due(&self) -> Option<Instant> {
+        match &self.state {
+            State::Upgrading { rl, .. } if rl.owes_key_update() => Some(self.last_rx + KEY_UPDATE_QUIET),
+            _ => None,
+        }
     }
 
     pub fn wants(&self) -> Want {
@@ -227,6 +256,7 @@ impl Setup {
     /// Bytes from the device, at the front of `buf`: what is used is drained
     /// (a partial record stays for the next read).
     pub fn on_bytes(&mut self, now: Instant, buf: &mut Vec<u8>) {
+        self.last_rx = now;
         match std::mem::replace(&mut self.state, State::Done) {
             State::Handshaking(mut hs) => {
                 let mut out = Vec::new();
@@ -383,8 +413,25 @@ impl Setup {
         self.end(end, rl);
     }
 
-    /// The stage's deadline passed (`now` is at or after [`Setup::deadline`]).
+    fn answer_key_update(&mut self) {
+        let State::Upgrading { rl, .. } = &mut self.state else { return };
+        let mut out = Vec::new();
+        match rl.answer_key_update(&mut out) {
+            Ok(()) => self.actions.push_back(SetupAction::Write(out)),
+            Err(e) => {
+                if let State::Upgrading { rl, .. } = std::mem::replace(&mut self.state, State::Done) {
+                    self.end(End::Record(e), Some(rl));
+                }
+            }
+        }
+    }
+
+    /// [`Setup::deadline`] passed: the stage times out, or a KeyUpdate
+    /// answer is due.
     pub fn on_timeout(&mut self, now: Instant) {
+        if self.key_update_due().is_some_and(|due| now >= due) {
+            self.answer_key_update();
+        }
         if now < self.deadline {
             return;
         }

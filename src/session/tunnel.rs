@@ -26,7 +26,7 @@ use super::end::{End, TlsGoodbye};
 pub use super::resume::{Dictionaries, PackedResume};
 use crate::identity::ConnectionId;
 use crate::link::codec::{self, CloseReason, Open};
-use crate::tls::record::RecordLayer;
+use crate::tls::record::{KEY_UPDATE_QUIET, RecordLayer};
 use crate::upgrade::snapshot::{ConnSnapshot, Resume};
 use crate::ws::frame::{self, Decoder, Event, WsError, close, op};
 
@@ -262,8 +262,9 @@ impl Tunnel {
     }
 
     /// Answers the KeyUpdate the device asked for, if holdfast still owes it
-    /// (the answer waits for holdfast's next data, RFC 8446 4.6.3): before a
-    /// hand-over's snapshot, so the new process owes nothing it cannot know.
+    /// (the answer waits for holdfast's next data or the device's quiet,
+    /// RFC 8446 4.6.3): on that timer, and before a hand-over's snapshot,
+    /// so the new process owes nothing it cannot know.
     pub fn answer_key_update(&mut self) -> Result<(), End> {
         let mut out = Vec::new();
         self.rl.answer_key_update(&mut out).map_err(End::Record)?;
@@ -706,8 +707,9 @@ impl Tunnel {
         End::HandedOver
     }
 
-    /// Timers: the idle close, a ping, a resumed OPEN left unanswered, and
-    /// dropping expanded keys of a quiet tunnel.
+    /// Timers: the idle close, a ping, a resumed OPEN left unanswered, a
+    /// KeyUpdate the device asked for and has waited for, and dropping
+    /// expanded keys of a quiet tunnel.
     pub fn on_tick(&mut self, now: Instant) -> Result<(), End> {
         if let Attachment::Held(h) = &mut self.attachment
             && let Phase::Opening(at) = h.phase
@@ -726,6 +728,9 @@ impl Tunnel {
             frame::encode(&mut f, op::PING, b"", None);
             self.seal(&f)?;
             self.last_ping = now;
+        }
+        if self.key_update_due().is_some_and(|due| now >= due) {
+            self.answer_key_update()?;
         }
         if now >= self.last_active + COOL_AFTER {
             self.rl.cool();
@@ -747,7 +752,15 @@ impl Tunnel {
             },
             Attachment::Attached { .. } => None,
         };
-        [idle, ping, cool, held, self.quiesce_until].into_iter().flatten().min()
+        [idle, ping, cool, held, self.quiesce_until, self.key_update_due()].into_iter().flatten().min()
+    }
+
+    /// When the KeyUpdate the device asked for goes out with no data of
+    /// holdfast's to carry it: once the device has been quiet for
+    /// [`KEY_UPDATE_QUIET`], so a device waiting for it gets it and a burst
+    /// of requests (a flood included) gets one answer.
+    fn key_update_due(&self) -> Option<Instant> {
+        self.rl.owes_key_update().then_some(self.last_rx + KEY_UPDATE_QUIET)
     }
 
     /// The tunnel ends: the CLOSE its stream needs (if it has one and the

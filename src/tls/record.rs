@@ -17,6 +17,11 @@ use zeroize::Zeroize;
 use super::keys::{Key, Secret, Suite, derive_key_iv, next_secret};
 
 pub const HEADER_LEN: usize = 5;
+/// How long a peer that asked for a KeyUpdate must have sent nothing before
+/// holdfast answers it without data to carry it: a peer waiting for the
+/// answer gets it this soon, and a flood of requests in one burst gets one
+/// answer (RFC 8446 4.6.3: "multiple KeyUpdates while it is silent").
+pub const KEY_UPDATE_QUIET: std::time::Duration = std::time::Duration::from_millis(200);
 const MAX_PLAINTEXT: usize = 1 << 14;
 const TAG_LEN: usize = 16;
 const GCM12_EXPLICIT: usize = 8;
@@ -200,9 +205,10 @@ pub struct RecordLayer {
     key_updates_sent: u32,
     key_updates_received: u32,
     /// The peer asked for a KeyUpdate not yet answered: answered once,
-    /// before the next application data (RFC 8446 4.6.3), however many
-    /// requests came meanwhile. Not in [`RecordState`]: a hand-over answers
-    /// it first ([`RecordLayer::answer_key_update`]).
+    /// before the next application data (RFC 8446 4.6.3), or once the peer
+    /// has been quiet for [`KEY_UPDATE_QUIET`] (its owner's timer), however
+    /// many requests came meanwhile. Not in [`RecordState`]: a hand-over
+    /// answers it first ([`RecordLayer::answer_key_update`]).
     key_update_owed: bool,
 }
 
@@ -248,6 +254,14 @@ impl RecordLayer {
 
     pub fn suite(&self) -> Suite {
         self.state.suite
+    }
+
+    /// Whether the peer asked for a KeyUpdate holdfast has not yet sent.
+    /// Its owner answers it ([`RecordLayer::answer_key_update`]) once the
+    /// peer has sent nothing for [`KEY_UPDATE_QUIET`], if no data of
+    /// holdfast's has carried the answer first.
+    pub fn owes_key_update(&self) -> bool {
+        self.key_update_owed
     }
 
     pub fn key_updates(&self) -> (u64, u64) {

@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 
 use super::*;
 use crate::tls::keys::Suite;
-use crate::tls::record::{Version, testing};
+use crate::tls::record::{KEY_UPDATE_QUIET, Version, testing};
 
 const REQUEST: &[u8] = b"GET /ws?x=1 HTTP/1.1\r\nHost: edge\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
 Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\nSec-WebSocket-Protocol: v1, v2\r\n\
@@ -363,4 +363,58 @@ fn a_malformed_client_hello_is_refused_with_an_alert() {
     assert!(matches!(acts.first(), Some(SetupAction::Write(alert)) if alert[0] == 21), "an alert record first");
     assert!(matches!(acts.last(), Some(SetupAction::Ended(e)) if matches!(e.end, End::Refused(_))));
     assert_eq!(s.stage(), Stage::Closing);
+}
+
+/// RFC 8446 4.6.3: a KeyUpdate request is answered while the device waits,
+/// not only once holdfast has data to send. A device that sent half its
+/// upgrade request and a KeyUpdate, then waited for the answer before
+/// sending the rest, got it only with the upgrade timeout's 408.
+#[test]
+fn key_update_requested_mid_upgrade_is_answered_once_the_device_is_quiet() {
+    let t0 = Instant::now();
+    let (mut device, mut s) = upgrading(t0);
+    let stage_deadline = s.deadline();
+    let mut buf = seal(&mut device, &REQUEST[..3]);
+    device.send_key_update(true, &mut buf).unwrap();
+    s.on_bytes(t0, &mut buf);
+    assert!(buf.is_empty());
+    assert!(written(&drain(&mut s)).is_empty(), "a burst may bring more requests: not yet");
+    // More requests while the device is still talking: one answer for all.
+    let t1 = t0 + KEY_UPDATE_QUIET / 2;
+    let mut buf = Vec::new();
+    device.send_key_update(true, &mut buf).unwrap();
+    device.send_key_update(true, &mut buf).unwrap();
+    s.on_bytes(t1, &mut buf);
+    assert_eq!(s.deadline(), t1 + KEY_UPDATE_QUIET, "due once the device has been quiet");
+    s.on_timeout(t1 + KEY_UPDATE_QUIET / 2);
+    assert!(drain(&mut s).is_empty(), "early: nothing");
+    s.on_timeout(t1 + KEY_UPDATE_QUIET);
+    assert_eq!(s.stage(), Stage::Upgrading, "the upgrade goes on");
+    assert_eq!(s.deadline(), stage_deadline, "nothing owed: the upgrade timeout again");
+    let answer = written(&drain(&mut s));
+    assert_eq!(open(&mut device, answer), b"", "a KeyUpdate, no data");
+    assert_eq!(device.key_updates(), (3, 1), "one answer for three requests");
+    // The rest of the request, under the device's newest key, opens the stream.
+    let mut buf = seal(&mut device, &REQUEST[3..]);
+    s.on_bytes(t1 + KEY_UPDATE_QUIET, &mut buf);
+    assert!(drain(&mut s).iter().any(|a| matches!(a, SetupAction::Open(_))));
+}
+
+/// Requests followed by the whole upgrade request in one burst: the answer
+/// goes out before the 101 (holdfast's first data), not on a timer.
+#[test]
+fn key_update_before_the_request_is_answered_before_the_101() {
+    let now = Instant::now();
+    let (mut device, mut s) = upgrading(now);
+    let mut buf = Vec::new();
+    device.send_key_update(true, &mut buf).unwrap();
+    buf.extend(seal(&mut device, REQUEST));
+    s.on_bytes(now, &mut buf);
+    assert!(drain(&mut s).iter().any(|a| matches!(a, SetupAction::Open(_))));
+    s.on_open_sent(now, true);
+    assert_eq!(s.deadline(), now + Duration::from_secs(3), "no KeyUpdate timer outside the upgrade stage");
+    s.on_open_answer(OpenOutcome::Accepted(None));
+    let resp = String::from_utf8(open(&mut device, written(&drain(&mut s)))).unwrap();
+    assert!(resp.starts_with("HTTP/1.1 101 "), "{resp}");
+    assert_eq!(device.key_updates(), (1, 1), "answered first, in the same write");
 }

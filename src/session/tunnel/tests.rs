@@ -461,3 +461,33 @@ fn a_key_update_the_device_asked_for_is_answered_once_before_data_or_a_hand_over
     p.settle();
     assert_eq!(p.device_key_updates(), (6, 2), "owed once, answered once");
 }
+
+/// A device that asks for a KeyUpdate and then waits for it (tlsfuzzer's
+/// "app data split" probe) gets it once it has been quiet a while, with no
+/// data of holdfast's to carry it; requests that keep coming while the
+/// device talks get one answer for all.
+#[test]
+fn a_key_update_the_device_waits_for_is_answered_once_it_is_quiet() {
+    let mut p = Pair::new();
+    let t0 = p.now;
+    p.device_key_update();
+    p.settle();
+    assert_eq!(p.core.deadline(p.now), Some(t0 + KEY_UPDATE_QUIET), "the answer's timer is the first");
+    for _ in 0..3 {
+        p.advance(KEY_UPDATE_QUIET / 2);
+        p.device_key_update();
+        p.device_text("still talking");
+        p.settle();
+    }
+    assert_eq!(p.device_key_updates(), (4, 0), "a device that keeps talking is not answered yet");
+    p.advance(KEY_UPDATE_QUIET / 2);
+    assert_eq!(p.device_key_updates(), (4, 0));
+    p.advance(KEY_UPDATE_QUIET / 2);
+    assert_eq!(p.device_key_updates(), (4, 1), "quiet for KEY_UPDATE_QUIET: one answer");
+    assert!(p.core.deadline(p.now).is_none_or(|d| d > p.now + KEY_UPDATE_QUIET), "nothing owed");
+    assert_eq!(messages(&p.wsm_got(0)), ["still talking"; 3]);
+    p.wsm_message(b"after");
+    p.settle();
+    assert_eq!(p.device_key_updates(), (4, 1), "the data owed nothing more");
+    assert_eq!(texts(&p.dev_events), vec!["after".to_string()]);
+}
