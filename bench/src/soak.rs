@@ -24,6 +24,12 @@ use crate::report::Hist;
 use crate::result::{Machine, metric_single, metric_sum};
 use crate::run::{Proc, fetch_metrics, free_port, pinned, prepare_pki, sibling, wait_port};
 
+/// holdfast's pacing in the soak, `(upgrade.moving_per_shard,
+/// upstream.resume_per_sec)`: what the recorded soaks ran with
+/// (bench/RESULTS.md, "Soak"); other values make a new run incomparable
+/// with them.
+const PACING: (u32, u32) = (256, 2000);
+
 #[derive(Debug, Clone, clap::Args, Serialize, Deserialize)]
 pub struct SoakArgs {
     /// Length of the run, minutes.
@@ -259,7 +265,7 @@ fn soak(a: &SoakArgs, pki: &Path, work: &Path) -> Result<SoakResult, String> {
     let cfg = work.join("holdfast.toml");
     let addrs: Vec<String> = wsms.iter().map(|w| w.addr.clone()).collect();
     let limits = crate::peers::Limits { handshakes_per_sec: 0, opens_per_sec: 0, drain_over: None };
-    std::fs::write(&cfg, crate::peers::holdfast_config(pki, port, &addrs, pcpus.len(), &a.proxy_cpus, mp, (256, 2000), &limits))
+    std::fs::write(&cfg, crate::peers::holdfast_config(pki, port, &addrs, pcpus.len(), &a.proxy_cpus, mp, PACING, &limits))
         .map_err(|e| e.to_string())?;
     let log = std::fs::File::create(work.join("proxy.log")).map_err(|e| e.to_string())?;
     let mut c = pinned(&sibling("holdfast"), &pcpus);
