@@ -1,6 +1,6 @@
 //! The TLS conformance run: tlsfuzzer's scripts for the record layer,
-//! fragmentation, alerts, KeyUpdate, version negotiation and client
-//! certificates, against the real holdfast (with the reference WSM behind
+//! fragmentation, alerts, KeyUpdate, version negotiation, client
+//! certificates, extensions, signature schemes and resumption, against the real holdfast (with the reference WSM behind
 //! it) on loopback.
 //!
 //! tlsfuzzer (vendored under `tests/tlsfuzzer/vendor/`, its dependencies in
@@ -128,6 +128,48 @@ const SCRIPTS: &[Script] = &[
     Script { name: "test-invalid-content-type.py", args: TLS12, allowed: &[] },
     Script { name: "test-connection-abort.py", args: TLS12, allowed: &[] },
     Script { name: "test-version-numbers.py", args: TLS12, allowed: &[] },
+    Script { name: "test-tls13-conversation.py", args: &[], allowed: &[] },
+    Script { name: "test-tls13-count-tickets.py", args: &[], allowed: &[] },
+    Script { name: "test-tls13-nociphers.py", args: &[], allowed: &[] },
+    Script { name: "test-tls13-no-unknown-groups.py", args: &[], allowed: &[] },
+    // Every probe, not a random 20 ("-n 0"). The script's "unassigned" ids
+    // include assigned extensions whose empty or random payload is
+    // malformed, which rustls parses and refuses with decode_error
+    // (rightly): ec_point_formats 11, encrypt_then_mac 22,
+    // extended_master_secret 23, compress_certificate 27, ticket_request
+    // 58, ech_outer_extensions 0xfd00, encrypted_client_hello 0xfe0d.
+    Script {
+        name: "test-tls13-large-number-of-extensions.py",
+        args: &["-n", "0", "--exc", "11", "--exc", "22", "--exc", "23", "--exc", "27", "--exc", "58", "--exc", "64768", "--exc", "65037"],
+        allowed: &[],
+    },
+    // Every probe ("-n 0"). 32,715 signature schemes make a ClientHello
+    // over rustls's 64 KiB limit on a handshake message (decode_error), as
+    // in record-layer-fragmentation above.
+    Script {
+        name: "test-tls13-signature-algorithms.py",
+        args: &["-n", "0"],
+        allowed: &[
+            ("tolerance 32715 methods", "Alert(fatal, decode_error)"),
+            ("duplicated 32715 non-rsa schemes", "Alert(fatal, decode_error)"),
+            ("32715 invalid schemes", "Alert(fatal, decode_error)"),
+        ],
+    },
+    // rustls resumes only with (EC)DHE (psk_dhe_ke, RFC 8446 4.2.9 lets the
+    // server choose): a client offering psk_ke alone gets no ticket.
+    Script {
+        name: "test-tls13-session-resumption.py",
+        args: &["-d", "--tls1.2-cipher", "TLS_ECDHE_RSA_WITH_AES_128_GCM_SHA256", "-M"],
+        allowed: &[("session resumption - PSK_ONLY", "Unexpected message from peer: ApplicationData")],
+    },
+    // A plaintext Finished after the handshake keys are in use fails
+    // deprotection: rustls says bad_record_mac (RFC 8446 5.2), tlsfuzzer
+    // wants unexpected_message.
+    Script {
+        name: "test-tls13-finished-plaintext.py",
+        args: &[],
+        allowed: &[("Unencrypted Finished message", "received \"bad_record_mac\"")],
+    },
 ];
 
 /// What one probe of a run came to.

@@ -19,6 +19,9 @@ use super::keys::{Key, Secret, Suite};
 use super::record::{DirectionState, RecordLayer, RecordState, Version, alert};
 use super::verify::DeviceVerifier;
 
+/// The content type of a handshake record (a ServerHello's).
+const CT_HANDSHAKE: u8 = 22;
+
 /// Largest handshake record we accept (TLS 1.2 ciphertext limit).
 const MAX_RECORD: usize = 5 + (1 << 14) + 2048;
 
@@ -203,6 +206,21 @@ impl Handshake {
                     // has handshake_failure for it (RFC 5246 7.4.6). The
                     // server has not changed cipher spec yet: in the clear.
                     out.extend_from_slice(&alert::plaintext(alert::HANDSHAKE_FAILURE));
+                    return Err(HandshakeError { reason, detail: e.to_string(), presented: super::verify::take_refused_leaf() });
+                }
+                if !self.wrote && matches!(e, rustls::Error::PeerIncompatible(_)) {
+                    // rustls answered the ClientHello, then found it cannot
+                    // go on (no signature scheme the key can make for the
+                    // CertificateVerify): its flight and its alert, under
+                    // keys the device never gets to use, would only confuse.
+                    // RFC 8446 4.1.1 is handshake_failure: in the clear.
+                    let mut flight = Vec::new();
+                    self.drain_out(&mut flight);
+                    if flight.first() == Some(&CT_HANDSHAKE) {
+                        out.extend_from_slice(&alert::plaintext(alert::HANDSHAKE_FAILURE));
+                    } else {
+                        out.extend_from_slice(&flight);
+                    }
                     return Err(HandshakeError { reason, detail: e.to_string(), presented: super::verify::take_refused_leaf() });
                 }
                 let (wrote, before) = (self.wrote, out.len());

@@ -25,6 +25,7 @@ from tlsfuzzer.expect import (ExpectCertificate, ExpectCertificateRequest,
 from tlsfuzzer.messages import (CertificateGenerator,
                                 CertificateVerifyGenerator,
                                 ChangeCipherSpecGenerator,
+                                ClientHelloGenerator,
                                 ClientKeyExchangeGenerator, FinishedGenerator)
 from tlslite.utils.keyfactory import parsePEMKey
 from tlslite.x509 import X509
@@ -55,6 +56,10 @@ def add_client_auth(root, chain, key):
         child = node.child
         if isinstance(node, ExpectCertificateVerify):
             tls13_full = True
+        # A new ClientHello (a second connection, e.g. a resumption) starts
+        # a new handshake: a resumed one has no certificates at all.
+        if isinstance(node, ClientHelloGenerator):
+            tls13_full = False
         # TLS 1.3: EncryptedExtensions, CertificateRequest, Certificate.
         if isinstance(node, ExpectEncryptedExtensions) and \
                 isinstance(child, ExpectCertificate):

@@ -408,3 +408,71 @@ fn application_data_between_the_records_of_a_client_hello_is_unexpected_message(
     assert!(hs.feed(&wire, &mut out).is_err());
     assert_eq!(plain_alert_in(&out), Some(10), "{out:?}");
 }
+
+/// A verifier that trusts any server and offers only the signature schemes
+/// it is given: a ClientHello whose signature_algorithms holdfast's key
+/// cannot sign with.
+#[derive(Debug)]
+struct OnlySchemes(Vec<rustls::SignatureScheme>);
+
+impl rustls::client::danger::ServerCertVerifier for OnlySchemes {
+    fn verify_server_cert(
+        &self,
+        _: &CertificateDer<'_>,
+        _: &[CertificateDer<'_>],
+        _: &rustls::pki_types::ServerName<'_>,
+        _: &[u8],
+        _: rustls::pki_types::UnixTime,
+    ) -> Result<rustls::client::danger::ServerCertVerified, rustls::Error> {
+        Ok(rustls::client::danger::ServerCertVerified::assertion())
+    }
+    fn verify_tls12_signature(
+        &self,
+        _: &[u8],
+        _: &CertificateDer<'_>,
+        _: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        Ok(rustls::client::danger::HandshakeSignatureValid::assertion())
+    }
+    fn verify_tls13_signature(
+        &self,
+        m: &[u8],
+        c: &CertificateDer<'_>,
+        d: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        self.verify_tls12_signature(m, c, d)
+    }
+    fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
+        self.0.clone()
+    }
+}
+
+/// RFC 8446 4.1.1: a server that cannot negotiate acceptable parameters
+/// aborts with handshake_failure. A TLS 1.3 ClientHello offering only
+/// signature schemes holdfast's key cannot make (tlsfuzzer's "only legacy
+/// sigalgs") got a ServerHello and its whole flight, and only then an
+/// encrypted alert, when rustls found no scheme for the CertificateVerify.
+/// Now nothing of the flight goes: handshake_failure, in the clear.
+#[test]
+fn a_hello_whose_signature_schemes_the_key_cannot_make_gets_handshake_failure_in_the_clear() {
+    let dir = tempfile::tempdir().unwrap();
+    let ctx = setup(dir.path());
+    let only = OnlySchemes(vec![rustls::SignatureScheme::RSA_PKCS1_SHA512, rustls::SignatureScheme::RSA_PKCS1_SHA1]);
+    let cfg = ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .unwrap()
+        .dangerous()
+        .with_custom_certificate_verifier(Arc::new(only))
+        .with_no_client_auth();
+    let mut c = ClientConnection::new(Arc::new(cfg), "localhost".try_into().unwrap()).unwrap();
+    let mut hello = Vec::new();
+    while c.wants_write() {
+        c.write_tls(&mut hello).unwrap();
+    }
+    let mut hs = Handshake::new(ctx.server.clone(), 0, None).unwrap();
+    let mut out = Vec::new();
+    let e = hs.feed(&hello, &mut out).expect_err("refused");
+    assert!(e.detail.contains("NoSignatureSchemesInCommon"), "{e}");
+    assert_eq!(plain_alert_in(&out), Some(40), "handshake_failure and nothing else: {out:?}");
+    assert_eq!(out.len(), 7, "no ServerHello before it");
+}
