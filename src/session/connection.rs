@@ -27,7 +27,7 @@ use super::setup::{self, OpenOutcome, Refuse, SetupCount};
 use crate::identity::{ConnectionId, DeviceIdentity};
 use crate::link::codec::{CloseReason, Open};
 use crate::tls::handshake::{Handshake, HandshakeError, Progress, Refusal};
-use crate::tls::record::{KEY_UPDATE_QUIET, RecordLayer};
+use crate::tls::record::RecordLayer;
 use crate::upgrade::snapshot::Resume;
 use crate::ws::upgrade::{self, UpgradeRequest};
 
@@ -133,7 +133,7 @@ pub struct Setup {
     limits: std::rc::Rc<SetupLimits>,
     deadline: Instant,
     /// When the device last sent bytes: a KeyUpdate it asked for is
-    /// answered once it has been quiet for `KEY_UPDATE_QUIET`.
+    /// answered once it has been quiet a while (`RecordLayer::key_update_due`).
     last_rx: Instant,
     /// The write in flight is the refusal's response (its failure changes nothing).
     refusing: bool,
@@ -153,7 +153,7 @@ impl Setup {
         now: Instant,
     ) -> Setup {
         let deadline = now + limits.handshake_timeout;
-        let mut s = Setup::blank(id, addr, limits, deadline);
+        let mut s = Setup::blank(id, addr, limits, now, deadline);
         match Handshake::new(tls, s.limits.key_update_after, admit) {
             Ok(hs) => s.state = State::Handshaking(Box::new(hs)),
             Err(e) => s.end(End::Refused(Box::new(e)), None),
@@ -165,15 +165,14 @@ impl Setup {
     /// record layers of fixed keys, `tls::record::testing::pair`).
     pub fn after_handshake(rl: RecordLayer, identity: DeviceIdentity, limits: std::rc::Rc<SetupLimits>, now: Instant) -> Setup {
         let addr = identity.addr.parse().unwrap_or_else(|_| SocketAddr::from(([127, 0, 0, 1], 1)));
-        let mut s = Setup::blank(ConnectionId(1), addr, limits, now);
+        let mut s = Setup::blank(ConnectionId(1), addr, limits, now, now);
         s.enter(Stage::Upgrading, now);
         s.state = State::Upgrading { rl, identity: Box::new(identity), request: Vec::new() };
         s
     }
 
     /// At the start, with no state yet.
-    fn blank(id: ConnectionId, addr: SocketAddr, limits: std::rc::Rc<SetupLimits>, deadline: Instant) -> Setup {
-        let last_rx = deadline;
+    fn blank(id: ConnectionId, addr: SocketAddr, limits: std::rc::Rc<SetupLimits>, now: Instant, deadline: Instant) -> Setup {
         Setup {
             stage: Stage::Handshaking,
             state: State::Done,
@@ -181,7 +180,7 @@ impl Setup {
             addr,
             limits,
             deadline,
-            last_rx,
+            last_rx: now,
             refusing: false,
             actions: VecDeque::new(),
         }
@@ -206,7 +205,7 @@ impl Setup {
     /// requests gets one answer.
     fn key_update_due(&self) -> Option<Instant> {
         match &self.state {
-            State::Upgrading { rl, .. } if rl.owes_key_update() => Some(self.last_rx + KEY_UPDATE_QUIET),
+            State::Upgrading { rl, .. } => rl.key_update_due(self.last_rx),
             _ => None,
         }
     }

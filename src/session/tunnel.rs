@@ -26,7 +26,7 @@ use super::end::{End, TlsGoodbye};
 pub use super::resume::{Dictionaries, PackedResume};
 use crate::identity::ConnectionId;
 use crate::link::codec::{self, CloseReason, Open};
-use crate::tls::record::{KEY_UPDATE_QUIET, RecordLayer};
+use crate::tls::record::RecordLayer;
 use crate::upgrade::snapshot::{ConnSnapshot, Resume};
 use crate::ws::frame::{self, Decoder, Event, WsError, close, op};
 
@@ -755,12 +755,12 @@ impl Tunnel {
         [idle, ping, cool, held, self.quiesce_until, self.key_update_due()].into_iter().flatten().min()
     }
 
-    /// When the KeyUpdate the device asked for goes out with no data of
-    /// holdfast's to carry it: once the device has been quiet for
-    /// [`KEY_UPDATE_QUIET`], so a device waiting for it gets it and a burst
-    /// of requests (a flood included) gets one answer.
+    /// When the KeyUpdate the device asked for goes out with no data to
+    /// carry it (`tls::record::KEY_UPDATE_QUIET` after the device's last
+    /// bytes): a device waiting for it gets it, a burst of requests (a
+    /// flood included) one answer.
     fn key_update_due(&self) -> Option<Instant> {
-        self.rl.owes_key_update().then_some(self.last_rx + KEY_UPDATE_QUIET)
+        self.rl.key_update_due(self.last_rx)
     }
 
     /// The tunnel ends: the CLOSE its stream needs (if it has one and the

@@ -208,29 +208,25 @@ impl Handshake {
                     out.extend_from_slice(&alert::plaintext(alert::HANDSHAKE_FAILURE));
                     return Err(HandshakeError { reason, detail: e.to_string(), presented: super::verify::take_refused_leaf() });
                 }
-                if !self.wrote && matches!(e, rustls::Error::PeerIncompatible(_)) {
-                    // rustls answered the ClientHello, then found it cannot
-                    // go on (no signature scheme the key can make for the
-                    // CertificateVerify): its flight and its alert, under
-                    // keys the device never gets to use, would only confuse.
-                    // RFC 8446 4.1.1 is handshake_failure: in the clear.
-                    let mut flight = Vec::new();
-                    self.drain_out(&mut flight);
-                    if flight.first() == Some(&CT_HANDSHAKE) {
-                        out.extend_from_slice(&alert::plaintext(alert::HANDSHAKE_FAILURE));
-                    } else {
-                        out.extend_from_slice(&flight);
-                    }
-                    return Err(HandshakeError { reason, detail: e.to_string(), presented: super::verify::take_refused_leaf() });
-                }
                 let (wrote, before) = (self.wrote, out.len());
                 let err = self.fail(reason, e.to_string(), out);
-                if !wrote && out.len() == before {
-                    // rustls ends some handshakes without a word (a record
-                    // of another type between a ClientHello's records:
-                    // RFC 8446 5.1); before its first flight holdfast tells
-                    // the device, in the clear.
-                    out.extend_from_slice(&alert::plaintext(silent_alert(&e)));
+                if !wrote {
+                    // Before its first flight went out, holdfast tells the
+                    // device in the clear where rustls would not: rustls
+                    // ends some handshakes without a word (a record of
+                    // another type between a ClientHello's records: RFC
+                    // 8446 5.1); and it answers some ClientHellos, then
+                    // finds it cannot go on (no signature scheme the key can
+                    // make for the CertificateVerify), so its flight and an
+                    // alert under keys the device never gets to use would go
+                    // (RFC 8446 4.1.1: handshake_failure).
+                    let abandoned = out.get(before) == Some(&CT_HANDSHAKE) && matches!(e, rustls::Error::PeerIncompatible(_));
+                    if abandoned {
+                        out.truncate(before);
+                        out.extend_from_slice(&alert::plaintext(alert::HANDSHAKE_FAILURE));
+                    } else if out.len() == before {
+                        out.extend_from_slice(&alert::plaintext(silent_alert(&e)));
+                    }
                 }
                 return Err(err);
             }

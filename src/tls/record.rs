@@ -256,12 +256,12 @@ impl RecordLayer {
         self.state.suite
     }
 
-    /// Whether the peer asked for a KeyUpdate holdfast has not yet sent.
-    /// Its owner answers it ([`RecordLayer::answer_key_update`]) once the
-    /// peer has sent nothing for [`KEY_UPDATE_QUIET`], if no data of
-    /// holdfast's has carried the answer first.
-    pub fn owes_key_update(&self) -> bool {
-        self.key_update_owed
+    /// When the KeyUpdate the peer asked for (if one is owed) goes out with
+    /// no data of holdfast's to carry it: [`KEY_UPDATE_QUIET`] after the
+    /// peer last sent anything (`last_rx`, its owner's clock). The owner
+    /// arms a timer for it and then calls [`RecordLayer::answer_key_update`].
+    pub fn key_update_due(&self, last_rx: std::time::Instant) -> Option<std::time::Instant> {
+        self.key_update_owed.then_some(last_rx + KEY_UPDATE_QUIET)
     }
 
     pub fn key_updates(&self) -> (u64, u64) {

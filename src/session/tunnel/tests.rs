@@ -6,6 +6,7 @@ use std::time::Duration;
 use super::*;
 use crate::link::codec::Frame;
 use crate::session::harness::{self, Pair, STREAM_WINDOW};
+use crate::tls::record::KEY_UPDATE_QUIET;
 use crate::ws::frame::Event;
 
 fn messages(frames: &[Frame]) -> Vec<String> {
