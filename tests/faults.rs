@@ -28,18 +28,21 @@ fn wsm_behind(pki: &Pki, w: &Wire, name: &str) -> Proc {
     start_wsm_cmd(pki.path(), name, c)
 }
 
+/// The reference WSM's JSON answer to one of its commands.
+fn ask(d: &mut Device, command: &str) -> serde_json::Value {
+    d.send_text(command).unwrap();
+    serde_json::from_str(&d.recv_text().unwrap()).unwrap()
+}
+
 fn whoami(d: &mut Device) -> (String, String) {
-    d.send_text("whoami").unwrap();
-    let v: serde_json::Value = serde_json::from_str(&d.recv_text().unwrap()).unwrap();
+    let v = ask(d, "whoami");
     (v["wsm"].as_str().unwrap().to_string(), v["connection_id"].as_str().unwrap().to_string())
 }
 
-/// How many messages the device's WSM has taken in all (the reference
-/// WSM's "stats"; the asking message included).
+/// How many messages the device's WSM has taken in all (the asking
+/// message included).
 fn wsm_messages(d: &mut Device) -> u64 {
-    d.send_text("stats").unwrap();
-    let v: serde_json::Value = serde_json::from_str(&d.recv_text().unwrap()).unwrap();
-    v["messages"].as_u64().unwrap()
+    ask(d, "stats")["messages"].as_u64().unwrap()
 }
 
 fn echo(d: &mut Device, m: &str) -> Duration {
@@ -70,7 +73,7 @@ fn partition(hole: Impair) {
         .collect();
     let on_a = devs.iter().filter(|d| d.1 == "wsm-a").count();
     assert!(on_a > 0 && on_a < devs.len(), "devices on both WSMs: {on_a} of {} on wsm-a", devs.len());
-    let Some(first_a) = devs.iter_mut().find(|d| d.1 == "wsm-a") else { unreachable!() };
+    let first_a = devs.iter_mut().find(|d| d.1 == "wsm-a").expect("a device on wsm-a");
     let before = wsm_messages(&mut first_a.0);
 
     // From now on the wire to wsm-a drops what `hole` says; no reset, no FIN.
